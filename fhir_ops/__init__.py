@@ -1,0 +1,1 @@
+"""TrialTwin's FHIR R4 surface: server app, storage, search, operations and FHIR <-> engine mapping."""

@@ -1,0 +1,1 @@
+"""SMART on FHIR: the development authorization server and the clinician app."""

@@ -1,0 +1,1 @@
+"""Terminology as data: code-system subsets, ConceptMaps, UCUM units, translate/lookup functions."""
