@@ -256,6 +256,18 @@ def conversion(from_unit: str, to_unit: str, *, molar_mass: float | Fraction | s
     return src.offset, factor, dst.offset
 
 
+def exact_decimal(value) -> Fraction:
+    """The exact rational a JSON number stands for: a float is read as its shortest decimal
+    repr (5.3 means 53/10, not the nearest binary double), so conversions are exact on the decimal."""
+    if isinstance(value, bool):
+        raise UcumError("a boolean is not a quantity value")
+    if isinstance(value, float):
+        return Fraction(repr(value))
+    if isinstance(value, str):
+        return Fraction(value.strip())
+    return Fraction(value)
+
+
 def convert(value, from_unit: str, to_unit: str, *, molar_mass=None) -> float:
     """Convert ``value`` from one UCUM unit to another, exactly to the defined factors.
 
@@ -287,9 +299,9 @@ def convert(value, from_unit: str, to_unit: str, *, molar_mass=None) -> float:
     37.77777777777778
     """
     pre, factor, post = conversion(from_unit, to_unit, molar_mass=molar_mass)
-    exact = Fraction(str(value)) if isinstance(value, str) else Fraction(value)
+    exact = exact_decimal(value)
     # to_base = f_src * (v + pre_src); result = to_base / f_dst - pre_dst
     return float((exact + pre) * factor - post)
 
 
-__all__ = ["UCUM_SYSTEM", "Unit", "UcumError", "parse", "is_valid", "conversion", "convert"]
+__all__ = ["UCUM_SYSTEM", "Unit", "UcumError", "parse", "is_valid", "conversion", "convert", "exact_decimal"]
