@@ -12,7 +12,7 @@ for every study day ``t = 0 .. n_days-1`` (day 0 is randomization), in this orde
    years) and on an adverse event in the last ``ae_window_days`` days (logit scale);
 2. **dose** - ``dose_mg`` is taken at the start of the day if the dose was taken;
 3. **exposure** - an optional exposure stepper (see :class:`inference.pk.DailyOneCompartmentOral`)
-   turns today's dose into today's average plasma concentration (ng/mL);
+   turns today's dose into today's average plasma concentration (mg/L);
 4. **adverse event** - daily probability ``ae_background + ae_max * C^h / (ae_c50^h + C^h)``;
 5. **attendance** - on a scheduled visit day, logistic in the visit burden: in-person visit,
    travel distance (in-person only), visit frequency (visits in the last 30 days), a recent adverse
@@ -168,7 +168,7 @@ class BehaviourModel:
     # adverse events: daily probability background + Emax-type rise with concentration
     ae_background: float = 0.002
     ae_max: float = 0.02
-    ae_c50: float = 2000.0
+    ae_c50: float = 1.0  # mg/L
     ae_hill: float = 2.0
     ae_window_days: int = 14
     # attendance (logit)
