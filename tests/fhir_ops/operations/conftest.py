@@ -1,0 +1,136 @@
+"""Fixtures for operation tests: a FHIR app served on loopback and test operations in the registry."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from flask import Flask
+
+from fhir_ops.errors import FhirError
+from fhir_ops.operations import registry
+from fhir_ops.operations.registry import OperationResult, fhir_response
+from tests.live_server import serve
+
+CANON = "https://trialtwin.org/fhir/OperationDefinition/"
+
+
+def _minimal_app() -> Flask:
+    """The FHIR routes the registry needs, wired as the REST blueprint wires them."""
+    app = Flask("ops-test")
+
+    @app.errorhandler(FhirError)
+    def _render(err: FhirError):
+        return fhir_response(err.to_outcome(), err.status, err.headers)
+
+    methods = ["GET", "POST", "PUT", "DELETE"]
+    app.add_url_rule("/fhir/<op>", "sys", lambda op: _dispatch("system", None, None, op), methods=methods)
+    app.add_url_rule("/fhir/<rtype>/<op>", "type", lambda rtype, op: _dispatch("type", rtype, None, op),
+                     methods=methods)
+    app.add_url_rule("/fhir/<rtype>/<rid>/<op>", "inst",
+                     lambda rtype, rid, op: _dispatch("instance", rtype, rid, op), methods=methods)
+    registry.init_app(app)
+    return app
+
+
+def _dispatch(level, rtype, rid, op):
+    if not op.startswith("$"):
+        raise FhirError("not an operation path", status=404, code="not-found")
+    return registry.dispatch(level, rtype, rid, op)
+
+
+@pytest.fixture
+def base_url():
+    """Base URL (``http://127.0.0.1:port``) of a fresh app on a real socket."""
+    app = _minimal_app()
+    with serve(app) as url:
+        yield url
+    from fhir_ops import jobs
+
+    jobs.manager(app).shutdown()
+
+
+ECHO = {
+    "resourceType": "OperationDefinition", "id": "test-echo", "url": CANON + "test-echo", "name": "TestEcho",
+    "status": "draft", "kind": "operation", "code": "test-echo", "affectsState": False,
+    "resource": ["Patient", "Group"], "system": True, "type": True, "instance": True,
+    "parameter": [
+        {"name": "count", "use": "in", "min": 0, "max": "1", "type": "integer"},
+        {"name": "dose", "use": "in", "min": 0, "max": "1", "type": "Quantity"},
+        {"name": "where", "use": "out", "min": 1, "max": "1", "type": "string"},
+        {"name": "count", "use": "out", "min": 0, "max": "1", "type": "integer"},
+        {"name": "dose", "use": "out", "min": 0, "max": "1", "type": "Quantity"},
+    ],
+}
+TOUCH = {
+    "resourceType": "OperationDefinition", "id": "test-touch", "url": CANON + "test-touch", "name": "TestTouch",
+    "status": "draft", "kind": "operation", "code": "test-touch", "affectsState": True,
+    "resource": ["Patient"], "system": False, "type": True, "instance": False,
+    "parameter": [{"name": "return", "use": "out", "min": 1, "max": "1", "type": "Patient"}],
+}
+SLOW = {
+    "resourceType": "OperationDefinition", "id": "test-slow", "url": CANON + "test-slow", "name": "TestSlow",
+    "status": "draft", "kind": "operation", "code": "test-slow", "affectsState": False,
+    "system": True, "type": False, "instance": False,
+    "parameter": [
+        {"name": "steps", "use": "in", "min": 1, "max": "1", "type": "positiveInt"},
+        {"name": "fail", "use": "in", "min": 0, "max": "1", "type": "boolean"},
+        {"name": "done", "use": "out", "min": 1, "max": "1", "type": "integer"},
+    ],
+}
+
+
+class SlowProbe:
+    """Lets a test step the slow operation forward and see how far a cancelled job got."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Semaphore(0)
+        self.steps_run = 0
+        self.stopped = threading.Event()
+
+
+@pytest.fixture
+def test_operations():
+    """Register three operations defined here (sync echo, state-changing, slow async); remove after."""
+    probe = SlowProbe()
+
+    @registry.operation(ECHO)
+    def echo(ctx, params):
+        where = f"{ctx.level}:{ctx.resource_type or '-'}:{ctx.resource_id or '-'}"
+        return {"where": where, **params}
+
+    @registry.operation(TOUCH)
+    def touch(ctx, params):
+        return OperationResult(outputs={"return": {"resourceType": "Patient", "id": "new"}}, status=201,
+                               headers={"Location": f"{ctx.base_url}/Patient/new"})
+
+    @registry.operation(SLOW, async_allowed=True)
+    def slow(ctx, params):
+        for step in range(params["steps"]):
+            if ctx.cancelled():
+                probe.stopped.set()
+                return {"done": step}
+            if ctx.is_async:
+                probe.gate.acquire(timeout=10)
+            if ctx.cancelled():
+                probe.stopped.set()
+                return {"done": step}
+            probe.steps_run = step + 1
+            ctx.progress((step + 1) / params["steps"], f"step {step + 1} of {params['steps']}")
+            if params.get("fail") and step == 0:
+                raise FhirError("step 1 failed on purpose", status=422, code="processing", error_id="failed-step")
+        return {"done": params["steps"]}
+
+    yield probe
+    for code in ("test-echo", "test-touch", "test-slow"):
+        registry.unregister(code)
+
+
+def wait_for(predicate, timeout: float = 5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
