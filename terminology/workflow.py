@@ -303,3 +303,21 @@ def rollback(store, url: str, *, agent: str = "trialtwin-terminology") -> dict:
 
 __all__ = ["RECODED_ELEMENTS", "active_harmonizer", "active_maps", "active_version", "audit_event", "diff",
            "import_concept_map", "import_csv", "preview", "publish", "rollback", "seed", "versions"]
+
+
+_mapsets: dict[tuple, MapSet] = {}
+
+
+def active_mapset(store) -> MapSet:
+    """The store's active maps as a ``MapSet``, indexed once per combination of map versions."""
+    maps = active_maps(store)
+    key = tuple(sorted((m.get("url"), m.get("version"), m.get("id"), m.get("meta", {}).get("versionId")) for m in maps))
+    mapset = _mapsets.get(key)
+    if mapset is None:
+        if len(_mapsets) > 16:
+            _mapsets.clear()
+        mapset = _mapsets[key] = MapSet(maps)
+    return mapset
+
+
+__all__ += ["active_mapset"]
