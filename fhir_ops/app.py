@@ -105,4 +105,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     app.url_map.converters["op"] = rest.OperationConverter
     app.register_blueprint(rest.bp, url_prefix=app.config["FHIR_PREFIX"] or None)
+    from fhir_ops.operations import registry
+
+    registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
     return app

@@ -176,11 +176,14 @@ _CREATE_LOCK = threading.Lock()
 
 
 def init_app(app) -> None:
-    """Register ``GET``/``DELETE /fhir/_jobs/<id>`` on a FHIR app."""
+    """Register ``GET``/``DELETE <FHIR_PREFIX>/_jobs/<id>`` on a FHIR app."""
+    from fhir_ops.operations.registry import fhir_prefix
+
     if "trialtwin_job_status" in app.view_functions:
         return
-    app.add_url_rule(f"/fhir/{JOBS_PATH}/<job_id>", "trialtwin_job_status", _job_status, methods=["GET"])
-    app.add_url_rule(f"/fhir/{JOBS_PATH}/<job_id>", "trialtwin_job_cancel", _job_cancel, methods=["DELETE"])
+    rule = f"{fhir_prefix(app)}/{JOBS_PATH}/<job_id>"
+    app.add_url_rule(rule, "trialtwin_job_status", _job_status, methods=["GET"])
+    app.add_url_rule(rule, "trialtwin_job_cancel", _job_cancel, methods=["DELETE"])
 
 
 def _job_status(job_id: str):

@@ -161,10 +161,17 @@ def metadata():
     """CapabilityStatement generated from the R4B models, the search registry and the operation registry."""
     _check_format()
     registry = _operations_module()
-    operations = list(registry.capability_operations()) if registry is not None else []
+    resources = [dict(r) for r in _resource_capabilities()]  # copies: the cached tuple stays untouched
+    operations: list[dict] = []
+    if registry is not None:
+        entries = registry.capability_operations([r["type"] for r in resources])
+        operations = entries["system"]
+        for resource in resources:
+            if entries["resource"].get(resource["type"]):
+                resource["operation"] = entries["resource"][resource["type"]]
     rest = {
         "mode": "server",
-        "resource": list(_resource_capabilities()),
+        "resource": resources,
         "interaction": [{"code": "transaction"}, {"code": "batch"}],
         "searchParam": [{"name": p.name, "type": p.type, "documentation": p.documentation}
                         for p in search_parameters_for("Resource")],

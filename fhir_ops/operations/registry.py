@@ -341,13 +341,19 @@ def prefers_async(prefer: str) -> bool:
 
 
 def fhir_base_url() -> str:
-    """The FHIR base URL of the current request (``FHIR_BASE_URL`` config wins)."""
+    """The FHIR base URL of the current request (the app's ``BASE_URL`` config wins)."""
     from flask import current_app, request
 
-    configured = current_app.config.get("FHIR_BASE_URL")
+    configured = current_app.config.get("BASE_URL")
     if configured:
         return configured.rstrip("/")
-    return request.url_root.rstrip("/") + "/fhir"
+    return request.host_url.rstrip("/") + request.script_root + fhir_prefix(current_app)
+
+
+def fhir_prefix(app) -> str:
+    """URL prefix of the FHIR routes in ``app`` (``FHIR_PREFIX`` config, default ``/fhir``)."""
+    prefix = app.config.get("FHIR_PREFIX", "/fhir")
+    return (prefix or "").rstrip("/")
 
 
 def fhir_response(body: dict, status: int = 200, headers: Mapping[str, str] | None = None):
@@ -371,7 +377,7 @@ def init_app(app) -> None:
 
     jobs.init_app(app)
     if "trialtwin_operation_definition" not in app.view_functions:
-        app.add_url_rule("/fhir/OperationDefinition/<resource_id>", "trialtwin_operation_definition",
+        app.add_url_rule(f"{fhir_prefix(app)}/OperationDefinition/<resource_id>", "trialtwin_operation_definition",
                          _read_operation_definition, methods=["GET"])
 
 
@@ -380,10 +386,8 @@ def _read_operation_definition(resource_id: str):
         from fhir_ops.app import get_store
 
         return fhir_response(get_store().read("OperationDefinition", resource_id))
-    except NotFound:
-        pass
-    except ImportError:
-        pass
+    except (NotFound, ImportError):
+        pass  # the store does not hold it (or there is no store app): the shipped one answers
     shipped = definitions().get(resource_id)
     if shipped is None:
         raise NotFound(f"OperationDefinition/{resource_id} is not known", error_id="not-found")

@@ -5,49 +5,36 @@ import threading
 import time
 
 import pytest
-from flask import Flask
 
+from fhir_ops import jobs
+from fhir_ops.app import create_app, get_store
 from fhir_ops.errors import FhirError
 from fhir_ops.operations import registry
-from fhir_ops.operations.registry import OperationResult, fhir_response
+from fhir_ops.operations.registry import OperationResult
 from tests.live_server import serve
 
 CANON = "https://trialtwin.org/fhir/OperationDefinition/"
 
 
-def _minimal_app() -> Flask:
-    """The FHIR routes the registry needs, wired as the REST blueprint wires them."""
-    app = Flask("ops-test")
-
-    @app.errorhandler(FhirError)
-    def _render(err: FhirError):
-        return fhir_response(err.to_outcome(), err.status, err.headers)
-
-    methods = ["GET", "POST", "PUT", "DELETE"]
-    app.add_url_rule("/fhir/<op>", "sys", lambda op: _dispatch("system", None, None, op), methods=methods)
-    app.add_url_rule("/fhir/<rtype>/<op>", "type", lambda rtype, op: _dispatch("type", rtype, None, op),
-                     methods=methods)
-    app.add_url_rule("/fhir/<rtype>/<rid>/<op>", "inst",
-                     lambda rtype, rid, op: _dispatch("instance", rtype, rid, op), methods=methods)
-    registry.init_app(app)
-    return app
+@pytest.fixture
+def app(tmp_path):
+    """A fresh FHIR app with its own SQLite database."""
+    app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path)})
+    yield app
+    jobs.manager(app).shutdown()
+    get_store_of(app).close()
 
 
-def _dispatch(level, rtype, rid, op):
-    if not op.startswith("$"):
-        raise FhirError("not an operation path", status=404, code="not-found")
-    return registry.dispatch(level, rtype, rid, op)
+def get_store_of(app):
+    with app.app_context():
+        return get_store()
 
 
 @pytest.fixture
-def base_url():
-    """Base URL (``http://127.0.0.1:port``) of a fresh app on a real socket."""
-    app = _minimal_app()
+def base_url(app):
+    """Base URL (``http://127.0.0.1:port``) of the app on a real loopback socket."""
     with serve(app) as url:
         yield url
-    from fhir_ops import jobs
-
-    jobs.manager(app).shutdown()
 
 
 ECHO = {
