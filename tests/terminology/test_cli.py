@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fhir_ops.store.sqlite import SQLiteStore
-from terminology.cli import main
+from fhir_ops.cli import main
 
 pytestmark = pytest.mark.unit
 EDC_LAB = "https://trialtwin.org/fhir/CodeSystem/edc-lab"
