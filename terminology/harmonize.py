@@ -225,4 +225,42 @@ def harmonize_resource(resource: dict, *, harmonizer: Harmonizer | None = None,
 
 harmonize = harmonize_resource
 
-__all__ = ["ADDABLE", "Harmonizer", "ORIGINAL_QUANTITY", "UnmappedReport", "harmonize", "harmonize_resource"]
+
+def harmonize_bundle(bundle: dict, *, harmonizer: Harmonizer | None = None,
+                     report: UnmappedReport | None = None) -> tuple[dict, dict[int, list[dict]]]:
+    """Harmonize every POST/PUT resource of a transaction or batch Bundle (the input is not modified).
+
+    Returns
+    -------
+    (dict, dict)
+        The Bundle to apply, and ``{entry index: [warning issues]}`` for entries that have warnings;
+        pass both to :func:`attach_outcomes` with the store's response.
+    """
+    entries, warnings = [], {}
+    for i, entry in enumerate(bundle.get("entry") or []):
+        resource = entry.get("resource")
+        method = (entry.get("request") or {}).get("method")
+        if isinstance(resource, dict) and method in ("POST", "PUT"):
+            new, issues = harmonize_resource(resource, harmonizer=harmonizer, report=report)
+            if issues:
+                warnings[i] = issues
+            if new is not resource:
+                entry = dict(entry, resource=new)
+        entries.append(entry)
+    return dict(bundle, entry=entries), warnings
+
+
+def attach_outcomes(response: dict, warnings: dict[int, list[dict]]) -> dict:
+    """Put each entry's warnings into ``Bundle.entry.response.outcome`` of a transaction/batch response."""
+    for i, issues in warnings.items():
+        entry = response["entry"][i]
+        entry_response = entry.setdefault("response", {})
+        existing = entry_response.get("outcome")
+        if existing and existing.get("resourceType") == "OperationOutcome":
+            existing.setdefault("issue", []).extend(issues)
+        else:
+            entry_response["outcome"] = {"resourceType": "OperationOutcome", "issue": list(issues)}
+    return response
+
+__all__ = ["ADDABLE", "Harmonizer", "ORIGINAL_QUANTITY", "UnmappedReport", "attach_outcomes", "harmonize",
+           "harmonize_bundle", "harmonize_resource"]

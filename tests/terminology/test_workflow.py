@@ -136,3 +136,23 @@ def test_import_concept_map_json(seeded, concept_maps):
     with pytest.raises(InvalidRequest) as info:
         workflow.import_concept_map(seeded, broken)
     assert info.value.to_outcome()["issue"][1]["expression"] == ["ConceptMap.group[0].element[0].target[0]"]
+
+
+def test_transaction_ingest_with_the_harmonization_hook(seeded):
+    """The hook as the transaction layer will call it: harmonize, apply atomically, attach warnings."""
+    from terminology.harmonize import UnmappedReport, attach_outcomes, harmonize_bundle
+
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": observation(EDC_LAB, "LAB-FPG", 7.0, "mmol/L"), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": observation(EDC_LAB, "LAB-XYZ", 1, "mg/dL"), "request": {"method": "POST", "url": "Observation"}}]}
+    report = UnmappedReport()
+    ready, warnings = harmonize_bundle(bundle, harmonizer=workflow.active_harmonizer(seeded), report=report)
+    response = attach_outcomes(seeded.transaction(ready), warnings)
+    assert "outcome" not in response["entry"][0]["response"]
+    outcome = response["entry"][1]["response"]["outcome"]
+    assert outcome["issue"][0]["severity"] == "warning" and "LAB-XYZ" in outcome["issue"][0]["diagnostics"]
+    assert report.to_dict()["unmapped"][0]["code"] == "LAB-XYZ"
+    stored = seeded.search("Observation", [("code", f"{LOINC}|1558-6")]).matches
+    assert len(stored) == 1 and stored[0]["valueQuantity"]["value"] == 126.1092  # 7.0 * 18.0156
+    # the local coding is kept, so the resource is still found by its EDC code
+    assert seeded.search("Observation", [("code", f"{EDC_LAB}|LAB-FPG")]).total == 1
