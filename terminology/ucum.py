@@ -205,8 +205,8 @@ def parse(code: str) -> Unit:
 
     Examples
     --------
-    >>> parse("mg/dL").factor
-    Fraction(1, 100)
+    >>> parse("[lb_av]").factor   # grams per pound, exactly
+    Fraction(45359237, 100000)
     """
     if not isinstance(code, str) or not code or code != code.strip() or " " in code:
         raise UcumError(f"'{code}' is not a UCUM unit code (empty or contains spaces)")
