@@ -6,6 +6,7 @@ A ``Catalog`` holds code systems and value sets by canonical url; user-loaded re
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -92,11 +93,35 @@ class Catalog:
         return None
 
 
+def user_dir() -> Path:
+    """Where user-loaded releases live: ``$TRIALTWIN_TERMINOLOGY_DIR``, else ``$TRIALTWIN_DATA_DIR/terminology``
+    (default ``./data/terminology``)."""
+    explicit = os.environ.get("TRIALTWIN_TERMINOLOGY_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("TRIALTWIN_DATA_DIR", "./data")) / "terminology"
+
+
 @lru_cache(maxsize=1)
 def default_catalog() -> Catalog:
-    """The catalog of the shipped subsets (cached: the files are immutable at run time)."""
-    return Catalog(shipped("CodeSystem"), shipped("ValueSet"))
+    """The shipped subsets, overridden by any release the user loaded (same canonical url wins).
+
+    Cached for the process; :func:`reload_catalog` re-reads after ``trialtwin terminology load``.
+    """
+    catalog = Catalog(shipped("CodeSystem"), shipped("ValueSet"))
+    folder = user_dir()
+    if folder.is_dir():
+        for pattern in ("CodeSystem-*.json", "ValueSet-*.json"):
+            for path in sorted(folder.glob(pattern)):
+                catalog.add(load_file(path))
+    return catalog
+
+
+def reload_catalog() -> Catalog:
+    """Forget the cached catalog and read the files again."""
+    default_catalog.cache_clear()
+    return default_catalog()
 
 
 __all__ = ["Catalog", "CodeSystemIndex", "DATA_DIR", "LOINC", "SNOMED", "MDC", "UCUM",
-           "default_catalog", "load_file", "shipped"]
+           "default_catalog", "load_file", "reload_catalog", "shipped", "user_dir"]

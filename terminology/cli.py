@@ -43,6 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     vs = sub.add_parser("versions", help="list the stored versions of a map")
     vs.add_argument("url")
     sub.add_parser("seed", help="store the shipped maps as first versions where none exist")
+    ld = sub.add_parser("load", help="install a licensed code-system release (CodeSystem JSON or LOINC's Loinc.csv) "
+                                     "over the shipped subset")
+    ld.add_argument("file", type=Path)
+    ld.add_argument("--loinc-version", help="LOINC release version, when loading Loinc.csv")
     p.set_defaults(func=run)
     return p
 
@@ -81,6 +85,16 @@ def _execute(args, store) -> dict | list:
         return _summary(workflow.rollback(store, args.url, agent=agent))
     if cmd == "versions":
         return [_summary(v) for v in workflow.versions(store, args.url)]
+    if cmd == "load":
+        from terminology.catalog import reload_catalog
+        from terminology.release import load_release
+
+        folder = Path(args.data_dir) / "terminology"
+        written = load_release(args.file, loinc_version=args.loinc_version, folder=folder)
+        resource = load_file(written)
+        return {"installed": str(written), "url": resource["url"], "version": resource.get("version"),
+                "concepts": len(resource.get("concept", [])),
+                "note": "restart the server (or call terminology.catalog.reload_catalog()) to use it"}
     if cmd == "seed":
         return [_summary(v) for v in workflow.seed(store)]
     raise ValueError(f"unknown terminology command {cmd!r}")
