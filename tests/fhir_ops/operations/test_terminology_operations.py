@@ -120,14 +120,14 @@ def test_import_map_concept_map_body(fhir_server):
     assert [a["subtype"][0]["code"] for a in audits] == ["import"]
 
 
-def test_registry_publishes_the_terminology_operations():
-    # (GET /fhir/metadata is not checked here: rest.metadata() and registry.capability_operations()
-    # disagree on the return shape across h-store/h-ops; see the h-term report)
-    from fhir_ops.operations import registry
-
-    caps = registry.capability_operations()
-    urls = {t: {e["definition"] for e in entries} for t, entries in caps["resource"].items()}
-    assert "https://trialtwin.org/fhir/OperationDefinition/translate" in urls["ConceptMap"]
-    assert "https://trialtwin.org/fhir/OperationDefinition/import-map" in urls["ConceptMap"]
-    assert "https://trialtwin.org/fhir/OperationDefinition/lookup" in urls["CodeSystem"]
-    assert "https://trialtwin.org/fhir/OperationDefinition/validate-code" in urls["ValueSet"] & urls["CodeSystem"]
+def test_capability_statement_lists_the_terminology_operations(fhir_server):
+    base, _ = fhir_server
+    cap = requests.get(f"{base}/metadata", timeout=10).json()
+    ops = {r["type"]: {o["definition"] for o in r.get("operation", [])} for r in cap["rest"][0]["resource"]}
+    canon = "https://trialtwin.org/fhir/OperationDefinition/"
+    assert {canon + "translate", canon + "import-map"} <= ops["ConceptMap"]
+    assert {canon + "lookup", canon + "validate-code"} <= ops["CodeSystem"]
+    assert canon + "validate-code" in ops["ValueSet"]
+    # the published definitions are served
+    od = requests.get(f"{base}/OperationDefinition/translate", timeout=10).json()
+    assert od["base"] == "http://hl7.org/fhir/OperationDefinition/ConceptMap-translate"
