@@ -308,3 +308,29 @@ def test_capability_statement_lists_types_interactions_and_search_params(fhir):
     assert "_lastUpdated" in params
     assert "Observation:subject" in by_type["Patient"]["searchRevInclude"]
     assert {i["code"] for i in cap["rest"][0]["interaction"]} == {"transaction", "batch"}
+
+
+def test_concurrent_writers_lose_nothing(fhir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = fhir.post("Patient", patient("Shared")).json()
+
+    def work(n):
+        import requests
+
+        s = requests.Session()
+        created = [s.post(fhir.url("Patient"), json=patient(f"T{n}-{i}"),
+                          headers={"Content-Type": "application/fhir+json"}, timeout=60).status_code
+                   for i in range(10)]
+        updated = [s.put(fhir.url(f"Patient/{target['id']}"), json={**target, "gender": "male"},
+                         headers={"Content-Type": "application/fhir+json"}, timeout=60).status_code
+                   for _ in range(5)]
+        return created, updated
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(work, range(6)))
+    assert all(c == 201 for created, _ in results for c in created)
+    assert all(u == 200 for _, updated in results for u in updated)
+    assert fhir.get("Patient?_summary=count").json()["total"] == 61
+    assert fhir.get(f"Patient/{target['id']}").json()["meta"]["versionId"] == "31"
+    assert fhir.get(f"Patient/{target['id']}/_history").json()["total"] == 31
