@@ -23,7 +23,7 @@ STUDY_IDENTIFIER = "TT-201"
 STUDY_START = dt.date(2026, 5, 4)
 DATA_CUTOFF_DAY = 200  # study day of the data cut (2026-11-20): later enrollees are still on study
 ENROLLMENT_DAYS = 112  # participants are randomized over the first 16 weeks
-N_DAYS = 169  # day 0 = randomization, daily dosing on days 0..167, last visit on day 168
+N_DAYS = 169  # day 0 = randomization; daily dosing on days 0..168, the last one on the week-24 visit day
 ARMS = ("placebo", "50 mg", "100 mg")
 ARM_DOSE_MG = (0.0, 50.0, 100.0)
 VISIT_DAYS = (0, 28, 56, 84, 112, 140, 168)  # day 0 is the baseline visit
@@ -176,6 +176,11 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     behaviour = simulate_behaviour(DEMO_BEHAVIOUR, covariates, schedule, N_DAYS, rng,
                                    dose_mg=dose, exposure=pk_daily)
     attended = np.concatenate([np.ones((n, 1), dtype=bool), behaviour.attended], axis=1)
+    # the data cut: what lies beyond it has not happened yet, so the records do not hold it
+    in_data = np.arange(N_DAYS)[None, :] < observed[:, None]
+    taken = behaviour.taken & in_data
+    ae = behaviour.ae & in_data
+    attended &= np.asarray(VISIT_DAYS)[None, :] < np.minimum(observed, behaviour.dropout_day)[:, None]
 
     # PD: Emax on fasting glucose from an effect-site concentration; HbA1c lags glucose
     effect_conc = _smooth(behaviour.concentration, EFFECT_HALF_LIFE_D)
@@ -191,8 +196,8 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
 
     # sparse PK at in-person visits after baseline: hours after that morning's dose
     pk_hours = rng.uniform(1.0, 10.0, (n, vd.size))
-    dose_times = 24.0 * np.arange(N_DAYS - 1)
-    amounts = np.where(behaviour.taken[:, : N_DAYS - 1], dose[:, None], 0.0)
+    dose_times = 24.0 * np.arange(N_DAYS)
+    amounts = np.where(taken, dose[:, None], 0.0)
     one_cpt = OneCompartment(cl=cl, v=v, ka=ka, tlag=PK_TYPICAL["tlag"], f=PK_TYPICAL["f"])
     pk_mg_l = concentration(one_cpt, DoseRecord(times=dose_times, amounts=amounts),
                             24.0 * vd[None, :] + pk_hours)
@@ -208,8 +213,8 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     return DemoRecords(
         seed=seed, n=n, site=site, arm=arm, dose_mg=dose, age_y=age, sex_female=female, weight_kg=weight,
         egfr=egfr, distance_km=distance, birth_day_of_year=birth_doy, enroll_day=enroll,
-        observed_days=observed, dropout_day=behaviour.dropout_day, taken=behaviour.taken,
-        dose_hour=np.clip(rng.normal(8.0, 1.0, (n, N_DAYS)), 5.0, 12.0), ae=behaviour.ae,
+        observed_days=observed, dropout_day=behaviour.dropout_day, taken=taken,
+        dose_hour=np.clip(rng.normal(8.0, 1.0, (n, N_DAYS)), 5.0, 12.0), ae=ae,
         ae_term=rng.choice(len(AE_TERMS), size=(n, N_DAYS), p=AE_TERM_P),
         ae_severity=rng.choice(len(AE_SEVERITY), size=(n, N_DAYS), p=AE_SEVERITY_P),
         attended=attended, fpg_mg_dl=fpg, hba1c_pct=a1c, pk_hours=pk_hours, pk_ng_ml=pk_ng_ml,
@@ -411,8 +416,9 @@ def _visits(rec: DemoRecords, i: int, pid: str, site_key: str, enroll_date: dt.d
         date = enroll_date + dt.timedelta(days=day)
         aid = f"{pid}-v{v}"
         if day >= last:
-            # the next visit of a participant still on study is booked; nothing after a dropout
-            if rec.dropout_day[i] <= day or next_booked or rec.observed_days[i] >= N_DAYS:
+            # at the data cut, the next visit of a participant still on study is booked (a dropout
+            # that happens after the cut is not known yet); nothing follows a withdrawal
+            if rec.withdrawn[i] or next_booked:
                 return
             next_booked = True
             status = "booked"
@@ -450,7 +456,7 @@ def _visits(rec: DemoRecords, i: int, pid: str, site_key: str, enroll_date: dt.d
                                _quantity(rec.egfr[i], "mL/min/{1.73_m2}", 0), encounter=eid)
             yield _weight(rec, i, f"{pid}-weight-v0", pid, drawn, rec.weight_kg[i], encounter=eid)
         if not remote and v > 0 and rec.arm[i] != 0:
-            sampled = _instant(date, float(rec.dose_hour[i, min(day, N_DAYS - 1)]) + rec.pk_hours[i, v])
+            sampled = _instant(date, float(rec.dose_hour[i, day]) + rec.pk_hours[i, v])
             yield {"resourceType": "Observation", "id": f"{pid}-pk-v{v}", "meta": _meta(), "status": "final",
                    "category": [_cc("http://terminology.hl7.org/CodeSystem/observation-category", "laboratory",
                                     "Laboratory")],
