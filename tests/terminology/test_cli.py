@@ -51,3 +51,24 @@ def test_workflow_from_the_command_line(tmp_path, capsys):
         assert {a["agent"][0]["who"]["display"] for a in audits} == {"alice"}
     finally:
         store.close()
+
+
+def test_bulk_ndjson_load_is_harmonized_and_reports_unmapped_codes(tmp_path, capsys):
+    data = tmp_path / "data"
+    lines = [
+        {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-FPG"}]},
+         "valueQuantity": {"value": 6.1, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}},
+        {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-LDL"}]}},
+        {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-LDL"}]}},
+    ]
+    path = tmp_path / "obs.ndjson"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert main(["load", str(path), "--data-dir", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert f"{EDC_LAB}|LAB-LDL: 2 coding(s) in Observation" in err
+    store = SQLiteStore(str(data / "trialtwin.sqlite"))
+    try:
+        (fpg,) = store.search("Observation", [("code", "http://loinc.org|1558-6")]).matches
+        assert fpg["valueQuantity"]["value"] == 109.89516  # 6.1 * 18.0156
+    finally:
+        store.close()
