@@ -1,5 +1,5 @@
 """``trialtwin terminology``: the map-update workflow from the command line (import, diff, preview,
-publish, rollback, versions, seed), against the embedded store in the data directory.
+publish, rollback, versions, seed, load, unmapped), against the embedded store in the data directory.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     vs = sub.add_parser("versions", help="list the stored versions of a map")
     vs.add_argument("url")
     sub.add_parser("seed", help="store the shipped maps as first versions where none exist")
+    sub.add_parser("unmapped", help="report stored local codes that the active maps do not map")
     ld = sub.add_parser("load", help="install a licensed code-system release (CodeSystem JSON or LOINC's Loinc.csv) "
                                      "over the shipped subset")
     ld.add_argument("file", type=Path)
@@ -95,6 +96,8 @@ def _execute(args, store) -> dict | list:
         return {"installed": str(written), "url": resource["url"], "version": resource.get("version"),
                 "concepts": len(resource.get("concept", [])),
                 "note": "restart the server (or call terminology.catalog.reload_catalog()) to use it"}
+    if cmd == "unmapped":
+        return workflow.unmapped_report(store)
     if cmd == "seed":
         return [_summary(v) for v in workflow.seed(store)]
     raise ValueError(f"unknown terminology command {cmd!r}")

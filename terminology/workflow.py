@@ -321,3 +321,18 @@ def active_mapset(store) -> MapSet:
 
 
 __all__ += ["active_mapset"]
+
+
+def unmapped_report(store) -> dict:
+    """The unmapped-codes report over stored data: local codes on Observations, Conditions and
+    AdverseEvents that the active maps give no standard coding, with counts."""
+    from terminology.harmonize import UnmappedReport
+
+    harmonizer, report = active_harmonizer(store), UnmappedReport()
+    for rtype in RECODED_ELEMENTS:
+        for resource in _all(store, rtype, []):
+            harmonizer.harmonize(resource, report)
+    return report.to_dict()
+
+
+__all__ += ["unmapped_report"]

@@ -66,6 +66,9 @@ def test_bulk_ndjson_load_is_harmonized_and_reports_unmapped_codes(tmp_path, cap
     assert main(["load", str(path), "--data-dir", str(data)]) == 0
     err = capsys.readouterr().err
     assert f"{EDC_LAB}|LAB-LDL: 2 coding(s) in Observation" in err
+    code, report, _ = cli(capsys, data, "unmapped")
+    assert code == 0 and report == {"unmapped": [{"system": EDC_LAB, "code": "LAB-LDL", "display": None, "count": 2,
+                                                  "resourceTypes": ["Observation"]}]}
     store = SQLiteStore(str(data / "trialtwin.sqlite"))
     try:
         (fpg,) = store.search("Observation", [("code", "http://loinc.org|1558-6")]).matches
