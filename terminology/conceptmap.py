@@ -184,6 +184,9 @@ def translate(maps: MapSet | list[dict], *, code: str | None = None, system: str
     """
     if not isinstance(maps, MapSet):
         maps = MapSet(maps)
+    if concept_map_version is not None and url is None:
+        raise InvalidRequest("'conceptMapVersion' needs 'url' (the concept map it is a version of)",
+                             error_id="missing-parameter")
     if codeable_concept is not None:
         codings = list(codeable_concept.get("coding", []))
     elif coding is not None:

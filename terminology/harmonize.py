@@ -176,7 +176,9 @@ class Harmonizer:
                 for i, comp in enumerate(resource["component"]):
                     p = f"Observation.component[{i}]"
                     ccc, cstd = self._concept(comp.get("code"), f"{p}.code", rtype, warnings, report)
-                    new = dict(comp, code=ccc)
+                    new = dict(comp)
+                    if ccc is not comp.get("code"):
+                        new["code"] = ccc
                     if "valueQuantity" in comp:
                         new["valueQuantity"] = self._quantity(comp["valueQuantity"], cstd, f"{p}.valueQuantity", warnings)
                     comps.append(new)

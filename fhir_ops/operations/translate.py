@@ -6,13 +6,19 @@ from __future__ import annotations
 
 from fhir_ops.operations.registry import OperationContext, OperationResult, operation
 from terminology.conceptmap import MapSet, translate
-from terminology.workflow import active_mapset
+from terminology.workflow import active_mapset, versions
 
 
 @operation("OperationDefinition-translate.json")
 def handle(ctx: OperationContext, params: dict) -> OperationResult:
+    url, wanted = params.get("url"), params.get("conceptMapVersion")
     if ctx.level == "instance":
         maps = MapSet([ctx.store.read("ConceptMap", ctx.resource_id)])
+    elif url and wanted:
+        # any stored version may be named, drafts and retired ones included (to try a draft before publishing)
+        stored = [v for v in versions(ctx.store, url) if v.get("version") == wanted]
+        # not stored: the active set still holds shipped maps; it answers 404 for an unknown version
+        maps = MapSet(stored) if stored else active_mapset(ctx.store)
     else:
         maps = active_mapset(ctx.store)
     result = translate(

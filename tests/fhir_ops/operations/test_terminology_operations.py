@@ -131,3 +131,20 @@ def test_capability_statement_lists_the_terminology_operations(fhir_server):
     # the published definitions are served
     od = requests.get(f"{base}/OperationDefinition/translate", timeout=10).json()
     assert od["base"] == "http://hl7.org/fhir/OperationDefinition/ConceptMap-translate"
+
+
+def test_translate_against_a_named_draft_version(fhir_server):
+    base, store = fhir_server
+    workflow.seed(store)
+    csv_text = CSV + f"{EDC_LAB},LAB-FPG,{LOINC},14771-0,equivalent\n"
+    assert _import(base, csv_text, "2.0.0").status_code == 201
+    params = {"system": EDC_LAB, "code": "LAB-FPG", "url": LAB_MAP}
+    active = requests.get(f"{base}/ConceptMap/$translate", params=params, timeout=10).json()
+    draft = requests.get(f"{base}/ConceptMap/$translate", params={**params, "conceptMapVersion": "2.0.0"}, timeout=10).json()
+    codes = lambda out: [p["part"][1]["valueCoding"]["code"] for p in out["parameter"] if p["name"] == "match"]  # noqa: E731
+    assert codes(active) == ["1558-6"] and codes(draft) == ["1558-6", "14771-0"]
+    missing = requests.get(f"{base}/ConceptMap/$translate", params={**params, "conceptMapVersion": "9"}, timeout=10)
+    assert missing.status_code == 404
+    no_url = requests.get(f"{base}/ConceptMap/$translate",
+                          params={"system": EDC_LAB, "code": "LAB-FPG", "conceptMapVersion": "2.0.0"}, timeout=10)
+    assert no_url.status_code == 400
