@@ -87,7 +87,6 @@ def _execute(args, store) -> dict | list:
     if cmd == "versions":
         return [_summary(v) for v in workflow.versions(store, args.url)]
     if cmd == "load":
-        from terminology.catalog import reload_catalog
         from terminology.release import load_release
 
         folder = Path(args.data_dir) / "terminology"

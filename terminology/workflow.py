@@ -9,9 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from fhir_ops.errors import Conflict, InvalidRequest, NotFound, Unprocessable
-from terminology.catalog import Catalog, default_catalog, shipped
-from terminology.conceptmap import MapIndex, MapSet, iter_mappings
+from fhir_ops.errors import Conflict, NotFound, Unprocessable
+from terminology.catalog import Catalog, shipped
+from terminology.conceptmap import MapSet, iter_mappings
 from terminology.harmonize import ADDABLE, Harmonizer
 from terminology.mapfile import check_concept_map, parse_csv
 
@@ -150,11 +150,6 @@ def import_concept_map(store, resource: dict, *, agent: str = "trialtwin-termino
     return _store_draft(store, check_concept_map(resource, catalog=catalog), agent)
 
 
-def _read_map(store, map_id: str) -> dict:
-    cm = store.read("ConceptMap", map_id)
-    return cm
-
-
 def _table(cm: dict | None) -> dict[tuple[str, str], set[tuple]]:
     table: dict[tuple[str, str], set[tuple]] = {}
     for m in iter_mappings(cm or {}):
@@ -209,7 +204,7 @@ def preview(store, draft_id: str, *, examples: int = 3) -> dict:
         ``{"draft": "url|version", "active": ..., "diff": {...}, "total": n, "codes": [{"system",
         "code", "before", "after", "resources": {type: {"count", "examples"}}}]}``.
     """
-    draft = _read_map(store, draft_id)
+    draft = store.read("ConceptMap", draft_id)
     active = active_version(store, draft["url"])
     before, after = _table(active), _table(draft)
     codes, total = [], 0
@@ -261,7 +256,7 @@ def publish(store, draft_id: str, *, agent: str = "trialtwin-terminology") -> di
     One transaction carries both status changes and the AuditEvent, so a failure leaves no map
     half-published. Returns the published ConceptMap.
     """
-    draft = _read_map(store, draft_id)
+    draft = store.read("ConceptMap", draft_id)
     if draft.get("status") != "draft":
         raise Unprocessable(f"ConceptMap/{draft_id} is {draft.get('status')}, not a draft; only drafts are published",
                             error_id="not-a-draft")
