@@ -51,7 +51,9 @@ def machine() -> dict:
         except pkg_metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"platform": platform.platform(), "cpu_model": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "libraries": versions}
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "libraries": versions,
+            "load_average_at_start": os.getloadavg(),
+            "shared": "2-core machine shared with other engineers' jobs; timings include their interference"}
 
 
 def make_bundles(n_obs: int, per_patient: int, patients_per_bundle: int, seed: int = 201):
