@@ -76,6 +76,14 @@ def test_get_on_state_changing_operation_is_405_with_allow(base_url, test_operat
     assert response.json() == {"resourceType": "Patient", "id": "new"}  # single return resource is bare
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_other_methods_are_405_with_allow(base_url, test_operations, method):
+    response = requests.request(method, base_url + "/fhir/Patient/$test-echo", json={})
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, POST"
+    response = requests.request(method, base_url + "/fhir/Patient/$test-touch", json={})
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+
+
 @pytest.mark.parametrize("query, expected", [
     ({"bogus": "1"}, "unknown-parameter"),
     ({"count": "three"}, "wrong-type"),
