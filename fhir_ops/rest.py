@@ -397,6 +397,8 @@ def vread(resource_type, resource_id, version_id):
 
 
 # -- operations ($name): routed to h-ops' registry --------------------------------------------------
+# every method reaches the registry, which answers 405 with the Allow header the definition implies
+OPERATION_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 def _dispatch(level: str, resource_type: str | None, resource_id: str | None, name: str):
     if resource_type is not None:
         _check_type(resource_type)
@@ -406,16 +408,16 @@ def _dispatch(level: str, resource_type: str | None, resource_id: str | None, na
     return registry.dispatch(level, resource_type, resource_id, name)
 
 
-@bp.route("/<op:name>", methods=["GET", "POST"])
+@bp.route("/<op:name>", methods=OPERATION_METHODS)
 def system_operation(name):
     return _dispatch("system", None, None, name)
 
 
-@bp.route("/<resource_type>/<op:name>", methods=["GET", "POST"])
+@bp.route("/<resource_type>/<op:name>", methods=OPERATION_METHODS)
 def type_operation(resource_type, name):
     return _dispatch("type", resource_type, None, name)
 
 
-@bp.route("/<resource_type>/<resource_id>/<op:name>", methods=["GET", "POST"])
+@bp.route("/<resource_type>/<resource_id>/<op:name>", methods=OPERATION_METHODS)
 def instance_operation(resource_type, resource_id, name):
     return _dispatch("instance", resource_type, resource_id, name)

@@ -395,20 +395,34 @@ class DailyOneCompartmentOral(_Model):
         )
         object.__setattr__(self, "_coef", coef)
 
-    def start(self, n: int):
-        """Drug-free state of ``n`` participants: (depot, central) amounts in mg."""
+    def start(self, n: int) -> np.ndarray:
+        """Drug-free state of ``n`` participants: rows (depot, central) amounts in mg, plus scratch rows."""
         if n != self.n:
             raise ValueError(f"stepper has {self.n} participants, not {n}")
-        return np.zeros(n), np.zeros(n)
+        return np.zeros((4, n))
 
-    def step(self, state, dose_mg):
-        """Advance one interval with ``dose_mg`` given at its start; return (state, average conc)."""
-        depot, central = state
+    def step(self, state: np.ndarray, dose_mg: np.ndarray):
+        """Advance one interval with ``dose_mg`` given at its start; return (state, average conc).
+
+        The state is updated in place and the returned average is a view into it, overwritten by
+        the next step: copy it to keep it. In-place updates avoid allocating on every simulated day.
+        """
+        depot, central, avg, tmp = state
         cc, dc, xc, dd, xd, ca, da, xa = self._coef
-        avg = ca * central + da * depot + xa * dose_mg
-        central = cc * central + dc * depot + xc * dose_mg
-        depot = dd * depot + xd * dose_mg
-        return (depot, central), avg
+        np.multiply(ca, central, out=avg)
+        np.multiply(da, depot, out=tmp)
+        avg += tmp
+        np.multiply(xa, dose_mg, out=tmp)
+        avg += tmp
+        central *= cc
+        np.multiply(dc, depot, out=tmp)
+        central += tmp
+        np.multiply(xc, dose_mg, out=tmp)
+        central += tmp
+        depot *= dd
+        np.multiply(xd, dose_mg, out=tmp)
+        depot += tmp
+        return state, avg
 
     def trough(self, state) -> np.ndarray:
         """Concentration at the end of the last interval (just before the next dose)."""
