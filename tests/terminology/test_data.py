@@ -63,3 +63,22 @@ def test_demo_study_canonical_units():
     for code, unit in expected.items():
         assert catalog.property_value(LOINC, code, "canonical-unit") == unit
     assert catalog.property_value("https://trialtwin.org/fhir/CodeSystem/assay", "TTX101-PK", "canonical-unit") == "ng/mL"
+
+
+def test_the_demo_generator_codes_validate_and_map():
+    """Cross-check with fhir_ops.demo (h-ops): every coding it writes is valid here, displays included,
+    and every local coding it adds translates to the LOINC code it sits beside."""
+    from fhir_ops import demo
+    from terminology.codesystem import validate_code
+
+    maps = MapSet(shipped("ConceptMap"))
+    for loinc, display, local, _ in demo.MEASURES.values():
+        assert validate_code(system=LOINC, code=loinc, display=display)["parameter"][0]["valueBoolean"] is True, loinc
+        system, code, _ = local
+        out = translate(maps, system=system, code=code)
+        assert next(p for p in out["parameter"] if p["name"] == "match")["part"][1]["valueCoding"]["code"] == loinc
+    for code, display in demo.AE_TERMS:
+        assert validate_code(system=SNOMED, code=code, display=display)["parameter"][0]["valueBoolean"] is True
+    assert validate_code(system=SNOMED, code="44054006", display="Diabetes mellitus type 2")["parameter"][0]["valueBoolean"]
+    for unit in demo.UNITS:
+        assert validate_code(system="http://unitsofmeasure.org", code=unit)["parameter"][0]["valueBoolean"], unit
