@@ -54,6 +54,9 @@ class ModeEstimate:
         ``(eta_i - m)' P (eta_i - m)`` at the mode.
     converged : ndarray of bool, shape (n_subjects,)
     n_iterations : int
+    observed_hessian : ndarray, shape (n_subjects, q, q)
+        Hessian of the negative log posterior at the mode including the residual-curvature
+        term (the Laplace precision used for individual posteriors).
     """
 
     eta: np.ndarray
@@ -62,6 +65,7 @@ class ModeEstimate:
     prior_term: np.ndarray
     converged: np.ndarray
     n_iterations: int
+    observed_hessian: np.ndarray
 
 
 def _per_subject_sum(subject: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -191,7 +195,7 @@ def find_modes(
 
     if q == 0:
         data_term, prior_term = terms(eta)
-        return ModeEstimate(eta, np.zeros((n, 0, 0)), data_term, prior_term, np.ones(n, bool), 0)
+        return ModeEstimate(eta, np.zeros((n, 0, 0)), data_term, prior_term, np.ones(n, bool), 0, np.zeros((n, 0, 0)))
 
     data_term, prior_term = terms(eta)
     total = data_term + prior_term
@@ -229,8 +233,8 @@ def find_modes(
         damping = np.where(better, np.maximum(damping / 10, 1e-12), damping * 10)
         if np.all(converged | (damping > 1e12)):
             break
-    _, hessian, _ = gradient_and_hessian(eta, exact=False)
-    return ModeEstimate(eta, hessian, data_term, prior_term, converged, iteration)
+    _, hessian, observed = gradient_and_hessian(eta, exact=True)
+    return ModeEstimate(eta, hessian, data_term, prior_term, converged, iteration, observed)
 
 
 def objective_function(model: PopulationModel, modes: ModeEstimate) -> float:
