@@ -291,7 +291,7 @@ class _Parameterization:
 
     def unpack(self, x: np.ndarray) -> PopulationModel:
         model = self.template
-        p, k = model.n_parameters, 0
+        p = model.n_parameters
         theta = x[:p]
         k = p
         effects = list(model.covariate_effects)
@@ -449,6 +449,9 @@ def fit_population(
         raise ValueError("the data carry no observed values")
     if model.n_random_effects == 0:
         raise ValueError("a population fit needs at least one random effect")
+    # evaluated once outside the optimizer's error handling so that a broken structural model
+    # or missing covariate is reported as such rather than as a failed fit
+    find_modes(model, structural, data, max_iter=1)
     param = _Parameterization(model)
     x0 = param.pack(model)
     n_obs = int(data.observed.sum())

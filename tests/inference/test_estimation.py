@@ -108,3 +108,8 @@ def test_recovers_simulated_population_with_covariate_full_omega_and_combined_er
     assert fit.model.error.additive == pytest.approx(0.2, abs=3 * se["sigma_additive"])
     assert fit.model.error.proportional == pytest.approx(0.1, abs=3 * se["sigma_proportional"])
     np.testing.assert_allclose(fit.model.omega, truth.omega, atol=0.06)
+
+
+def test_fit_reports_a_broken_structural_model(theoph, theoph_start):
+    with pytest.raises(ValueError, match="structural model returned shape"):
+        fit_population(theoph_start, lambda phi, data: phi[:, 0], theoph)
