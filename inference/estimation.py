@@ -35,6 +35,7 @@ from inference.population import (
 __all__ = ["ModeEstimate", "PopulationFit", "find_modes", "fit_population", "objective_function"]
 
 _FD_STEP = 1e-5  # step on log-scale parameters for the prediction Jacobian
+_MAX_STEP = 2.0
 _FD_STEP_SECOND = 1e-3  # larger step for second differences, which lose more digits to rounding
 
 
@@ -222,7 +223,11 @@ def find_modes(
         )
         step = -np.linalg.solve(damped, grad[..., None])[..., 0]
         step[converged] = 0.0
-        cand_data, cand_prior = terms(eta + step)
+        # a log-scale step of more than 2 (a factor e^2 on the parameter) is never trusted
+        step *= np.minimum(1.0, _MAX_STEP / np.maximum(np.max(np.abs(step), axis=1), 1e-300))[:, None]
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            # overshooting trial points may overflow; they are rejected below as non-finite
+            cand_data, cand_prior = terms(eta + step)
         cand_total = cand_data + cand_prior
         # tiny increases are rounding: accepting them lets Newton finish the last digits of eta
         better = np.isfinite(cand_total) & (cand_total <= total + 1e-12 * (1 + np.abs(total))) & ~converged
