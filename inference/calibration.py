@@ -19,6 +19,7 @@ from inference.population import (
     ObservationData,
     PopulationModel,
     Structural,
+    output_index,
     predict,
     residual_log_likelihood,
     residual_variance,
@@ -303,7 +304,7 @@ def _log_posterior(posterior: Posterior, structural: Structural, draws: np.ndarr
     phi = np.tile(posterior.parameters, (n, 1))
     phi[:, posterior.model.random_index] = draws
     f = predict(structural, phi, tiled)
-    loglik = np.bincount(tiled.subject, weights=residual_log_likelihood(posterior.model.error, tiled.value, f), minlength=n)
+    loglik = np.bincount(tiled.subject, weights=residual_log_likelihood(posterior.model.error, tiled.value, f, output_index(tiled)), minlength=n)
     # the prior of the *first* calibration: the population (covariate-adjusted) distribution
     typical = typical_parameters(posterior.model, posterior.data)[0, posterior.model.random_index]
     prior = stats.multivariate_normal(typical, posterior.model.omega).logpdf(draws)
@@ -427,7 +428,9 @@ def forecast(
     tiled = future.tile(n)
     f = predict(structural, phi, tiled).reshape(n, future.n_rows)
     if include_residual:
-        f = f + rng.standard_normal(f.shape) * np.sqrt(residual_variance(posterior.model.error, f))
+        output = output_index(tiled)
+        variance = residual_variance(posterior.model.error, f.ravel(), output).reshape(f.shape)
+        f = f + rng.standard_normal(f.shape) * np.sqrt(variance)
     tail = (1 - level) / 2
     lower, median, upper = np.quantile(f, [tail, 0.5, 1 - tail], axis=0)
     at_mode = predict(structural, posterior.parameters[None], future)

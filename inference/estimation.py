@@ -25,8 +25,10 @@ from scipy import optimize
 from inference.population import (
     ObservationData,
     PopulationModel,
+    ResidualError,
     Structural,
     _variance_slope,
+    output_index,
     predict,
     residual_variance,
     typical_parameters,
@@ -161,12 +163,13 @@ def find_modes(
     precision = np.broadcast_to(precision, (n, q, q))
     eta = np.array(m if eta0 is None else np.asarray(eta0, float).reshape(n, q), dtype=float)
     error = model.error
+    output = output_index(data)
 
     def terms(eta_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         phi = typical.copy()
         phi[:, model.random_index] += eta_
         f = predict(structural, phi, data)
-        v = residual_variance(error, f)
+        v = residual_variance(error, f, output)
         data_term = _per_subject_sum(data.subject, weight_mask * ((y - f) ** 2 / v + np.log(2 * np.pi * v)), n)
         d = eta_ - m
         return data_term, np.einsum("ni,nij,nj->n", d, precision, d)
@@ -174,8 +177,8 @@ def find_modes(
     def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Half-gradient, expected-information Hessian and (if exact) the Newton Hessian."""
         f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact)
-        v = residual_variance(error, f)
-        dv = _variance_slope(error, f)
+        v = residual_variance(error, f, output)
+        dv = _variance_slope(error, f, output)
         r = y - f
         # half the derivative of r^2/V + log V with respect to f
         dl_df = weight_mask * (-r / v + 0.5 * dv / v * (1.0 - r**2 / v))
@@ -274,10 +277,13 @@ class _Parameterization:
             ]
         else:
             names += [f"omega_log_sd({n})" for n in model.random_effects]
-        if model.error.kind in ("additive", "combined"):
-            names.append("log_sigma_additive")
-        if model.error.kind in ("proportional", "combined"):
-            names.append("log_sigma_proportional")
+        multi = len(model.errors) > 1
+        for k, error in enumerate(model.errors):
+            suffix = f"[{k}]" if multi else ""
+            if error.kind in ("additive", "combined"):
+                names.append("log_sigma_additive" + suffix)
+            if error.kind in ("proportional", "combined"):
+                names.append("log_sigma_proportional" + suffix)
         self.names = tuple(names)
 
     def pack(self, model: PopulationModel) -> np.ndarray:
@@ -288,10 +294,11 @@ class _Parameterization:
             x += [np.log(chol[i, j]) if i == j else chol[i, j] for i, j in zip(*self.tril)]
         else:
             x += list(np.log(model.omega_sd))
-        if model.error.kind in ("additive", "combined"):
-            x.append(np.log(model.error.additive))
-        if model.error.kind in ("proportional", "combined"):
-            x.append(np.log(model.error.proportional))
+        for error in model.errors:
+            if error.kind in ("additive", "combined"):
+                x.append(np.log(error.additive))
+            if error.kind in ("proportional", "combined"):
+                x.append(np.log(error.proportional))
         return np.array(x, dtype=float)
 
     def unpack(self, x: np.ndarray) -> PopulationModel:
@@ -313,12 +320,16 @@ class _Parameterization:
         else:
             omega = np.diag(np.exp(2 * x[k : k + q]))
             k += q
-        error = model.error
-        if error.kind in ("additive", "combined"):
-            error = error.replace(additive=float(np.exp(x[k])))
-            k += 1
-        if error.kind in ("proportional", "combined"):
-            error = error.replace(proportional=float(np.exp(x[k])))
+        errors = []
+        for error in model.errors:
+            if error.kind in ("additive", "combined"):
+                error = error.replace(additive=float(np.exp(x[k])))
+                k += 1
+            if error.kind in ("proportional", "combined"):
+                error = error.replace(proportional=float(np.exp(x[k])))
+                k += 1
+            errors.append(error)
+        error = errors[0] if isinstance(model.error, ResidualError) else tuple(errors)
         return model.replace(theta=theta, covariate_effects=tuple(effects), omega=omega, error=error)
 
     def natural_standard_errors(self, x: np.ndarray, cov: np.ndarray) -> dict[str, float]:

@@ -23,6 +23,7 @@ __all__ = [
     "PopulationModel",
     "Structural",
     "residual_variance",
+    "output_index",
     "residual_log_likelihood",
     "typical_parameters",
     "individual_parameters",
@@ -288,25 +289,69 @@ class ResidualError:
 _MIN_VARIANCE = 1e-12
 
 
-def residual_variance(error: ResidualError, prediction: Any) -> np.ndarray:
+ErrorModel = "ResidualError | tuple[ResidualError, ...]"
+
+
+def _errors(error: Any) -> tuple[ResidualError, ...]:
+    errors = (error,) if isinstance(error, ResidualError) else tuple(error)
+    if not errors or not all(isinstance(e, ResidualError) for e in errors):
+        raise ValueError("error must be a ResidualError or a non-empty tuple of them (one per output)")
+    return errors
+
+
+def _error_coefficients(error: Any, output: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row additive SD and proportional coefficient, picking each row's output's error model."""
+    errors = _errors(error)
+    a = np.array([e.additive for e in errors])
+    b = np.array([e.proportional for e in errors])
+    if output is None:
+        if len(errors) > 1:
+            raise ValueError("several residual error models need an output index per row")
+        return np.full(n, a[0]), np.full(n, b[0])
+    index = np.asarray(output)
+    if index.shape != (n,) or np.any(index != np.round(index)) or index.min() < 0 or index.max() >= len(errors):
+        raise ValueError(f"output indices must be integers in 0 .. {len(errors) - 1}, one per row")
+    index = index.astype(np.int64)
+    return a[index], b[index]
+
+
+def output_index(data: "ObservationData") -> np.ndarray | None:
+    """Row-level output index (``data.design["output"]``) selecting the residual error model, if any."""
+    return data.design.get("output")
+
+
+def residual_variance(error: Any, prediction: Any, output: Any = None) -> np.ndarray:
     """Residual variance ``V(f)`` at each prediction.
+
+    Parameters
+    ----------
+    error : ResidualError or tuple of ResidualError
+        One error model, or one per output (e.g. drug concentration, HbA1c, glucose).
+    prediction : array
+    output : array of int, optional
+        Output index of each row (required with several error models).
 
     Examples
     --------
     >>> residual_variance(ResidualError("proportional", proportional=0.1), [10.0, 20.0])
     array([1., 4.])
+    >>> two = (ResidualError("proportional", proportional=0.1), ResidualError("additive", additive=0.5))
+    >>> residual_variance(two, [10.0, 10.0], output=[0, 1])
+    array([1.  , 0.25])
     """
     f = np.asarray(prediction, dtype=float)
-    variance = error.additive**2 + (error.proportional * f) ** 2
+    a, b = _error_coefficients(error, output, f.size)
+    variance = a.reshape(f.shape) ** 2 + (b.reshape(f.shape) * f) ** 2
     return np.maximum(variance, _MIN_VARIANCE)
 
 
-def _variance_slope(error: ResidualError, prediction: np.ndarray) -> np.ndarray:
+def _variance_slope(error: Any, prediction: np.ndarray, output: Any = None) -> np.ndarray:
     """dV/df, needed by the interaction (FOCEI) terms."""
-    return 2.0 * error.proportional**2 * prediction
+    _, b = _error_coefficients(error, output, prediction.size)
+    return 2.0 * b.reshape(prediction.shape) ** 2 * prediction
 
 
-def residual_log_likelihood(error: ResidualError, observed: Any, predicted: Any) -> np.ndarray:
+def residual_log_likelihood(error: Any, observed: Any, predicted: Any, output: Any = None) -> np.ndarray:
     """Log density of each observation given its prediction, ``log N(y; f, V(f))``.
 
     Rows whose observation is ``nan`` contribute 0.
@@ -319,7 +364,7 @@ def residual_log_likelihood(error: ResidualError, observed: Any, predicted: Any)
     """
     y = np.asarray(observed, dtype=float)
     f = np.asarray(predicted, dtype=float)
-    variance = residual_variance(error, f)
+    variance = residual_variance(error, f, output)
     out = -0.5 * ((y - f) ** 2 / variance + np.log(2.0 * np.pi * variance))
     return np.where(np.isnan(y), 0.0, out)
 
@@ -399,7 +444,9 @@ class PopulationModel:
         Parameters that carry inter-individual variability (a subset of ``parameters``).
     omega : array of float, shape (q, q)
         Covariance of ``eta`` for ``random_effects`` (symmetric positive definite).
-    error : ResidualError
+    error : ResidualError or tuple of ResidualError
+        One residual error model, or one per output; rows then pick theirs by the integer
+        ``data.design["output"]`` (e.g. 0 = drug concentration, 1 = HbA1c).
     covariate_effects : tuple of CovariateEffect, optional
     omega_structure : {"diagonal", "full"}
         Whether off-diagonal elements of ``omega`` are free (estimated) or zero.
@@ -418,7 +465,7 @@ class PopulationModel:
     theta: np.ndarray
     random_effects: tuple[str, ...]
     omega: np.ndarray
-    error: ResidualError
+    error: ResidualError | tuple[ResidualError, ...]
     covariate_effects: tuple[CovariateEffect, ...] = ()
     omega_structure: str = "diagonal"
 
@@ -446,7 +493,7 @@ class PopulationModel:
             if np.linalg.eigvalsh(omega).min() <= 0:
                 raise ValueError("omega must be positive definite")
         if not isinstance(self.error, ResidualError):
-            raise ValueError("error must be a ResidualError")
+            object.__setattr__(self, "error", _errors(self.error))
         effects = tuple(self.covariate_effects)
         for effect in effects:
             if not isinstance(effect, CovariateEffect) or effect.parameter not in names:
@@ -473,6 +520,11 @@ class PopulationModel:
     def random_index(self) -> np.ndarray:
         """Column of ``phi`` for each random effect."""
         return np.array([self.parameters.index(n) for n in self.random_effects], dtype=np.int64)
+
+    @property
+    def errors(self) -> tuple[ResidualError, ...]:
+        """The residual error models, one per output (a 1-tuple for a single output)."""
+        return _errors(self.error)
 
     @property
     def omega_sd(self) -> np.ndarray:
@@ -578,7 +630,7 @@ def conditional_log_likelihood(
     ndarray, shape (n_subjects,)
     """
     f = predict(structural, individual_parameters(model, eta, data), data)
-    per_row = residual_log_likelihood(model.error, data.value, f)
+    per_row = residual_log_likelihood(model.error, data.value, f, output_index(data))
     return np.bincount(data.subject, weights=per_row, minlength=data.n_subjects)
 
 
@@ -601,5 +653,5 @@ def simulate_observations(
     rng = np.random.default_rng(seed)
     eta = sample_random_effects(model, data.n_subjects, rng) if eta is None else np.asarray(eta, dtype=float)
     f = predict(structural, individual_parameters(model, eta, data), data)
-    noise = rng.standard_normal(f.shape) * np.sqrt(residual_variance(model.error, f))
+    noise = rng.standard_normal(f.shape) * np.sqrt(residual_variance(model.error, f, output_index(data)))
     return data.replace(value=f + noise), eta

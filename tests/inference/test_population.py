@@ -145,3 +145,18 @@ def test_observation_data_operations():
         ObservationData([0, 2], [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="length"):
         ObservationData([0, 1], [1.0, 1.0], [1.0, 1.0], covariates={"weight": [1.0]})
+
+
+def test_each_output_uses_its_own_residual_error():
+    # e.g. drug concentration (proportional) and a biomarker (additive) in one data set
+    errors = (ResidualError("proportional", proportional=0.15), ResidualError("additive", additive=0.4))
+    output = np.array([0, 1, 0, 1, 1])
+    sd = np.where(output == 0, 0.15 * F, 0.4)
+    np.testing.assert_allclose(residual_log_likelihood(errors, Y, F, output),
+                               stats.norm(loc=F, scale=sd).logpdf(Y), rtol=1e-12)
+    with pytest.raises(ValueError, match="output index"):
+        residual_variance(errors, F)
+    with pytest.raises(ValueError, match="output indices"):
+        residual_variance(errors, F, output=[0, 1, 2, 0, 0])
+    model = PopulationModel(("a",), [0.0], ("a",), [[0.1]], list(errors))
+    assert model.errors == errors and model.error == errors
