@@ -113,3 +113,35 @@ def test_recovers_simulated_population_with_covariate_full_omega_and_combined_er
 def test_fit_reports_a_broken_structural_model(theoph, theoph_start):
     with pytest.raises(ValueError, match="structural model returned shape"):
         fit_population(theoph_start, lambda phi, data: phi[:, 0], theoph)
+
+
+@pytest.mark.slow
+def test_recovers_a_two_output_population():
+    # drug concentration (proportional error) and an Emax biomarker (additive error) fitted
+    # together: each output's residual parameter and the typical values come back within 3 SE
+    def pk_biomarker(phi, data):
+        conc = ssfol(phi[:, :3], data)
+        biomarker = 10.0 * (1.0 - conc / (conc + np.exp(phi[data.subject, 3])))
+        return np.where(data.design["output"] == 0, conc, biomarker)
+
+    truth = PopulationModel(
+        ("lKe", "lKa", "lCl", "lEC50"), [-2.3, 0.3, -3.2, 1.5], ("lKa", "lCl", "lEC50"),
+        np.diag([0.4, 0.25, 0.4]) ** 2,
+        (ResidualError("proportional", proportional=0.15), ResidualError("additive", additive=0.5)),
+    )
+    n = 60
+    times = np.array([0.5, 1.0, 3.0, 6.0, 12.0, 2.0, 4.0, 8.0, 24.0])
+    outputs = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    t = np.tile(times, n)
+    design = ObservationData(np.repeat(np.arange(n), times.size), t, np.full(t.size, np.nan),
+                             design={"dose": np.full(t.size, 4.0), "output": np.tile(outputs, n)})
+    data, _ = simulate_observations(truth, pk_biomarker, design, seed=77)
+    start = truth.replace(theta=[-2.0, 0.0, -3.0, 1.0], omega=np.diag([0.5, 0.5, 0.5]) ** 2,
+                          error=(ResidualError("proportional", proportional=0.3), ResidualError("additive", additive=1.0)))
+    fit = fit_population(start, pk_biomarker, data)
+    assert fit.converged, fit.message
+    se = fit.standard_errors
+    for name, true in zip(truth.parameters, truth.theta):
+        assert abs(fit.estimates[name] - true) < 3 * se[name], name
+    assert abs(fit.model.errors[0].proportional - 0.15) < 3 * se["sigma_proportional[0]"]
+    assert abs(fit.model.errors[1].additive - 0.5) < 3 * se["sigma_additive[1]"]
