@@ -249,7 +249,7 @@ def calibrate_each(model: PopulationModel, structural: Structural, data: Observa
         raise ValueError("every subject needs at least one observed value")
     typical = typical_parameters(model, data)[:, model.random_index]
     prior_cov = np.broadcast_to(model.omega, (data.n_subjects,) + model.omega.shape)
-    absorbed = [data.select_subjects([i]) for i in range(data.n_subjects)]
+    absorbed = list(data.split())
     return tuple(_posteriors(model, structural, data, typical, prior_cov, absorbed, "laplace"))
 
 

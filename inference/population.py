@@ -196,6 +196,31 @@ class ObservationData:
             design={k: v[rows] for k, v in self.design.items()},
         )
 
+    def split(self) -> tuple["ObservationData", ...]:
+        """One single-subject data set per subject, in subject order (linear time).
+
+        Examples
+        --------
+        >>> data = ObservationData([1, 0, 1], [1.0, 1.0, 2.0], [3.0, 2.0, 5.0], subject_ids=("a", "b"))
+        >>> [(d.subject_ids, d.value.tolist()) for d in data.split()]
+        [(('a',), [2.0]), (('b',), [3.0, 5.0])]
+        """
+        order = np.argsort(self.subject, kind="stable")
+        bounds = np.cumsum(np.bincount(self.subject, minlength=self.n_subjects))[:-1]
+        out = []
+        for i, rows in enumerate(np.split(order, bounds)):
+            out.append(
+                self.replace(
+                    subject=np.zeros(rows.size, dtype=np.int64),
+                    time=self.time[rows],
+                    value=self.value[rows],
+                    subject_ids=(self.subject_ids[i],),
+                    covariates={k: v[i : i + 1] for k, v in self.covariates.items()},
+                    design={k: v[rows] for k, v in self.design.items()},
+                )
+            )
+        return tuple(out)
+
     def append(self, other: "ObservationData") -> "ObservationData":
         """Rows of ``self`` followed by rows of ``other`` for the same subjects (new observations)."""
         if other.subject_ids != self.subject_ids:
