@@ -6,7 +6,7 @@ import pytest
 from inference.behaviour import BehaviourModel, VisitSchedule
 from inference.cohort import (BLOCK_SIZE, CovariateModel, Scenario, TT201Population, fit_covariate_model,
                               sample_covariates, simulate_cohort, summarize, sweep)
-from tests.inference.conftest import make_covariates
+from tests.inference.virtual_participants import make_covariates
 
 pytestmark = pytest.mark.unit
 

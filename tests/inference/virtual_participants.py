@@ -1,6 +1,6 @@
-"""Shared fixtures for the engine tests: small seeded covariate sets."""
+"""Seeded covariate sets shared by the engine tests (a plain helper, not a fixture, so the
+package conftest stays free for the population-layer fixtures)."""
 import numpy as np
-import pytest
 
 from inference.covariates import Covariates
 
@@ -11,8 +11,3 @@ def make_covariates(n: int, seed: int = 0, distance_km: float | None = None) -> 
     return Covariates(weight_kg=rng.normal(85, 15, n).clip(45, 160), age_y=rng.normal(58, 9, n).clip(25, 85),
                       egfr=rng.normal(85, 20, n).clip(30, 130), sex_female=rng.integers(0, 2, n),
                       distance_km=dist, site=rng.integers(0, 3, n))
-
-
-@pytest.fixture
-def covariates_500() -> Covariates:
-    return make_covariates(500, seed=11)
