@@ -274,6 +274,11 @@ def n_uniforms(schedule: VisitSchedule, n_days: int) -> int:
 
     Rows ``[0, n_days)`` decide adherence, ``[n_days, 2 n_days)`` adverse events, the next
     ``n_visits`` (visits before ``n_days``) attendance, and the last one the dropout threshold.
+
+    Examples
+    --------
+    >>> n_uniforms(VisitSchedule.every(28, 6), 169)   # 2 * 169 + 6 + 1
+    345
     """
     return 2 * int(n_days) + int(np.sum(schedule.days < n_days)) + 1
 

@@ -158,7 +158,14 @@ def fit_covariate_model(covariates: Covariates, n_sites: int | None = None) -> C
 
 
 def sample_covariates(model: CovariateModel, n: int, rng: np.random.Generator) -> Covariates:
-    """Draw ``n`` virtual participants' covariates from ``model``."""
+    """Draw ``n`` virtual participants' covariates from ``model``.
+
+    Examples
+    --------
+    >>> cov = sample_covariates(CovariateModel.tt201(), 5, np.random.default_rng(0))
+    >>> cov.n, bool(np.all((cov.egfr >= 15) & (cov.egfr <= 150)))
+    (5, True)
+    """
     if n < 0:
         raise ValueError("n must be >= 0")
     female = (rng.random(n) < model.p_female).astype(np.int8)
