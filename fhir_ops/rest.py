@@ -17,7 +17,7 @@ from werkzeug.routing import BaseConverter
 from fhir_ops.app import fhir_response, get_store
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from fhir_ops.search.registry import search_parameters_for
-from fhir_ops.store.sqlite import DELETED_TAG
+from fhir_ops.store.bundle import DELETED_TAG
 from fhir_ops.validation import all_resource_types, is_resource_type
 
 bp = Blueprint("fhir", __name__)
