@@ -11,7 +11,7 @@ from email.utils import format_datetime
 from functools import lru_cache
 from urllib.parse import urlencode
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 from werkzeug.routing import BaseConverter
 
 from fhir_ops.app import fhir_response, get_store
@@ -100,7 +100,7 @@ def _version_headers(resource: dict) -> dict:
     return headers
 
 
-def _write_response(resource: dict, status: int) -> "Response":  # noqa: F821
+def _write_response(resource: dict, status: int) -> Response:
     headers = _version_headers(resource)
     vid = (resource.get("meta") or {}).get("versionId")
     headers["Location"] = f"{_base()}/{resource['resourceType']}/{resource['id']}/_history/{vid}"
