@@ -26,6 +26,7 @@ from fhir_ops.errors import (
     UnsupportedMediaType,
 )
 from fhir_ops.store.base import SearchResult, Store, WriteResult
+from fhir_ops.store.sqlite import DELETED_TAG
 
 FHIR_JSON = "application/fhir+json"
 
@@ -50,9 +51,6 @@ _ERRORS_BY_STATUS: dict[int, type[FhirError]] = {
 # the self link, so they never count as "ignored".
 _CONTROL_PARAMS = {"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total",
                    "_elements", "_format", "_pretty"}
-
-# HAPI answers DELETE of an id it never had with 200 and this code; the contract says 404.
-_HAPI_DELETE_NOT_FOUND = "SUCCESSFUL_DELETE_NOT_FOUND"
 
 
 def _version_of(if_match: str) -> str:
@@ -212,16 +210,19 @@ class RemoteStore(Store):
         headers = {"Prefer": "return=representation"}
         if if_match:
             headers["If-Match"] = f'W/"{_version_of(if_match)}"'
-        response = self._send("PUT", f"{resource_type}/{resource_id}", body=body, headers=headers)
+        try:
+            response = self._send("PUT", f"{resource_type}/{resource_id}", body=body, headers=headers)
+        except Conflict as exc:
+            if not if_match:
+                raise
+            # HAPI reports a stale If-Match as 409 (version conflict); FHIR and the contract say 412.
+            raise PreconditionFailed(exc.message, extra_issues=exc.extra_issues) from exc
         return WriteResult(resource=self._json(response), created=response.status_code == 201)
 
     def delete(self, resource_type: str, resource_id: str) -> None:
-        response = self._send("DELETE", f"{resource_type}/{resource_id}")
-        body = self._json(response) if response.content else {}
-        codes = {c.get("code") for i in body.get("issue", []) if isinstance(i, dict)
-                 for c in (i.get("details") or {}).get("coding", [])}
-        if _HAPI_DELETE_NOT_FOUND in codes:
-            raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        # Deleting an unknown or already deleted id is a successful no-op, as in the embedded store
+        # (FHIR allows either); HAPI says so with 200 and SUCCESSFUL_DELETE_NOT_FOUND.
+        self._send("DELETE", f"{resource_type}/{resource_id}")
 
     def history(self, resource_type: str, resource_id: str | None = None, *,
                 count: int | None = None) -> list[dict]:
@@ -239,22 +240,18 @@ class RemoteStore(Store):
 
     @staticmethod
     def _deleted_stub(entry: dict) -> dict:
-        url = (entry.get("request") or {}).get("url", "") or entry.get("fullUrl", "")
-        parts = urlsplit(url).path.strip("/").split("/")
-        stub: dict = {}
+        """The embedded store's stand-in for a deleted version: type, id, version, DELETED_TAG."""
+        request_url = (entry.get("request") or {}).get("url", "")
+        parts = urlsplit(request_url or entry.get("fullUrl", "")).path.strip("/").split("/")
         if "_history" in parts:
-            i = parts.index("_history")
-            stub = {"resourceType": parts[i - 2], "id": parts[i - 1], "meta": {"versionId": parts[i + 1]}}
-        elif len(parts) >= 2:
-            stub = {"resourceType": parts[-2], "id": parts[-1], "meta": {}}
-        last_modified = (entry.get("response") or {}).get("lastModified")
-        if last_modified:
-            stub.setdefault("meta", {})["lastUpdated"] = last_modified
-        etag = (entry.get("response") or {}).get("etag")
-        if etag:
-            stub.setdefault("meta", {})["versionId"] = _version_of(etag)
-        stub["_deleted"] = True
-        return stub
+            parts = parts[: parts.index("_history")]
+        response = entry.get("response") or {}
+        meta: dict = {"tag": [dict(DELETED_TAG)]}
+        if response.get("etag"):
+            meta["versionId"] = _version_of(response["etag"])
+        if response.get("lastModified"):
+            meta["lastUpdated"] = response["lastModified"]
+        return {"resourceType": parts[-2], "id": parts[-1], "meta": meta}
 
     def search(self, resource_type: str, params: list[tuple[str, str]], *,
                strict: bool = False) -> SearchResult:
