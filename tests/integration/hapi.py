@@ -50,25 +50,24 @@ class HapiTally:
         self.ran = 0
         self.selected = 0
 
-    def pytest_collection_modifyitems(self, items) -> None:
-        self.selected = sum(1 for item in items if item.get_closest_marker("integration"))
+    def pytest_collection_finish(self, session) -> None:
+        # session.items is the final selection, after -m/-k deselection.
+        self.selected = sum(1 for item in session.items if item.get_closest_marker("integration"))
 
     def pytest_runtest_logreport(self, report) -> None:
         if "integration" not in report.keywords:
             return
         if report.when == "call" and report.outcome in ("passed", "failed"):
             self.ran += 1
-        elif report.when == "setup" and report.outcome == "failed":
-            self.ran += 1
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.selected and self.server is None:
-            return
+        if self.server is None and self.error is None:
+            return  # no test asked for HAPI
         if self.server is not None:
             line = (f"{self.server.name.replace(' Server', '')} {self.server.version} at "
                     f"{self.server.base_url}: {self.ran} integration tests ran")
         else:
-            line = f"no HAPI FHIR server used: {self.ran} integration tests ran ({self.error or 'not needed'})"
+            line = f"no HAPI FHIR server: {self.ran} of {self.selected} integration tests ran ({self.error})"
         terminalreporter.write_sep("=", line)
         out = Path(os.environ.get("TRIALTWIN_ARTIFACTS", "test-artifacts"))
         out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import ca.uhn.fhir.jpa.util.ResourceCountCache;
 import ca.uhn.fhir.rest.api.IResourceSupportedSvc;
 import ca.uhn.fhir.rest.api.SearchTotalModeEnum;
 import ca.uhn.fhir.rest.api.PreferHandlingEnum;
+import ca.uhn.fhir.parser.StrictErrorHandler;
 import ca.uhn.fhir.rest.server.RestfulServer;
 import ca.uhn.fhir.rest.server.interceptor.SearchPreferHandlingInterceptor;
 import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
@@ -205,6 +206,9 @@ public class FhirJpaConfig {
 		// validationSupport resolves to HAPI's primary JpaValidationSupportChain: built-in R4
 		// definitions, StructureDefinitions stored here (so uploaded profiles drive $validate),
 		// snapshot generation for differential-only profiles, and terminology.
+		// Reject unknown elements and malformed values instead of silently dropping them (HAPI's
+		// default), as the embedded store does: a store that loses data quietly is worse than a 400.
+		systemDao.getContext().setParserErrorHandler(new StrictErrorHandler());
 		RestfulServer server = new RestfulServer(systemDao.getContext());
 		server.registerProviders(resourceProviders.createProviders());
 		server.registerProvider(systemProvider);
