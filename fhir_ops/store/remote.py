@@ -25,6 +25,7 @@ from fhir_ops.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from fhir_ops.search.query import DEFAULT_COUNT
 from fhir_ops.store.base import SearchResult, Store, WriteResult
 from fhir_ops.store.sqlite import DELETED_TAG
 
@@ -268,7 +269,8 @@ class RemoteStore(Store):
             mode = (entry.get("search") or {}).get("mode", "match")
             (included if mode == "include" else matches).append(resource)
         offset = next((int(v) for k, v in params if k == "_offset" and v.isdigit()), 0)
-        count = next((int(v) for k, v in params if k == "_count" and v.isdigit()), len(matches) or 50)
+        # The page size the embedded store would report; TrialTwin's HAPI uses the same default (50).
+        count = next((int(v) for k, v in params if k == "_count" and v.isdigit()), DEFAULT_COUNT)
         return SearchResult(
             total=bundle.get("total"),
             matches=[] if summary_count else matches,

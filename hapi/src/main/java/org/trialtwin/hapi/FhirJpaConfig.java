@@ -79,7 +79,8 @@ public class FhirJpaConfig {
 	@Value("${trialtwin.hapi.default-page-size:50}")
 	private int defaultPageSize;
 
-	@Value("${trialtwin.hapi.max-page-size:500}")
+	// Same ceiling as the embedded store (fhir_ops.search.query.MAX_COUNT).
+	@Value("${trialtwin.hapi.max-page-size:1000}")
 	private int maxPageSize;
 
 	@Bean(destroyMethod = "close")
