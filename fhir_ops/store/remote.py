@@ -267,7 +267,11 @@ class RemoteStore(Store):
             if resource is None:
                 continue
             mode = (entry.get("search") or {}).get("mode", "match")
-            (included if mode == "include" else matches).append(resource)
+            if mode == "include":
+                included.append(resource)
+            elif mode == "match":
+                matches.append(resource)
+            # mode "outcome" (server warnings about the search) is not a resource the caller asked for
         offset = next((int(v) for k, v in params if k == "_offset" and v.isdigit()), 0)
         # The page size the embedded store would report; TrialTwin's HAPI uses the same default (50).
         count = next((int(v) for k, v in params if k == "_count" and v.isdigit()), DEFAULT_COUNT)

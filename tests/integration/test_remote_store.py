@@ -193,3 +193,19 @@ def test_bundle_of_the_wrong_type_is_refused_before_sending(remote_store):
     with pytest.raises(InvalidRequest):
         remote_store.transaction({"resourceType": "Bundle", "type": "batch", "entry": []})
 
+
+
+def test_unknown_type_and_history_of_unknown_id_are_not_found(remote_store, tag):
+    with pytest.raises(NotFound):
+        remote_store.read("NotAResourceType", tag)
+    with pytest.raises(NotFound):
+        remote_store.history("Patient", tag)
+
+
+def test_type_history_lists_versions_of_many_resources_newest_first(remote_store, tag):
+    first = remote_store.create(_patient(tag)).resource
+    second = remote_store.create(_patient(tag)).resource
+    remote_store.update("Patient", first["id"], {**first, "active": True})
+    recent = remote_store.history("Patient", count=3)
+    assert [(r["id"], r["meta"]["versionId"]) for r in recent] == [
+        (first["id"], "2"), (second["id"], "1"), (first["id"], "1")]
