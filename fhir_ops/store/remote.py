@@ -1,6 +1,6 @@
 """The ``Store`` contract over an external FHIR R4 server (HAPI FHIR JPA, a cloud FHIR service).
 
-Talks to the server through fhirpy's ``SyncFHIRClient`` and maps every remote failure to TrialTwin's
+Connection settings live in a fhirpy ``SyncFHIRClient``; every remote failure is mapped to TrialTwin's
 ``FhirError`` types, so callers see the same errors whichever store they run on.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from fhirpy import SyncFHIRClient
 from fhir_ops.errors import (
     Conflict,
     FhirError,
-    Forbidden,
     Gone,
     InvalidRequest,
     MethodNotAllowed,
@@ -22,7 +21,6 @@ from fhir_ops.errors import (
     PayloadTooLarge,
     PreconditionFailed,
     TooManyRequests,
-    Unauthorized,
     UnsupportedMediaType,
 )
 from fhir_ops.search.query import DEFAULT_COUNT
@@ -35,8 +33,6 @@ FHIR_JSON = "application/fhir+json"
 # answer to a resource that fails validation, which the contract calls InvalidRequest.
 _ERRORS_BY_STATUS: dict[int, type[FhirError]] = {
     400: InvalidRequest,
-    401: Unauthorized,
-    403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
     409: Conflict,
@@ -141,6 +137,12 @@ class RemoteStore(Store):
         if not message:
             message = (response.text or response.reason or "").strip()[:500]
         status = response.status_code
+        if status in (401, 403):
+            # The store refused TrialTwin's own credentials: a deployment problem, not the caller's
+            # token, so it must not reach the client as a 401/403 about their request.
+            return FhirError(f"remote FHIR server refused TrialTwin's credentials ({status}) on "
+                             f"{method} {url}: {message}", status=502, code="exception",
+                             error_id="store-unauthorized")
         error_type = _ERRORS_BY_STATUS.get(status)
         if error_type is None:
             # The remote server failed, not the caller: a gateway error, whatever it said.

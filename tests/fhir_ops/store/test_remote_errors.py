@@ -37,6 +37,8 @@ def _scripted_server() -> Flask:
             return Response("not json", 200, content_type=FHIR_JSON)
         if rid == "unprocessable":
             return _outcome("Patient.gender: unknown code 'x'", "Patient.birthDate: bad date"), 422
+        if rid == "locked":
+            return _outcome("token expired"), 401
         if rid == "conflict":
             return _outcome("version conflict"), 409
         return {"resourceType": "Patient", "id": rid, "meta": {"versionId": "1"}}
@@ -57,6 +59,14 @@ def test_server_failure_is_a_502_naming_the_request(scripted):
         store.read("Patient", "boom")
     assert err.value.status == 502 and err.value.error_id == "store-upstream-error"
     assert "GET" in err.value.message and "Patient/boom" in err.value.message
+
+
+def test_store_refusing_our_credentials_is_a_502_not_the_callers_401(scripted):
+    store, _ = scripted
+    with pytest.raises(FhirError) as err:
+        store.read("Patient", "locked")
+    assert err.value.status == 502 and err.value.error_id == "store-unauthorized"
+    assert "token expired" in err.value.message
 
 
 def test_non_json_answer_is_a_502(scripted):
