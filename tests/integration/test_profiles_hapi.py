@@ -71,3 +71,39 @@ def test_project_profiles_load_and_their_examples_validate(hapi):
     assert report.problems == []
     assert len(report.loaded) == len(hapi_validate.find_conformance([ROOT / "profiles"]))
     assert len(report.validated) == sum(len(r.get("meta", {}).get("profile", [])) for _, r in examples)
+
+
+def test_a_differential_naming_a_missing_element_is_a_load_failure(hapi, tmp_path):
+    # HAPI stores such a profile without complaint; validating the definition itself catches it.
+    sd = json.loads((DATA / "conformance" / "StructureDefinition-tt-test-timed-observation.json").read_text())
+    sd.update(id="tt-test-bad-path", url=PROFILE.replace("timed-observation", "bad-path"))
+    sd["differential"]["element"].append({"id": "Observation.shoeSize", "path": "Observation.shoeSize", "min": 1})
+    (tmp_path / "bad-path.json").write_text(json.dumps(sd))
+    report = hapi_validate.run(hapi.base_url, [tmp_path], [])
+    assert report.loaded == ["StructureDefinition/tt-test-bad-path"]
+    assert report.problems and all("Observation.shoeSize" in p for p in report.problems), report.problems
+
+
+def test_an_extension_definition_loads_and_checks_extension_values(hapi, tmp_path):
+    url = "https://trialtwin.org/fhir/test/StructureDefinition/tt-test-interval-level"
+    extension = {
+        "resourceType": "StructureDefinition", "id": "tt-test-interval-level", "url": url,
+        "name": "TTTestIntervalLevel", "status": "draft", "fhirVersion": "4.0.1", "kind": "complex-type",
+        "abstract": False, "context": [{"type": "element", "expression": "Observation.component"}],
+        "type": "Extension", "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Extension",
+        "derivation": "constraint", "differential": {"element": [
+            {"id": "Extension", "path": "Extension"},
+            {"id": "Extension.extension", "path": "Extension.extension", "max": "0"},
+            {"id": "Extension.url", "path": "Extension.url", "fixedUri": url},
+            {"id": "Extension.value[x]", "path": "Extension.value[x]", "min": 1, "type": [{"code": "decimal"}]}]}}
+    (tmp_path / "conformance").mkdir()
+    (tmp_path / "conformance" / "ext.json").write_text(json.dumps(extension))
+    report = hapi_validate.run(hapi.base_url, [tmp_path / "conformance"], [])
+    assert report.problems == [] and report.loaded == ["StructureDefinition/tt-test-interval-level"]
+    observation = json.loads((DATA / "examples" / "observation-timed-hba1c.json").read_text())
+    observation["component"] = [{"code": {"text": "upper bound"}, "valueQuantity": {"value": 8.1},
+                                 "extension": [{"url": url, "valueString": "ninety"}]}]
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "obs.json").write_text(json.dumps(observation))
+    report = hapi_validate.run(hapi.base_url, [tmp_path / "conformance"], [tmp_path / "examples"])
+    assert any("allows for the types [decimal] but found type string" in p for p in report.problems), report.problems
