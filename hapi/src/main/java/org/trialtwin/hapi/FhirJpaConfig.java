@@ -207,6 +207,7 @@ public class FhirJpaConfig {
 		// validationSupport resolves to HAPI's primary JpaValidationSupportChain: built-in R4
 		// definitions, StructureDefinitions stored here (so uploaded profiles drive $validate),
 		// snapshot generation for differential-only profiles, and terminology.
+
 		// Reject unknown elements and malformed values instead of silently dropping them (HAPI's
 		// default), as the embedded store does: a store that loses data quietly is worse than a 400.
 		systemDao.getContext().setParserErrorHandler(new StrictErrorHandler());
