@@ -29,6 +29,7 @@ SEXES = ("female", "male")
 #: Caps keep the features bounded where "never happened" would otherwise be infinite.
 DAYS_SINCE_CAP = 365.0
 RECENT_WINDOW_DAYS = 30.0
+AE_RECENT_DAYS = 14.0
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,11 @@ FEATURE_SCHEMA: tuple[FeatureSpec, ...] = (
     FeatureSpec("n_adverse_events", "1", "adverse events with onset on or before the as-of day"),
     FeatureSpec("ae_severity_30d", "1", "sum of severities (1-3) of adverse events in the last 30 days"),
     FeatureSpec("days_since_last_ae", "d", f"days since the last adverse event, capped at {DAYS_SINCE_CAP:g} (cap if none)"),
+    FeatureSpec("ae_last_14d", "1", "1 if an adverse event began in the last 14 days, else 0"),
     FeatureSpec("days_to_next_visit", "d", "days from the as-of day to the next scheduled visit"),
     FeatureSpec("next_visit_remote", "1", "1 if the next visit is remote, 0 if in person"),
+    FeatureSpec("next_visit_travel_km", "km", "travel distance if the next visit is in person, 0 if remote"),
+    FeatureSpec("visits_30d_to_next", "1", "scheduled visits in the 30 days ending with the next visit (it included)"),
     FeatureSpec("age_years", "a", "age at enrolment"),
     FeatureSpec("sex_female", "1", "1 female, 0 male"),
     FeatureSpec("weight_kg", "kg", "baseline body weight"),
@@ -283,8 +287,11 @@ def dropout_features(history: ParticipantHistory, as_of_day: float) -> np.ndarra
         len(aes),
         sum(a.severity for a in recent_ae),
         min(as_of_day - aes[-1].day, DAYS_SINCE_CAP) if aes else DAYS_SINCE_CAP,
+        float(bool(aes) and as_of_day - aes[-1].day < AE_RECENT_DAYS),
         nxt.day - as_of_day,
         float(nxt.modality == "remote"),
+        0.0 if nxt.modality == "remote" else history.travel_distance_km,
+        sum(1 for v in history.visits if nxt.day - RECENT_WINDOW_DAYS < v.day <= nxt.day),
         history.age_years,
         float(history.sex == "female"),
         history.weight_kg,
@@ -301,7 +308,7 @@ def dropout_feature_matrix(pairs: Iterable[tuple[ParticipantHistory, float]]) ->
     Examples
     --------
     >>> dropout_feature_matrix([]).shape
-    (0, 18)
+    (0, 21)
     """
     rows = [dropout_features(h, day) for h, day in pairs]
     if not rows:
