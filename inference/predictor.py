@@ -4,6 +4,7 @@ Sessions ask for CUDA then CPU and report what ONNX Runtime actually uses (``get
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -19,6 +20,7 @@ __all__ = ["Predictor", "load_predictor", "requested_providers", "clear_cache", 
 #: Set to ``1``/``true`` to keep ONNX Runtime off the GPU even where CUDA works.
 FORCE_CPU_ENV = "TRIALTWIN_INFERENCE_CPU"
 
+_log = logging.getLogger(__name__)
 _CACHE: dict[tuple[str, bool], "Predictor"] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -73,6 +75,12 @@ class Predictor:
     feature_names: tuple[str, ...] | None
     provider: str
     providers: tuple[str, ...]
+    requested: tuple[str, ...] = ()
+
+    @property
+    def fell_back(self) -> bool:
+        """True when CUDA was asked for but ONNX Runtime could not use it (CPU fallback)."""
+        return bool(self.requested) and self.requested[0] != self.provider
 
     def predict_proba(self, x) -> np.ndarray:
         """Probability of the positive class for each row.
@@ -104,12 +112,15 @@ class Predictor:
 def _build(path: Path, force_cpu: bool, feature_names: tuple[str, ...] | None) -> Predictor:
     import onnxruntime as ort
 
+    requested = tuple(requested_providers(force_cpu))
+    # A missing CUDA runtime makes ORT print errors on its default logger; the fallback is reported
+    # through .provider / .fell_back (and a log line below) instead.
+    ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the CUDA-missing fallback is reported through .provider, not stderr noise
+    options.log_severity_level = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        session = ort.InferenceSession(str(path), sess_options=options,
-                                       providers=requested_providers(force_cpu))
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(requested))
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise ValueError(f"{path.name}: expected one input tensor, found {len(inputs)}")
@@ -125,8 +136,12 @@ def _build(path: Path, force_cpu: bool, feature_names: tuple[str, ...] | None) -
     if feature_names is not None and len(feature_names) != width:
         raise ValueError(f"{path.name}: {len(feature_names)} feature names for an input of width {width}")
     providers = tuple(session.get_providers())
+    if providers[0] != requested[0]:
+        _log.warning("%s: asked ONNX Runtime for %s, running on %s (provider unavailable here)",
+                     path.name, requested[0], providers[0])
     return Predictor(path=path, session=session, input_name=inputs[0].name, output_name=prob_outputs[0].name,
-                     n_features=width, feature_names=feature_names, provider=providers[0], providers=providers)
+                     n_features=width, feature_names=feature_names, provider=providers[0], providers=providers,
+                     requested=requested)
 
 
 def load_predictor(path, *, force_cpu: bool | None = None,

@@ -188,7 +188,7 @@ class InferenceService:
     >>> from inference.features import N_FEATURES
     >>> svc = InferenceService(max_wait_ms=1)
     >>> entry = svc.registry.latest("dropout")
-    >>> x = np.load(entry.metadata_path.with_suffix(".probe.npy"))
+    >>> x = np.load(entry.metadata_path.with_suffix(".probe.npz"))["x"]
     >>> out = svc.predict("dropout", x)
     >>> out.probabilities.shape == (len(x),), out.model
     (True, 'dropout')
