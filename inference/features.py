@@ -352,7 +352,8 @@ def check_feature_matrix(x, n_features: int = N_FEATURES,
         raise ValueError(f"features must be a 2-D array (rows x {n_features}), got {arr.ndim} dimensions")
     if arr.shape[1] != n_features:
         raise ValueError(f"expected {n_features} features per row, got {arr.shape[1]}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     bad = ~np.isfinite(arr)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
