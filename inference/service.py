@@ -206,15 +206,28 @@ class InferenceService:
         self.force_cpu = force_cpu
         self._lock = threading.Lock()
         self._loaded: dict[tuple[str, str], tuple[ModelEntry, object]] = {}
+        self._entries: dict[tuple[str, str | None], ModelEntry] = {}
         self._batchers: dict[tuple[str, str], _Batcher] = {}
         self._metrics = _Metrics()
         self._closed = False
 
+    def _entry(self, name: str, version: str | None) -> ModelEntry:
+        # Resolved once: scanning and parsing the registry per request would cost more than the model.
+        entry = self._entries.get((name, version))
+        if entry is None:
+            try:
+                entry = self.registry.get(name, version)
+            except KeyError as exc:
+                raise UnknownModel(exc.args[0]) from None
+            self._entries[(name, version)] = entry
+        return entry
+
+    def reload(self) -> None:
+        """Forget resolved model names so newly registered versions are picked up (loaded sessions stay)."""
+        self._entries.clear()
+
     def _resolve(self, name: str, version: str | None):
-        try:
-            entry = self.registry.get(name, version)
-        except KeyError as exc:
-            raise UnknownModel(exc.args[0]) from None
+        entry = self._entry(name, version)
         key = (entry.name, entry.version)
         with self._lock:
             if self._closed:
@@ -229,10 +242,7 @@ class InferenceService:
 
     def feature_names(self, name: str, version: str | None = None) -> tuple[str, ...]:
         """Input column names of a model (raises :class:`UnknownModel`)."""
-        try:
-            return self.registry.get(name, version).feature_names
-        except KeyError as exc:
-            raise UnknownModel(exc.args[0]) from None
+        return self._entry(name, version).feature_names
 
     def predict(self, name: str, rows, version: str | None = None, timeout_s: float = 30.0) -> Prediction:
         """Probabilities for ``rows`` from model ``name`` (latest version unless ``version``).
