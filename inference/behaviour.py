@@ -5,14 +5,16 @@ Vectorized over participants, seeded through ``numpy.random.Generator``, one day
 Overview
 --------
 ``simulate_behaviour(model, covariates, schedule, n_days, rng, dose_mg=..., exposure=...)`` runs,
+vectorized over participants,
 for every study day ``t = 0 .. n_days-1`` (day 0 is randomization), in this order:
 
 1. **adherence** - a 2-state Markov chain of taking / missing the daily dose. The probability of
-   taking today's dose depends on whether yesterday's dose was taken, on age (per decade from 50
-   years) and on an adverse event in the last ``ae_window_days`` days (logit scale);
+   taking today's dose depends on whether yesterday's dose was taken and on age (per decade from
+   50 years, logit scale); it is multiplied by ``1 - adherence_recent_ae`` after an adverse event
+   in the last ``ae_window_days`` days;
 2. **dose** - ``dose_mg`` is taken at the start of the day if the dose was taken;
 3. **exposure** - an optional exposure stepper (see :class:`inference.pk.DailyOneCompartmentOral`)
-   turns today's dose into today's average plasma concentration (ng/mL);
+   turns today's dose into today's average plasma concentration (mg/L);
 4. **adverse event** - daily probability ``ae_background + ae_max * C^h / (ae_c50^h + C^h)``;
 5. **attendance** - on a scheduled visit day, logistic in the visit burden: in-person visit,
    travel distance (in-person only), visit frequency (visits in the last 30 days), a recent adverse
@@ -51,6 +53,8 @@ __all__ = [
     "BehaviourResult",
     "ExposureStepper",
     "VisitSchedule",
+    "draw_random_bits",
+    "n_uniforms",
     "simulate_behaviour",
 ]
 
@@ -164,22 +168,22 @@ class BehaviourModel:
     adherence_after_taken: float = 3.0
     adherence_after_missed: float = 0.5
     adherence_age_per_decade: float = 0.15
-    adherence_recent_ae: float = -1.0
+    adherence_recent_ae: float = 0.3  # relative reduction of P(take) after a recent AE
     # adverse events: daily probability background + Emax-type rise with concentration
     ae_background: float = 0.002
     ae_max: float = 0.02
-    ae_c50: float = 2000.0
+    ae_c50: float = 1.0  # mg/L
     ae_hill: float = 2.0
     ae_window_days: int = 14
     # attendance (logit)
-    attend_intercept: float = 3.0
+    attend_intercept: float = 3.5
     attend_in_person: float = -0.5
     attend_distance_per_10km: float = -0.25
     attend_visits_last_30d: float = -0.3
     attend_recent_ae: float = -1.0
     attend_previous_missed: float = -0.8
     # dropout hazard (log per day)
-    dropout_log_hazard: float = -8.0
+    dropout_log_hazard: float = -8.8
     dropout_burden: float = 0.5
     dropout_recent_ae: float = 1.0
     dropout_time_per_100d: float = 0.3
@@ -190,7 +194,7 @@ class BehaviourModel:
             value = getattr(self, f.name)
             if not np.isfinite(value):
                 raise ValueError(f"{f.name} must be finite, got {value}")
-        for name in ("ae_background", "ae_max"):
+        for name in ("ae_background", "ae_max", "adherence_recent_ae"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -254,8 +258,36 @@ class BehaviourResult:
         return np.where(self.remote, remote_burden, 1.0 + d / 25.0)
 
 
-def _logistic(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+def _logistic(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=float)))
+
+
+def n_uniforms(schedule: VisitSchedule, n_days: int) -> int:
+    """Number of random draws one participant consumes: ``2 * n_days + n_visits + 1``.
+
+    Rows ``[0, n_days)`` decide adherence, ``[n_days, 2 n_days)`` adverse events, the next
+    ``n_visits`` (visits before ``n_days``) attendance, and the last one the dropout threshold.
+    """
+    return 2 * int(n_days) + int(np.sum(schedule.days < n_days)) + 1
+
+
+def draw_random_bits(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """Draw ``(k, n)`` uniform 32-bit integers, day-major, from ``rng``'s bit generator.
+
+    Each value ``b`` stands for the uniform ``b / 2**32``. Raw bits are several times cheaper than
+    ``Generator.random`` and a day-major layout lets the day loop read contiguous rows.
+
+    Examples
+    --------
+    >>> bits = draw_random_bits(np.random.default_rng(0), 3, 5)
+    >>> bits.shape, bits.dtype
+    ((5, 3), dtype('uint32'))
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError("rng must be a numpy.random.Generator (use numpy.random.default_rng(seed))")
+    half = (int(n) + 1) // 2
+    raw = rng.bit_generator.random_raw((int(k), half)).view(np.uint32)
+    return raw[:, :n]
 
 
 def simulate_behaviour(
@@ -263,9 +295,10 @@ def simulate_behaviour(
     covariates: Covariates,
     schedule: VisitSchedule,
     n_days: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     dose_mg=0.0,
     exposure: ExposureStepper | None = None,
+    random_bits: np.ndarray | None = None,
 ) -> BehaviourResult:
     """Simulate adherence, exposure, adverse events, attendance and dropout day by day.
 
@@ -280,12 +313,17 @@ def simulate_behaviour(
     n_days : int
         Number of simulated study days.
     rng : numpy.random.Generator
-        Source of randomness; the same seed gives the same result.
+        Source of randomness; the same seed gives the same result
+        (``draw_random_bits(rng, n, n_uniforms(schedule, n_days))``).
     dose_mg : float or array_like, optional
         Daily dose per participant (scalar or shape ``(n,)``); 0 for placebo.
     exposure : ExposureStepper, optional
         PK model advanced one day at a time; without it the concentration is 0 and adverse events
         occur at the background rate only.
+    random_bits : numpy.ndarray, optional
+        Pre-drawn ``uint32`` array of shape ``(n_uniforms(schedule, n_days), n)`` used instead of
+        ``rng`` (for example stacked from per-block generators, so that a cohort's result does not
+        depend on how its participants are chunked).
 
     Returns
     -------
@@ -305,9 +343,13 @@ def simulate_behaviour(
     n_days = int(n_days)
     if n_days <= 0:
         raise ValueError("n_days must be positive")
-    if not isinstance(rng, np.random.Generator):
-        raise ValueError("rng must be a numpy.random.Generator (use numpy.random.default_rng(seed))")
     n = covariates.n
+    k_draws = n_uniforms(schedule, n_days)
+    if random_bits is None:
+        random_bits = draw_random_bits(rng, n, k_draws)
+    elif random_bits.shape != (k_draws, n) or random_bits.dtype != np.uint32:
+        raise ValueError(f"random_bits must be uint32 of shape {(k_draws, n)}, "
+                         f"got {random_bits.dtype} {random_bits.shape}")
     dose = np.broadcast_to(np.asarray(dose_mg, dtype=float), (n,))
     if np.any(dose < 0) or not np.all(np.isfinite(dose)):
         raise ValueError("dose_mg must be finite and >= 0")
@@ -316,11 +358,14 @@ def simulate_behaviour(
     visit_days = schedule.days[keep]
     remote = np.ascontiguousarray(schedule.remote_for(n)[:, keep])
     n_visits = visit_days.size
+    scale = 2.0 ** -32
+    u_visit = random_bits[2 * n_days:2 * n_days + n_visits] * scale
+    threshold = -np.log1p(-(random_bits[-1] * scale))
 
-    # Per-participant constants, computed once so that the day loop stays a few array operations.
+    # Per-participant constants, computed once so that the day loop stays a few in-place operations.
     age_term = m.adherence_age_per_decade * (covariates.age_y - 50.0) / 10.0
-    logit_tt = m.adherence_after_taken + age_term
-    logit_mt = m.adherence_after_missed + age_term
+    p_mt = _logistic(m.adherence_after_missed + age_term)
+    d_tt = _logistic(m.adherence_after_taken + age_term) - p_mt
     dist = covariates.distance_km
     burden = np.where(remote, m.remote_burden, 1.0 + dist[:, None] / 25.0)
     cum_burden = np.concatenate([np.zeros((n, 1)), np.cumsum(burden, axis=1)], axis=1)
@@ -333,55 +378,86 @@ def simulate_behaviour(
     lo = np.searchsorted(visit_days, day_index - 30, side="right")
     visit_of_day = np.full(n_days, -1)
     visit_of_day[visit_days] = np.arange(n_visits)
+    time_factor = np.exp(m.dropout_log_hazard + m.dropout_time_per_100d * day_index / 100.0)
+    ae_factor = np.exp(m.dropout_recent_ae)
 
-    taken = np.zeros((n, n_days), dtype=bool)
-    ae = np.zeros((n, n_days), dtype=bool)
-    conc = np.zeros((n, n_days))
+    taken = np.zeros((n_days, n), dtype=bool)
+    ae = np.zeros((n_days, n), dtype=bool)
+    conc = np.zeros((n_days, n))
     attended = np.zeros((n, n_visits), dtype=bool)
-    on_study = np.ones(n, dtype=bool)
-    dropout_day = np.full(n, n_days, dtype=np.int64)
-    prev_taken = np.ones(n, dtype=bool)  # the first dose follows the "taken" row of the chain
-    last_ae = np.full(n, -10**9, dtype=np.int64)
-    prev_missed = np.zeros(n, dtype=bool)
-    threshold = rng.exponential(size=n)
+    days_on = np.zeros(n)
     cum_hazard = np.zeros(n)
+    on = np.ones(n, dtype=bool)
+    take = np.ones(n, dtype=bool)  # the first dose follows the "taken" row of the chain
+    recent_ae = np.zeros(n, dtype=bool)
+    ae_until = np.full(n, -1.0)     # last day still "recent" after the latest adverse event
+    prev_missed = np.zeros(n, dtype=bool)
+    u = np.empty(n)
+    p = np.empty(n)
+    buf = np.empty(n)
+    dose_today = np.empty(n)
     state = exposure.start(n) if exposure is not None else None
-    h_ae = m.ae_hill
-    c50h = m.ae_c50 ** h_ae
+    hill, inv_c50 = float(m.ae_hill), 1.0 / m.ae_c50
+    window = (-1, -1)
+    burden_factor = None
 
+    # Dynamics after a participant's dropout are still computed (cheaper than masking every array
+    # every day) but never observed: doses stop at dropout, events are masked afterwards, and the
+    # dropout day itself comes from the days before it. Every operation writes into a buffer
+    # because allocating fresh arrays costs more than the arithmetic at these sizes.
     for t in range(n_days):
-        u = rng.random((2, n))
-        recent_ae = (t - last_ae) <= m.ae_window_days
-        logit = np.where(prev_taken, logit_tt, logit_mt) + m.adherence_recent_ae * recent_ae
-        take = (u[0] < _logistic(logit)) & on_study
-        taken[:, t] = take
-        prev_taken = take
+        np.less_equal(cum_hazard, threshold, out=on)
+        days_on += on
+        np.greater_equal(ae_until, t, out=recent_ae)
+        # adherence: P(take) = P(take | yesterday) * (1 - reduction if an AE is recent)
+        np.multiply(take, d_tt, out=p)
+        p += p_mt
+        np.multiply(recent_ae, -m.adherence_recent_ae, out=buf)
+        buf += 1.0
+        p *= buf
+        np.multiply(random_bits[t], scale, out=u)
+        np.less(u, p, out=take)
+        take &= on
+        taken[t] = take
         if exposure is not None:
-            state, c = exposure.step(state, np.where(take, dose, 0.0))
-            conc[:, t] = c
-            ch = c ** h_ae
-            p_ae = m.ae_background + m.ae_max * ch / (c50h + ch)
+            np.multiply(take, dose, out=dose_today)
+            state, c = exposure.step(state, dose_today)
+            conc[t] = c
+            np.multiply(c, inv_c50, out=p)
+            if hill == 2.0:
+                p *= p
+            elif hill != 1.0:
+                np.power(p, hill, out=p)
+            np.add(p, 1.0, out=buf)
+            p /= buf
+            p *= m.ae_max
+            p += m.ae_background
+            np.multiply(random_bits[n_days + t], scale, out=u)
+            event = ae[t]
+            np.less(u, p, out=event)
         else:
-            p_ae = m.ae_background
-        event = (u[1] < p_ae) & on_study
-        ae[:, t] = event
-        last_ae = np.where(event, t, last_ae)
-        recent_ae = recent_ae | event
+            event = ae[t]
+            np.multiply(random_bits[n_days + t], scale, out=u)
+            np.less(u, m.ae_background, out=event)
+        np.copyto(ae_until, t + m.ae_window_days, where=event)
+        recent_ae |= event
         v = visit_of_day[t]
         if v >= 0:
             logit_v = (attend_base[:, v] + m.attend_visits_last_30d * (hi[t] - lo[t])
                        + m.attend_recent_ae * recent_ae + m.attend_previous_missed * prev_missed)
-            came = (rng.random(n) < _logistic(logit_v)) & on_study
+            came = (u_visit[v] < _logistic(logit_v)) & on
             attended[:, v] = came
-            prev_missed = np.where(on_study, ~came, prev_missed)
-        recent_burden = cum_burden[:, hi[t]] - cum_burden[:, lo[t]]
-        log_h = (m.dropout_log_hazard + m.dropout_burden * recent_burden
-                 + m.dropout_recent_ae * recent_ae + m.dropout_time_per_100d * t / 100.0)
-        cum_hazard += np.exp(log_h) * on_study
-        leaving = on_study & (cum_hazard > threshold)
-        dropout_day[leaving] = t + 1
-        on_study = on_study & ~leaving
+            prev_missed = ~came
+        if (lo[t], hi[t]) != window:
+            window = (lo[t], hi[t])
+            burden_factor = np.exp(m.dropout_burden * (cum_burden[:, hi[t]] - cum_burden[:, lo[t]]))
+        np.multiply(recent_ae, time_factor[t] * (ae_factor - 1.0), out=buf)
+        buf += time_factor[t]
+        buf *= burden_factor
+        cum_hazard += buf
 
-    return BehaviourResult(taken=taken, ae=ae, concentration=conc, attended=attended,
+    dropout_day = days_on.astype(np.int64)
+    ae &= day_index[:, None] < dropout_day[None, :]
+    return BehaviourResult(taken=taken.T, ae=ae.T, concentration=conc.T, attended=attended,
                            remote=remote, visit_days=visit_days, dropout_day=dropout_day,
                            n_days=n_days)
