@@ -24,6 +24,7 @@ import numpy as np
 
 from inference.behaviour import BehaviourModel, VisitSchedule, simulate_behaviour
 from inference.covariates import Covariates
+from inference.pk import DailyOneCompartmentOral
 from inference.features import (FEATURE_SCHEMA, N_FEATURES, AdverseEventRecord, Dose, ParticipantHistory, Visit,
                                 dropout_feature_matrix)
 from inference.registry import sha256_file
@@ -35,6 +36,7 @@ MODEL_NAME = "dropout"
 MODEL_VERSION = "1.0.0"
 DEFAULT_SEED = 20261121
 ARMS = ("placebo", "50 mg", "100 mg")
+ARM_DOSE_MG = {"placebo": 0.0, "50 mg": 50.0, "100 mg": 100.0}
 #: Severity of a simulated AE (mild, moderate, severe); the behaviour model does not use severity.
 AE_SEVERITY_P = (0.6, 0.3, 0.1)
 PRODUCT_THRESHOLD = 0.8
@@ -49,8 +51,9 @@ class TrainingDesign:
 
     A decentralized 24-week study: half the participants on 4-weekly visits, half on 2-weekly;
     each participant has their own probability of a remote visit (uniform 0-1), travel distances
-    are Gamma(2, 30 km) (mean 60 km: a decentralized study recruits far from its sites); default :class:`inference.behaviour.BehaviourModel` parameters, no PK
-    exposure (adverse events at the background rate).
+    are Gamma(2, 30 km) (mean 60 km: a decentralized study recruits far from its sites); default
+    :class:`inference.behaviour.BehaviourModel` parameters. Arms placebo / 50 mg / 100 mg once daily
+    drive adverse events through a 1-compartment oral exposure (``_exposure``).
     """
 
     n_train: int = 3000
@@ -66,6 +69,13 @@ def _covariates(n: int, rng: np.random.Generator, design: TrainingDesign) -> Cov
                       egfr=rng.normal(85, 20, n).clip(20, 130), sex_female=rng.integers(0, 2, n),
                       distance_km=rng.gamma(design.distance_shape, design.distance_scale_km, n).clip(0, 250),
                       site=rng.integers(0, 3, n))
+
+
+def _exposure(cov: Covariates, rng: np.random.Generator) -> DailyOneCompartmentOral:
+    """Training-population PK: CL 5 L/h and V 50 L for 70 kg, allometric weight and eGFR effects on
+    clearance, 25 % log-normal variability on CL; ka 1/h, lag 0.5 h, F 0.8 (a plausible once-daily oral)."""
+    cl = 5.0 * (cov.weight_kg / 70.0) ** 0.75 * (cov.egfr / 90.0) ** 0.5 * np.exp(rng.normal(0, 0.25, cov.n))
+    return DailyOneCompartmentOral(cl=cl, v=50.0 * cov.weight_kg / 70.0, ka=1.0, tlag=0.5, f=0.8)
 
 
 def _histories(cov: Covariates, res, arms, severities_rng: np.random.Generator, offset: int):
@@ -131,7 +141,9 @@ def simulate_dataset(n: int, seed: int, design: TrainingDesign = TrainingDesign(
         remote = rng.random((idx.size, n_visits)) < p_remote[idx, None]
         schedule = VisitSchedule.every(interval, n_visits, remote=remote)
         sub = cov.take(idx)
-        res = simulate_behaviour(model, sub, schedule, design.n_days, rng)
+        dose = np.array([ARM_DOSE_MG[arms[i]] for i in idx])
+        res = simulate_behaviour(model, sub, schedule, design.n_days, rng, dose_mg=dose,
+                                 exposure=_exposure(sub, rng))
         histories = _histories(sub, res, [arms[i] for i in idx], rng, int(idx[0]))
         prev = np.concatenate([[0], res.visit_days[:-1]])
         for v, day in enumerate(res.visit_days):
@@ -231,13 +243,17 @@ def _code_identity() -> dict:
     here = Path(__file__).resolve()
     root = here.parents[2]
     sources = [here, root / "inference" / "features.py", root / "inference" / "behaviour.py",
-               root / "inference" / "covariates.py"]
+               root / "inference" / "covariates.py", root / "inference" / "pk.py"]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
+        # True when the sources used differ from that commit (then source_sha256 is the record).
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--",
+                                *(str(p) for p in sources)], timeout=10).returncode != 0 if commit else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit, dirty = None, None
     return {"module": "inference.training.dropout", "function": "train_dropout", "git_commit": commit,
+            "sources_differ_from_commit": dirty,
             "source_sha256": {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
                               for p in sources if p.exists()}}
 
@@ -403,7 +419,8 @@ def train_dropout(output_dir, seed: int = DEFAULT_SEED, design: TrainingDesign =
                       "scaler_scale": [float(s) for s in scaler.scale_]},
         "training": {
             "description": "virtual participants of a 24-week decentralized study simulated with "
-                           "inference.behaviour.simulate_behaviour (default BehaviourModel, no PK exposure); "
+                           "inference.behaviour.simulate_behaviour (default BehaviourModel; arms placebo/50/100 mg with "
+                           "1-compartment oral exposure driving adverse events); "
                            "one row per participant and visit, 1-14 days before it, among those on study; "
                            "label = next visit missed (no-show or withdrawn before it)",
             "seed": seed, "train_seed": train_seed, "valid_seed": valid_seed,
