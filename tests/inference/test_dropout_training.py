@@ -1,5 +1,7 @@
 """Missed-next-visit model: acceptance metrics (stored and recomputed), ONNX fidelity, reproducible retraining."""
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -109,6 +111,14 @@ def test_retraining_reproduces_the_committed_model(tmp_path, committed):
     for name in meta["files"].values():
         assert (tmp_path / name).is_file()
     assert json.loads((tmp_path / f"dropout-{committed.version}.json").read_text())["sha256"] == meta["sha256"]
+
+
+def test_committed_model_was_trained_from_the_current_sources(committed):
+    # A change to the behaviour simulator or the features silently invalidates the committed model.
+    root = Path(__file__).resolve().parents[2]
+    stale = [name for name, digest in committed.metadata["code"]["source_sha256"].items()
+             if hashlib.sha256((root / name).read_bytes()).hexdigest() != digest]
+    assert not stale, f"{stale} changed since dropout-{committed.version} was trained: run `trialtwin train dropout`"
 
 
 def test_simulated_data_is_seeded():
