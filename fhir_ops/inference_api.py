@@ -1,32 +1,22 @@
 """HTTP face of the inference service: ``POST /predict/<model>``, ``GET /models``, ``GET /metrics``.
 
-A thin Flask wrapper over ``inference.service``; every error is a FhirError rendered as OperationOutcome.
+A thin Flask wrapper over ``inference.service``; errors go through ``fhir_ops.app.render_error``.
 """
 from __future__ import annotations
 
 import math
 
 from flask import Flask, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
 
+from fhir_ops.app import render_error
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from inference.registry import ChecksumMismatch, ModelRegistry
 from inference.service import InferenceService, UnknownModel, get_service
 
 __all__ = ["create_app", "service_for"]
 
-FHIR_JSON = "application/fhir+json"
 #: Bound one request's work; bigger jobs belong in the in-process API or a bulk operation.
 MAX_ROWS_PER_REQUEST = 100_000
-
-
-def _fhir_response(body: dict, status: int, headers: dict | None = None):
-    response = jsonify(body)
-    response.status_code = status
-    response.mimetype = FHIR_JSON
-    for key, value in (headers or {}).items():
-        response.headers[key] = value
-    return response
 
 
 def service_for(app: Flask) -> InferenceService:
@@ -102,25 +92,8 @@ def create_app(test_config: dict | None = None) -> Flask:
                 max_batch_rows=test_config.get("MAX_BATCH_ROWS", 8192),
                 force_cpu=test_config.get("FORCE_CPU"))
 
-    @app.errorhandler(FhirError)
-    def _fhir_error(exc: FhirError):
-        return _fhir_response(exc.to_outcome(), exc.status, exc.headers)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException):
-        headers = {"Allow": exc.valid_methods and ", ".join(exc.valid_methods)} if getattr(
-            exc, "valid_methods", None) else None
-        err = FhirError(exc.description or exc.name, status=exc.code or 500,
-                        code="not-found" if exc.code == 404 else "not-supported" if exc.code == 405 else "invalid",
-                        error_id=(exc.name or "error").lower().replace(" ", "-"), headers=headers)
-        return _fhir_response(err.to_outcome(), err.status, err.headers)
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception):
-        current_app.logger.exception("inference request failed")
-        err = FhirError("internal error while predicting; see the server log", status=500, code="exception",
-                        error_id="internal-error")
-        return _fhir_response(err.to_outcome(), 500)
+    # Exception covers HTTPException too: unknown routes and 405 become OperationOutcomes as well.
+    app.register_error_handler(Exception, render_error)
 
     @app.post("/predict/<model>")
     def predict(model: str):

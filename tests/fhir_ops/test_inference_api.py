@@ -153,7 +153,7 @@ def test_transport_errors_are_operation_outcomes(base_url):
     r = requests.post(f"{base_url}/predict/dropout", data="a,b", headers={"Content-Type": "text/csv"}, timeout=10)
     assert_outcome(r, 415, "unsupported-media-type")
     assert_outcome(requests.get(f"{base_url}/predict/dropout", timeout=10), 405, "method-not-allowed")
-    assert_outcome(requests.get(f"{base_url}/nowhere", timeout=10), 404, "not-found")
+    assert_outcome(requests.get(f"{base_url}/nowhere", timeout=10), 404, "unknown-route")
 
 
 def test_tampered_model_is_a_server_error_not_a_prediction(tmp_path, probe):
@@ -169,3 +169,19 @@ def test_tampered_model_is_a_server_error_not_a_prediction(tmp_path, probe):
             assert_outcome(r, 500, "model-checksum", "sha256")
     finally:
         app.extensions["trialtwin_inference"].close()
+
+
+def test_mounted_in_the_one_process_wsgi_app(tmp_path, probe):
+    from fhir_ops.wsgi import create_wsgi
+    from inference.service import reset_service
+
+    reset_service()
+    try:
+        with serve(create_wsgi({"DATA_DIR": str(tmp_path)})) as url:
+            r = requests.post(f"{url}/inference/predict/dropout", json={"rows": probe["x"][:2].tolist()}, timeout=10)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["probabilities"], probe["p"][:2], atol=1e-6)
+            assert requests.get(f"{url}/inference/models", timeout=10).json()["models"][0]["name"] == "dropout"
+            assert requests.get(f"{url}/fhir/metadata", timeout=10).json()["resourceType"] == "CapabilityStatement"
+    finally:
+        reset_service()
