@@ -364,8 +364,9 @@ def simulate_behaviour(
 
     # Per-participant constants, computed once so that the day loop stays a few in-place operations.
     age_term = m.adherence_age_per_decade * (covariates.age_y - 50.0) / 10.0
-    p_mt = _logistic(m.adherence_after_missed + age_term)
-    d_tt = _logistic(m.adherence_after_taken + age_term) - p_mt
+    # probabilities are kept in units of 2**-32 so that raw bits compare against them directly
+    p_mt = _logistic(m.adherence_after_missed + age_term) * 2.0 ** 32
+    d_tt = _logistic(m.adherence_after_taken + age_term) * 2.0 ** 32 - p_mt
     dist = covariates.distance_km
     burden = np.where(remote, m.remote_burden, 1.0 + dist[:, None] / 25.0)
     cum_burden = np.concatenate([np.zeros((n, 1)), np.cumsum(burden, axis=1)], axis=1)
@@ -392,7 +393,6 @@ def simulate_behaviour(
     recent_ae = np.zeros(n, dtype=bool)
     ae_until = np.full(n, -1.0)     # last day still "recent" after the latest adverse event
     prev_missed = np.zeros(n, dtype=bool)
-    u = np.empty(n)
     p = np.empty(n)
     buf = np.empty(n)
     dose_today = np.empty(n)
@@ -415,8 +415,7 @@ def simulate_behaviour(
         np.multiply(recent_ae, -m.adherence_recent_ae, out=buf)
         buf += 1.0
         p *= buf
-        np.multiply(random_bits[t], scale, out=u)
-        np.less(u, p, out=take)
+        np.less(random_bits[t], p, out=take)
         take &= on
         taken[t] = take
         if exposure is not None:
@@ -430,16 +429,16 @@ def simulate_behaviour(
                 np.power(p, hill, out=p)
             np.add(p, 1.0, out=buf)
             p /= buf
-            p *= m.ae_max
-            p += m.ae_background
-            np.multiply(random_bits[n_days + t], scale, out=u)
+            p *= m.ae_max * 2.0 ** 32
+            p += m.ae_background * 2.0 ** 32
             event = ae[t]
-            np.less(u, p, out=event)
+            np.less(random_bits[n_days + t], p, out=event)
         else:
             event = ae[t]
-            np.multiply(random_bits[n_days + t], scale, out=u)
-            np.less(u, m.ae_background, out=event)
-        np.copyto(ae_until, t + m.ae_window_days, where=event)
+            np.less(random_bits[n_days + t], m.ae_background * 2.0 ** 32, out=event)
+        # ae_until = max(ae_until, t + window) where an event occurred (cheaper than copyto-where)
+        np.multiply(event, t + m.ae_window_days, out=buf)
+        np.maximum(ae_until, buf, out=ae_until)
         recent_ae |= event
         v = visit_of_day[t]
         if v >= 0:
