@@ -11,10 +11,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from inference.behaviour import BehaviourModel, VisitSchedule, simulate_behaviour
-from inference.covariates import Covariates
+from inference.behaviour import VisitSchedule
+from inference.cohort import CovariateModel, Scenario, TT201Population, sample_covariates, simulate_cohort
 from inference.dosing import DoseRecord
-from inference.pk import DailyOneCompartmentOral, OneCompartment, concentration
+from inference.pk import OneCompartment, concentration
 
 # ----------------------------------------------------------------------------- study design
 
@@ -23,7 +23,7 @@ STUDY_IDENTIFIER = "TT-201"
 STUDY_START = dt.date(2026, 5, 4)
 DATA_CUTOFF_DAY = 200  # study day of the data cut (2026-11-20): later enrollees are still on study
 ENROLLMENT_DAYS = 112  # participants are randomized over the first 16 weeks
-N_DAYS = 169  # day 0 = randomization, daily dosing on days 0..167, last visit on day 168
+N_DAYS = 169  # day 0 = randomization; daily dosing on days 0..168, the last one on the week-24 visit day
 ARMS = ("placebo", "50 mg", "100 mg")
 ARM_DOSE_MG = (0.0, 50.0, 100.0)
 VISIT_DAYS = (0, 28, 56, 84, 112, 140, 168)  # day 0 is the baseline visit
@@ -34,8 +34,6 @@ SITES = (
     ("central", "TrialTwin Research Center Central", "Chicago", "IL", "60611"),
     ("south", "TrialTwin Research Center South", "Austin", "TX", "78701"),
 )
-SITE_WEIGHTS = (0.40, 0.35, 0.25)
-SITE_DISTANCE_MEDIAN_KM = (12.0, 18.0, 40.0)  # the south site draws a rural population
 MMOL_SITE = 2  # this site's lab reports fasting glucose in mmol/L
 AE_TERMS = (  # SNOMED CT: nausea, headache, diarrhoea, hypoglycaemia
     ("422587007", "Nausea"), ("25064002", "Headache"), ("62315008", "Diarrhea"), ("302866003", "Hypoglycemia"))
@@ -43,19 +41,14 @@ AE_TERM_P = (0.35, 0.25, 0.20, 0.20)
 AE_SEVERITY = ("mild", "moderate", "severe")
 AE_SEVERITY_P = (0.65, 0.30, 0.05)
 
-# Demo behaviour: the engine's defaults, with fewer drug-related adverse events than its generic
-# profile so that the safety picture of a well-tolerated oral antidiabetic is plausible.
-DEMO_BEHAVIOUR = BehaviourModel(ae_background=0.0015, ae_max=0.008, ae_c50=1.0)
-# PK of TTX-101 (1-compartment oral): typical CL 4 L/h, V 55 L at 70 kg, eGFR 90; F 0.8
-PK_TYPICAL = {"cl": 4.0, "v": 55.0, "ka": 1.2, "tlag": 0.5, "f": 0.8}
-PK_OMEGA = {"cl": 0.30, "v": 0.20, "ka": 0.30}
+#: the twin model that generates the data: the engine's TT-201 population, covariates and behaviour
+POPULATION = TT201Population()
+COVARIATES = CovariateModel.tt201()
+SCHEDULE = VisitSchedule(days=np.asarray(VISIT_DAYS[1:]), remote=np.asarray(VISIT_REMOTE[1:]))
+# observation model on top of the twin: assay and device noise
 PK_PROP_ERROR = 0.15
-# Emax effect on fasting glucose; HbA1c follows through the ADAG relation (28.7 mg/dL per 1 %)
-FPG_EMAX = 45.0  # mg/dL
-FPG_EC50 = 0.35  # mg/L
-EFFECT_HALF_LIFE_D = 3.0
-HBA1C_TAU_D = 40.0
-ADAG_SLOPE = 28.7  # mg/dL of mean glucose per % HbA1c (Nathan et al., Diabetes Care 2008)
+FPG_ASSAY_SD = 8.0  # mg/dL
+HBA1C_ASSAY_SD = 0.12  # %
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,24 +111,18 @@ def _block_randomize(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.concatenate(blocks)[:n]
 
 
-def _smooth(x: np.ndarray, half_life_days: float) -> np.ndarray:
-    """First-order lag along days (a one-compartment 'effect site' with the given half-life)."""
-    alpha = 1.0 - 0.5 ** (1.0 / half_life_days)
-    out = np.zeros_like(x)
-    level = np.zeros(x.shape[0])
-    for day in range(x.shape[1]):
-        level = level + alpha * (x[:, day] - level)
-        out[:, day] = level
-    return out
-
-
 def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     """Simulate the TT-201 demo study with the twin engine (pure: same seed, same arrays).
+
+    Covariates come from the engine's TT-201 covariate model; each arm is a cohort twin
+    (``inference.cohort.simulate_cohort``: PK -> Emax on fasting glucose -> HbA1c, with adherence,
+    adverse events, attendance and dropout); assay noise, sparse PK sampling, home readings and the
+    data cut are added here.
 
     Parameters
     ----------
     seed : int
-        Seed of the one ``numpy.random.Generator`` used for everything.
+        Seed of everything (non-negative).
     n : int
         Number of randomized participants.
 
@@ -151,70 +138,75 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     """
     if n < 1:
         raise ValueError("n must be at least 1")
+    if seed < 0:
+        raise ValueError("seed must be a non-negative integer")
     rng = np.random.default_rng(seed)
-    site = rng.choice(len(SITES), size=n, p=SITE_WEIGHTS)
-    age = np.clip(rng.normal(57.0, 9.0, n), 30.0, 78.0)
-    female = (rng.random(n) < 0.45).astype(int)
-    weight = np.clip(np.exp(rng.normal(np.log(92.0) - 0.12 * female, 0.18)), 50.0, 180.0)
-    # eGFR declines with age (about 1 mL/min/1.73 m2 per year) and is lower in this T2D population
-    egfr = np.clip(125.0 - 0.9 * (age - 40.0) + rng.normal(0.0, 12.0, n), 30.0, 130.0)
-    distance = np.exp(rng.normal(np.log(np.asarray(SITE_DISTANCE_MEDIAN_KM)[site]), 0.7))
+    cov = sample_covariates(COVARIATES, n, rng)
     birth_doy = rng.integers(0, 365, n)
     enroll = np.sort(rng.integers(0, ENROLLMENT_DAYS + 1, n))
     arm = _block_randomize(rng, n)
     dose = np.asarray(ARM_DOSE_MG)[arm]
     observed = np.minimum(DATA_CUTOFF_DAY - enroll, N_DAYS)
 
-    eta = {k: rng.normal(0.0, w, n) for k, w in PK_OMEGA.items()}
-    cl = PK_TYPICAL["cl"] * (weight / 70.0) ** 0.75 * (egfr / 90.0) ** 0.4 * np.exp(eta["cl"])
-    v = PK_TYPICAL["v"] * (weight / 70.0) * np.exp(eta["v"])
-    ka = PK_TYPICAL["ka"] * np.exp(eta["ka"])
-    pk_daily = DailyOneCompartmentOral(cl=cl, v=v, ka=ka, tlag=PK_TYPICAL["tlag"], f=PK_TYPICAL["f"])
-    covariates = Covariates(weight_kg=weight, age_y=age, egfr=egfr, sex_female=female,
-                            distance_km=distance, site=site)
-    schedule = VisitSchedule(days=np.asarray(VISIT_DAYS[1:]), remote=np.asarray(VISIT_REMOTE[1:]))
-    behaviour = simulate_behaviour(DEMO_BEHAVIOUR, covariates, schedule, N_DAYS, rng,
-                                   dose_mg=dose, exposure=pk_daily)
-    attended = np.concatenate([np.ones((n, 1), dtype=bool), behaviour.attended], axis=1)
+    taken = np.zeros((n, N_DAYS), dtype=bool)
+    ae = np.zeros((n, N_DAYS), dtype=bool)
+    fpg_true = np.zeros((n, N_DAYS))
+    a1c_true = np.zeros((n, N_DAYS))
+    attended = np.ones((n, len(VISIT_DAYS)), dtype=bool)  # the baseline visit randomizes: attended
+    dropout = np.zeros(n, dtype=np.int64)
+    pk_params = {k: np.zeros(n) for k in ("cl", "v", "ka")}
+    arm_seeds = np.random.SeedSequence(seed).generate_state(len(ARMS))
+    for a, arm_dose in enumerate(ARM_DOSE_MG):
+        idx = np.flatnonzero(arm == a)
+        if idx.size == 0:
+            continue
+        twin = simulate_cohort(Scenario(dose_mg=arm_dose, n_days=N_DAYS, schedule=SCHEDULE, name=ARMS[a]),
+                               covariates=cov.take(idx), seed=int(arm_seeds[a]), population=POPULATION,
+                               trajectories=True)
+        traj = twin.trajectories
+        taken[idx], ae[idx] = traj["taken"], traj["ae"]
+        fpg_true[idx], a1c_true[idx] = traj["fpg"], traj["hba1c"]
+        attended[idx, 1:] = traj["attended"]
+        dropout[idx] = twin.summary["dropout_day"]
+        for k in pk_params:
+            pk_params[k][idx] = twin.summary[k]
 
-    # PD: Emax on fasting glucose from an effect-site concentration; HbA1c lags glucose
-    effect_conc = _smooth(behaviour.concentration, EFFECT_HALF_LIFE_D)
-    fpg_drop = FPG_EMAX * effect_conc / (FPG_EC50 + effect_conc)
-    fpg0 = np.clip(rng.normal(165.0, 25.0, n), 110.0, 260.0)
-    a1c0 = np.clip((fpg0 + 46.7) / ADAG_SLOPE + rng.normal(0.0, 0.5, n), 6.8, 11.5)
-    days = np.arange(N_DAYS)
-    fpg_true = fpg0[:, None] + 0.5 * days[None, :] / 30.0 - fpg_drop
-    a1c_true = a1c0[:, None] + 0.02 * days[None, :] / 30.0 - _smooth(fpg_drop, HBA1C_TAU_D * np.log(2)) / ADAG_SLOPE
+    # the data cut: what lies beyond it has not happened yet, so the records do not hold it
+    in_data = np.arange(N_DAYS)[None, :] < observed[:, None]
+    taken &= in_data
+    ae &= in_data
+    attended &= np.asarray(VISIT_DAYS)[None, :] < np.minimum(observed, dropout)[:, None]
+
     vd = np.asarray(VISIT_DAYS)
-    fpg = fpg_true[:, vd] + rng.normal(0.0, 8.0, (n, vd.size))
-    a1c = a1c_true[:, vd] + rng.normal(0.0, 0.12, (n, vd.size))
+    fpg = fpg_true[:, vd] + rng.normal(0.0, FPG_ASSAY_SD, (n, vd.size))
+    a1c = a1c_true[:, vd] + rng.normal(0.0, HBA1C_ASSAY_SD, (n, vd.size))
 
-    # sparse PK at in-person visits after baseline: hours after that morning's dose
+    # sparse PK at visits: concentration some hours after that morning's dose
     pk_hours = rng.uniform(1.0, 10.0, (n, vd.size))
-    dose_times = 24.0 * np.arange(N_DAYS - 1)
-    amounts = np.where(behaviour.taken[:, : N_DAYS - 1], dose[:, None], 0.0)
-    one_cpt = OneCompartment(cl=cl, v=v, ka=ka, tlag=PK_TYPICAL["tlag"], f=PK_TYPICAL["f"])
-    pk_mg_l = concentration(one_cpt, DoseRecord(times=dose_times, amounts=amounts),
-                            24.0 * vd[None, :] + pk_hours)
+    one_cpt = OneCompartment(cl=pk_params["cl"], v=pk_params["v"], ka=pk_params["ka"],
+                             tlag=POPULATION.tlag, f=POPULATION.f)
+    doses = DoseRecord(times=24.0 * np.arange(N_DAYS), amounts=np.where(taken, dose[:, None], 0.0))
+    pk_mg_l = concentration(one_cpt, doses, 24.0 * vd[None, :] + pk_hours)
     pk_ng_ml = 1000.0 * pk_mg_l * np.exp(rng.normal(0.0, PK_PROP_ERROR, pk_mg_l.shape))
 
+    # home devices: not part of the twin; weight drifts down a little with glycaemic control
     hd = np.asarray(HOME_DAYS)
-    drug_fraction = (fpg_drop / FPG_EMAX)[:, hd]
-    home_weight = weight[:, None] - 1.5 * drug_fraction * hd[None, :] / 168.0 + rng.normal(0.0, 0.6, (n, hd.size))
+    glucose_drop = np.clip((fpg_true[:, [0]] - fpg_true[:, hd]) / 45.0, 0.0, 1.0)
+    home_weight = (cov.weight_kg[:, None] - 1.5 * glucose_drop * hd[None, :] / 168.0
+                   + rng.normal(0.0, 0.6, (n, hd.size)))
     home_hr = 72.0 + rng.normal(0.0, 6.0, (n, 1)) + rng.normal(0.0, 4.0, (n, hd.size))
-    home_sbp = 132.0 + rng.normal(0.0, 10.0, (n, 1)) - 3.0 * drug_fraction + rng.normal(0.0, 7.0, (n, hd.size))
-    home_reported = rng.random((n, hd.size)) < 0.85
+    home_sbp = 132.0 + rng.normal(0.0, 10.0, (n, 1)) - 3.0 * glucose_drop + rng.normal(0.0, 7.0, (n, hd.size))
 
     return DemoRecords(
-        seed=seed, n=n, site=site, arm=arm, dose_mg=dose, age_y=age, sex_female=female, weight_kg=weight,
-        egfr=egfr, distance_km=distance, birth_day_of_year=birth_doy, enroll_day=enroll,
-        observed_days=observed, dropout_day=behaviour.dropout_day, taken=behaviour.taken,
-        dose_hour=np.clip(rng.normal(8.0, 1.0, (n, N_DAYS)), 5.0, 12.0), ae=behaviour.ae,
-        ae_term=rng.choice(len(AE_TERMS), size=(n, N_DAYS), p=AE_TERM_P),
+        seed=seed, n=n, site=cov.site.astype(int), arm=arm, dose_mg=dose, age_y=cov.age_y,
+        sex_female=cov.sex_female.astype(int), weight_kg=cov.weight_kg, egfr=cov.egfr,
+        distance_km=cov.distance_km, birth_day_of_year=birth_doy, enroll_day=enroll, observed_days=observed,
+        dropout_day=dropout, taken=taken, dose_hour=np.clip(rng.normal(8.0, 1.0, (n, N_DAYS)), 5.0, 12.0),
+        ae=ae, ae_term=rng.choice(len(AE_TERMS), size=(n, N_DAYS), p=AE_TERM_P),
         ae_severity=rng.choice(len(AE_SEVERITY), size=(n, N_DAYS), p=AE_SEVERITY_P),
         attended=attended, fpg_mg_dl=fpg, hba1c_pct=a1c, pk_hours=pk_hours, pk_ng_ml=pk_ng_ml,
-        home_reported=home_reported, home_weight_kg=home_weight, home_hr=home_hr, home_sbp=home_sbp,
-        weight_in_lb=rng.random(n) < 0.2,
+        home_reported=rng.random((n, hd.size)) < 0.85, home_weight_kg=home_weight, home_hr=home_hr,
+        home_sbp=home_sbp, weight_in_lb=rng.random(n) < 0.2,
     )
 
 
@@ -411,8 +403,9 @@ def _visits(rec: DemoRecords, i: int, pid: str, site_key: str, enroll_date: dt.d
         date = enroll_date + dt.timedelta(days=day)
         aid = f"{pid}-v{v}"
         if day >= last:
-            # the next visit of a participant still on study is booked; nothing after a dropout
-            if rec.dropout_day[i] <= day or next_booked or rec.observed_days[i] >= N_DAYS:
+            # at the data cut, the next visit of a participant still on study is booked (a dropout
+            # that happens after the cut is not known yet); nothing follows a withdrawal
+            if rec.withdrawn[i] or next_booked:
                 return
             next_booked = True
             status = "booked"
@@ -450,7 +443,7 @@ def _visits(rec: DemoRecords, i: int, pid: str, site_key: str, enroll_date: dt.d
                                _quantity(rec.egfr[i], "mL/min/{1.73_m2}", 0), encounter=eid)
             yield _weight(rec, i, f"{pid}-weight-v0", pid, drawn, rec.weight_kg[i], encounter=eid)
         if not remote and v > 0 and rec.arm[i] != 0:
-            sampled = _instant(date, float(rec.dose_hour[i, min(day, N_DAYS - 1)]) + rec.pk_hours[i, v])
+            sampled = _instant(date, float(rec.dose_hour[i, day]) + rec.pk_hours[i, v])
             yield {"resourceType": "Observation", "id": f"{pid}-pk-v{v}", "meta": _meta(), "status": "final",
                    "category": [_cc("http://terminology.hl7.org/CodeSystem/observation-category", "laboratory",
                                     "Laboratory")],

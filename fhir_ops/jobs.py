@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhir_ops.errors import FhirError, NotFound
+from fhir_ops.errors import FhirError, NotFound, TooManyRequests
 
 JOBS_PATH = "_jobs"
 _EXTENSION_KEY = "trialtwin.jobs"
@@ -74,11 +74,15 @@ class JobManager:
         Jobs running at once; further jobs wait in the queue (state ``queued``).
     retention_s : float
         How long a finished job's result stays available to pollers.
+    max_pending : int
+        Unfinished jobs (running or queued) accepted at once; more are refused with 429 so that a
+        burst of requests cannot queue unbounded work.
     """
 
-    def __init__(self, app, max_workers: int = 4, retention_s: float = 3600.0) -> None:
+    def __init__(self, app, max_workers: int = 4, retention_s: float = 3600.0, max_pending: int = 100) -> None:
         self.app = app
         self.retention_s = retention_s
+        self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trialtwin-job")
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -89,6 +93,10 @@ class JobManager:
         job = Job(id=uuid.uuid4().hex, operation=op.name)
         with self._lock:
             self._evict_expired()
+            pending = sum(not j.done for j in self._jobs.values())
+            if pending >= self.max_pending:
+                raise TooManyRequests(f"{pending} asynchronous jobs are already pending; retry later",
+                                      error_id="too-many-jobs", headers={"Retry-After": "10"})
             self._jobs[job.id] = job
         self._pool.submit(self._run, job, op, level, resource_type, resource_id, params, base_url, headers)
         return job
@@ -160,14 +168,19 @@ class JobManager:
 
 
 def manager(app) -> JobManager:
-    """The app's job manager, created on first use (``JOBS_MAX_WORKERS`` config, default 4)."""
+    """The app's job manager, created on first use.
+
+    Config: ``JOBS_MAX_WORKERS`` (default 4), ``JOBS_MAX_PENDING`` (default 100),
+    ``JOBS_RETENTION_S`` (default 3600).
+    """
     existing = app.extensions.get(_EXTENSION_KEY)
     if existing is None:
         with _CREATE_LOCK:
             existing = app.extensions.get(_EXTENSION_KEY)
             if existing is None:
                 existing = JobManager(app, max_workers=int(app.config.get("JOBS_MAX_WORKERS", 4)),
-                                      retention_s=float(app.config.get("JOBS_RETENTION_S", 3600)))
+                                      retention_s=float(app.config.get("JOBS_RETENTION_S", 3600)),
+                                      max_pending=int(app.config.get("JOBS_MAX_PENDING", 100)))
                 app.extensions[_EXTENSION_KEY] = existing
     return existing
 
@@ -193,11 +206,13 @@ def _job_status(job_id: str):
 
     job = manager(current_app).get(job_id)
     if not job.done:
+        progress = job.progress_text()
         return fhir_response(
             {"resourceType": "OperationOutcome", "issue": [{
                 "severity": "information", "code": "informational",
-                "diagnostics": f"{job.operation} is {job.state}: {job.progress_text()}"}]},
-            202, {"X-Progress": job.progress_text(), "Retry-After": "1"})
+                "diagnostics": f"{job.operation} is {job.state}: {progress}"}]},
+            # header values must be latin-1: keep the full text in the body
+            202, {"X-Progress": progress.encode("ascii", "replace").decode("ascii"), "Retry-After": "1"})
     return fhir_response(job.body or {}, job.status or 200, job.headers)
 
 

@@ -194,7 +194,7 @@ def metadata():
 
 
 # -- system level -----------------------------------------------------------------------------------
-@bp.post("/")
+@bp.post("/", strict_slashes=False)
 def system_bundle():
     """transaction or batch Bundle."""
     _check_format()

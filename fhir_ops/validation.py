@@ -114,10 +114,16 @@ def validate_resource(resource: dict) -> dict:
     if rid is not None and not (isinstance(rid, str) and ID_PATTERN.match(rid)):
         raise InvalidRequest(f"{resource_type}.id {rid!r} is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})",
                              error_id="invalid-resource", expression=[f"{resource_type}.id"])
+    _validate_against(model, resource_type, resource)
+    return resource
+
+
+def _full_validation(model, resource_type: str, resource: dict):
+    """Validate with the R4B model; turn every pydantic error into an OperationOutcome issue."""
     from pydantic import ValidationError
 
     try:
-        model.model_validate(resource)
+        return model.model_validate(resource)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)[:_MAX_ISSUES]
         issues = [(_expression(resource_type, tuple(e.get("loc", ()))), _message(e)) for e in errors]
@@ -134,4 +140,120 @@ def validate_resource(resource: dict) -> dict:
     except (ValueError, TypeError) as exc:  # a few R4B validators raise plain errors
         raise InvalidRequest(f"{resource_type} is invalid: {exc}", error_id="invalid-resource",
                              expression=[resource_type]) from None
+
+
+# -- the fast path -----------------------------------------------------------------------------------
+# Full model validation costs ~120 us per Observation, most of it in fhir_core's per-element Python hooks
+# (required elements, choice types, null complex elements, unknown elements). Those checks depend only on
+# the *shape* of the JSON (keys, nesting, list lengths, JSON value kinds), not on primitive values. So a
+# shape that passed full validation once is remembered with the primitive type of each leaf; later
+# resources of the same shape only have their leaf values checked with the same primitive validators
+# (pydantic TypeAdapters built from the model's own field annotations). Any leaf failure falls back to
+# full validation, which produces the error report. tests/fhir_ops/test_validation.py checks that both
+# paths accept and reject the same resources.
+_MAX_SHAPES = 4096
+_shapes: dict = {}
+_NOT_CACHEABLE = ()
+
+
+def _shape(node):
+    t = type(node)
+    if t is dict:
+        return tuple((k, _shape(v)) for k, v in node.items())
+    if t is list:
+        return ("[",) + tuple(_shape(x) for x in node)
+    return t
+
+
+@lru_cache(maxsize=None)
+def _fields_by_json_name(model) -> dict:
+    return {(f.alias or name): f for name, f in model.model_fields.items()}
+
+
+@lru_cache(maxsize=None)
+def _adapter(annotation):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(annotation)
+
+
+def _unwrap(annotation):
+    """Strip Optional[...] and List[...] from a field annotation."""
+    import types
+    import typing
+
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            annotation = args[0]
+        elif origin in (list, typing.List):
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return annotation
+
+
+def _leaf_plan(model, node: dict, path: tuple, out: list) -> bool:
+    """Collect (path, primitive validator) for every leaf under ``node``; False if the shape must not be cached."""
+    fields = _fields_by_json_name(model)
+    for key, value in node.items():
+        if key == "resourceType" and not path:
+            continue
+        field = fields.get(key)
+        if field is None:
+            return False
+        inner = _unwrap(field.annotation)
+        if inner is None:
+            return False
+        get_klass = getattr(inner, "get_model_klass", None)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            sub = path + ((key,) if i is None else (key, i))
+            if get_klass is not None:
+                klass = get_klass()
+                # contained / Bundle.entry.resource: the concrete type depends on the value, not the shape
+                if klass.__name__ in ("Resource", "DomainResource") or not isinstance(item, dict):
+                    return False
+                if not _leaf_plan(klass, item, sub, out):
+                    return False
+            else:
+                out.append((sub, _adapter(inner)))
+    return True
+
+
+def _validate_against(model, resource_type: str, resource: dict) -> None:
+    from pydantic import ValidationError
+
+    shape = _shape(resource)
+    plan = _shapes.get(shape)
+    if plan is None:
+        _full_validation(model, resource_type, resource)
+        leaves: list = []
+        plan = tuple(leaves) if _leaf_plan(model, resource, (), leaves) else _NOT_CACHEABLE
+        if len(_shapes) >= _MAX_SHAPES:
+            _shapes.clear()
+        _shapes[shape] = plan
+        return
+    if plan is _NOT_CACHEABLE:
+        _full_validation(model, resource_type, resource)
+        return
+    try:
+        for path, adapter in plan:
+            value = resource
+            for step in path:
+                value = value[step]
+            adapter.validate_python(value)
+    except (ValidationError, ValueError, TypeError):
+        _full_validation(model, resource_type, resource)  # raises with the full report
+
+
+def validate_resource_full(resource: dict) -> dict:
+    """Like :func:`validate_resource` but always through the full R4B model (no shape cache)."""
+    resource_type = resource.get("resourceType") if isinstance(resource, dict) else None
+    model = resource_model(resource_type) if isinstance(resource_type, str) else None
+    if model is None:
+        return validate_resource(resource)
+    _full_validation(model, resource_type, resource)
     return resource

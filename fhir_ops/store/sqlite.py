@@ -459,7 +459,8 @@ class SQLiteStore(Store):
                 where = e.where
                 err.message = f"{where}: {err.message}"
                 err.args = (err.message,)
-                err.expression = [where, *(f"{where}.resource.{x}" for x in err.expression)]
+                inner = [x.split(".", 1)[1] if "." in x else x for x in err.expression]
+                err.expression = [where, *(f"{where}.resource.{x}" for x in inner)]
                 raise
 
     def _run_entry(self, tx: _Tx, e: EntryRequest, resource: dict | None) -> dict:

@@ -81,3 +81,15 @@ def test_unknown_job_is_404_outcome(base_url, test_operations):
 def test_prefer_async_on_an_operation_without_async_runs_synchronously(base_url, test_operations):
     response = requests.get(base_url + "/fhir/Patient/$test-echo", params={"count": "1"}, headers=ASYNC)
     assert response.status_code == 200
+
+
+def test_too_many_pending_jobs_is_429(app, base_url, test_operations):
+    app.config["JOBS_MAX_PENDING"] = 1
+    location = start(base_url, steps=1)
+    refused = requests.get(base_url + "/fhir/$test-slow", params={"steps": "1"}, headers=ASYNC)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "10"
+    assert refused.json()["issue"][0]["details"]["coding"][0]["code"] == "too-many-jobs"
+    test_operations.gate.release()
+    assert poll_until_done(location).status_code == 200
+    assert requests.get(base_url + "/fhir/$test-slow", params={"steps": "1"}, headers=ASYNC).status_code == 202
+    test_operations.gate.release()
