@@ -5,6 +5,7 @@ the definition gives levels, resource types, ``affectsState`` and parameters.
 """
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from dataclasses import dataclass, field
@@ -186,8 +187,8 @@ def get(code: str) -> Operation | None:
 
 
 def definitions() -> dict[str, dict]:
-    """The published OperationDefinitions of the registered operations, by resource id."""
-    return {op.definition["id"]: op.definition for op in operations() if op.definition.get("id")}
+    """The published OperationDefinitions of the registered operations, by resource id (copies)."""
+    return {op.definition["id"]: copy.deepcopy(op.definition) for op in operations() if op.definition.get("id")}
 
 
 def capability_operations(resource_types: Iterable[str] | None = None) -> dict:

@@ -76,6 +76,14 @@ def test_get_on_state_changing_operation_is_405_with_allow(base_url, test_operat
     assert response.json() == {"resourceType": "Patient", "id": "new"}  # single return resource is bare
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_other_methods_are_405_with_allow(base_url, test_operations, method):
+    response = requests.request(method, base_url + "/fhir/Patient/$test-echo", json={})
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, POST"
+    response = requests.request(method, base_url + "/fhir/Patient/$test-touch", json={})
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+
+
 @pytest.mark.parametrize("query, expected", [
     ({"bogus": "1"}, "unknown-parameter"),
     ({"count": "three"}, "wrong-type"),
@@ -106,10 +114,14 @@ def test_capability_entries_come_from_the_registry(test_operations):
     assert {"name": "test-echo", "definition": registry.get("test-echo").url} in entries["system"]
     patient_ops = {e["name"] for e in entries["resource"]["Patient"]}
     assert {"test-echo", "test-touch", "validate"} <= patient_ops
-    assert {e["name"] for e in entries["resource"]["Observation"]} == {"validate"}  # declared on Resource
-    assert "test-slow" not in patient_ops
+    observation_ops = {e["name"] for e in entries["resource"]["Observation"]}
+    assert "validate" in observation_ops  # declared on Resource: listed under every type
+    assert not observation_ops & {"test-echo", "test-touch"}  # declared on Patient (and Group) only
+    assert "test-slow" not in patient_ops  # system level only
+    assert "test-slow" in {e["name"] for e in entries["system"]}
     unexpanded = registry.capability_operations()
-    assert {e["name"] for e in unexpanded["resource"]["Resource"]} == {"validate"}
+    assert "validate" in {e["name"] for e in unexpanded["resource"]["Resource"]}
+    assert {e["name"] for e in unexpanded["resource"]["Group"]} >= {"test-echo"}
 
 
 def test_shipped_definitions_are_served(base_url, test_operations):
