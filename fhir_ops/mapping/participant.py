@@ -126,7 +126,11 @@ def versioned(resource: dict) -> str:
     return f"{base}/_history/{version}" if version else base
 
 
-def _convert(value: float, unit: str, canonical: str, where: str) -> float:
+#: molar masses (g/mol) that bridge mass and amount of substance, by measurement
+MOLAR_MASS = {"fpg": 180.156}  # glucose C6H12O6
+
+
+def _convert(value: float, unit: str, canonical: str, where: str, molar_mass: float | None = None) -> float:
     if unit == canonical:
         return value
     try:
@@ -134,7 +138,7 @@ def _convert(value: float, unit: str, canonical: str, where: str) -> float:
     except ImportError as exc:  # pragma: no cover - terminology ships with the product
         raise Unprocessable(f"{where}: unit {unit!r} is not {canonical!r} and no converter is installed") from exc
     try:
-        return float(convert(value, unit, canonical))
+        return float(convert(value, unit, canonical, molar_mass=molar_mass))
     except ValueError as exc:
         raise Unprocessable(f"{where}: cannot convert {unit!r} to {canonical!r}: {exc}",
                             error_id="incompatible-unit") from exc
@@ -175,6 +179,8 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
     adverse = store.search_all("AdverseEvent", [("subject", ref)])
     read = [patient, *subjects, *observations, *administrations, *appointments, *adverse]
 
+    # Placebo participants record doses as counts of tablets ({tbl}); they contribute no drug mass.
+    placebo = any((sub.get("assignedArm") or "").strip().lower() == "placebo" for sub in subjects)
     doses, missed, dose_records = [], [], []
     for admin in administrations:
         when = _effective(admin)
@@ -186,8 +192,11 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
             continue
         dose_records.append((when, True, versioned(admin)))
         dose = admin.get("dosage", {}).get("dose", {})
-        amount = _convert(float(dose.get("value", 0.0)), dose.get("code") or dose.get("unit") or "mg", "mg",
-                          f"MedicationAdministration/{admin['id']}")
+        unit = dose.get("code") or dose.get("unit") or "mg"
+        if placebo and unit.startswith("{"):
+            amount = 0.0  # a placebo tablet ({tbl}) carries no drug: its mass is not the point
+        else:
+            amount = _convert(float(dose.get("value", 0.0)), unit, "mg", f"MedicationAdministration/{admin['id']}")
         doses.append((when, amount))
     doses.sort(key=lambda d: d[0])
 
@@ -216,7 +225,7 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
             continue  # preliminary = our own simulated forecasts, never data
         canonical = MEASUREMENTS[name][2]
         value = _convert(float(qty["value"]), qty.get("code") or qty.get("unit") or canonical, canonical,
-                         f"Observation/{obs['id']}")
+                         f"Observation/{obs['id']}", MOLAR_MASS.get(name))
         raw.setdefault(name, []).append((hours(when), value))
         units[name] = canonical
     series = {}
