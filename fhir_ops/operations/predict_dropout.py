@@ -108,6 +108,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         for a, part in zip(assessed, outputs_per_participant):
             entries += _participant_entries(store, a, part, device, device_ref, agent, threshold, create_tasks,
                                             now, counts)
+        if ctx.cancelled():  # last point at which stopping leaves nothing behind
+            raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
+                            error_id="cancelled")
         store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
     ctx.progress(1.0, "stored")
 

@@ -323,6 +323,23 @@ def test_persist_false_writes_nothing_and_create_tasks_false_writes_no_task(seed
     assert len(search(seeded, "RiskAssessment")) == 1 and search(seeded, "Task") == []
 
 
+def test_study_run_may_be_asynchronous(seeded, expected):
+    import time
+
+    resp = seeded.post(f"ResearchStudy/{STUDY}/{OP}", parameters(threshold=expected["threshold"], asOf=AS_OF),
+                       headers={"Prefer": "respond-async"})
+    assert resp.status_code == 202, resp.text
+    location = resp.headers["Content-Location"]
+    deadline = time.time() + 60
+    while (done := seeded.get(location)).status_code == 202 and time.time() < deadline:
+        time.sleep(0.05)
+    assert done.status_code == 200, done.text
+    result = done.json()  # this server answers a finished job with the operation's own result
+    assert result["resourceType"] == "Parameters"
+    assert value(result, "evaluated") == 2 and value(result, "tasksCreated") == 1
+    assert len(search(seeded, "Task")) == 1
+
+
 def test_horizon_leaves_far_visits_unassessed(seeded):
     resp = run(seeded, "Patient/pd-high", asOf=AS_OF, horizonDays=1)
     body = resp.json()
