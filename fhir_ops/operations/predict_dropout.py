@@ -207,13 +207,19 @@ def _prediction_part(a: _Assessed) -> dict:
         "flagged": a.risk.flagged,
         "asOf": _instant(a.mapped.as_of),
         "nextVisit": _instant(a.mapped.next_visit),
-        "driver": [{"feature": d.feature, "value": round(d.value, 6), "contribution": round(d.log_odds, 6)}
+        "driver": [{"feature": d.feature, "value": _feature_value(d.value), "contribution": round(d.log_odds, 6)}
                    for d in a.risk.drivers],
     }
 
 
+def _feature_value(x: float) -> float:
+    # features are float32: 7 significant digits say all they hold (79.9, not 79.900002)
+    return float(f"{x:.7g}")
+
+
 def _why(a: _Assessed, threshold: float) -> str:
-    drivers = "; ".join(f"{d.feature} = {d.value:g} {d.unit}".rstrip() for d in a.risk.drivers) or "none above average"
+    drivers = "; ".join(f"{d.feature} = {d.value:g}" + (f" {d.unit}" if d.unit not in ("", "1") else "")
+                        for d in a.risk.drivers) or "none above average"
     return (f"Contact the participant: predicted probability {a.risk.probability:.2f} of missing the next visit on "
             f"{a.mapped.next_visit.date().isoformat()} (threshold {threshold:.2f}, model {a.risk.model}@"
             f"{a.risk.version}). Main drivers: {drivers}.")
@@ -230,7 +236,7 @@ def _risk_assessment(a: _Assessed, ra_id: str, device_ref: str, now: datetime) -
             {"url": SD + "twin-model", "valueReference": {"reference": device_ref}},
             *({"url": SD + "risk-driver", "extension": [
                 {"url": "feature", "valueCode": d.feature},
-                {"url": "value", "valueDecimal": round(d.value, 6)},
+                {"url": "value", "valueDecimal": _feature_value(d.value)},
                 {"url": "contribution", "valueDecimal": round(d.log_odds, 6)}]} for d in a.risk.drivers),
         ],
         "status": "final",
