@@ -5,6 +5,7 @@ are written in one transaction.
 """
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ OPEN_TASK_STATUSES = ("requested", "received", "accepted", "ready", "in-progress
 ENDED_STATUSES = ("withdrawn", "off-study")
 DEFAULT_MODEL = "dropout"
 ACTIVITY = "$predict-dropout"
+_WRITE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -103,15 +105,18 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         device = ensure_model_device(store, name, version, sha256, description=_DEVICE_DESCRIPTION)
         device_ref = _versioned(device)
         agent = requesting_agent(ctx.headers, _config_agent())
-        entries = []
-        now = datetime.now(timezone.utc)
-        for a, part in zip(assessed, outputs_per_participant):
-            entries += _participant_entries(store, a, part, device, device_ref, agent, threshold, create_tasks,
-                                            now, counts)
-        if ctx.cancelled():  # last point at which stopping leaves nothing behind
-            raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
-                            error_id="cancelled")
-        store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        # From looking up open Tasks to committing: concurrent calls in this process must not both see
+        # "no open Task" and each create one. (Across processes, If-Match on updates still holds.)
+        with _WRITE_LOCK:
+            entries = []
+            now = datetime.now(timezone.utc)
+            for a, part in zip(assessed, outputs_per_participant):
+                entries += _participant_entries(store, a, part, device, device_ref, agent, threshold,
+                                                create_tasks, now, counts)
+            if ctx.cancelled():  # last point at which stopping leaves nothing behind
+                raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
+                                error_id="cancelled")
+            store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
     ctx.progress(1.0, "stored")
 
     not_assessed = sum(1 for i in issues if i["severity"] == "warning")
