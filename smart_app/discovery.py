@@ -74,3 +74,33 @@ def smart_configuration(config: Mapping) -> dict:
         "capabilities": list(CAPABILITIES),
     })
     return doc
+
+
+OAUTH_URIS_EXTENSION = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+
+
+def capability_security(config: Mapping) -> dict:
+    """The ``CapabilityStatement.rest.security`` element advertising SMART (for ``/metadata``).
+
+    SMART 2.x discovery is the ``.well-known`` document; the ``oauth-uris`` extension is kept because
+    existing clients (e.g. the Python ``fhirclient``) still discover the endpoints through it.
+
+    Examples
+    --------
+    >>> sec = capability_security({"ISSUER": "https://ehr.example/auth"})
+    >>> sec["service"][0]["coding"][0]["code"]
+    'SMART-on-FHIR'
+    """
+    issuer = config["ISSUER"].rstrip("/")
+    return {
+        "cors": True,
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
+            "text": "OAuth2 using SMART-on-FHIR profile (see .well-known/smart-configuration)"}],
+        "extension": [{"url": OAUTH_URIS_EXTENSION, "extension": [
+            {"url": "authorize", "valueUri": endpoint_url(issuer, "authorization_endpoint")},
+            {"url": "token", "valueUri": endpoint_url(issuer, "token_endpoint")},
+            {"url": "register", "valueUri": endpoint_url(issuer, "registration_endpoint")},
+            {"url": "introspect", "valueUri": endpoint_url(issuer, "introspection_endpoint")},
+        ]}],
+    }
