@@ -228,6 +228,8 @@ class TokenValidator:
                             status=503, code="transient") from None
         if not isinstance(claims, dict) or claims.get("active") is not True:
             raise self._invalid("token is not active")
+        if str(claims.get("token_type", "Bearer")).lower() not in ("bearer", "access_token"):
+            raise self._invalid("only access tokens are accepted here")
         exp = claims.get("exp")
         if isinstance(exp, (int, float)) and exp + self.leeway < self.clock():
             raise self._invalid("token has expired")
