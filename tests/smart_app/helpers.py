@@ -92,6 +92,7 @@ class UserAgent:
         self.session = requests.Session()
         self.username, self.password = username, password
         self.pages: list[str] = []
+        self.last_redirect: str | None = None
 
     def follow(self, response: requests.Response, redirect_prefix: str, *, patient: str | None = None,
                decision: str = "approve", max_steps: int = 12) -> dict:
@@ -100,6 +101,7 @@ class UserAgent:
             if response.is_redirect:
                 location = urljoin(response.url, response.headers["Location"])
                 if location.startswith(redirect_prefix):
+                    self.last_redirect = location
                     return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
                 response = self.session.get(location, allow_redirects=False)
                 continue
