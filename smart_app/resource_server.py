@@ -346,3 +346,26 @@ def in_patient_compartment(resource_type: str) -> bool:
 def compartment_paths(resource_type: str) -> tuple[str, ...]:
     """Element paths (dot-separated) whose references place ``resource_type`` in a Patient compartment."""
     return PATIENT_COMPARTMENT.get(resource_type, ())
+
+
+def validator_from_config(config) -> TokenValidator | None:
+    """Build the FHIR app's :class:`TokenValidator` from its Flask config, or None when SMART is off.
+
+    Keys read: ``SMART_ISSUER`` (required to enable), ``FHIR_BASE_URL`` (the audience), and one or more of
+    ``SMART_JWKS_URI``, ``SMART_KEYS_FILE`` (the co-located auth server's key file: no HTTP round trip),
+    ``SMART_INTROSPECTION_ENDPOINT`` with ``SMART_INTROSPECTION_CLIENT_ID``/``_SECRET``.
+    """
+    issuer = config.get("SMART_ISSUER")
+    if not issuer:
+        return None
+    jwks = None
+    if config.get("SMART_KEYS_FILE"):
+        from .jwks import SigningKeys
+        jwks = SigningKeys.load_or_create(config["SMART_KEYS_FILE"]).public_jwks()
+    auth = None
+    if config.get("SMART_INTROSPECTION_CLIENT_ID"):
+        auth = (config["SMART_INTROSPECTION_CLIENT_ID"], config.get("SMART_INTROSPECTION_CLIENT_SECRET", ""))
+    return TokenValidator(issuer=issuer, audience=config["FHIR_BASE_URL"], jwks=jwks,
+                          jwks_uri=None if jwks else config.get("SMART_JWKS_URI"),
+                          introspection_endpoint=config.get("SMART_INTROSPECTION_ENDPOINT"),
+                          introspection_auth=auth)

@@ -88,3 +88,23 @@ def test_registration_can_require_an_initial_access_token(tmp_path):
                                  timeout=10)
     assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
     assert accepted.status_code == 201
+
+
+def test_asymmetric_confidential_app_authenticates_with_private_key_jwt(stack, agent, rsa_key):
+    from smart_app.rfc7523 import ASSERTION_TYPE
+
+    from .helpers import client_assertion
+    app = stack.register(client_name="Sponsor portal", redirect_uris=["https://sponsor.example/cb"],
+                         token_endpoint_auth_method="private_key_jwt",
+                         jwks={"keys": [rsa_key.as_dict(private=False)]}, scope="launch openid fhirUser user/*.rs")
+    assert "client_secret" not in app
+    launch = stack.simulate_launch(agent, app["client_id"], study="tt-201", username="dr.okafor",
+                                   launch_url="https://sponsor.example/launch")
+    redirect, verifier = stack.authorize(agent, app["client_id"], "launch openid fhirUser user/*.rs",
+                                         launch=launch["launch"], redirect_uri="https://sponsor.example/cb")
+    response = requests.post(stack.token_endpoint, data={
+        "grant_type": "authorization_code", "code": redirect["code"], "redirect_uri": "https://sponsor.example/cb",
+        "code_verifier": verifier, "client_assertion_type": ASSERTION_TYPE,
+        "client_assertion": client_assertion(rsa_key, app["client_id"], stack.token_endpoint)}, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["fhirContext"] == [{"reference": "ResearchStudy/tt-201"}]

@@ -139,3 +139,13 @@ def test_require_raises_forbidden_with_scope_hint(stack, agent):
         access.require("update", "Observation")
     assert info.value.status == 403 and "patient/Observation.u" in info.value.headers["WWW-Authenticate"]
     assert access.require("search", "Observation") == "tt-001"
+
+
+def test_validator_from_config_with_the_co_located_key_file(stack, agent):
+    from smart_app.resource_server import validator_from_config
+    assert validator_from_config({}) is None
+    validator = validator_from_config({"SMART_ISSUER": stack.auth, "FHIR_BASE_URL": stack.fhir,
+                                       "SMART_KEYS_FILE": stack.auth_app.config["KEYS_FILE"]})
+    assert validator.jwks_cache is None  # keys read from disk, no HTTP
+    access = validator.validate(_launch(stack, agent, patient="tt-001")["access_token"])
+    assert access.patient == "tt-001"
