@@ -14,8 +14,6 @@ from typing import Callable
 import requests
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
-#: Algorithms the server signs with; RS256 is the default because every JOSE library verifies it.
-SIGNING_ALGORITHMS = ("RS256", "ES256")
 
 
 class SigningKeys:
@@ -29,6 +27,11 @@ class SigningKeys:
 
     def __init__(self, key_set: KeySet) -> None:
         self.key_set = key_set
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SigningKeys":
+        """Load an existing private JWKS (raises FileNotFoundError: a verifier must never create keys)."""
+        return cls(KeySet.import_key_set(json.loads(Path(path).read_text())))
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike) -> "SigningKeys":

@@ -361,7 +361,7 @@ def validator_from_config(config) -> TokenValidator | None:
     jwks = None
     if config.get("SMART_KEYS_FILE"):
         from .jwks import SigningKeys
-        jwks = SigningKeys.load_or_create(config["SMART_KEYS_FILE"]).public_jwks()
+        jwks = SigningKeys.load(config["SMART_KEYS_FILE"]).public_jwks()
     auth = None
     if config.get("SMART_INTROSPECTION_CLIENT_ID"):
         auth = (config["SMART_INTROSPECTION_CLIENT_ID"], config.get("SMART_INTROSPECTION_CLIENT_SECRET", ""))
