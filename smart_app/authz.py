@@ -14,7 +14,9 @@ from pathlib import Path
 import requests
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import grants
-from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidRequestError, InvalidScopeError
+from authlib.oauth2.rfc6749.errors import (
+    InvalidClientError, InvalidGrantError, InvalidRequestError, InvalidScopeError,
+)
 from authlib.oauth2.rfc7636 import CodeChallenge
 from flask import Flask, current_app, jsonify, request, session
 from joserfc.errors import JoseError
@@ -166,13 +168,17 @@ class SmartAuthorizationCodeGrant(grants.AuthorizationCodeGrant):
         return state().db.get_code(code, client.get_client_id())
 
     def delete_authorization_code(self, authorization_code):
-        state().db.delete_code(authorization_code)
+        pass  # consumed atomically in generate_token, before any token exists
+
 
     def authenticate_user(self, authorization_code):
         return state().user(authorization_code.username)
 
     def generate_token(self, user=None, scope=None, grant_type=None, expires_in=None, include_refresh_token=True):
         code = self.request.authorization_code
+        # Consume first: of two concurrent exchanges of one code, exactly one gets a token.
+        if not state().db.consume_code(code):
+            raise InvalidGrantError("the authorization code has already been used")
         scopes = parse_scopes(scope)
         return issue_tokens(state().keys, state().db, token_policy(), Issuance(
             client_id=self.client.get_client_id(), scopes=scopes, username=user.username, fhir_user=user.fhir_user,
@@ -198,10 +204,12 @@ class SmartRefreshTokenGrant(grants.RefreshTokenGrant):
         return state().user(refresh_token.username)
 
     def revoke_old_credential(self, refresh_token):
-        state().db.revoke(refresh_token.jti)
+        pass  # revoked atomically in generate_token, before the new pair exists
 
     def generate_token(self, user=None, scope=None, grant_type=None, expires_in=None, include_refresh_token=True):
         old = self.request.refresh_token
+        if not state().db.revoke(old.jti):
+            raise InvalidGrantError("the refresh token has already been used")
         scopes = parse_scopes(scope)
         return issue_tokens(state().keys, state().db, token_policy(), Issuance(
             client_id=self.client.get_client_id(), scopes=scopes, username=user.username, fhir_user=user.fhir_user,

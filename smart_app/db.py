@@ -211,10 +211,10 @@ class AuthDB:
                                (digest(code), client_id, time.time())).fetchone()
         return AuthorizationCode(**json.loads(row["data"]), code_hash=row["code_hash"]) if row else None
 
-    def delete_code(self, record: AuthorizationCode) -> None:
-        """Consume a code: it is single-use (RFC 6749 §4.1.2)."""
+    def consume_code(self, record: AuthorizationCode) -> bool:
+        """Delete a code; False if another request consumed it first (codes are single-use, RFC 6749 §4.1.2)."""
         with self._conn() as conn:
-            conn.execute("DELETE FROM auth_code WHERE code_hash = ?", (record.code_hash,))
+            return conn.execute("DELETE FROM auth_code WHERE code_hash = ?", (record.code_hash,)).rowcount == 1
 
     # -- tokens -------------------------------------------------------------------------------
     def save_token(self, *, jti: str, client_id: str, username: str | None, scope: str, context: dict,
@@ -242,9 +242,10 @@ class AuthDB:
             row = conn.execute("SELECT * FROM token WHERE refresh_hash = ?", (digest(refresh_token),)).fetchone()
         return self._token(row) if row else None
 
-    def revoke(self, jti: str) -> None:
+    def revoke(self, jti: str) -> bool:
+        """Revoke a token; False if it was already revoked (so a refresh token rotates exactly once)."""
         with self._conn() as conn:
-            conn.execute("UPDATE token SET revoked = 1 WHERE jti = ?", (jti,))
+            return conn.execute("UPDATE token SET revoked = 1 WHERE jti = ? AND revoked = 0", (jti,)).rowcount == 1
 
     # -- launch contexts ----------------------------------------------------------------------
     def create_launch(self, context: dict, lifetime: float = 600) -> str:

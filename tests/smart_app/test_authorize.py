@@ -187,3 +187,14 @@ def test_launch_simulator_rejects_missing_context(stack, agent):
     page = agent.session.get(stack.auth + "/launch-simulator")
     response = submit(agent.session, page.url, parse_forms(page.text)[0], {"client_id": app["client_id"]})
     assert response.status_code == 400 and "choose a patient" in response.text
+
+
+def test_concurrent_exchanges_of_one_code_yield_one_token(stack, agent):
+    from concurrent.futures import ThreadPoolExecutor
+    app = stack.register_public_app()
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    redirect, verifier = stack.authorize(agent, app["client_id"], SCOPE, launch=launch["launch"])
+    with ThreadPoolExecutor(4) as pool:
+        statuses = sorted(pool.map(lambda _: stack.exchange(app["client_id"], redirect["code"], verifier).status_code,
+                                   range(4)))
+    assert statuses == [200, 400, 400, 400]
