@@ -304,8 +304,9 @@ def launch_simulator():
             errors.append("unknown practitioner login")
         if not errors:
             context["need_patient_banner"] = form.get("need_patient_banner") == "on"
-            if form.get("smart_style_url"):
-                context["smart_style_url"] = form["smart_style_url"]
+            style = (form.get("smart_style_url") or "").strip()
+            if style and _absolute_http(style):
+                context["smart_style_url"] = style
             launch_id = state().db.create_launch(context)
             if username:
                 # The EHR user is already signed in: the simulated EHR's single sign-on.

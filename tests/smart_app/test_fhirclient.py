@@ -28,6 +28,6 @@ def test_fhirclient_ehr_launch(stack, agent):
     assert smart.launch_context["need_patient_banner"] is True
     token = smart.server.auth.access_token
     assert token and token.count(".") == 2
-    # The token fhirclient holds is accepted by the FHIR front, which confines it to the launch patient.
+    # The token fhirclient holds is accepted by the FHIR front (through smart_app.resource_server).
     bundle = requests.get(stack.fhir + "/Patient", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
     assert [e["resource"]["id"] for e in bundle["entry"]] == ["tt-001", "tt-002"]  # user/*.cruds: not confined
