@@ -198,3 +198,27 @@ def test_concurrent_exchanges_of_one_code_yield_one_token(stack, agent):
         statuses = sorted(pool.map(lambda _: stack.exchange(app["client_id"], redirect["code"], verifier).status_code,
                                    range(4)))
     assert statuses == [200, 400, 400, 400]
+
+
+def test_launch_simulator_lists_studies_from_fhir_and_falls_back_to_typed_ids(stack, agent, tmp_path):
+    page = agent.session.get(stack.auth + "/launch-simulator")
+    assert page.status_code == 200
+    assert '<option value="tt-201">TT-201</option>' in page.text
+    assert '<option value="tt-002">Ben Okoro</option>' in page.text
+
+    # The same app with an unreachable FHIR server still works: ids are typed.
+    from smart_app.authz import create_app
+    from tests.live_server import serve
+    lonely = create_app({"DATA_DIR": str(tmp_path / "lonely"), "FHIR_BASE_URL": "http://127.0.0.1:9/fhir",
+                         "FHIR_HTTP_TIMEOUT": 0.5})
+    with serve(lonely) as base:
+        app = requests.post(base + "/register", json={
+            "redirect_uris": ["https://app.example/callback"], "launch_uri": "https://app.example/launch",
+            "token_endpoint_auth_method": "none", "scope": "launch patient/*.rs"}, timeout=10).json()
+        browser = UserAgent()
+        simulator = browser.session.get(base + "/launch-simulator")
+        assert simulator.status_code == 200 and "is not reachable" in simulator.text
+        launched = submit(browser.session, simulator.url, parse_forms(simulator.text)[0],
+                          {"client_id": app["client_id"], "patient": "typed-123"})
+    assert launched.status_code == 302
+    assert "iss=http%3A%2F%2F127.0.0.1%3A9%2Ffhir" in launched.headers["Location"]
