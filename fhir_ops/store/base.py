@@ -96,5 +96,18 @@ class Store(ABC):
     def batch(self, bundle: dict) -> dict:
         """Apply a ``batch`` Bundle entry by entry; failures become OperationOutcome entries."""
 
+    def search_all(self, resource_type: str, params: list[tuple[str, str]], *,
+                   page_size: int = 500) -> list[dict]:
+        """Every match of a search, following pages (``_offset``) to the end."""
+        out: list[dict] = []
+        offset = 0
+        base = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+        while True:
+            page = self.search(resource_type, base + [("_count", str(page_size)), ("_offset", str(offset))])
+            out.extend(page.matches)
+            offset += len(page.matches)
+            if not page.matches or len(page.matches) < page_size or (page.total is not None and offset >= page.total):
+                return out
+
     def close(self) -> None:  # pragma: no cover - default no-op
         """Release connections."""

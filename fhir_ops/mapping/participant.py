@@ -1,0 +1,269 @@
+"""Read one participant's trial data from the store into plain, engine-ready arrays.
+
+Everything FHIR-shaped about a participant (codes, references, units, statuses) is decided
+here; the engine receives times in hours since the first dose and values in canonical units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+
+import numpy as np
+
+from fhir_ops.errors import NotFound, Unprocessable
+from fhir_ops.store.base import Store
+
+LOINC = "http://loinc.org"
+ASSAY = "https://trialtwin.org/fhir/CodeSystem/assay"
+
+#: engine name -> (code system, code, canonical UCUM unit)
+MEASUREMENTS: dict[str, tuple[str, str, str]] = {
+    "hba1c": (LOINC, "4548-4", "%"),
+    "fpg": (LOINC, "1558-6", "mg/dL"),
+    "weight": (LOINC, "29463-7", "kg"),
+    "heart_rate": (LOINC, "8867-4", "/min"),
+    "sbp": (LOINC, "8480-6", "mm[Hg]"),
+    "egfr": (LOINC, "62238-1", "mL/min/{1.73_m2}"),
+    "concentration": (ASSAY, "TTX101-PK", "ng/mL"),
+}
+_BY_CODE = {(system, code): name for name, (system, code, _) in MEASUREMENTS.items()}
+
+#: measurement names that are time-varying outcomes the twin forecasts
+OUTCOMES = ("concentration", "fpg", "hba1c")
+
+
+@dataclass(frozen=True, eq=False)
+class Series:
+    """Observed values of one measurement: times in hours since ``origin`` and canonical values."""
+
+    times_h: np.ndarray
+    values: np.ndarray
+    unit: str
+
+
+@dataclass(frozen=True, eq=False)
+class Visit:
+    day: float
+    attended: bool
+    remote: bool
+    status: str
+
+
+@dataclass(frozen=True, eq=False)
+class ParticipantRecord:
+    """Everything the engine needs about one participant, in plain values.
+
+    ``origin`` is the time of the first recorded dose (or enrolment if no dose yet); all
+    times are hours (PK, observations) or days (visits, adverse events) since it.
+    ``sources`` are versioned references of every resource read, for Provenance.
+    """
+
+    patient_id: str
+    origin: datetime
+    covariates: dict[str, float]
+    arm: str | None
+    status: str | None
+    dose_times_h: np.ndarray
+    dose_amounts_mg: np.ndarray
+    missed_dose_times_h: np.ndarray
+    series: dict[str, Series]
+    visits: list[Visit]
+    adverse_event_days: np.ndarray
+    site: str | None
+    sources: list[str] = field(default_factory=list)
+    last_data_time: datetime | None = None
+
+    @property
+    def n_observations(self) -> int:
+        return int(sum(len(s.values) for name, s in self.series.items() if name in OUTCOMES))
+
+    def hours(self, when: datetime) -> float:
+        return (when - self.origin).total_seconds() / 3600.0
+
+
+def parse_datetime(value: str) -> datetime:
+    """Parse a FHIR date/dateTime/instant into an aware UTC datetime (dates at midnight UTC)."""
+    if len(value) == 4:
+        value += "-01-01"
+    elif len(value) == 7:
+        value += "-01"
+    if len(value) == 10:
+        d = date.fromisoformat(value)
+        return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def versioned(resource: dict) -> str:
+    """``Type/id/_history/n`` of a stored resource (exact version, for Provenance)."""
+    version = resource.get("meta", {}).get("versionId")
+    base = f"{resource['resourceType']}/{resource['id']}"
+    return f"{base}/_history/{version}" if version else base
+
+
+def _convert(value: float, unit: str, canonical: str, where: str) -> float:
+    if unit == canonical:
+        return value
+    try:
+        from terminology.ucum import convert  # the terminology package owns unit knowledge
+    except ImportError as exc:  # pragma: no cover - terminology ships with the product
+        raise Unprocessable(f"{where}: unit {unit!r} is not {canonical!r} and no converter is installed") from exc
+    try:
+        return float(convert(value, unit, canonical))
+    except ValueError as exc:
+        raise Unprocessable(f"{where}: cannot convert {unit!r} to {canonical!r}: {exc}",
+                            error_id="incompatible-unit") from exc
+
+
+def _measurement(observation: dict) -> str | None:
+    for coding in observation.get("code", {}).get("coding", []):
+        name = _BY_CODE.get((coding.get("system"), coding.get("code")))
+        if name:
+            return name
+    return None
+
+
+def _effective(resource: dict) -> datetime | None:
+    for key in ("effectiveDateTime", "occurrenceDateTime", "date", "start", "issued"):
+        if resource.get(key):
+            return parse_datetime(resource[key])
+    period = resource.get("effectivePeriod") or resource.get("period")
+    if period and period.get("start"):
+        return parse_datetime(period["start"])
+    return None
+
+
+def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
+    """Read a participant's covariates, dosing, observations, visits and adverse events.
+
+    Raises
+    ------
+    NotFound
+        The Patient does not exist (``Gone`` propagates for a deleted one).
+    """
+    patient = store.read("Patient", patient_id)
+    ref = f"Patient/{patient_id}"
+    subjects = store.search_all("ResearchSubject", [("individual", ref)])
+    observations = store.search_all("Observation", [("subject", ref)])
+    administrations = store.search_all("MedicationAdministration", [("subject", ref)])
+    appointments = store.search_all("Appointment", [("actor", ref)])
+    adverse = store.search_all("AdverseEvent", [("subject", ref)])
+    read = [patient, *subjects, *observations, *administrations, *appointments, *adverse]
+
+    doses, missed = [], []
+    for admin in administrations:
+        when = _effective(admin)
+        if when is None:
+            continue
+        if admin.get("status") in ("not-done", "stopped", "entered-in-error"):
+            missed.append(when)
+            continue
+        dose = admin.get("dosage", {}).get("dose", {})
+        amount = _convert(float(dose.get("value", 0.0)), dose.get("code") or dose.get("unit") or "mg", "mg",
+                          f"MedicationAdministration/{admin['id']}")
+        doses.append((when, amount))
+    doses.sort(key=lambda d: d[0])
+
+    subject = subjects[0] if subjects else None
+    enrolled = subject and subject.get("period", {}).get("start")
+    if doses:
+        origin = doses[0][0]
+    elif enrolled:
+        origin = parse_datetime(enrolled)
+    else:
+        raise Unprocessable(f"Patient/{patient_id} has no dosing records and no ResearchSubject enrolment: "
+                            "there is nothing to anchor a twin to", error_id="participant-without-data")
+
+    def hours(when: datetime) -> float:
+        return (when - origin).total_seconds() / 3600.0
+
+    raw: dict[str, list[tuple[float, float]]] = {}
+    units: dict[str, str] = {}
+    for obs in observations:
+        name = _measurement(obs)
+        when = _effective(obs)
+        qty = obs.get("valueQuantity")
+        if name is None or when is None or qty is None or "value" not in qty:
+            continue
+        if obs.get("status") in ("entered-in-error", "cancelled", "preliminary"):
+            continue  # preliminary = our own simulated forecasts, never data
+        canonical = MEASUREMENTS[name][2]
+        value = _convert(float(qty["value"]), qty.get("code") or qty.get("unit") or canonical, canonical,
+                         f"Observation/{obs['id']}")
+        raw.setdefault(name, []).append((hours(when), value))
+        units[name] = canonical
+    series = {}
+    for name, points in raw.items():
+        points.sort()
+        arr = np.asarray(points, dtype=float)
+        series[name] = Series(times_h=arr[:, 0], values=arr[:, 1], unit=units[name])
+
+    covariates = _covariates(patient, series, origin)
+    visits = []
+    for appt in appointments:
+        when = _effective(appt)
+        if when is None or appt.get("status") not in ("fulfilled", "noshow", "booked", "arrived", "checked-in"):
+            continue
+        remote = any(c.get("code") in ("virtual", "VR", "remote")
+                     for st in appt.get("serviceType", []) for c in st.get("coding", []))
+        visits.append(Visit(day=hours(when) / 24.0, attended=appt["status"] in ("fulfilled", "arrived", "checked-in"),
+                            remote=remote, status=appt["status"]))
+    visits.sort(key=lambda v: v.day)
+    ae_days = np.sort(np.array([hours(w) / 24.0 for w in (_effective(a) for a in adverse) if w is not None]))
+    data_times = [t for t in (_effective(r) for r in [*observations, *administrations]) if t is not None]
+    return ParticipantRecord(
+        patient_id=patient_id,
+        origin=origin,
+        covariates=covariates,
+        arm=(subject or {}).get("assignedArm"),
+        status=(subject or {}).get("status"),
+        dose_times_h=np.array([hours(w) for w, _ in doses]),
+        dose_amounts_mg=np.array([a for _, a in doses]),
+        missed_dose_times_h=np.array(sorted(hours(w) for w in missed)),
+        series=series,
+        visits=visits,
+        adverse_event_days=ae_days,
+        site=_site(subject),
+        sources=[versioned(r) for r in read],
+        last_data_time=max(data_times) if data_times else None,
+    )
+
+
+def _covariates(patient: dict, series: dict[str, Series], origin: datetime) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if patient.get("birthDate"):
+        born = parse_datetime(patient["birthDate"])
+        out["age"] = (origin - born).days / 365.25
+    out["female"] = 1.0 if patient.get("gender") == "female" else 0.0
+    for name, key in (("weight", "weight"), ("egfr", "egfr")):
+        if name in series:
+            # baseline = the measurement closest to the first dose
+            idx = int(np.argmin(np.abs(series[name].times_h)))
+            out[key] = float(series[name].values[idx])
+    for ext in patient.get("extension", []):
+        if ext.get("url", "").endswith("/travel-distance") and "valueQuantity" in ext:
+            out["travel_km"] = float(ext["valueQuantity"]["value"])
+    return out
+
+
+def _site(subject: dict | None) -> str | None:
+    if not subject:
+        return None
+    for ext in subject.get("extension", []):
+        if ext.get("url", "").endswith("/study-site") and "valueReference" in ext:
+            return ext["valueReference"]["reference"]
+    return None
+
+
+def require_participant(store: Store, patient_id: str) -> ParticipantRecord:
+    """Like :func:`load_participant`, but a participant with no outcome data is refused (422)."""
+    record = load_participant(store, patient_id)
+    if record.n_observations == 0 and len(record.dose_times_h) == 0:
+        raise Unprocessable(f"Patient/{patient_id} has no dosing records and no observations of "
+                            f"{', '.join(OUTCOMES)}: there is nothing to calibrate a twin on",
+                            error_id="participant-without-data")
+    return record
+
+
+__all__ = ["ParticipantRecord", "Series", "Visit", "load_participant", "require_participant",
+           "parse_datetime", "versioned", "MEASUREMENTS", "OUTCOMES", "NotFound"]

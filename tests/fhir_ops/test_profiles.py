@@ -1,0 +1,82 @@
+"""Every conformance resource in profiles/ parses as R4, and the structural checker enforces them."""
+import copy
+
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+
+import profiles
+from fhir_ops import conformance
+
+pytestmark = pytest.mark.unit
+
+SD = "https://trialtwin.org/fhir/StructureDefinition"
+CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
+
+
+@pytest.mark.parametrize("resource", profiles.all_resources(), ids=lambda r: f"{r['resourceType']}-{r['id']}")
+def test_profile_file_parses_as_r4(resource):
+    get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    assert resource["url"].startswith("https://trialtwin.org/fhir/")
+    if resource["resourceType"] == "StructureDefinition":
+        assert resource["fhirVersion"] == "4.0.1"
+        assert resource["derivation"] == "constraint"
+
+
+def forecast():
+    return {
+        "resourceType": "Observation",
+        "meta": {"profile": [f"{SD}/simulated-forecast"]},
+        "status": "preliminary",
+        "category": [{"coding": [{"system": CS, "code": "simulated-forecast"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2026-01-01T00:00:00Z",
+        "valueQuantity": {"value": 7.1, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"},
+        "method": {"coding": [{"system": CS, "code": "twin-simulation"}]},
+        "device": {"reference": "Device/m1"},
+        "derivedFrom": [{"reference": "Basic/t1/_history/2"}],
+        "component": [{
+            "extension": [{"url": f"{SD}/interval-level", "valueDecimal": 0.9}],
+            "code": {"coding": [{"system": CS, "code": "prediction-interval"}]},
+            "valueRange": {"low": {"value": 6.5}, "high": {"value": 7.8}},
+        }],
+    }
+
+
+def test_conforming_forecast_passes():
+    assert conformance.check(forecast()) == []
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: r.pop("device"), "Observation.device: at least 1"),
+    (lambda r: r.update(status="final"), "must be 'preliminary'"),
+    (lambda r: r.update(method={"coding": [{"system": "x", "code": "y"}]}), "Observation.method: does not match"),
+    (lambda r: r.update(valueString="7"), "type not allowed"),
+    (lambda r: r["component"][0].pop("extension"), "extension:level: at least 1"),
+    (lambda r: r.update(derivedFrom=[{"reference": "Observation/o1"}]), "reference to Observation not allowed"),
+    (lambda r: r.pop("meta"), "names no TrialTwin profile"),
+])
+def test_checker_catches_each_violation(mutate, expected):
+    resource = copy.deepcopy(forecast())
+    mutate(resource)
+    problems = conformance.check(resource)
+    assert any(expected in p for p in problems), problems
+
+
+def test_complex_extension_sub_slices_are_checked():
+    twin = {
+        "resourceType": "Basic",
+        "meta": {"profile": [f"{SD}/twin-state"]},
+        "code": {"coding": [{"system": CS, "code": "twin-state"}]},
+        "subject": {"reference": "Patient/p1"},
+        "created": "2026-01-01",
+        "extension": [
+            {"url": f"{SD}/twin-model", "valueReference": {"reference": "Device/m1"}},
+            {"url": f"{SD}/twin-parameter", "extension": [
+                {"url": "name", "valueCode": "CL"}, {"url": "mean", "valueDecimal": 1.2},
+                {"url": "scale", "valueCode": "log"}]},
+        ],
+    }
+    assert conformance.check(twin) == []
+    twin["extension"][1]["extension"].pop(0)
+    assert any("sub-extension 'name' required" in p for p in conformance.check(twin))
