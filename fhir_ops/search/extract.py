@@ -28,9 +28,9 @@ def _plan(resource_type: str) -> tuple:
     return tuple(plan)
 
 
-def _values(node, parts: tuple[str, ...]):
+def _values(node, parts: tuple[str, ...], start: int = 0):
     """Yield every value at a dotted path, walking lists transparently."""
-    stack = [(node, 0)]
+    stack = [(node, start)]
     while stack:
         cur, i = stack.pop()
         if isinstance(cur, list):
@@ -112,9 +112,17 @@ def index_rows(resource: dict) -> dict[str, list[tuple]]:
                                    "quantity": [], "number": [], "uri": []}
     for key, kind, paths, targets in _plan(resource["resourceType"]):
         rows = out[kind]
-        seen = set()
+        seen = None
         for parts in paths:
-            for v in _values(resource, parts):
+            # most parameters are absent from a given resource: test the top element before walking
+            top = resource.get(parts[0])
+            if top is None:
+                continue
+            if len(parts) == 1:
+                found = top if isinstance(top, list) else (top,)
+            else:
+                found = _values(top, parts, 1)
+            for v in found:
                 if kind == "token":
                     new = [(key, s, c) for s, c in _tokens(v)]
                 elif kind == "reference":
@@ -141,6 +149,12 @@ def index_rows(resource: dict) -> dict[str, list[tuple]]:
                     if not isinstance(v, str):
                         continue
                     new = [(key, v)]
+                if seen is None and len(new) == 1 and len(paths) == 1 and not isinstance(top, list) \
+                        and len(parts) == 1:
+                    rows.append(new[0])  # a single scalar element cannot repeat itself
+                    continue
+                if seen is None:
+                    seen = set()
                 for row in new:
                     if row not in seen:
                         seen.add(row)

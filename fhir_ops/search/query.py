@@ -29,9 +29,17 @@ _MODIFIERS = {"token": {"not", "missing"}, "reference": {"missing"}, "date": {"m
 
 @dataclass
 class CompiledSearch:
-    """A search turned into SQL: ``where`` fragments (ANDed, over alias ``r`` of ``resources``)."""
+    """A search turned into SQL.
+
+    ``sets`` are index conditions ``(table, param key, SQL over the row, args, search type)`` that every
+    match satisfies (ANDed), ``excludes`` ``(table, key, SQL, args)`` ones it must not (``:not``,
+    ``:missing=true``), ``where`` conditions on the ``resources`` row itself (alias ``r``: ``_id``,
+    ``_lastUpdated``).
+    """
 
     resource_type: str
+    sets: list[tuple] = field(default_factory=list)
+    excludes: list[tuple] = field(default_factory=list)
     where: list[str] = field(default_factory=list)
     args: list = field(default_factory=list)
     order_by: str = "r.rid"
@@ -42,6 +50,48 @@ class CompiledSearch:
     includes: list[tuple[list[str], str | None]] = field(default_factory=list)
     revincludes: list[tuple[list[str], str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+
+
+_RANK = {"reference": 0, "token": 1, "string": 1, "uri": 1, "quantity": 2, "number": 2, "date": 3}
+
+
+def match_sql(c: CompiledSearch) -> tuple[str, list, str, list]:
+    """Return (WHERE clause over ``resources r``, its args, a count query, its args).
+
+    The most selective-looking index condition (references first, dates last) drives the scan; the
+    others are checked per candidate with ``EXISTS`` on the (rid, param) indexes, so no large
+    intermediate set is ever materialized. Index rows exist only for the current, non-deleted
+    version and carry the type in their parameter key, so pure index searches need no type filter.
+    """
+    if not c.sets:
+        where = ["r.type = ?", "r.deleted = 0"]
+        args: list = [c.resource_type]
+        for table, key, cond, xs in c.excludes:
+            where.append(f"NOT EXISTS (SELECT 1 FROM {table} x WHERE x.rid = r.rid AND x.param = ? AND ({cond}))")
+            args += [key, *xs]
+        where += c.where
+        args += c.args
+        clause = " AND ".join(where)
+        return clause, args, f"SELECT count(*) FROM resources r WHERE {clause}", args
+    ordered = sorted(c.sets, key=lambda s_: _RANK.get(s_[4], 3))
+    table, key, cond, xs, _ = ordered[0]
+    match = f"SELECT DISTINCT s.rid FROM {table} s WHERE s.param = ? AND ({cond})"
+    match_args = [key, *xs]
+    for table, key, cond, xs, _ in ordered[1:]:
+        # INDEXED BY: per candidate, look up its own rows; never range-scan the value index again
+        match += (f" AND EXISTS (SELECT 1 FROM {table} x INDEXED BY {table}_r WHERE x.rid = s.rid AND x.param = ?"
+                  f" AND ({cond}))")
+        match_args += [key, *xs]
+    for table, key, cond, xs in c.excludes:
+        match += (f" AND NOT EXISTS (SELECT 1 FROM {table} x INDEXED BY {table}_r WHERE x.rid = s.rid"
+                  f" AND x.param = ? AND ({cond}))")
+        match_args += [key, *xs]
+    where = [f"r.rid IN ({match})", *c.where]
+    args = [*match_args, *c.args]
+    clause = " AND ".join(where)
+    if not c.where:
+        return clause, args, f"SELECT count(*) FROM ({match})", match_args
+    return clause, args, f"SELECT count(*) FROM resources r WHERE {clause}", args
 
 
 def _split_values(raw: str) -> list[str]:
@@ -105,30 +155,38 @@ def _number_condition(prefix: str, text: str, name: str, col: str = "value") -> 
     return f"{col} >= ? AND {col} <= ?", [v - delta, v + delta]
 
 
-def _date_condition(prefix: str, text: str, name: str) -> tuple[str, list]:
-    """FHIR date comparison between the parameter range [pl, ph) and an indexed range [low, high)."""
+_WIDTH = "(SELECT COALESCE(MAX(w), 0) FROM date_width WHERE param = ?)"
+
+
+def _date_condition(prefix: str, text: str, name: str, key: str) -> tuple[str, list]:
+    """FHIR date comparison between the parameter range [pl, ph) and an indexed range [low, high).
+
+    Each exact condition is paired with redundant bounds on ``low`` alone (using W, the widest range
+    ever indexed for the parameter, so that ``high > x`` implies ``low > x - W``); those let SQLite
+    answer ``ge A & lt B`` with one range scan of the (param, low) index instead of half the table.
+    """
     pl, ph = parse_date_param(text, name)
     if prefix == "eq":
-        return "low >= ? AND high <= ?", [pl, ph]
+        return "low >= ? AND low < ? AND high <= ?", [pl, ph, ph]
     if prefix == "ne":
         return "NOT (low >= ? AND high <= ?)", [pl, ph]
     if prefix == "gt":
-        return "high > ?", [ph]
+        return f"low > ? - {_WIDTH} AND high > ?", [ph, key, ph]
     if prefix == "lt":
         return "low < ?", [pl]
     if prefix == "ge":
-        return "(low >= ? OR high > ?)", [pl, ph]
+        return f"low >= min(?, ? - {_WIDTH}) AND (low >= ? OR high > ?)", [pl, ph, key, pl, ph]
     if prefix == "le":
-        return "(low < ? OR high <= ?)", [pl, ph]
+        return "low < ? AND (low < ? OR high <= ?)", [ph, pl, ph]
     if prefix == "sa":
         return "low >= ?", [ph]
     if prefix == "eb":
-        return "high <= ?", [pl]
+        return "low < ? AND high <= ?", [pl, pl]
     # ap: overlap with the parameter range widened by 10 % of its distance from now, at least a day
     import time
 
     widen = max(86400.0, abs(time.time() - pl) * 0.1)
-    return "low < ? AND high > ?", [ph + widen, pl - widen]
+    return f"low < ? AND low > ? - {_WIDTH} AND high > ?", [ph + widen, pl - widen, key, pl - widen]
 
 
 def _lastupdated_condition(prefix: str, text: str) -> tuple[str, list]:
@@ -165,7 +223,7 @@ def _value_condition(pdef, key: str, modifier: str | None, value: str, resource_
         return "tid = ?", [value]
     if kind == "date":
         prefix, rest = _prefix(value)
-        return _date_condition(prefix, rest, name)
+        return _date_condition(prefix, rest, name, key)
     if kind == "string":
         norm = normalize_string(value)
         if modifier == "exact":
@@ -293,6 +351,7 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
     """
     c = CompiledSearch(resource_type)
     sort_terms: list[str] = []
+    date_scans: dict[str, tuple[list[str], list]] = {}
     for raw_name, raw_value in params:
         if raw_name in _PRESENTATION:
             continue
@@ -338,9 +397,10 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
                 if raw_value == "true":
                     c.where.append("0")
                 continue
-            neg = "NOT " if raw_value == "true" else ""
-            c.where.append(f"r.rid {neg}IN (SELECT rid FROM {_TABLE[pdef.type]} WHERE param = ?)")
-            c.args.append(key)
+            if raw_value == "true":
+                c.excludes.append((_TABLE[pdef.type], key, "1", []))
+            else:
+                c.sets.append((_TABLE[pdef.type], key, "1", [], "missing"))
             continue
         values = _split_values(raw_value)
         if not values:
@@ -357,13 +417,21 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
             continue
         table = _TABLE[pdef.type]
         negate = modifier == "not"
-        selects, args = [], []
-        for v in values:
-            sql, a = _value_condition(pdef, key, None if negate else modifier, v, resource_type)
-            selects.append(f"SELECT rid FROM {table} WHERE param = ? AND {sql}")
-            args.extend([key, *a])
-        c.where.append(f"r.rid {'NOT ' if negate else ''}IN ({' UNION '.join(selects)})")
-        c.args.extend(args)
+        conds = [_value_condition(pdef, key, None if negate else modifier, v, resource_type) for v in values]
+        if pdef.type == "date" and len(conds) == 1 and not negate:
+            # date=ge2024-03-01&date=lt2024-04-01: one scan of the range, as HAPI does for one value
+            scan_sql, scan_args = date_scans.setdefault(key, ([], []))
+            scan_sql.append(conds[0][0])
+            scan_args.extend(conds[0][1])
+            continue
+        cond = " OR ".join(f"({sql})" for sql, _ in conds)
+        args = [a for _, xs in conds for a in xs]
+        if negate:
+            c.excludes.append((table, key, cond, args))
+        else:
+            c.sets.append((table, key, cond, args, pdef.type))
+    for key, (sqls, args) in date_scans.items():
+        c.sets.append(("idx_date", key, " AND ".join(f"({x})" for x in sqls), args, "date"))
     if sort_terms:
         c.order_by = ", ".join([*sort_terms, "r.rid"])
     return c

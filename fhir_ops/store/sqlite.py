@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, PreconditionFailed
 from fhir_ops.search.extract import index_rows
-from fhir_ops.search.query import compile_search
+from fhir_ops.search.query import compile_search, match_sql
 from fhir_ops.store.base import SearchResult, Store, WriteResult
 from fhir_ops.store.bundle import METHOD_ORDER, EntryRequest, parse_entries, response_entry, rewrite_references
 from fhir_ops.validation import ID_PATTERN, is_resource_type, validate_resource
@@ -35,28 +35,29 @@ CREATE TABLE IF NOT EXISTS history (
     rid INTEGER NOT NULL, version INTEGER NOT NULL, lu TEXT NOT NULL, lu_ts REAL NOT NULL,
     deleted INTEGER NOT NULL, json TEXT, PRIMARY KEY (rid, version));
 CREATE TABLE IF NOT EXISTS idx_token (rid INTEGER NOT NULL, param TEXT NOT NULL, system TEXT, code TEXT);
-CREATE INDEX IF NOT EXISTS idx_token_q ON idx_token(param, code, system);
-CREATE INDEX IF NOT EXISTS idx_token_r ON idx_token(rid);
+CREATE INDEX IF NOT EXISTS idx_token_q ON idx_token(param, code, system, rid);
+CREATE INDEX IF NOT EXISTS idx_token_s ON idx_token(param, system, rid);
+CREATE INDEX IF NOT EXISTS idx_token_r ON idx_token(rid, param);
 CREATE TABLE IF NOT EXISTS idx_ref (rid INTEGER NOT NULL, param TEXT NOT NULL, ttype TEXT, tid TEXT);
-CREATE INDEX IF NOT EXISTS idx_ref_q ON idx_ref(param, tid, ttype);
-CREATE INDEX IF NOT EXISTS idx_ref_r ON idx_ref(rid);
+CREATE INDEX IF NOT EXISTS idx_ref_q ON idx_ref(param, tid, ttype, rid);
+CREATE INDEX IF NOT EXISTS idx_ref_r ON idx_ref(rid, param);
 CREATE TABLE IF NOT EXISTS idx_date (rid INTEGER NOT NULL, param TEXT NOT NULL, low REAL, high REAL);
-CREATE INDEX IF NOT EXISTS idx_date_low ON idx_date(param, low, high);
-CREATE INDEX IF NOT EXISTS idx_date_high ON idx_date(param, high);
-CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date(rid);
+CREATE INDEX IF NOT EXISTS idx_date_low ON idx_date(param, low, high, rid);
+CREATE TABLE IF NOT EXISTS date_width (param TEXT PRIMARY KEY, w REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date(rid, param);
 CREATE TABLE IF NOT EXISTS idx_string (rid INTEGER NOT NULL, param TEXT NOT NULL, norm TEXT, raw TEXT);
-CREATE INDEX IF NOT EXISTS idx_string_q ON idx_string(param, norm);
-CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string(rid);
+CREATE INDEX IF NOT EXISTS idx_string_q ON idx_string(param, norm, rid);
+CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string(rid, param);
 CREATE TABLE IF NOT EXISTS idx_quantity (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL, system TEXT,
     code TEXT);
-CREATE INDEX IF NOT EXISTS idx_quantity_q ON idx_quantity(param, value);
-CREATE INDEX IF NOT EXISTS idx_quantity_r ON idx_quantity(rid);
+CREATE INDEX IF NOT EXISTS idx_quantity_q ON idx_quantity(param, value, rid);
+CREATE INDEX IF NOT EXISTS idx_quantity_r ON idx_quantity(rid, param);
 CREATE TABLE IF NOT EXISTS idx_number (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL);
-CREATE INDEX IF NOT EXISTS idx_number_q ON idx_number(param, value);
-CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number(rid);
+CREATE INDEX IF NOT EXISTS idx_number_q ON idx_number(param, value, rid);
+CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number(rid, param);
 CREATE TABLE IF NOT EXISTS idx_uri (rid INTEGER NOT NULL, param TEXT NOT NULL, value TEXT);
-CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri(param, value);
-CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri(rid);
+CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri(param, value, rid);
+CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri(rid, param);
 """
 _INDEX_INSERT = {
     "token": "INSERT INTO idx_token(rid, param, system, code) VALUES (?,?,?,?)",
@@ -115,6 +116,7 @@ class _Tx:
         self.pending_resources: list[tuple] = []
         self.pending_index: dict[str, list[tuple]] = {k: [] for k in _INDEX_INSERT}
         self.new_keys: set[tuple[str, str]] = set()
+        self.widths: dict[str, float] = {}
 
     def flush(self) -> None:
         if self.pending_resources:
@@ -126,6 +128,11 @@ class _Tx:
             if rows:
                 self.conn.executemany(_INDEX_INSERT[kind], rows)
                 self.pending_index[kind] = []
+        if self.widths:
+            # the widest date range per parameter bounds date range scans (see search.query._date_condition)
+            self.conn.executemany("INSERT INTO date_width(param, w) VALUES (?, ?) "
+                                  "ON CONFLICT(param) DO UPDATE SET w = max(w, excluded.w)", self.widths.items())
+            self.widths = {}
 
     def current(self, rtype: str, rid: str):
         if (rtype, rid) in self.new_keys:
@@ -137,6 +144,11 @@ class _Tx:
         for kind, rows in index_rows(stored).items():
             if rows:
                 self.pending_index[kind].extend((rowid, *row) for row in rows)
+                if kind == "date":
+                    widths = self.widths
+                    for key, low, high in rows:
+                        if high - low > widths.get(key, -1.0):
+                            widths[key] = high - low
 
     def insert(self, resource: dict, rid: str) -> dict:
         stored = _stored(resource, rid, 1, self.lu)
@@ -177,9 +189,8 @@ class _Tx:
         if not params:
             raise InvalidRequest("If-None-Exist needs a search query such as identifier=system|value",
                                  error_id="invalid-condition")
-        compiled = compile_search(rtype, params, strict=True)
-        sql = f"SELECT r.id FROM resources r WHERE {' AND '.join(['r.type = ?', 'r.deleted = 0', *compiled.where])} LIMIT 2"
-        return [x[0] for x in self.conn.execute(sql, [rtype, *compiled.args])]
+        where, args, _, _ = match_sql(compile_search(rtype, params, strict=True))
+        return [x[0] for x in self.conn.execute(f"SELECT r.id FROM resources r WHERE {where} LIMIT 2", args)]
 
 
 class SQLiteStore(Store):
@@ -403,12 +414,11 @@ class SQLiteStore(Store):
     def search(self, resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> SearchResult:
         self._check_type(resource_type)
         c = compile_search(resource_type, list(params), strict=strict)
-        where = " AND ".join(["r.type = ?", "r.deleted = 0", *c.where])
-        args = [resource_type, *c.args]
+        where, args, count_sql, count_args = match_sql(c)
         with self._read() as conn:
             total = None
             if c.want_total or c.summary_count:
-                total = conn.execute(f"SELECT count(*) FROM resources r WHERE {where}", args).fetchone()[0]
+                total = conn.execute(count_sql, count_args).fetchone()[0]
             if c.summary_count or c.count == 0:
                 return SearchResult(total, [], [], c.offset, c.count, c.ignored)
             rows = conn.execute(f"SELECT r.rid, r.id, r.json FROM resources r WHERE {where} "
@@ -496,9 +506,8 @@ class SQLiteStore(Store):
 
     def _search_in(self, conn, resource_type: str, params) -> dict:
         c = compile_search(resource_type, params)
-        where = " AND ".join(["r.type = ?", "r.deleted = 0", *c.where])
-        args = [resource_type, *c.args]
-        total = conn.execute(f"SELECT count(*) FROM resources r WHERE {where}", args).fetchone()[0]
+        where, args, count_sql, count_args = match_sql(c)
+        total = conn.execute(count_sql, count_args).fetchone()[0]
         rows = conn.execute(f"SELECT r.json FROM resources r WHERE {where} ORDER BY {c.order_by} LIMIT ? OFFSET ?",
                             [*args, c.count, c.offset]).fetchall()
         return {"resourceType": "Bundle", "type": "searchset", "total": total,

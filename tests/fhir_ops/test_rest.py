@@ -334,3 +334,25 @@ def test_concurrent_writers_lose_nothing(fhir):
     assert fhir.get("Patient?_summary=count").json()["total"] == 61
     assert fhir.get(f"Patient/{target['id']}").json()["meta"]["versionId"] == "31"
     assert fhir.get(f"Patient/{target['id']}/_history").json()["total"] == 31
+
+
+def test_unexpected_failure_is_a_generic_500_outcome(tmp_path, caplog):
+    """A store that breaks in an unforeseen way: the client sees a generic OperationOutcome, the log the cause."""
+    from fhir_ops.app import create_app
+    from fhir_ops.store.sqlite import SQLiteStore
+    from tests.live_server import serve
+
+    class BrokenStore(SQLiteStore):
+        def read(self, resource_type, resource_id):
+            raise RuntimeError("disk controller secret detail")
+
+    store = BrokenStore(tmp_path / "broken.sqlite")
+    app = create_app({"STORE": store})
+    with serve(app) as base:
+        import requests
+
+        resp = requests.get(f"{base}/fhir/Patient/x", timeout=10)
+    store.close()
+    assert resp.status_code == 500 and error_id(resp) == "internal-error"
+    assert "secret" not in resp.text and "Traceback" not in resp.text
+    assert any("secret detail" in (r.exc_text or "") or "secret detail" in str(r.exc_info) for r in caplog.records)
