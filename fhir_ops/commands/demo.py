@@ -26,7 +26,8 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
     from fhir_ops.app import create_app, get_store
     from fhir_ops.demo import demo_study_exists, ensure_demo_study
 
-    app = create_app(dict(config))
+    # In-process store access, never served over HTTP: no tokens to check.
+    app = create_app({**config, "AUTH_MODE": "open"})
     with app.app_context():
         store = get_store()
         try:

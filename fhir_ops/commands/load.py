@@ -118,7 +118,8 @@ class StoreTarget:
         from fhir_ops.app import create_app, get_store
 
         os.makedirs(data_dir, exist_ok=True)
-        self.app = create_app({"DATA_DIR": os.path.abspath(data_dir)})
+        # In-process store access, never served over HTTP: no tokens to check.
+        self.app = create_app({"DATA_DIR": os.path.abspath(data_dir), "AUTH_MODE": "open"})
         with self.app.app_context():
             self.store = get_store()
         self.where = os.path.abspath(data_dir)
