@@ -61,8 +61,12 @@ class AuthzState:
         for seed in cfg.get("SEED_CLIENTS") or []:
             seed = dict(seed)
             client_id, secret = seed.pop("client_id"), seed.pop("client_secret", None)
-            if self.db.get_client(client_id) is None:
-                self.db.add_client(validate_client_metadata(seed), client_id=client_id, client_secret=secret)
+            existing = self.db.get_client(client_id)
+            metadata = validate_client_metadata(seed)
+            # The configuration is the truth for seeded apps: a new port or host updates their redirect URIs.
+            if existing is None or existing.metadata != metadata:
+                self.db.add_client(metadata, client_id=client_id,
+                                   client_secret=secret or (existing.client_secret if existing else None))
 
     def user(self, username: str | None) -> DevUser | None:
         entry = self.users.get(username or "")

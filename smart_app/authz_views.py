@@ -136,8 +136,10 @@ def authorize():
     if user is None:
         return redirect(url_for("authz.login", next=urlencode(_oauth_params())))
 
+    # In an EHR launch the EHR decides the context: without a patient (an EDC study launch) patient/
+    # scopes simply grant nothing; the picker appears only when the app asks for launch/patient.
     needs_patient = not context.get("patient") and (
-        "launch/patient" in scopes or any(s.context == "patient" for s in scopes.resources))
+        "launch/patient" in scopes or (not launch and any(s.context == "patient" for s in scopes.resources)))
     selected = request.form.get("selected_patient", "").strip() if request.method == "POST" else ""
     if needs_patient and not selected:
         patients, reachable = _fhir_choices("Patient")
