@@ -19,13 +19,14 @@ AUTH_MODES = ("smart", "open")
 #: participant data (the shipped OperationDefinitions).
 PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|OperationDefinition/[A-Za-z0-9\-.]{1,64})$")
 
-#: Resource types an operation writes, so its caller needs ``c`` and ``u`` on each of them, and the
-#: input parameter that switches the writing on (None: the operation always writes). The target of
-#: the call needs ``r`` in every case. Unknown state-changing operations need ``u`` on their target.
-OPERATION_WRITES: dict[str, tuple[str | None, tuple[str, ...]]] = {
-    "simulate": ("persist", ("Basic", "Observation", "Provenance")),
-    "calibrate": (None, ("Basic", "Provenance")),
-    "predict-dropout": (None, ("RiskAssessment", "Task", "Provenance")),
+#: Per operation: the boolean input that switches writing on (None: it always writes), that input's
+#: default, and the participant-data types written, on each of which the caller needs ``c`` and ``u``.
+#: The target of the call needs ``r`` in every case; an unknown state-changing operation needs ``u`` on
+#: its target. The model Device an operation may register is the server's own record, not the caller's.
+OPERATION_WRITES: dict[str, tuple[str | None, bool, tuple[str, ...]]] = {
+    "simulate": ("persist", False, ("Basic", "Observation", "Provenance")),
+    "calibrate": (None, True, ("Basic", "Provenance")),
+    "predict-dropout": ("persist", True, ("RiskAssessment", "Task", "Provenance")),
 }
 
 #: Cohort targets: an operation on them reads many participants, so a patient-scoped token never may.
@@ -308,14 +309,16 @@ def _check_bundle(access):
                 raise _forbidden(f"Bundle.entry[{index}]: {url} belongs to another patient", "bundle-entry-refused")
 
 
-def _operation_flag(name: str) -> bool:
+def _operation_flag(name: str, default: bool) -> bool:
     if request.method == "GET":
-        return request.args.get(name, "").lower() == "true"
+        raw = request.args.get(name)
+        return default if raw is None else raw.lower() == "true"
     body = _body() or {}
     for p in body.get("parameter") or []:
         if isinstance(p, dict) and p.get("name") == name:
-            return p.get("valueBoolean") is True
-    return False
+            # anything but an explicit false counts as writing: the registry rejects malformed values later
+            return p.get("valueBoolean") is not False
+    return default
 
 
 def check_operation(access, level: str, resource_type: str | None, resource_id: str | None, name: str) -> None:
@@ -329,13 +332,18 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
 
     op = registry.get(name)
     if op is None:
-        return  # the registry answers 404 unknown-operation
+        # The registry answers 404 unknown-operation, but not about another patient's resource.
+        if level == "instance":
+            patient = access.require("read", resource_type)
+            if patient:
+                _require_in_compartment(access, resource_type, resource_id, patient)
+        return
     code = op.code
     target = resource_type or "*"
     patient = access.require("read", target) if level != "system" else _require_system(access, op.name)
     if code in OPERATION_WRITES:
-        flag, writes = OPERATION_WRITES[code]
-        if flag is None or _operation_flag(flag):
+        flag, default, writes = OPERATION_WRITES[code]
+        if flag is None or _operation_flag(flag, default):
             for written in writes:
                 access.require("create", written)
                 access.require("update", written)

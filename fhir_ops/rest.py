@@ -19,6 +19,8 @@ from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMedi
 from fhir_ops.search.registry import search_parameters_for
 from fhir_ops.store.sqlite import DELETED_TAG
 from fhir_ops.validation import all_resource_types, is_resource_type
+from terminology.harmonize import attach_outcomes, harmonize_bundle
+from terminology.workflow import active_harmonizer
 
 bp = Blueprint("fhir", __name__)
 
@@ -212,6 +214,19 @@ def smart_configuration():
     return resp
 
 
+def _harmonizer(store):
+    """The terminology harmonizer for the store's active maps; None when ``HARMONIZE`` is off."""
+    if not current_app.config.get("HARMONIZE", True):
+        return None
+    return active_harmonizer(store)
+
+
+def _harmonized(resource: dict) -> dict:
+    """A single created/updated resource, harmonized (warnings are only reported for Bundles)."""
+    harmonizer = _harmonizer(get_store())
+    return resource if harmonizer is None else harmonizer.harmonize(resource)[0]
+
+
 # -- system level -----------------------------------------------------------------------------------
 @bp.post("/", strict_slashes=False)
 def system_bundle():
@@ -223,13 +238,16 @@ def system_bundle():
                              error_id="invalid-bundle", expression=["resourceType"])
     store = get_store()
     kind = bundle.get("type")
-    if kind == "transaction":
-        result = store.transaction(bundle)
-    elif kind == "batch":
-        result = store.batch(bundle)
-    else:
+    if kind not in ("transaction", "batch"):
         raise InvalidRequest(f"Bundle.type must be transaction or batch, got {kind!r}",
                              error_id="invalid-bundle", expression=["Bundle.type"])
+    # incoming local codes get their standard coding and canonical unit before anything is stored
+    warnings: dict = {}
+    harmonizer = _harmonizer(store)
+    if harmonizer is not None:
+        bundle, warnings = harmonize_bundle(bundle, harmonizer=harmonizer)
+    result = store.transaction(bundle) if kind == "transaction" else store.batch(bundle)
+    attach_outcomes(result, warnings)
     base = _base()
     for entry in result.get("entry") or []:
         if entry and "fullUrl" in entry and "://" not in entry["fullUrl"]:
@@ -246,6 +264,7 @@ def create(resource_type):
     if body.get("resourceType") != resource_type:
         raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
                              f"{resource_type!r}", error_id="type-mismatch", expression=["resourceType"])
+    body = _harmonized(body)
     result = get_store().create(body, if_none_exist=request.headers.get("If-None-Exist") or None)
     return _write_response(result.resource, 201 if result.created else 200)
 
@@ -369,6 +388,7 @@ def update(resource_type, resource_id):
     if body["id"] != resource_id:
         raise InvalidRequest(f"body id {body['id']!r} does not match URL id {resource_id!r}",
                              error_id="id-mismatch", expression=[f"{resource_type}.id"])
+    body = _harmonized(body)
     result = get_store().update(resource_type, resource_id, body, if_match=request.headers.get("If-Match"))
     return _write_response(result.resource, 201 if result.created else 200)
 

@@ -123,11 +123,19 @@ class StoreTarget:
         with self.app.app_context():
             self.store = get_store()
         self.where = os.path.abspath(data_dir)
+        from terminology.harmonize import UnmappedReport
+
+        self.unmapped = UnmappedReport()
 
     def submit(self, bundle: dict) -> dict:
+        # the same harmonization as the REST layer: standard codings, canonical units, unmapped codes counted
+        from terminology.harmonize import attach_outcomes, harmonize_bundle
+        from terminology.workflow import active_harmonizer
+
+        bundle, warnings = harmonize_bundle(bundle, harmonizer=active_harmonizer(self.store), report=self.unmapped)
         if bundle["type"] == "batch":
-            return self.store.batch(bundle)
-        return self.store.transaction(bundle)
+            return attach_outcomes(self.store.batch(bundle), warnings)
+        return attach_outcomes(self.store.transaction(bundle), warnings)
 
     def close(self) -> None:
         self.store.close()
@@ -214,6 +222,13 @@ def run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             else:
                 print(f"{path}: {report.loaded} resources loaded into {target.where}")
+        unmapped = getattr(target, "unmapped", None)
+        if unmapped is not None and unmapped.counts:
+            rows = unmapped.to_dict()["unmapped"]
+            print(f"warning: {len(rows)} local code(s) have no standard mapping (stored as received):", file=sys.stderr)
+            for row in rows[:20]:
+                print(f"  {row['system']}|{row['code']}: {row['count']} coding(s) in {', '.join(row['resourceTypes'])}",
+                      file=sys.stderr)
     finally:
         target.close()
     return 1 if failed else 0

@@ -109,6 +109,8 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
         found.append(("EHR / EDC launch simulator", f"{base}/auth/launch-simulator"))
     if "/app" in mounts:
         found.append(("SMART clinician app (standalone)", f"{base}/app/"))
+    if "/inference" in mounts:
+        found.append(("inference service (models, metrics)", f"{base}/inference/models"))
     return found
 
 

@@ -122,3 +122,19 @@ def wait_for(predicate, timeout: float = 5.0):
             return value
         time.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def fhir_server(tmp_path):
+    """The full FHIR app (``fhir_ops.app.create_app``) on a fresh SQLite store, served on loopback.
+
+    Yields ``(base_url, store)``; ``base_url`` ends in ``/fhir``.
+    """
+    from fhir_ops.app import create_app
+    from fhir_ops.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "ops.sqlite"))
+    app = create_app({"STORE": store, "TESTING": True})
+    with serve(app) as url:
+        yield f"{url}/fhir", store
+    store.close()
