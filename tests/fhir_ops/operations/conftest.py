@@ -134,7 +134,7 @@ def fhir_server(tmp_path):
     from fhir_ops.store.sqlite import SQLiteStore
 
     store = SQLiteStore(str(tmp_path / "ops.sqlite"))
-    app = create_app({"STORE": store, "TESTING": True})
+    app = create_app(open_config(STORE=store, TESTING=True))
     with serve(app) as url:
         yield f"{url}/fhir", store
     store.close()
