@@ -170,3 +170,76 @@ def backend_client(stack, rsa_key, ec_key):
         client_name="EDC sync", grant_types=["client_credentials"], token_endpoint_auth_method="private_key_jwt",
         jwks={"keys": [rsa_key.as_dict(private=False), ec_key.as_dict(private=False)]},
         scope="system/Observation.cruds system/Patient.rs system/ResearchSubject.rs")
+
+
+# --- the real combined server: fhir_ops in smart mode + /auth + /app, with the demo study -------------------
+
+DEMO_PARTICIPANTS = 6
+
+
+@dataclass
+class Combined:
+    """``trialtwin serve --auth smart`` as the CLI builds it, on a loopback port, with a small TT-201 demo."""
+
+    base: str
+    config: dict
+    stack: Stack
+
+    @property
+    def fhir(self) -> str:
+        return self.base + "/fhir"
+
+    def user_token(self, scope: str, patient: str | None = None) -> dict:
+        """A real token from the real authorization server, by the standalone flow (patient picked on the page)."""
+        client = self.stack.register_public_app(scope=f"launch/patient openid fhirUser {scope}")
+        agent = UserAgent()
+        wanted = f"{'launch/patient ' if patient else ''}openid fhirUser {scope}"
+        query, verifier = self.stack.authorize(agent, client["client_id"], wanted, patient=patient)
+        response = self.stack.exchange(client["client_id"], query["code"], verifier)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def backend_token(self, scope: str, key, alg: str = "RS384") -> dict:
+        from .helpers import client_assertion
+
+        client = self.stack.register(client_name="EDC sync", grant_types=["client_credentials"],
+                                     token_endpoint_auth_method="private_key_jwt",
+                                     jwks={"keys": [key.as_dict(private=False)]}, scope=scope)
+        response = requests.post(self.stack.token_endpoint, data={
+            "grant_type": "client_credentials", "scope": scope,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": client_assertion(key, client["client_id"], self.stack.token_endpoint, alg=alg)},
+            timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def combined_config(base: str, data_dir, auth: str = "smart") -> dict:
+    """The configuration ``trialtwin serve`` builds for a server reachable at ``base``."""
+    import argparse
+
+    from fhir_ops.commands.serve import build_config
+
+    port = int(base.rsplit(":", 1)[1])
+    return build_config(argparse.Namespace(host="127.0.0.1", port=port, data_dir=str(data_dir), auth=auth,
+                                           public_url=base))
+
+
+@pytest.fixture(scope="module")
+def combined(tmp_path_factory):
+    from fhir_ops.commands.demo import create_demo
+    from fhir_ops.wsgi import create_wsgi
+
+    data_dir = tmp_path_factory.mktemp("combined")
+    holder: dict = {}
+
+    def app(environ, start_response):  # the port is known only once the socket is bound
+        return holder["app"](environ, start_response)
+
+    with serve(app) as base:
+        config = combined_config(base, data_dir)
+        create_demo(config, DEMO_PARTICIPANTS, 5)
+        holder["app"] = wsgi = create_wsgi(config)
+        yield Combined(base, config, Stack(base=base, auth=base + "/auth", fhir=base + "/fhir",
+                                           auth_app=wsgi.mounts["/auth"]))
+        wsgi.app.extensions["trialtwin.store"].close()
