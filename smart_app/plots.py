@@ -25,7 +25,7 @@ ARM_COLOURS = ("#6b6b6b", "#1f5fa8", "#2e8b57", "#c2571a", "#7b3fa0")
 
 def _svg(fig, title: str) -> str:
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     plt.close(fig)
     text = buffer.getvalue()
     text = text[text.index("<svg"):]  # inline in HTML: no XML prolog or DOCTYPE
