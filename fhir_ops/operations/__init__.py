@@ -1,0 +1,22 @@
+"""FHIR operations: one module per operation, each declared with its OperationDefinition.
+
+``MODULES`` is the one list the registry loads; a new operation adds its module here and its
+``profiles/OperationDefinition-<code>.json``.
+"""
+from __future__ import annotations
+
+import importlib
+
+MODULES = [
+    "fhir_ops.operations.validate",  # $validate: [type]/$validate, [type]/[id]/$validate (R4 Resource-validate)
+    "fhir_ops.operations.translate",  # $translate: ConceptMap/$translate, ConceptMap/[id]/$translate (R4 ConceptMap-translate)
+    "fhir_ops.operations.lookup",  # $lookup: CodeSystem/$lookup (R4 CodeSystem-lookup)
+    "fhir_ops.operations.validate_code",  # $validate-code: ValueSet and CodeSystem, type and instance level
+    "fhir_ops.operations.import_map",  # $import-map: ConceptMap/$import-map, a new map version as a draft
+]
+
+
+def load_all() -> None:
+    """Import every operation module so its ``@operation`` declaration registers it."""
+    for module in MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,271 @@
+"""Benchmark of the embedded FHIR store over real HTTP: transaction ingest, then read and search latency.
+
+Baselines measured in the same run: raw sqlite executemany of the same JSON (ingest) and unindexed
+json_extract scans of that raw table (search). Writes bench/results/store_bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import date, timedelta
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+LOINC = "http://loinc.org"
+CODES = [("4548-4", "%"), ("1558-6", "mg/dL"), ("29463-7", "kg"), ("8867-4", "/min"), ("8480-6", "mm[Hg]")]
+SERVER = (
+    "import sys; from waitress import serve; from fhir_ops.app import create_app; "
+    "serve(create_app({'DATA_DIR': sys.argv[1]}), host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
+)
+TARGET_INGEST = 5000.0
+TARGET_P99_MS = 50.0
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("flask", "werkzeug", "waitress", "fhir.resources", "pydantic", "requests"):
+        try:
+            versions[pkg] = pkg_metadata.version(pkg)
+        except pkg_metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"platform": platform.platform(), "cpu_model": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "libraries": versions,
+            "load_average_at_start": os.getloadavg(),
+            "shared": "2-core machine shared with other engineers' jobs; timings include their interference"}
+
+
+def make_bundles(n_obs: int, per_patient: int, patients_per_bundle: int, seed: int = 201):
+    """Transaction bundles of Patients (urn:uuid fullUrls) and their Observations, as bytes and as dicts."""
+    rng = random.Random(seed)
+    n_patients = max(1, n_obs // per_patient)
+    bundles = []
+    start = date(2024, 1, 1)
+    for first in range(0, n_patients, patients_per_bundle):
+        entries = []
+        for p in range(first, min(first + patients_per_bundle, n_patients)):
+            urn = f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128), version=4)}"
+            entries.append({"fullUrl": urn, "resource": {
+                "resourceType": "Patient",
+                "identifier": [{"system": "https://trialtwin.org/fhir/sid/tt201-subject", "value": f"S{p:06d}"}],
+                "name": [{"family": f"Family{p % 997}", "given": [f"Given{p}"]}],
+                "gender": ["female", "male"][p % 2], "birthDate": f"{1950 + p % 40}-0{1 + p % 9}-1{p % 9}"},
+                "request": {"method": "POST", "url": "Patient"}})
+            for k in range(per_patient):
+                code, unit = CODES[k % len(CODES)]
+                day = start + timedelta(days=rng.randrange(366))
+                entries.append({"resource": {
+                    "resourceType": "Observation", "status": "final",
+                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                              "code": "laboratory"}]}],
+                    "code": {"coding": [{"system": LOINC, "code": code}]},
+                    "subject": {"reference": urn},
+                    "effectiveDateTime": f"{day.isoformat()}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z",
+                    "valueQuantity": {"value": round(rng.uniform(4, 200), 1), "unit": unit,
+                                      "system": "http://unitsofmeasure.org", "code": unit}},
+                    "request": {"method": "POST", "url": "Observation"}})
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        bundles.append((json.dumps(bundle).encode(), entries))
+    return bundles
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: str):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, data_dir, str(port)], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}/fhir"
+    for _ in range(300):
+        try:
+            if requests.get(f"{base}/Patient?_count=0", timeout=2).status_code == 200:
+                return proc, base
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def summary(samples_s: list[float]) -> dict:
+    ms = [x * 1000 for x in samples_s]
+    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
+            "mean_ms": round(statistics.fmean(ms), 3)}
+
+
+def raw_baseline(path: str, bundles) -> tuple[float, sqlite3.Connection]:
+    """Ingest the same resource JSON with plain executemany (no validation, no indexes): resources/s."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE raw (id TEXT PRIMARY KEY, type TEXT, json TEXT)")
+    prepared = [[(str(uuid.uuid4()), e["resource"]["resourceType"], json.dumps(e["resource"])) for e in entries]
+                for _, entries in bundles]
+    n = sum(len(rows) for rows in prepared)
+    t0 = time.perf_counter()
+    for rows in prepared:
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO raw VALUES (?,?,?)", rows)
+        conn.execute("COMMIT")
+    return n / (time.perf_counter() - t0), conn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--observations", type=int, default=100_000)
+    ap.add_argument("--per-patient", type=int, default=50)
+    ap.add_argument("--bundle-patients", type=int, default=20, help="patients (and their observations) per bundle")
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "store_bench.json"))
+    args = ap.parse_args()
+    rng = random.Random(7)
+
+    bundles = make_bundles(args.observations, args.per_patient, args.bundle_patients)
+    n_resources = sum(len(entries) for _, entries in bundles)
+    print(f"{len(bundles)} transaction bundles, {n_resources} resources")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, base = start_server(tmp)
+        try:
+            http = requests.Session()
+            obs_ids, patient_ids = [], []
+            t0 = time.perf_counter()
+            for body, _ in bundles:
+                resp = http.post(base, data=body, headers={"Content-Type": "application/fhir+json"}, timeout=600)
+                resp.raise_for_status()
+                for e in resp.json()["entry"]:
+                    rtype, rid = e["response"]["location"].split("/")[:2]
+                    (patient_ids if rtype == "Patient" else obs_ids).append(rid)
+            ingest_s = time.perf_counter() - t0
+            ingest_rate = n_resources / ingest_s
+            print(f"ingest over HTTP: {ingest_rate:,.0f} resources/s ({ingest_s:.1f} s)")
+
+            raw_rate, raw = raw_baseline(os.path.join(tmp, "raw.sqlite"), bundles)
+            print(f"raw sqlite executemany baseline: {raw_rate:,.0f} resources/s; ratio {ingest_rate / raw_rate:.3f}")
+
+            def timed(url_fn, n):
+                out = []
+                for _ in range(10):  # warm-up
+                    http.get(url_fn(), timeout=60).raise_for_status()
+                for _ in range(n):
+                    url = url_fn()
+                    t = time.perf_counter()
+                    r = http.get(url, timeout=60)
+                    out.append(time.perf_counter() - t)
+                    r.raise_for_status()
+                return out
+
+            def day():
+                return date(2024, 1, 1) + timedelta(days=rng.randrange(0, 359))
+
+            queries = {
+                "read": lambda: f"{base}/Observation/{rng.choice(obs_ids)}",
+                "search_code": lambda: f"{base}/Observation?code={LOINC}|{rng.choice(CODES)[0]}",
+                "search_subject": lambda: f"{base}/Observation?subject=Patient/{rng.choice(patient_ids)}",
+                "search_date_range": lambda: (lambda d: f"{base}/Observation?date=ge{d}&date=lt{d + timedelta(days=7)}")(day()),
+                "search_combined": lambda: (f"{base}/Observation?patient={rng.choice(patient_ids)}"
+                                            f"&code={LOINC}|{rng.choice(CODES)[0]}&date=ge2024-03-01&date=lt2024-09-01"),
+            }
+            latency = {name: summary(timed(fn, args.samples * (2 if name == "read" else 1)))
+                       for name, fn in queries.items()}
+            # the same questions as unindexed scans of the raw table (in-process: no HTTP cost at all)
+            raw_refs = [r[0] for r in raw.execute(
+                "SELECT json_extract(json, '$.subject.reference') FROM raw WHERE type='Observation' LIMIT 2000")]
+            raw_ids = [r[0] for r in raw.execute("SELECT id FROM raw WHERE type='Observation' LIMIT 5000")]
+            scans = {
+                "read": ("SELECT json FROM raw WHERE id = ?", lambda: (rng.choice(raw_ids),), False),
+                "search_code": ("FROM raw WHERE type='Observation' AND json_extract(json, '$.code.coding[0].code') = ?",
+                                lambda: (rng.choice(CODES)[0],), True),
+                "search_subject": ("FROM raw WHERE type='Observation' AND json_extract(json, '$.subject.reference') = ?",
+                                   lambda: (rng.choice(raw_refs),), True),
+                "search_date_range": ("FROM raw WHERE type='Observation' AND json_extract(json, '$.effectiveDateTime') >= ? "
+                                      "AND json_extract(json, '$.effectiveDateTime') < ?",
+                                      lambda: (lambda d: (d.isoformat(), (d + timedelta(days=7)).isoformat()))(day()), True),
+                "search_combined": ("FROM raw WHERE type='Observation' AND json_extract(json, '$.subject.reference') = ? "
+                                    "AND json_extract(json, '$.code.coding[0].code') = ? AND "
+                                    "json_extract(json, '$.effectiveDateTime') >= '2024-03-01' AND "
+                                    "json_extract(json, '$.effectiveDateTime') < '2024-09-01'",
+                                    lambda: (rng.choice(raw_refs), rng.choice(CODES)[0]), True),
+            }
+            baseline = {}
+            for name, (sql, argf, is_search) in scans.items():
+                samples = []
+                for _ in range(20 if is_search else 500):
+                    a = argf()
+                    t = time.perf_counter()
+                    if is_search:  # what a searchset needs: the total and the first page
+                        raw.execute(f"SELECT count(*) {sql}", a).fetchone()
+                        raw.execute(f"SELECT json {sql} LIMIT 50", a).fetchall()
+                    else:
+                        raw.execute(sql, a).fetchone()
+                    samples.append(time.perf_counter() - t)
+                baseline[name] = summary(samples)
+            raw.close()
+            for name in queries:
+                ours, base_ = latency[name], baseline[name]
+                print(f"{name:18s} p50 {ours['p50_ms']:8.2f} ms  p99 {ours['p99_ms']:8.2f} ms   "
+                      f"baseline p50 {base_['p50_ms']:8.2f} ms  (baseline/ours p50 = {base_['p50_ms'] / ours['p50_ms']:.2f})")
+            db_size = os.path.getsize(os.path.join(tmp, "trialtwin.sqlite"))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    search_p99 = max(v["p99_ms"] for k, v in latency.items() if k.startswith("search"))
+    result = {
+        "benchmark": "store_bench",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "setup": {"observations": args.observations, "patients": len(patient_ids), "resources": n_resources,
+                  "bundles": len(bundles), "server": "waitress subprocess, 4 threads, loopback HTTP",
+                  "db_bytes": db_size},
+        "ingest": {"resources_per_s": round(ingest_rate, 1), "seconds": round(ingest_s, 2),
+                   "baseline_raw_executemany_resources_per_s": round(raw_rate, 1),
+                   "ratio_to_baseline": round(ingest_rate / raw_rate, 4),
+                   "target_resources_per_s": TARGET_INGEST, "meets_target": ingest_rate >= TARGET_INGEST},
+        "latency": {name: {**latency[name], "baseline_unindexed_in_process": baseline[name],
+                           "baseline_p50_over_ours_p50": round(baseline[name]["p50_ms"] / latency[name]["p50_ms"], 2)}
+                    for name in queries},
+        "search_p99_ms_worst": search_p99,
+        "search_target_p99_ms": TARGET_P99_MS,
+        "search_meets_target": search_p99 < TARGET_P99_MS,
+        "notes": ("ours = full HTTP round trip (requests client -> waitress -> Flask -> SQLite) returning a searchset "
+                  "with total and 50 entries; baseline = the same question answered in-process by json_extract "
+                  "scans of a plain table holding the same JSON (count + first 50), no HTTP. Ingest baseline = "
+                  "executemany of pre-serialized JSON, no validation, no indexes, no HTTP."),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

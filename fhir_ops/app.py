@@ -1,0 +1,111 @@
+"""The FHIR server's Flask app factory: configuration, the store, and the one error renderer.
+
+``create_app(test_config)`` builds a fresh app; every error leaves it as an application/fhir+json OperationOutcome.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from flask import Flask, Response, current_app
+from werkzeug.exceptions import HTTPException
+
+from fhir_ops.errors import FhirError
+from fhir_ops.store.base import Store
+
+FHIR_JSON = "application/fhir+json"
+log = logging.getLogger(__name__)
+
+# werkzeug status -> (FHIR issue code, stable error id)
+_HTTP_ISSUES = {
+    400: ("invalid", "bad-request"),
+    404: ("not-found", "unknown-route"),
+    405: ("not-supported", "method-not-allowed"),
+    406: ("not-supported", "not-acceptable"),
+    413: ("too-costly", "payload-too-large"),
+    415: ("not-supported", "unsupported-media-type"),
+}
+
+
+def fhir_response(body: dict | None, status: int = 200, headers: dict | None = None) -> Response:
+    """A response carrying ``body`` as application/fhir+json (no body when ``body`` is None)."""
+    data = "" if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    resp = Response(data, status=status, headers=headers or {})
+    if body is not None:
+        resp.content_type = f"{FHIR_JSON}; charset=utf-8"
+    return resp
+
+
+def _as_fhir_error(err: Exception) -> FhirError:
+    if isinstance(err, FhirError):
+        return err
+    if isinstance(err, HTTPException):
+        code, error_id = _HTTP_ISSUES.get(err.code or 500, ("processing", "http-error"))
+        messages = {
+            404: "no FHIR endpoint at this path",
+            405: "this HTTP method is not allowed at this path",
+            413: f"request body exceeds the limit of {current_app.config.get('MAX_CONTENT_LENGTH')} bytes",
+        }
+        headers = {}
+        if getattr(err, "valid_methods", None):
+            headers["Allow"] = ", ".join(err.valid_methods)
+        return FhirError(messages.get(err.code, err.description or err.name), status=err.code or 500,
+                         code=code, error_id=error_id, headers=headers)
+    # Unexpected: log the traceback here, give the client a generic message only.
+    log.exception("unhandled error while serving a FHIR request")
+    return FhirError("internal server error; the server log has details", status=500, code="exception",
+                     error_id="internal-error", severity="fatal")
+
+
+def render_error(err: Exception) -> Response:
+    """The one place where errors become OperationOutcome responses."""
+    fe = _as_fhir_error(err)
+    return fhir_response(fe.to_outcome(), fe.status, fe.headers)
+
+
+def get_store() -> Store:
+    """Return the store of the current app (inside an app or request context)."""
+    return current_app.extensions["trialtwin.store"]
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the FHIR server app.
+
+    Parameters
+    ----------
+    test_config : dict, optional
+        Overrides: ``DATA_DIR`` (default ``./data``; the SQLite file ``trialtwin.sqlite`` lives there),
+        ``STORE`` (a ``Store`` instance; wins over ``DATA_DIR``), ``MAX_CONTENT_LENGTH`` (bytes,
+        default 16 MiB; larger bodies get 413), ``BASE_URL`` (external base for links, e.g.
+        ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``).
+        Without ``test_config``, ``TRIALTWIN_*`` environment variables are read (``TRIALTWIN_DATA_DIR``).
+
+    Returns
+    -------
+    flask.Flask
+    """
+    app = Flask(__name__)
+    app.config.from_mapping(DATA_DIR="./data", STORE=None, MAX_CONTENT_LENGTH=16 * 1024 * 1024,
+                            BASE_URL=None, FHIR_PREFIX="/fhir")
+    if test_config is None:
+        app.config.from_prefixed_env("TRIALTWIN")
+    else:
+        app.config.update(test_config)
+    store = app.config["STORE"]
+    if store is None:
+        from fhir_ops.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(os.path.join(app.config["DATA_DIR"], "trialtwin.sqlite"))
+    app.extensions["trialtwin.store"] = store
+    # Exception covers HTTPException too, so unknown routes, 405 and 413 take the same path.
+    app.register_error_handler(Exception, render_error)
+
+    from fhir_ops import rest
+
+    app.url_map.converters["op"] = rest.OperationConverter
+    app.register_blueprint(rest.bp, url_prefix=app.config["FHIR_PREFIX"] or None)
+    from fhir_ops.operations import registry
+
+    registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
+    return app

@@ -1,0 +1,63 @@
+"""``trialtwin demo``: create the TT-201 demo study in the embedded store (once), then serve it.
+
+The study is simulated by the twin engine (``fhir_ops.demo``); a second run finds it and only serves.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from fhir_ops.commands.serve import add_server_options, build_config, serve_forever
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("demo", help="create the demo study TT-201 if absent, then serve it")
+    add_server_options(parser)
+    parser.add_argument("--participants", type=int, default=200, help="participants to simulate (default 200)")
+    parser.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
+    parser.add_argument("--no-serve", action="store_true", help="only create the study, do not start the server")
+    return parser
+
+
+def create_demo(config: dict, participants: int, seed: int) -> int:
+    """Load the demo study into the store of ``config`` unless present; return resources loaded."""
+    from tqdm import tqdm
+
+    from fhir_ops.app import create_app, get_store
+    from fhir_ops.demo import demo_study_exists, ensure_demo_study
+
+    app = create_app(dict(config))
+    with app.app_context():
+        store = get_store()
+        try:
+            if demo_study_exists(store):
+                print(f"Demo study TT-201 already present in {config['DATA_DIR']}; not regenerated.")
+                return 0
+            print(f"Simulating TT-201 ({participants} participants, seed {seed}) ...", flush=True)
+            started = time.perf_counter()
+            with tqdm(total=None, unit=" resources", desc="loading TT-201") as bar:
+                def advance(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                loaded = ensure_demo_study(store, participants=participants, seed=seed, progress=advance)
+            elapsed = time.perf_counter() - started
+            print(f"Loaded {loaded} resources in {elapsed:.1f} s ({loaded / elapsed:.0f} resources/s).")
+            return loaded
+        finally:
+            store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.participants < 1:
+        raise SystemExit("trialtwin demo: --participants must be at least 1")
+    config = build_config(args)
+    create_demo(config, args.participants, args.seed)
+    if args.no_serve:
+        return 0
+    base = f"http://{args.host}:{args.port}/fhir"
+    return serve_forever(args, config, extra_urls=[
+        ("Demo study", f"{base}/ResearchStudy/tt-201"),
+        ("Participants", f"{base}/ResearchSubject?study=ResearchStudy/tt-201"),
+        ("One participant's HbA1c", f"{base}/Observation?subject=Patient/tt201-p001&code=http://loinc.org|4548-4"),
+    ])

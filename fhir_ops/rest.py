@@ -1,0 +1,423 @@
+"""The FHIR R4 REST interactions (/fhir): CRUD, history, search, transaction/batch, metadata and operation routing.
+
+Handlers parse HTTP, call the store and build Bundles; errors are raised and rendered by the app.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from functools import lru_cache
+from urllib.parse import urlencode
+
+from flask import Blueprint, current_app, request
+from werkzeug.routing import BaseConverter
+
+from fhir_ops.app import fhir_response, get_store
+from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
+from fhir_ops.search.registry import search_parameters_for
+from fhir_ops.store.sqlite import DELETED_TAG
+from fhir_ops.validation import all_resource_types, is_resource_type
+from terminology.harmonize import attach_outcomes, harmonize_bundle
+from terminology.workflow import active_harmonizer
+
+bp = Blueprint("fhir", __name__)
+
+_JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+_FORMAT_OK = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+_CONTROL = ("_count", "_offset")
+
+
+class OperationConverter(BaseConverter):
+    """Matches a ``$operation`` path segment; a low weight makes it win over a plain id segment."""
+
+    regex = r"\$[A-Za-z0-9_\-.]+"
+    weight = 10
+
+
+# -- request helpers -------------------------------------------------------------------------------
+def _base() -> str:
+    configured = current_app.config.get("BASE_URL")
+    if configured:
+        return configured.rstrip("/")
+    return request.host_url.rstrip("/") + request.script_root + (current_app.config.get("FHIR_PREFIX") or "")
+
+
+def _prefer() -> dict[str, str]:
+    prefs = {}
+    for part in request.headers.get("Prefer", "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key:
+            prefs[key.strip().lower()] = value.strip().strip('"')
+    return prefs
+
+
+def _check_format() -> None:
+    fmt = request.args.get("_format")
+    if fmt is not None and fmt not in _FORMAT_OK:
+        raise FhirError(f"_format={fmt!r} is not supported; this server speaks JSON only", status=406,
+                        code="not-supported", error_id="not-acceptable")
+
+
+def _json_body() -> dict:
+    """The request body as a JSON object, after content-type and size checks."""
+    mimetype = request.mimetype
+    if mimetype not in _JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {request.content_type or '(none)'!r} is not supported; "
+                                   f"send application/fhir+json", error_id="unsupported-media-type")
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", error_id="malformed-json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object (a FHIR resource)", error_id="malformed-json")
+    return body
+
+
+def _check_type(resource_type: str) -> None:
+    if not is_resource_type(resource_type):
+        raise NotFound(f"unknown resource type {resource_type!r}", error_id="unknown-resource-type")
+
+
+def _http_date(instant: str | None) -> str | None:
+    if not instant:
+        return None
+    try:
+        dt = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return format_datetime(dt.astimezone(timezone.utc), usegmt=True)
+
+
+def _version_headers(resource: dict) -> dict:
+    meta = resource.get("meta") or {}
+    headers = {}
+    if meta.get("versionId"):
+        headers["ETag"] = f'W/"{meta["versionId"]}"'
+    modified = _http_date(meta.get("lastUpdated"))
+    if modified:
+        headers["Last-Modified"] = modified
+    return headers
+
+
+def _write_response(resource: dict, status: int) -> "Response":  # noqa: F821
+    headers = _version_headers(resource)
+    vid = (resource.get("meta") or {}).get("versionId")
+    headers["Location"] = f"{_base()}/{resource['resourceType']}/{resource['id']}/_history/{vid}"
+    prefer = _prefer().get("return", "representation")
+    if prefer == "minimal":
+        return fhir_response(None, status, headers)
+    if prefer.lower() == "operationoutcome":
+        outcome = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "information", "code": "informational",
+            "diagnostics": f"{resource['resourceType']}/{resource['id']} stored as version {vid}"}]}
+        return fhir_response(outcome, status, headers)
+    return fhir_response(resource, status, headers)
+
+
+# -- metadata ---------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _resource_capabilities() -> tuple:
+    rev_targets: dict[str, list[str]] = {}
+    registered = {t for t in all_resource_types() if len(search_parameters_for(t)) > 5}
+    for t in registered:
+        for p in search_parameters_for(t):
+            if p.type == "reference":
+                for target in p.targets or ("*",):
+                    rev_targets.setdefault(target, []).append(f"{t}:{p.name}")
+    interactions = ["read", "vread", "update", "delete", "history-instance", "history-type", "create",
+                    "search-type"]
+    out = []
+    for t in all_resource_types():
+        params = search_parameters_for(t)
+        out.append({
+            "type": t,
+            "interaction": [{"code": c} for c in interactions],
+            "versioning": "versioned",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchInclude": ["*", *(f"{t}:{p.name}" for p in params if p.type == "reference")],
+            "searchRevInclude": sorted({*rev_targets.get(t, []), *rev_targets.get("*", [])}),
+            "searchParam": [{"name": p.name, "type": p.type, "documentation": p.documentation} for p in params],
+        })
+    return tuple(out)
+
+
+def _operations_module():
+    """h-ops' operation registry, or None while it does not exist in this build."""
+    try:
+        return importlib.import_module("fhir_ops.operations.registry")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("fhir_ops.operations.registry", "fhir_ops.operations"):
+            return None
+        raise
+
+
+@bp.get("/metadata")
+def metadata():
+    """CapabilityStatement generated from the R4B models, the search registry and the operation registry."""
+    _check_format()
+    registry = _operations_module()
+    resources = [dict(r) for r in _resource_capabilities()]  # copies: the cached tuple stays untouched
+    operations: list[dict] = []
+    if registry is not None:
+        entries = registry.capability_operations([r["type"] for r in resources])
+        operations = entries["system"]
+        for resource in resources:
+            if entries["resource"].get(resource["type"]):
+                resource["operation"] = entries["resource"][resource["type"]]
+    rest = {
+        "mode": "server",
+        "resource": resources,
+        "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        "searchParam": [{"name": p.name, "type": p.type, "documentation": p.documentation}
+                        for p in search_parameters_for("Resource")],
+    }
+    if operations:
+        rest["operation"] = operations
+    capability = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "publisher": "TrialTwin",
+        "kind": "instance",
+        "software": {"name": "TrialTwin FHIR server", "version": "0.1.0"},
+        "implementation": {"description": "TrialTwin embedded FHIR R4 server", "url": _base()},
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "rest": [rest],
+    }
+    return fhir_response(capability)
+
+
+def _harmonizer(store):
+    """The terminology harmonizer for the store's active maps; None when ``HARMONIZE`` is off."""
+    if not current_app.config.get("HARMONIZE", True):
+        return None
+    return active_harmonizer(store)
+
+
+def _harmonized(resource: dict) -> dict:
+    """A single created/updated resource, harmonized (warnings are only reported for Bundles)."""
+    harmonizer = _harmonizer(get_store())
+    return resource if harmonizer is None else harmonizer.harmonize(resource)[0]
+
+
+# -- system level -----------------------------------------------------------------------------------
+@bp.post("/", strict_slashes=False)
+def system_bundle():
+    """transaction or batch Bundle."""
+    _check_format()
+    bundle = _json_body()
+    if bundle.get("resourceType") != "Bundle":
+        raise InvalidRequest("POST to the base expects a Bundle of type transaction or batch",
+                             error_id="invalid-bundle", expression=["resourceType"])
+    store = get_store()
+    kind = bundle.get("type")
+    if kind not in ("transaction", "batch"):
+        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {kind!r}",
+                             error_id="invalid-bundle", expression=["Bundle.type"])
+    # incoming local codes get their standard coding and canonical unit before anything is stored
+    warnings: dict = {}
+    harmonizer = _harmonizer(store)
+    if harmonizer is not None:
+        bundle, warnings = harmonize_bundle(bundle, harmonizer=harmonizer)
+    result = store.transaction(bundle) if kind == "transaction" else store.batch(bundle)
+    attach_outcomes(result, warnings)
+    base = _base()
+    for entry in result.get("entry") or []:
+        if entry and "fullUrl" in entry and "://" not in entry["fullUrl"]:
+            entry["fullUrl"] = f"{base}/{entry['fullUrl']}"
+    return fhir_response(result)
+
+
+# -- type level -------------------------------------------------------------------------------------
+@bp.post("/<resource_type>")
+def create(resource_type):
+    _check_format()
+    _check_type(resource_type)
+    body = _json_body()
+    if body.get("resourceType") != resource_type:
+        raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
+                             f"{resource_type!r}", error_id="type-mismatch", expression=["resourceType"])
+    body = _harmonized(body)
+    result = get_store().create(body, if_none_exist=request.headers.get("If-None-Exist") or None)
+    return _write_response(result.resource, 201 if result.created else 200)
+
+
+def _search_params() -> list[tuple[str, str]]:
+    params = list(request.args.items(multi=True))
+    if request.method == "POST":
+        if request.mimetype != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType("POST _search expects application/x-www-form-urlencoded",
+                                       error_id="unsupported-media-type")
+        params += list(request.form.items(multi=True))
+    return params
+
+
+@bp.route("/<resource_type>", methods=["GET"])
+@bp.route("/<resource_type>/_search", methods=["POST"])
+def search(resource_type):
+    _check_format()
+    _check_type(resource_type)
+    params = _search_params()
+    strict = _prefer().get("handling") == "strict"
+    result = get_store().search(resource_type, params, strict=strict)
+    base = _base()
+    ignored = {name.split("=")[0] for name in result.ignored}
+    kept = [(k, v) for k, v in params if k not in _CONTROL and k not in ignored and k != "_format"]
+
+    def link(relation: str, offset: int) -> dict:
+        query = urlencode([*kept, ("_count", result.count), ("_offset", offset)])
+        return {"relation": relation, "url": f"{base}/{resource_type}?{query}"}
+
+    bundle: dict = {"resourceType": "Bundle", "type": "searchset"}
+    if result.total is not None:
+        bundle["total"] = result.total
+    links = [link("self", result.offset)]
+    if result.count > 0 and not any(k == "_summary" and v == "count" for k, v in params):
+        links.append(link("first", 0))
+        if result.offset > 0:
+            links.append(link("previous", max(0, result.offset - result.count)))
+        has_next = (result.offset + result.count < result.total) if result.total is not None \
+            else len(result.matches) == result.count
+        if has_next:
+            links.append(link("next", result.offset + result.count))
+        if result.total is not None:
+            links.append(link("last", max(0, (result.total - 1) // result.count * result.count)))
+    bundle["link"] = links
+    entries = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+               for r in result.matches]
+    entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+                 "search": {"mode": "include"}} for r in result.included]
+    if result.ignored:
+        entries.append({"resource": {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "warning", "code": "not-supported",
+            "diagnostics": f"ignored search parameter {name!r}: not supported for {resource_type}",
+            "expression": [name]} for name in result.ignored]}, "search": {"mode": "outcome"}})
+    if entries:
+        bundle["entry"] = entries
+    return fhir_response(bundle)
+
+
+def _history_bundle(versions: list[dict]) -> dict:
+    base = _base()
+    entries = []
+    for v in versions:
+        meta = v.get("meta") or {}
+        url = f"{v['resourceType']}/{v['id']}"
+        deleted = DELETED_TAG in (meta.get("tag") or [])
+        method = "DELETE" if deleted else ("POST" if meta.get("versionId") == "1" else "PUT")
+        entry = {"fullUrl": f"{base}/{url}"}
+        if not deleted:
+            entry["resource"] = v
+        entry["request"] = {"method": method, "url": url if method != "POST" else v["resourceType"]}
+        entry["response"] = {"status": "204 No Content" if deleted else ("201 Created" if method == "POST" else "200 OK"),
+                             "etag": f'W/"{meta.get("versionId")}"', "lastModified": meta.get("lastUpdated")}
+        entries.append(entry)
+    bundle = {"resourceType": "Bundle", "type": "history", "total": len(entries)}
+    if entries:
+        bundle["entry"] = entries
+    return bundle
+
+
+def _count_arg() -> int | None:
+    raw = request.args.get("_count")
+    if raw is None:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InvalidRequest(f"_count must be a non-negative integer, got {raw!r}", error_id="invalid-search-value")
+    return n
+
+
+@bp.get("/<resource_type>/_history")
+def type_history(resource_type):
+    _check_format()
+    _check_type(resource_type)
+    return fhir_response(_history_bundle(get_store().history(resource_type, None, count=_count_arg())))
+
+
+# -- instance level ---------------------------------------------------------------------------------
+@bp.get("/<resource_type>/<resource_id>")
+def read(resource_type, resource_id):
+    _check_format()
+    _check_type(resource_type)
+    resource = get_store().read(resource_type, resource_id)
+    return fhir_response(resource, 200, _version_headers(resource))
+
+
+@bp.put("/<resource_type>/<resource_id>")
+def update(resource_type, resource_id):
+    _check_format()
+    _check_type(resource_type)
+    body = _json_body()
+    if body.get("resourceType") != resource_type:
+        raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
+                             f"{resource_type!r}", error_id="type-mismatch", expression=["resourceType"])
+    if "id" not in body:
+        raise InvalidRequest(f"the body of an update needs an id equal to the URL id {resource_id!r}",
+                             error_id="id-mismatch", expression=[f"{resource_type}.id"])
+    if body["id"] != resource_id:
+        raise InvalidRequest(f"body id {body['id']!r} does not match URL id {resource_id!r}",
+                             error_id="id-mismatch", expression=[f"{resource_type}.id"])
+    body = _harmonized(body)
+    result = get_store().update(resource_type, resource_id, body, if_match=request.headers.get("If-Match"))
+    return _write_response(result.resource, 201 if result.created else 200)
+
+
+@bp.delete("/<resource_type>/<resource_id>")
+def delete(resource_type, resource_id):
+    _check_type(resource_type)
+    get_store().delete(resource_type, resource_id)
+    return fhir_response(None, 204)
+
+
+@bp.get("/<resource_type>/<resource_id>/_history")
+def instance_history(resource_type, resource_id):
+    _check_format()
+    _check_type(resource_type)
+    return fhir_response(_history_bundle(get_store().history(resource_type, resource_id, count=_count_arg())))
+
+
+@bp.get("/<resource_type>/<resource_id>/_history/<version_id>")
+def vread(resource_type, resource_id, version_id):
+    _check_format()
+    _check_type(resource_type)
+    resource = get_store().vread(resource_type, resource_id, version_id)
+    return fhir_response(resource, 200, _version_headers(resource))
+
+
+# -- operations ($name): routed to h-ops' registry --------------------------------------------------
+# every method reaches the registry, which answers 405 with the Allow header the definition implies
+OPERATION_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+def _dispatch(level: str, resource_type: str | None, resource_id: str | None, name: str):
+    if resource_type is not None:
+        _check_type(resource_type)
+    registry = _operations_module()
+    if registry is None:
+        raise NotFound(f"unknown operation {name!r}", error_id="unknown-operation")
+    return registry.dispatch(level, resource_type, resource_id, name)
+
+
+@bp.route("/<op:name>", methods=OPERATION_METHODS)
+def system_operation(name):
+    return _dispatch("system", None, None, name)
+
+
+@bp.route("/<resource_type>/<op:name>", methods=OPERATION_METHODS)
+def type_operation(resource_type, name):
+    return _dispatch("type", resource_type, None, name)
+
+
+@bp.route("/<resource_type>/<resource_id>/<op:name>", methods=OPERATION_METHODS)
+def instance_operation(resource_type, resource_id, name):
+    return _dispatch("instance", resource_type, resource_id, name)

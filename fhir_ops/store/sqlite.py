@@ -1,0 +1,589 @@
+"""The embedded FHIR store: one SQLite file (WAL) holding current resources, history and search indexes.
+
+Implements ``fhir_ops.store.base.Store``; search parameters come from ``fhir_ops.search``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from urllib.parse import parse_qsl
+
+from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, PreconditionFailed
+from fhir_ops.search.extract import index_rows
+from fhir_ops.search.query import compile_search, match_sql
+from fhir_ops.store.base import SearchResult, Store, WriteResult
+from fhir_ops.store.bundle import METHOD_ORDER, EntryRequest, parse_entries, response_entry, rewrite_references
+from fhir_ops.validation import ID_PATTERN, is_resource_type, validate_resource
+
+#: tag carried by the stub that stands for a deleted version in ``history()`` results
+DELETED_TAG = {"system": "https://trialtwin.org/fhir/CodeSystem/version-state", "code": "deleted"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    rid INTEGER PRIMARY KEY, type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
+    lu TEXT NOT NULL, lu_ts REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, json TEXT);
+CREATE UNIQUE INDEX IF NOT EXISTS resources_type_id ON resources(type, id);
+CREATE INDEX IF NOT EXISTS resources_type_lu ON resources(type, lu_ts);
+CREATE TABLE IF NOT EXISTS history (
+    rid INTEGER NOT NULL, version INTEGER NOT NULL, lu TEXT NOT NULL, lu_ts REAL NOT NULL,
+    deleted INTEGER NOT NULL, json TEXT, PRIMARY KEY (rid, version));
+CREATE TABLE IF NOT EXISTS idx_token (rid INTEGER NOT NULL, param TEXT NOT NULL, system TEXT, code TEXT);
+CREATE INDEX IF NOT EXISTS idx_token_q ON idx_token(param, code, system, rid);
+CREATE INDEX IF NOT EXISTS idx_token_s ON idx_token(param, system, rid);
+CREATE INDEX IF NOT EXISTS idx_token_r ON idx_token(rid, param);
+CREATE TABLE IF NOT EXISTS idx_ref (rid INTEGER NOT NULL, param TEXT NOT NULL, ttype TEXT, tid TEXT);
+CREATE INDEX IF NOT EXISTS idx_ref_q ON idx_ref(param, tid, ttype, rid);
+CREATE INDEX IF NOT EXISTS idx_ref_r ON idx_ref(rid, param);
+CREATE TABLE IF NOT EXISTS idx_date (rid INTEGER NOT NULL, param TEXT NOT NULL, low REAL, high REAL);
+CREATE INDEX IF NOT EXISTS idx_date_low ON idx_date(param, low, high, rid);
+CREATE TABLE IF NOT EXISTS date_width (param TEXT PRIMARY KEY, w REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_date_r ON idx_date(rid, param);
+CREATE TABLE IF NOT EXISTS idx_string (rid INTEGER NOT NULL, param TEXT NOT NULL, norm TEXT, raw TEXT);
+CREATE INDEX IF NOT EXISTS idx_string_q ON idx_string(param, norm, rid);
+CREATE INDEX IF NOT EXISTS idx_string_r ON idx_string(rid, param);
+CREATE TABLE IF NOT EXISTS idx_quantity (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL, system TEXT,
+    code TEXT);
+CREATE INDEX IF NOT EXISTS idx_quantity_q ON idx_quantity(param, value, rid);
+CREATE INDEX IF NOT EXISTS idx_quantity_r ON idx_quantity(rid, param);
+CREATE TABLE IF NOT EXISTS idx_number (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL);
+CREATE INDEX IF NOT EXISTS idx_number_q ON idx_number(param, value, rid);
+CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number(rid, param);
+CREATE TABLE IF NOT EXISTS idx_uri (rid INTEGER NOT NULL, param TEXT NOT NULL, value TEXT);
+CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri(param, value, rid);
+CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri(rid, param);
+"""
+_INDEX_INSERT = {
+    "token": "INSERT INTO idx_token(rid, param, system, code) VALUES (?,?,?,?)",
+    "reference": "INSERT INTO idx_ref(rid, param, ttype, tid) VALUES (?,?,?,?)",
+    "date": "INSERT INTO idx_date(rid, param, low, high) VALUES (?,?,?,?)",
+    "string": "INSERT INTO idx_string(rid, param, norm, raw) VALUES (?,?,?,?)",
+    "quantity": "INSERT INTO idx_quantity(rid, param, value, system, code) VALUES (?,?,?,?,?)",
+    "number": "INSERT INTO idx_number(rid, param, value) VALUES (?,?,?)",
+    "uri": "INSERT INTO idx_uri(rid, param, value) VALUES (?,?,?)",
+}
+_INDEX_TABLES = ("idx_token", "idx_ref", "idx_date", "idx_string", "idx_quantity", "idx_number", "idx_uri")
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _now() -> tuple[str, float]:
+    """The current instant as a FHIR instant with milliseconds, and as epoch seconds of the same value."""
+    ms = time.time_ns() // 1_000_000
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z", ms / 1000
+
+
+def parse_version(if_match: str) -> str:
+    """Extract the version id from an If-Match value: ``3``, ``"3"`` or ``W/"3"``.
+
+    Examples
+    --------
+    >>> parse_version('W/"3"'), parse_version("3")
+    ('3', '3')
+    """
+    v = if_match.strip()
+    if v.startswith("W/"):
+        v = v[2:]
+    return v.strip('"')
+
+
+def _stored(resource: dict, rid: str, version: int, lu: str) -> dict:
+    """The resource as stored: id and meta first, server-owned meta fields replaced."""
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = lu
+    out = {"resourceType": resource["resourceType"], "id": rid, "meta": meta}
+    for k, v in resource.items():
+        if k not in out:
+            out[k] = v
+    return out
+
+
+class _Tx:
+    """One write transaction on one connection; index and resource inserts are buffered for executemany."""
+
+    def __init__(self, store: "SQLiteStore", conn: sqlite3.Connection):
+        self.store, self.conn = store, conn
+        conn.execute("BEGIN IMMEDIATE")
+        self.next_rid = (conn.execute("SELECT COALESCE(MAX(rid), 0) FROM resources").fetchone()[0]) + 1
+        self.lu, self.lu_ts = _now()
+        self.pending_resources: list[tuple] = []
+        self.pending_index: dict[str, list[tuple]] = {k: [] for k in _INDEX_INSERT}
+        self.new_keys: set[tuple[str, str]] = set()
+        self.widths: dict[str, float] = {}
+
+    def flush(self) -> None:
+        if self.pending_resources:
+            self.conn.executemany(
+                "INSERT INTO resources(rid, type, id, version, lu, lu_ts, deleted, json) VALUES (?,?,?,?,?,?,0,?)",
+                self.pending_resources)
+            self.pending_resources = []
+        for kind, rows in self.pending_index.items():
+            if rows:
+                self.conn.executemany(_INDEX_INSERT[kind], rows)
+                self.pending_index[kind] = []
+        if self.widths:
+            # the widest date range per parameter bounds date range scans (see search.query._date_condition)
+            self.conn.executemany("INSERT INTO date_width(param, w) VALUES (?, ?) "
+                                  "ON CONFLICT(param) DO UPDATE SET w = max(w, excluded.w)", self.widths.items())
+            self.widths = {}
+
+    def current(self, rtype: str, rid: str):
+        if (rtype, rid) in self.new_keys:
+            self.flush()
+        return self.conn.execute("SELECT rid, version, deleted, json FROM resources WHERE type = ? AND id = ?",
+                                 (rtype, rid)).fetchone()
+
+    def _index(self, rowid: int, stored: dict) -> None:
+        for kind, rows in index_rows(stored).items():
+            if rows:
+                self.pending_index[kind].extend((rowid, *row) for row in rows)
+                if kind == "date":
+                    widths = self.widths
+                    for key, low, high in rows:
+                        if high - low > widths.get(key, -1.0):
+                            widths[key] = high - low
+
+    def insert(self, resource: dict, rid: str) -> dict:
+        stored = _stored(resource, rid, 1, self.lu)
+        rowid = self.next_rid
+        self.next_rid += 1
+        self.pending_resources.append((rowid, stored["resourceType"], rid, 1, self.lu, self.lu_ts, _dumps(stored)))
+        self.new_keys.add((stored["resourceType"], rid))
+        self._index(rowid, stored)
+        return stored
+
+    def _retire(self, rowid: int) -> None:
+        """Move the current version of a resource into history and drop its index rows."""
+        self.flush()
+        self.conn.execute("INSERT INTO history(rid, version, lu, lu_ts, deleted, json) "
+                          "SELECT rid, version, lu, lu_ts, deleted, json FROM resources WHERE rid = ?", (rowid,))
+        for table in _INDEX_TABLES:
+            self.conn.execute(f"DELETE FROM {table} WHERE rid = ?", (rowid,))
+
+    def replace(self, row, resource: dict, rid: str) -> dict:
+        rowid, version = row[0], row[1]
+        self._retire(rowid)
+        stored = _stored(resource, rid, version + 1, self.lu)
+        self.conn.execute("UPDATE resources SET version = ?, lu = ?, lu_ts = ?, deleted = 0, json = ? WHERE rid = ?",
+                          (version + 1, self.lu, self.lu_ts, _dumps(stored), rowid))
+        self._index(rowid, stored)
+        return stored
+
+    def delete(self, row) -> None:
+        rowid, version = row[0], row[1]
+        self._retire(rowid)
+        self.conn.execute("UPDATE resources SET version = ?, lu = ?, lu_ts = ?, deleted = 1, json = NULL "
+                          "WHERE rid = ?", (version + 1, self.lu, self.lu_ts, rowid))
+
+    def search_ids(self, rtype: str, query: str) -> list[str]:
+        """Ids of current resources matching a conditional query (inside this transaction)."""
+        self.flush()
+        params = parse_qsl(query, keep_blank_values=True)
+        if not params:
+            raise InvalidRequest("If-None-Exist needs a search query such as identifier=system|value",
+                                 error_id="invalid-condition")
+        where, args, _, _ = match_sql(compile_search(rtype, params, strict=True))
+        return [x[0] for x in self.conn.execute(f"SELECT r.id FROM resources r WHERE {where} LIMIT 2", args)]
+
+
+class SQLiteStore(Store):
+    """FHIR R4 store in one SQLite file.
+
+    Concurrency: a pool of connections, each used by one thread at a time. The threaded HTTP server
+    starts a thread per request, so thread-local connections would be opened and dropped per request;
+    a pool reuses them. WAL lets readers run beside the one writer; writers take the write lock up
+    front (``BEGIN IMMEDIATE``) and wait on ``busy_timeout`` rather than failing, so concurrent writes
+    serialize instead of deadlocking on lock upgrades. ``synchronous=NORMAL`` in WAL mode keeps the
+    file consistent on a crash; a power loss may drop the last commits.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The SQLite file; its directory is created if missing.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "t.sqlite"))
+    >>> created = store.create({"resourceType": "Patient", "gender": "female"})
+    >>> store.read("Patient", created.resource["id"])["meta"]["versionId"]
+    '1'
+    >>> store.close()
+    """
+
+    name = "embedded"
+
+    def __init__(self, path) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        self._pool.put(conn)
+
+    # -- connections -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA cache_size=-65536")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _conn(self):
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # never hand a connection back mid-transaction
+                conn.execute("ROLLBACK")
+            self._pool.put(conn)
+
+    @contextmanager
+    def _write(self):
+        with self._conn() as conn:
+            tx = _Tx(self, conn)
+            try:
+                yield tx
+                tx.flush()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self):
+        """A read transaction, so multi-statement reads (count, page, includes) see one snapshot."""
+        with self._conn() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    # -- single interactions ------------------------------------------------------------------------
+    @staticmethod
+    def _check_type(resource_type: str) -> None:
+        if not is_resource_type(resource_type):
+            raise NotFound(f"unknown resource type {resource_type!r}", error_id="unknown-resource-type")
+
+    def _create_in(self, tx: _Tx, resource: dict, if_none_exist: str | None) -> WriteResult:
+        rtype = resource["resourceType"]
+        if if_none_exist:
+            ids = tx.search_ids(rtype, if_none_exist.lstrip("?"))
+            if len(ids) > 1:
+                raise PreconditionFailed(f"If-None-Exist {if_none_exist!r} matches more than one {rtype}",
+                                         error_id="multiple-matches")
+            if ids:
+                return WriteResult(json.loads(tx.current(rtype, ids[0])[3]), False)
+        return WriteResult(tx.insert(resource, str(uuid.uuid4())), True)
+
+    def create(self, resource: dict, *, if_none_exist: str | None = None) -> WriteResult:
+        validate_resource(resource)
+        with self._write() as tx:
+            return self._create_in(tx, resource, if_none_exist)
+
+    def read(self, resource_type: str, resource_id: str) -> dict:
+        self._check_type(resource_type)
+        with self._conn() as conn:
+            row = conn.execute("SELECT deleted, json, version FROM resources WHERE type = ? AND id = ?",
+                               (resource_type, resource_id)).fetchone()
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} does not exist", error_id="unknown-id")
+        if row[0]:
+            raise Gone(f"{resource_type}/{resource_id} was deleted (version {row[2]})", error_id="deleted")
+        return json.loads(row[1])
+
+    def vread(self, resource_type: str, resource_id: str, version_id: str) -> dict:
+        self._check_type(resource_type)
+        with self._read() as conn:
+            row = conn.execute("SELECT rid, version, deleted, json FROM resources WHERE type = ? AND id = ?",
+                               (resource_type, resource_id)).fetchone()
+            if row is None:
+                raise NotFound(f"{resource_type}/{resource_id} does not exist", error_id="unknown-id")
+            if str(row[1]) == str(version_id):
+                found = row[2:]
+            else:
+                found = conn.execute("SELECT deleted, json FROM history WHERE rid = ? AND version = ?",
+                                     (row[0], version_id)).fetchone()
+        if found is None:
+            raise NotFound(f"{resource_type}/{resource_id} has no version {version_id!r}", error_id="unknown-version")
+        if found[0]:
+            raise Gone(f"version {version_id} of {resource_type}/{resource_id} is a deletion", error_id="deleted")
+        return json.loads(found[1])
+
+    def _update_in(self, tx: _Tx, resource_type: str, resource_id: str, resource: dict,
+                   if_match: str | None) -> WriteResult:
+        if resource.get("resourceType") != resource_type:
+            raise InvalidRequest(f"resource type {resource.get('resourceType')!r} does not match {resource_type!r}",
+                                 error_id="type-mismatch", expression=["resourceType"])
+        if resource.get("id", resource_id) != resource_id:
+            raise InvalidRequest(f"resource id {resource.get('id')!r} does not match the id in the URL "
+                                 f"{resource_id!r}", error_id="id-mismatch", expression=[f"{resource_type}.id"])
+        if not ID_PATTERN.match(resource_id):
+            raise InvalidRequest(f"{resource_id!r} is not a valid FHIR id", error_id="invalid-id")
+        row = tx.current(resource_type, resource_id)
+        if if_match is not None:
+            wanted = parse_version(if_match)
+            if row is None or row[2] or str(row[1]) != wanted:
+                have = "no current version" if row is None or row[2] else f"version {row[1]}"
+                raise PreconditionFailed(f"If-Match {if_match!r} does not match {resource_type}/{resource_id} "
+                                         f"({have})", error_id="version-conflict")
+        if row is None:
+            return WriteResult(tx.insert(resource, resource_id), True)
+        return WriteResult(tx.replace(row, resource, resource_id), bool(row[2]))
+
+    def update(self, resource_type: str, resource_id: str, resource: dict, *,
+               if_match: str | None = None) -> WriteResult:
+        self._check_type(resource_type)
+        validate_resource(resource)
+        with self._write() as tx:
+            return self._update_in(tx, resource_type, resource_id, resource, if_match)
+
+    def _delete_in(self, tx: _Tx, resource_type: str, resource_id: str) -> bool:
+        row = tx.current(resource_type, resource_id)
+        if row is None or row[2]:
+            return False
+        tx.delete(row)
+        return True
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        self._check_type(resource_type)
+        with self._write() as tx:
+            self._delete_in(tx, resource_type, resource_id)
+
+    def history(self, resource_type: str, resource_id: str | None = None, *,
+                count: int | None = None) -> list[dict]:
+        """Versions newest first; a deleted version is a stub ``{resourceType, id, meta}`` tagged ``DELETED_TAG``."""
+        self._check_type(resource_type)
+        limit = -1 if count is None else int(count)
+        with self._read() as conn:
+            if resource_id is not None:
+                row = conn.execute("SELECT rid FROM resources WHERE type = ? AND id = ?",
+                                   (resource_type, resource_id)).fetchone()
+                if row is None:
+                    raise NotFound(f"{resource_type}/{resource_id} does not exist", error_id="unknown-id")
+                sql = ("SELECT ?, ?, version, lu, deleted, json FROM ("
+                       "SELECT version, lu, lu_ts, deleted, json FROM resources WHERE rid = ? UNION ALL "
+                       "SELECT version, lu, lu_ts, deleted, json FROM history WHERE rid = ?) "
+                       "ORDER BY version DESC LIMIT ?")
+                rows = conn.execute(sql, (resource_type, resource_id, row[0], row[0], limit)).fetchall()
+            else:
+                sql = ("SELECT type, id, version, lu, deleted, json FROM ("
+                       "SELECT type, id, version, lu, lu_ts, deleted, json FROM resources WHERE type = ? UNION ALL "
+                       "SELECT r.type, r.id, h.version, h.lu, h.lu_ts, h.deleted, h.json FROM history h "
+                       "JOIN resources r ON r.rid = h.rid WHERE r.type = ?) "
+                       "ORDER BY lu_ts DESC, version DESC LIMIT ?")
+                rows = conn.execute(sql, (resource_type, resource_type, limit)).fetchall()
+        out = []
+        for rtype, rid, version, lu, deleted, text in rows:
+            if deleted:
+                out.append({"resourceType": rtype, "id": rid,
+                            "meta": {"versionId": str(version), "lastUpdated": lu, "tag": [dict(DELETED_TAG)]}})
+            else:
+                out.append(json.loads(text))
+        return out
+
+    # -- search ---------------------------------------------------------------------------------------
+    def search(self, resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> SearchResult:
+        self._check_type(resource_type)
+        c = compile_search(resource_type, list(params), strict=strict)
+        where, args, count_sql, count_args = match_sql(c)
+        with self._read() as conn:
+            total = None
+            if c.want_total or c.summary_count:
+                total = conn.execute(count_sql, count_args).fetchone()[0]
+            if c.summary_count or c.count == 0:
+                return SearchResult(total, [], [], c.offset, c.count, c.ignored)
+            rows = conn.execute(f"SELECT r.rid, r.id, r.json FROM resources r WHERE {where} "
+                                f"ORDER BY {c.order_by} LIMIT ? OFFSET ?", [*args, c.count, c.offset]).fetchall()
+            matches = [json.loads(r[2]) for r in rows]
+            included = self._included(conn, c, rows) if (c.includes or c.revincludes) and rows else []
+        return SearchResult(total, matches, included, c.offset, c.count, c.ignored)
+
+    @staticmethod
+    def _included(conn: sqlite3.Connection, c, rows) -> list[dict]:
+        seen = {(c.resource_type, r[1]) for r in rows}
+        rids = [r[0] for r in rows]
+        ids = [r[1] for r in rows]
+        out = []
+        marks = ",".join("?" * len(rids))
+        for keys, target in c.includes:
+            pm = ",".join("?" * len(keys))
+            sql = (f"SELECT DISTINCT t.type, t.id, t.json FROM idx_ref x JOIN resources t "
+                   f"ON t.type = x.ttype AND t.id = x.tid WHERE x.rid IN ({marks}) AND x.param IN ({pm}) "
+                   f"AND t.deleted = 0")
+            args = [*rids, *keys]
+            if target:
+                sql += " AND x.ttype = ?"
+                args.append(target)
+            for rtype, rid, text in conn.execute(sql, args):
+                if (rtype, rid) not in seen:
+                    seen.add((rtype, rid))
+                    out.append(json.loads(text))
+        idm = ",".join("?" * len(ids))
+        for keys, target_type in c.revincludes:
+            pm = ",".join("?" * len(keys))
+            sql = (f"SELECT DISTINCT t.type, t.id, t.json FROM idx_ref x JOIN resources t ON t.rid = x.rid "
+                   f"WHERE x.param IN ({pm}) AND x.ttype = ? AND x.tid IN ({idm}) AND t.deleted = 0")
+            for rtype, rid, text in conn.execute(sql, [*keys, target_type, *ids]):
+                if (rtype, rid) not in seen:
+                    seen.add((rtype, rid))
+                    out.append(json.loads(text))
+        return out
+
+    # -- bundles ---------------------------------------------------------------------------------------
+    def _validate_entries(self, entries: list[EntryRequest]) -> None:
+        for e in entries:
+            if e.resource is None:
+                continue
+            try:
+                validate_resource(e.resource)
+            except FhirError as err:
+                where = e.where
+                err.message = f"{where}: {err.message}"
+                err.args = (err.message,)
+                inner = [x.split(".", 1)[1] if "." in x else x for x in err.expression]
+                err.expression = [where, *(f"{where}.resource.{x}" for x in inner)]
+                raise
+
+    def _run_entry(self, tx: _Tx, e: EntryRequest, resource: dict | None) -> dict:
+        """Apply one parsed entry inside ``tx``; return its response entry."""
+        if e.method == "POST":
+            result = self._create_in(tx, resource, e.if_none_exist)
+            return response_entry(201 if result.created else 200, result.resource)
+        if e.method == "PUT":
+            result = self._update_in(tx, e.resource_type, e.resource_id, resource, e.if_match)
+            return response_entry(201 if result.created else 200, result.resource)
+        if e.method == "DELETE":
+            self._delete_in(tx, e.resource_type, e.resource_id)
+            return response_entry(204)
+        tx.flush()
+        if e.query is not None:  # GET Type?query inside a bundle: a searchset
+            res = self._search_in(tx.conn, e.resource_type, e.query)
+            return {"resource": res, "response": {"status": "200 OK"}}
+        if e.resource_id is None:
+            raise InvalidRequest(f"{e.where}: GET needs Type/id or Type?query", error_id="invalid-bundle")
+        row = tx.conn.execute("SELECT rid, version, deleted, json FROM resources WHERE type = ? AND id = ?",
+                              (e.resource_type, e.resource_id)).fetchone()
+        if row is None:
+            raise NotFound(f"{e.resource_type}/{e.resource_id} does not exist", error_id="unknown-id")
+        if e.version_id is not None and str(row[1]) != e.version_id:
+            row = tx.conn.execute("SELECT rid, version, deleted, json FROM history WHERE rid = ? AND version = ?",
+                                  (row[0], e.version_id)).fetchone()
+            if row is None:
+                raise NotFound(f"{e.resource_type}/{e.resource_id} has no version {e.version_id}",
+                               error_id="unknown-version")
+        if row[2]:
+            raise Gone(f"{e.resource_type}/{e.resource_id} was deleted", error_id="deleted")
+        return response_entry(200, json.loads(row[3]), include_resource=True)
+
+    def _search_in(self, conn, resource_type: str, params) -> dict:
+        c = compile_search(resource_type, params)
+        where, args, count_sql, count_args = match_sql(c)
+        total = conn.execute(count_sql, count_args).fetchone()[0]
+        rows = conn.execute(f"SELECT r.json FROM resources r WHERE {where} ORDER BY {c.order_by} LIMIT ? OFFSET ?",
+                            [*args, c.count, c.offset]).fetchall()
+        return {"resourceType": "Bundle", "type": "searchset", "total": total,
+                "entry": [{"resource": json.loads(r[0]), "search": {"mode": "match"}} for r in rows]}
+
+    def transaction(self, bundle: dict) -> dict:
+        """Apply a transaction Bundle atomically.
+
+        Every entry is validated before anything is written; ``urn:uuid:`` fullUrls of created (and
+        conditionally matched) resources are rewritten in every reference of the bundle; entries run in
+        FHIR order (DELETE, POST, PUT, GET); any failure rolls everything back and is raised with the
+        entry's index in ``expression`` (``Bundle.entry[3]``).
+        """
+        entries = parse_entries(bundle, "transaction")
+        self._validate_entries(entries)
+        responses: list[dict | None] = [None] * len(entries)
+        # Work on copies so reference rewriting never changes the caller's bundle.
+        resources = {e.index: dict(e.resource) for e in entries if e.resource is not None}
+        order = sorted(entries, key=lambda e: METHOD_ORDER[e.method])
+        with self._write() as tx:
+            current: EntryRequest | None = None
+            try:
+                mapping: dict[str, str] = {}
+                posts = [e for e in order if e.method == "POST"]
+                matched: dict[int, WriteResult] = {}
+                for e in posts:  # resolve conditional creates first: their outcome fixes the target id
+                    current = e
+                    if e.if_none_exist:
+                        ids = tx.search_ids(e.resource_type, e.if_none_exist.lstrip("?"))
+                        if len(ids) > 1:
+                            raise PreconditionFailed(f"ifNoneExist {e.if_none_exist!r} matches more than one "
+                                                     f"{e.resource_type}", error_id="multiple-matches")
+                        if ids:
+                            matched[e.index] = WriteResult(json.loads(tx.current(e.resource_type, ids[0])[3]), False)
+                            if e.full_url:
+                                mapping[e.full_url] = f"{e.resource_type}/{ids[0]}"
+                            continue
+                    new_id = str(uuid.uuid4())
+                    resources[e.index]["id"] = new_id
+                    if e.full_url:
+                        mapping[e.full_url] = f"{e.resource_type}/{new_id}"
+                for e in entries:
+                    if e.method == "PUT" and e.full_url:
+                        mapping[e.full_url] = f"{e.resource_type}/{e.resource_id}"
+                if mapping:
+                    for res in resources.values():
+                        rewrite_references(res, mapping)
+                for e in order:
+                    current = e
+                    if e.index in matched:
+                        responses[e.index] = response_entry(200, matched[e.index].resource)
+                    elif e.method == "POST":
+                        res = resources[e.index]
+                        responses[e.index] = response_entry(201, tx.insert(res, res["id"]))
+                    else:
+                        responses[e.index] = self._run_entry(tx, e, resources.get(e.index))
+            except FhirError as err:
+                if current is not None and not any(x.startswith("Bundle.entry[") for x in err.expression):
+                    err.message = f"{current.where}: {err.message}"
+                    err.args = (err.message,)
+                    err.expression = [current.where, *err.expression]
+                raise
+        return {"resourceType": "Bundle", "type": "transaction-response", "entry": responses}
+
+    def batch(self, bundle: dict) -> dict:
+        """Apply a batch Bundle entry by entry, each in its own transaction; failures become outcomes."""
+        entries = parse_entries(bundle, "batch")
+        responses = []
+        for e in entries:
+            try:
+                if e.resource is not None:
+                    validate_resource(e.resource)
+                with self._write() as tx:
+                    resource = dict(e.resource) if e.resource is not None else None
+                    responses.append(self._run_entry(tx, e, resource))
+            except FhirError as err:
+                responses.append({"response": {
+                    "status": response_entry(err.status)["response"]["status"], "outcome": err.to_outcome()}})
+        return {"resourceType": "Bundle", "type": "batch-response", "entry": responses}

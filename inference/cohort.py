@@ -1,0 +1,553 @@
+"""Virtual populations and vectorized cohort simulation of the TT-201 twin model.
+
+Covariates are sampled from a cohort's distribution, parameters get log-normal variability and
+covariate effects, and ``simulate_cohort`` runs PK -> PD -> HbA1c + behaviour for up to 10^6
+participants in one call, chunked to bound memory, seeded and independent of the chunk size.
+
+The TT-201 model (docs/ARCHITECTURE.md, "The demo study"):
+
+* PK: 1-compartment, first-order oral absorption with lag; ``CL = CL_typ * (WT/70)^0.75 *
+  (eGFR/90)^theta_egfr * exp(eta_CL)``, ``V = V_typ * (WT/70) * exp(eta_V)``, ``ka`` with IIV;
+  once-daily doses at the start of each day, taken according to the behaviour model;
+* PD: Emax effect of the daily average concentration on fasting plasma glucose (FPG);
+* disease: HbA1c with linear natural drift; the drug acts as an offset equal to the FPG reduction
+  divided by 28.7 mg/dL per % (the ADAG relation eAG = 28.7 * HbA1c - 46.7, Nathan et al. 2008,
+  Diabetes Care 31:1473), reached with a first-order delay of ``hba1c_delay_days``;
+* behaviour: :mod:`inference.behaviour` (adherence, adverse events driven by concentration,
+  attendance, dropout).
+
+The population layer here is deliberately small and self-contained (typical values, log-normal
+IIV, fixed covariate effects); estimation of population parameters lives in
+``inference.population``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference.behaviour import (BehaviourModel, VisitSchedule, draw_random_bits, n_uniforms,
+                                 simulate_behaviour)
+from inference.covariates import Covariates
+from inference.disease import DiseaseProgression, progress
+from inference.pk import DailyOneCompartmentOral
+
+__all__ = [
+    "CovariateModel",
+    "fit_covariate_model",
+    "sample_covariates",
+    "TT201Population",
+    "sample_parameters",
+    "Scenario",
+    "CohortResult",
+    "simulate_cohort",
+    "summarize",
+    "sweep",
+    "BLOCK_SIZE",
+]
+
+#: participants per random-number block; results are identical for any chunk size that is a
+#: multiple of it because every block draws from its own stream
+BLOCK_SIZE = 1000
+
+ADAG_SLOPE = 28.7  # mg/dL of average glucose per % HbA1c (Nathan et al. 2008)
+ADAG_INTERCEPT = -46.7
+
+_CONTINUOUS = ("weight_kg", "age_y", "egfr", "distance_km")
+_BOUNDS = {"weight_kg": (35.0, 250.0), "age_y": (18.0, 90.0), "egfr": (15.0, 150.0),
+           "distance_km": (0.0, 400.0)}
+
+
+def _to_latent(cov: Covariates) -> np.ndarray:
+    # log scales make weight, eGFR and distance roughly normal and keep samples positive
+    return np.column_stack([np.log(cov.weight_kg), cov.age_y, np.log(cov.egfr),
+                            np.log1p(cov.distance_km)])
+
+
+def _from_latent(z: np.ndarray) -> dict:
+    raw = {"weight_kg": np.exp(z[:, 0]), "age_y": z[:, 1], "egfr": np.exp(z[:, 2]),
+           "distance_km": np.expm1(z[:, 3])}
+    return {k: np.clip(v, *_BOUNDS[k]) for k, v in raw.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class CovariateModel:
+    """Distribution of covariates: sex, then a sex-specific multivariate normal on a latent scale.
+
+    The latent vector is (log weight, age, log eGFR, log(1 + distance)); sites are drawn from
+    their observed frequencies. Samples are clipped to physiological bounds.
+
+    Examples
+    --------
+    >>> cm = CovariateModel.tt201()
+    >>> cov = sample_covariates(cm, 1000, np.random.default_rng(0))
+    >>> 70 < float(np.median(cov.weight_kg)) < 100
+    True
+    """
+
+    p_female: float
+    mean: np.ndarray          # (2, 4): row 0 male, row 1 female
+    cov: np.ndarray           # (2, 4, 4)
+    site_probabilities: np.ndarray
+    _chol: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_female <= 1.0:
+            raise ValueError("p_female must lie in [0, 1]")
+        mean = np.asarray(self.mean, dtype=float)
+        cov = np.asarray(self.cov, dtype=float)
+        if mean.shape != (2, 4) or cov.shape != (2, 4, 4):
+            raise ValueError("mean must have shape (2, 4) and cov (2, 4, 4) (male, female)")
+        try:
+            chol = np.linalg.cholesky(cov)
+        except np.linalg.LinAlgError:
+            raise ValueError("covariance matrices must be symmetric positive definite") from None
+        sites = np.asarray(self.site_probabilities, dtype=float)
+        if sites.ndim != 1 or sites.size == 0 or np.any(sites < 0) or not math.isclose(sites.sum(), 1.0,
+                                                                                       rel_tol=1e-9):
+            raise ValueError("site_probabilities must be non-negative and sum to 1")
+        for name, value in (("mean", mean), ("cov", cov), ("site_probabilities", sites),
+                            ("_chol", chol)):
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def tt201(cls) -> "CovariateModel":
+        """Adults with type 2 diabetes in a decentralized trial (3 sites)."""
+        sd = np.array([0.17, 9.0, 0.25, 0.9])
+        corr = np.array([[1.0, -0.15, 0.05, 0.0],
+                         [-0.15, 1.0, -0.45, 0.0],
+                         [0.05, -0.45, 1.0, 0.0],
+                         [0.0, 0.0, 0.0, 1.0]])
+        cov = corr * np.outer(sd, sd)
+        mean_male = np.array([np.log(92.0), 58.0, np.log(82.0), np.log1p(20.0)])
+        mean_female = np.array([np.log(80.0), 59.0, np.log(80.0), np.log1p(20.0)])
+        return cls(p_female=0.45, mean=np.stack([mean_male, mean_female]),
+                   cov=np.stack([cov, cov]), site_probabilities=np.array([0.4, 0.35, 0.25]))
+
+    def replace(self, **changes) -> "CovariateModel":
+        """Return a validated copy with some fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+
+def fit_covariate_model(covariates: Covariates, n_sites: int | None = None) -> CovariateModel:
+    """Match a :class:`CovariateModel` to an observed cohort (moments per sex on the latent scale).
+
+    Examples
+    --------
+    >>> cm = CovariateModel.tt201()
+    >>> fitted = fit_covariate_model(sample_covariates(cm, 20000, np.random.default_rng(1)))
+    >>> abs(fitted.p_female - 0.45) < 0.02
+    True
+    """
+    z = _to_latent(covariates)
+    female = covariates.sex_female.astype(bool)
+    means, covs = [], []
+    for group in (~female, female):
+        if group.sum() < 6:
+            # too few of one sex to estimate a covariance: pool both sexes
+            group = np.ones_like(female)
+        means.append(z[group].mean(axis=0))
+        covs.append(np.cov(z[group], rowvar=False) + 1e-9 * np.eye(4))
+    n_sites = int(covariates.site.max()) + 1 if n_sites is None else n_sites
+    counts = np.bincount(covariates.site, minlength=n_sites).astype(float)
+    return CovariateModel(p_female=float(female.mean()), mean=np.stack(means), cov=np.stack(covs),
+                          site_probabilities=counts / counts.sum())
+
+
+def sample_covariates(model: CovariateModel, n: int, rng: np.random.Generator) -> Covariates:
+    """Draw ``n`` virtual participants' covariates from ``model``."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    female = (rng.random(n) < model.p_female).astype(np.int8)
+    z = rng.standard_normal((n, 4))
+    latent = model.mean[female] + np.einsum("nij,nj->ni", model._chol[female], z)
+    site = rng.choice(model.site_probabilities.size, size=n, p=model.site_probabilities)
+    return Covariates(sex_female=female, site=site, **_from_latent(latent))
+
+
+@dataclass(frozen=True)
+class TT201Population:
+    """Typical values, inter-individual variability (SD of log) and covariate effects of TT-201.
+
+    Concentrations are in mg/L, time in hours for PK and days for the disease model.
+
+    Examples
+    --------
+    >>> TT201Population().replace(cl=6.0).cl
+    6.0
+    """
+
+    cl: float = 5.0                 # L/h at 70 kg and eGFR 90
+    v: float = 50.0                 # L at 70 kg
+    ka: float = 1.0                 # 1/h
+    tlag: float = 0.5               # h
+    f: float = 0.8
+    cl_weight_exponent: float = 0.75
+    v_weight_exponent: float = 1.0
+    cl_egfr_exponent: float = 0.5
+    omega_cl: float = 0.3
+    omega_v: float = 0.2
+    omega_ka: float = 0.4
+    fpg_emax: float = 45.0          # mg/dL
+    ec50: float = 0.5               # mg/L
+    omega_fpg_emax: float = 0.25
+    omega_ec50: float = 0.5
+    hba1c_mean: float = 8.2         # %
+    hba1c_sd: float = 0.8
+    fpg_residual_sd: float = 15.0   # mg/dL around the ADAG relation at baseline
+    hba1c_drift_per_year: float = 0.2
+    hba1c_delay_days: float = 40.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not np.isfinite(value):
+                raise ValueError(f"{f.name} must be finite")
+        for name in ("cl", "v", "ka", "ec50", "hba1c_delay_days"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("omega_cl", "omega_v", "omega_ka", "omega_fpg_emax", "omega_ec50", "hba1c_sd",
+                     "fpg_residual_sd", "tlag"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not 0 < self.f <= 1:
+            raise ValueError("f must lie in (0, 1]")
+        if self.tlag >= 24:
+            raise ValueError("tlag must be shorter than the 24 h dosing interval")
+
+    def replace(self, **changes) -> "TT201Population":
+        """Return a validated copy with some parameters replaced."""
+        return dataclasses.replace(self, **changes)
+
+
+def sample_parameters(population: TT201Population, covariates: Covariates,
+                      rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """Individual parameters for ``covariates``: covariate model times log-normal IIV.
+
+    With ``rng=None`` every random effect is 0 (typical individuals for these covariates) and the
+    baseline HbA1c is the population mean.
+
+    Examples
+    --------
+    >>> cov = Covariates(weight_kg=[70.0, 140.0], age_y=[50.0, 50.0], egfr=[90.0, 90.0],
+    ...                  sex_female=[0, 0], distance_km=[1.0, 1.0], site=[0, 0])
+    >>> p = sample_parameters(TT201Population(), cov, None)
+    >>> np.round(p["cl"], 3)   # allometric: 5 * 2 ** 0.75
+    array([5.   , 8.409])
+    """
+    pop = population
+    n = covariates.n
+    eta = np.zeros((6, n)) if rng is None else rng.standard_normal((6, n))
+    wt = covariates.weight_kg / 70.0
+    params = {
+        "cl": pop.cl * wt ** pop.cl_weight_exponent * (covariates.egfr / 90.0) ** pop.cl_egfr_exponent
+        * np.exp(pop.omega_cl * eta[0]),
+        "v": pop.v * wt ** pop.v_weight_exponent * np.exp(pop.omega_v * eta[1]),
+        "ka": pop.ka * np.exp(pop.omega_ka * eta[2]),
+        "tlag": np.full(n, pop.tlag),
+        "f": np.full(n, pop.f),
+        "fpg_emax": pop.fpg_emax * np.exp(pop.omega_fpg_emax * eta[3]),
+        "ec50": pop.ec50 * np.exp(pop.omega_ec50 * eta[4]),
+        "hba1c0": np.clip(pop.hba1c_mean + pop.hba1c_sd * eta[5], 5.5, 13.0),
+    }
+    fpg_noise = np.zeros(n) if rng is None else pop.fpg_residual_sd * rng.standard_normal(n)
+    params["fpg0"] = np.maximum(ADAG_SLOPE * params["hba1c0"] + ADAG_INTERCEPT + fpg_noise, 70.0)
+    return params
+
+
+def _monthly_visits() -> VisitSchedule:
+    return VisitSchedule.every(28, 6)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What is simulated: once-daily dose, study length, visit schedule and behaviour.
+
+    Examples
+    --------
+    >>> s = Scenario(dose_mg=50.0)
+    >>> s.replace(n_days=365).n_days
+    365
+    """
+
+    dose_mg: float = 100.0
+    n_days: int = 169
+    schedule: VisitSchedule = field(default_factory=_monthly_visits)
+    behaviour: BehaviourModel = field(default_factory=BehaviourModel)
+    name: str = ""
+
+    def __post_init__(self):
+        if not (np.isfinite(self.dose_mg) and self.dose_mg >= 0):
+            raise ValueError("dose_mg must be finite and >= 0")
+        if int(self.n_days) != self.n_days or self.n_days < 1:
+            raise ValueError("n_days must be a positive integer")
+        if not isinstance(self.schedule, VisitSchedule) or self.schedule.remote.ndim != 1:
+            raise ValueError("schedule must be a VisitSchedule with one modality per visit")
+        if not isinstance(self.behaviour, BehaviourModel):
+            raise ValueError("behaviour must be a BehaviourModel")
+
+    def replace(self, **changes) -> "Scenario":
+        """Return a validated copy with some fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+
+SUMMARY_COLUMNS = (
+    "weight_kg", "age_y", "egfr", "sex_female", "distance_km", "site",
+    "cl", "v", "ka", "ec50", "fpg_emax", "hba1c0", "fpg0",
+    "adherence", "n_ae", "visits_attended", "visits_missed", "dropout_day",
+    "cavg_on_study", "fpg_last", "hba1c_last", "hba1c_change_last", "hba1c_change_end",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class CohortResult:
+    """Per-participant summaries (``summary[name]``, shape ``(n,)``) and optional daily trajectories.
+
+    ``hba1c_change_last`` is the change from baseline on the last day on study (what a trial would
+    observe); ``hba1c_change_end`` is the change at the end of the study period including the
+    washout after dropout (a treatment-policy estimand).
+    """
+
+    scenario: Scenario
+    seed: int
+    summary: dict
+    trajectories: dict | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of participants."""
+        return int(self.summary["dropout_day"].shape[0])
+
+
+def _block_generator(seed: int, block: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(block,))))
+
+
+def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, sizes, seed,
+                    keep_trajectories):
+    n_days = scenario.n_days
+    k_draws = n_uniforms(scenario.schedule, n_days)
+    # every block draws covariates, then parameters, then behaviour bits from its own stream
+    rngs = [_block_generator(seed, b) for b in blocks]
+    if covariates is None:
+        parts = [sample_covariates(covariate_model, size, rng) for rng, size in zip(rngs, sizes)]
+        cov = Covariates(**{k: np.concatenate([c.as_dict()[k] for c in parts])
+                            for k in parts[0].as_dict()})
+    else:
+        cov = covariates
+    offsets = np.cumsum([0] + list(sizes))
+    params = {}
+    bits = np.empty((k_draws, int(offsets[-1])), dtype=np.uint32)
+    for i, rng in enumerate(rngs):
+        sub = cov.take(slice(offsets[i], offsets[i + 1]))
+        for k, v in sample_parameters(population, sub, rng).items():
+            params.setdefault(k, []).append(v)
+        bits[:, offsets[i]:offsets[i + 1]] = draw_random_bits(rng, sizes[i], k_draws)
+    params = {k: np.concatenate(v) for k, v in params.items()}
+
+    pk = DailyOneCompartmentOral(cl=params["cl"], v=params["v"], ka=params["ka"],
+                                 tlag=params["tlag"], f=params["f"])
+    beh = simulate_behaviour(scenario.behaviour, cov, scenario.schedule, n_days,
+                             dose_mg=scenario.dose_mg, exposure=pk, random_bits=bits)
+    n = cov.n
+    hba1c_drift = population.hba1c_drift_per_year / 365.25
+    fpg_drift = ADAG_SLOPE * hba1c_drift
+    max_offset = params["fpg_emax"] / ADAG_SLOPE
+    last = np.maximum(np.minimum(beh.dropout_day, n_days) - 1, 0)
+    on_days = last + 1
+    traj = None
+    if keep_trajectories:
+        # built before the summaries, which overwrite the concentrations in place
+        activity = beh.concentration / (params["ec50"][:, None] + beh.concentration)
+        disease = DiseaseProgression(baseline=params["hba1c0"], slope=hba1c_drift,
+                                     max_offset=max_offset,
+                                     k_onset=1.0 / population.hba1c_delay_days)
+        traj = {"concentration": beh.concentration.copy(), "hba1c": progress(disease, activity),
+                "fpg": params["fpg0"][:, None] + fpg_drift * np.arange(n_days)[None, :]
+                - params["fpg_emax"][:, None] * activity,
+                "taken": beh.taken.copy(), "ae": beh.ae.copy(), "attended": beh.attended,
+                "visit_days": beh.visit_days}
+    conc_dn = beh.concentration.T  # (n_days, n), contiguous
+    act_last, offset_last, offset_end, conc_sum = _exposure_summaries(
+        conc_dn, params["ec50"], 1.0 / population.hba1c_delay_days, last)
+    hba1c_last = params["hba1c0"] + hba1c_drift * last - max_offset * offset_last
+    summary = dict(cov.as_dict())
+    summary.update({k: params[k] for k in ("cl", "v", "ka", "ec50", "fpg_emax", "hba1c0", "fpg0")})
+    summary.update({
+        "adherence": beh.adherence,
+        "n_ae": beh.ae.sum(axis=1),
+        "visits_attended": beh.attended.sum(axis=1),
+        "visits_missed": beh.missed.sum(axis=1),
+        "dropout_day": beh.dropout_day,
+        "cavg_on_study": conc_sum / on_days,
+        "fpg_last": params["fpg0"] + fpg_drift * last - params["fpg_emax"] * act_last,
+        "hba1c_last": hba1c_last,
+        "hba1c_change_last": hba1c_last - params["hba1c0"],
+        "hba1c_change_end": hba1c_drift * (n_days - 1) - max_offset * offset_end,
+    })
+    return summary, traj
+
+
+def _exposure_summaries(conc_dn, ec50, k_onset, last):
+    """One pass over the days: Emax activity, delayed HbA1c offset and concentration sum, read on
+    each participant's last day on study and at the end. Overwrites ``conc_dn`` with the activity.
+
+    The same first-order update as :func:`inference.disease.progress`, kept here as a day loop
+    over contiguous rows with in-place updates so that summaries need few temporaries.
+    """
+    n_days, n = conc_dn.shape
+    a = 1.0 - math.exp(-k_onset)
+    offset_hist = np.empty((n_days, n))
+    total_hist = np.empty((n_days, n))
+    offset = np.zeros(n)
+    total = np.zeros(n)
+    buf = np.empty(n)
+    for t in range(n_days):
+        c = conc_dn[t]
+        total += c
+        total_hist[t] = total
+        np.add(c, ec50, out=buf)
+        np.divide(c, buf, out=c)
+        offset *= 1.0 - a
+        np.multiply(c, a, out=buf)
+        offset += buf
+        offset_hist[t] = offset
+    rows = np.arange(n)
+    return conc_dn[last, rows], offset_hist[last, rows], offset, total_hist[last, rows]
+
+
+def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
+                    population: TT201Population | None = None,
+                    covariate_model: CovariateModel | None = None,
+                    covariates: Covariates | None = None,
+                    chunk_size: int = 10 * BLOCK_SIZE,
+                    trajectories: bool = False) -> CohortResult:
+    """Simulate the TT-201 twin model for a virtual cohort in one call.
+
+    Parameters
+    ----------
+    scenario : Scenario
+        Dose, study length, visit schedule and behaviour model.
+    n : int, optional
+        Number of virtual participants (sampled from ``covariate_model``); omit when
+        ``covariates`` are given.
+    seed : int
+        Seed; participant ``i`` draws from the stream of block ``i // BLOCK_SIZE``, so the result
+        depends only on ``seed`` and ``n``, never on ``chunk_size``.
+    population : TT201Population, optional
+        Typical values and variability (default ``TT201Population()``).
+    covariate_model : CovariateModel, optional
+        Covariate distribution (default ``CovariateModel.tt201()``).
+    covariates : Covariates, optional
+        Observed covariates to simulate instead of sampled ones (a cohort twin).
+    chunk_size : int
+        Participants simulated together; a multiple of ``BLOCK_SIZE``. Memory grows with
+        ``chunk_size * n_days``.
+    trajectories : bool
+        Also return daily ``(n, n_days)`` arrays (concentration, fpg, hba1c, taken, ae); refused
+        above 2 * 10^7 participant-days.
+
+    Returns
+    -------
+    CohortResult
+
+    Examples
+    --------
+    >>> res = simulate_cohort(Scenario(dose_mg=100.0), n=300, seed=1)
+    >>> res.n, res.summary["hba1c_change_last"].shape
+    (300, (300,))
+    >>> bool(np.mean(res.summary["hba1c_change_last"]) < -0.3)
+    True
+    """
+    population = TT201Population() if population is None else population
+    covariate_model = CovariateModel.tt201() if covariate_model is None else covariate_model
+    if covariates is not None:
+        if n is not None and n != covariates.n:
+            raise ValueError(f"n={n} does not match the {covariates.n} given covariates")
+        n = covariates.n
+    if n is None or int(n) != n or n < 1:
+        raise ValueError("n must be a positive integer")
+    n = int(n)
+    if chunk_size < BLOCK_SIZE or chunk_size % BLOCK_SIZE:
+        raise ValueError(f"chunk_size must be a positive multiple of BLOCK_SIZE={BLOCK_SIZE}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError("seed must be a non-negative integer")
+    if trajectories and n * scenario.n_days > 2 * 10 ** 7:
+        raise ValueError("trajectories are limited to 2e7 participant-days; ask for summaries")
+    n_blocks = -(-n // BLOCK_SIZE)
+    per_chunk = chunk_size // BLOCK_SIZE
+    parts, traj_parts = [], []
+    for first in range(0, n_blocks, per_chunk):
+        blocks = list(range(first, min(first + per_chunk, n_blocks)))
+        sizes = [min(BLOCK_SIZE, n - b * BLOCK_SIZE) for b in blocks]
+        start, stop = blocks[0] * BLOCK_SIZE, blocks[0] * BLOCK_SIZE + sum(sizes)
+        sub_cov = covariates.take(slice(start, stop)) if covariates is not None else None
+        summary, traj = _simulate_chunk(scenario, population, covariate_model, sub_cov, blocks, sizes,
+                                        int(seed), trajectories)
+        parts.append(summary)
+        traj_parts.append(traj)
+    summary = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    traj = None
+    if trajectories:
+        traj = {k: np.concatenate([p[k] for p in traj_parts]) for k in traj_parts[0] if k != "visit_days"}
+        traj["visit_days"] = traj_parts[0]["visit_days"]
+    return CohortResult(scenario=scenario, seed=int(seed), summary=summary, trajectories=traj)
+
+
+def summarize(result: CohortResult) -> dict[str, float]:
+    """Cohort-level figures: mean HbA1c change, dropout and missed-visit rates, AE rate, adherence.
+
+    Examples
+    --------
+    >>> s = summarize(simulate_cohort(Scenario(dose_mg=0.0), n=200, seed=3))
+    >>> abs(s["hba1c_change_last_mean"]) < 0.2
+    True
+    """
+    s = result.summary
+    n_days = result.scenario.n_days
+    scheduled = s["visits_attended"] + s["visits_missed"]
+    days_on = np.minimum(s["dropout_day"], n_days)
+    return {
+        "n": float(result.n),
+        "dose_mg": float(result.scenario.dose_mg),
+        "hba1c_change_last_mean": float(np.mean(s["hba1c_change_last"])),
+        "hba1c_change_end_mean": float(np.mean(s["hba1c_change_end"])),
+        "dropout_rate": float(np.mean(s["dropout_day"] < n_days)),
+        "missed_visit_rate": float(np.sum(s["visits_missed"]) / max(np.sum(scheduled), 1)),
+        "ae_per_participant_year": float(np.sum(s["n_ae"]) / max(np.sum(days_on), 1) * 365.25),
+        "adherence_mean": float(np.nanmean(s["adherence"])),
+        "cavg_mean": float(np.mean(s["cavg_on_study"])),
+    }
+
+
+def sweep(scenario: Scenario, parameter: str, values, n: int, seed: int = 0, **kwargs) -> list[dict]:
+    """Run ``simulate_cohort`` once per value of one scenario parameter; one summary row per value.
+
+    ``parameter`` names a :class:`Scenario` field (``"dose_mg"``, ``"n_days"``) or a behaviour
+    parameter as ``"behaviour.<name>"``. The same seed is used for every value (common random
+    numbers), so differences between rows come from the parameter, not from sampling noise.
+
+    Examples
+    --------
+    >>> rows = sweep(Scenario(), "dose_mg", [0.0, 100.0], n=200, seed=2)
+    >>> rows[1]["hba1c_change_last_mean"] < rows[0]["hba1c_change_last_mean"]
+    True
+    """
+    rows = []
+    for value in values:
+        if parameter.startswith("behaviour."):
+            name = parameter.split(".", 1)[1]
+            if name not in {f.name for f in dataclasses.fields(BehaviourModel)}:
+                raise ValueError(f"unknown behaviour parameter {name!r}")
+            changed = scenario.replace(behaviour=scenario.behaviour.replace(**{name: value}))
+        elif parameter in {f.name for f in dataclasses.fields(Scenario)}:
+            changed = scenario.replace(**{parameter: value})
+        else:
+            raise ValueError(f"unknown scenario parameter {parameter!r}")
+        row = summarize(simulate_cohort(changed, n=n, seed=seed, **kwargs))
+        row[parameter] = value
+        rows.append(row)
+    return rows

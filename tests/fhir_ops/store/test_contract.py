@@ -1,0 +1,184 @@
+"""The storage contract (fhir_ops.store.base.Store), run against every implementation.
+
+Store-agnostic on purpose: only public Store methods, FHIR-visible results, ids learned from responses.
+"""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, PreconditionFailed
+
+pytestmark = pytest.mark.unit
+
+
+def _tag() -> str:
+    """A value unique to one test, so tests can share a long-lived remote store."""
+    return uuid.uuid4().hex[:12]
+
+
+def patient(tag: str, family: str = "Doe", **extra) -> dict:
+    return {"resourceType": "Patient", "identifier": [{"system": "urn:contract", "value": tag}],
+            "name": [{"family": family}], "birthDate": "1980-02-03", **extra}
+
+
+def test_create_assigns_id_and_version(store):
+    res = store.create(patient(_tag())).resource
+    assert res["id"] and res["meta"]["versionId"] == "1" and res["meta"]["lastUpdated"]
+    assert store.read("Patient", res["id"])["name"][0]["family"] == "Doe"
+
+
+def test_read_unknown_raises_not_found(store):
+    with pytest.raises(NotFound):
+        store.read("Patient", f"missing-{_tag()}")
+
+
+def test_update_versions_and_vread(store):
+    tag = _tag()
+    res = store.create(patient(tag)).resource
+    res2 = store.update("Patient", res["id"], {**res, "gender": "male"}).resource
+    assert res2["meta"]["versionId"] != res["meta"]["versionId"]
+    assert store.vread("Patient", res["id"], res["meta"]["versionId"]).get("gender") is None
+    assert store.vread("Patient", res["id"], res2["meta"]["versionId"])["gender"] == "male"
+    versions = store.history("Patient", res["id"])
+    assert [v["meta"]["versionId"] for v in versions] == [res2["meta"]["versionId"], res["meta"]["versionId"]]
+
+
+def test_update_as_create_with_client_id(store):
+    rid = f"c-{_tag()}"
+    result = store.update("Patient", rid, {**patient(rid), "id": rid})
+    assert result.created and result.resource["id"] == rid
+    again = store.update("Patient", rid, {**patient(rid), "id": rid, "gender": "female"})
+    assert not again.created
+
+
+def test_update_rejects_mismatched_id(store):
+    res = store.create(patient(_tag())).resource
+    with pytest.raises(InvalidRequest):
+        store.update("Patient", res["id"], {**res, "id": "someone-else"})
+
+
+def test_if_match_stale_version_is_precondition_failed(store):
+    res = store.create(patient(_tag())).resource
+    v1 = res["meta"]["versionId"]
+    store.update("Patient", res["id"], {**res, "gender": "male"}, if_match=f'W/"{v1}"')
+    with pytest.raises(PreconditionFailed):
+        store.update("Patient", res["id"], {**res, "gender": "female"}, if_match=f'W/"{v1}"')
+    assert store.read("Patient", res["id"])["gender"] == "male"
+
+
+def test_delete_then_read_is_gone(store):
+    res = store.create(patient(_tag())).resource
+    store.delete("Patient", res["id"])
+    with pytest.raises(Gone):
+        store.read("Patient", res["id"])
+    assert store.vread("Patient", res["id"], res["meta"]["versionId"])["id"] == res["id"]
+
+
+def test_if_none_exist_zero_one_many(store):
+    tag = _tag()
+    query = f"identifier=urn:contract|{tag}"
+    first = store.create(patient(tag), if_none_exist=query)
+    assert first.created
+    second = store.create(patient(tag), if_none_exist=query)
+    assert not second.created and second.resource["id"] == first.resource["id"]
+    store.create(patient(tag))
+    with pytest.raises(PreconditionFailed):
+        store.create(patient(tag), if_none_exist=query)
+
+
+def test_invalid_resource_is_rejected_and_not_stored(store):
+    tag = _tag()
+    with pytest.raises(InvalidRequest):
+        store.create(patient(tag, birthDate="1980-02-31"))
+    with pytest.raises(InvalidRequest):
+        store.create(patient(tag, shoeSize=44))
+    assert store.search("Patient", [("identifier", f"urn:contract|{tag}")]).total == 0
+
+
+def test_search_token_reference_date_string(store):
+    tag = _tag()
+    p = store.create(patient(tag, family=f"Zed{tag}")).resource
+    for i, code in enumerate(["4548-4", "4548-4", "1558-6"]):
+        store.create({"resourceType": "Observation", "status": "final",
+                      "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                      "subject": {"reference": f"Patient/{p['id']}"},
+                      "effectiveDateTime": f"2024-0{i + 1}-10T09:00:00Z"})
+    subject = ("subject", f"Patient/{p['id']}")
+    assert store.search("Observation", [subject]).total == 3
+    assert store.search("Observation", [subject, ("code", "http://loinc.org|4548-4")]).total == 2
+    assert store.search("Observation", [subject, ("date", "ge2024-02-01")]).total == 2
+    assert store.search("Observation", [subject, ("date", "2024-01")]).total == 1
+    assert store.search("Patient", [("family", f"zed{tag}")]).total == 1
+    assert store.search("Patient", [("family:exact", f"zed{tag}")]).total == 0
+
+
+def test_search_paging_and_summary_count(store):
+    tag = _tag()
+    for i in range(7):
+        store.create(patient(tag, family=f"Page{i}"))
+    ident = ("identifier", f"urn:contract|{tag}")
+    page = store.search("Patient", [ident, ("_count", "3"), ("_offset", "6")])
+    assert page.total == 7 and len(page.matches) == 1
+    counted = store.search("Patient", [ident, ("_summary", "count")])
+    assert counted.total == 7 and counted.matches == []
+
+
+def test_search_include_and_revinclude(store):
+    tag = _tag()
+    p = store.create(patient(tag)).resource
+    store.create({"resourceType": "Observation", "status": "final", "code": {"text": tag},
+                  "subject": {"reference": f"Patient/{p['id']}"}})
+    inc = store.search("Observation", [("subject", f"Patient/{p['id']}"), ("_include", "Observation:subject")])
+    assert [r["id"] for r in inc.included] == [p["id"]]
+    rev = store.search("Patient", [("_id", p["id"]), ("_revinclude", "Observation:subject")])
+    assert [r["resourceType"] for r in rev.included] == ["Observation"]
+
+
+def test_unknown_search_parameter_lenient_and_strict(store):
+    result = store.search("Patient", [("shoe-size", "44")])
+    assert "shoe-size" in result.ignored
+    with pytest.raises(InvalidRequest):
+        store.search("Patient", [("shoe-size", "44")], strict=True)
+
+
+def _tx(*entries):
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+def test_transaction_rewrites_urn_uuid_references(store):
+    tag = _tag()
+    urn = f"urn:uuid:{uuid.uuid4()}"
+    resp = store.transaction(_tx(
+        {"fullUrl": urn, "resource": patient(tag), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": tag},
+                      "subject": {"reference": urn}}, "request": {"method": "POST", "url": "Observation"}}))
+    assert resp["type"] == "transaction-response"
+    assert [e["response"]["status"][:3] for e in resp["entry"]] == ["201", "201"]
+    pid = resp["entry"][0]["response"]["location"].split("/")[1]
+    found = store.search("Observation", [("subject", f"Patient/{pid}")])
+    assert found.total == 1 and found.matches[0]["subject"]["reference"] == f"Patient/{pid}"
+
+
+def test_transaction_is_all_or_nothing(store):
+    tag = _tag()
+    with pytest.raises(FhirError) as info:
+        store.transaction(_tx(
+            {"resource": patient(tag), "request": {"method": "POST", "url": "Patient"}},
+            {"resource": patient(tag), "request": {"method": "POST", "url": "Patient"}},
+            {"resource": patient(tag, birthDate="yesterday"), "request": {"method": "POST", "url": "Patient"}}))
+    assert info.value.status == 400
+    assert store.search("Patient", [("identifier", f"urn:contract|{tag}")]).total == 0
+
+
+def test_batch_keeps_good_entries_and_reports_bad_ones(store):
+    tag = _tag()
+    resp = store.batch({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": patient(tag), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient(tag, birthDate="yesterday"), "request": {"method": "POST", "url": "Patient"}}]})
+    assert resp["type"] == "batch-response"
+    assert resp["entry"][0]["response"]["status"].startswith("201")
+    assert resp["entry"][1]["response"]["status"].startswith("400")
+    assert resp["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert store.search("Patient", [("identifier", f"urn:contract|{tag}")]).total == 1
