@@ -331,21 +331,25 @@ def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, s
     n_days = scenario.n_days
     k_draws = n_uniforms(scenario.schedule, n_days)
     # every block draws covariates, then parameters, then behaviour bits from its own stream
-    rngs = [_block_generator(seed, b) for b in blocks]
-    if covariates is None:
-        parts = [sample_covariates(covariate_model, size, rng) for rng, size in zip(rngs, sizes)]
-        cov = Covariates(**{k: np.concatenate([c.as_dict()[k] for c in parts])
-                            for k in parts[0].as_dict()})
-    else:
-        cov = covariates
+    # A partial last block draws as if it were full and keeps its first participants, so that a
+    # participant's draws never depend on how many follow (sampled covariates only).
     offsets = np.cumsum([0] + list(sizes))
-    params = {}
+    params, cov_parts = {}, []
     bits = np.empty((k_draws, int(offsets[-1])), dtype=np.uint32)
-    for i, rng in enumerate(rngs):
-        sub = cov.take(slice(offsets[i], offsets[i + 1]))
-        for k, v in sample_parameters(population, sub, rng).items():
-            params.setdefault(k, []).append(v)
-        bits[:, offsets[i]:offsets[i + 1]] = draw_random_bits(rng, sizes[i], k_draws)
+    for i, (b, size) in enumerate(zip(blocks, sizes)):
+        rng = _block_generator(seed, b)
+        if covariates is None:
+            block_cov = sample_covariates(covariate_model, BLOCK_SIZE, rng)
+            width = BLOCK_SIZE
+        else:
+            block_cov = covariates.take(slice(offsets[i], offsets[i + 1]))
+            width = size
+        cov_parts.append(block_cov.take(slice(0, size)))
+        for k, v in sample_parameters(population, block_cov, rng).items():
+            params.setdefault(k, []).append(v[:size])
+        bits[:, offsets[i]:offsets[i + 1]] = draw_random_bits(rng, width, k_draws)[:, :size]
+    cov = Covariates(**{k: np.concatenate([c.as_dict()[k] for c in cov_parts])
+                        for k in cov_parts[0].as_dict()})
     params = {k: np.concatenate(v) for k, v in params.items()}
 
     pk = DailyOneCompartmentOral(cl=params["cl"], v=params["v"], ka=params["ka"],
@@ -396,27 +400,31 @@ def _exposure_summaries(conc_dn, ec50, k_onset, last):
     each participant's last day on study and at the end. Overwrites ``conc_dn`` with the activity.
 
     The same first-order update as :func:`inference.disease.progress`, kept here as a day loop
-    over contiguous rows with in-place updates so that summaries need few temporaries.
+    over contiguous rows with in-place updates; each participant's values are captured on their
+    own last day (participants grouped by that day), so no ``(n_days, n)`` history is built.
     """
     n_days, n = conc_dn.shape
     a = 1.0 - math.exp(-k_onset)
-    offset_hist = np.empty((n_days, n))
-    total_hist = np.empty((n_days, n))
     offset = np.zeros(n)
     total = np.zeros(n)
     buf = np.empty(n)
+    act_last, offset_last, total_last = np.zeros(n), np.zeros(n), np.zeros(n)
+    order = np.argsort(last, kind="stable")
+    bounds = np.searchsorted(last[order], np.arange(n_days + 1))
     for t in range(n_days):
         c = conc_dn[t]
         total += c
-        total_hist[t] = total
         np.add(c, ec50, out=buf)
         np.divide(c, buf, out=c)
         offset *= 1.0 - a
         np.multiply(c, a, out=buf)
         offset += buf
-        offset_hist[t] = offset
-    rows = np.arange(n)
-    return conc_dn[last, rows], offset_hist[last, rows], offset, total_hist[last, rows]
+        if bounds[t + 1] > bounds[t]:
+            sel = order[bounds[t]:bounds[t + 1]]
+            act_last[sel] = c[sel]
+            offset_last[sel] = offset[sel]
+            total_last[sel] = total[sel]
+    return act_last, offset_last, offset, total_last
 
 
 def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
@@ -436,7 +444,8 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         ``covariates`` are given.
     seed : int
         Seed; participant ``i`` draws from the stream of block ``i // BLOCK_SIZE``, so the result
-        depends only on ``seed`` and ``n``, never on ``chunk_size``.
+        never depends on ``chunk_size``, and (for sampled covariates) participant ``i``'s result
+        does not change when ``n`` grows.
     population : TT201Population, optional
         Typical values and variability (default ``TT201Population()``).
     covariate_model : CovariateModel, optional
