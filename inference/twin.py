@@ -138,6 +138,9 @@ def _daily_activity(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, n_da
     return emax(np.maximum(cavg, 0.0), 1.0, p["ec50"][:, None])
 
 
+_NEGLIGIBLE_EFOLDS = 16.0
+
+
 def _concentration(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, times_h: np.ndarray) -> np.ndarray:
     """Concentration (ng/mL), shape (n, T): every dose is its own single-dose row of ``pk.concentration``.
 
@@ -147,7 +150,12 @@ def _concentration(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, times
     n = p["cl"].shape[0]
     dose_t = np.asarray(dose_times_h, dtype=float)
     amounts = np.broadcast_to(np.asarray(dose_mg, dtype=float), (n, dose_t.size))
-    relevant = dose_t < times_h.max()  # doses after the last output time contribute nothing
+    # Doses after the last output time contribute nothing, and a dose whose slowest decay (the
+    # smaller of k and ka over all rows) has run for more than 16 e-folds before the first output
+    # time adds less than 1e-7 of its peak: a forecast then superposes the last weeks, not all history.
+    slowest = float(np.min(np.minimum(p["cl"] / p["v"], p["ka"])))
+    elapsed = times_h.min() - dose_t - float(np.max(p["tlag"]))
+    relevant = (dose_t < times_h.max()) & (slowest * elapsed < _NEGLIGIBLE_EFOLDS)
     dose_t, amounts = dose_t[relevant], amounts[:, relevant]
     d = dose_t.size
     if d == 0:
