@@ -18,7 +18,7 @@ for every study day ``t = 0 .. n_days-1`` (day 0 is randomization), in this orde
 4. **adverse event** - daily probability ``ae_background + ae_max * C^h / (ae_c50^h + C^h)``;
 5. **attendance** - on a scheduled visit day, logistic in the visit burden: in-person visit,
    travel distance (in-person only), visit frequency (visits in the last 30 days), a recent adverse
-   event, and a missed previous visit;
+   event, a missed previous visit, and an optional per-site offset;
 6. **dropout** - a discrete-time hazard per day ``h = exp(log_h0 + b_burden * B(t) + b_ae * AE_recent
    + b_time * t/100)`` where ``B(t)`` is the visit burden of the last 30 days (in-person visit:
    ``1 + distance/25 km``; remote visit: ``remote_burden``). The participant leaves at the end of the
@@ -66,7 +66,11 @@ class ExposureStepper(Protocol):
         """Return the initial (drug-free) state for ``n`` participants."""
 
     def step(self, state, dose_mg: np.ndarray):  # pragma: no cover - protocol
-        """Advance one day with doses given at the start of the day; return (state, daily average)."""
+        """Advance one day with doses given at the start of the day; return (state, daily average).
+
+        The state may be updated in place and the returned ``(n,)`` average may be a buffer that
+        the next step overwrites; the day loop copies it at once.
+        """
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +186,7 @@ class BehaviourModel:
     attend_visits_last_30d: float = -0.3
     attend_recent_ae: float = -1.0
     attend_previous_missed: float = -0.8
+    attend_site_offsets: tuple = ()  # logit offset per site index (missing sites: 0)
     # dropout hazard (log per day)
     dropout_log_hazard: float = -8.8
     dropout_burden: float = 0.5
@@ -192,8 +197,10 @@ class BehaviourModel:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not np.isfinite(value):
+            if not np.all(np.isfinite(value)):
                 raise ValueError(f"{f.name} must be finite, got {value}")
+        object.__setattr__(self, "attend_site_offsets",
+                           tuple(float(x) for x in self.attend_site_offsets))
         for name in ("ae_background", "ae_max", "adherence_recent_ae"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -370,7 +377,10 @@ def simulate_behaviour(
     dist = covariates.distance_km
     burden = np.where(remote, m.remote_burden, 1.0 + dist[:, None] / 25.0)
     cum_burden = np.concatenate([np.zeros((n, 1)), np.cumsum(burden, axis=1)], axis=1)
-    attend_base = (m.attend_intercept
+    site_offsets = np.zeros(int(covariates.site.max(initial=0)) + 1)
+    known = min(len(m.attend_site_offsets), site_offsets.size)
+    site_offsets[:known] = m.attend_site_offsets[:known]
+    attend_base = (m.attend_intercept + site_offsets[covariates.site][:, None]
                    + np.where(remote, 0.0, m.attend_in_person
                               + m.attend_distance_per_10km * dist[:, None] / 10.0))
     day_index = np.arange(n_days)

@@ -71,3 +71,16 @@ def test_bad_input_is_refused(covariates_500):
         VisitSchedule(days=[28, 28], remote=False)
     with pytest.raises(ValueError, match="dose_mg"):
         simulate_behaviour(BehaviourModel(), covariates_500, SCHEDULE, 10, np.random.default_rng(0), -1.0)
+
+
+def test_site_offsets_change_attendance_only_at_that_site():
+    cov = make_covariates(4000, seed=8)
+    base = simulate_behaviour(BehaviourModel(), cov, SCHEDULE, 169, np.random.default_rng(2))
+    worse = simulate_behaviour(BehaviourModel(attend_site_offsets=(0.0, -2.0)), cov, SCHEDULE, 169,
+                               np.random.default_rng(2))
+    site1 = cov.site == 1
+    rate = lambda r, mask: r.missed[mask].sum() / r.scheduled[mask].sum()
+    assert rate(worse, site1) > rate(base, site1) + 0.1
+    # participants are independent and site 0 (offset 0) and site 2 (none given) are unchanged,
+    # so with the same draws their visits are identical
+    np.testing.assert_array_equal(worse.attended[~site1], base.attended[~site1])

@@ -1,0 +1,147 @@
+"""Population estimation (FOCEI) against nlme's published Theophylline fit and on simulated data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.datasets import ssfol
+from inference.estimation import find_modes, fit_population
+from inference.population import (
+    CovariateEffect,
+    ObservationData,
+    PopulationModel,
+    ResidualError,
+    simulate_observations,
+)
+
+pytestmark = pytest.mark.unit
+
+# Reference: Pinheiro & Bates (2000), "Mixed-Effects Models in S and S-PLUS", ch. 8 (script
+# ch08.R shipped with R's nlme): fm3Theo.nlme = nlme(conc ~ SSfol(Dose, Time, lKe, lKa, lCl),
+# Theoph, random = pdDiag(lKa + lCl ~ 1)), maximum likelihood (nlme's default). Its fixed effects
+# and residual SD are the ones in the product SPEC: lKe -2.4547, lKa 0.4657, lCl -3.2272, sigma 0.709.
+NLME_FIXED = {"lKe": -2.4547, "lKa": 0.4657, "lCl": -3.2272}
+NLME_SIGMA = 0.709
+# Random-effect SDs and fixed-effect standard errors of the same (diagonal) fit, as printed by
+# summary() in nlme and quoted in a public validation write-up (GitHub, exozippy pharmacokinetics
+# README: SEs given on the log10 scale, converted here by ln 10): SE lKe 0.0525, lKa 0.1986,
+# lCl 0.0600; SD(lKa) 0.6439, SD(lCl) 0.1669.
+NLME_SE = {"lKe": 0.02280 * np.log(10), "lKa": 0.08627 * np.log(10), "lCl": 0.02606 * np.log(10)}
+NLME_OMEGA_SD = {"lKa": 0.6439, "lCl": 0.1669}
+
+
+@pytest.fixture(scope="module")
+def theoph_fit(theoph):
+    start = PopulationModel(("lKe", "lKa", "lCl"), [-2.5, 0.5, -3.0], ("lKa", "lCl"),
+                            np.diag([0.5, 0.5]) ** 2, ResidualError("additive", additive=1.0))
+    return fit_population(start, ssfol, theoph)
+
+
+def test_theoph_fixed_effects_match_nlme(theoph_fit):
+    assert theoph_fit.converged, theoph_fit.message
+    for name, value in zip(theoph_fit.model.parameters, theoph_fit.model.theta):
+        # acceptance: within 0.05 on the log scale (FOCE and nlme's Lindstrom-Bates
+        # linearization are different approximations of the same likelihood)
+        assert abs(value - NLME_FIXED[name]) < 0.05, (name, value)
+
+
+def test_theoph_residual_and_variability_match_nlme(theoph_fit):
+    assert theoph_fit.model.error.additive == pytest.approx(NLME_SIGMA, rel=0.15)
+    for name, sd in zip(theoph_fit.model.random_effects, theoph_fit.model.omega_sd):
+        assert sd == pytest.approx(NLME_OMEGA_SD[name], rel=0.10), name
+
+
+def test_theoph_standard_errors_match_nlme(theoph_fit):
+    for name, se in NLME_SE.items():
+        assert theoph_fit.standard_errors[name] == pytest.approx(se, rel=0.15), name
+    assert set(theoph_fit.standard_errors) == {"lKe", "lKa", "lCl", "omega_sd(lKa)", "omega_sd(lCl)", "sigma_additive"}
+
+
+def test_theoph_fit_is_an_optimum_and_reports_individuals(theoph_fit, theoph):
+    # moving any parameter away from the estimate must not lower -2LL
+    from inference.estimation import objective_function
+
+    base = theoph_fit.model
+    for delta in ([0.02, 0, 0], [0, -0.05, 0], [0, 0, 0.02]):
+        moved = base.replace(theta=base.theta + np.array(delta))
+        assert objective_function(moved, find_modes(moved, ssfol, theoph)) > theoph_fit.objective
+    assert theoph_fit.eta.shape == (12, 2)
+    assert theoph_fit.individual_parameters.shape == (12, 3)
+    np.testing.assert_allclose(theoph_fit.individual_parameters[:, 0], base.theta[0])
+    # empirical Bayes estimates shrink towards 0 and average near 0
+    assert np.all(np.abs(theoph_fit.eta.mean(axis=0)) < 0.1)
+    assert theoph_fit.aic == pytest.approx(theoph_fit.objective + 12)
+
+
+def test_fit_rejects_data_without_observations(theoph, theoph_start):
+    with pytest.raises(ValueError, match="no observed"):
+        fit_population(theoph_start, ssfol, theoph.replace(value=np.full(theoph.n_rows, np.nan)))
+
+
+@pytest.mark.slow
+def test_recovers_simulated_population_with_covariate_full_omega_and_combined_error():
+    # FOCEI on data simulated from a known model: 120 subjects, allometric weight effect on
+    # clearance (estimated), correlated random effects, combined error. Estimates must fall
+    # within 3 standard errors of the truth (and the SEs must be sensible).
+    truth = PopulationModel(
+        ("lKe", "lKa", "lCl"), [-2.3, 0.3, -3.2], ("lKa", "lCl"),
+        np.array([[0.16, 0.03], [0.03, 0.0625]]),
+        ResidualError("combined", additive=0.2, proportional=0.1),
+        (CovariateEffect("lCl", "weight", "power", 70.0, 0.75),),
+        omega_structure="full",
+    )
+    rng = np.random.default_rng(2024)
+    n, times = 120, np.array([0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 24.0])
+    t = np.tile(times, n)
+    design = ObservationData(np.repeat(np.arange(n), times.size), t, np.full(t.size, np.nan),
+                             covariates={"weight": rng.uniform(50, 110, n)}, design={"dose": np.full(t.size, 4.0)})
+    data, _ = simulate_observations(truth, ssfol, design, seed=rng)
+    start = truth.replace(theta=[-2.0, 0.0, -3.0], omega=np.diag([0.25, 0.25]),
+                          error=ResidualError("combined", additive=0.5, proportional=0.2),
+                          covariate_effects=(truth.covariate_effects[0].replace(coefficient=0.0),))
+    fit = fit_population(start, ssfol, data)
+    assert fit.converged, fit.message
+    se = fit.standard_errors
+    for name, true in zip(truth.parameters, truth.theta):
+        assert abs(fit.estimates[name] - true) < 3 * se[name], name
+    assert abs(fit.estimates["lCl~weight"] - 0.75) < 3 * se["lCl~weight"]
+    assert fit.model.error.additive == pytest.approx(0.2, abs=3 * se["sigma_additive"])
+    assert fit.model.error.proportional == pytest.approx(0.1, abs=3 * se["sigma_proportional"])
+    np.testing.assert_allclose(fit.model.omega, truth.omega, atol=0.06)
+
+
+def test_fit_reports_a_broken_structural_model(theoph, theoph_start):
+    with pytest.raises(ValueError, match="structural model returned shape"):
+        fit_population(theoph_start, lambda phi, data: phi[:, 0], theoph)
+
+
+@pytest.mark.slow
+def test_recovers_a_two_output_population():
+    # drug concentration (proportional error) and an Emax biomarker (additive error) fitted
+    # together: each output's residual parameter and the typical values come back within 3 SE
+    def pk_biomarker(phi, data):
+        conc = ssfol(phi[:, :3], data)
+        biomarker = 10.0 * (1.0 - conc / (conc + np.exp(phi[data.subject, 3])))
+        return np.where(data.design["output"] == 0, conc, biomarker)
+
+    truth = PopulationModel(
+        ("lKe", "lKa", "lCl", "lEC50"), [-2.3, 0.3, -3.2, 1.5], ("lKa", "lCl", "lEC50"),
+        np.diag([0.4, 0.25, 0.4]) ** 2,
+        (ResidualError("proportional", proportional=0.15), ResidualError("additive", additive=0.5)),
+    )
+    n = 60
+    times = np.array([0.5, 1.0, 3.0, 6.0, 12.0, 2.0, 4.0, 8.0, 24.0])
+    outputs = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    t = np.tile(times, n)
+    design = ObservationData(np.repeat(np.arange(n), times.size), t, np.full(t.size, np.nan),
+                             design={"dose": np.full(t.size, 4.0), "output": np.tile(outputs, n)})
+    data, _ = simulate_observations(truth, pk_biomarker, design, seed=77)
+    start = truth.replace(theta=[-2.0, 0.0, -3.0, 1.0], omega=np.diag([0.5, 0.5, 0.5]) ** 2,
+                          error=(ResidualError("proportional", proportional=0.3), ResidualError("additive", additive=1.0)))
+    fit = fit_population(start, pk_biomarker, data)
+    assert fit.converged, fit.message
+    se = fit.standard_errors
+    for name, true in zip(truth.parameters, truth.theta):
+        assert abs(fit.estimates[name] - true) < 3 * se[name], name
+    assert abs(fit.model.errors[0].proportional - 0.15) < 3 * se["sigma_proportional[0]"]
+    assert abs(fit.model.errors[1].additive - 0.5) < 3 * se["sigma_additive[1]"]
