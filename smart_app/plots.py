@@ -77,12 +77,18 @@ def forecast_svg(baseline, scenario=None, outputs=("hba1c", "fpg", "concentratio
                                   label="observed")
                 dots.set_gid(f"observed-{out}")
             ax.axvline(0, color="#999999", linewidth=0.8, linestyle=":")
+            # Recent history only (three horizons back): older points would squeeze the forecast.
+            horizon = max(s["day"]) if s["day"] else 28.0
+            left = min([p[0] for p in points if p[0] >= -3 * horizon] or [0.0])
+            ax.set_xlim(left - 0.03 * (horizon - left), horizon + 0.03 * (horizon - left))
             unit = baseline.units.get(out) or ""
             ax.set_title(OUTPUT_LABELS.get(out, out), loc="left", fontsize=10)
-            ax.set_xlabel("days from today (forecast starts at 0)")
+            ax.set_xlabel("days from the forecast start")
             ax.set_ylabel(unit)
-        axes[0][0].legend(loc="best", fontsize=7, frameon=False)
+        handles, labels = axes[0][0].get_legend_handles_labels()
         fig.tight_layout()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=8,
+                   frameon=False)
         return _svg(fig, "Forecast of " + ", ".join(OUTPUT_LABELS.get(o, o) for o in shown)
                     + " with prediction intervals and observed values")
 
@@ -101,7 +107,7 @@ def cohort_svg(arm_series: dict, units: dict | None = None, outputs=("hba1c", "f
                 band.set_gid(f"arm-band-{out}-{i}")
                 ax.plot(s["day"], s["median"], color=colour, linewidth=1.6, label=arm)
             ax.set_title(OUTPUT_LABELS.get(out, out), loc="left", fontsize=10)
-            ax.set_xlabel("days from today")
+            ax.set_xlabel("days from the forecast start")
             ax.set_ylabel((units or {}).get(out, ""))
         axes[0][0].legend(loc="best", fontsize=7, frameon=False)
         fig.tight_layout()

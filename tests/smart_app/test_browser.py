@@ -56,6 +56,14 @@ def test_launch_approve_and_see_the_forecast(browser, combined):
             assert plot.count() == 1 and plot.is_visible()
             assert plot.locator("#forecast-band-hba1c").count() == 1
             assert plot.locator("#observed-hba1c").count() == 1
+            # what-if: three missed doses and lower adherence, overlaid on the baseline
+            page.fill("#missed", "2, 3, 4")
+            page.fill("#adherence", "0.6")
+            page.get_by_role("button", name="Simulate").click()
+            page.wait_for_load_state("load")
+            plot = page.locator("#forecast-plot svg")
+            assert plot.locator("#scenario-band-concentration").count() == 1
+            assert plot.locator("#forecast-band-concentration").count() == 1
         else:
             assert page.get_by_text("does not offer $simulate yet").first.is_visible()
         ARTIFACTS.mkdir(exist_ok=True)
