@@ -237,3 +237,18 @@ def test_open_mode_is_refused_off_loopback(host):
 def test_cli_refuses_open_mode_on_all_interfaces(tmp_path, capsys):
     assert main(["serve", "--auth", "open", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 1
     assert "--auth open serves participant data without any authorization" in capsys.readouterr().err
+
+
+def test_async_jobs_are_visible_to_their_submitter_only(combined, system_read, p1_read):
+    from joserfc.jwk import RSAKey
+
+    started = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$simulate", system_read,
+                   json={"resourceType": "Parameters", "parameter": [{"name": "horizonDays", "valueInteger": 7}]},
+                   headers={"Prefer": "respond-async"})
+    assert started.status_code == 202, started.text
+    job = started.headers["Content-Location"]
+    other_client = combined.backend_token("system/*.rs", RSAKey.generate_key(2048, parameters={"kid": "k3"}))
+    refused = call("GET", job, other_client["access_token"])
+    assert refused.status_code == 403 and outcome_id(refused) == "not-job-owner"
+    assert call("GET", job, None).status_code == 401
+    assert call("GET", job, system_read).status_code in (200, 202)
