@@ -13,13 +13,16 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
-# Integration tier: HAPI FHIR JPA as a plain Java process built by our Maven project.
-stop_hapi() { bash scripts/hapi.sh stop || true; }
-if [ "${TRIALTWIN_SKIP_HAPI:-0}" != 1 ]; then
-  bash scripts/hapi.sh build
-  trap stop_hapi EXIT
-  bash scripts/hapi.sh start
+# Integration tier: HAPI FHIR JPA as a plain Java process built by our Maven project (CI has no
+# Docker). Start one unless it is already up or deliberately skipped, and stop only what this
+# script started. A fresh in-memory database keeps runs independent.
+started_hapi=0
+if [[ "${TRIALTWIN_SKIP_HAPI:-0}" != "1" ]] && ! curl -sf --max-time 5 -o /dev/null "$(scripts/hapi.sh url)/metadata"; then
+  HAPI_DB="${HAPI_DB:-mem}" scripts/hapi.sh start
+  started_hapi=1
 fi
+stop_hapi() { if [[ $started_hapi == 1 ]]; then scripts/hapi.sh stop; fi; }
+trap stop_hapi EXIT
 
 mkdir -p test-artifacts
-"$BIN/python" -m pytest -n 2 --dist loadgroup "$@"
+"$BIN/python" -m pytest -n 2 "$@"

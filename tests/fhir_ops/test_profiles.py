@@ -34,7 +34,7 @@ def forecast():
         "valueQuantity": {"value": 7.1, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"},
         "method": {"coding": [{"system": CS, "code": "twin-simulation"}]},
         "device": {"reference": "Device/m1"},
-        "derivedFrom": [{"reference": "Basic/t1/_history/2"}],
+        "extension": [{"url": f"{SD}/twin-state-reference", "valueReference": {"reference": "Basic/t1/_history/2"}}],
         "component": [{
             "extension": [{"url": f"{SD}/interval-level", "valueDecimal": 0.9}],
             "code": {"coding": [{"system": CS, "code": "prediction-interval"}]},
@@ -53,7 +53,7 @@ def test_conforming_forecast_passes():
     (lambda r: r.update(method={"coding": [{"system": "x", "code": "y"}]}), "Observation.method: does not match"),
     (lambda r: r.update(valueString="7"), "type not allowed"),
     (lambda r: r["component"][0].pop("extension"), "extension:level: at least 1"),
-    (lambda r: r.update(derivedFrom=[{"reference": "Observation/o1"}]), "reference to Observation not allowed"),
+    (lambda r: r.pop("extension"), "extension:twinState: at least 1"),
     (lambda r: r.pop("meta"), "names no TrialTwin profile"),
 ])
 def test_checker_catches_each_violation(mutate, expected):
@@ -80,3 +80,59 @@ def test_complex_extension_sub_slices_are_checked():
     assert conformance.check(twin) == []
     twin["extension"][1]["extension"].pop(0)
     assert any("sub-extension 'name' required" in p for p in conformance.check(twin))
+
+
+def _element_exists(path: str) -> bool:
+    """Does an element path of a differential (``Observation.component.code``) exist in R4?"""
+    import typing
+
+    from fhir.resources.R4B import get_fhir_model_class
+
+    parts = path.split(".")
+    model = get_fhir_model_class(parts[0])
+    for i, part in enumerate(parts[1:]):
+        if part.endswith("[x]"):
+            stem = part[:-3]
+            if not any(k.startswith(stem) and k[len(stem):][:1].isupper() for k in model.model_fields):
+                return False
+            return i == len(parts) - 2  # nothing below a choice in our differentials
+        field = model.model_fields.get(part) or model.model_fields.get(f"{part}__fhir__")
+        if field is None:
+            field = next((f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return False
+        if i == len(parts) - 2:
+            return True
+        annotation = field.annotation
+        while typing.get_args(annotation):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        type_name = getattr(annotation, "__name__", str(annotation)).removesuffix("Type")
+        model = get_fhir_model_class(type_name)
+    return True
+
+
+@pytest.mark.parametrize("profile", [r for r in profiles.all_resources() if r["resourceType"] == "StructureDefinition"],
+                         ids=lambda r: r["id"])
+def test_every_constrained_element_exists_in_r4(profile):
+    """A differential may only constrain elements of the base resource (HAPI found
+    ``RiskAssessment.device`` once; this keeps such mistakes in the unit tier)."""
+    if profile["type"] == "Extension":
+        return
+    missing = [e["path"] for e in profile["differential"]["element"] if not _element_exists(e["path"])]
+    assert missing == []
+
+
+@pytest.mark.parametrize("profile", [r for r in profiles.all_resources() if r["resourceType"] == "StructureDefinition"
+                                     and r["type"] != "Extension"], ids=lambda r: r["id"])
+def test_differential_follows_base_element_order(profile):
+    """HAPI's snapshot generator requires differential elements in the base resource's order."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    sequence = get_fhir_model_class(profile["type"]).elements_sequence()
+
+    def position(element):
+        top = element["path"].split(".")[1].removesuffix("[x]")
+        return next(i for i, name in enumerate(sequence) if name == top or name.startswith(top))
+
+    positions = [position(e) for e in profile["differential"]["element"][1:]]
+    assert positions == sorted(positions)

@@ -174,9 +174,17 @@ def test_transaction_is_all_or_nothing(store):
 
 def test_batch_keeps_good_entries_and_reports_bad_ones(store):
     tag = _tag()
+    bad = {"resource": patient(tag, birthDate="yesterday"), "request": {"method": "POST", "url": "Patient"}}
+    if store.name == "hapi":
+        # Legitimate difference: HAPI parses the whole Bundle before it runs any entry, so an entry
+        # whose JSON cannot be parsed (an invalid date) fails the batch as a whole...
+        with pytest.raises(InvalidRequest):
+            store.batch({"resourceType": "Bundle", "type": "batch", "entry": [bad]})
+        # ...while an entry that parses but cannot be applied is reported per entry, as here.
+        bad = {"resource": patient(tag), "request": {"method": "POST", "url": "Patient",
+                                                     "ifNoneExist": "shoe-size=44"}}
     resp = store.batch({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": patient(tag), "request": {"method": "POST", "url": "Patient"}},
-        {"resource": patient(tag, birthDate="yesterday"), "request": {"method": "POST", "url": "Patient"}}]})
+        {"resource": patient(tag), "request": {"method": "POST", "url": "Patient"}}, bad]})
     assert resp["type"] == "batch-response"
     assert resp["entry"][0]["response"]["status"].startswith("201")
     assert resp["entry"][1]["response"]["status"].startswith("400")

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Builds, starts, waits for, reports on and stops TrialTwin's HAPI FHIR R4 JPA test server (hapi/).
+# CI has no Docker engine, so this runs the same HAPI JPA server as a plain Java process on loopback.
+#
+#   scripts/hapi.sh build    build hapi/target/trialtwin-hapi.jar (offline when ~/.m2 has everything)
+#   scripts/hapi.sh start    build if needed, start in the background, wait until /fhir/metadata answers
+#   scripts/hapi.sh wait     wait until /fhir/metadata answers (HAPI_WAIT_S, default 180 s)
+#   scripts/hapi.sh status   print "running <url> HAPI FHIR <version>" or "stopped" (exit 1)
+#   scripts/hapi.sh stop     stop the server started by `start` (SIGTERM, then SIGKILL after 30 s)
+#
+# Environment: HAPI_PORT (8090), HAPI_DATA_DIR (data/hapi: pid file, log, H2 database),
+# HAPI_DB (file | mem; default file), HAPI_JAVA_OPTS (default sized for a 2-core machine shared
+# with the test run), HAPI_WAIT_S (180).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PORT="${HAPI_PORT:-8090}"
+DATA_DIR="${HAPI_DATA_DIR:-$ROOT/data/hapi}"
+JAR="$ROOT/hapi/target/trialtwin-hapi.jar"
+PID_FILE="$DATA_DIR/hapi.pid"
+LOG_FILE="$DATA_DIR/hapi.log"
+BASE_URL="http://127.0.0.1:$PORT/fhir"
+WAIT_S="${HAPI_WAIT_S:-180}"
+# 2 GiB heap is plenty for a test store; SerialGC and one C1-only compiler thread leave the second
+# core to the tests and shorten start-up (peak throughput matters little for a test store).
+JAVA_OPTS="${HAPI_JAVA_OPTS:--Xms256m -Xmx2g -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1 -Xss512k}"
+
+log_tail() {
+    if [[ -f "$LOG_FILE" ]]; then
+        echo "---- last 40 lines of $LOG_FILE ----" >&2
+        tail -n 40 "$LOG_FILE" >&2
+    fi
+}
+
+running_pid() {
+    [[ -f "$PID_FILE" ]] || return 1
+    local pid
+    pid="$(cat "$PID_FILE")"
+    # Only a java process we started counts; a stale pid file left by a crash does not.
+    if kill -0 "$pid" 2>/dev/null && grep -q "trialtwin-hapi.jar" "/proc/$pid/cmdline" 2>/dev/null; then
+        echo "$pid"
+        return 0
+    fi
+    return 1
+}
+
+hapi_version() {
+    curl -sf --max-time 10 -H 'Accept: application/fhir+json' "$BASE_URL/metadata" |
+        python3 -c 'import json,sys; s=json.load(sys.stdin).get("software",{}); print(s.get("name","?"), s.get("version","?"))'
+}
+
+cmd_build() {
+    local mvn=(mvn -B -q -Dstyle.color=never -f "$ROOT/hapi/pom.xml" -DskipTests package)
+    local t0=$SECONDS
+    # Offline first: a warm ~/.m2 needs no network; fall back to Maven Central when something is missing.
+    if [[ -d "${HOME}/.m2/repository/ca/uhn/hapi/fhir/hapi-fhir-jpaserver-base" ]] && "${mvn[@]}" -o; then
+        echo "built $JAR offline in $((SECONDS - t0)) s"
+        return 0
+    fi
+    "${mvn[@]}"
+    echo "built $JAR in $((SECONDS - t0)) s"
+}
+
+cmd_wait() {
+    local t0=$SECONDS
+    while (( SECONDS - t0 < WAIT_S )); do
+        if curl -sf --max-time 5 -o /dev/null "$BASE_URL/metadata"; then
+            echo "HAPI answered at $BASE_URL after $((SECONDS - t0)) s: $(hapi_version)"
+            return 0
+        fi
+        if [[ -f "$PID_FILE" ]] && ! running_pid >/dev/null; then
+            echo "error: HAPI process $(cat "$PID_FILE") exited before answering $BASE_URL/metadata" >&2
+            log_tail
+            return 1
+        fi
+        sleep 1
+    done
+    echo "error: HAPI did not answer $BASE_URL/metadata within ${WAIT_S} s" >&2
+    log_tail
+    return 1
+}
+
+cmd_start() {
+    if pid="$(running_pid)"; then
+        echo "HAPI already running (pid $pid) at $BASE_URL"
+        cmd_wait
+        return
+    fi
+    if curl -sf --max-time 2 -o /dev/null "$BASE_URL/metadata"; then
+        echo "error: something not started by this script already answers on port $PORT" >&2
+        return 1
+    fi
+    # Rebuild when the jar is missing or older than the sources (a stale jar would test old code).
+    if [[ ! -f "$JAR" ]] || [[ -n "$(find "$ROOT/hapi/src" "$ROOT/hapi/pom.xml" -newer "$JAR" -print -quit)" ]]; then
+        cmd_build
+    fi
+    mkdir -p "$DATA_DIR"
+    local jdbc
+    case "${HAPI_DB:-file}" in
+        mem) jdbc="jdbc:h2:mem:hapi" ;;
+        file) jdbc="jdbc:h2:file:$DATA_DIR/h2/hapi" ;;
+        *) echo "error: HAPI_DB must be 'file' or 'mem'" >&2; return 2 ;;
+    esac
+    local t0=$SECONDS
+    # shellcheck disable=SC2086  # JAVA_OPTS is a list of flags
+    nohup java $JAVA_OPTS -jar "$JAR" \
+        --server.port="$PORT" --trialtwin.hapi.jdbc-url="$jdbc" >"$LOG_FILE" 2>&1 &
+    echo $! >"$PID_FILE"
+    echo "started HAPI (pid $!), log $LOG_FILE"
+    cmd_wait
+    echo "start-up took $((SECONDS - t0)) s"
+}
+
+cmd_status() {
+    if pid="$(running_pid)" && curl -sf --max-time 5 -o /dev/null "$BASE_URL/metadata"; then
+        echo "running pid $pid $BASE_URL $(hapi_version)"
+        return 0
+    fi
+    echo "stopped"
+    return 1
+}
+
+cmd_stop() {
+    local pid
+    if ! pid="$(running_pid)"; then
+        rm -f "$PID_FILE"
+        echo "HAPI not running"
+        return 0
+    fi
+    kill -TERM "$pid"
+    for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || { rm -f "$PID_FILE"; echo "stopped HAPI (pid $pid)"; return 0; }
+        sleep 1
+    done
+    echo "HAPI (pid $pid) ignored SIGTERM for 30 s; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$PID_FILE"
+}
+
+case "${1:-}" in
+    build) cmd_build ;;
+    start) cmd_start ;;
+    wait) cmd_wait ;;
+    status) cmd_status ;;
+    stop) cmd_stop ;;
+    url) echo "$BASE_URL" ;;
+    *) echo "usage: $0 build|start|stop|wait|status|url" >&2; exit 2 ;;
+esac
