@@ -11,7 +11,8 @@ from dataclasses import replace
 
 from flask import Flask, Response, current_app, g, request
 
-from fhir_ops.errors import FhirError, Forbidden, NotFound, Gone
+from fhir_ops.errors import FhirError, Forbidden, Gone, NotFound
+from smart_app.scopes import interaction_code
 
 AUTH_MODES = ("smart", "open")
 
@@ -338,22 +339,25 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
             if patient:
                 _require_in_compartment(access, resource_type, resource_id, patient)
         return
-    code = op.code
     target = resource_type or "*"
     patient = access.require("read", target) if level != "system" else _require_system(access, op.name)
-    if code in OPERATION_WRITES:
-        flag, default, writes = OPERATION_WRITES[code]
+    needs: list[tuple[str, str]] = []
+    if op.code in OPERATION_WRITES:
+        flag, default, writes = OPERATION_WRITES[op.code]
         if flag is None or _operation_flag(flag, default):
-            for written in writes:
-                access.require("create", written)
-                access.require("update", written)
+            needs = [(interaction, t) for t in writes for interaction in ("create", "update")]
     elif op.affects_state and resource_type:
-        access.require("update", resource_type)
+        needs = [("update", resource_type)]
+    for interaction, written in needs:
+        access.require(interaction, written)
     if resource_type in COHORT_TYPES:
-        # A cohort's result aggregates many participants: the token must see the cohort broadly.
-        if access.compartment_patient("read", resource_type) or access.compartment_patient("search", "ResearchSubject"):
-            raise _forbidden(f"{op.name} on {resource_type} summarizes many participants; it needs user/ or system/ "
-                             f"read on {resource_type} and search on ResearchSubject", "cohort-needs-broad-scope")
+        # A cohort's result aggregates (and may write for) many participants: every permission it uses
+        # must come from user/ or system/ scopes, never from one patient's compartment.
+        needs = [("read", resource_type), ("search", "ResearchSubject"), *needs]
+        narrow = [f"{interaction_code(i)} on {t}" for i, t in needs if not access.scopes.allows(i, t, ("user", "system"))]
+        if narrow:
+            raise _forbidden(f"{op.name} on {resource_type} concerns many participants; it needs user/ or system/ "
+                             f"scopes for: {', '.join(narrow)}", "cohort-needs-broad-scope")
         return
     if patient:
         if level != "instance":

@@ -177,6 +177,14 @@ def test_operations_on_other_patients_are_refused(combined, p1_read):
     # cohort targets summarize many participants: never for a patient-only token
     study = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$predict-dropout", p1_read, json=EMPTY)
     assert study.status_code == 403
+    # ... nor may a cohort operation write with permissions that come from one patient's compartment
+    mixed = combined.user_token("patient/*.cruds user/ResearchStudy.rs user/ResearchSubject.rs", patient=P1)
+    study = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$predict-dropout", mixed["access_token"], json=EMPTY)
+    assert study.status_code == 403 and outcome_id(study) == "cohort-needs-broad-scope"
+    assert "c on RiskAssessment" in study.json()["issue"][0]["diagnostics"]
+    read_only = {"resourceType": "Parameters", "parameter": [{"name": "horizonDays", "valueInteger": 7}]}
+    allowed = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$simulate", mixed["access_token"], json=read_only)
+    assert allowed.status_code == 200, allowed.text
     # $predict-dropout persists by default: a read-only token may only ask with persist=false
     persisting = call("POST", f"{combined.fhir}/Patient/{P1}/$predict-dropout", p1_read, json=EMPTY)
     assert persisting.status_code == 403 and outcome_id(persisting) == "insufficient-scope"
