@@ -30,8 +30,8 @@ STUDIES = [{"resourceType": "ResearchStudy", "id": "tt-201", "status": "active",
 def make_fhir_app(stack_base: str) -> Flask:
     """A small FHIR front that publishes SMART discovery and serves a patient list behind the token library.
 
-    It stands in for h-store's fhir_ops app (not merged on this branch); it uses smart_app's own
-    discovery functions and TokenValidator, so it exercises the code the real FHIR app will call.
+    The authorization-server tests need no store, so they use this front (smart_app's own discovery
+    functions and TokenValidator); the real fhir_ops app in smart mode is the ``combined`` fixture below.
     """
     app = Flask("fhir-front")
     auth = {"ISSUER": stack_base + "/auth"}
