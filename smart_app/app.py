@@ -247,7 +247,7 @@ def study_view(study_id):
     grant = _grant()
     problems: list[Problem] = []
     cohort = load_cohort(_api(grant), study_id, problems, threshold=current_app.config["RISK_THRESHOLD"])
-    svg = cohort_svg(cohort.arm_series, cohort.units) if cohort.arm_series else ""
+    svg = cohort_svg(cohort.arm_series, cohort.units, arm_order=cohort.arms) if cohort.arm_series else ""
     return render_template("app/study.html", cohort=cohort, svg=svg, problems=problems, grant=grant)
 
 

@@ -303,6 +303,7 @@ class Cohort:
     arm_series: dict = field(default_factory=dict)             # output -> arm -> {"day","median","low","high"}
     units: dict = field(default_factory=dict)
     flagged: list = field(default_factory=list)                # (patient id, label, probability)
+    assessed: int = 0                                          # participants with a dropout-risk assessment
 
 
 def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: int = 28,
@@ -348,6 +349,7 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
             pid = ((r.get("subject") or {}).get("reference") or "").rpartition("/")[2]
             if pid in members and (pid not in latest or (r.get("occurrenceDateTime") or "") > (latest[pid].get("occurrenceDateTime") or "")):
                 latest[pid] = r
+        cohort.assessed = len(latest)
         for pid, r in sorted(latest.items()):
             for label, prob in parse_risk(r).predictions:
                 if prob >= threshold:

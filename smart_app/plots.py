@@ -93,15 +93,18 @@ def forecast_svg(baseline, scenario=None, outputs=("hba1c", "fpg", "concentratio
                     + " with prediction intervals and observed values")
 
 
-def cohort_svg(arm_series: dict, units: dict | None = None, outputs=("hba1c", "fpg", "concentration")) -> str:
-    """Per-arm median and spread across participants, one panel per output."""
+def cohort_svg(arm_series: dict, units: dict | None = None, outputs=("hba1c", "fpg", "concentration"),
+               arm_order=()) -> str:
+    """Per-arm median and spread across participants, one panel per output (arms in ``arm_order`` first)."""
     shown = [o for o in outputs if o in arm_series]
     if not shown:
         return ""
     with _LOCK, plt.rc_context(_STYLE):
         fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.0), squeeze=False)
         for ax, out in zip(axes[0], shown):
-            for i, (arm, s) in enumerate(sorted(arm_series[out].items())):
+            rank = {arm: i for i, arm in enumerate(arm_order)}
+            arms = sorted(arm_series[out].items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+            for i, (arm, s) in enumerate(arms):
                 colour = ARM_COLOURS[i % len(ARM_COLOURS)]
                 band = ax.fill_between(s["day"], s["low"], s["high"], color=colour, alpha=0.15, linewidth=0)
                 band.set_gid(f"arm-band-{out}-{i}")
@@ -109,6 +112,8 @@ def cohort_svg(arm_series: dict, units: dict | None = None, outputs=("hba1c", "f
             ax.set_title(OUTPUT_LABELS.get(out, out), loc="left", fontsize=10)
             ax.set_xlabel("days from the forecast start")
             ax.set_ylabel((units or {}).get(out, ""))
-        axes[0][0].legend(loc="best", fontsize=7, frameon=False)
+        handles, labels = axes[0][0].get_legend_handles_labels()
         fig.tight_layout()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=8,
+                   frameon=False)
         return _svg(fig, "Per-arm forecast of the study population")
