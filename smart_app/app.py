@@ -70,7 +70,10 @@ class LaunchStore:
 
     def put_grant(self, grant: smart.Grant) -> str:
         sid = secrets.token_urlsafe(24)
+        now = time.time()
         with self._lock:
+            # Expired grants are useless (their access tokens are refused): drop them as new ones arrive.
+            self.grants = {k: g for k, g in self.grants.items() if not g.expires_at or g.expires_at > now}
             self.grants[sid] = grant
         return sid
 
