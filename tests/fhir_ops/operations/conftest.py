@@ -11,6 +11,7 @@ from fhir_ops.app import create_app, get_store
 from fhir_ops.errors import FhirError
 from fhir_ops.operations import registry
 from fhir_ops.operations.registry import OperationResult
+from tests.app_config import open_config
 from tests.live_server import serve
 
 CANON = "https://trialtwin.org/fhir/OperationDefinition/"
@@ -19,7 +20,7 @@ CANON = "https://trialtwin.org/fhir/OperationDefinition/"
 @pytest.fixture
 def app(tmp_path):
     """A fresh FHIR app with its own SQLite database."""
-    app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path)})
+    app = create_app(open_config(TESTING=True, DATA_DIR=str(tmp_path)))
     yield app
     jobs.manager(app).shutdown()
     get_store_of(app).close()
@@ -133,7 +134,26 @@ def fhir_server(tmp_path):
     from fhir_ops.store.sqlite import SQLiteStore
 
     store = SQLiteStore(str(tmp_path / "ops.sqlite"))
-    app = create_app({"STORE": store, "TESTING": True})
+    app = create_app(open_config(STORE=store, TESTING=True))
     with serve(app) as url:
         yield f"{url}/fhir", store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def twin_server(tmp_path_factory):
+    """A FHIR app holding a small seeded TT-201 demo study (30 participants), served on loopback.
+
+    Module-scoped: loading the study and calibrating twins is the slow part, so the twin tests of
+    one module share it. Yields ``(fhir_base_url, app)``; ``fhir_base_url`` ends in ``/fhir``.
+    """
+    from fhir_ops.demo import ensure_demo_study
+
+    app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path_factory.mktemp("twin")), "AUTH_MODE": "open",
+                      "JOBS_MAX_WORKERS": 1})
+    store = get_store_of(app)
+    ensure_demo_study(store, participants=30, seed=7)
+    with serve(app) as url:
+        yield f"{url}/fhir", app
+    jobs.manager(app).shutdown()
     store.close()
