@@ -309,13 +309,14 @@ def test_async_job_can_be_cancelled(twin_server):
     assert "cancelled" in issue_text(cancelled)
     gone = requests.get(status_url, timeout=30)
     assert gone.status_code == 404 and error_id(gone) == "unknown-job"
-    # the single job worker is free again soon: the cancelled run stopped at its next chunk
+    # The single job worker is free again at once: the cancelled run stopped at its next chunk of
+    # 1000 participants (uncancelled, 100,000 participant-years take several seconds here).
     small = _virtual_group(base, 30)
     started = time.time()
     follow = simulate(base, f"Group/{small}", params(horizonDays=7), headers={"Prefer": "respond-async"})
     url = follow.headers["Content-Location"]
     while requests.get(url, timeout=30).status_code == 202:
-        assert time.time() - started < 30, "the cancelled job kept the worker busy"
+        assert time.time() - started < 1.5, "the cancelled job kept the worker busy"
         time.sleep(0.05)
     assert requests.get(url, timeout=30).status_code == 200
 
