@@ -274,6 +274,11 @@ def n_uniforms(schedule: VisitSchedule, n_days: int) -> int:
 
     Rows ``[0, n_days)`` decide adherence, ``[n_days, 2 n_days)`` adverse events, the next
     ``n_visits`` (visits before ``n_days``) attendance, and the last one the dropout threshold.
+
+    Examples
+    --------
+    >>> n_uniforms(VisitSchedule.every(28, 6), 169)   # 2 * 169 + 6 + 1
+    345
     """
     return 2 * int(n_days) + int(np.sum(schedule.days < n_days)) + 1
 
@@ -390,7 +395,10 @@ def simulate_behaviour(
     visit_of_day = np.full(n_days, -1)
     visit_of_day[visit_days] = np.arange(n_visits)
     time_factor = np.exp(m.dropout_log_hazard + m.dropout_time_per_100d * day_index / 100.0)
-    ae_factor = np.exp(m.dropout_recent_ae)
+    ae_extra = (time_factor * (np.exp(m.dropout_recent_ae) - 1.0)).tolist()
+    time_factor = time_factor.tolist()
+    # plain Python scalars in the loop: numpy scalar indexing costs more than the small array ops
+    lo_list, hi_list, visit_list = lo.tolist(), hi.tolist(), visit_of_day.tolist()
 
     taken = np.zeros((n_days, n), dtype=bool)
     ae = np.zeros((n_days, n), dtype=bool)
@@ -450,17 +458,17 @@ def simulate_behaviour(
         np.multiply(event, t + m.ae_window_days, out=buf)
         np.maximum(ae_until, buf, out=ae_until)
         recent_ae |= event
-        v = visit_of_day[t]
+        v = visit_list[t]
         if v >= 0:
-            logit_v = (attend_base[:, v] + m.attend_visits_last_30d * (hi[t] - lo[t])
+            logit_v = (attend_base[:, v] + m.attend_visits_last_30d * (hi_list[t] - lo_list[t])
                        + m.attend_recent_ae * recent_ae + m.attend_previous_missed * prev_missed)
             came = (u_visit[v] < _logistic(logit_v)) & on
             attended[:, v] = came
             prev_missed = ~came
-        if (lo[t], hi[t]) != window:
-            window = (lo[t], hi[t])
-            burden_factor = np.exp(m.dropout_burden * (cum_burden[:, hi[t]] - cum_burden[:, lo[t]]))
-        np.multiply(recent_ae, time_factor[t] * (ae_factor - 1.0), out=buf)
+        if (lo_list[t], hi_list[t]) != window:
+            window = (lo_list[t], hi_list[t])
+            burden_factor = np.exp(m.dropout_burden * (cum_burden[:, window[1]] - cum_burden[:, window[0]]))
+        np.multiply(recent_ae, ae_extra[t], out=buf)
         buf += time_factor[t]
         buf *= burden_factor
         cum_hazard += buf

@@ -158,7 +158,14 @@ def fit_covariate_model(covariates: Covariates, n_sites: int | None = None) -> C
 
 
 def sample_covariates(model: CovariateModel, n: int, rng: np.random.Generator) -> Covariates:
-    """Draw ``n`` virtual participants' covariates from ``model``."""
+    """Draw ``n`` virtual participants' covariates from ``model``.
+
+    Examples
+    --------
+    >>> cov = sample_covariates(CovariateModel.tt201(), 5, np.random.default_rng(0))
+    >>> cov.n, bool(np.all((cov.egfr >= 15) & (cov.egfr <= 150)))
+    (5, True)
+    """
     if n < 0:
         raise ValueError("n must be >= 0")
     female = (rng.random(n) < model.p_female).astype(np.int8)
@@ -369,7 +376,15 @@ def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, s
         disease = DiseaseProgression(baseline=params["hba1c0"], slope=hba1c_drift,
                                      max_offset=max_offset,
                                      k_onset=1.0 / population.hba1c_delay_days)
-        traj = {"concentration": beh.concentration.copy(), "hba1c": progress(disease, activity),
+        # troughs: replay the doses actually taken through the same exact stepper
+        trough = np.empty((n_days, n))
+        state = pk.start(n)
+        taken_dn = beh.taken.T
+        for t in range(n_days):
+            state, _ = pk.step(state, taken_dn[t] * scenario.dose_mg)
+            trough[t] = pk.trough(state)
+        traj = {"concentration": beh.concentration.copy(), "trough": trough.T.copy(),
+                "hba1c": progress(disease, activity),
                 "fpg": params["fpg0"][:, None] + fpg_drift * np.arange(n_days)[None, :]
                 - params["fpg_emax"][:, None] * activity,
                 "taken": beh.taken.copy(), "ae": beh.ae.copy(), "attended": beh.attended,
@@ -456,8 +471,9 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         Participants simulated together; a multiple of ``BLOCK_SIZE``. Memory grows with
         ``chunk_size * n_days``.
     trajectories : bool
-        Also return daily ``(n, n_days)`` arrays (concentration, fpg, hba1c, taken, ae); refused
-        above 2 * 10^7 participant-days.
+        Also return daily ``(n, n_days)`` arrays: ``concentration`` (average over the day, mg/L),
+        ``trough`` (end of the day, just before the next dose), ``fpg``, ``hba1c``, ``taken``,
+        ``ae``, plus ``attended`` and ``visit_days``; refused above 2 * 10^7 participant-days.
 
     Returns
     -------

@@ -85,6 +85,12 @@ def progress(model: DiseaseProgression, activity) -> np.ndarray:
         ``(n, n_days)`` biomarker values; with the offset effect, day ``t`` reflects the activity
         of days ``0..t`` (the day's dose acts on the same day's value); with the slope effect, the
         value at day ``t`` integrates the drift of days ``0..t-1``.
+
+    Examples
+    --------
+    >>> m = DiseaseProgression(baseline=[8.0], slope=0.01, effect="slope")
+    >>> progress(m, [[0.0, 0.5, 1.0, 1.0]])
+    array([[8.   , 8.01 , 8.015, 8.015]])
     """
     e = np.asarray(activity, dtype=float)
     if e.ndim != 2:

@@ -121,6 +121,12 @@ def idr_steady_state(model: IndirectResponse, c) -> np.ndarray:
 
     ``R_ss = kin/kout`` without drug; the drug multiplies it by the drug factor (kinds 1, 3) or
     divides it by the drug factor (kinds 2, 4).
+
+    Examples
+    --------
+    >>> m = IndirectResponse(kind=4, kin=5.0, kout=0.5, effect_max=1.0, c50=1.0)
+    >>> float(idr_steady_state(m, 1.0)[0])   # 10 / (1 + 0.5)
+    6.666666666666667
     """
     g = model.drug_factor(c)
     base = model.kin / model.kout

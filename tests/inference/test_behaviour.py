@@ -3,17 +3,18 @@ import numpy as np
 import pytest
 
 from inference.behaviour import BehaviourModel, VisitSchedule, simulate_behaviour
-from tests.inference.conftest import make_covariates
+from tests.inference.virtual_participants import make_covariates
 
 pytestmark = pytest.mark.unit
 
 SCHEDULE = VisitSchedule.every(28, 6)
+COVARIATES_500 = make_covariates(500, seed=11)
 
 
-def test_same_seed_same_result_and_different_seed_differs(covariates_500):
-    a = simulate_behaviour(BehaviourModel(), covariates_500, SCHEDULE, 169, np.random.default_rng(3), 100.0)
-    b = simulate_behaviour(BehaviourModel(), covariates_500, SCHEDULE, 169, np.random.default_rng(3), 100.0)
-    c = simulate_behaviour(BehaviourModel(), covariates_500, SCHEDULE, 169, np.random.default_rng(4), 100.0)
+def test_same_seed_same_result_and_different_seed_differs():
+    a = simulate_behaviour(BehaviourModel(), COVARIATES_500, SCHEDULE, 169, np.random.default_rng(3), 100.0)
+    b = simulate_behaviour(BehaviourModel(), COVARIATES_500, SCHEDULE, 169, np.random.default_rng(3), 100.0)
+    c = simulate_behaviour(BehaviourModel(), COVARIATES_500, SCHEDULE, 169, np.random.default_rng(4), 100.0)
     for name in ("taken", "ae", "attended", "dropout_day"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert not np.array_equal(a.taken, c.taken)
@@ -64,13 +65,13 @@ def test_adherence_chain_matches_its_stationary_distribution():
     assert abs(res.taken[:, 50:].mean() - expected) < 0.01
 
 
-def test_bad_input_is_refused(covariates_500):
+def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="Generator"):
-        simulate_behaviour(BehaviourModel(), covariates_500, SCHEDULE, 10, 42)
+        simulate_behaviour(BehaviourModel(), COVARIATES_500, SCHEDULE, 10, 42)
     with pytest.raises(ValueError, match="strictly increasing"):
         VisitSchedule(days=[28, 28], remote=False)
     with pytest.raises(ValueError, match="dose_mg"):
-        simulate_behaviour(BehaviourModel(), covariates_500, SCHEDULE, 10, np.random.default_rng(0), -1.0)
+        simulate_behaviour(BehaviourModel(), COVARIATES_500, SCHEDULE, 10, np.random.default_rng(0), -1.0)
 
 
 def test_site_offsets_change_attendance_only_at_that_site():

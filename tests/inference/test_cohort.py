@@ -6,7 +6,9 @@ import pytest
 from inference.behaviour import BehaviourModel, VisitSchedule
 from inference.cohort import (BLOCK_SIZE, CovariateModel, Scenario, TT201Population, fit_covariate_model,
                               sample_covariates, simulate_cohort, summarize, sweep)
-from tests.inference.conftest import make_covariates
+from inference.dosing import DoseRecord
+from inference.pk import OneCompartment, concentration
+from tests.inference.virtual_participants import make_covariates
 
 pytestmark = pytest.mark.unit
 
@@ -43,6 +45,14 @@ def test_summaries_agree_with_trajectories():
     mask = np.arange(res.scenario.n_days)[None, :] <= last[:, None]
     np.testing.assert_allclose((tr["concentration"] * mask).sum(1) / (last + 1), s["cavg_on_study"], rtol=1e-12)
     assert not tr["taken"][~mask].any()
+    # trough at the end of day t vs the closed-form superposition of the doses actually taken
+    i = 7
+    days = np.flatnonzero(tr["taken"][i])
+    doses = DoseRecord(times=24.0 * days, amounts=np.full(days.size, 100.0))
+    model = OneCompartment(cl=s["cl"][i], v=s["v"][i], ka=s["ka"][i], tlag=0.5, f=0.8)
+    check = np.array([20, 90, 160])
+    np.testing.assert_allclose(tr["trough"][i, check], concentration(model, doses, 24.0 * (check + 1))[0],
+                               rtol=1e-9)
 
 
 def test_exposure_and_placebo_match_closed_form():
