@@ -257,6 +257,15 @@ def objective_function(model: PopulationModel, modes: ModeEstimate) -> float:
     """FOCE(I) ``-2 log L`` of the population model from the subjects' modes (Laplace approximation).
 
     ``sum_i [ -2 log p(y_i | eta_i) + eta_i' Omega^-1 eta_i + log det Omega + log det H_i ]``.
+
+    Examples
+    --------
+    >>> from inference.datasets import load_theoph, ssfol
+    >>> from inference.population import ResidualError
+    >>> model = PopulationModel(("lKe", "lKa", "lCl"), [-2.4655, 0.4821, -3.2304], ("lKa", "lCl"),
+    ...     np.diag([0.6564, 0.1675]) ** 2, ResidualError("additive", additive=0.7078))
+    >>> round(objective_function(model, find_modes(model, ssfol, load_theoph())), 2)
+    353.98
     """
     q = model.n_random_effects
     if q == 0:

@@ -196,6 +196,31 @@ class ObservationData:
             design={k: v[rows] for k, v in self.design.items()},
         )
 
+    def split(self) -> tuple["ObservationData", ...]:
+        """One single-subject data set per subject, in subject order (linear time).
+
+        Examples
+        --------
+        >>> data = ObservationData([1, 0, 1], [1.0, 1.0, 2.0], [3.0, 2.0, 5.0], subject_ids=("a", "b"))
+        >>> [(d.subject_ids, d.value.tolist()) for d in data.split()]
+        [(('a',), [2.0]), (('b',), [3.0, 5.0])]
+        """
+        order = np.argsort(self.subject, kind="stable")
+        bounds = np.cumsum(np.bincount(self.subject, minlength=self.n_subjects))[:-1]
+        out = []
+        for i, rows in enumerate(np.split(order, bounds)):
+            out.append(
+                self.replace(
+                    subject=np.zeros(rows.size, dtype=np.int64),
+                    time=self.time[rows],
+                    value=self.value[rows],
+                    subject_ids=(self.subject_ids[i],),
+                    covariates={k: v[i : i + 1] for k, v in self.covariates.items()},
+                    design={k: v[rows] for k, v in self.design.items()},
+                )
+            )
+        return tuple(out)
+
     def append(self, other: "ObservationData") -> "ObservationData":
         """Rows of ``self`` followed by rows of ``other`` for the same subjects (new observations)."""
         if other.subject_ids != self.subject_ids:
@@ -289,9 +314,6 @@ class ResidualError:
 _MIN_VARIANCE = 1e-12
 
 
-ErrorModel = "ResidualError | tuple[ResidualError, ...]"
-
-
 def _errors(error: Any) -> tuple[ResidualError, ...]:
     errors = (error,) if isinstance(error, ResidualError) else tuple(error)
     if not errors or not all(isinstance(e, ResidualError) for e in errors):
@@ -316,7 +338,14 @@ def _error_coefficients(error: Any, output: Any, n: int) -> tuple[np.ndarray, np
 
 
 def output_index(data: "ObservationData") -> np.ndarray | None:
-    """Row-level output index (``data.design["output"]``) selecting the residual error model, if any."""
+    """Row-level output index (``data.design["output"]``) selecting the residual error model, if any.
+
+    Examples
+    --------
+    >>> rows = ObservationData([0, 0], [1.0, 1.0], [5.0, 7.1], design={"output": [0, 1]})
+    >>> output_index(rows).tolist(), output_index(rows.replace(design={}))
+    ([0.0, 1.0], None)
+    """
     return data.design.get("output")
 
 
@@ -570,6 +599,14 @@ def individual_parameters(model: PopulationModel, eta: Any, data: ObservationDat
     Returns
     -------
     ndarray, shape (data.n_subjects, p)
+
+    Examples
+    --------
+    >>> model = PopulationModel(("lKe", "lCl"), [-2.0, -3.0], ("lCl",), [[0.04]],
+    ...                         ResidualError("additive", additive=1.0))
+    >>> data = ObservationData([0, 1], [1.0, 1.0], [np.nan, np.nan])
+    >>> individual_parameters(model, [[0.1], [-0.2]], data).tolist()
+    [[-2.0, -2.9], [-2.0, -3.2]]
     """
     eta = np.asarray(eta, dtype=float).reshape(data.n_subjects, model.n_random_effects)
     phi = typical_parameters(model, data)
@@ -604,13 +641,28 @@ def sample_individual_parameters(
     -------
     phi : ndarray, shape (n_subjects, p)
     eta : ndarray, shape (n_subjects, q)
+
+    Examples
+    --------
+    >>> model = PopulationModel(("lKe", "lCl"), [-2.0, -3.0], ("lCl",), [[0.04]],
+    ...                         ResidualError("additive", additive=1.0))
+    >>> phi, eta = sample_individual_parameters(model, ObservationData([0, 1, 2], [1.0] * 3, [1.0] * 3), seed=0)
+    >>> phi.shape, eta.shape, bool(np.allclose(phi[:, 1], -3.0 + eta[:, 0]))
+    ((3, 2), (3, 1), True)
     """
     eta = sample_random_effects(model, data.n_subjects, seed)
     return individual_parameters(model, eta, data), eta
 
 
 def predict(structural: Structural, phi: Any, data: ObservationData) -> np.ndarray:
-    """Individual predictions for every row of ``data``, checked for shape and finiteness."""
+    """Individual predictions for every row of ``data``, with the structural model's output shape checked.
+
+    Examples
+    --------
+    >>> line = lambda phi, data: phi[data.subject, 0] + phi[data.subject, 1] * data.time
+    >>> predict(line, [[1.0, 2.0]], ObservationData.single([0.0, 1.0], [np.nan, np.nan])).tolist()
+    [1.0, 3.0]
+    """
     phi = np.asarray(phi, dtype=float)
     if phi.ndim != 2 or phi.shape[0] != data.n_subjects:
         raise ValueError(f"phi must have one row per subject ({data.n_subjects}), got shape {phi.shape}")
@@ -628,6 +680,14 @@ def conditional_log_likelihood(
     Returns
     -------
     ndarray, shape (n_subjects,)
+
+    Examples
+    --------
+    >>> model = PopulationModel(("a",), [0.0], ("a",), [[1.0]], ResidualError("additive", additive=1.0))
+    >>> level = lambda phi, data: phi[data.subject, 0]
+    >>> data = ObservationData([0, 0, 1], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    >>> np.round(conditional_log_likelihood(model, level, [[0.0], [1.0]], data), 4).tolist()
+    [-1.8379, -0.9189]
     """
     f = predict(structural, individual_parameters(model, eta, data), data)
     per_row = residual_log_likelihood(model.error, data.value, f, output_index(data))
@@ -649,6 +709,14 @@ def simulate_observations(
         ``data`` with ``value`` replaced by simulated observations.
     eta : ndarray, shape (n_subjects, q)
         The true random effects used.
+
+    Examples
+    --------
+    >>> model = PopulationModel(("a",), [2.0], ("a",), [[0.01]], ResidualError("additive", additive=0.1))
+    >>> level = lambda phi, data: phi[data.subject, 0]
+    >>> sim, eta = simulate_observations(model, level, ObservationData([0, 0], [0.0, 1.0], [np.nan] * 2), seed=1)
+    >>> bool(np.all(np.abs(sim.value - 2.0) < 1.0)), eta.shape
+    (True, (1, 1))
     """
     rng = np.random.default_rng(seed)
     eta = sample_random_effects(model, data.n_subjects, rng) if eta is None else np.asarray(eta, dtype=float)
