@@ -52,7 +52,7 @@ def machine() -> dict:
             versions[pkg] = None
     return {"platform": platform.platform(), "cpu_model": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "libraries": versions,
-            "load_average_at_start": os.getloadavg(),
+            "load_average_at_end": os.getloadavg(),
             "shared": "2-core machine shared with other engineers' jobs; timings include their interference"}
 
 

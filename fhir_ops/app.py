@@ -104,6 +104,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops import rest
 
     app.url_map.converters["op"] = rest.OperationConverter
+    # FHIR clients post to the bare base (".../fhir") and sometimes add a trailing slash: never answer
+    # either with werkzeug's HTML redirect
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
     app.register_blueprint(rest.bp, url_prefix=app.config["FHIR_PREFIX"] or None)
     from fhir_ops.operations import registry
 

@@ -11,13 +11,13 @@ from email.utils import format_datetime
 from functools import lru_cache
 from urllib.parse import urlencode
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 from werkzeug.routing import BaseConverter
 
 from fhir_ops.app import fhir_response, get_store
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from fhir_ops.search.registry import search_parameters_for
-from fhir_ops.store.sqlite import DELETED_TAG
+from fhir_ops.store.bundle import DELETED_TAG
 from fhir_ops.validation import all_resource_types, is_resource_type
 from terminology.harmonize import attach_outcomes, harmonize_bundle
 from terminology.workflow import active_harmonizer
@@ -102,7 +102,7 @@ def _version_headers(resource: dict) -> dict:
     return headers
 
 
-def _write_response(resource: dict, status: int) -> "Response":  # noqa: F821
+def _write_response(resource: dict, status: int) -> Response:
     headers = _version_headers(resource)
     vid = (resource.get("meta") or {}).get("versionId")
     headers["Location"] = f"{_base()}/{resource['resourceType']}/{resource['id']}/_history/{vid}"

@@ -50,9 +50,11 @@ class CompiledSearch:
     includes: list[tuple[list[str], str | None]] = field(default_factory=list)
     revincludes: list[tuple[list[str], str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    #: set by match_sql when the page can be cut from the index scan itself (rid order, no row conditions)
+    page_match: tuple[str, list] | None = None
 
 
-_RANK = {"reference": 0, "token": 1, "string": 1, "uri": 1, "quantity": 2, "number": 2, "date": 3}
+_RANK = {"reference-unique": 0, "reference": 0, "token-unique": 1, "token": 1, "string": 1, "uri": 1, "quantity": 2, "number": 2, "date": 3}
 
 
 def match_sql(c: CompiledSearch) -> tuple[str, list, str, list]:
@@ -74,8 +76,11 @@ def match_sql(c: CompiledSearch) -> tuple[str, list, str, list]:
         clause = " AND ".join(where)
         return clause, args, f"SELECT count(*) FROM resources r WHERE {clause}", args
     ordered = sorted(c.sets, key=lambda s_: _RANK.get(s_[4], 3))
-    table, key, cond, xs, _ = ordered[0]
-    match = f"SELECT DISTINCT s.rid FROM {table} s WHERE s.param = ? AND ({cond})"
+    table, key, cond, xs, kind = ordered[0]
+    # a fully pinned token (system|code) or typed reference matches at most one (deduplicated) index row
+    # per resource, so the driving scan needs no DISTINCT and streams in rid order from the covering index
+    distinct = "" if kind in ("token-unique", "reference-unique") else "DISTINCT "
+    match = f"SELECT {distinct}s.rid FROM {table} s WHERE s.param = ? AND ({cond})"
     match_args = [key, *xs]
     for table, key, cond, xs, _ in ordered[1:]:
         # INDEXED BY: per candidate, look up its own rows; never range-scan the value index again
@@ -89,6 +94,7 @@ def match_sql(c: CompiledSearch) -> tuple[str, list, str, list]:
     where = [f"r.rid IN ({match})", *c.where]
     args = [*match_args, *c.args]
     clause = " AND ".join(where)
+    c.page_match = (match, match_args) if not c.where else None
     if not c.where:
         return clause, args, f"SELECT count(*) FROM ({match})", match_args
     return clause, args, f"SELECT count(*) FROM resources r WHERE {clause}", args
@@ -429,7 +435,12 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
         if negate:
             c.excludes.append((table, key, cond, args))
         else:
-            c.sets.append((table, key, cond, args, pdef.type))
+            kind = pdef.type
+            if len(values) == 1 and modifier is None and (
+                    (kind == "token" and "|" in values[0] and not values[0].endswith("|"))
+                    or (kind == "reference" and "/" in values[0] and split_reference(values[0])[0])):
+                kind += "-unique"
+            c.sets.append((table, key, cond, args, kind))
     for key, (sqls, args) in date_scans.items():
         c.sets.append(("idx_date", key, " AND ".join(f"({x})" for x in sqls), args, "date"))
     if sort_terms:

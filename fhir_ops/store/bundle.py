@@ -10,6 +10,10 @@ from urllib.parse import parse_qsl
 from fhir_ops.errors import InvalidRequest
 from fhir_ops.validation import is_resource_type
 
+#: tag on the stub ``{resourceType, id, meta}`` that stands for a deleted version in ``Store.history()``
+#: results (a history Bundle entry of a DELETE has no resource); any Store implementation uses the same
+DELETED_TAG = {"system": "https://trialtwin.org/fhir/CodeSystem/version-state", "code": "deleted"}
+
 #: FHIR processing order inside a transaction: DELETE, POST, PUT/PATCH, GET/HEAD
 METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",

@@ -356,3 +356,14 @@ def test_unexpected_failure_is_a_generic_500_outcome(tmp_path, caplog):
     assert resp.status_code == 500 and error_id(resp) == "internal-error"
     assert "secret" not in resp.text and "Traceback" not in resp.text
     assert any("secret detail" in (r.exc_text or "") or "secret detail" in str(r.exc_info) for r in caplog.records)
+
+
+def test_base_url_with_and_without_trailing_slash_takes_bundles_directly(fhir):
+    bundle = {"resourceType": "Bundle", "type": "batch",
+              "entry": [{"resource": patient(), "request": {"method": "POST", "url": "Patient"}}]}
+    for url in (fhir.base, fhir.base + "/"):
+        resp = fhir.http.post(url, json=bundle, headers={"Content-Type": "application/fhir+json"},
+                              allow_redirects=False, timeout=30)
+        assert resp.status_code == 200 and resp.json()["type"] == "batch-response"
+    slash = fhir.http.get(fhir.url("Patient/"), allow_redirects=False, timeout=30)
+    assert slash.status_code == 200 and slash.json()["type"] == "searchset"
