@@ -111,3 +111,21 @@ def test_arm_names_and_group_characteristics():
                                  "valueCodeableConcept": {"text": "100 mg"}}]}
     assert twin_fhir.group_arm(group) == "100 mg"
     assert twin_fhir.group_arm({"characteristic": []}) is None
+
+
+def test_a_failed_persist_writes_nothing(store, generated):
+    """Twin state, forecasts and Provenance go in one transaction: a stale If-Match on the state
+    (another calibration won the race) leaves no forecast Observation and no Provenance behind."""
+    from fhir_ops.errors import FhirError
+
+    pt, state, observations, _ = generated
+    store.update("Basic", state["id"], state)  # version 1 exists now
+    stale = twin_common.put({**state}, if_match='W/"7"')
+    before = len(store.search_all("Provenance", []))
+    with pytest.raises(FhirError) as err:
+        twin_common.commit(store, [stale] + [twin_common.put(o) for o in observations[:3]],
+                           [f"Basic/{state['id']}/_history/8"], pt.inputs, pt.device, {}, "$simulate")
+    assert err.value.status == 412
+    assert len(store.search_all("Provenance", [])) == before
+    for obs in observations[:3]:
+        assert store.search_all("Observation", [("_id", obs["id"])]) == []
