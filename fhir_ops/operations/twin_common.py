@@ -109,6 +109,39 @@ def participant_twin(store, patient_id: str, *, force: bool = False) -> Particip
                            stored=stored, posterior=posterior, reused=reuse)
 
 
+_PARTICIPANT_LOCKS: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+class _Lock:
+    """A lock object that can be weakly referenced (``threading.Lock`` cannot)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def participant_lock(patient_id: str) -> _Lock:
+    """One lock per participant and process: read, calibrate and write of a twin state happen as one step.
+
+    If-Match already refuses a write over a version that changed meanwhile; this lock keeps two
+    first calibrations of the same participant from both creating version 1 (the second would
+    overwrite the first while its Provenance named the wrong version).
+    """
+    with _LOCKS_LOCK:
+        lock = _PARTICIPANT_LOCKS.get(patient_id)
+        if lock is None:
+            lock = _Lock()
+            _PARTICIPANT_LOCKS[patient_id] = lock
+        return lock
+
+
 def put(resource: dict, if_match: str | None = None) -> dict:
     """A transaction entry that PUTs ``resource`` at its id (ids are assigned by the caller)."""
     request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}

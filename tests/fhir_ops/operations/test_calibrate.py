@@ -145,3 +145,17 @@ def test_calibrate_errors(twin_server):
     patient = requests.post(f"{base}/Patient", json={"resourceType": "Patient"}, headers=HEADERS, timeout=30).json()
     resp = calibrate(base, patient["id"])
     assert resp.status_code == 422 and error_id(resp) == "participant-without-data"
+
+
+def test_concurrent_first_calibrations_write_one_consistent_history(twin_server):
+    """Two first calibrations of one participant at once: one writes version 1, the other finds it
+    (changed=false), and every Provenance target names a version that exists with that content."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = twin_server
+    pid = "tt201-p012"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: calibrate(base, pid).json(), range(2)))
+    assert sorted(single(r, "changed") for r in results) == [False, True]
+    assert {single(r, "twinState")["reference"] for r in results} == {f"Basic/twin-{pid}/_history/1"}
+    assert requests.get(f"{base}/Basic/twin-{pid}/_history", timeout=30).json()["total"] == 1

@@ -403,3 +403,17 @@ def test_patient_only_and_cohort_only_parameters(twin_server):
     assert resp.status_code == 400 and "persist" in issue_text(resp)
     resp = simulate(base, f"Patient/{ACTIVE_PARTICIPANT}", params(memberOutputs=True))
     assert resp.status_code == 400 and "memberOutputs" in issue_text(resp)
+
+
+def test_capability_statement_lists_the_twin_operations(twin_server):
+    base, _ = twin_server
+    statement = requests.get(f"{base}/metadata", timeout=60).json()
+    listed = {r["type"]: {o["name"]: o["definition"] for o in r.get("operation", [])}
+              for r in statement["rest"][0]["resource"]}
+    canon = "https://trialtwin.org/fhir/OperationDefinition/"
+    for resource_type in ("Patient", "Group", "ResearchStudy"):
+        assert listed[resource_type]["simulate"] == canon + "simulate"
+    assert listed["Patient"]["calibrate"] == canon + "calibrate"
+    assert "calibrate" not in listed.get("Group", {})
+    published = requests.get(f"{base}/OperationDefinition/simulate", timeout=30).json()
+    assert published["affectsState"] is True and published["instance"] is True
