@@ -159,3 +159,17 @@ def test_concurrent_first_calibrations_write_one_consistent_history(twin_server)
     assert sorted(single(r, "changed") for r in results) == [False, True]
     assert {single(r, "twinState")["reference"] for r in results} == {f"Basic/twin-{pid}/_history/1"}
     assert requests.get(f"{base}/Basic/twin-{pid}/_history", timeout=30).json()["total"] == 1
+
+
+def test_a_deleted_twin_state_is_recalibrated_as_its_next_version(twin_server):
+    base, _ = twin_server
+    pid = "tt201-p014"
+    assert single(calibrate(base, pid).json(), "twinState")["reference"] == f"Basic/twin-{pid}/_history/1"
+    assert requests.delete(f"{base}/Basic/twin-{pid}", timeout=30).status_code in (200, 204)
+    again = calibrate(base, pid).json()
+    assert single(again, "changed") is True
+    ref = single(again, "twinState")["reference"]
+    assert ref == f"Basic/twin-{pid}/_history/3"  # 2 is the deletion
+    provenance = requests.get(f"{base}/{single(again, 'provenance')['reference']}", timeout=30).json()
+    assert provenance["target"][0]["reference"] == ref
+    assert requests.get(f"{base}/{ref}", timeout=30).json()["meta"]["versionId"] == "3"
