@@ -88,6 +88,11 @@ def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
     }
     if pt.reused:
         out["twinState"] = {"reference": pt.stored.ref}
+    if not pt.posterior.converged:
+        out["information"] = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "warning", "code": "informational",
+            "diagnostics": f"The calibration of Patient/{ctx.resource_id} did not converge; the intervals may be "
+                           "too narrow or misplaced"}]}
     if params.get("persist"):
         now = common.utcnow()
         entries, targets, inputs = [], [], list(pt.inputs)
