@@ -199,9 +199,11 @@ def test_persisted_forecast_links_through_provenance_to_exact_inputs_and_model(t
                      if e["url"].endswith("/twin-calibrated-on")]
     assert set(outcome_obs) <= set(calibrated_on) <= set(inputs)
 
-    # simulated forecasts never count as data: the twin is unchanged after storing them
+    # simulated forecasts never count as data: the twin is unchanged after storing them, and the
+    # next forecast starts where this one did (not after the stored forecast's horizon)
     again = simulate(base, f"Patient/{pid}", params(horizonDays=7, seed=2)).json()
     assert single(again, "twinState")["reference"] == state_ref
+    assert entries(again, "forecast") == entries(body, "forecast")
     assert {s["name"]: s["value"] for s in entries(again, "summary")}["twin-reused"] == 1
 
 
