@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from fhir_ops import conformance
-from tests.fhir_ops.operations.test_simulate import HEADERS, entries, error_id, issue_text, params, simulate, single
+from tests.fhir_ops.operations.twin_client import HEADERS, entries, error_id, issue_text, params, simulate, single
 
 pytestmark = pytest.mark.api
 
