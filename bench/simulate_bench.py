@@ -37,7 +37,7 @@ from inference.cohort import ADAG_SLOPE, TT201Population  # noqa: E402
 
 SERVER = (
     "import sys; from waitress import serve; from fhir_ops.app import create_app; "
-    "serve(create_app({'DATA_DIR': sys.argv[1]}), host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
+    "serve(create_app({'DATA_DIR': sys.argv[1], 'AUTH_MODE': 'open'}), host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
 )
 TARGET_P50_MS = 100.0
 HEADERS = {"Content-Type": "application/fhir+json"}
