@@ -418,8 +418,13 @@ class TwinScenario:
         object.__setattr__(self, "missed_dose_days", missed)
 
     def dose_times_h(self) -> np.ndarray:
-        """Scheduled dose times of the scenario (hours since the first dose)."""
-        return self.start_h + self.interval_h * np.arange(int(np.ceil(24.0 * self.horizon_days / self.interval_h)))
+        """Scheduled dose times of the scenario (hours since the first dose).
+
+        The regimen runs through the whole forecast window, the end included: outputs at the
+        horizon's last day (glucose, HbA1c follow that day's drug activity) must see that day's
+        dose, or the forecast would show a rebound that no participant on the regimen has.
+        """
+        return self.start_h + self.interval_h * np.arange(int(np.floor(24.0 * self.horizon_days / self.interval_h)) + 1)
 
     def replace(self, **changes) -> "TwinScenario":
         """Return a validated copy with some fields changed."""

@@ -220,3 +220,18 @@ def test_participant_data_rejects_inconsistent_arrays():
     with pytest.raises(ValueError, match="no outcome"):
         twin.calibrate_participant(empty)
     assert isinstance(_participant(TYPICAL).observation_data(), ObservationData)
+
+
+def test_regimen_runs_through_the_end_of_the_forecast_window():
+    """On a steady regimen the last forecast day looks like the days before it (a dose schedule
+    that stopped one day short made glucose rebound by ~20 mg/dL on the final day)."""
+    data = _participant(TYPICAL, seed=3)
+    post = twin.calibrate_participant(data)
+    start = 24.0 * 85
+    times = np.arange(0.0, 24.0 * 28 + 1, 24.0)
+    scenario = twin.TwinScenario(dose_mg=100.0, start_h=start, horizon_days=28)
+    fc = twin.forecast(post, scenario, times, samples=2000, seed=11)
+    fpg = fc.median["fpg"]
+    day_to_day = np.abs(np.diff(fpg[-8:-1]))
+    assert abs(fpg[-1] - fpg[-2]) < 3 * day_to_day.max() + 1.0
+    assert scenario.dose_times_h().max() >= start + 24.0 * 28 - scenario.interval_h
