@@ -24,12 +24,6 @@ PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|Operati
 #: default, and the participant-data types written, on each of which the caller needs ``c`` and ``u``.
 #: The target of the call needs ``r`` in every case; an unknown state-changing operation needs ``u`` on
 #: its target. The model Device an operation may register is the server's own record, not the caller's.
-OPERATION_WRITES: dict[str, tuple[str | None, bool, tuple[str, ...]]] = {
-    "simulate": ("persist", False, ("Basic", "Observation", "Provenance")),
-    "calibrate": (None, True, ("Basic", "Provenance")),
-    "predict-dropout": ("persist", True, ("RiskAssessment", "Task", "Provenance")),
-}
-
 #: Cohort targets: an operation on them reads many participants, so a patient-scoped token never may.
 COHORT_TYPES = ("Group", "ResearchStudy")
 
@@ -323,7 +317,7 @@ def _operation_flag(name: str, default: bool) -> bool:
 
 
 def check_operation(access, level: str, resource_type: str | None, resource_id: str | None, name: str) -> None:
-    """Authorize an operation call (see ``OPERATION_WRITES`` and docs/smart.md for the rules).
+    """Authorize an operation call (see the operations' ``writes`` declarations and docs/smart.md).
 
     ``r`` on the target type (system level: on every type, ``*``); ``c`` and ``u`` on each type the
     operation writes; a patient-scoped token only on resources of its own compartment and never on a
@@ -342,10 +336,10 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
     target = resource_type or "*"
     patient = access.require("read", target) if level != "system" else _require_system(access, op.name)
     needs: list[tuple[str, str]] = []
-    if op.code in OPERATION_WRITES:
-        flag, default, writes = OPERATION_WRITES[op.code]
-        if flag is None or _operation_flag(flag, default):
-            needs = [(interaction, t) for t in writes for interaction in ("create", "update")]
+    if op.writes is not None:
+        # what the operation stores is declared once, with the operation (registry.Writes)
+        if op.writes.flag is None or _operation_flag(op.writes.flag, op.writes.default):
+            needs = [(interaction, t) for t in op.writes.types for interaction in ("create", "update")]
     elif op.affects_state and resource_type:
         needs = [("update", resource_type)]
     for interaction, written in needs:

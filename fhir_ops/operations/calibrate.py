@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.operations import twin_common as common
-from fhir_ops.operations.registry import OperationContext, operation
+from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.operations.simulate import _agent_default
 
 ACTIVITY = "$calibrate"
 
 
-@operation("OperationDefinition-calibrate.json")
+@operation("OperationDefinition-calibrate.json", writes=Writes(("Basic", "Provenance")))
 def handle(ctx: OperationContext, params: dict) -> dict:
     with common.participant_lock(ctx.resource_id):
         return _calibrate(ctx, params)

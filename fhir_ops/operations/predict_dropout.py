@@ -15,7 +15,7 @@ from fhir_ops.mapping.history import MappedHistory, load_history
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import parse_datetime
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
-from fhir_ops.operations.registry import OperationContext, operation
+from fhir_ops.operations.registry import OperationContext, Writes, operation
 from inference.dropout_risk import DEFAULT_THRESHOLD, DropoutRisk, assess_dropout_risk
 from inference.features import FEATURE_NAMES
 from inference.service import UnknownModel, get_service
@@ -40,7 +40,8 @@ class _Assessed:
     risk: DropoutRisk
 
 
-@operation("OperationDefinition-predict-dropout.json", async_allowed=True)
+@operation("OperationDefinition-predict-dropout.json", async_allowed=True,
+           writes=Writes(("RiskAssessment", "Task", "Provenance"), flag="persist", default=True))
 def handle(ctx: OperationContext, params: dict) -> dict:
     """Assess the participant (Patient) or every on-study participant (ResearchStudy)."""
     threshold = params.get("threshold", DEFAULT_THRESHOLD)

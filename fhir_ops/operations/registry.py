@@ -36,6 +36,26 @@ class OperationResult:
 
 
 @dataclass(frozen=True)
+class Writes:
+    """What an operation stores, and when: the one declaration the GET rule and scope checks read.
+
+    ``types`` are the resource types it creates or updates; ``flag`` names a boolean input that
+    switches writing on (``persist``), ``default`` its value when absent; without a flag the
+    operation always writes.
+    """
+
+    types: tuple[str, ...]
+    flag: str | None = None
+    default: bool = True
+
+    def applies(self, flag_value: bool | None) -> bool:
+        """Whether a call with this value of the flag (None: not given) writes."""
+        if self.flag is None:
+            return True
+        return self.default if flag_value is None else bool(flag_value)
+
+
+@dataclass(frozen=True)
 class Operation:
     """A registered operation: its definition and what was derived from it."""
 
@@ -43,6 +63,7 @@ class Operation:
     definition: dict
     handler: Callable[["OperationContext", dict], Any]
     async_allowed: bool = False
+    writes: Writes | None = None
 
     @property
     def name(self) -> str:
@@ -111,7 +132,7 @@ _LOCK = threading.Lock()
 _loaded = False
 
 
-def operation(definition: str | Mapping, *, async_allowed: bool = False):
+def operation(definition: str | Mapping, *, async_allowed: bool = False, writes: Writes | None = None):
     """Declare an operation: decorate its handler with its OperationDefinition.
 
     Parameters
@@ -122,6 +143,11 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False):
     async_allowed : bool
         Whether ``Prefer: respond-async`` runs the call as a job; otherwise the preference is
         ignored and the call answers synchronously (RFC 7240 lets a server do so).
+    writes : Writes, optional
+        What the operation stores and which input switches that on. An operation whose definition
+        has ``affectsState: false`` but that writes when asked (``$simulate`` with ``persist``)
+        answers GET only while the call does not write; scope checks require ``c``/``u`` on
+        ``writes.types`` exactly when the call writes.
 
     Returns
     -------
@@ -138,7 +164,8 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False):
     _check_definition(resolved)
 
     def register(handler):
-        op = Operation(code=resolved["code"], definition=resolved, handler=handler, async_allowed=async_allowed)
+        op = Operation(code=resolved["code"], definition=resolved, handler=handler, async_allowed=async_allowed,
+                       writes=writes)
         with _LOCK:
             existing = _REGISTRY.get(op.code)
             if existing is not None and existing.handler is not handler:
@@ -284,6 +311,9 @@ def dispatch(level: str, resource_type: str | None, resource_id: str | None, nam
             raise MethodNotAllowed(f"Operation {op.name} changes state and must be invoked with POST",
                                    headers={"Allow": "POST"})
         params = parameters.parse_query(op.definition, request.args.items(multi=True))
+        if op.writes is not None and op.writes.applies(params.get(op.writes.flag) if op.writes.flag else None):
+            raise MethodNotAllowed(f"{op.name} with {op.writes.flag}=true stores resources and must be invoked "
+                                   "with POST; GET is for calls that only compute", headers={"Allow": "POST"})
     else:
         stray = [k for k in request.args if k not in parameters.HTTP_LAYER_PARAMS]
         if stray:

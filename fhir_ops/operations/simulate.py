@@ -9,7 +9,7 @@ from fhir_ops.errors import InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
 from fhir_ops.operations import twin_common as common
-from fhir_ops.operations.registry import OperationContext, operation
+from fhir_ops.operations.registry import OperationContext, Writes, operation
 from inference import twin
 
 ACTIVITY = "$simulate"
@@ -20,7 +20,8 @@ MAX_PARTICIPANTS = 100_000
 TT201_ARMS = ("placebo", "50 mg", "100 mg")
 
 
-@operation("OperationDefinition-simulate.json", async_allowed=True)
+@operation("OperationDefinition-simulate.json", async_allowed=True,
+           writes=Writes(("Basic", "Observation", "Provenance"), flag="persist", default=False))
 def handle(ctx: OperationContext, params: dict) -> dict:
     common_checks = _scenario_params(params)
     if ctx.resource_type == "Patient":

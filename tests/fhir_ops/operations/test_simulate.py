@@ -337,12 +337,36 @@ def test_out_of_range_values_name_the_parameter(twin_server, body, name):
     assert name in issue_text(resp)
 
 
-def test_get_on_simulate_is_method_not_allowed(twin_server):
+def test_get_with_primitive_inputs_answers_like_post(twin_server):
+    """A call that only computes is idempotent: GET with primitive inputs answers as POST does."""
     base, _ = twin_server
-    resp = requests.get(f"{base}/Patient/{ACTIVE_PARTICIPANT}/$simulate", params={"horizonDays": "7"}, timeout=30)
+    query = {"horizonDays": "7", "seed": "3", "samples": "50", "dose": "75", "missedDoseDay": ["2", "3"]}
+    got = requests.get(f"{base}/Patient/{ACTIVE_PARTICIPANT}/$simulate", params=query, timeout=60)
+    assert got.status_code == 200, got.text
+    posted = simulate(base, f"Patient/{ACTIVE_PARTICIPANT}", params(horizonDays=7, seed=3, samples=50, dose=75.0,
+                                                                     missedDoseDay=[2, 3]))
+    assert posted.status_code == 200
+    forecasts = lambda body: [p for p in body["parameter"] if p["name"] == "forecast"]
+    assert forecasts(got.json()) == forecasts(posted.json())
+
+
+def test_get_that_would_persist_is_method_not_allowed(twin_server):
+    base, _ = twin_server
+    count = lambda: requests.get(f"{base}/Basic", params={"_summary": "count"}, timeout=10).json()["total"]
+    before = count()
+    resp = requests.get(f"{base}/Patient/{ACTIVE_PARTICIPANT}/$simulate",
+                        params={"horizonDays": "7", "persist": "true"}, timeout=30)
     assert resp.status_code == 405
     assert resp.headers["Allow"] == "POST"
-    assert "$simulate" in issue_text(resp)
+    assert "$simulate" in issue_text(resp) and "persist" in issue_text(resp)
+    assert count() == before  # nothing written
+
+
+def test_get_on_calibrate_is_method_not_allowed(twin_server):
+    base, _ = twin_server
+    resp = requests.get(f"{base}/Patient/{ACTIVE_PARTICIPANT}/$calibrate", timeout=30)
+    assert resp.status_code == 405
+    assert resp.headers["Allow"] == "POST"
 
 
 def test_simulate_on_an_unsupported_resource_type(twin_server):
@@ -372,4 +396,5 @@ def test_capability_statement_lists_the_twin_operations(twin_server):
     assert listed["Patient"]["calibrate"] == canon + "calibrate"
     assert "calibrate" not in listed.get("Group", {})
     published = requests.get(f"{base}/OperationDefinition/simulate", timeout=30).json()
-    assert published["affectsState"] is True and published["instance"] is True
+    # computing is the default; only persist=true stores (and then GET is refused)
+    assert published["affectsState"] is False and published["instance"] is True
