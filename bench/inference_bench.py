@@ -111,7 +111,8 @@ def http_latency(rows: np.ndarray, micro_batching: bool, clients: int, per_clien
 
     from fhir_ops.inference_api import create_app
 
-    app = create_app({"MICRO_BATCHING": micro_batching, "MAX_WAIT_MS": max_wait_ms, "FORCE_CPU": True})
+    app = create_app({"MICRO_BATCHING": micro_batching, "MAX_WAIT_MS": max_wait_ms, "FORCE_CPU": True,
+                      "AUTH_MODE": "open"})
     server = create_server(app, host="127.0.0.1", port=0, threads=clients)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -52,12 +52,23 @@ def init_app(app: Flask) -> None:
         Unknown mode, or smart mode without an issuer or audience: a server that cannot check tokens
         must not start (there is no silent fallback to open).
     """
+    if configure(app) == "smart":
+        app.before_request(_enforce)
+        app.after_request(_filter_bundle)
+
+
+def configure(app: Flask) -> str:
+    """Check an app's auth configuration and return its mode (``smart`` or ``open``).
+
+    Shared by every app of the process that holds or computes on participant data (the FHIR
+    server and the inference service), so they are secure by default in the same way.
+    """
     mode = str(app.config.get("AUTH_MODE") or "smart").lower()
     if mode not in AUTH_MODES:
         raise ValueError(f"AUTH_MODE must be one of {', '.join(AUTH_MODES)}, got {mode!r}")
     app.config["AUTH_MODE"] = mode
     if mode == "open":
-        return
+        return mode
     if not app.config.get("SMART_ISSUER"):
         raise ValueError("AUTH_MODE=smart needs SMART_ISSUER (the authorization server's URL, e.g. "
                          "https://host/auth); set AUTH_MODE=open only for a local, loopback-only server")
@@ -66,8 +77,19 @@ def init_app(app: Flask) -> None:
         raise ValueError("AUTH_MODE=smart needs FHIR_BASE_URL (or BASE_URL): the audience tokens must carry")
     if not any(app.config.get(k) for k in ("SMART_KEYS_FILE", "SMART_JWKS_URI", "SMART_INTROSPECTION_ENDPOINT")):
         app.config["SMART_JWKS_URI"] = app.config["SMART_ISSUER"].rstrip("/") + "/.well-known/jwks.json"
-    app.before_request(_enforce)
-    app.after_request(_filter_bundle)
+    return mode
+
+
+def require_token(interaction: str, resource_type: str):
+    """Authenticate the request's Bearer token and require ``interaction`` on ``resource_type``.
+
+    For apps outside the FHIR REST surface (the inference service): 401 without a valid token,
+    403 when its scopes do not allow the interaction. Returns the AccessContext.
+    """
+    access = _authenticate()
+    g.trialtwin_access = access
+    access.require(interaction, resource_type)
+    return access
 
 
 def _validator():

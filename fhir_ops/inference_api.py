@@ -8,6 +8,7 @@ import math
 
 from flask import Flask, current_app, jsonify, request
 
+from fhir_ops import auth
 from fhir_ops.app import render_error
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from inference.registry import ChecksumMismatch, ModelRegistry
@@ -94,6 +95,11 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     # Exception covers HTTPException too: unknown routes and 405 become OperationOutcomes as well.
     app.register_error_handler(Exception, render_error)
+
+    # Secure by default, like the FHIR app: predictions are risk assessments of participants, so a
+    # caller needs a token that may read RiskAssessments (system/, user/ or patient/ scopes).
+    if auth.configure(app) == "smart":
+        app.before_request(lambda: auth.require_token("read", "RiskAssessment") and None)
 
     @app.post("/predict/<model>")
     def predict(model: str):

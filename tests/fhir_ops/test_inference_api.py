@@ -25,7 +25,7 @@ def probe():
 
 @pytest.fixture
 def app():
-    app = create_app({"MAX_WAIT_MS": 25, "FORCE_CPU": True})
+    app = create_app({"MAX_WAIT_MS": 25, "FORCE_CPU": True, "AUTH_MODE": "open"})
     yield app
     app.extensions["trialtwin_inference"].close()
 
@@ -163,7 +163,7 @@ def test_tampered_model_is_a_server_error_not_a_prediction(tmp_path, probe):
         (tmp_path / path.name).write_bytes(path.read_bytes())
     onnx = tmp_path / "dropout-1.0.0.onnx"
     onnx.write_bytes(onnx.read_bytes() + b"\0")
-    app = create_app({"MODELS_DIR": str(tmp_path), "FORCE_CPU": True})
+    app = create_app({"MODELS_DIR": str(tmp_path), "FORCE_CPU": True, "AUTH_MODE": "open"})
     try:
         with serve(app) as url:
             r = requests.post(f"{url}/predict/dropout", json={"rows": probe["x"][:1].tolist()}, timeout=10)

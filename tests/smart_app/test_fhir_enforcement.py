@@ -260,3 +260,23 @@ def test_async_jobs_are_visible_to_their_submitter_only(combined, system_read, p
     assert refused.status_code == 403 and outcome_id(refused) == "not-job-owner"
     assert call("GET", job, None).status_code == 401
     assert call("GET", job, system_read).status_code in (200, 202)
+
+
+# --- the inference service shares the FHIR server's rules ------------------------------------------------
+
+def test_inference_service_needs_a_token_that_may_read_risk_assessments(combined, system_read, system_write):
+    """/inference computes risks of participants: no token → 401, a token without RiskAssessment read → 403."""
+    import numpy as np
+
+    from inference.registry import default_registry
+
+    probe = np.load(default_registry().latest("dropout").onnx_path.with_suffix(".probe.npz"))
+    body = {"rows": probe["x"][:2].tolist()}
+    url = f"{combined.base}/inference/predict/dropout"
+    anonymous = requests.post(url, json=body, timeout=30)
+    assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+    narrow = requests.post(url, json=body, headers={"Authorization": f"Bearer {system_write}"}, timeout=30)
+    assert narrow.status_code == 403, narrow.text
+    allowed = requests.post(url, json=body, headers={"Authorization": f"Bearer {system_read}"}, timeout=30)
+    assert allowed.status_code == 200, allowed.text
+    assert len(allowed.json()["probabilities"]) == 2
