@@ -1,4 +1,4 @@
-"""The one WSGI process: the FHIR server at the root, the SMART apps under /auth and /app.
+"""The one WSGI process: the FHIR server at the root, the SMART apps under /auth and /app, inference at /inference.
 
 ``create_wsgi(config)`` composes whichever apps are installed; absent ones are logged, not faked.
 """
@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 MOUNTS = (
     ("/auth", "smart_app.authz", "SMART authorization server"),
     ("/app", "smart_app.app", "clinician SMART app"),
+    ("/inference", "fhir_ops.inference_api", "ONNX Runtime inference service"),
 )
 
 

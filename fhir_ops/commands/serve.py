@@ -43,6 +43,8 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
         found.append(("SMART clinician app", f"{base}/app/"))
     if "/auth" in mounts:
         found.append(("SMART configuration", f"{base}/fhir/.well-known/smart-configuration"))
+    if "/inference" in mounts:
+        found.append(("inference service (models, metrics)", f"{base}/inference/models"))
     return found
 
 

@@ -15,6 +15,12 @@ from fhir_ops.store.base import Store
 
 LOINC = "http://loinc.org"
 ASSAY = "https://trialtwin.org/fhir/CodeSystem/assay"
+COVARIATE = "https://trialtwin.org/fhir/CodeSystem/covariate"
+AE_SEVERITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/adverse-event-severity"
+#: AdverseEvent.severity code -> grade 1-3 (the scale of ``inference.features.AdverseEventRecord``)
+AE_GRADES = {"mild": 1, "moderate": 2, "severe": 3}
+#: An ungraded event counts as moderate, the middle grade, so it neither vanishes nor dominates.
+AE_GRADE_UNKNOWN = 2
 
 #: engine name -> (code system, code, canonical UCUM unit)
 MEASUREMENTS: dict[str, tuple[str, str, str]] = {
@@ -25,6 +31,8 @@ MEASUREMENTS: dict[str, tuple[str, str, str]] = {
     "sbp": (LOINC, "8480-6", "mm[Hg]"),
     "egfr": (LOINC, "62238-1", "mL/min/{1.73_m2}"),
     "concentration": (ASSAY, "TTX101-PK", "ng/mL"),
+    # the demo (and an EDC export) records home-to-site distance as a social-history Observation
+    "travel_distance": (COVARIATE, "travel-distance", "km"),
 }
 _BY_CODE = {(system, code): name for name, (system, code, _) in MEASUREMENTS.items()}
 
@@ -43,10 +51,15 @@ class Series:
 
 @dataclass(frozen=True, eq=False)
 class Visit:
+    """One scheduled visit (Appointment): ``day`` since ``origin``; ``attended`` is False for booked ones,
+    so read ``status`` (``fulfilled`` / ``noshow`` / ``booked`` ...) to tell missed from not yet held."""
+
     day: float
     attended: bool
     remote: bool
     status: str
+    start: datetime | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +85,18 @@ class ParticipantRecord:
     site: str | None
     sources: list[str] = field(default_factory=list)
     last_data_time: datetime | None = None
+    #: ResearchSubject.period: randomization (start) and end of participation (withdrawal, completion)
+    enrolled: datetime | None = None
+    ended: datetime | None = None
+    #: grade 1-3 of each adverse event, aligned with ``adverse_event_days``
+    adverse_event_grades: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    #: versioned reference -> the time its content refers to (None for timeless ones: Patient,
+    #: ResearchSubject), so a caller can name exactly the inputs it used up to some time
+    source_times: dict[str, datetime | None] = field(default_factory=dict)
+    #: covariate name (``covariates`` key) -> versioned reference of the resource it was read from
+    covariate_sources: dict[str, str] = field(default_factory=dict)
+    #: versioned references of completed (taken) and not-done MedicationAdministrations, by time
+    dose_records: tuple[tuple[datetime, bool, str], ...] = ()
 
     @property
     def n_observations(self) -> int:
@@ -101,7 +126,11 @@ def versioned(resource: dict) -> str:
     return f"{base}/_history/{version}" if version else base
 
 
-def _convert(value: float, unit: str, canonical: str, where: str) -> float:
+#: molar masses (g/mol) that bridge mass and amount of substance, by measurement
+MOLAR_MASS = {"fpg": 180.156}  # glucose C6H12O6
+
+
+def _convert(value: float, unit: str, canonical: str, where: str, molar_mass: float | None = None) -> float:
     if unit == canonical:
         return value
     try:
@@ -109,7 +138,7 @@ def _convert(value: float, unit: str, canonical: str, where: str) -> float:
     except ImportError as exc:  # pragma: no cover - terminology ships with the product
         raise Unprocessable(f"{where}: unit {unit!r} is not {canonical!r} and no converter is installed") from exc
     try:
-        return float(convert(value, unit, canonical))
+        return float(convert(value, unit, canonical, molar_mass=molar_mass))
     except ValueError as exc:
         raise Unprocessable(f"{where}: cannot convert {unit!r} to {canonical!r}: {exc}",
                             error_id="incompatible-unit") from exc
@@ -150,17 +179,24 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
     adverse = store.search_all("AdverseEvent", [("subject", ref)])
     read = [patient, *subjects, *observations, *administrations, *appointments, *adverse]
 
-    doses, missed = [], []
+    # Placebo participants record doses as counts of tablets ({tbl}); they contribute no drug mass.
+    placebo = any((sub.get("assignedArm") or "").strip().lower() == "placebo" for sub in subjects)
+    doses, missed, dose_records = [], [], []
     for admin in administrations:
         when = _effective(admin)
-        if when is None:
+        if when is None or admin.get("status") == "entered-in-error":
             continue
-        if admin.get("status") in ("not-done", "stopped", "entered-in-error"):
+        if admin.get("status") in ("not-done", "stopped"):
             missed.append(when)
+            dose_records.append((when, False, versioned(admin)))
             continue
+        dose_records.append((when, True, versioned(admin)))
         dose = admin.get("dosage", {}).get("dose", {})
-        amount = _convert(float(dose.get("value", 0.0)), dose.get("code") or dose.get("unit") or "mg", "mg",
-                          f"MedicationAdministration/{admin['id']}")
+        unit = dose.get("code") or dose.get("unit") or "mg"
+        if placebo and unit.startswith("{"):
+            amount = 0.0  # a placebo tablet ({tbl}) carries no drug: its mass is not the point
+        else:
+            amount = _convert(float(dose.get("value", 0.0)), unit, "mg", f"MedicationAdministration/{admin['id']}")
         doses.append((when, amount))
     doses.sort(key=lambda d: d[0])
 
@@ -189,7 +225,7 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
             continue  # preliminary = our own simulated forecasts, never data
         canonical = MEASUREMENTS[name][2]
         value = _convert(float(qty["value"]), qty.get("code") or qty.get("unit") or canonical, canonical,
-                         f"Observation/{obs['id']}")
+                         f"Observation/{obs['id']}", MOLAR_MASS.get(name))
         raw.setdefault(name, []).append((hours(when), value))
         units[name] = canonical
     series = {}
@@ -198,7 +234,19 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
         arr = np.asarray(points, dtype=float)
         series[name] = Series(times_h=arr[:, 0], values=arr[:, 1], unit=units[name])
 
-    covariates = _covariates(patient, series, origin)
+    covariates, covariate_obs = _covariates(patient, series, origin)
+    by_series: dict[str, list[tuple[float, dict]]] = {}
+    for obs in observations:
+        name, when = _measurement(obs), _effective(obs)
+        if name in covariate_obs and when is not None and obs.get("status") not in (
+                "entered-in-error", "cancelled", "preliminary"):
+            by_series.setdefault(name, []).append((hours(when), obs))
+    covariate_sources = {}
+    for name, key in covariate_obs.items():
+        target = series[name].times_h[int(np.argmin(np.abs(series[name].times_h)))] if key != "travel_km" \
+            else series[name].times_h[-1]
+        match = next(obs for t, obs in by_series[name] if t == target)
+        covariate_sources[key] = versioned(match)
     visits = []
     for appt in appointments:
         when = _effective(appt)
@@ -207,9 +255,14 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
         remote = any(c.get("code") in ("virtual", "VR", "remote")
                      for st in appt.get("serviceType", []) for c in st.get("coding", []))
         visits.append(Visit(day=hours(when) / 24.0, attended=appt["status"] in ("fulfilled", "arrived", "checked-in"),
-                            remote=remote, status=appt["status"]))
+                            remote=remote, status=appt["status"], start=when, source=versioned(appt)))
     visits.sort(key=lambda v: v.day)
-    ae_days = np.sort(np.array([hours(w) / 24.0 for w in (_effective(a) for a in adverse) if w is not None]))
+    ae_pairs = sorted((hours(w) / 24.0, _ae_grade(a)) for a, w in ((a, _effective(a)) for a in adverse)
+                      if w is not None)
+    ae_days = np.array([d for d, _ in ae_pairs], dtype=float)
+    source_times: dict[str, datetime | None] = {versioned(r): None for r in (patient, *subjects)}
+    for r in [*observations, *administrations, *appointments, *adverse]:
+        source_times[versioned(r)] = _effective(r)
     data_times = [t for t in (_effective(r) for r in [*observations, *administrations]) if t is not None]
     return ParticipantRecord(
         patient_id=patient_id,
@@ -226,11 +279,26 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
         site=_site(subject),
         sources=[versioned(r) for r in read],
         last_data_time=max(data_times) if data_times else None,
+        enrolled=parse_datetime(enrolled) if enrolled else None,
+        ended=parse_datetime(subject["period"]["end"]) if subject and subject.get("period", {}).get("end") else None,
+        adverse_event_grades=np.array([g for _, g in ae_pairs], dtype=int),
+        source_times=source_times,
+        covariate_sources=covariate_sources,
+        dose_records=tuple(sorted(dose_records, key=lambda d: d[0])),
     )
 
 
-def _covariates(patient: dict, series: dict[str, Series], origin: datetime) -> dict[str, float]:
+def _ae_grade(event: dict) -> int:
+    for coding in event.get("severity", {}).get("coding", []):
+        if coding.get("code") in AE_GRADES:
+            return AE_GRADES[coding["code"]]
+    return AE_GRADE_UNKNOWN
+
+
+def _covariates(patient: dict, series: dict[str, Series], origin: datetime) -> tuple[dict[str, float], dict[str, str]]:
+    """Covariates, and for each one read from an Observation series the series name it came from."""
     out: dict[str, float] = {}
+    from_series: dict[str, str] = {}
     if patient.get("birthDate"):
         born = parse_datetime(patient["birthDate"])
         out["age"] = (origin - born).days / 365.25
@@ -240,10 +308,17 @@ def _covariates(patient: dict, series: dict[str, Series], origin: datetime) -> d
             # baseline = the measurement closest to the first dose
             idx = int(np.argmin(np.abs(series[name].times_h)))
             out[key] = float(series[name].values[idx])
-    for ext in patient.get("extension", []):
-        if ext.get("url", "").endswith("/travel-distance") and "valueQuantity" in ext:
-            out["travel_km"] = float(ext["valueQuantity"]["value"])
-    return out
+            from_series[name] = key
+    # Travel distance: the latest covariate Observation (a move changes it); a Patient extension
+    # is the fallback some sources use.
+    if "travel_distance" in series:
+        out["travel_km"] = float(series["travel_distance"].values[-1])
+        from_series["travel_distance"] = "travel_km"
+    else:
+        for ext in patient.get("extension", []):
+            if ext.get("url", "").endswith("/travel-distance") and "valueQuantity" in ext:
+                out["travel_km"] = float(ext["valueQuantity"]["value"])
+    return out, from_series
 
 
 def _site(subject: dict | None) -> str | None:

@@ -9,6 +9,7 @@ import importlib
 
 MODULES = [
     "fhir_ops.operations.validate",  # $validate: [type]/$validate, [type]/[id]/$validate (R4 Resource-validate)
+    "fhir_ops.operations.predict_dropout",  # $predict-dropout: Patient/[id], ResearchStudy/[id] (learned dropout risk)
     "fhir_ops.operations.translate",  # $translate: ConceptMap/$translate, ConceptMap/[id]/$translate (R4 ConceptMap-translate)
     "fhir_ops.operations.lookup",  # $lookup: CodeSystem/$lookup (R4 CodeSystem-lookup)
     "fhir_ops.operations.validate_code",  # $validate-code: ValueSet and CodeSystem, type and instance level

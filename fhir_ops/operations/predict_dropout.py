@@ -1,0 +1,313 @@
+"""``$predict-dropout``: missed-next-visit risk for a participant or a whole study, stored as RiskAssessments.
+
+Flagged participants get one open outreach Task (refreshed on re-runs); outputs and their Provenance
+are written in one transaction.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Unprocessable, outcome
+from fhir_ops.mapping.history import MappedHistory, load_history
+from fhir_ops.mapping.model_device import ensure_model_device
+from fhir_ops.mapping.participant import parse_datetime
+from fhir_ops.mapping.provenance import build_provenance, requesting_agent
+from fhir_ops.operations.registry import OperationContext, operation
+from inference.dropout_risk import DEFAULT_THRESHOLD, DropoutRisk, assess_dropout_risk
+from inference.features import FEATURE_NAMES
+from inference.service import UnknownModel, get_service
+
+TRIALTWIN_CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
+SD = "https://trialtwin.org/fhir/StructureDefinition/"
+DROPOUT_RISK_PROFILE = SD + "dropout-risk"
+OUTREACH_TASK_PROFILE = SD + "outreach-task"
+#: Task statuses in which an outreach is still to be done; a re-run refreshes such a Task.
+OPEN_TASK_STATUSES = ("requested", "received", "accepted", "ready", "in-progress")
+#: ResearchSubject statuses that end participation: nothing left to predict.
+ENDED_STATUSES = ("withdrawn", "off-study")
+DEFAULT_MODEL = "dropout"
+ACTIVITY = "$predict-dropout"
+
+
+@dataclass
+class _Assessed:
+    patient_id: str
+    mapped: MappedHistory
+    risk: DropoutRisk
+
+
+@operation("OperationDefinition-predict-dropout.json", async_allowed=True)
+def handle(ctx: OperationContext, params: dict) -> dict:
+    """Assess the participant (Patient) or every on-study participant (ResearchStudy)."""
+    threshold = params.get("threshold", DEFAULT_THRESHOLD)
+    if not 0.0 < threshold < 1.0:
+        raise InvalidRequest(f"Parameter 'threshold' must lie strictly between 0 and 1; got {threshold}",
+                             error_id="threshold-out-of-range", expression=["Parameters.parameter:threshold"])
+    horizon = params.get("horizonDays")
+    if horizon is not None and horizon < 1:
+        raise InvalidRequest(f"Parameter 'horizonDays' must be at least 1; got {horizon}",
+                             error_id="horizon-out-of-range", expression=["Parameters.parameter:horizonDays"])
+    as_of = parse_datetime(params["asOf"]) if params.get("asOf") else None
+    persist = params.get("persist", True)
+    create_tasks = params.get("createTasks", True) and persist
+    name, version, sha256 = _resolve_model(params.get("model"))
+    store = ctx.store
+
+    issues: list[dict] = []
+    skipped = 0
+    if ctx.resource_type == "Patient":
+        patient_ids = [ctx.resource_id]
+    else:
+        patient_ids, skipped, skip_issue = _study_participants(store, ctx.resource_id)
+        if skip_issue:
+            issues.append(skip_issue)
+
+    mapped: list[tuple[str, MappedHistory]] = []
+    for i, pid in enumerate(patient_ids):
+        if ctx.cancelled():
+            raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
+                            error_id="cancelled")
+        try:
+            m = load_history(store, pid, as_of)
+        except (Unprocessable, NotFound, Gone) as exc:
+            if ctx.resource_type == "Patient":
+                raise
+            issues.append(outcome("warning", exc.code, exc.message, error_id=exc.error_id,
+                                  expression=[f"Patient/{pid}"]))
+            continue
+        if horizon is not None and m.next_visit is not None:
+            days_ahead = (m.next_visit - m.as_of).total_seconds() / 86400.0
+            if days_ahead > horizon:
+                issues.append(outcome("information", "informational",
+                                      f"Patient/{pid}: the next visit ({m.next_visit.date().isoformat()}) is "
+                                      f"{days_ahead:.1f} days after asOf, beyond horizonDays={horizon}; not assessed",
+                                      error_id="next-visit-beyond-horizon", expression=[f"Patient/{pid}"]))
+                continue
+        mapped.append((pid, m))
+        ctx.progress(0.8 * (i + 1) / max(len(patient_ids), 1), f"read {i + 1} of {len(patient_ids)} participants")
+
+    try:
+        risks = assess_dropout_risk([m.history for _, m in mapped], [m.as_of_day for _, m in mapped],
+                                    threshold=threshold, version=version)
+    except ValueError as exc:
+        raise Unprocessable(f"The dropout model could not assess the participants: {exc}",
+                            error_id="invalid-features") from None
+    assessed = [_Assessed(pid, m, r) for (pid, m), r in zip(mapped, risks)]
+
+    outputs_per_participant: list[dict] = [_prediction_part(a) for a in assessed]
+    counts = {"tasksCreated": 0, "tasksUpdated": 0}
+    device_ref = None
+    if persist and assessed:
+        device = ensure_model_device(store, name, version, sha256, description=_DEVICE_DESCRIPTION)
+        device_ref = _versioned(device)
+        agent = requesting_agent(ctx.headers, _config_agent())
+        entries = []
+        now = datetime.now(timezone.utc)
+        for a, part in zip(assessed, outputs_per_participant):
+            entries += _participant_entries(store, a, part, device, device_ref, agent, threshold, create_tasks,
+                                            now, counts)
+        if ctx.cancelled():  # last point at which stopping leaves nothing behind
+            raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
+                            error_id="cancelled")
+        store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    ctx.progress(1.0, "stored")
+
+    not_assessed = sum(1 for i in issues if i["severity"] == "warning")
+    out = {
+        "model": f"{name}@{version}",
+        "threshold": threshold,
+        "prediction": outputs_per_participant,
+        "evaluated": len(assessed),
+        "flagged": sum(a.risk.flagged for a in assessed),
+        "tasksCreated": counts["tasksCreated"],
+        "tasksUpdated": counts["tasksUpdated"],
+        "skipped": skipped,
+        "notAssessed": not_assessed,
+    }
+    if device_ref:
+        out["modelDevice"] = {"reference": device_ref}
+    if issues:
+        out["issues"] = {"resourceType": "OperationOutcome", "issue": issues}
+    return out
+
+
+_DEVICE_DESCRIPTION = ("Learned model of the probability that a trial participant misses the next scheduled visit "
+                       "(no-show or withdrawal before it); ONNX logistic regression over 21 behaviour features")
+
+
+def _resolve_model(spec: str | None) -> tuple[str, str, str]:
+    """``name[@version]`` → (name, version, sha256) from the registry; 404 when unknown."""
+    text = (spec or DEFAULT_MODEL).strip()
+    name, _, version = text.partition("@")
+    if not name or (("@" in text) and not version):
+        raise InvalidRequest(f"Parameter 'model' must be name or name@version; got {spec!r}",
+                             error_id="invalid-model", expression=["Parameters.parameter:model"])
+    service = get_service()
+    try:
+        entry = service.registry.get(name, version or None)
+    except (KeyError, UnknownModel) as exc:
+        known = ", ".join(sorted({f"{e.name}@{e.version}" for e in service.registry.entries()})) or "none"
+        raise NotFound(f"Unknown model {text!r} ({exc.args[0] if exc.args else 'not registered'}); "
+                       f"registered models: {known}", error_id="unknown-model",
+                       expression=["Parameters.parameter:model"]) from None
+    if name != DEFAULT_MODEL or tuple(entry.feature_names) != FEATURE_NAMES:
+        raise InvalidRequest(f"Model {name}@{entry.version} is not a missed-visit (dropout) model; "
+                             f"$predict-dropout needs {DEFAULT_MODEL}[@version]", error_id="model-not-applicable",
+                             expression=["Parameters.parameter:model"])
+    return entry.name, entry.version, entry.metadata.get("sha256")
+
+
+def _study_participants(store, study_id: str) -> tuple[list[str], int, dict | None]:
+    store.read("ResearchStudy", study_id)  # 404 / 410 for an unknown or deleted study
+    subjects = store.search_all("ResearchSubject", [("study", f"ResearchStudy/{study_id}")])
+    ids: list[str] = []
+    ended: dict[str, int] = {}
+    for subject in subjects:
+        status = subject.get("status")
+        if status in ENDED_STATUSES:
+            ended[status] = ended.get(status, 0) + 1
+            continue
+        ref = subject.get("individual", {}).get("reference", "")
+        if ref.startswith("Patient/"):
+            ids.append(ref.split("/")[1])
+    ids = list(dict.fromkeys(ids))
+    skipped = sum(ended.values())
+    issue = None
+    if skipped:
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(ended.items()))
+        issue = outcome("information", "informational",
+                        f"Skipped {skipped} of {len(subjects)} participants of ResearchStudy/{study_id} who are no "
+                        f"longer on study ({detail})", error_id="participants-skipped")
+    return ids, skipped, issue
+
+
+def _config_agent():
+    try:
+        from flask import current_app
+
+        return current_app.config.get("REQUESTING_AGENT")
+    except RuntimeError:  # outside an app context (direct calls in scripts)
+        return None
+
+
+def _versioned(resource: dict) -> str:
+    return f"{resource['resourceType']}/{resource['id']}/_history/{resource['meta']['versionId']}"
+
+
+def _instant(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _prediction_part(a: _Assessed) -> dict:
+    return {
+        "subject": {"reference": f"Patient/{a.patient_id}"},
+        "probability": round(a.risk.probability, 6),
+        "flagged": a.risk.flagged,
+        "asOf": _instant(a.mapped.as_of),
+        "nextVisit": _instant(a.mapped.next_visit),
+        "driver": [{"feature": d.feature, "value": round(d.value, 6), "contribution": round(d.log_odds, 6)}
+                   for d in a.risk.drivers],
+    }
+
+
+def _why(a: _Assessed, threshold: float) -> str:
+    drivers = "; ".join(f"{d.feature} = {d.value:g} {d.unit}".rstrip() for d in a.risk.drivers) or "none above average"
+    return (f"Contact the participant: predicted probability {a.risk.probability:.2f} of missing the next visit on "
+            f"{a.mapped.next_visit.date().isoformat()} (threshold {threshold:.2f}, model {a.risk.model}@"
+            f"{a.risk.version}). Main drivers: {drivers}.")
+
+
+def _risk_assessment(a: _Assessed, ra_id: str, device_ref: str, now: datetime) -> dict:
+    outcome_cc = {"coding": [{"system": TRIALTWIN_CS, "code": "missed-next-visit",
+                              "display": "Misses the next scheduled visit"}],
+                  "text": "Misses the next scheduled visit (no-show or withdrawal before it)"}
+    return {
+        "resourceType": "RiskAssessment", "id": ra_id,
+        "meta": {"profile": [DROPOUT_RISK_PROFILE]},
+        "extension": [
+            {"url": SD + "twin-model", "valueReference": {"reference": device_ref}},
+            *({"url": SD + "risk-driver", "extension": [
+                {"url": "feature", "valueCode": d.feature},
+                {"url": "value", "valueDecimal": round(d.value, 6)},
+                {"url": "contribution", "valueDecimal": round(d.log_odds, 6)}]} for d in a.risk.drivers),
+        ],
+        "status": "final",
+        "method": {"coding": [{"system": TRIALTWIN_CS, "code": "learned-model", "display": "Learned risk model"}]},
+        "code": outcome_cc,
+        "subject": {"reference": f"Patient/{a.patient_id}"},
+        "occurrenceDateTime": _instant(now),
+        "performer": {"reference": device_ref},
+        "basis": [{"reference": ref} for ref in a.mapped.inputs],
+        "prediction": [{
+            "outcome": outcome_cc,
+            "probabilityDecimal": round(a.risk.probability, 6),
+            "whenPeriod": {"start": _instant(a.mapped.as_of), "end": _instant(a.mapped.next_visit)},
+            "rationale": (f"Data up to {_instant(a.mapped.as_of)} (study day {a.mapped.as_of_day}); "
+                          f"{'flagged' if a.risk.flagged else 'not flagged'} at threshold {a.risk.threshold:g}"),
+        }],
+    }
+
+
+def _open_outreach_task(store, patient_id: str) -> dict | None:
+    tasks = store.search_all("Task", [("patient", f"Patient/{patient_id}"), ("code", f"{TRIALTWIN_CS}|outreach"),
+                                      ("status", ",".join(OPEN_TASK_STATUSES))])
+    tasks = [t for t in tasks if t.get("status") in OPEN_TASK_STATUSES]  # whatever the store's search did
+    if not tasks:
+        return None
+    return max(tasks, key=lambda t: t.get("meta", {}).get("lastUpdated", ""))
+
+
+def _participant_entries(store, a: _Assessed, part: dict, device: dict, device_ref: str, agent: dict,
+                         threshold: float, create_tasks: bool, now: datetime, counts: dict) -> list[dict]:
+    ra_id = str(uuid.uuid4())
+    ra = _risk_assessment(a, ra_id, device_ref, now)
+    entries = [_put(ra)]
+    targets = [f"RiskAssessment/{ra_id}/_history/1"]
+    part["riskAssessment"] = {"reference": f"RiskAssessment/{ra_id}"}
+    if a.risk.flagged and create_tasks:
+        existing = _open_outreach_task(store, a.patient_id)
+        task = {
+            "resourceType": "Task",
+            "meta": {"profile": [OUTREACH_TASK_PROFILE]},
+            "status": "requested",
+            "intent": "proposal",
+            "priority": "urgent" if a.risk.probability >= (1 + threshold) / 2 else "routine",
+            "code": {"coding": [{"system": TRIALTWIN_CS, "code": "outreach", "display": "Participant outreach"}]},
+            "description": _why(a, threshold),
+            "focus": {"reference": f"RiskAssessment/{ra_id}"},
+            "for": {"reference": f"Patient/{a.patient_id}"},
+            "authoredOn": _instant(now),
+            "lastModified": _instant(now),
+            "restriction": {"period": {"end": _instant(a.mapped.next_visit)}},
+        }
+        if existing is None:
+            task["id"] = str(uuid.uuid4())
+            entries.append(_put(task))
+            version = "1"
+            counts["tasksCreated"] += 1
+            part["taskAction"] = "created"
+        else:
+            # keep what staff did with it (status, owner, notes) and when it was first raised
+            task = {**existing, **{k: v for k, v in task.items() if k not in ("status", "authoredOn")},
+                    "meta": {**existing.get("meta", {}), "profile": [OUTREACH_TASK_PROFILE]}}
+            current = existing["meta"]["versionId"]
+            entries.append(_put(task, if_match=f'W/"{current}"'))
+            version = str(int(current) + 1)
+            counts["tasksUpdated"] += 1
+            part["taskAction"] = "updated"
+        targets.append(f"Task/{task['id']}/_history/{version}")
+        part["task"] = {"reference": f"Task/{task['id']}"}
+    provenance = build_provenance(targets, a.mapped.inputs, device, agent, ACTIVITY, recorded=now)
+    provenance["id"] = str(uuid.uuid4())
+    entries.append(_put(provenance))
+    part["provenance"] = {"reference": f"Provenance/{provenance['id']}"}
+    return entries
+
+
+def _put(resource: dict, if_match: str | None = None) -> dict:
+    request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+    if if_match:
+        request["ifMatch"] = if_match
+    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": request}
