@@ -97,6 +97,9 @@ class ParticipantRecord:
     covariate_sources: dict[str, str] = field(default_factory=dict)
     #: versioned references of completed (taken) and not-done MedicationAdministrations, by time
     dose_records: tuple[tuple[datetime, bool, str], ...] = ()
+    #: measurement name -> versioned references of the Observations behind ``series[name]``, in the
+    #: same (time) order as its values, so a twin can name exactly the observations it used
+    series_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def n_observations(self) -> int:
@@ -213,7 +216,7 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
     def hours(when: datetime) -> float:
         return (when - origin).total_seconds() / 3600.0
 
-    raw: dict[str, list[tuple[float, float]]] = {}
+    raw: dict[str, list[tuple[float, float, str]]] = {}
     units: dict[str, str] = {}
     for obs in observations:
         name = _measurement(obs)
@@ -226,13 +229,14 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
         canonical = MEASUREMENTS[name][2]
         value = _convert(float(qty["value"]), qty.get("code") or qty.get("unit") or canonical, canonical,
                          f"Observation/{obs['id']}", MOLAR_MASS.get(name))
-        raw.setdefault(name, []).append((hours(when), value))
+        raw.setdefault(name, []).append((hours(when), value, versioned(obs)))
         units[name] = canonical
-    series = {}
+    series, series_sources = {}, {}
     for name, points in raw.items():
         points.sort()
-        arr = np.asarray(points, dtype=float)
+        arr = np.asarray([(t, v) for t, v, _ in points], dtype=float)
         series[name] = Series(times_h=arr[:, 0], values=arr[:, 1], unit=units[name])
+        series_sources[name] = tuple(ref for _, _, ref in points)
 
     covariates, covariate_obs = _covariates(patient, series, origin)
     by_series: dict[str, list[tuple[float, dict]]] = {}
@@ -285,6 +289,7 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
         source_times=source_times,
         covariate_sources=covariate_sources,
         dose_records=tuple(sorted(dose_records, key=lambda d: d[0])),
+        series_sources=series_sources,
     )
 
 

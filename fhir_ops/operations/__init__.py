@@ -14,6 +14,8 @@ MODULES = [
     "fhir_ops.operations.lookup",  # $lookup: CodeSystem/$lookup (R4 CodeSystem-lookup)
     "fhir_ops.operations.validate_code",  # $validate-code: ValueSet and CodeSystem, type and instance level
     "fhir_ops.operations.import_map",  # $import-map: ConceptMap/$import-map, a new map version as a draft
+    "fhir_ops.operations.simulate",  # $simulate: Patient, Group, ResearchStudy instance (twin forecasts, cohort runs)
+    "fhir_ops.operations.calibrate",  # $calibrate: Patient instance (new twin-state version when data arrived)
 ]
 
 

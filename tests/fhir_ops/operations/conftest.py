@@ -137,3 +137,22 @@ def fhir_server(tmp_path):
     with serve(app) as url:
         yield f"{url}/fhir", store
     store.close()
+
+
+@pytest.fixture(scope="module")
+def twin_server(tmp_path_factory):
+    """A FHIR app holding a small seeded TT-201 demo study (30 participants), served on loopback.
+
+    Module-scoped: loading the study and calibrating twins is the slow part, so the twin tests of
+    one module share it. Yields ``(fhir_base_url, app)``; ``fhir_base_url`` ends in ``/fhir``.
+    """
+    from fhir_ops.demo import ensure_demo_study
+
+    app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path_factory.mktemp("twin")), "AUTH_MODE": "open",
+                      "JOBS_MAX_WORKERS": 1})
+    store = get_store_of(app)
+    ensure_demo_study(store, participants=30, seed=7)
+    with serve(app) as url:
+        yield f"{url}/fhir", app
+    jobs.manager(app).shutdown()
+    store.close()

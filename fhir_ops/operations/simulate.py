@@ -1,0 +1,237 @@
+"""``$simulate`` on a Patient (calibrated twin forecast, optionally persisted with Provenance), a Group
+or a ResearchStudy (one vectorized cohort simulation summarized per arm; may run asynchronously).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fhir_ops.errors import InvalidRequest, NotFound, Unprocessable
+from fhir_ops.mapping import twin as twin_fhir
+from fhir_ops.mapping.participant import load_participant
+from fhir_ops.operations import twin_common as common
+from fhir_ops.operations.registry import OperationContext, operation
+from inference import twin
+
+ACTIVITY = "$simulate"
+#: output times per output in one Patient forecast (a year at 1-hour steps would be ~9000)
+MAX_OUTPUT_TIMES = 1000
+#: participants in one Group/ResearchStudy simulation
+MAX_PARTICIPANTS = 100_000
+TT201_ARMS = ("placebo", "50 mg", "100 mg")
+
+
+@operation("OperationDefinition-simulate.json", async_allowed=True)
+def handle(ctx: OperationContext, params: dict) -> dict:
+    common_checks = _scenario_params(params)
+    if ctx.resource_type == "Patient":
+        if params.get("memberOutputs"):
+            raise InvalidRequest("Parameter 'memberOutputs' applies to Group and ResearchStudy, not Patient",
+                                 error_id="parameter-not-applicable")
+        return _simulate_patient(ctx, params, common_checks)
+    if params.get("persist"):
+        raise InvalidRequest(f"Parameter 'persist' applies to Patient only; a {ctx.resource_type} simulation "
+                             "returns its summaries without storing resources", error_id="parameter-not-applicable")
+    return _simulate_cohort(ctx, params, common_checks)
+
+
+def _scenario_params(params: dict) -> dict:
+    days = common.horizon(params)
+    step = int(common.number(params, "stepHours", 24, 1, 168))
+    n_times = int(24 * days // step) + 1
+    if n_times > MAX_OUTPUT_TIMES:
+        raise InvalidRequest(f"Parameters 'horizonDays'={days} and 'stepHours'={step} ask for {n_times} output "
+                             f"times per output; at most {MAX_OUTPUT_TIMES} are returned (use a larger stepHours)",
+                             error_id="parameter-out-of-range")
+    missed = sorted(set(params.get("missedDoseDay") or []))
+    bad = [d for d in missed if not 0 <= d < days]
+    if bad:
+        raise InvalidRequest(f"Parameter 'missedDoseDay' must lie within the horizon (0 to {days - 1}); got {bad}",
+                             error_id="parameter-out-of-range")
+    outputs = list(dict.fromkeys(params.get("output") or twin.OUTPUTS))
+    unknown = [o for o in outputs if o not in twin.OUTPUTS]
+    if unknown:
+        raise InvalidRequest(f"Parameter 'output' must be one of {', '.join(twin.OUTPUTS)} (ValueSet twin-outputs); "
+                             f"got {', '.join(unknown)}", error_id="invalid-code", code="code-invalid")
+    return {
+        "horizon_days": days, "step_hours": step, "missed": tuple(missed), "outputs": tuple(outputs),
+        "dose": common.number(params, "dose", None, 0.0, 1000.0, " mg"),
+        "interval": common.number(params, "intervalHours", 24.0, 1.0, 168.0, " h"),
+        "adherence": common.number(params, "adherence", 1.0, 0.0, 1.0),
+        "samples": int(common.number(params, "samples", 200, 10, 5000)),
+        "seed": int(common.number(params, "seed", 0, 0, 2 ** 31 - 1)),
+        "level": common.number(params, "level", 0.9, 0.5, 0.99),
+    }
+
+
+# -------------------------------------------------------------------------------------- Patient
+
+def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
+    store = ctx.store
+    pt = common.participant_twin(store, ctx.resource_id)
+    start_h, start = twin_fhir.forecast_start(pt.record)
+    scenario = twin.TwinScenario(
+        dose_mg=twin_fhir.current_dose(pt.record) if s["dose"] is None else s["dose"], start_h=start_h,
+        interval_h=s["interval"], horizon_days=s["horizon_days"], missed_dose_days=s["missed"],
+        adherence=s["adherence"])
+    fc = twin.forecast(pt.posterior, scenario, twin_fhir.forecast_times(s["horizon_days"], s["step_hours"]),
+                       samples=s["samples"], seed=s["seed"], level=s["level"], outputs=s["outputs"])
+    out = {
+        "forecast": twin_fhir.forecast_parameters(fc, start),
+        "observed": twin_fhir.observed_parameters(pt.record, s["outputs"]),
+        "summary": twin_fhir.summary_parameters(fc) + [
+            {"name": "dose", "value": scenario.dose_mg, "unit": "mg"},
+            {"name": "twin-reused", "value": 1 if pt.reused else 0}],
+        "modelVersion": twin_fhir.model_version(),
+    }
+    if pt.reused:
+        out["twinState"] = {"reference": pt.stored.ref}
+    if params.get("persist"):
+        now = common.utcnow()
+        entries, targets, inputs = [], [], list(pt.inputs)
+        if pt.reused:
+            state_ref = pt.stored.ref
+            inputs.append(state_ref)
+        else:
+            entry, state_ref = common.state_entry(pt, now)
+            entries.append(entry)
+            targets.append(state_ref)
+        observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, state_ref, now)
+        entries += [common.put(o) for o in observations]
+        obs_refs = [f"Observation/{o['id']}/_history/1" for o in observations]
+        provenance = common.commit(store, entries, targets + obs_refs, inputs, pt.device, ctx.headers, ACTIVITY,
+                                   _agent_default(), now)
+        out.update({"twinState": {"reference": state_ref},
+                    "forecastObservation": [{"reference": r} for r in obs_refs],
+                    "provenance": {"reference": provenance}})
+    return out
+
+
+def _agent_default():
+    try:
+        from flask import current_app
+
+        return current_app.config.get("REQUESTING_AGENT")
+    except RuntimeError:  # outside an app context (not expected: jobs run inside one)
+        return None
+
+
+# ------------------------------------------------------------------------------ Group, ResearchStudy
+
+def _simulate_cohort(ctx: OperationContext, params: dict, s: dict) -> dict:
+    store = ctx.store
+    warnings: list[str] = []
+    if s["adherence"] != 1.0 or s["missed"] or params.get("intervalHours") is not None:
+        warnings.append("adherence, missedDoseDay and intervalHours shape Patient forecasts; cohort simulations "
+                        "dose once daily with the behaviour model's adherence")
+    if ctx.resource_type == "Group":
+        arms, member_arm, covariates, subjects = _group_members(ctx, store, warnings)
+    elif ctx.resource_type == "ResearchStudy":
+        arms, member_arm, covariates, subjects = _study_members(ctx, store, warnings)
+    else:  # the registry only routes the definition's resource types here
+        raise InvalidRequest(f"$simulate does not apply to {ctx.resource_type}", error_id="operation-not-supported-here")
+    doses = []
+    for arm in arms:
+        dose = s["dose"] if s["dose"] is not None else twin_fhir.arm_dose(arm)
+        if dose is None:
+            raise Unprocessable(f"Arm {arm!r} does not state a dose in mg (e.g. '50 mg' or 'placebo'); "
+                                "give the scenario dose with the 'dose' parameter", error_id="arm-without-dose")
+        doses.append(dose)
+    ctx.progress(0.5 if ctx.resource_type == "ResearchStudy" or covariates is not None else 0.0,
+                 f"simulating {len(member_arm)} participants")
+    base = 0.5 if covariates is not None else 0.0
+
+    def on_chunk(done: int, total: int) -> bool:
+        ctx.progress(base + (1.0 - base) * done / total, f"simulated {done}/{total} chunks")
+        return not ctx.cancelled()
+
+    result = twin.simulate_population(doses, member_arm, horizon_days=s["horizon_days"], covariates=covariates,
+                                      seed=s["seed"], level=s["level"], step_days=max(1, s["step_hours"] // 24),
+                                      arm_names=arms, on_chunk=on_chunk)
+    out = {"armSummary": twin_fhir.arm_summary_parameters(result),
+           "summary": [{"name": "participants", "value": int(sum(result.participants))},
+                       {"name": "arms", "value": len([n for n in result.participants if n])}],
+           "modelVersion": twin_fhir.model_version()}
+    for a, arm in enumerate(arms):
+        if result.participants[a]:
+            end = result.median[a]["hba1c"][-1] - result.median[a]["hba1c"][0]
+            out["summary"].append({"name": f"hba1c-change-median:{arm.replace(' ', '')}", "value": round(float(end), 6),
+                                   "unit": "%"})
+    if params.get("memberOutputs"):
+        out["member"] = twin_fhir.member_parameters(result, subjects)
+    if not result.completed:
+        warnings.append("the simulation was cancelled before all participants were simulated")
+    if warnings:
+        out["information"] = {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "informational", "diagnostics": w} for w in warnings]}
+    return out
+
+
+def _load_members(ctx: OperationContext, store, patient_ids: list[str], warnings: list[str]):
+    records = []
+    for i, pid in enumerate(patient_ids):
+        if ctx.cancelled():
+            break
+        try:
+            records.append(load_participant(store, pid))
+        except (NotFound, Unprocessable) as exc:
+            warnings.append(f"Patient/{pid} skipped: {exc.message}")
+        if i % 10 == 9:
+            ctx.progress(0.5 * (i + 1) / len(patient_ids), f"loaded {i + 1}/{len(patient_ids)} members")
+    return records
+
+
+def _group_members(ctx: OperationContext, store, warnings: list[str]):
+    group = store.read("Group", ctx.resource_id)
+    arm = twin_fhir.group_arm(group)
+    if group.get("actual", True) is False:
+        quantity = group.get("quantity")
+        if not isinstance(quantity, int) or quantity < 1:
+            raise Unprocessable(f"Group/{ctx.resource_id} is not actual (virtual participants) but has no positive "
+                                "quantity: say how many participants to simulate", error_id="group-without-quantity")
+        if quantity > MAX_PARTICIPANTS:
+            raise Unprocessable(f"Group/{ctx.resource_id} asks for {quantity} participants; at most "
+                                f"{MAX_PARTICIPANTS} are simulated in one call", error_id="too-many-participants")
+        arms = (arm,) if arm else TT201_ARMS
+        # virtual participants are randomized 1:1:... in order, as a block randomization would
+        return arms, np.arange(quantity) % len(arms), None, [None] * quantity
+    references = [m.get("entity", {}).get("reference", "") for m in group.get("member", [])
+                  if not m.get("inactive", False)]
+    patient_ids = []
+    for ref in references:
+        kind, _, rid = ref.partition("/")
+        if kind == "Patient" and rid:
+            patient_ids.append(rid)
+        elif kind == "ResearchSubject" and rid:
+            subject = store.read("ResearchSubject", rid)
+            patient_ids.append(subject.get("individual", {}).get("reference", "").partition("/")[2])
+        else:
+            warnings.append(f"member {ref!r} skipped: only Patient and ResearchSubject members are simulated")
+    records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
+    return _arms_of(records, arm, warnings, f"Group/{ctx.resource_id}")
+
+
+def _study_members(ctx: OperationContext, store, warnings: list[str]):
+    study = store.read("ResearchStudy", ctx.resource_id)
+    subjects = store.search_all("ResearchSubject", [("study", f"ResearchStudy/{ctx.resource_id}")])
+    patient_ids = [s.get("individual", {}).get("reference", "").partition("/")[2] for s in subjects]
+    records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
+    arms = [a.get("name") for a in study.get("arm", []) if a.get("name")]
+    return _arms_of(records, None, warnings, f"ResearchStudy/{ctx.resource_id}", arms)
+
+
+def _arms_of(records, fixed_arm, warnings, what, study_arms=None):
+    arms: list[str] = list(study_arms or [])
+    kept, member_arm = [], []
+    for r in records:
+        arm = fixed_arm or r.arm
+        if not arm:
+            warnings.append(f"Patient/{r.patient_id} skipped: no assigned arm")
+            continue
+        if arm not in arms:
+            arms.append(arm)
+        kept.append(r)
+        member_arm.append(arms.index(arm))
+    if not kept:
+        raise Unprocessable(f"{what} has no members with an assigned arm to simulate", error_id="no-members")
+    return (tuple(arms), np.asarray(member_arm), twin_fhir.member_covariates(kept),
+            [f"Patient/{r.patient_id}" for r in kept])

@@ -1,0 +1,140 @@
+"""What ``$simulate`` and ``$calibrate`` share: the model Device, the participant's twin (stored or
+freshly calibrated), range checks that name the parameter, and the one-transaction write with Provenance.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fhir_ops.errors import Gone, InvalidRequest, NotFound
+from fhir_ops.mapping import twin as twin_fhir
+from fhir_ops.mapping.model_device import ensure_model_device
+from fhir_ops.mapping.participant import ParticipantRecord, load_participant, versioned
+from fhir_ops.mapping.provenance import build_provenance, requesting_agent
+from inference import twin
+from inference.calibration import Posterior
+
+# one conditional create per store, not one per call: the warm $simulate path stays a few reads
+_DEVICES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DEVICE_LOCK = threading.Lock()
+
+
+def model_device(store) -> dict:
+    """The stored Device of the twin model (created once per store; cached per store object)."""
+    device = _DEVICES.get(store)
+    if device is None:
+        with _DEVICE_LOCK:
+            device = _DEVICES.get(store)
+            if device is None:
+                device = ensure_model_device(store, twin.MODEL_NAME, twin.MODEL_VERSION,
+                                             description=twin_fhir.MODEL_DESCRIPTION)
+                _DEVICES[store] = device
+    return device
+
+
+def number(params: dict, name: str, default, low, high, why: str = "") -> float:
+    """A numeric parameter with its default, refused (400, naming it) outside ``[low, high]``."""
+    value = params.get(name, default)
+    if value is None:
+        return None
+    if not low <= value <= high:
+        raise InvalidRequest(f"Parameter '{name}' must lie between {low} and {high}{why}; got {value}",
+                             error_id="parameter-out-of-range", expression=[f"Parameters.parameter.where(name='{name}')"])
+    return value
+
+
+def horizon(params: dict) -> int:
+    """``horizonDays`` (default 28), refused beyond the model's validated limit."""
+    value = params.get("horizonDays", 28)
+    if value > twin.HORIZON_LIMIT_DAYS:
+        raise InvalidRequest(
+            f"Parameter 'horizonDays' is {value} days, beyond the limit of the twin model {twin_fhir.model_version()} "
+            f"({twin.HORIZON_LIMIT_DAYS} days: it is not validated for longer forecasts)",
+            error_id="horizon-beyond-model-limit", expression=["Parameters.parameter.where(name='horizonDays')"])
+    return int(number(params, "horizonDays", 28, 1, twin.HORIZON_LIMIT_DAYS))
+
+
+@dataclass
+class ParticipantTwin:
+    """A participant's data and twin: the posterior, whether it came from the stored state, inputs read."""
+
+    record: ParticipantRecord
+    data: twin.ParticipantData
+    inputs: list[str]
+    device: dict
+    existing: dict | None
+    stored: twin_fhir.StoredTwin | None
+    posterior: Posterior
+    reused: bool
+
+    @property
+    def new_observations(self) -> int:
+        """Outcome observations (exact versions) not among those the stored state was calibrated on."""
+        known = set(self.stored.inputs) if self.stored else set()
+        outcome = [ref for name in twin.OUTPUTS for ref in self.record.series_sources.get(name, ())]
+        return sum(ref not in known for ref in outcome)
+
+
+def read_state(store, patient_id: str) -> dict | None:
+    """The participant's stored twin-state Basic, or None."""
+    try:
+        return store.read("Basic", twin_fhir.twin_state_id(patient_id))
+    except (NotFound, Gone):
+        return None
+
+
+def participant_twin(store, patient_id: str, *, force: bool = False) -> ParticipantTwin:
+    """Load the participant and give their twin: the stored posterior when it was calibrated on exactly
+    the data and model there are now, otherwise a fresh calibration (not yet stored)."""
+    record = load_participant(store, patient_id)
+    data = twin_fhir.participant_data(record)
+    inputs = twin_fhir.calibration_inputs(record)
+    device = model_device(store)
+    existing = read_state(store, patient_id)
+    stored = twin_fhir.read_twin_state(existing) if existing else None
+    reuse = (not force and stored is not None and stored.model == versioned(device)
+             and set(stored.inputs) == set(inputs))
+    if reuse:
+        posterior = twin_fhir.posterior_of(stored, data)
+    else:
+        try:
+            posterior = twin.calibrate_participant(data)
+        except ValueError as exc:  # e.g. no observed value after all
+            raise InvalidRequest(f"Patient/{patient_id} cannot be calibrated: {exc}",
+                                 error_id="participant-without-data", code="processing", status=422) from None
+    return ParticipantTwin(record=record, data=data, inputs=inputs, device=device, existing=existing,
+                           stored=stored, posterior=posterior, reused=reuse)
+
+
+def put(resource: dict, if_match: str | None = None) -> dict:
+    """A transaction entry that PUTs ``resource`` at its id (ids are assigned by the caller)."""
+    request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+    if if_match:
+        request["ifMatch"] = if_match
+    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": request}
+
+
+def state_entry(pt: ParticipantTwin, now: datetime) -> tuple[dict, str]:
+    """The transaction entry writing a new twin-state version, and that version's reference."""
+    state = twin_fhir.build_twin_state(pt.record, pt.posterior, pt.device, pt.inputs, now, pt.existing)
+    if pt.existing:
+        current = pt.existing["meta"]["versionId"]
+        return put(state, if_match=f'W/"{current}"'), f"Basic/{state['id']}/_history/{int(current) + 1}"
+    return put(state), f"Basic/{state['id']}/_history/1"
+
+
+def commit(store, entries: list[dict], targets: list[str], inputs: list[str], device: dict, headers: dict,
+           activity: str, agent_default=None, now: datetime | None = None) -> str:
+    """Write ``entries`` and their Provenance in one transaction; return the Provenance reference."""
+    provenance = build_provenance(targets, inputs, device, requesting_agent(headers, agent_default), activity,
+                                  recorded=now)
+    provenance["id"] = str(uuid.uuid4())
+    store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries + [put(provenance)]})
+    return f"Provenance/{provenance['id']}/_history/1"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
