@@ -45,7 +45,8 @@ def client(store, tmp_path):
     from tests.fhir_ops.conftest import FhirClient
     from tests.live_server import serve
 
-    app = create_app({"STORE": store, "DATA_DIR": str(tmp_path)})
+    # AUTH_MODE open: these tests are about the store, not the SMART enforcement in front of it
+    app = create_app({"STORE": store, "DATA_DIR": str(tmp_path), "AUTH_MODE": "open"})
     with serve(app) as base:
         client = FhirClient(base + "/fhir")
         yield client

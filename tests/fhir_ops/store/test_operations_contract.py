@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -225,3 +226,76 @@ def test_predict_dropout_study_level_and_persist_false(client, store, expected_p
         assert matches(store.search("Task", [("patient", f"Patient/{patient}")])) == []
     unknown = client.post(f"ResearchStudy/missing-{tag}/$predict-dropout", parameters(persist=False))
     assert unknown.status_code == 404 and unknown.json()["resourceType"] == "OperationOutcome"
+
+
+# --------------------------------------------------------------------------- $calibrate / $simulate
+
+def _load_demo(client, tag: str, participants: int = 3) -> str:
+    """A small seeded TT-201 study under ids unique to one test; returns an on-study participant's id."""
+    from fhir_ops.demo import build_demo_resources, simulate_demo_records
+
+    text = json.dumps(build_demo_resources(simulate_demo_records(seed=7, n=participants)))
+    text = text.replace('"tt201-', f'"{tag}-').replace("/tt201-", f"/{tag}-")
+    text = text.replace('"id": "tt-201"', f'"id": "{tag}-study"').replace('"ResearchStudy/tt-201"',
+                                                                          f'"ResearchStudy/{tag}-study"')
+    resources = json.loads(text)
+    answer = client.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                                 for r in resources])
+    assert answer.status_code == 200, answer.text
+    on_study = [r["individual"]["reference"].split("/")[1] for r in resources
+                if r["resourceType"] == "ResearchSubject" and r["status"] == "on-study-intervention"]
+    return on_study[0]
+
+
+def _reference(body: dict, name: str) -> str:
+    return value(body, name)["reference"]
+
+
+def test_calibrate_versions_the_twin_state_and_simulate_persists_forecasts(client, store):
+    tag = _tag()
+    pid = _load_demo(client, tag)
+    calibrated = client.post(f"Patient/{pid}/$calibrate", {"resourceType": "Parameters", "parameter": []})
+    assert calibrated.status_code == 200, calibrated.text
+    first = calibrated.json()
+    assert value(first, "changed") is True and value(first, "observationsUsed") > 0
+    state_type, state_id, _, state_version = _reference(first, "twinState").split("/")
+    state = store.vread(state_type, state_id, state_version)
+    assert state["resourceType"] == "Basic" and check(state) == []
+    assert state["subject"] == {"reference": f"Patient/{pid}"}
+
+    # nothing new: the same version; a new HbA1c result: a new version of the same twin state
+    same = client.post(f"Patient/{pid}/$calibrate", {"resourceType": "Parameters", "parameter": []}).json()
+    assert value(same, "changed") is False and _reference(same, "twinState") == _reference(first, "twinState")
+    last_hba1c = max((o for o in matches(store.search("Observation", [
+        ("subject", f"Patient/{pid}"), ("code", "http://loinc.org|4548-4"), ("_count", "100")]))),
+        key=lambda o: o["effectiveDateTime"])
+    newer = {k: v for k, v in last_hba1c.items() if k not in ("id", "meta")}
+    taken = datetime.fromisoformat(last_hba1c["effectiveDateTime"].replace("Z", "+00:00")) + timedelta(days=1)
+    newer["effectiveDateTime"] = taken.isoformat().replace("+00:00", "Z")
+    newer["valueQuantity"] = dict(last_hba1c["valueQuantity"], value=last_hba1c["valueQuantity"]["value"] + 0.4)
+    assert client.post("Observation", newer).status_code == 201
+    updated = client.post(f"Patient/{pid}/$calibrate", {"resourceType": "Parameters", "parameter": []}).json()
+    assert value(updated, "changed") is True and value(updated, "newObservations") == 1
+    assert _reference(updated, "twinState").split("/")[1] == state_id
+    versions = [h["meta"]["versionId"] for h in store.history("Basic", state_id)]  # newest first
+    assert len(versions) == 2 and versions[-1] == state_version
+
+    simulated = client.post(f"Patient/{pid}/$simulate", {"resourceType": "Parameters", "parameter": [
+        {"name": "persist", "valueBoolean": True}, {"name": "horizonDays", "valueInteger": 7},
+        {"name": "seed", "valueInteger": 2}]})
+    assert simulated.status_code == 200, simulated.text
+    body = simulated.json()
+    assert _reference(body, "twinState") == _reference(updated, "twinState")
+    forecasts = [p["valueReference"]["reference"] for p in body["parameter"] if p["name"] == "forecastObservation"]
+    assert forecasts
+    for ref in forecasts[:5]:
+        obs = store.read(*ref.split("/")[:2])
+        assert check(obs) == [] and obs["subject"] == {"reference": f"Patient/{pid}"}
+        assert obs["extension"][0]["valueReference"]["reference"] == _reference(updated, "twinState")
+    prov = store.read(*_reference(body, "provenance").split("/")[:2])
+    assert check(prov) == []
+    targets = [t["reference"] for t in prov["target"]]
+    assert all("/_history/" in t for t in targets)  # exact versions survive on both stores
+    assert {t.split("/_history/")[0] for t in targets} >= {r.split("/_history/")[0] for r in forecasts}
+    assert len(matches(store.search("Observation", [("subject", f"Patient/{pid}"), ("status", "preliminary"),
+                                                    ("_count", "500")]))) == len(forecasts)
