@@ -24,6 +24,9 @@ def _problems(entries: list[dict], specs: list[dict], where: str) -> list[str]:
         for e in mine:
             if spec.get("part"):
                 out += _problems(e.get("part", []), spec["part"], f"{where}.{spec['name']}")
+            elif spec.get("type") == "Element":  # any data type: exactly one value[x] of some type
+                if len([k for k in e if k.startswith("value")]) != 1:
+                    out.append(f"{where}: {spec['name']} carries {sorted(set(e) - {'name'})}, declared one value[x]")
             elif spec.get("type"):
                 key = "value" + spec["type"][0].upper() + spec["type"][1:]
                 if key not in e:
