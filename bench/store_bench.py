@@ -29,7 +29,7 @@ LOINC = "http://loinc.org"
 CODES = [("4548-4", "%"), ("1558-6", "mg/dL"), ("29463-7", "kg"), ("8867-4", "/min"), ("8480-6", "mm[Hg]")]
 SERVER = (
     "import sys; from waitress import serve; from fhir_ops.app import create_app; "
-    "serve(create_app({'DATA_DIR': sys.argv[1]}), host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
+    "serve(create_app({'DATA_DIR': sys.argv[1], 'AUTH_MODE': 'open'}), host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
 )
 TARGET_INGEST = 5000.0
 TARGET_P99_MS = 50.0

@@ -66,7 +66,9 @@ def free_port() -> int:
 def start_trialtwin(store: str, hapi_url: str, data_dir: str) -> tuple[subprocess.Popen, str]:
     """``trialtwin serve`` exactly as a user runs it (waitress, 8 threads), on a free loopback port."""
     port = free_port()
-    cmd = [sys.executable, "-m", "fhir_ops.cli", "serve", "--store", store, "--port", str(port), "--data-dir", data_dir]
+    # --auth open (loopback): the workload measures the stores, not token checks
+    cmd = [sys.executable, "-m", "fhir_ops.cli", "serve", "--auth", "open", "--store", store, "--port", str(port),
+           "--data-dir", data_dir]
     if store == "hapi":
         cmd += ["--hapi-url", hapi_url]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -196,7 +198,7 @@ def main() -> None:
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(hapi),
         "setup": {"participants": args.participants, "resources": n_resources, "bundle_size": args.bundle_size,
-                  "calls": args.calls, "server": "trialtwin serve (waitress, 8 threads) subprocess, loopback HTTP",
+                  "calls": args.calls, "server": "trialtwin serve --auth open (waitress, 8 threads) subprocess, loopback HTTP",
                   "simulate": "Patient/{id}/$simulate seed=11 horizonDays=28 persist=false, cycling over "
                               "on-study participants; identical forecasts on both stores checked",
                   "baseline": "the embedded SQLite store, same run, same workload"},

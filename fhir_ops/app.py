@@ -78,7 +78,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         Overrides: ``DATA_DIR`` (default ``./data``; the SQLite file ``trialtwin.sqlite`` lives there),
         ``STORE`` (a ``Store`` instance; wins over ``DATA_DIR``), ``MAX_CONTENT_LENGTH`` (bytes,
         default 16 MiB; larger bodies get 413), ``BASE_URL`` (external base for links, e.g.
-        ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``).
+        ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``), ``AUTH_MODE`` ("smart", the
+        default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
+        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``).
         Without ``test_config``, ``TRIALTWIN_*`` environment variables are read (``TRIALTWIN_DATA_DIR``).
 
     Returns
@@ -87,7 +89,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     """
     app = Flask(__name__)
     app.config.from_mapping(DATA_DIR="./data", STORE=None, MAX_CONTENT_LENGTH=16 * 1024 * 1024,
-                            BASE_URL=None, FHIR_PREFIX="/fhir")
+                            BASE_URL=None, FHIR_PREFIX="/fhir", AUTH_MODE="smart")
     if test_config is None:
         app.config.from_prefixed_env("TRIALTWIN")
     else:
@@ -112,4 +114,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops.operations import registry
 
     registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
+    from fhir_ops import auth
+
+    auth.init_app(app)  # SMART enforcement (AUTH_MODE smart) or none (open)
     return app

@@ -180,6 +180,11 @@ def metadata():
     }
     if operations:
         rest["operation"] = operations
+    if current_app.config.get("SMART_ISSUER"):
+        from smart_app.discovery import capability_security
+
+        rest = {"mode": "server", "security": capability_security({"ISSUER": current_app.config["SMART_ISSUER"]}),
+                **{k: v for k, v in rest.items() if k != "mode"}}
     capability = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -193,6 +198,20 @@ def metadata():
         "rest": [rest],
     }
     return fhir_response(capability)
+
+
+@bp.get("/.well-known/smart-configuration")
+def smart_configuration():
+    """SMART discovery for this FHIR base (the issuer's document; 404 where no issuer is configured)."""
+    issuer = current_app.config.get("SMART_ISSUER")
+    if not issuer:
+        raise NotFound("this server is not configured for SMART on FHIR (no SMART_ISSUER)",
+                       error_id="smart-not-configured")
+    from smart_app.discovery import smart_configuration as document
+
+    resp = fhir_response(document({"ISSUER": issuer}))
+    resp.content_type = "application/json"
+    return resp
 
 
 def _harmonizer(store):

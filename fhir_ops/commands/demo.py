@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from fhir_ops.commands.serve import add_server_options, build_config, describe_store, serve_forever
+from fhir_ops.commands.serve import add_server_options, build_config, describe_store, public_base, serve_forever
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
     from fhir_ops.app import create_app, get_store
     from fhir_ops.demo import demo_study_exists, ensure_demo_study
 
-    app = create_app(dict(config))
+    # In-process store access, never served over HTTP: no tokens to check.
+    app = create_app({**config, "AUTH_MODE": "open"})
     with app.app_context():
         store = get_store()
         try:
@@ -59,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
         if config.get("STORE") is not None:
             config["STORE"].close()
         return 0
-    base = f"http://{args.host}:{args.port}/fhir"
-    return serve_forever(args, config, extra_urls=[
-        ("Demo study", f"{base}/ResearchStudy/tt-201"),
-        ("Participants", f"{base}/ResearchSubject?study=ResearchStudy/tt-201"),
-        ("One participant's HbA1c", f"{base}/Observation?subject=Patient/tt201-p001&code=http://loinc.org|4548-4"),
-    ])
+    base = public_base(args)
+    if config.get("AUTH_MODE") == "smart":
+        print("Open the launch simulator, choose 'TrialTwin clinician app', a participant (e.g. tt201-p001) or the "
+              "study tt-201, the practitioner dr.chen, and press Launch; sign-in is dr.chen / trialtwin.")
+    extra = [("Demo study (FHIR)", f"{base}/fhir/ResearchStudy/tt-201")]
+    if config.get("AUTH_MODE") == "open":
+        extra += [("Participants", f"{base}/fhir/ResearchSubject?study=ResearchStudy/tt-201"),
+                  ("One participant's HbA1c",
+                   f"{base}/fhir/Observation?subject=Patient/tt201-p001&code=http://loinc.org|4548-4")]
+    return serve_forever(args, config, extra_urls=extra)

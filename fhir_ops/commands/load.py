@@ -25,6 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"embedded store directory (default {DEFAULT_DATA_DIR})")
     where.add_argument("--url", help="base URL of a running FHIR server (e.g. http://127.0.0.1:8080/fhir)")
     parser.add_argument("--batch-size", type=int, default=1000, help="NDJSON lines per transaction (default 1000)")
+    parser.add_argument("--token", default=os.environ.get("TRIALTWIN_TOKEN"),
+                        help="with --url: a SMART access token sent as 'Authorization: Bearer' (default "
+                             "$TRIALTWIN_TOKEN), e.g. a backend-services token with system/*.cruds")
     return parser
 
 
@@ -118,7 +121,8 @@ class StoreTarget:
         from fhir_ops.app import create_app, get_store
 
         os.makedirs(data_dir, exist_ok=True)
-        self.app = create_app({"DATA_DIR": os.path.abspath(data_dir)})
+        # In-process store access, never served over HTTP: no tokens to check.
+        self.app = create_app({"DATA_DIR": os.path.abspath(data_dir), "AUTH_MODE": "open"})
         with self.app.app_context():
             self.store = get_store()
         self.where = os.path.abspath(data_dir)
@@ -143,12 +147,14 @@ class StoreTarget:
 class HttpTarget:
     """Submit Bundles to a FHIR server's base URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str | None = None) -> None:
         import requests
 
         self.url = url.rstrip("/")
         self.where = self.url
         self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def submit(self, bundle: dict) -> dict:
         import requests
@@ -210,7 +216,7 @@ def load_file(target, path: str, batch_size: int = 1000) -> FileReport:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequest("--batch-size must be at least 1")
-    target = HttpTarget(args.url) if args.url else StoreTarget(args.data_dir or DEFAULT_DATA_DIR)
+    target = HttpTarget(args.url, getattr(args, "token", None)) if args.url else StoreTarget(args.data_dir or DEFAULT_DATA_DIR)
     failed = False
     try:
         for path in args.files:

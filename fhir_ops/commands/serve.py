@@ -6,8 +6,11 @@ Other subcommands (``demo``) reuse ``add_server_options`` and ``build_config`` s
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+
+from fhir_ops.errors import FhirError
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = os.environ.get("TRIALTWIN_DATA_DIR", "./data")
@@ -20,12 +23,58 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                         help="directory of the embedded SQLite store (default ./data or $TRIALTWIN_DATA_DIR)")
     parser.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
+    parser.add_argument("--auth", choices=("smart", "open"), default="smart",
+                        help="smart (default): every FHIR request needs a SMART access token; open: no "
+                             "authorization, allowed only on a loopback host")
+    parser.add_argument("--public-url", default=None,
+                        help="base URL clients use to reach this server (default http://HOST:PORT); tokens are "
+                             "issued for <public-url>/fhir by <public-url>/auth")
     parser.add_argument("--store", choices=("embedded", "hapi"), default="embedded",
                         help="where FHIR resources live: the embedded SQLite store in --data-dir (default) "
                              "or an external HAPI FHIR server at --hapi-url")
     parser.add_argument("--hapi-url", default=os.environ.get("TRIALTWIN_HAPI_URL"),
                         help="FHIR base of the HAPI server for --store hapi, e.g. http://127.0.0.1:8090/fhir "
                              "(default $TRIALTWIN_HAPI_URL)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names a loopback interface only (127.0.0.0/8, ::1 or localhost).
+
+    Examples
+    --------
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def check_auth_mode(auth: str, host: str) -> None:
+    """Refuse ``--auth open`` unless the server listens on a loopback address only.
+
+    Raises
+    ------
+    FhirError
+        ``--auth open`` with a host that other machines could reach.
+    """
+    if auth == "open" and not is_loopback(host):
+        raise FhirError(f"--auth open serves participant data without any authorization, so it is only allowed "
+                        f"on a loopback host (127.0.0.1, ::1, localhost), not on {host!r}; use --auth smart "
+                        f"(the default) to listen on {host}", error_id="open-auth-not-loopback")
+
+
+def public_base(args: argparse.Namespace) -> str:
+    """The URL clients reach the server at (``--public-url`` or http://HOST:PORT)."""
+    if args.public_url:
+        return args.public_url.rstrip("/")
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{args.port}"
 
 
 def open_hapi_store(url: str):
@@ -37,7 +86,6 @@ def open_hapi_store(url: str):
         ``store-unavailable`` when nothing answers ``GET [url]/metadata`` with a CapabilityStatement,
         so ``serve``/``demo`` stop at start-up with the reason instead of failing every request.
     """
-    from fhir_ops.errors import FhirError
     from fhir_ops.store.remote import RemoteStore
 
     store = RemoteStore(url, timeout=30.0)
@@ -59,24 +107,37 @@ def open_hapi_store(url: str):
     return store
 
 
-def build_config(args: argparse.Namespace) -> dict:
-    """The app configuration for the parsed options (opens and checks the HAPI store for --store hapi)."""
-    from fhir_ops.errors import InvalidRequest
-
-    os.makedirs(args.data_dir, exist_ok=True)
-    config = {"DATA_DIR": os.path.abspath(args.data_dir)}
-    store = getattr(args, "store", "embedded")
-    if store == "hapi":
-        if not args.hapi_url:
-            raise InvalidRequest("--store hapi needs --hapi-url (or TRIALTWIN_HAPI_URL), the HAPI server's FHIR base")
-        config["STORE"] = open_hapi_store(args.hapi_url.rstrip("/"))
-    return config
-
-
 def describe_store(config: dict) -> str:
     """Where the configured store keeps resources, for messages."""
     store = config.get("STORE")
     return f"HAPI FHIR at {store.base_url}" if store is not None else f"the embedded store in {config['DATA_DIR']}"
+
+
+def build_config(args: argparse.Namespace) -> dict:
+    """The configuration shared by the FHIR app, the authorization server and the clinician app.
+
+    In smart mode the FHIR app accepts tokens issued by ``<public base>/auth`` for ``<public base>/fhir``
+    and checks their signatures with the authorization server's key file (no HTTP round trip).
+    """
+    auth = getattr(args, "auth", "smart")
+    check_auth_mode(auth, args.host)
+    os.makedirs(args.data_dir, exist_ok=True)
+    data_dir = os.path.abspath(args.data_dir)
+    base = public_base(args)
+    config = {"DATA_DIR": data_dir, "AUTH_MODE": auth, "BASE_URL": f"{base}/fhir", "FHIR_BASE_URL": f"{base}/fhir",
+              "ISSUER": f"{base}/auth", "SMART_ISSUER": f"{base}/auth",
+              "SMART_KEYS_FILE": os.path.join(data_dir, "smart-signing-keys.json")}
+    if getattr(args, "store", "embedded") == "hapi":
+        if not args.hapi_url:
+            raise FhirError("--store hapi needs --hapi-url (or TRIALTWIN_HAPI_URL), the HAPI server's FHIR base",
+                            status=400, code="required", error_id="missing-hapi-url")
+        config["STORE"] = open_hapi_store(args.hapi_url.rstrip("/"))
+    try:
+        from smart_app.app import registration
+    except ImportError:
+        return config
+    config["SEED_CLIENTS"] = [registration(f"{base}/app")]
+    return config
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -87,15 +148,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
     """What to open, as (label, URL) pairs."""
-    base = f"http://{args.host}:{args.port}"
+    base = public_base(args)
     found = [("FHIR server (CapabilityStatement)", f"{base}/fhir/metadata")]
     if getattr(args, "store", "embedded") == "hapi":
         found.append(("store: HAPI FHIR", args.hapi_url))
     mounts = getattr(wsgi, "mounts", {})
-    if "/app" in mounts:
-        found.append(("SMART clinician app", f"{base}/app/"))
     if "/auth" in mounts:
         found.append(("SMART configuration", f"{base}/fhir/.well-known/smart-configuration"))
+        found.append(("EHR / EDC launch simulator", f"{base}/auth/launch-simulator"))
+    if "/app" in mounts:
+        found.append(("SMART clinician app (standalone)", f"{base}/app/"))
     if "/inference" in mounts:
         found.append(("inference service (models, metrics)", f"{base}/inference/models"))
     return found
@@ -108,7 +170,9 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
     from fhir_ops.wsgi import create_wsgi
 
     wsgi = create_wsgi(config)
-    print("TrialTwin is running:")
+    mode = config.get("AUTH_MODE", "smart")
+    print(f"TrialTwin is running (authorization: {mode}"
+          f"{'; FHIR requests need a SMART access token' if mode == 'smart' else '; loopback only'}):")
     for label, url in [*urls(args, wsgi), *extra_urls]:
         print(f"  {label:36s} {url}")
     print("Press Ctrl+C to stop.", flush=True)

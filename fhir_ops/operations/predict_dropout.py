@@ -5,6 +5,7 @@ are written in one transaction.
 """
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ OPEN_TASK_STATUSES = ("requested", "received", "accepted", "ready", "in-progress
 ENDED_STATUSES = ("withdrawn", "off-study")
 DEFAULT_MODEL = "dropout"
 ACTIVITY = "$predict-dropout"
+_WRITE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -103,15 +105,18 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         device = ensure_model_device(store, name, version, sha256, description=_DEVICE_DESCRIPTION)
         device_ref = _versioned(device)
         agent = requesting_agent(ctx.headers, _config_agent())
-        entries = []
-        now = datetime.now(timezone.utc)
-        for a, part in zip(assessed, outputs_per_participant):
-            entries += _participant_entries(store, a, part, device, device_ref, agent, threshold, create_tasks,
-                                            now, counts)
-        if ctx.cancelled():  # last point at which stopping leaves nothing behind
-            raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
-                            error_id="cancelled")
-        store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        # From looking up open Tasks to committing: concurrent calls in this process must not both see
+        # "no open Task" and each create one. (Across processes, If-Match on updates still holds.)
+        with _WRITE_LOCK:
+            entries = []
+            now = datetime.now(timezone.utc)
+            for a, part in zip(assessed, outputs_per_participant):
+                entries += _participant_entries(store, a, part, device, device_ref, agent, threshold,
+                                                create_tasks, now, counts)
+            if ctx.cancelled():  # last point at which stopping leaves nothing behind
+                raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
+                                error_id="cancelled")
+            store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
     ctx.progress(1.0, "stored")
 
     not_assessed = sum(1 for i in issues if i["severity"] == "warning")
@@ -207,13 +212,19 @@ def _prediction_part(a: _Assessed) -> dict:
         "flagged": a.risk.flagged,
         "asOf": _instant(a.mapped.as_of),
         "nextVisit": _instant(a.mapped.next_visit),
-        "driver": [{"feature": d.feature, "value": round(d.value, 6), "contribution": round(d.log_odds, 6)}
+        "driver": [{"feature": d.feature, "value": _feature_value(d.value), "contribution": round(d.log_odds, 6)}
                    for d in a.risk.drivers],
     }
 
 
+def _feature_value(x: float) -> float:
+    # features are float32: 7 significant digits say all they hold (79.9, not 79.900002)
+    return float(f"{x:.7g}")
+
+
 def _why(a: _Assessed, threshold: float) -> str:
-    drivers = "; ".join(f"{d.feature} = {d.value:g} {d.unit}".rstrip() for d in a.risk.drivers) or "none above average"
+    drivers = "; ".join(f"{d.feature} = {d.value:g}" + (f" {d.unit}" if d.unit not in ("", "1") else "")
+                        for d in a.risk.drivers) or "none above average"
     return (f"Contact the participant: predicted probability {a.risk.probability:.2f} of missing the next visit on "
             f"{a.mapped.next_visit.date().isoformat()} (threshold {threshold:.2f}, model {a.risk.model}@"
             f"{a.risk.version}). Main drivers: {drivers}.")
@@ -230,7 +241,7 @@ def _risk_assessment(a: _Assessed, ra_id: str, device_ref: str, now: datetime) -
             {"url": SD + "twin-model", "valueReference": {"reference": device_ref}},
             *({"url": SD + "risk-driver", "extension": [
                 {"url": "feature", "valueCode": d.feature},
-                {"url": "value", "valueDecimal": round(d.value, 6)},
+                {"url": "value", "valueDecimal": _feature_value(d.value)},
                 {"url": "contribution", "valueDecimal": round(d.log_odds, 6)}]} for d in a.risk.drivers),
         ],
         "status": "final",

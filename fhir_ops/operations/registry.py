@@ -299,6 +299,11 @@ def dispatch(level: str, resource_type: str | None, resource_id: str | None, nam
 
         app = current_app._get_current_object()
         job = jobs.manager(app).submit(op, level, resource_type, resource_id, params, base_url, headers)
+        from fhir_ops.auth import current_access
+
+        access = current_access()
+        if access is not None:  # only the submitter may poll or cancel (fhir_ops.auth checks it)
+            job.owner = (access.client_id, access.subject)
         return fhir_response(
             {"resourceType": "OperationOutcome", "issue": [{
                 "severity": "information", "code": "informational",

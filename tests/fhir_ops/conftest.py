@@ -5,6 +5,7 @@ import pytest
 import requests
 
 from fhir_ops.app import create_app
+from tests.app_config import open_config
 from tests.live_server import serve
 
 FHIR_JSON = "application/fhir+json"
@@ -51,7 +52,7 @@ def error_id(resp: requests.Response) -> str:
 
 
 def _served(tmp_path):
-    app = create_app({"DATA_DIR": str(tmp_path), "MAX_CONTENT_LENGTH": 1024 * 1024})
+    app = create_app(open_config(DATA_DIR=str(tmp_path), MAX_CONTENT_LENGTH=1024 * 1024))
     return app
 
 

@@ -7,13 +7,14 @@ import pytest
 
 from fhir_ops.app import create_app, get_store
 from fhir_ops.cli import build_parser, main
+from tests.app_config import open_config
 from tests.live_server import serve
 
 pytestmark = pytest.mark.api
 
 
 def stored(data_dir, resource_type, *params):
-    app = create_app({"DATA_DIR": str(data_dir)})
+    app = create_app(open_config(DATA_DIR=str(data_dir)))
     with app.app_context():
         store = get_store()
         try:
@@ -121,7 +122,7 @@ def test_bad_json_files_get_clear_messages(tmp_path, capsys, content, message):
 
 
 def test_load_over_http_into_a_running_server(tmp_path, capsys):
-    app = create_app({"DATA_DIR": str(tmp_path / "server")})
+    app = create_app(open_config(DATA_DIR=str(tmp_path / "server")))
     path = write_ndjson(tmp_path / "p.ndjson", [patient(i) for i in range(5)])
     with serve(app) as base:
         assert main(["load", str(path), "--url", base + "/fhir", "--batch-size", "2"]) == 0

@@ -10,6 +10,7 @@ from fhir_ops.inference_api import create_app
 from inference.features import FEATURE_NAMES, N_FEATURES
 from inference.registry import default_registry
 from inference.service import InferenceService
+from tests.app_config import open_config
 from tests.live_server import serve
 
 pytestmark = pytest.mark.api
@@ -177,7 +178,7 @@ def test_mounted_in_the_one_process_wsgi_app(tmp_path, probe):
 
     reset_service()
     try:
-        with serve(create_wsgi({"DATA_DIR": str(tmp_path)})) as url:
+        with serve(create_wsgi(open_config(DATA_DIR=str(tmp_path)))) as url:
             r = requests.post(f"{url}/inference/predict/dropout", json={"rows": probe["x"][:2].tolist()}, timeout=10)
             assert r.status_code == 200, r.text
             np.testing.assert_allclose(r.json()["probabilities"], probe["p"][:2], atol=1e-6)

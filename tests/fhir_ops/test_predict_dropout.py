@@ -265,6 +265,19 @@ def test_rerun_refreshes_the_open_task_instead_of_duplicating_it(seeded, expecte
     assert statuses == ["completed", "requested"]
 
 
+def test_concurrent_runs_leave_one_open_task(seeded, expected):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: run(seeded, "Patient/pd-high", threshold=expected["threshold"],
+                                              asOf=AS_OF), range(4)))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert sorted(value(a.json(), "tasksCreated") for a in answers) == [0, 0, 0, 1]
+    [task] = search(seeded, "Task?patient=Patient/pd-high")
+    assert task["meta"]["versionId"] == "4"
+    assert len(search(seeded, "RiskAssessment?subject=Patient/pd-high")) == 4
+
+
 def test_provenance_links_exact_input_versions_the_model_device_and_the_agent(seeded, expected):
     resp = seeded.post(f"Patient/pd-high/{OP}", parameters(threshold=expected["threshold"], asOf=AS_OF),
                        headers={"X-Requesting-Agent": "Practitioner/coordinator-7"})
@@ -444,7 +457,13 @@ def test_bad_parameters_are_clear_outcomes_and_write_nothing(seeded, params, sta
 def test_wrong_types_are_400(seeded, parameter):
     resp = seeded.post(f"Patient/pd-high/{OP}", {"resourceType": "Parameters", "parameter": [parameter]})
     assert resp.status_code == 400, resp.text
-    assert error_id(resp) in ("wrong-type", "unknown-parameter")
+    assert error_id(resp) == "wrong-type"
+    assert parameter["name"] in resp.json()["issue"][0]["diagnostics"]
+
+
+def test_unknown_parameter_is_400(seeded):
+    resp = seeded.post(f"Patient/pd-high/{OP}", parameters() | {"parameter": [{"name": "cutoff", "valueDecimal": 0.5}]})
+    assert (resp.status_code, error_id(resp)) == (400, "unknown-parameter")
 
 
 def test_get_is_405_because_it_stores_results(seeded):

@@ -120,3 +120,19 @@ def test_every_constrained_element_exists_in_r4(profile):
         return
     missing = [e["path"] for e in profile["differential"]["element"] if not _element_exists(e["path"])]
     assert missing == []
+
+
+@pytest.mark.parametrize("profile", [r for r in profiles.all_resources() if r["resourceType"] == "StructureDefinition"
+                                     and r["type"] != "Extension"], ids=lambda r: r["id"])
+def test_differential_follows_base_element_order(profile):
+    """HAPI's snapshot generator requires differential elements in the base resource's order."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    sequence = get_fhir_model_class(profile["type"]).elements_sequence()
+
+    def position(element):
+        top = element["path"].split(".")[1].removesuffix("[x]")
+        return next(i for i, name in enumerate(sequence) if name == top or name.startswith(top))
+
+    positions = [position(e) for e in profile["differential"]["element"][1:]]
+    assert positions == sorted(positions)

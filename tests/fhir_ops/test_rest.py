@@ -347,7 +347,9 @@ def test_unexpected_failure_is_a_generic_500_outcome(tmp_path, caplog):
             raise RuntimeError("disk controller secret detail")
 
     store = BrokenStore(tmp_path / "broken.sqlite")
-    app = create_app({"STORE": store})
+    from tests.app_config import open_config
+
+    app = create_app(open_config(STORE=store))
     with serve(app) as base:
         import requests
 

@@ -8,6 +8,7 @@ import requests
 from flask import Flask
 
 from fhir_ops import wsgi
+from tests.app_config import open_config
 from tests.live_server import serve
 
 pytestmark = pytest.mark.api
@@ -28,7 +29,7 @@ def create_app(test_config=None):
 def test_absent_smart_apps_are_logged_and_fhir_is_served(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(wsgi, "MOUNTS", (("/app", "smart_app.not_built_yet", "clinician SMART app"),))
     with caplog.at_level(logging.WARNING, logger="fhir_ops.wsgi"):
-        app = wsgi.create_wsgi({"DATA_DIR": str(tmp_path)})
+        app = wsgi.create_wsgi(open_config(DATA_DIR=str(tmp_path)))
     assert "clinician SMART app (smart_app.not_built_yet) is not installed" in caplog.text
     with serve(app) as base:
         assert requests.get(base + "/fhir/metadata").json()["resourceType"] == "CapabilityStatement"
@@ -39,7 +40,7 @@ def test_absent_smart_apps_are_logged_and_fhir_is_served(tmp_path, caplog, monke
 
 def test_installed_apps_are_mounted_under_their_prefix(tmp_path, monkeypatch):
     monkeypatch.setattr(wsgi, "MOUNTS", (("/app", __name__, "test app"),))
-    app = wsgi.create_wsgi({"DATA_DIR": str(tmp_path)})
+    app = wsgi.create_wsgi(open_config(DATA_DIR=str(tmp_path)))
     assert set(app.mounts) == {"/app"}
     with serve(app) as base:
         assert requests.get(base + "/app/").json() == {"mounted": True, "data_dir": str(tmp_path)}

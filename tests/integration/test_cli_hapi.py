@@ -50,8 +50,9 @@ def _free_port() -> int:
 def test_serve_writes_through_to_hapi(hapi, tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "serve", "--store", "hapi", "--hapi-url",
-                             hapi.base_url, "--port", str(port), "--data-dir", str(tmp_path)],
+    # --auth open: this is about where resources go, not SMART enforcement (loopback only)
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "serve", "--auth", "open", "--store", "hapi",
+                             "--hapi-url", hapi.base_url, "--port", str(port), "--data-dir", str(tmp_path)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}/fhir"
     try:

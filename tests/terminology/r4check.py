@@ -9,6 +9,9 @@ from fhir.resources.R4B.parameters import Parameters
 
 import profiles
 
+# R4's way to declare a parameter that may take one of several types (type = Element).
+ALLOWED_TYPE = "http://hl7.org/fhir/StructureDefinition/operationdefinition-allowed-type"
+
 
 def _problems(entries: list[dict], specs: list[dict], where: str) -> list[str]:
     out = []
@@ -24,13 +27,11 @@ def _problems(entries: list[dict], specs: list[dict], where: str) -> list[str]:
         for e in mine:
             if spec.get("part"):
                 out += _problems(e.get("part", []), spec["part"], f"{where}.{spec['name']}")
-            elif spec.get("type") == "Element":  # any data type: exactly one value[x] of some type
-                if len([k for k in e if k.startswith("value")]) != 1:
-                    out.append(f"{where}: {spec['name']} carries {sorted(set(e) - {'name'})}, declared one value[x]")
             elif spec.get("type"):
-                key = "value" + spec["type"][0].upper() + spec["type"][1:]
-                if key not in e:
-                    out.append(f"{where}: {spec['name']} carries {sorted(set(e) - {'name'})}, declared {key}")
+                allowed = [x["valueUri"] for x in spec.get("extension", []) if x["url"] == ALLOWED_TYPE] or [spec["type"]]
+                keys = ["value" + t[0].upper() + t[1:] for t in allowed]
+                if not any(k in e for k in keys):
+                    out.append(f"{where}: {spec['name']} carries {sorted(set(e) - {'name'})}, declared {' or '.join(keys)}")
     return out
 
 

@@ -11,6 +11,7 @@ from fhir_ops.app import create_app, get_store
 from fhir_ops.errors import FhirError
 from fhir_ops.operations import registry
 from fhir_ops.operations.registry import OperationResult
+from tests.app_config import open_config
 from tests.live_server import serve
 
 CANON = "https://trialtwin.org/fhir/OperationDefinition/"
@@ -19,7 +20,7 @@ CANON = "https://trialtwin.org/fhir/OperationDefinition/"
 @pytest.fixture
 def app(tmp_path):
     """A fresh FHIR app with its own SQLite database."""
-    app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path)})
+    app = create_app(open_config(TESTING=True, DATA_DIR=str(tmp_path)))
     yield app
     jobs.manager(app).shutdown()
     get_store_of(app).close()
@@ -133,7 +134,7 @@ def fhir_server(tmp_path):
     from fhir_ops.store.sqlite import SQLiteStore
 
     store = SQLiteStore(str(tmp_path / "ops.sqlite"))
-    app = create_app({"STORE": store, "TESTING": True})
+    app = create_app(open_config(STORE=store, TESTING=True))
     with serve(app) as url:
         yield f"{url}/fhir", store
     store.close()

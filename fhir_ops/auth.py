@@ -1,0 +1,452 @@
+"""SMART resource-server enforcement for the FHIR app: every /fhir request is checked here, in one place.
+
+``init_app(app)`` installs a ``before_request`` hook (token, scopes, Patient compartment) and an
+``after_request`` filter for Bundles; ``AUTH_MODE`` "smart" (default) or "open" chooses whether it runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+from flask import Flask, Response, current_app, g, request
+
+from fhir_ops.errors import FhirError, Forbidden, Gone, NotFound
+from smart_app.scopes import interaction_code
+
+AUTH_MODES = ("smart", "open")
+
+#: Paths under the FHIR prefix that anyone may read: discovery, and conformance resources that hold no
+#: participant data (the shipped OperationDefinitions).
+PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|OperationDefinition/[A-Za-z0-9\-.]{1,64})$")
+
+#: Per operation: the boolean input that switches writing on (None: it always writes), that input's
+#: default, and the participant-data types written, on each of which the caller needs ``c`` and ``u``.
+#: The target of the call needs ``r`` in every case; an unknown state-changing operation needs ``u`` on
+#: its target. The model Device an operation may register is the server's own record, not the caller's.
+OPERATION_WRITES: dict[str, tuple[str | None, bool, tuple[str, ...]]] = {
+    "simulate": ("persist", False, ("Basic", "Observation", "Provenance")),
+    "calibrate": (None, True, ("Basic", "Provenance")),
+    "predict-dropout": ("persist", True, ("RiskAssessment", "Task", "Provenance")),
+}
+
+#: Cohort targets: an operation on them reads many participants, so a patient-scoped token never may.
+COHORT_TYPES = ("Group", "ResearchStudy")
+
+#: Compartment additions beyond FHIR R4's CompartmentDefinition/patient. Task is not in the R4
+#: compartment, but an outreach Task (Task.for = the participant) is that participant's business and
+#: must be visible to their clinician's patient-scoped token.
+EXTRA_COMPARTMENT = {"Task": ("for",)}
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def init_app(app: Flask) -> None:
+    """Install enforcement on a FHIR app according to ``AUTH_MODE``.
+
+    Parameters
+    ----------
+    app : flask.Flask
+        The FHIR app. Config read: ``AUTH_MODE`` ("smart" or "open"), and in smart mode
+        ``SMART_ISSUER`` (required), ``FHIR_BASE_URL`` (the token audience; default ``BASE_URL``),
+        ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT`` (+ ``_CLIENT_ID`` /
+        ``_CLIENT_SECRET``), as in :func:`smart_app.resource_server.validator_from_config`.
+
+    Raises
+    ------
+    ValueError
+        Unknown mode, or smart mode without an issuer or audience: a server that cannot check tokens
+        must not start (there is no silent fallback to open).
+    """
+    mode = str(app.config.get("AUTH_MODE") or "smart").lower()
+    if mode not in AUTH_MODES:
+        raise ValueError(f"AUTH_MODE must be one of {', '.join(AUTH_MODES)}, got {mode!r}")
+    app.config["AUTH_MODE"] = mode
+    if mode == "open":
+        return
+    if not app.config.get("SMART_ISSUER"):
+        raise ValueError("AUTH_MODE=smart needs SMART_ISSUER (the authorization server's URL, e.g. "
+                         "https://host/auth); set AUTH_MODE=open only for a local, loopback-only server")
+    app.config["FHIR_BASE_URL"] = (app.config.get("FHIR_BASE_URL") or app.config.get("BASE_URL") or "").rstrip("/")
+    if not app.config["FHIR_BASE_URL"]:
+        raise ValueError("AUTH_MODE=smart needs FHIR_BASE_URL (or BASE_URL): the audience tokens must carry")
+    if not any(app.config.get(k) for k in ("SMART_KEYS_FILE", "SMART_JWKS_URI", "SMART_INTROSPECTION_ENDPOINT")):
+        app.config["SMART_JWKS_URI"] = app.config["SMART_ISSUER"].rstrip("/") + "/.well-known/jwks.json"
+    app.before_request(_enforce)
+    app.after_request(_filter_bundle)
+
+
+def _validator():
+    # Built on first use: in the combined server the auth app creates its key file after this app.
+    validator = current_app.extensions.get("trialtwin.validator")
+    if validator is None:
+        from smart_app.resource_server import validator_from_config
+
+        try:
+            validator = validator_from_config(current_app.config)
+        except (OSError, ValueError) as exc:
+            raise FhirError(f"the authorization server's keys are not available: {exc}", status=503,
+                            code="transient", error_id="jwks-unavailable") from None
+        current_app.extensions["trialtwin.validator"] = validator
+    return validator
+
+
+def current_access():
+    """The :class:`smart_app.resource_server.AccessContext` of this request (None in open mode)."""
+    return g.get("trialtwin_access")
+
+
+# --- compartment -----------------------------------------------------------------------------------
+
+def in_compartment_type(resource_type: str) -> bool:
+    """Whether resources of this type can belong to a Patient compartment (R4 plus ``EXTRA_COMPARTMENT``)."""
+    from smart_app.resource_server import in_patient_compartment
+
+    return in_patient_compartment(resource_type) or resource_type in EXTRA_COMPARTMENT
+
+
+def in_compartment(resource: dict, patient: str) -> bool:
+    """Whether ``resource`` is in the compartment of ``Patient/<patient>`` (R4 plus outreach Tasks).
+
+    Examples
+    --------
+    >>> in_compartment({"resourceType": "Task", "for": {"reference": "Patient/p1"}}, "p1")
+    True
+    >>> in_compartment({"resourceType": "Observation", "subject": {"reference": "Patient/p2"}}, "p1")
+    False
+    """
+    from smart_app.resource_server import _points_to_patient, _values, patient_compartment_allows
+
+    if patient_compartment_allows(resource, patient):
+        return True
+    for path in EXTRA_COMPARTMENT.get(resource.get("resourceType"), ()):
+        if any(_points_to_patient(ref, patient) for ref in _values(resource, path.split("."))):
+            return True
+    return False
+
+
+def _compartment_search_param(resource_type: str) -> str | None:
+    """The search parameter that restricts a search to one patient (None: results are filtered instead)."""
+    from fhir_ops.search.registry import search_parameters_for
+    from smart_app.resource_server import compartment_paths
+
+    if resource_type == "Patient":
+        return "_id"
+    names = {p.name for p in search_parameters_for(resource_type) if p.type == "reference"}
+    if "patient" in names:
+        return "patient"
+    for path in (*compartment_paths(resource_type), *EXTRA_COMPARTMENT.get(resource_type, ())):
+        if path.split(".")[-1] in names:
+            return path.split(".")[-1]
+    return None
+
+
+# --- the hook ----------------------------------------------------------------------------------------
+
+def _forbidden(message: str, error_id: str = "outside-compartment") -> Forbidden:
+    return Forbidden(message, error_id=error_id)
+
+
+def _authenticate():
+    access = _validator().authenticate(request.headers.get("Authorization"))
+    # Granular scopes (patient/Observation.rs?category=...) are not enforced yet: fail closed, they grant nothing.
+    scopes = access.scopes
+    if any(s.query for s in scopes.resources):
+        scopes = type(scopes)(tuple(s for s in scopes.resources if not s.query), scopes.names, scopes.unknown)
+        access = replace(access, scopes=scopes)
+    return access
+
+
+def _enforce():
+    prefix = (current_app.config.get("FHIR_PREFIX") or "").rstrip("/")
+    path = request.path[len(prefix):] if prefix and request.path.startswith(prefix) else request.path
+    if request.method in ("GET", "HEAD") and PUBLIC_PATHS.match(path):
+        return None
+    if request.method == "OPTIONS":
+        return None
+    access = _authenticate()
+    g.trialtwin_access = access
+    endpoint = request.endpoint or ""
+    args = request.view_args or {}
+    check = _CHECKS.get(endpoint.rsplit(".", 1)[-1])
+    if check is None:
+        # An unknown route is answered 404 by the app; anything else unlisted is refused, not let through.
+        if request.url_rule is None:
+            return None
+        raise _forbidden(f"{request.method} {path} is not covered by an access rule", "no-access-rule")
+    check(access, **args)
+    return None
+
+
+def _read_existing(resource_type: str, resource_id: str) -> dict | None:
+    from fhir_ops.app import get_store
+
+    try:
+        return get_store().read(resource_type, resource_id)
+    except (NotFound, Gone):
+        return None
+    except FhirError:
+        return None
+
+
+def _require_in_compartment(access, resource_type: str, resource_id: str, patient: str) -> None:
+    # One answer (403) whether the resource is another patient's or does not exist at all, so a
+    # patient-scoped token learns nothing about other patients' ids.
+    if resource_type == "Patient" and resource_id == patient:
+        return
+    existing = _read_existing(resource_type, resource_id) if in_compartment_type(resource_type) else None
+    if existing is None or not in_compartment(existing, patient):
+        raise _forbidden(f"{resource_type}/{resource_id} is not in the compartment of Patient/{patient}, the only "
+                         "patient this access token may see")
+
+
+def _check_type_allowed_for_patient(resource_type: str, patient: str) -> None:
+    if not in_compartment_type(resource_type):
+        raise _forbidden(f"{resource_type} is not in a Patient compartment; a token limited to Patient/{patient} "
+                         f"needs a user/ or system/ scope for it")
+
+
+def _body() -> dict | None:
+    try:
+        body = json.loads(request.get_data(cache=True) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return None  # the handler answers 400 for a malformed body
+    return body if isinstance(body, dict) else None
+
+
+def _check_read(access, resource_type, resource_id, version_id=None):
+    patient = access.require("read", resource_type)
+    if patient:
+        _require_in_compartment(access, resource_type, resource_id, patient)
+
+
+def _check_instance_history(access, resource_type, resource_id):
+    _check_read(access, resource_type, resource_id)
+
+
+def _check_type_history(access, resource_type):
+    patient = access.require("read", resource_type)
+    if patient:
+        raise _forbidden(f"type-level history of {resource_type} spans every patient; it needs a user/ or system/ "
+                         "scope", "history-needs-broad-scope")
+
+
+def _check_search(access, resource_type):
+    patient = access.require("search", resource_type)
+    if not patient:
+        return
+    _check_type_allowed_for_patient(resource_type, patient)
+    param = _compartment_search_param(resource_type)
+    if param is None:
+        return  # the after_request filter drops what lies outside the compartment
+    from werkzeug.datastructures import ImmutableMultiDict
+
+    value = patient if param == "_id" else f"Patient/{patient}"
+    # AND-ed with whatever the client asked: the answer can only shrink to the compartment.
+    request.args = ImmutableMultiDict([*request.args.items(multi=True), (param, value)])
+
+
+def _check_create(access, resource_type):
+    patient = access.require("create", resource_type)
+    if patient:
+        _check_type_allowed_for_patient(resource_type, patient)
+        body = _body()
+        if body is not None and not in_compartment(body, patient):
+            raise _forbidden(f"the new {resource_type} does not belong to Patient/{patient}; a patient-scoped token "
+                             "writes only into that patient's compartment")
+
+
+def _check_update(access, resource_type, resource_id):
+    patient = access.require("update", resource_type)
+    if patient:
+        _check_type_allowed_for_patient(resource_type, patient)
+        existing = _read_existing(resource_type, resource_id)
+        body = _body()
+        if (existing is not None and not in_compartment(existing, patient)) or \
+                (body is not None and not in_compartment(body, patient)):
+            raise _forbidden(f"{resource_type}/{resource_id} is not (or would not stay) in the compartment of "
+                             f"Patient/{patient}")
+
+
+def _check_delete(access, resource_type, resource_id):
+    patient = access.require("delete", resource_type)
+    if patient:
+        _require_in_compartment(access, resource_type, resource_id, patient)
+
+
+_BUNDLE_METHODS = {"POST": "create", "PUT": "update", "DELETE": "delete", "PATCH": "update"}
+
+
+def _check_bundle(access):
+    body = _body()
+    if body is None:
+        return
+    for index, entry in enumerate(body.get("entry") or []):
+        req = (entry or {}).get("request") or {}
+        method = str(req.get("method", "")).upper()
+        url = str(req.get("url", "")).split("?")[0].strip("/")
+        parts = url.split("/") if url else []
+        resource_type = parts[0] if parts else ((entry.get("resource") or {}).get("resourceType") or "")
+        if not resource_type or resource_type.startswith("$"):
+            raise _forbidden(f"Bundle.entry[{index}]: operations and system-level calls inside a Bundle are not "
+                             "allowed with a SMART token", "bundle-entry-refused")
+        if method in ("GET", "HEAD"):
+            interaction = "read" if len(parts) >= 2 else "search"
+        else:
+            interaction = _BUNDLE_METHODS.get(method)
+        if interaction is None:
+            continue  # the store rejects unknown methods with its own 400
+        patient = access.require(interaction, resource_type)
+        if not patient:
+            continue
+        resource = entry.get("resource")
+        if interaction in ("read", "search", "delete") or not isinstance(resource, dict) \
+                or not in_compartment(resource, patient):
+            raise _forbidden(f"Bundle.entry[{index}] ({method} {url}): a token limited to Patient/{patient} may only "
+                             "create or update that patient's resources inside a Bundle", "bundle-entry-refused")
+        if interaction == "update" and len(parts) >= 2:
+            existing = _read_existing(resource_type, parts[1])
+            if existing is not None and not in_compartment(existing, patient):
+                raise _forbidden(f"Bundle.entry[{index}]: {url} belongs to another patient", "bundle-entry-refused")
+
+
+def _operation_flag(name: str, default: bool) -> bool:
+    if request.method == "GET":
+        raw = request.args.get(name)
+        return default if raw is None else raw.lower() == "true"
+    body = _body() or {}
+    for p in body.get("parameter") or []:
+        if isinstance(p, dict) and p.get("name") == name:
+            # anything but an explicit false counts as writing: the registry rejects malformed values later
+            return p.get("valueBoolean") is not False
+    return default
+
+
+def check_operation(access, level: str, resource_type: str | None, resource_id: str | None, name: str) -> None:
+    """Authorize an operation call (see ``OPERATION_WRITES`` and docs/smart.md for the rules).
+
+    ``r`` on the target type (system level: on every type, ``*``); ``c`` and ``u`` on each type the
+    operation writes; a patient-scoped token only on resources of its own compartment and never on a
+    cohort (Group, ResearchStudy) or at type/system level.
+    """
+    from fhir_ops.operations import registry
+
+    op = registry.get(name)
+    if op is None:
+        # The registry answers 404 unknown-operation, but not about another patient's resource.
+        if level == "instance":
+            patient = access.require("read", resource_type)
+            if patient:
+                _require_in_compartment(access, resource_type, resource_id, patient)
+        return
+    target = resource_type or "*"
+    patient = access.require("read", target) if level != "system" else _require_system(access, op.name)
+    needs: list[tuple[str, str]] = []
+    if op.code in OPERATION_WRITES:
+        flag, default, writes = OPERATION_WRITES[op.code]
+        if flag is None or _operation_flag(flag, default):
+            needs = [(interaction, t) for t in writes for interaction in ("create", "update")]
+    elif op.affects_state and resource_type:
+        needs = [("update", resource_type)]
+    for interaction, written in needs:
+        access.require(interaction, written)
+    if resource_type in COHORT_TYPES:
+        # A cohort's result aggregates (and may write for) many participants: every permission it uses
+        # must come from user/ or system/ scopes, never from one patient's compartment.
+        needs = [("read", resource_type), ("search", "ResearchSubject"), *needs]
+        narrow = [f"{interaction_code(i)} on {t}" for i, t in needs if not access.scopes.allows(i, t, ("user", "system"))]
+        if narrow:
+            raise _forbidden(f"{op.name} on {resource_type} concerns many participants; it needs user/ or system/ "
+                             f"scopes for: {', '.join(narrow)}", "cohort-needs-broad-scope")
+        return
+    if patient:
+        if level != "instance":
+            raise _forbidden(f"{op.name} at {level} level is not limited to one patient; a token limited to "
+                             f"Patient/{patient} may run operations on that patient only")
+        _require_in_compartment(access, resource_type, resource_id, patient)
+
+
+def _require_system(access, name: str) -> None:
+    # Only a wildcard scope matches type "*": a system-level operation may touch any type.
+    if not access.scopes.allows("r", "*", ("user", "system")):
+        raise Forbidden(f"system-level {name} needs user/*.r or system/*.r", error_id="insufficient-scope")
+    return None
+
+
+def _check_system_operation(access, name):
+    check_operation(access, "system", None, None, name)
+
+
+def _check_type_operation(access, resource_type, name):
+    check_operation(access, "type", resource_type, None, name)
+
+
+def _check_instance_operation(access, resource_type, resource_id, name):
+    check_operation(access, "instance", resource_type, resource_id, name)
+
+
+def _check_job(access, job_id):
+    from fhir_ops import jobs
+
+    try:
+        job = jobs.manager(current_app).get(job_id)
+    except FhirError:
+        return  # unknown job: the route answers 404
+    owner = getattr(job, "owner", None)
+    if owner is not None and owner != (access.client_id, access.subject):
+        raise Forbidden(f"job {job_id} was submitted by another client or user", error_id="not-job-owner")
+
+
+# endpoint (blueprint-local name) -> check(access, **view_args)
+_CHECKS = {
+    "read": _check_read,
+    "vread": _check_read,
+    "instance_history": _check_instance_history,
+    "type_history": _check_type_history,
+    "search": _check_search,
+    "create": _check_create,
+    "update": _check_update,
+    "delete": _check_delete,
+    "system_bundle": _check_bundle,
+    "system_operation": _check_system_operation,
+    "type_operation": _check_type_operation,
+    "instance_operation": _check_instance_operation,
+    "trialtwin_job_status": _check_job,
+    "trialtwin_job_cancel": _check_job,
+}
+
+
+# --- response filter -----------------------------------------------------------------------------------
+
+def _visible(access, resource: dict) -> bool:
+    rtype = resource.get("resourceType")
+    if not rtype or rtype == "OperationOutcome":
+        return True
+    if not access.can("read", rtype):
+        return False
+    patient = access.compartment_patient("read", rtype)
+    return patient is None or in_compartment(resource, patient)
+
+
+def _filter_bundle(response: Response) -> Response:
+    """Drop Bundle entries (matches, _include, _revinclude) the token may not see: defence in depth."""
+    access = current_access()
+    if access is None or response.status_code != 200 or "json" not in (response.mimetype or ""):
+        return response
+    if (request.endpoint or "").rsplit(".", 1)[-1] not in ("search", "system_bundle", "instance_history"):
+        return response
+    try:
+        body = json.loads(response.get_data())
+    except ValueError:
+        return response
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return response
+    entries = body.get("entry") or []
+    kept = [e for e in entries if not isinstance(e.get("resource"), dict) or _visible(access, e["resource"])]
+    if len(kept) != len(entries):
+        if kept:
+            body["entry"] = kept
+        else:
+            body.pop("entry", None)
+        response.set_data(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+    return response

@@ -1,0 +1,324 @@
+"""HTTP routes of the development authorization server: discovery, authorize (login, patient picker,
+approval), token, introspection, registration, JWKS and the EHR launch simulator.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from urllib.parse import urlencode, urlsplit
+
+import requests
+from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidRequestError
+from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, session, url_for
+from joserfc import jwt
+from joserfc.errors import JoseError
+
+from .authz import fhir_base, issuer, oauth_server, state
+from .discovery import smart_configuration
+from .rfc7591 import RegistrationError, validate_client_metadata
+from .scopes import parse_scopes
+from .tokens import sign
+
+bp = Blueprint("authz", __name__, template_folder="templates")
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+#: Form fields of our own pages, never forwarded as OAuth parameters.
+_UI_FIELDS = {"csrf_token", "decision", "selected_patient", "username", "password"}
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def _csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(16)
+    return session["csrf"]
+
+
+def _check_csrf() -> None:
+    sent = request.form.get("csrf_token", "")
+    if not sent or not secrets.compare_digest(sent, session.get("csrf", "")):
+        abort(400, description="the form has expired or was not sent by this server; reload and try again")
+
+
+def _oauth_params() -> list[tuple[str, str]]:
+    return [(k, v) for k, vs in request.values.lists() for v in vs if k not in _UI_FIELDS]
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+@bp.get("/.well-known/smart-configuration")
+def smart_config():
+    return jsonify(smart_configuration({"ISSUER": issuer()}))
+
+
+@bp.get("/.well-known/openid-configuration")
+def openid_config():
+    doc = smart_configuration({"ISSUER": issuer()})
+    keep = ("issuer", "jwks_uri", "authorization_endpoint", "token_endpoint", "registration_endpoint",
+            "introspection_endpoint", "scopes_supported", "response_types_supported", "grant_types_supported",
+            "token_endpoint_auth_methods_supported", "code_challenge_methods_supported",
+            "id_token_signing_alg_values_supported")
+    return jsonify({**{k: doc[k] for k in keep}, "subject_types_supported": ["public"],
+                    "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser", "name"]})
+
+
+@bp.get("/.well-known/jwks.json")
+def jwks():
+    return jsonify(state().keys.public_jwks())
+
+
+@bp.get("/")
+def index():
+    return render_template("authz/index.html", doc=smart_configuration({"ISSUER": issuer()}))
+
+
+# --- login -----------------------------------------------------------------------------------
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    next_query = request.values.get("next", "")
+    error = None
+    if request.method == "POST":
+        _check_csrf()
+        entry = state().users.get(request.form.get("username", ""))
+        password = request.form.get("password", "")
+        if entry and secrets.compare_digest(entry["password"], password):
+            session["user"] = entry["username"]
+            session["auth_time"] = int(time.time())
+            return redirect(url_for("authz.authorize") + ("?" + next_query if next_query else ""))
+        error = "Unknown user or wrong password."
+    status = 401 if error else 200
+    return render_template("authz/login.html", next=next_query, error=error, csrf=_csrf_token(),
+                           users=sorted(state().users)), status
+
+
+@bp.post("/logout")
+def logout():
+    _check_csrf()
+    session.clear()
+    return redirect(url_for("authz.index"))
+
+
+# --- authorize -------------------------------------------------------------------------------
+
+def _error_redirect(grant, description: str):
+    error = InvalidRequestError(description, redirect_uri=grant.redirect_uri)
+    error.state = request.values.get("state")
+    return oauth_server().handle_error_response(None, error)
+
+
+@bp.route("/authorize", methods=["GET", "POST"])
+def authorize():
+    server = oauth_server()
+    user = state().user(session.get("user"))
+    try:
+        grant = server.get_consent_grant(end_user=user)
+    except OAuth2Error as error:
+        return server.handle_error_response(None, error)
+    client = grant.client
+    scopes_text = grant.request.scope
+    scopes = parse_scopes(scopes_text)
+
+    aud = (request.values.get("aud") or "").rstrip("/")
+    if aud != fhir_base():
+        return _error_redirect(grant, f"aud must be the FHIR server base URL {fhir_base()}")
+    context: dict = {}
+    launch = request.values.get("launch")
+    if launch:
+        stored = state().db.get_launch(launch)
+        if stored is None:
+            return _error_redirect(grant, "unknown or expired launch parameter")
+        context = {k: v for k, v in stored.items() if k != "username"}
+    elif "launch" in scopes:
+        return _error_redirect(grant, "scope launch requires the launch parameter given by the EHR")
+
+    if user is None:
+        return redirect(url_for("authz.login", next=urlencode(_oauth_params())))
+
+    # In an EHR launch the EHR decides the context: without a patient (an EDC study launch) patient/
+    # scopes simply grant nothing; the picker appears only when the app asks for launch/patient.
+    needs_patient = not context.get("patient") and (
+        "launch/patient" in scopes or (not launch and any(s.context == "patient" for s in scopes.resources)))
+    selected = request.form.get("selected_patient", "").strip() if request.method == "POST" else ""
+    if needs_patient and not selected:
+        patients, reachable = _fhir_choices("Patient")
+        return render_template("authz/pick_patient.html", client=client, params=_oauth_params(),
+                               patients=patients, reachable=reachable, csrf=_csrf_token(), user=user)
+    if needs_patient:
+        if not _FHIR_ID.match(selected):
+            abort(400, description="patient id must be 1-64 letters, digits, '-' or '.'")
+        context["patient"] = selected
+        context.setdefault("need_patient_banner", True)
+
+    decision = request.form.get("decision") if request.method == "POST" else None
+    if decision is None:
+        return render_template("authz/approve.html", client=client, scopes=scopes, context=context,
+                               params=_oauth_params(), selected=selected, csrf=_csrf_token(), user=user)
+    _check_csrf()
+    if decision != "approve":
+        return server.create_authorization_response(grant=grant, grant_user=None)
+    grant.request.smart_context = context
+    return server.create_authorization_response(grant=grant, grant_user=user)
+
+
+# --- token, introspection, registration ------------------------------------------------------
+
+@bp.post("/token")
+def token():
+    return oauth_server().create_token_response()
+
+
+@bp.post("/introspect")
+def introspect():
+    """RFC 7662, for resource servers that registered as confidential clients."""
+    server = oauth_server()
+    try:
+        server.authenticate_client(server.create_oauth2_request(None),
+                                   ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+                                   endpoint="introspection")
+    except OAuth2Error as error:
+        return server.handle_error_response(None, error)
+    value = request.form.get("token")
+    if not value:
+        return jsonify(error="invalid_request", error_description="token is required"), 400
+    return jsonify(_introspect(value)), 200, _NO_STORE
+
+
+def _introspect(value: str) -> dict:
+    db, keys = state().db, state().keys
+    if value.count(".") == 2:
+        try:
+            decoded = jwt.decode(value, keys.key_set, algorithms=["RS256", "ES256"])
+        except (JoseError, ValueError):
+            return {"active": False}
+        claims = decoded.claims
+        record = db.token_by_jti(claims.get("jti", ""))
+        if claims.get("iss") != issuer() or claims.get("exp", 0) <= time.time() or (record and record.revoked):
+            return {"active": False}
+        return {"active": True, "token_type": "Bearer", **claims}
+    record = db.token_by_refresh(value)
+    if record is None or record.is_revoked() or record.is_expired():
+        return {"active": False}
+    return {"active": True, "token_type": "refresh_token", "client_id": record.client_id, "scope": record.scope,
+            "sub": record.username or record.client_id, "exp": int(record.refresh_expires_at), "iss": issuer()}
+
+
+@bp.post("/register")
+def register():
+    """RFC 7591 dynamic client registration (open unless REGISTRATION_ACCESS_TOKEN is set)."""
+    required = current_app.config.get("REGISTRATION_ACCESS_TOKEN")
+    if required:
+        sent = request.headers.get("Authorization", "")
+        if not secrets.compare_digest(sent, f"Bearer {required}"):
+            return (jsonify(error="invalid_token", error_description="a valid initial access token is required"),
+                    401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    body = request.get_json(silent=True)
+    try:
+        metadata = validate_client_metadata(body)
+    except RegistrationError as exc:
+        return jsonify(exc.body()), 400, _NO_STORE
+    method = metadata["token_endpoint_auth_method"]
+    secret = secrets.token_urlsafe(32) if method in ("client_secret_basic", "client_secret_post") else None
+    client = state().db.add_client(metadata, client_secret=secret)
+    return jsonify(client.public_view()), 201, _NO_STORE
+
+
+# --- EHR launch simulator --------------------------------------------------------------------
+
+def _internal_token() -> str:
+    """A one-minute system token the auth server uses to list patients and studies from the FHIR server."""
+    now = int(time.time())
+    return sign(state().keys, {
+        "iss": issuer(), "aud": fhir_base(), "sub": "trialtwin-authz", "client_id": "trialtwin-authz",
+        "scope": "system/Patient.rs system/Encounter.rs system/ResearchStudy.rs system/ResearchSubject.rs",
+        "iat": now, "exp": now + 60, "jti": secrets.token_urlsafe(12)})
+
+
+def _label(resource: dict) -> str:
+    rtype = resource.get("resourceType")
+    if rtype == "Patient":
+        names = resource.get("name") or [{}]
+        name = " ".join([*names[0].get("given", []), names[0].get("family", "")]).strip()
+        return name or resource.get("id", "")
+    if rtype == "ResearchStudy":
+        return resource.get("title") or resource.get("id", "")
+    if rtype == "ResearchSubject":
+        who = (resource.get("individual") or {}).get("reference", "")
+        return f"{resource.get('id')} ({who}, {resource.get('status', '')})"
+    return resource.get("id", "")
+
+
+def _fhir_choices(resource_type: str) -> tuple[list[tuple[str, str]], bool]:
+    """(id, label) pairs read from the FHIR server, and whether it answered; never raises."""
+    try:
+        response = requests.get(f"{fhir_base()}/{resource_type}", params={"_count": 100},
+                                headers={"Accept": "application/fhir+json",
+                                         "Authorization": f"Bearer {_internal_token()}"},
+                                timeout=current_app.config["FHIR_HTTP_TIMEOUT"])
+        response.raise_for_status()
+        bundle = response.json()
+        entries = [e.get("resource") or {} for e in bundle.get("entry") or []]
+        return [(r["id"], _label(r)) for r in entries if r.get("resourceType") == resource_type and r.get("id")], True
+    except (requests.RequestException, ValueError, AttributeError, TypeError, KeyError):
+        return [], False
+
+
+def _absolute_http(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+@bp.route("/launch-simulator", methods=["GET", "POST"])
+def launch_simulator():
+    """Act like an EHR or EDC: choose app and context, mint a launch id, send the browser to the app."""
+    clients = [c for c in state().db.list_clients() if "authorization_code" in c.grant_types]
+    errors: list[str] = []
+    form = request.form
+    if request.method == "POST":
+        _check_csrf()
+        client = state().db.get_client(form.get("client_id", ""))
+        if client is None:
+            errors.append("choose a registered app")
+        launch_url = (form.get("launch_url") or "").strip() or (client.metadata.get("launch_uri", "") if client else "")
+        if not _absolute_http(launch_url):
+            errors.append("the app has no launch URL: give an absolute http(s) launch URL")
+        context: dict = {}
+        for field, key in (("patient", "patient"), ("encounter", "encounter")):
+            value = (form.get(field) or "").strip()
+            if value and not _FHIR_ID.match(value):
+                errors.append(f"{field} id must be 1-64 letters, digits, '-' or '.'")
+            elif value:
+                context[key] = value
+        fhir_context = []
+        for field, rtype in (("study", "ResearchStudy"), ("subject", "ResearchSubject")):
+            value = (form.get(field) or "").strip()
+            if value and not _FHIR_ID.match(value):
+                errors.append(f"{field} id must be 1-64 letters, digits, '-' or '.'")
+            elif value:
+                fhir_context.append({"reference": f"{rtype}/{value}"})
+        if fhir_context:
+            context["fhirContext"] = fhir_context
+        if not context:
+            errors.append("choose a patient or a study/subject context")
+        username = form.get("username", "")
+        if username and state().user(username) is None:
+            errors.append("unknown practitioner login")
+        if not errors:
+            context["need_patient_banner"] = form.get("need_patient_banner") == "on"
+            style = (form.get("smart_style_url") or "").strip()
+            if style and _absolute_http(style):
+                context["smart_style_url"] = style
+            launch_id = state().db.create_launch(context)
+            if username:
+                # The EHR user is already signed in: the simulated EHR's single sign-on.
+                session["user"], session["auth_time"] = username, int(time.time())
+            separator = "&" if urlsplit(launch_url).query else "?"
+            return redirect(launch_url + separator + urlencode({"iss": fhir_base(), "launch": launch_id}))
+    patients, reachable = _fhir_choices("Patient")
+    studies, _ = _fhir_choices("ResearchStudy") if reachable else ([], False)
+    subjects, _ = _fhir_choices("ResearchSubject") if reachable else ([], False)
+    return render_template("authz/launch_simulator.html", clients=clients, patients=patients, studies=studies,
+                           subjects=subjects, reachable=reachable, users=sorted(state().users), errors=errors,
+                           form=form, csrf=_csrf_token(), fhir_base=fhir_base()), (400 if errors else 200)
+

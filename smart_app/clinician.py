@@ -1,0 +1,359 @@
+"""What the clinician app reads from the FHIR server: participant summary, twin forecasts, dropout risk, cohort overview.
+
+Each loader returns plain values plus a list of problems, so one missing operation or refused read is shown on the
+page next to everything that did work.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field
+
+import requests
+
+FHIR_JSON = "application/fhir+json"
+RISK_DRIVER = "https://trialtwin.org/fhir/StructureDefinition/risk-driver"
+OUTPUTS = ("hba1c", "fpg", "concentration")
+OUTPUT_LABELS = {"hba1c": "HbA1c", "fpg": "Fasting plasma glucose", "concentration": "Drug concentration"}
+
+
+@dataclass
+class Problem:
+    """Something the page could not show, said plainly (``missing`` marks an operation the server lacks)."""
+
+    what: str
+    message: str
+    missing: bool = False
+
+
+class FhirCallError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class FhirApi:
+    """The FHIR server as the signed-in clinician sees it: every call carries the launch's access token."""
+
+    def __init__(self, base: str, access_token: str, timeout: float = 60, http: requests.Session | None = None):
+        self.base = base.rstrip("/")
+        self.http = http or requests.Session()
+        self.http.headers.update({"Authorization": f"Bearer {access_token}", "Accept": FHIR_JSON})
+        self.timeout = timeout
+
+    def _answer(self, response: requests.Response) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            message = f"HTTP {response.status_code}"
+            if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+                texts = [i.get("diagnostics") or (i.get("details") or {}).get("text", "") for i in body.get("issue", [])]
+                message += ": " + "; ".join(t for t in texts if t)
+            raise FhirCallError(response.status_code, message)
+        if not isinstance(body, dict):
+            raise FhirCallError(502, "the FHIR server did not answer with JSON")
+        return body
+
+    def get(self, path: str, params=None) -> dict:
+        try:
+            return self._answer(self.http.get(f"{self.base}/{path}", params=params, timeout=self.timeout))
+        except requests.RequestException as exc:
+            raise FhirCallError(502, f"the FHIR server could not be reached: {exc}") from None
+
+    def search(self, path: str, params=None) -> list[dict]:
+        bundle = self.get(path, params)
+        return [e["resource"] for e in bundle.get("entry") or []
+                if (e.get("search") or {}).get("mode", "match") == "match" and isinstance(e.get("resource"), dict)]
+
+    def operation(self, path: str, parameters: list[dict]) -> dict:
+        body = {"resourceType": "Parameters", "parameter": parameters}
+        try:
+            return self._answer(self.http.post(f"{self.base}/{path}", json=body, timeout=self.timeout,
+                                               headers={"Content-Type": FHIR_JSON}))
+        except requests.RequestException as exc:
+            raise FhirCallError(502, f"the FHIR server could not be reached: {exc}") from None
+
+
+def problem(what: str, error: FhirCallError, operation: str | None = None) -> Problem:
+    """Turn a failed call into a Problem; 404/501 on an operation means the server does not offer it."""
+    if operation and error.status in (404, 501):
+        return Problem(what, f"The FHIR server does not offer {operation} yet ({error.message}).", missing=True)
+    if error.status == 403:
+        return Problem(what, f"Not allowed with this launch's access token ({error.message}).")
+    return Problem(what, error.message)
+
+
+# --- Parameters ----------------------------------------------------------------------------------------
+
+def _value(p: dict):
+    for key, value in p.items():
+        if key.startswith("value"):
+            return value
+    return p.get("valueReference") or p.get("resource")
+
+
+def _parts(p: dict) -> dict:
+    return {part["name"]: _value(part) for part in p.get("part") or [] if "name" in part}
+
+
+def parameter_rows(parameters: dict, name: str) -> list[dict]:
+    """All parameters called ``name`` of a Parameters resource, each as a dict of its parts."""
+    return [_parts(p) for p in parameters.get("parameter") or [] if p.get("name") == name]
+
+
+def parameter_value(parameters: dict, name: str):
+    for p in parameters.get("parameter") or []:
+        if p.get("name") == name:
+            return _value(p)
+    return None
+
+
+@dataclass
+class Forecast:
+    """The forecast of one ``$simulate`` call, per output: days, median, low, high; observed (day, value); units."""
+
+    series: dict = field(default_factory=dict)      # output -> {"day": [...], "median": [...], "low": [...], "high": [...]}
+    observed: dict = field(default_factory=dict)    # output -> [(day, value), ...]
+    units: dict = field(default_factory=dict)
+    model_version: str | None = None
+    start: dt.datetime | None = None
+
+
+def _parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def parse_forecast(parameters: dict) -> Forecast:
+    """Read ``forecast`` / ``observed`` / ``armSummary``-free parts of a Patient ``$simulate`` result."""
+    fc = Forecast(model_version=parameter_value(parameters, "modelVersion"))
+    rows = parameter_rows(parameters, "forecast")
+    for row in rows:
+        out = row.get("output")
+        s = fc.series.setdefault(out, {"day": [], "median": [], "low": [], "high": []})
+        for key in s:
+            s[key].append(float(row[key]))
+        fc.units.setdefault(out, row.get("unit"))
+        when = _parse_time(row.get("time"))
+        if fc.start is None and when is not None:
+            fc.start = when - dt.timedelta(days=float(row["day"]))
+    for s in fc.series.values():
+        order = sorted(range(len(s["day"])), key=s["day"].__getitem__)
+        for key in s:
+            s[key] = [s[key][i] for i in order]
+    for row in parameter_rows(parameters, "observed"):
+        when = _parse_time(row.get("time"))
+        if when is None or fc.start is None:
+            continue
+        day = (when - fc.start).total_seconds() / 86400.0
+        fc.observed.setdefault(row.get("output"), []).append((day, float(row["value"])))
+    return fc
+
+
+def simulate_parameters(horizon: int, *, dose: float | None = None, missed_days: list[int] = (),
+                        adherence: float | None = None, samples: int = 200, seed: int = 20240, level: float = 0.9) -> list:
+    """The ``Parameters.parameter`` list of a Patient ``$simulate`` call (fixed seed: the page is reproducible)."""
+    params = [{"name": "horizonDays", "valueInteger": int(horizon)}, {"name": "samples", "valueInteger": samples},
+              {"name": "seed", "valueInteger": seed}, {"name": "level", "valueDecimal": level}]
+    if dose is not None:
+        params.append({"name": "dose", "valueDecimal": dose})
+    params += [{"name": "missedDoseDay", "valueInteger": int(d)} for d in missed_days]
+    if adherence is not None:
+        params.append({"name": "adherence", "valueDecimal": adherence})
+    return params
+
+
+# --- participant ---------------------------------------------------------------------------------------
+
+@dataclass
+class Participant:
+    id: str
+    name: str = ""
+    age: int | None = None
+    gender: str | None = None
+    arm: str | None = None
+    status: str | None = None
+    site: str | None = None
+    study: str | None = None
+
+
+def _name(resource: dict) -> str:
+    names = resource.get("name") or [{}]
+    first = names[0]
+    return first.get("text") or " ".join([*first.get("given", []), first.get("family", "")]).strip()
+
+
+def age_on(birth_date: str | None, today: dt.date) -> int | None:
+    """Completed years between ``birth_date`` (YYYY[-MM[-DD]]) and ``today``.
+
+    Examples
+    --------
+    >>> age_on("1960-06-15", dt.date(2026, 6, 14)), age_on("1960-06-15", dt.date(2026, 6, 15))
+    (65, 66)
+    """
+    if not birth_date:
+        return None
+    parts = [int(x) for x in birth_date.split("-")]
+    year, month, day = (parts + [1, 1])[:3]
+    return today.year - year - ((today.month, today.day) < (month, day))
+
+
+def load_participant(api: FhirApi, patient_id: str, problems: list[Problem]) -> Participant:
+    """Name, age, arm, status and site of one participant."""
+    who = Participant(patient_id)
+    try:
+        patient = api.get(f"Patient/{patient_id}")
+    except FhirCallError as err:
+        problems.append(problem("Participant", err))
+        return who
+    who.name, who.gender = _name(patient) or patient_id, patient.get("gender")
+    who.age = age_on(patient.get("birthDate"), dt.date.today())
+    try:
+        subjects = api.search("ResearchSubject", {"patient": f"Patient/{patient_id}"})
+    except FhirCallError as err:
+        problems.append(problem("Study enrolment", err))
+        subjects = []
+    if subjects:
+        rs = subjects[0]
+        who.arm, who.status = rs.get("actualArm") or rs.get("assignedArm"), rs.get("status")
+        who.study = ((rs.get("study") or {}).get("reference") or "").rpartition("/")[2] or None
+    org = ((patient.get("managingOrganization") or {}).get("reference") or "")
+    if org.startswith("Organization/"):
+        try:
+            who.site = api.get(org).get("name") or org
+        except FhirCallError:
+            who.site = (patient.get("managingOrganization") or {}).get("display") or org
+    return who
+
+
+@dataclass
+class Risk:
+    """The latest dropout-risk RiskAssessment: predictions (label, probability) and drivers (feature, value, contribution)."""
+
+    id: str
+    when: str | None
+    predictions: list = field(default_factory=list)
+    drivers: list = field(default_factory=list)
+
+
+def parse_risk(resource: dict) -> Risk:
+    """Read a dropout-risk RiskAssessment (profile ``dropout-risk``, drivers as ``risk-driver`` extensions)."""
+    predictions = []
+    for p in resource.get("prediction") or []:
+        outcome = p.get("outcome") or {}
+        label = outcome.get("text") or next((c.get("display") or c.get("code") for c in outcome.get("coding") or []), "risk")
+        if p.get("probabilityDecimal") is not None:
+            predictions.append((label, float(p["probabilityDecimal"])))
+    drivers = []
+    for ext in resource.get("extension") or []:
+        if ext.get("url") != RISK_DRIVER:
+            continue
+        parts = {e.get("url"): _value(e) for e in ext.get("extension") or []}
+        if parts.get("feature") is not None and parts.get("contribution") is not None:
+            drivers.append((parts["feature"], parts.get("value"), float(parts["contribution"])))
+    drivers.sort(key=lambda d: -abs(d[2]))
+    return Risk(resource.get("id", ""), resource.get("occurrenceDateTime"), predictions, drivers[:5])
+
+
+def _is_dropout_risk(resource: dict) -> bool:
+    profiles = (resource.get("meta") or {}).get("profile") or []
+    methods = [c.get("code") for c in ((resource.get("method") or {}).get("coding") or [])]
+    return any(p.endswith("/dropout-risk") for p in profiles) or "learned-model" in methods
+
+
+def latest_risk(api: FhirApi, patient_id: str, problems: list[Problem]) -> Risk | None:
+    try:
+        found = api.search("RiskAssessment", {"patient": f"Patient/{patient_id}", "_sort": "-date", "_count": 20})
+    except FhirCallError as err:
+        problems.append(problem("Risk of missing the next visit", err))
+        return None
+    found = [r for r in found if _is_dropout_risk(r)]
+    found.sort(key=lambda r: r.get("occurrenceDateTime") or "", reverse=True)
+    return parse_risk(found[0]) if found else None
+
+
+def outreach_tasks(api: FhirApi, patient_id: str, problems: list[Problem]) -> list[dict]:
+    try:
+        tasks = api.search("Task", {"patient": f"Patient/{patient_id}", "_count": 20})
+    except FhirCallError as err:
+        problems.append(problem("Outreach tasks", err))
+        return []
+    return [{"id": t.get("id"), "status": t.get("status"), "description": t.get("description", ""),
+             "authored": t.get("authoredOn")} for t in tasks]
+
+
+# --- cohort --------------------------------------------------------------------------------------------
+
+@dataclass
+class Cohort:
+    id: str
+    title: str = ""
+    status: str | None = None
+    arms: list = field(default_factory=list)                   # names in the study's order
+    enrolment: Counter = field(default_factory=Counter)        # arm -> participants
+    status_counts: Counter = field(default_factory=Counter)    # ResearchSubject.status -> count
+    arm_series: dict = field(default_factory=dict)             # output -> arm -> {"day","median","low","high"}
+    units: dict = field(default_factory=dict)
+    flagged: list = field(default_factory=list)                # (patient id, label, probability)
+    assessed: int = 0                                          # participants with a dropout-risk assessment
+
+
+def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: int = 28,
+                threshold: float = 0.8) -> Cohort:
+    """Study, enrolment per arm, status counts, per-arm forecast and the participants flagged for outreach."""
+    cohort = Cohort(study_id)
+    members: set[str] = set()
+    try:
+        study = api.get(f"ResearchStudy/{study_id}")
+        cohort.title, cohort.status = study.get("title") or study_id, study.get("status")
+        cohort.arms = [a.get("name") for a in study.get("arm") or [] if a.get("name")]
+    except FhirCallError as err:
+        problems.append(problem("Study", err))
+    try:
+        subjects = api.search("ResearchSubject", {"study": f"ResearchStudy/{study_id}", "_count": 5000})
+        for rs in subjects:
+            cohort.enrolment[rs.get("actualArm") or rs.get("assignedArm") or "(unassigned)"] += 1
+            cohort.status_counts[rs.get("status") or "unknown"] += 1
+            members.add(((rs.get("individual") or {}).get("reference") or "").rpartition("/")[2])
+    except FhirCallError as err:
+        problems.append(problem("Enrolment", err))
+    try:
+        result = api.operation(f"ResearchStudy/{study_id}/$simulate",
+                               [{"name": "horizonDays", "valueInteger": horizon}, {"name": "seed", "valueInteger": 20240}])
+        for row in parameter_rows(result, "armSummary"):
+            s = cohort.arm_series.setdefault(row["output"], {}).setdefault(
+                row["arm"], {"day": [], "median": [], "low": [], "high": []})
+            for key in s:
+                s[key].append(float(row[key]))
+        for arms in cohort.arm_series.values():
+            for s in arms.values():
+                order = sorted(range(len(s["day"])), key=s["day"].__getitem__)
+                for key in s:
+                    s[key] = [s[key][i] for i in order]
+    except FhirCallError as err:
+        problems.append(problem("Per-arm forecast", err, "$simulate on ResearchStudy"))
+    try:
+        risks = api.search("RiskAssessment", {"_sort": "-date", "_count": 1000})
+        latest: dict = {}
+        for r in risks:
+            if not _is_dropout_risk(r):
+                continue
+            pid = ((r.get("subject") or {}).get("reference") or "").rpartition("/")[2]
+            if pid in members and (pid not in latest or (r.get("occurrenceDateTime") or "") > (latest[pid].get("occurrenceDateTime") or "")):
+                latest[pid] = r
+        cohort.assessed = len(latest)
+        for pid, r in sorted(latest.items()):
+            for label, prob in parse_risk(r).predictions:
+                if prob >= threshold:
+                    cohort.flagged.append((pid, label, prob))
+    except FhirCallError as err:
+        problems.append(problem("Flagged participants", err))
+    return cohort

@@ -1,0 +1,103 @@
+"""The clinician app in a real browser (Debian chromium driven by Playwright): launch simulator → approve → app,
+the forecast plot, a screenshot, and the app inside an EHR-like page's iframe (allowed same-site, refused cross-site).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fhir_ops.operations import registry
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+PATIENT = "tt201-p003"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+def launch_from_simulator(page, combined, **context) -> None:
+    page.goto(f"{combined.base}/auth/launch-simulator")
+    page.select_option("#client_id", "trialtwin-clinician")
+    for field, value in context.items():
+        page.fill(f"#{field}", value)
+    page.select_option("#username", "dr.chen")
+    page.get_by_role("button", name="Launch").click()
+    page.get_by_role("button", name="Approve").click()
+    page.wait_for_load_state("load")
+
+
+def test_launch_approve_and_see_the_forecast(browser, combined):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    try:
+        launch_from_simulator(page, combined, patient=PATIENT)
+        assert page.url == f"{combined.base}/app/patient/{PATIENT}"
+        assert page.locator("h1").inner_text() == PATIENT
+        page.get_by_role("button", name="Assess risk now ($predict-dropout)").click()
+        page.wait_for_load_state("load")
+        assert page.get_by_text("Dropout risk updated.").is_visible()
+        if registry.get("simulate") is not None:
+            plot = page.locator("#forecast-plot svg")
+            assert plot.count() == 1 and plot.is_visible()
+            assert plot.locator("#forecast-band-hba1c").count() == 1
+            assert plot.locator("#observed-hba1c").count() == 1
+            # what-if: three missed doses and lower adherence, overlaid on the baseline
+            page.fill("#missed", "2, 3, 4")
+            page.fill("#adherence", "0.6")
+            page.get_by_role("button", name="Simulate").click()
+            page.wait_for_load_state("load")
+            plot = page.locator("#forecast-plot svg")
+            assert plot.locator("#scenario-band-concentration").count() == 1
+            assert plot.locator("#forecast-band-concentration").count() == 1
+        else:
+            assert page.get_by_text("does not offer $simulate yet").first.is_visible()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "smart-app.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def _ehr_page(app_url: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><title>EHR</title></head><body><h1>Demo EHR</h1>'
+            f'<iframe id="smart" title="TrialTwin" src="{app_url}" width="1200" height="800"></iframe></body></html>')
+
+
+def test_the_app_works_inside_an_ehr_iframe(browser, combined):
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        launch_from_simulator(page, combined, patient=PATIENT)
+        app_url = page.url
+        # An EHR page on the app's own site (frame-ancestors 'self'): the app renders inside the frame,
+        # with its session cookie (SameSite=Lax suffices within one site on plain http).
+        ehr = f"{combined.base}/ehr-frame.html"
+        page.route(ehr, lambda route: route.fulfill(status=200, content_type="text/html", body=_ehr_page(app_url)))
+        page.goto(ehr)
+        frame = page.frame_locator("#smart")
+        assert frame.locator("h1").inner_text(timeout=20000) == PATIENT
+        assert frame.get_by_text("Risk of missing the next visit").is_visible()
+        # The same app framed by a foreign site is refused by the browser (CSP frame-ancestors).
+        foreign = "http://ehr.example/frame.html"
+        page.route(foreign, lambda route: route.fulfill(status=200, content_type="text/html",
+                                                       body=_ehr_page(app_url)))
+        page.goto(foreign)
+        page.wait_for_timeout(500)
+        inner = page.frame(url=lambda u: u.startswith(combined.base + "/app/"))
+        assert inner is None or PATIENT not in inner.content()
+    finally:
+        context.close()
