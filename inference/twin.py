@@ -10,7 +10,7 @@ on fasting glucose -> HbA1c with linear drift and a delayed drug offset (ADAG re
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,7 +26,7 @@ from inference.dosing import DoseRecord
 from inference.pd import emax
 from inference.pk import DailyOneCompartmentOral, OneCompartment, concentration
 from inference.population import (CovariateEffect, ObservationData, PopulationModel, ResidualError,
-                                  predict, residual_log_likelihood, residual_variance)
+                                  predict, residual_log_likelihood, residual_variance, typical_parameters)
 
 __all__ = [
     "MODEL_NAME", "MODEL_VERSION", "HORIZON_LIMIT_DAYS", "OUTPUTS", "OUTPUT_UNITS", "PARAMETERS",
@@ -353,7 +353,7 @@ def posterior_from_state(data: ParticipantData, mean, cov, model: PopulationMode
     """
     model = population_model() if model is None else model
     return Posterior(model=model, data=data.observation_data(), mean=mean, cov=cov,
-                     prior_mean=calibration.typical_parameters(model, data.observation_data())[0],
+                     prior_mean=typical_parameters(model, data.observation_data())[0],
                      prior_cov=model.omega, converged=converged)
 
 

@@ -267,7 +267,10 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
     source_times: dict[str, datetime | None] = {versioned(r): None for r in (patient, *subjects)}
     for r in [*observations, *administrations, *appointments, *adverse]:
         source_times[versioned(r)] = _effective(r)
-    data_times = [t for t in (_effective(r) for r in [*observations, *administrations]) if t is not None]
+    # our own stored forecasts (preliminary) are not data: they must not move "the last data" forward
+    data_times = [t for t in (_effective(r) for r in [*observations, *administrations]
+                              if r.get("status") not in ("entered-in-error", "cancelled", "preliminary"))
+                  if t is not None]
     return ParticipantRecord(
         patient_id=patient_id,
         origin=origin,

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from fhir_ops.errors import Unprocessable
-from fhir_ops.mapping.participant import MEASUREMENTS, ParticipantRecord, parse_datetime, versioned
+from fhir_ops.mapping.participant import MEASUREMENTS, ParticipantRecord, versioned
 from inference import twin
 from inference.calibration import Posterior
 
@@ -352,12 +352,12 @@ def forecast_observations(record: ParticipantRecord, fc: twin.TwinForecast, star
 def parameter_parameters(posterior: Posterior, level: float = 0.9) -> list[dict]:
     """The ``parameter`` output of ``$calibrate``: natural-scale posterior mean and interval per parameter."""
     low, high = posterior.interval(level)
+    variance = np.diag(posterior.cov)
     rows = []
-    for (name, scale, _), m, lo, hi in zip(twin.PARAMETERS, posterior.mean, low, high):
+    for (name, scale, _), m, var, lo, hi in zip(twin.PARAMETERS, posterior.mean, variance, low, high):
         if scale == "log":
             # the mean of a log-normal posterior, and the interval transformed back
-            sd2 = posterior.cov[len(rows), len(rows)]
-            rows.append({"name": name, "mean": float(np.exp(m + sd2 / 2)), "low": float(np.exp(lo)),
+            rows.append({"name": name, "mean": float(np.exp(m + var / 2)), "low": float(np.exp(lo)),
                          "high": float(np.exp(hi))})
         else:
             rows.append({"name": name, "mean": float(m), "low": float(lo), "high": float(hi)})
@@ -451,4 +451,4 @@ __all__ = ["participant_data", "calibration_inputs", "forecast_start", "current_
            "read_twin_state", "posterior_of", "build_twin_state", "forecast_times", "forecast_parameters",
            "observed_parameters", "summary_parameters", "forecast_observations", "parameter_parameters",
            "arm_dose", "group_arm", "arm_summary_parameters", "member_parameters", "member_covariates",
-           "model_version", "StoredTwin", "parse_datetime", "TWIN_STATE_PROFILE", "SIMULATED_FORECAST_PROFILE"]
+           "model_version", "StoredTwin", "TWIN_STATE_PROFILE", "SIMULATED_FORECAST_PROFILE"]

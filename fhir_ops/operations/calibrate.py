@@ -13,6 +13,11 @@ ACTIVITY = "$calibrate"
 
 @operation("OperationDefinition-calibrate.json")
 def handle(ctx: OperationContext, params: dict) -> dict:
+    with common.participant_lock(ctx.resource_id):
+        return _calibrate(ctx, params)
+
+
+def _calibrate(ctx: OperationContext, params: dict) -> dict:
     store = ctx.store
     pt = common.participant_twin(store, ctx.resource_id, force=bool(params.get("force", False)))
     out = {

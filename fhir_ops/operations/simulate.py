@@ -27,6 +27,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         if params.get("memberOutputs"):
             raise InvalidRequest("Parameter 'memberOutputs' applies to Group and ResearchStudy, not Patient",
                                  error_id="parameter-not-applicable")
+        if params.get("persist"):
+            with common.participant_lock(ctx.resource_id):
+                return _simulate_patient(ctx, params, common_checks)
         return _simulate_patient(ctx, params, common_checks)
     if params.get("persist"):
         raise InvalidRequest(f"Parameter 'persist' applies to Patient only; a {ctx.resource_type} simulation "
@@ -85,6 +88,11 @@ def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
     }
     if pt.reused:
         out["twinState"] = {"reference": pt.stored.ref}
+    if not pt.posterior.converged:
+        out["information"] = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "warning", "code": "informational",
+            "diagnostics": f"The calibration of Patient/{ctx.resource_id} did not converge; the intervals may be "
+                           "too narrow or misplaced"}]}
     if params.get("persist"):
         now = common.utcnow()
         entries, targets, inputs = [], [], list(pt.inputs)

@@ -66,6 +66,7 @@ class ParticipantTwin:
     inputs: list[str]
     device: dict
     existing: dict | None
+    latest_version: int
     stored: twin_fhir.StoredTwin | None
     posterior: Posterior
     reused: bool
@@ -78,12 +79,18 @@ class ParticipantTwin:
         return sum(ref not in known for ref in outcome)
 
 
-def read_state(store, patient_id: str) -> dict | None:
-    """The participant's stored twin-state Basic, or None."""
+def read_state(store, patient_id: str) -> tuple[dict | None, int]:
+    """The participant's stored twin-state Basic (or None) and its latest version number (0 if never
+    written; a deleted state keeps counting, so the next write is the version after the deletion)."""
+    state_id = twin_fhir.twin_state_id(patient_id)
     try:
-        return store.read("Basic", twin_fhir.twin_state_id(patient_id))
-    except (NotFound, Gone):
-        return None
+        current = store.read("Basic", state_id)
+        return current, int(current["meta"]["versionId"])
+    except NotFound:
+        return None, 0
+    except Gone:
+        latest = store.history("Basic", state_id, count=1)
+        return None, int(latest[0]["meta"]["versionId"]) if latest else 0
 
 
 def participant_twin(store, patient_id: str, *, force: bool = False) -> ParticipantTwin:
@@ -93,7 +100,7 @@ def participant_twin(store, patient_id: str, *, force: bool = False) -> Particip
     data = twin_fhir.participant_data(record)
     inputs = twin_fhir.calibration_inputs(record)
     device = model_device(store)
-    existing = read_state(store, patient_id)
+    existing, latest_version = read_state(store, patient_id)
     stored = twin_fhir.read_twin_state(existing) if existing else None
     reuse = (not force and stored is not None and stored.model == versioned(device)
              and set(stored.inputs) == set(inputs))
@@ -106,7 +113,40 @@ def participant_twin(store, patient_id: str, *, force: bool = False) -> Particip
             raise InvalidRequest(f"Patient/{patient_id} cannot be calibrated: {exc}",
                                  error_id="participant-without-data", code="processing", status=422) from None
     return ParticipantTwin(record=record, data=data, inputs=inputs, device=device, existing=existing,
-                           stored=stored, posterior=posterior, reused=reuse)
+                           latest_version=latest_version, stored=stored, posterior=posterior, reused=reuse)
+
+
+_PARTICIPANT_LOCKS: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+class _Lock:
+    """A lock object that can be weakly referenced (``threading.Lock`` cannot)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def participant_lock(patient_id: str) -> _Lock:
+    """One lock per participant and process: read, calibrate and write of a twin state happen as one step.
+
+    If-Match already refuses a write over a version that changed meanwhile; this lock keeps two
+    first calibrations of the same participant from both creating version 1 (the second would
+    overwrite the first while its Provenance named the wrong version).
+    """
+    with _LOCKS_LOCK:
+        lock = _PARTICIPANT_LOCKS.get(patient_id)
+        if lock is None:
+            lock = _Lock()
+            _PARTICIPANT_LOCKS[patient_id] = lock
+        return lock
 
 
 def put(resource: dict, if_match: str | None = None) -> dict:
@@ -123,7 +163,8 @@ def state_entry(pt: ParticipantTwin, now: datetime) -> tuple[dict, str]:
     if pt.existing:
         current = pt.existing["meta"]["versionId"]
         return put(state, if_match=f'W/"{current}"'), f"Basic/{state['id']}/_history/{int(current) + 1}"
-    return put(state), f"Basic/{state['id']}/_history/1"
+    # first write, or the first after the state was deleted (the participant lock keeps this race-free)
+    return put(state), f"Basic/{state['id']}/_history/{pt.latest_version + 1}"
 
 
 def commit(store, entries: list[dict], targets: list[str], inputs: list[str], device: dict, headers: dict,

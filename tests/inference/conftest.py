@@ -1,25 +1,11 @@
-"""Shared fixtures for the engine tests: seeded covariate sets, the Theoph data, simple population models."""
+"""Fixtures for the population-layer tests: the Theoph data and simple population models."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from inference.covariates import Covariates
 from inference.datasets import load_theoph
 from inference.population import ObservationData, PopulationModel, ResidualError
-
-
-def make_covariates(n: int, seed: int = 0, distance_km: float | None = None) -> Covariates:
-    rng = np.random.default_rng(seed)
-    dist = rng.gamma(2.0, 10.0, n) if distance_km is None else np.full(n, distance_km)
-    return Covariates(weight_kg=rng.normal(85, 15, n).clip(45, 160), age_y=rng.normal(58, 9, n).clip(25, 85),
-                      egfr=rng.normal(85, 20, n).clip(30, 130), sex_female=rng.integers(0, 2, n),
-                      distance_km=dist, site=rng.integers(0, 3, n))
-
-
-@pytest.fixture
-def covariates_500() -> Covariates:
-    return make_covariates(500, seed=11)
 
 
 @pytest.fixture(scope="session")
