@@ -159,7 +159,7 @@ def test_store_hapi_needs_a_url(tmp_path, capsys, monkeypatch):
 
 
 def test_store_hapi_unreachable_stops_at_start_with_the_reason(tmp_path, capsys):
-    with serve(create_app({"DATA_DIR": str(tmp_path / "probe")})) as base:
+    with serve(create_app({"DATA_DIR": str(tmp_path / "probe"), "AUTH_MODE": "open"})) as base:
         port = base.rsplit(":", 1)[1]  # a port that was just free; nothing listens there once closed
     assert main(["demo", "--no-serve", "--store", "hapi", "--hapi-url", f"http://127.0.0.1:{port}/fhir",
                  "--data-dir", str(tmp_path)]) == 1
@@ -170,7 +170,7 @@ def test_store_hapi_unreachable_stops_at_start_with_the_reason(tmp_path, capsys)
 
 def test_store_hapi_refuses_a_url_without_a_capability_statement(tmp_path, capsys):
     # our own server answers /fhir/metadata; below an instance path there is no CapabilityStatement
-    with serve(create_app({"DATA_DIR": str(tmp_path / "other")})) as base:
+    with serve(create_app({"DATA_DIR": str(tmp_path / "other"), "AUTH_MODE": "open"})) as base:
         assert main(["serve", "--store", "hapi", "--hapi-url", base + "/fhir/Patient/x",
                      "--data-dir", str(tmp_path)]) == 1
     assert "the HAPI FHIR server at " in capsys.readouterr().err
