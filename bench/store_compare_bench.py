@@ -174,6 +174,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="store-compare-") as data_dir:
             proc, base = start_trialtwin(store, args.hapi_url, data_dir)
             try:
+                # untimed warm-up on a separate small study: JIT (HAPI runs C1-only), caches, connections
+                warm_bundles, warm_on_study, _ = demo_bundles(2, 3, f"warm{tag}", args.bundle_size)
+                run_workload(base, warm_bundles, warm_on_study, 3)
                 print(f"{store}: ingesting {n_resources} resources in {len(bundles)} Bundles, then "
                       f"{args.calls} x $simulate, search, $translate ...", flush=True)
                 results[store] = run_workload(base, bundles, on_study, args.calls)
@@ -201,6 +204,7 @@ def main() -> None:
                   "calls": args.calls, "server": "trialtwin serve --auth open (waitress, 8 threads) subprocess, loopback HTTP",
                   "simulate": "Patient/{id}/$simulate seed=11 horizonDays=28 persist=false, cycling over "
                               "on-study participants; identical forecasts on both stores checked",
+                  "warm_up": "untimed: a separate 2-participant study ingested and 3 calls of each kind first",
                   "baseline": "the embedded SQLite store, same run, same workload"},
         "results": results,
         "ratios_hapi_over_embedded": ratios,
