@@ -1,4 +1,4 @@
-"""``trialtwin demo``: create the TT-201 demo study in the embedded store (once), then serve it.
+"""``trialtwin demo``: create the TT-201 demo study in the configured store (once), then serve it.
 
 The study is simulated by the twin engine (``fhir_ops.demo``); a second run finds it and only serves.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from fhir_ops.commands.serve import add_server_options, build_config, public_base, serve_forever
+from fhir_ops.commands.serve import add_server_options, build_config, describe_store, public_base, serve_forever
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
         store = get_store()
         try:
             if demo_study_exists(store):
-                print(f"Demo study TT-201 already present in {config['DATA_DIR']}; not regenerated.")
+                print(f"Demo study TT-201 already present in {describe_store(config)}; not regenerated.")
                 return 0
             print(f"Simulating TT-201 ({participants} participants, seed {seed}) ...", flush=True)
             started = time.perf_counter()
@@ -43,10 +43,12 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
 
                 loaded = ensure_demo_study(store, participants=participants, seed=seed, progress=advance)
             elapsed = time.perf_counter() - started
-            print(f"Loaded {loaded} resources in {elapsed:.1f} s ({loaded / elapsed:.0f} resources/s).")
+            print(f"Loaded {loaded} resources into {describe_store(config)} in {elapsed:.1f} s "
+                  f"({loaded / elapsed:.0f} resources/s).")
             return loaded
         finally:
-            store.close()
+            if config.get("STORE") is None:  # a store handed in (HAPI) goes on to serve
+                store.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     create_demo(config, args.participants, args.seed)
     if args.no_serve:
+        if config.get("STORE") is not None:
+            config["STORE"].close()
         return 0
     base = public_base(args)
     if config.get("AUTH_MODE") == "smart":

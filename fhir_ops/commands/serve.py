@@ -29,6 +29,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-url", default=None,
                         help="base URL clients use to reach this server (default http://HOST:PORT); tokens are "
                              "issued for <public-url>/fhir by <public-url>/auth")
+    parser.add_argument("--store", choices=("embedded", "hapi"), default="embedded",
+                        help="where FHIR resources live: the embedded SQLite store in --data-dir (default) "
+                             "or an external HAPI FHIR server at --hapi-url")
+    parser.add_argument("--hapi-url", default=os.environ.get("TRIALTWIN_HAPI_URL"),
+                        help="FHIR base of the HAPI server for --store hapi, e.g. http://127.0.0.1:8090/fhir "
+                             "(default $TRIALTWIN_HAPI_URL)")
 
 
 def is_loopback(host: str) -> bool:
@@ -71,6 +77,42 @@ def public_base(args: argparse.Namespace) -> str:
     return f"http://{host}:{args.port}"
 
 
+def open_hapi_store(url: str):
+    """A ``RemoteStore`` on the HAPI server at ``url``, after checking that it answers as FHIR R4.
+
+    Raises
+    ------
+    FhirError
+        ``store-unavailable`` when nothing answers ``GET [url]/metadata`` with a CapabilityStatement,
+        so ``serve``/``demo`` stop at start-up with the reason instead of failing every request.
+    """
+    from fhir_ops.store.remote import RemoteStore
+
+    store = RemoteStore(url, timeout=30.0)
+    try:
+        capability = store.metadata()
+    except FhirError as exc:
+        store.close()
+        raise FhirError(f"the HAPI FHIR server at {url} is not usable: {exc.message}. Start it (scripts/hapi.sh "
+                        "start, or docker compose -f docker/compose.yml up hapi) or correct --hapi-url.",
+                        status=503, code="transient", error_id="store-unavailable") from None
+    if capability.get("resourceType") != "CapabilityStatement" or capability.get("fhirVersion") != "4.0.1":
+        store.close()
+        raise FhirError(f"{url}/metadata did not answer with an R4 (4.0.1) CapabilityStatement "
+                        f"(got {capability.get('resourceType')} {capability.get('fhirVersion')}); "
+                        "TrialTwin needs a FHIR R4 server", status=503, code="not-supported",
+                        error_id="store-not-r4")
+    software = capability.get("software") or {}
+    log.info("store: %s %s at %s", software.get("name", "FHIR server"), software.get("version", ""), url)
+    return store
+
+
+def describe_store(config: dict) -> str:
+    """Where the configured store keeps resources, for messages."""
+    store = config.get("STORE")
+    return f"HAPI FHIR at {store.base_url}" if store is not None else f"the embedded store in {config['DATA_DIR']}"
+
+
 def build_config(args: argparse.Namespace) -> dict:
     """The configuration shared by the FHIR app, the authorization server and the clinician app.
 
@@ -85,6 +127,11 @@ def build_config(args: argparse.Namespace) -> dict:
     config = {"DATA_DIR": data_dir, "AUTH_MODE": auth, "BASE_URL": f"{base}/fhir", "FHIR_BASE_URL": f"{base}/fhir",
               "ISSUER": f"{base}/auth", "SMART_ISSUER": f"{base}/auth",
               "SMART_KEYS_FILE": os.path.join(data_dir, "smart-signing-keys.json")}
+    if getattr(args, "store", "embedded") == "hapi":
+        if not args.hapi_url:
+            raise FhirError("--store hapi needs --hapi-url (or TRIALTWIN_HAPI_URL), the HAPI server's FHIR base",
+                            status=400, code="required", error_id="missing-hapi-url")
+        config["STORE"] = open_hapi_store(args.hapi_url.rstrip("/"))
     try:
         from smart_app.app import registration
     except ImportError:
@@ -103,6 +150,8 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
     """What to open, as (label, URL) pairs."""
     base = public_base(args)
     found = [("FHIR server (CapabilityStatement)", f"{base}/fhir/metadata")]
+    if getattr(args, "store", "embedded") == "hapi":
+        found.append(("store: HAPI FHIR", args.hapi_url))
     mounts = getattr(wsgi, "mounts", {})
     if "/auth" in mounts:
         found.append(("SMART configuration", f"{base}/fhir/.well-known/smart-configuration"))

@@ -32,8 +32,8 @@ EXT_CALIBRATED_ON = f"{CANONICAL}/StructureDefinition/twin-calibrated-on"
 EXT_DATA_WINDOW = f"{CANONICAL}/StructureDefinition/twin-data-window"
 EXT_DIAGNOSTIC = f"{CANONICAL}/StructureDefinition/twin-diagnostic"
 EXT_INTERVAL_LEVEL = f"{CANONICAL}/StructureDefinition/interval-level"
-# R4 Observation.derivedFrom cannot target Basic, so a forecast names its twin state here.
-EXT_TWIN_STATE = f"{CANONICAL}/StructureDefinition/twin-state-reference"
+#: R4 Observation.derivedFrom cannot point at a Basic, so the forecast names its twin state here
+EXT_TWIN_STATE_REFERENCE = f"{CANONICAL}/StructureDefinition/twin-state-reference"
 SIMULATED_TAG = {"system": TRIALTWIN_CS, "code": "simulated", "display": "Simulated (not measured)"}
 MODEL_DESCRIPTION = ("TT-201 participant twin: 1-compartment oral PK (allometric weight and eGFR on clearance) -> "
                      "Emax effect on fasting glucose -> HbA1c with linear drift and delayed drug offset; "
@@ -326,7 +326,7 @@ def forecast_observations(record: ParticipantRecord, fc: twin.TwinForecast, star
             "resourceType": "Observation",
             "id": str(uuid.uuid4()),
             "meta": {"profile": [SIMULATED_FORECAST_PROFILE], "tag": [dict(SIMULATED_TAG)]},
-            "extension": [{"url": EXT_TWIN_STATE, "valueReference": {"reference": state_ref}}],
+            "extension": [{"url": EXT_TWIN_STATE_REFERENCE, "valueReference": {"reference": state_ref}}],
             "status": "preliminary",
             "category": [{"coding": [{"system": TRIALTWIN_CS, "code": "simulated-forecast",
                                       "display": "Simulated forecast"}]}],

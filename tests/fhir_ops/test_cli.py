@@ -150,3 +150,27 @@ def test_demo_creates_the_study_once(tmp_path, capsys):
     assert main(args) == 0
     assert "already present" in capsys.readouterr().out
     assert stored(data, "ResearchSubject").total == 12
+
+
+def test_store_hapi_needs_a_url(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRIALTWIN_HAPI_URL", raising=False)
+    assert main(["serve", "--store", "hapi", "--data-dir", str(tmp_path)]) == 1
+    assert "--store hapi needs --hapi-url" in capsys.readouterr().err
+
+
+def test_store_hapi_unreachable_stops_at_start_with_the_reason(tmp_path, capsys):
+    with serve(create_app({"DATA_DIR": str(tmp_path / "probe"), "AUTH_MODE": "open"})) as base:
+        port = base.rsplit(":", 1)[1]  # a port that was just free; nothing listens there once closed
+    assert main(["demo", "--no-serve", "--store", "hapi", "--hapi-url", f"http://127.0.0.1:{port}/fhir",
+                 "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"the HAPI FHIR server at http://127.0.0.1:{port}/fhir is not usable" in err
+    assert "scripts/hapi.sh start" in err and "Traceback" not in err
+
+
+def test_store_hapi_refuses_a_url_without_a_capability_statement(tmp_path, capsys):
+    # our own server answers /fhir/metadata; below an instance path there is no CapabilityStatement
+    with serve(create_app({"DATA_DIR": str(tmp_path / "other"), "AUTH_MODE": "open"})) as base:
+        assert main(["serve", "--store", "hapi", "--hapi-url", base + "/fhir/Patient/x",
+                     "--data-dir", str(tmp_path)]) == 1
+    assert "the HAPI FHIR server at " in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 Any conftest that offers a HAPI-backed fixture (this package's, tests/fhir_ops/store's) uses
 ``hapi_server(config)``; the tally plugin prints which HAPI answered and how many tests ran on it.
+Under pytest-xdist the workers probe HAPI and the controller (registered by tests/conftest.py,
+since the controller collects nothing) counts the reports and prints the one summary line.
 """
 from __future__ import annotations
 
@@ -42,13 +44,23 @@ def _probe(base_url: str) -> HapiServer:
 
 
 class HapiTally:
-    """Counts integration tests that ran (passed or failed) and reports the HAPI they ran against."""
+    """Counts integration tests that ran (passed or failed) and reports the HAPI they ran against.
 
-    def __init__(self) -> None:
+    In a plain run one instance does everything. Under pytest-xdist each worker probes HAPI and
+    counts its own selection, and hands both to the controller through ``workeroutput``; the
+    controller sees every test report, so it alone counts runs, prints and writes the artifact.
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
         self.server: HapiServer | None = None
         self.error: str | None = None
         self.ran = 0
         self.selected = 0
+
+    @property
+    def is_worker(self) -> bool:
+        return hasattr(self.config, "workerinput")
 
     def pytest_collection_finish(self, session) -> None:
         # session.items is the final selection, after -m/-k deselection.
@@ -60,9 +72,28 @@ class HapiTally:
         if report.when == "call" and report.outcome in ("passed", "failed"):
             self.ran += 1
 
+    def pytest_sessionfinish(self, session) -> None:
+        if self.is_worker:
+            self.config.workeroutput[_PLUGIN_NAME] = {
+                "server": None if self.server is None else self.server.__dict__,
+                "error": self.error, "selected": self.selected}
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        # xdist controller: every worker collected the same items, so selections agree; any worker
+        # that reached HAPI names it.
+        sent = getattr(node, "workeroutput", {}).get(_PLUGIN_NAME)
+        if not sent:
+            return
+        self.selected = max(self.selected, sent["selected"])
+        if sent["server"] is not None and self.server is None:
+            self.server = HapiServer(**sent["server"])
+        if sent["error"] is not None and self.error is None:
+            self.error = sent["error"]
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if self.server is None and self.error is None:
-            return  # no test asked for HAPI
+        if self.is_worker or (self.server is None and self.error is None):
+            return  # a worker's summary goes nowhere; or no test asked for HAPI
         if self.server is not None:
             line = (f"{self.server.name.replace(' Server', '')} {self.server.version} at "
                     f"{self.server.base_url}: {self.ran} integration tests ran")
@@ -82,7 +113,7 @@ def tally(config) -> HapiTally:
     """The session's tally plugin, registered on first use so every test directory shares it."""
     plugin = config.pluginmanager.get_plugin(_PLUGIN_NAME)
     if plugin is None:
-        plugin = HapiTally()
+        plugin = HapiTally(config)
         config.pluginmanager.register(plugin, _PLUGIN_NAME)
     return plugin
 

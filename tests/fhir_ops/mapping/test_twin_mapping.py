@@ -57,9 +57,9 @@ def test_conformance_check_catches_a_broken_forecast(generated):
     """The check is not vacuous: a forecast that looks like a measurement fails it."""
     _, _, observations, _ = generated
     broken = {**observations[0], "status": "final"}
-    broken.pop("extension")
+    broken.pop("extension")  # no longer names its twin state
     problems = conformance.check(broken)
-    assert any("status" in p for p in problems) and any("twinState" in p for p in problems)
+    assert any("status" in p for p in problems) and any("twin-state-reference" in p for p in problems), problems
 
 
 def test_twin_state_reads_back_as_its_posterior(generated):

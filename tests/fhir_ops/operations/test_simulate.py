@@ -141,8 +141,9 @@ def test_persisted_forecast_links_through_provenance_to_exact_inputs_and_model(t
     # the forecast Observations say what they are and where they came from
     forecast = _get(base, obs_refs[0])
     assert forecast["status"] == "preliminary"
-    twin_links = [e for e in forecast["extension"] if e["url"].endswith("/twin-state-reference")]
-    assert twin_links[0]["valueReference"]["reference"] == state_ref
+    assert forecast["extension"] == [{"url": "https://trialtwin.org/fhir/StructureDefinition/twin-state-reference",
+                                      "valueReference": {"reference": state_ref}}]
+    assert "derivedFrom" not in forecast
     assert forecast["device"]["reference"] == agents["assembler"]["reference"]
     interval = forecast["component"][0]
     assert interval["extension"][0]["valueDecimal"] == pytest.approx(0.9)

@@ -38,6 +38,24 @@ def store(request, tmp_path):
     s.close()
 
 
+@pytest.fixture
+def client(store, tmp_path):
+    """TrialTwin's FHIR app on ``store``, served on a real loopback socket, and a client for it."""
+    from fhir_ops.app import create_app
+    from tests.fhir_ops.conftest import FhirClient
+    from tests.live_server import serve
+
+    # AUTH_MODE open: these tests are about the store, not the SMART enforcement in front of it
+    app = create_app({"STORE": store, "DATA_DIR": str(tmp_path), "AUTH_MODE": "open"})
+    with serve(app) as base:
+        client = FhirClient(base + "/fhir")
+        yield client
+        client.http.close()
+
+
+_FAST_TIERS = {"unit", "api"}
+
+
 def _runs_on_hapi(item) -> bool:
     callspec = getattr(item, "callspec", None)
     return callspec is not None and callspec.params.get("store") == "hapi"
@@ -47,8 +65,9 @@ def _runs_on_hapi(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     """Treat the HAPI-backed contract tests as ``integration`` only.
 
-    The contract modules carry ``pytestmark = unit`` for their embedded runs, so ``-m unit`` would
-    otherwise pick up the HAPI runs too and demand a live server from the fast tier.
+    The contract modules carry ``pytestmark = unit`` (store calls) or ``api`` (operations over HTTP)
+    for their embedded runs, so ``-m unit`` / ``-m api`` would otherwise pick up the HAPI runs too
+    and demand a live server from the fast tiers.
     """
     expression = config.option.markexpr
     if not expression:
@@ -59,7 +78,7 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         if _runs_on_hapi(item):
-            marks = {m.name for m in item.iter_markers()} - {"unit"}
+            marks = {m.name for m in item.iter_markers()} - _FAST_TIERS
             matched = compiled.evaluate(lambda name, /, **kwargs: name in marks)
             (keep if matched else drop).append(item)
         else:

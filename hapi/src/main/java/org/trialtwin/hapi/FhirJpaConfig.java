@@ -211,6 +211,10 @@ public class FhirJpaConfig {
 		// Reject unknown elements and malformed values instead of silently dropping them (HAPI's
 		// default), as the embedded store does: a store that loses data quietly is worse than a 400.
 		systemDao.getContext().setParserErrorHandler(new StrictErrorHandler());
+		// Keep "Type/id/_history/n" in stored references (HAPI's parser strips the version by
+		// default): Provenance pins the exact versions a twin output was computed from, and the
+		// embedded store returns references as written.
+		systemDao.getContext().getParserOptions().setStripVersionsFromReferences(false);
 		RestfulServer server = new RestfulServer(systemDao.getContext());
 		server.registerProviders(resourceProviders.createProviders());
 		server.registerProvider(systemProvider);

@@ -1,0 +1,177 @@
+"""Every resource type TrialTwin generates, validated by HAPI FHIR against the profile it claims.
+
+Real operations ($calibrate, $simulate, $predict-dropout, $import-map, publish) run on the embedded
+store; profiles/ is loaded into HAPI (as scripts/hapi_validate.py does) and each output goes through
+``POST [type]/$validate?profile=<meta.profile>``. Any error or fatal issue fails.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from fhir_ops.app import create_app
+from tests.fhir_ops.conftest import FhirClient
+from tests.fhir_ops.test_predict_dropout import AS_OF, high_risk, low_risk, parameters
+from tests.live_server import serve
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SD = "https://trialtwin.org/fhir/StructureDefinition/"
+FHIR_JSON = "application/fhir+json"
+_spec = importlib.util.spec_from_file_location("hapi_validate", ROOT / "scripts" / "hapi_validate.py")
+hapi_validate = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("hapi_validate", hapi_validate)
+_spec.loader.exec_module(hapi_validate)
+
+#: (resource type, profile it must claim or None for base R4, the operation that wrote it)
+GENERATED = [
+    ("Basic", SD + "twin-state", "$calibrate"),
+    ("Provenance", SD + "twin-provenance", "$calibrate"),
+    ("Observation", SD + "simulated-forecast", "$simulate"),
+    ("Provenance", SD + "twin-provenance", "$simulate"),
+    ("Device", SD + "twin-model-device", "$simulate"),
+    ("RiskAssessment", SD + "dropout-risk", "$predict-dropout"),
+    ("Task", SD + "outreach-task", "$predict-dropout"),
+    ("Provenance", SD + "twin-provenance", "$predict-dropout"),
+    ("Device", SD + "twin-model-device", "$predict-dropout"),
+    ("ConceptMap", None, "$import-map"),
+    ("AuditEvent", None, "$import-map"),
+    ("AuditEvent", None, "terminology publish"),
+]
+
+
+def _key(item) -> str:
+    rtype, profile, operation = item
+    return f"{rtype}-{profile.rsplit('/', 1)[1] if profile else 'base'}-by-{operation.strip('$').replace(' ', '-')}"
+
+
+def _value(body: dict, name: str):
+    for p in body.get("parameter") or body.get("part") or []:
+        if p["name"] == name:
+            return p.get("valueReference") or next(v for k, v in p.items() if k.startswith("value"))
+    return None
+
+
+def _get(client: FhirClient, reference: str) -> dict:
+    answer = client.get(reference)
+    assert answer.status_code == 200, (reference, answer.text)
+    return answer.json()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> dict[str, dict]:
+    """One real instance of each generated type, written by the real operations on the embedded store."""
+    from fhir_ops.demo import build_demo_resources, simulate_demo_records
+
+    app = create_app({"DATA_DIR": str(tmp_path_factory.mktemp("generated")), "AUTH_MODE": "open"})
+    out: dict[str, dict] = {}
+    with serve(app) as base:
+        client = FhirClient(base + "/fhir")
+        study = build_demo_resources(simulate_demo_records(seed=7, n=3))
+        purpose_built = [{"resourceType": "ResearchStudy", "id": "pd-study", "status": "active"},
+                         *high_risk()[0], *low_risk()[0]]
+        loaded = client.transaction([{"resource": r, "request": {"method": "PUT",
+                                                                 "url": f"{r['resourceType']}/{r['id']}"}}
+                                     for r in study + purpose_built])
+        assert loaded.status_code == 200, loaded.text
+        pid = next(r["individual"]["reference"] for r in study
+                   if r["resourceType"] == "ResearchSubject" and r["status"] == "on-study-intervention")
+
+        calibrated = client.post(f"{pid}/$calibrate", {"resourceType": "Parameters", "parameter": []})
+        assert calibrated.status_code == 200, calibrated.text
+        out[_key(GENERATED[0])] = _get(client, _value(calibrated.json(), "twinState")["reference"])
+        out[_key(GENERATED[1])] = _get(client, _value(calibrated.json(), "provenance")["reference"])
+
+        simulated = client.post(f"{pid}/$simulate", {"resourceType": "Parameters", "parameter": [
+            {"name": "persist", "valueBoolean": True}, {"name": "horizonDays", "valueInteger": 3}]})
+        assert simulated.status_code == 200, simulated.text
+        forecast = _get(client, _value(simulated.json(), "forecastObservation")["reference"])
+        out[_key(GENERATED[2])] = forecast
+        out[_key(GENERATED[3])] = _get(client, _value(simulated.json(), "provenance")["reference"])
+        out[_key(GENERATED[4])] = _get(client, forecast["device"]["reference"])
+
+        predicted = client.post("Patient/pd-high/$predict-dropout", parameters(threshold=0.5, asOf=AS_OF))
+        assert predicted.status_code == 200, predicted.text
+        prediction = next(p for p in predicted.json()["parameter"] if p["name"] == "prediction")
+        out[_key(GENERATED[5])] = _get(client, _value(prediction, "riskAssessment")["reference"])
+        out[_key(GENERATED[6])] = _get(client, _value(prediction, "task")["reference"])
+        out[_key(GENERATED[7])] = _get(client, _value(prediction, "provenance")["reference"])
+        out[_key(GENERATED[8])] = _get(client, _value(predicted.json(), "modelDevice")["reference"])
+
+        url = "https://trialtwin.org/fhir/ConceptMap/edc-lab-to-loinc"
+        csv_text = ("source_system,source_code,target_system,target_code,equivalence\n"
+                    "https://trialtwin.org/fhir/CodeSystem/edc-lab,LAB-HBA1C,http://loinc.org,4548-4,equivalent\n")
+        imported = client.post("ConceptMap/$import-map", {"resourceType": "Parameters", "parameter": [
+            {"name": "csv", "valueString": csv_text}, {"name": "url", "valueUri": url},
+            {"name": "version", "valueString": "9.0.0"}]})
+        assert imported.status_code == 201, imported.text
+        out[_key(GENERATED[9])] = _get(client, f"ConceptMap/{imported.json()['id']}")
+        from terminology import workflow
+
+        with app.app_context():
+            workflow.publish(app.extensions["trialtwin.store"], imported.json()["id"], agent="profile-test")
+        audits = client.get("AuditEvent", params={"_count": "50"}).json()["entry"]
+        by_action = {e["resource"]["subtype"][0]["code"]: e["resource"] for e in audits}
+        out[_key(GENERATED[10])] = by_action["import"]
+        out[_key(GENERATED[11])] = by_action["publish"]
+        client.http.close()
+    app.extensions["trialtwin.store"].close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiles_on_hapi(hapi) -> str:
+    """profiles/ loaded into HAPI; the load itself must report nothing (acceptance: profiles load cleanly)."""
+    report = hapi_validate.Report()
+    with requests.Session() as session:
+        hapi_validate.load(hapi.base_url, hapi_validate.find_conformance([ROOT / "profiles"]), report, session)
+    assert report.problems == []
+    return hapi.base_url
+
+
+@pytest.mark.parametrize("item", GENERATED, ids=_key)
+def test_generated_resource_validates_on_hapi_against_its_profile(item, generated, profiles_on_hapi):
+    rtype, profile, _ = item
+    resource = generated[_key(item)]
+    assert resource["resourceType"] == rtype
+    claimed = (resource.get("meta") or {}).get("profile") or []
+    if profile is None:
+        assert not [p for p in claimed if p.startswith(SD)], claimed  # no TrialTwin profile: base R4 applies
+        params = {}
+    else:
+        assert profile in claimed, f"{rtype} from {item[2]} claims {claimed}, not {profile}"
+        params = {"profile": profile}
+    answer = requests.post(f"{profiles_on_hapi}/{rtype}/$validate", params=params, data=json.dumps(resource),
+                           headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=180)
+    outcome = answer.json()
+    assert outcome["resourceType"] == "OperationOutcome", answer.text[:500]
+    problems = [i for i in outcome.get("issue", []) if i.get("severity") in ("error", "fatal")]
+    assert problems == [], json.dumps(problems, indent=1)[:4000]
+    assert answer.status_code == 200
+
+
+def test_every_resource_profile_in_profiles_has_a_generated_instance():
+    # a resource profile without a generator here would go unchecked: list it, or add its operation
+    resource_profiles = {sd["url"] for _, sd in hapi_validate.find_conformance([ROOT / "profiles"])
+                         if sd["resourceType"] == "StructureDefinition" and sd.get("kind") == "resource"}
+    assert resource_profiles == {profile for _, profile, _ in GENERATED if profile}
+
+
+@pytest.mark.parametrize("item, drop", [
+    (GENERATED[2], "extension"),  # a forecast that no longer names its twin state
+    (GENERATED[5], "performer"),  # a risk that no longer names its model
+], ids=["forecast-without-twin-state", "risk-without-model"])
+def test_the_same_check_catches_an_instance_that_breaks_its_profile(item, drop, generated, profiles_on_hapi):
+    rtype, profile, _ = item
+    broken = {k: v for k, v in generated[_key(item)].items() if k != drop}
+    outcome = requests.post(f"{profiles_on_hapi}/{rtype}/$validate", params={"profile": profile},
+                            data=json.dumps(broken), headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON},
+                            timeout=180).json()
+    errors = [i["diagnostics"] for i in outcome["issue"] if i["severity"] in ("error", "fatal")]
+    assert errors and all(profile in e or drop in e for e in errors), errors
