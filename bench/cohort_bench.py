@@ -17,7 +17,6 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
-from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -29,23 +28,12 @@ sys.path.insert(0, str(ROOT))
 from inference import cohort  # noqa: E402
 from inference.behaviour import VisitSchedule, draw_random_bits, n_uniforms  # noqa: E402
 from inference.cohort import BLOCK_SIZE, Scenario, TT201Population, simulate_cohort  # noqa: E402
+from _machine import cpu_model, library_versions
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("numpy", "scipy", "SALib"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    cpu = cpu_model()
+    versions = library_versions(("numpy", "scipy", "SALib"))
     return {"platform": platform.platform(), "cpu_model": cpu, "logical_cores": os.cpu_count(),
             "python": platform.python_version(), "libraries": versions,
             "load_average_at_start": list(os.getloadavg()),

@@ -20,17 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fhir_ops import demo  # noqa: E402
 from fhir_ops.store.sqlite import SQLiteStore  # noqa: E402
+from _machine import cpu_model
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(),
             "libraries": {name: version(name) for name in ("numpy", "fhir.resources", "flask")}}

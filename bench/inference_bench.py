@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.predictor import load_predictor  # noqa: E402
 from inference.registry import default_registry  # noqa: E402
+from _machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "inference_bench.json"
 
@@ -28,14 +29,7 @@ def machine() -> dict:
     import onnxruntime
     import sklearn
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"platform": platform.platform(), "cpu_model": cpu, "logical_cores": os.cpu_count(),
             "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,

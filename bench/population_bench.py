@@ -18,19 +18,13 @@ from inference.calibration import calibrate_each
 from inference.datasets import load_theoph, ssfol
 from inference.estimation import fit_population
 from inference.population import ObservationData, PopulationModel, ResidualError, simulate_observations
+from _machine import cpu_model
 
 N_PARTICIPANTS = 500
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "platform": platform.platform(),
         "cpu_model": cpu,

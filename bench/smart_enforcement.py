@@ -27,19 +27,13 @@ from fhir_ops.wsgi import create_wsgi  # noqa: E402
 from tests.live_server import serve  # noqa: E402
 from tests.smart_app.conftest import Combined, Stack, combined_config  # noqa: E402
 from tests.smart_app.helpers import UserAgent  # noqa: E402
+from _machine import cpu_model
 
 PATIENT = "tt201-p003"
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "flask": version("flask"), "werkzeug": version("werkzeug"), "joserfc": version("joserfc"),
             "authlib": version("authlib"), "matplotlib": version("matplotlib"),

@@ -21,19 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smart_app.authz import create_app  # noqa: E402
 from smart_app.resource_server import TokenValidator  # noqa: E402
 from tests.live_server import serve  # noqa: E402
+from _machine import cpu_model
 
 N = int(os.environ.get("N", "300"))
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "authlib": version("authlib"), "joserfc": version("joserfc"), "flask": version("flask")}
 

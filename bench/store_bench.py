@@ -19,10 +19,10 @@ import tempfile
 import time
 import uuid
 from datetime import date, timedelta
-from importlib import metadata as pkg_metadata
 from pathlib import Path
 
 import requests
+from _machine import cpu_model, library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 LOINC = "http://loinc.org"
@@ -36,20 +36,8 @@ TARGET_P99_MS = 50.0
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("flask", "werkzeug", "waitress", "fhir.resources", "pydantic", "requests"):
-        try:
-            versions[pkg] = pkg_metadata.version(pkg)
-        except pkg_metadata.PackageNotFoundError:
-            versions[pkg] = None
+    cpu = cpu_model()
+    versions = library_versions(("flask", "werkzeug", "waitress", "fhir.resources", "pydantic", "requests"))
     return {"platform": platform.platform(), "cpu_model": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "libraries": versions,
             "load_average_at_end": os.getloadavg(),

@@ -19,10 +19,10 @@ import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
-from importlib import metadata as pkg_metadata
 from pathlib import Path
 
 import requests
+from _machine import cpu_model, library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,20 +32,8 @@ EDC_LAB = "https://trialtwin.org/fhir/CodeSystem/edc-lab"
 
 
 def machine(hapi: dict) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("flask", "werkzeug", "waitress", "fhir.resources", "fhirpy", "requests", "numpy", "scipy"):
-        try:
-            versions[pkg] = pkg_metadata.version(pkg)
-        except pkg_metadata.PackageNotFoundError:
-            versions[pkg] = None
+    cpu = cpu_model()
+    versions = library_versions(("flask", "werkzeug", "waitress", "fhir.resources", "fhirpy", "requests", "numpy", "scipy"))
     try:
         java = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30).stderr.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):

@@ -20,6 +20,7 @@ from terminology.catalog import LOINC, MDC, UCUM, default_catalog, shipped  # no
 from terminology.checkdigits import loinc_ok  # noqa: E402
 from terminology.conceptmap import MapSet, translate, translate_linear  # noqa: E402
 from terminology.harmonize import Harmonizer  # noqa: E402
+from _machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "terminology_bench.json"
 SITE_LAB = "https://trialtwin.org/fhir/CodeSystem/site-lab"
@@ -31,14 +32,7 @@ N_SITE_CODES = 20_000  # a hospital lab catalogue is of this order
 def machine() -> dict:
     import fhir.resources
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"platform": platform.platform(), "cpu_model": cpu, "logical_cores": os.cpu_count(),
             "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": platform.python_version(), "fhir.resources": fhir.resources.__version__,
