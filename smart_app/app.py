@@ -17,6 +17,7 @@ from flask import Blueprint, Flask, abort, current_app, redirect, render_templat
 from . import client as smart
 from .clinician import (OUTPUTS, FhirApi, FhirCallError, Problem, latest_risk, load_cohort, load_participant,
                         outreach_tasks, parse_forecast, problem, simulate_parameters)
+from .jwks import persistent_secret
 from .plots import cohort_svg, forecast_svg
 
 CLIENT_ID = "trialtwin-clinician"
@@ -256,15 +257,6 @@ def study_view(study_id):
 
 # --- app factory ---------------------------------------------------------------------------------------
 
-def _persistent_secret(data_dir: Path) -> str:
-    path = data_dir / "clinician-app-secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the clinician app.
 
@@ -293,7 +285,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.update({k: v for k, v in config.items() if not k.startswith("SESSION_") and k != "SECRET_KEY"})
     data_dir = Path(app.config["DATA_DIR"])
     data_dir.mkdir(parents=True, exist_ok=True)
-    app.config["SECRET_KEY"] = _persistent_secret(data_dir)
+    app.config["SECRET_KEY"] = persistent_secret(data_dir / "clinician-app-secret")
     app.config["SESSION_COOKIE_NAME"] = "trialtwin_app"
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     # Inside an EHR iframe on another site the cookie must be SameSite=None, which browsers accept only

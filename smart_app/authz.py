@@ -6,7 +6,6 @@ only adapts them to Flask and authlib (authorize, token, introspect, register, j
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from .db import AuthDB, AuthorizationCode
 from .discovery import smart_configuration  # noqa: F401  (re-exported: the FHIR app serves it too)
-from .jwks import JwksCache, SigningKeys
+from .jwks import JwksCache, SigningKeys, persistent_secret
 from .rfc7523 import ASSERTION_TYPE, AssertionError_, verify_client_assertion
 from .rfc7591 import validate_client_metadata
 from .scopes import parse_scopes
@@ -241,15 +240,6 @@ class BackendServicesGrant(grants.ClientCredentialsGrant):
 
 # --- app factory -------------------------------------------------------------------------------
 
-def _persistent_secret(data_dir: Path) -> str:
-    path = data_dir / "smart-session-secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the authorization server app.
 
@@ -276,7 +266,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.setdefault("DATABASE", str(data_dir / "smart-auth.sqlite"))
     app.config.setdefault("KEYS_FILE", str(data_dir / "smart-signing-keys.json"))
     if not app.config.get("SECRET_KEY"):
-        app.config["SECRET_KEY"] = _persistent_secret(data_dir)
+        app.config["SECRET_KEY"] = persistent_secret(data_dir / "smart-session-secret")
     # The session cookie must stay on the auth app's own path when mounted at /auth.
     app.config.setdefault("SESSION_COOKIE_NAME", "trialtwin_auth")
 

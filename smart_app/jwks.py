@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -135,3 +136,12 @@ def select_keys(key_set: KeySet, kid: str | None, alg: str) -> list:
             continue
         keys.append(key)
     return keys
+
+
+def persistent_secret(path: Path) -> str:
+    """A random secret kept in ``path`` (created once, owner-only), so sessions survive restarts."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
