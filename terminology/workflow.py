@@ -69,18 +69,29 @@ def active_maps(store) -> list[dict]:
 
 
 _harmonizers: dict[tuple, Harmonizer] = {}
+_mapsets: dict[tuple, MapSet] = {}
+
+
+def _built_once(cache: dict, key: tuple, build):
+    """Indexes are built once per combination of map versions; a small cache bounds the memory."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) > 16:
+            cache.clear()
+        value = cache[key] = build()
+    return value
+
+
+def _versions_key(maps: list[dict]) -> tuple:
+    return tuple(sorted((m.get("url"), m.get("version"), m.get("id"), m.get("meta", {}).get("versionId")) for m in maps))
 
 
 def active_harmonizer(store, catalog: Catalog | None = None) -> Harmonizer:
     """A Harmonizer for the store's active maps, built once per combination of map versions."""
     maps = active_maps(store)
-    key = tuple(sorted((m.get("url"), m.get("version"), m.get("id"), m.get("meta", {}).get("versionId")) for m in maps))
-    harmonizer = _harmonizers.get(key)
-    if harmonizer is None:
-        if len(_harmonizers) > 16:
-            _harmonizers.clear()
-        harmonizer = _harmonizers[key] = Harmonizer(MapSet(maps), catalog)
-    return harmonizer
+    key = (_versions_key(maps), id(catalog) if catalog is not None else None)
+    return _built_once(_harmonizers, key, lambda: Harmonizer(_built_once(_mapsets, key[0], lambda: MapSet(maps)),
+                                                               catalog))
 
 
 def audit_event(action: str, subtype: str, concept_map: dict, *, agent: str = "trialtwin-terminology",
@@ -300,19 +311,10 @@ __all__ = ["RECODED_ELEMENTS", "active_harmonizer", "active_maps", "active_versi
            "import_concept_map", "import_csv", "preview", "publish", "rollback", "seed", "versions"]
 
 
-_mapsets: dict[tuple, MapSet] = {}
-
-
 def active_mapset(store) -> MapSet:
     """The store's active maps as a ``MapSet``, indexed once per combination of map versions."""
     maps = active_maps(store)
-    key = tuple(sorted((m.get("url"), m.get("version"), m.get("id"), m.get("meta", {}).get("versionId")) for m in maps))
-    mapset = _mapsets.get(key)
-    if mapset is None:
-        if len(_mapsets) > 16:
-            _mapsets.clear()
-        mapset = _mapsets[key] = MapSet(maps)
-    return mapset
+    return _built_once(_mapsets, _versions_key(maps), lambda: MapSet(maps))
 
 
 __all__ += ["active_mapset"]
