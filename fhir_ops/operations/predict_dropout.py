@@ -16,6 +16,7 @@ from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import parse_datetime
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.operations.registry import OperationContext, Writes, operation
+from fhir_ops.store.bundle import put_entry
 from inference.dropout_risk import DEFAULT_THRESHOLD, DropoutRisk, assess_dropout_risk
 from inference.features import FEATURE_NAMES
 from inference.service import UnknownModel, get_service
@@ -275,7 +276,7 @@ def _participant_entries(store, a: _Assessed, part: dict, device: dict, device_r
                          threshold: float, create_tasks: bool, now: datetime, counts: dict) -> list[dict]:
     ra_id = str(uuid.uuid4())
     ra = _risk_assessment(a, ra_id, device_ref, now)
-    entries = [_put(ra)]
+    entries = [put_entry(ra)]
     targets = [f"RiskAssessment/{ra_id}/_history/1"]
     part["riskAssessment"] = {"reference": f"RiskAssessment/{ra_id}"}
     if a.risk.flagged and create_tasks:
@@ -296,7 +297,7 @@ def _participant_entries(store, a: _Assessed, part: dict, device: dict, device_r
         }
         if existing is None:
             task["id"] = str(uuid.uuid4())
-            entries.append(_put(task))
+            entries.append(put_entry(task))
             version = "1"
             counts["tasksCreated"] += 1
             part["taskAction"] = "created"
@@ -305,7 +306,7 @@ def _participant_entries(store, a: _Assessed, part: dict, device: dict, device_r
             task = {**existing, **{k: v for k, v in task.items() if k not in ("status", "authoredOn")},
                     "meta": {**existing.get("meta", {}), "profile": [OUTREACH_TASK_PROFILE]}}
             current = existing["meta"]["versionId"]
-            entries.append(_put(task, if_match=f'W/"{current}"'))
+            entries.append(put_entry(task, if_match=f'W/"{current}"'))
             version = str(int(current) + 1)
             counts["tasksUpdated"] += 1
             part["taskAction"] = "updated"
@@ -313,13 +314,6 @@ def _participant_entries(store, a: _Assessed, part: dict, device: dict, device_r
         part["task"] = {"reference": f"Task/{task['id']}"}
     provenance = build_provenance(targets, a.mapped.inputs, device, agent, ACTIVITY, recorded=now)
     provenance["id"] = str(uuid.uuid4())
-    entries.append(_put(provenance))
+    entries.append(put_entry(provenance))
     part["provenance"] = {"reference": f"Provenance/{provenance['id']}"}
     return entries
-
-
-def _put(resource: dict, if_match: str | None = None) -> dict:
-    request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
-    if if_match:
-        request["ifMatch"] = if_match
-    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": request}

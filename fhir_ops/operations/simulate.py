@@ -10,6 +10,7 @@ from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
 from fhir_ops.operations import twin_common as common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
+from fhir_ops.store.bundle import put_entry
 from inference import twin
 
 ACTIVITY = "$simulate"
@@ -105,7 +106,7 @@ def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
             entries.append(entry)
             targets.append(state_ref)
         observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, state_ref, now)
-        entries += [common.put(o) for o in observations]
+        entries += [put_entry(o) for o in observations]
         obs_refs = [f"Observation/{o['id']}/_history/1" for o in observations]
         provenance = common.commit(store, entries, targets + obs_refs, inputs, pt.device, ctx.headers, ACTIVITY,
                                    _agent_default(), now)

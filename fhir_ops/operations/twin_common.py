@@ -14,6 +14,7 @@ from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import ParticipantRecord, load_participant, versioned
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
+from fhir_ops.store.bundle import put_entry
 from inference import twin
 from inference.calibration import Posterior
 
@@ -149,22 +150,14 @@ def participant_lock(patient_id: str) -> _Lock:
         return lock
 
 
-def put(resource: dict, if_match: str | None = None) -> dict:
-    """A transaction entry that PUTs ``resource`` at its id (ids are assigned by the caller)."""
-    request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
-    if if_match:
-        request["ifMatch"] = if_match
-    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": request}
-
-
 def state_entry(pt: ParticipantTwin, now: datetime) -> tuple[dict, str]:
     """The transaction entry writing a new twin-state version, and that version's reference."""
     state = twin_fhir.build_twin_state(pt.record, pt.posterior, pt.device, pt.inputs, now, pt.existing)
     if pt.existing:
         current = pt.existing["meta"]["versionId"]
-        return put(state, if_match=f'W/"{current}"'), f"Basic/{state['id']}/_history/{int(current) + 1}"
+        return put_entry(state, if_match=f'W/"{current}"'), f"Basic/{state['id']}/_history/{int(current) + 1}"
     # first write, or the first after the state was deleted (the participant lock keeps this race-free)
-    return put(state), f"Basic/{state['id']}/_history/{pt.latest_version + 1}"
+    return put_entry(state), f"Basic/{state['id']}/_history/{pt.latest_version + 1}"
 
 
 def commit(store, entries: list[dict], targets: list[str], inputs: list[str], device: dict, headers: dict,
@@ -173,7 +166,7 @@ def commit(store, entries: list[dict], targets: list[str], inputs: list[str], de
     provenance = build_provenance(targets, inputs, device, requesting_agent(headers, agent_default), activity,
                                   recorded=now)
     provenance["id"] = str(uuid.uuid4())
-    store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries + [put(provenance)]})
+    store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries + [put_entry(provenance)]})
     return f"Provenance/{provenance['id']}/_history/1"
 
 

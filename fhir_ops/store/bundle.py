@@ -4,6 +4,7 @@ Kept apart from the SQLite store so the rules (FHIR R4 3.1.0.11.2) are read in o
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -149,3 +150,11 @@ def response_entry(status: int, resource: dict | None = None, *, include_resourc
             entry["resource"] = resource
     entry["response"] = response
     return entry
+
+
+def put_entry(resource: dict, if_match: str | None = None) -> dict:
+    """A transaction entry that PUTs ``resource`` at its (caller-assigned) id, optionally If-Match."""
+    request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+    if if_match:
+        request["ifMatch"] = if_match
+    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": request}
