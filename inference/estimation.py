@@ -76,6 +76,53 @@ def _per_subject_sum(subject: np.ndarray, values: np.ndarray, n: int) -> np.ndar
     return np.bincount(subject, weights=values, minlength=n)
 
 
+# Rows of observation data the structural model sees in one stacked call: all finite-difference
+# points of a small problem go in one call, a large population is split so memory stays bounded.
+_STACK_ROWS = 20_000
+
+
+class _Stacked:
+    """Evaluates the structural model at several ``phi`` (same subjects) in as few calls as possible.
+
+    The perturbed copies become extra subjects of one tiled data set: a call costs the structural
+    model's fixed overhead once instead of once per finite-difference point, and each subject's rows
+    are computed exactly as in a call of its own.
+    """
+
+    def __init__(self, structural: Structural, data: ObservationData):
+        self.structural = structural
+        self.data = data
+        self.per_call = max(1, _STACK_ROWS // data.n_rows)
+        self._tiled: dict[int, ObservationData] = {}
+
+    def _data(self, copies: int) -> ObservationData:
+        if copies == 1:
+            return self.data
+        tiled = self._tiled.get(copies)
+        if tiled is None:
+            d, n = self.data, self.data.n_subjects
+            tiled = ObservationData(
+                subject=np.tile(d.subject, copies) + np.repeat(np.arange(copies) * n, d.n_rows),
+                time=np.tile(d.time, copies),
+                value=np.tile(d.value, copies),
+                subject_ids=tuple(f"{s}#{c}" for c in range(copies) for s in d.subject_ids),
+                covariates={k: np.tile(v, copies) for k, v in d.covariates.items()},
+                design={k: np.tile(v, copies) for k, v in d.design.items()},
+                context=d.context,
+            )
+            self._tiled[copies] = tiled
+        return tiled
+
+    def __call__(self, phis: list[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        rows = self.data.n_rows
+        for start in range(0, len(phis), self.per_call):
+            group = phis[start : start + self.per_call]
+            f = predict(self.structural, np.concatenate(group, axis=0), self._data(len(group)))
+            out.extend(f[i * rows : (i + 1) * rows] for i in range(len(group)))
+        return out
+
+
 def _predict_with_derivatives(
     model: PopulationModel,
     structural: Structural,
@@ -83,12 +130,15 @@ def _predict_with_derivatives(
     typical: np.ndarray,
     eta: np.ndarray,
     second: bool = False,
+    stacked: _Stacked | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Predictions, their derivatives in eta and (optionally) second derivatives, by central differences.
 
-    All subjects are perturbed at once, so the cost is a few calls of the structural model
-    whatever the number of subjects.
+    All subjects and all finite-difference points are evaluated together (stacked as extra
+    subjects), so the cost is about one call of the structural model whatever the number of
+    subjects and random effects.
     """
+    stacked = _Stacked(structural, data) if stacked is None else stacked
     ridx = model.random_index
     q = ridx.size
     phi = typical.copy()
@@ -98,24 +148,27 @@ def _predict_with_derivatives(
         moved = phi.copy()
         for k, h in moves:
             moved[:, ridx[k]] += h
-        return predict(structural, moved, data)
+        return moved
 
-    f = predict(structural, phi, data)
     h = _FD_STEP
-    up = [shifted((k, h)) for k in range(q)]
-    down = [shifted((k, -h)) for k in range(q)]
+    points = [phi] + [shifted((k, h)) for k in range(q)] + [shifted((k, -h)) for k in range(q)]
+    pairs = [(a, b) for a in range(q) for b in range(a + 1, q)] if second else []
+    for a, b in pairs:
+        # each cross term needs only the (+a, +b) and (-a, -b) corners
+        points += [shifted((a, h), (b, h)), shifted((a, -h), (b, -h))]
+    values = stacked(points)
+    f, up, down = values[0], values[1 : q + 1], values[q + 1 : 2 * q + 1]
     jac = np.stack([(u - d) / (2 * h) for u, d in zip(up, down)], axis=1)
     if not second:
         return f, jac, None
-    # second differences reuse the first-derivative points; each cross term needs only the
-    # (+a, +b) and (-a, -b) corners
+    # second differences reuse the first-derivative points
     curvature = np.empty((data.n_rows, q, q))
     for a in range(q):
         curvature[:, a, a] = (up[a] - 2 * f + down[a]) / h**2
-        for b in range(a + 1, q):
-            corners = shifted((a, h), (b, h)) + shifted((a, -h), (b, -h))
-            cross = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
-            curvature[:, a, b] = curvature[:, b, a] = cross
+    for i, (a, b) in enumerate(pairs):
+        corners = values[2 * q + 1 + 2 * i] + values[2 * q + 2 + 2 * i]
+        cross = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
+        curvature[:, a, b] = curvature[:, b, a] = cross
     return f, jac, curvature
 
 
@@ -166,6 +219,7 @@ def find_modes(
     eta = np.array(m if eta0 is None else np.asarray(eta0, float).reshape(n, q), dtype=float)
     error = model.error
     output = output_index(data)
+    stacked = _Stacked(structural, data)
 
     def terms(eta_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         phi = typical.copy()
@@ -178,7 +232,8 @@ def find_modes(
 
     def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Half-gradient, expected-information Hessian and (if exact) the Newton Hessian."""
-        f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact)
+        f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact,
+                                                      stacked=stacked)
         v = residual_variance(error, f, output)
         dv = _variance_slope(error, f, output)
         r = y - f
@@ -208,9 +263,12 @@ def find_modes(
     damping = np.full(n, 1e-3)
     converged = np.zeros(n, dtype=bool)
     iteration = 0
-    at_current = None  # derivatives at the current eta, reused at the end when still valid
+    at_current = None  # derivatives at the current eta, valid until a subject moves
     for iteration in range(1, max_iter + 1):
-        grad, expected, hess = gradient_and_hessian(eta, exact=True)
+        if at_current is None:
+            at_current = gradient_and_hessian(eta, exact=True)
+        # after a rejected step eta has not moved: only the damping changes, the derivatives stay
+        grad, expected, hess = at_current
         # converged when the undamped Newton step is negligible: the outer objective's finite
         # differences need modes far more accurate than the objective's own tolerance
         try:
@@ -218,7 +276,6 @@ def find_modes(
         except np.linalg.LinAlgError:
             newton = np.full_like(eta, np.inf)
         converged = (np.max(np.abs(newton), axis=1) < tol) & (np.linalg.eigvalsh(hess)[:, 0] > 0)
-        at_current = (expected, hess)
         if converged.all():
             break
         diag = np.einsum("nii->ni", expected)
@@ -248,8 +305,8 @@ def find_modes(
         if np.all(converged | (damping > 1e12)):
             break
     if at_current is None:
-        _, *at_current = gradient_and_hessian(eta, exact=True)
-    hessian, observed = at_current
+        at_current = gradient_and_hessian(eta, exact=True)
+    _, hessian, observed = at_current
     return ModeEstimate(eta, hessian, data_term, prior_term, converged, iteration, observed)
 
 
