@@ -220,6 +220,8 @@ def find_modes(
     error = model.error
     output = output_index(data)
     stacked = _Stacked(structural, data)
+    prior_sd = np.sqrt(np.einsum("nii->ni", np.linalg.inv(precision)))
+    step_limit = _MAX_STEP * np.maximum(prior_sd, 1.0)
 
     def terms(eta_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         phi = typical.copy()
@@ -231,7 +233,8 @@ def find_modes(
         return data_term, np.einsum("ni,nij,nj->n", d, precision, d)
 
     def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Half-gradient, expected-information Hessian and (if exact) the Newton Hessian."""
+        """Half-gradient, expected-information Hessian, the Laplace Hessian (if exact: with the
+        residual-curvature term) and the Hessian Newton steps take (the exact one when exact)."""
         f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact,
                                                       stacked=stacked)
         v = residual_variance(error, f, output)
@@ -240,6 +243,13 @@ def find_modes(
         # half the derivative of r^2/V + log V with respect to f
         dl_df = weight_mask * (-r / v + 0.5 * dv / v * (1.0 - r**2 / v))
         w = weight_mask * (1.0 / v + 0.5 * (dv / v) ** 2)
+        # the observed minus the expected second derivative in f: zero with an additive error;
+        # with a prediction-dependent one, Newton steps on the expected form alone converge only
+        # linearly (a dozen extra iterations to reach tol), on the exact form quadratically
+        d2v = _variance_slope(error, np.ones_like(f), output)
+        w_extra = weight_mask * (2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
+                                 + 0.5 * d2v / v - dv**2 / v**2)
+        extra = np.zeros((n, q, q))
         grad = np.stack([_per_subject_sum(data.subject, dl_df * jac[:, a], n) for a in range(q)], axis=1)
         grad += np.einsum("nij,nj->ni", precision, eta_ - m)
         expected = np.empty((n, q, q))
@@ -251,8 +261,14 @@ def find_modes(
                     # the residual-curvature term Gauss-Newton drops; without it the mode search
                     # crawls for subjects the model fits poorly
                     newton[:, a, b] = newton[:, b, a] = _per_subject_sum(data.subject, dl_df * curvature[:, a, b], n)
+                    if np.any(w_extra):
+                        extra[:, a, b] = extra[:, b, a] = _per_subject_sum(
+                            data.subject, w_extra * jac[:, a] * jac[:, b], n)
         expected += precision
-        return grad, expected, (expected + newton if exact else expected)
+        if not exact:
+            return grad, expected, expected, expected
+        laplace = expected + newton
+        return grad, expected, laplace, laplace + extra
 
     if q == 0:
         data_term, prior_term = terms(eta)
@@ -268,7 +284,7 @@ def find_modes(
         if at_current is None:
             at_current = gradient_and_hessian(eta, exact=True)
         # after a rejected step eta has not moved: only the damping changes, the derivatives stay
-        grad, expected, hess = at_current
+        grad, expected, hess, step_hess = at_current
         # converged when the undamped Newton step is negligible: the outer objective's finite
         # differences need modes far more accurate than the objective's own tolerance
         try:
@@ -279,16 +295,19 @@ def find_modes(
         if converged.all():
             break
         diag = np.einsum("nii->ni", expected)
-        damped = hess + damping[:, None, None] * np.einsum("ni,ij->nij", diag, np.eye(q))
-        # where the Newton Hessian is not positive definite, fall back to expected information
+        damped = step_hess + damping[:, None, None] * np.einsum("ni,ij->nij", diag, np.eye(q))
+        # where the exact Hessian is not positive definite, fall back to expected information
         indefinite = np.linalg.eigvalsh(damped)[:, 0] <= 0
         damped[indefinite] = expected[indefinite] + damping[indefinite, None, None] * np.einsum(
             "ni,ij->nij", diag[indefinite], np.eye(q)
         )
         step = -np.linalg.solve(damped, grad[..., None])[..., 0]
         step[converged] = 0.0
-        # a log-scale step of more than 2 (a factor e^2 on the parameter) is never trusted
-        step *= np.minimum(1.0, _MAX_STEP / np.maximum(np.max(np.abs(step), axis=1), 1e-300))[:, None]
+        # a log-scale step of more than 2 (a factor e^2 on the parameter) is never trusted; an
+        # effect whose prior SD exceeds 1 (a linear-scale parameter in its own units, e.g. mg/dL)
+        # may move 2 prior SDs, or reaching a mode 40 units away would take 20 iterations
+        overshoot = np.max(np.abs(step) / step_limit, axis=1)
+        step *= np.minimum(1.0, 1.0 / np.maximum(overshoot, 1e-300))[:, None]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             # overshooting trial points may overflow; they are rejected below as non-finite
             cand_data, cand_prior = terms(eta + step)
@@ -306,7 +325,7 @@ def find_modes(
             break
     if at_current is None:
         at_current = gradient_and_hessian(eta, exact=True)
-    _, hessian, observed = at_current
+    _, hessian, observed, _ = at_current
     return ModeEstimate(eta, hessian, data_term, prior_term, converged, iteration, observed)
 
 
