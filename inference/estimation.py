@@ -15,6 +15,7 @@ from a central-difference Hessian of ``-2 log L`` at the optimum.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -81,6 +82,9 @@ def _per_subject_sum(subject: np.ndarray, values: np.ndarray, n: int) -> np.ndar
 _STACK_ROWS = 20_000
 
 
+_TILED: "weakref.WeakKeyDictionary[ObservationData, dict[int, ObservationData]]" = weakref.WeakKeyDictionary()
+
+
 class _Stacked:
     """Evaluates the structural model at several ``phi`` (same subjects) in as few calls as possible.
 
@@ -93,7 +97,8 @@ class _Stacked:
         self.structural = structural
         self.data = data
         self.per_call = max(1, _STACK_ROWS // data.n_rows)
-        self._tiled: dict[int, ObservationData] = {}
+        # a population fit searches the modes of the same data hundreds of times: tile it once
+        self._tiled: dict[int, ObservationData] = _TILED.setdefault(data, {})
 
     def _data(self, copies: int) -> ObservationData:
         if copies == 1:
@@ -246,10 +251,12 @@ def find_modes(
         # the observed minus the expected second derivative in f: zero with an additive error;
         # with a prediction-dependent one, Newton steps on the expected form alone converge only
         # linearly (a dozen extra iterations to reach tol), on the exact form quadratically
-        d2v = _variance_slope(error, np.ones_like(f), output)
-        w_extra = weight_mask * (2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
-                                 + 0.5 * d2v / v - dv**2 / v**2)
         extra = np.zeros((n, q, q))
+        w_extra = None
+        if exact and np.any(dv):
+            d2v = _variance_slope(error, np.ones_like(f), output)
+            w_extra = weight_mask * (2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
+                                     + 0.5 * d2v / v - dv**2 / v**2)
         grad = np.stack([_per_subject_sum(data.subject, dl_df * jac[:, a], n) for a in range(q)], axis=1)
         grad += np.einsum("nij,nj->ni", precision, eta_ - m)
         expected = np.empty((n, q, q))
@@ -261,7 +268,7 @@ def find_modes(
                     # the residual-curvature term Gauss-Newton drops; without it the mode search
                     # crawls for subjects the model fits poorly
                     newton[:, a, b] = newton[:, b, a] = _per_subject_sum(data.subject, dl_df * curvature[:, a, b], n)
-                    if np.any(w_extra):
+                    if w_extra is not None:
                         extra[:, a, b] = extra[:, b, a] = _per_subject_sum(
                             data.subject, w_extra * jac[:, a] * jac[:, b], n)
         expected += precision
