@@ -3,7 +3,7 @@
 Also holds the vectorized per-subject mode search (empirical Bayes estimates) that individual calibration reuses.
 
 Method: for each subject the random effects ``eta`` are set to the mode of
-``p(y_i | eta) p(eta)`` (Levenberg-Marquardt on a Gauss-Newton Hessian, all subjects at once),
+``p(y_i | eta) p(eta)`` (damped Newton, all subjects and finite-difference points in stacked calls),
 and the marginal likelihood is the Laplace approximation at that mode with the expected-information
 Hessian ``H_i = J' W J + Omega^-1`` (``W = 1/V + (V'/V)^2 / 2``). With an additive error this is
 FOCE and coincides with the linearization of nlme (Lindstrom-Bates) at ML; with a
@@ -191,8 +191,10 @@ def find_modes(
     """Posterior modes of every subject's random effects, found for all subjects at once.
 
     Minimizes ``-2 log p(y_i | eta) + (eta - m_i)' P_i (eta - m_i)`` per subject by
-    Levenberg-Marquardt with a Gauss-Newton (expected information) Hessian. Rows whose value
-    is ``nan`` are ignored.
+    Levenberg-Marquardt: damped Newton steps on the exact Hessian (finite-difference curvature
+    of the predictions, observed second derivative of the residual term), falling back to the
+    expected information where that is not positive definite; the returned Hessians are the
+    expected information and the Laplace Hessian. Rows whose value is ``nan`` are ignored.
 
     Parameters
     ----------
@@ -237,7 +239,7 @@ def find_modes(
         d = eta_ - m
         return data_term, np.einsum("ni,nij,nj->n", d, precision, d)
 
-    def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, ...]:
         """Half-gradient, expected-information Hessian, the Laplace Hessian (if exact: with the
         residual-curvature term) and the Hessian Newton steps take (the exact one when exact)."""
         f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact,
