@@ -3,7 +3,7 @@
 Also holds the vectorized per-subject mode search (empirical Bayes estimates) that individual calibration reuses.
 
 Method: for each subject the random effects ``eta`` are set to the mode of
-``p(y_i | eta) p(eta)`` (Levenberg-Marquardt on a Gauss-Newton Hessian, all subjects at once),
+``p(y_i | eta) p(eta)`` (damped Newton, all subjects and finite-difference points in stacked calls),
 and the marginal likelihood is the Laplace approximation at that mode with the expected-information
 Hessian ``H_i = J' W J + Omega^-1`` (``W = 1/V + (V'/V)^2 / 2``). With an additive error this is
 FOCE and coincides with the linearization of nlme (Lindstrom-Bates) at ML; with a
@@ -15,6 +15,7 @@ from a central-difference Hessian of ``-2 log L`` at the optimum.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -76,6 +77,57 @@ def _per_subject_sum(subject: np.ndarray, values: np.ndarray, n: int) -> np.ndar
     return np.bincount(subject, weights=values, minlength=n)
 
 
+# Rows of observation data the structural model sees in one stacked call: all finite-difference
+# points of a small problem go in one call, a large population is split so memory stays bounded.
+_STACK_ROWS = 20_000
+
+
+_TILED: "weakref.WeakKeyDictionary[ObservationData, dict[int, ObservationData]]" = weakref.WeakKeyDictionary()
+
+
+class _Stacked:
+    """Evaluates the structural model at several ``phi`` (same subjects) in as few calls as possible.
+
+    The perturbed copies become extra subjects of one tiled data set: a call costs the structural
+    model's fixed overhead once instead of once per finite-difference point, and each subject's rows
+    are computed exactly as in a call of its own.
+    """
+
+    def __init__(self, structural: Structural, data: ObservationData):
+        self.structural = structural
+        self.data = data
+        self.per_call = max(1, _STACK_ROWS // data.n_rows)
+        # a population fit searches the modes of the same data hundreds of times: tile it once
+        self._tiled: dict[int, ObservationData] = _TILED.setdefault(data, {})
+
+    def _data(self, copies: int) -> ObservationData:
+        if copies == 1:
+            return self.data
+        tiled = self._tiled.get(copies)
+        if tiled is None:
+            d, n = self.data, self.data.n_subjects
+            tiled = ObservationData(
+                subject=np.tile(d.subject, copies) + np.repeat(np.arange(copies) * n, d.n_rows),
+                time=np.tile(d.time, copies),
+                value=np.tile(d.value, copies),
+                subject_ids=tuple(f"{s}#{c}" for c in range(copies) for s in d.subject_ids),
+                covariates={k: np.tile(v, copies) for k, v in d.covariates.items()},
+                design={k: np.tile(v, copies) for k, v in d.design.items()},
+                context=d.context,
+            )
+            self._tiled[copies] = tiled
+        return tiled
+
+    def __call__(self, phis: list[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        rows = self.data.n_rows
+        for start in range(0, len(phis), self.per_call):
+            group = phis[start : start + self.per_call]
+            f = predict(self.structural, np.concatenate(group, axis=0), self._data(len(group)))
+            out.extend(f[i * rows : (i + 1) * rows] for i in range(len(group)))
+        return out
+
+
 def _predict_with_derivatives(
     model: PopulationModel,
     structural: Structural,
@@ -83,12 +135,15 @@ def _predict_with_derivatives(
     typical: np.ndarray,
     eta: np.ndarray,
     second: bool = False,
+    stacked: _Stacked | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Predictions, their derivatives in eta and (optionally) second derivatives, by central differences.
 
-    All subjects are perturbed at once, so the cost is a few calls of the structural model
-    whatever the number of subjects.
+    All subjects and all finite-difference points are evaluated together (stacked as extra
+    subjects), so the cost is about one call of the structural model whatever the number of
+    subjects and random effects.
     """
+    stacked = _Stacked(structural, data) if stacked is None else stacked
     ridx = model.random_index
     q = ridx.size
     phi = typical.copy()
@@ -98,24 +153,27 @@ def _predict_with_derivatives(
         moved = phi.copy()
         for k, h in moves:
             moved[:, ridx[k]] += h
-        return predict(structural, moved, data)
+        return moved
 
-    f = predict(structural, phi, data)
     h = _FD_STEP
-    up = [shifted((k, h)) for k in range(q)]
-    down = [shifted((k, -h)) for k in range(q)]
+    points = [phi] + [shifted((k, h)) for k in range(q)] + [shifted((k, -h)) for k in range(q)]
+    pairs = [(a, b) for a in range(q) for b in range(a + 1, q)] if second else []
+    for a, b in pairs:
+        # each cross term needs only the (+a, +b) and (-a, -b) corners
+        points += [shifted((a, h), (b, h)), shifted((a, -h), (b, -h))]
+    values = stacked(points)
+    f, up, down = values[0], values[1 : q + 1], values[q + 1 : 2 * q + 1]
     jac = np.stack([(u - d) / (2 * h) for u, d in zip(up, down)], axis=1)
     if not second:
         return f, jac, None
-    # second differences reuse the first-derivative points; each cross term needs only the
-    # (+a, +b) and (-a, -b) corners
+    # second differences reuse the first-derivative points
     curvature = np.empty((data.n_rows, q, q))
     for a in range(q):
         curvature[:, a, a] = (up[a] - 2 * f + down[a]) / h**2
-        for b in range(a + 1, q):
-            corners = shifted((a, h), (b, h)) + shifted((a, -h), (b, -h))
-            cross = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
-            curvature[:, a, b] = curvature[:, b, a] = cross
+    for i, (a, b) in enumerate(pairs):
+        corners = values[2 * q + 1 + 2 * i] + values[2 * q + 2 + 2 * i]
+        cross = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
+        curvature[:, a, b] = curvature[:, b, a] = cross
     return f, jac, curvature
 
 
@@ -133,8 +191,10 @@ def find_modes(
     """Posterior modes of every subject's random effects, found for all subjects at once.
 
     Minimizes ``-2 log p(y_i | eta) + (eta - m_i)' P_i (eta - m_i)`` per subject by
-    Levenberg-Marquardt with a Gauss-Newton (expected information) Hessian. Rows whose value
-    is ``nan`` are ignored.
+    Levenberg-Marquardt: damped Newton steps on the exact Hessian (finite-difference curvature
+    of the predictions, observed second derivative of the residual term), falling back to the
+    expected information where that is not positive definite; the returned Hessians are the
+    expected information and the Laplace Hessian. Rows whose value is ``nan`` are ignored.
 
     Parameters
     ----------
@@ -166,6 +226,9 @@ def find_modes(
     eta = np.array(m if eta0 is None else np.asarray(eta0, float).reshape(n, q), dtype=float)
     error = model.error
     output = output_index(data)
+    stacked = _Stacked(structural, data)
+    prior_sd = np.sqrt(np.einsum("nii->ni", np.linalg.inv(precision)))
+    step_limit = _MAX_STEP * np.maximum(prior_sd, 1.0)
 
     def terms(eta_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         phi = typical.copy()
@@ -176,15 +239,26 @@ def find_modes(
         d = eta_ - m
         return data_term, np.einsum("ni,nij,nj->n", d, precision, d)
 
-    def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Half-gradient, expected-information Hessian and (if exact) the Newton Hessian."""
-        f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact)
+    def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, ...]:
+        """Half-gradient, expected-information Hessian, the Laplace Hessian (if exact: with the
+        residual-curvature term) and the Hessian Newton steps take (the exact one when exact)."""
+        f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact,
+                                                      stacked=stacked)
         v = residual_variance(error, f, output)
         dv = _variance_slope(error, f, output)
         r = y - f
         # half the derivative of r^2/V + log V with respect to f
         dl_df = weight_mask * (-r / v + 0.5 * dv / v * (1.0 - r**2 / v))
         w = weight_mask * (1.0 / v + 0.5 * (dv / v) ** 2)
+        # the observed minus the expected second derivative in f: zero with an additive error;
+        # with a prediction-dependent one, Newton steps on the expected form alone converge only
+        # linearly (a dozen extra iterations to reach tol), on the exact form quadratically
+        extra = np.zeros((n, q, q))
+        w_extra = None
+        if exact and np.any(dv):
+            d2v = _variance_slope(error, np.ones_like(f), output)
+            w_extra = weight_mask * (2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
+                                     + 0.5 * d2v / v - dv**2 / v**2)
         grad = np.stack([_per_subject_sum(data.subject, dl_df * jac[:, a], n) for a in range(q)], axis=1)
         grad += np.einsum("nij,nj->ni", precision, eta_ - m)
         expected = np.empty((n, q, q))
@@ -196,8 +270,14 @@ def find_modes(
                     # the residual-curvature term Gauss-Newton drops; without it the mode search
                     # crawls for subjects the model fits poorly
                     newton[:, a, b] = newton[:, b, a] = _per_subject_sum(data.subject, dl_df * curvature[:, a, b], n)
+                    if w_extra is not None:
+                        extra[:, a, b] = extra[:, b, a] = _per_subject_sum(
+                            data.subject, w_extra * jac[:, a] * jac[:, b], n)
         expected += precision
-        return grad, expected, (expected + newton if exact else expected)
+        if not exact:
+            return grad, expected, expected, expected
+        laplace = expected + newton
+        return grad, expected, laplace, laplace + extra
 
     if q == 0:
         data_term, prior_term = terms(eta)
@@ -208,9 +288,12 @@ def find_modes(
     damping = np.full(n, 1e-3)
     converged = np.zeros(n, dtype=bool)
     iteration = 0
-    at_current = None  # derivatives at the current eta, reused at the end when still valid
+    at_current = None  # derivatives at the current eta, valid until a subject moves
     for iteration in range(1, max_iter + 1):
-        grad, expected, hess = gradient_and_hessian(eta, exact=True)
+        if at_current is None:
+            at_current = gradient_and_hessian(eta, exact=True)
+        # after a rejected step eta has not moved: only the damping changes, the derivatives stay
+        grad, expected, hess, step_hess = at_current
         # converged when the undamped Newton step is negligible: the outer objective's finite
         # differences need modes far more accurate than the objective's own tolerance
         try:
@@ -218,20 +301,22 @@ def find_modes(
         except np.linalg.LinAlgError:
             newton = np.full_like(eta, np.inf)
         converged = (np.max(np.abs(newton), axis=1) < tol) & (np.linalg.eigvalsh(hess)[:, 0] > 0)
-        at_current = (expected, hess)
         if converged.all():
             break
         diag = np.einsum("nii->ni", expected)
-        damped = hess + damping[:, None, None] * np.einsum("ni,ij->nij", diag, np.eye(q))
-        # where the Newton Hessian is not positive definite, fall back to expected information
+        damped = step_hess + damping[:, None, None] * np.einsum("ni,ij->nij", diag, np.eye(q))
+        # where the exact Hessian is not positive definite, fall back to expected information
         indefinite = np.linalg.eigvalsh(damped)[:, 0] <= 0
         damped[indefinite] = expected[indefinite] + damping[indefinite, None, None] * np.einsum(
             "ni,ij->nij", diag[indefinite], np.eye(q)
         )
         step = -np.linalg.solve(damped, grad[..., None])[..., 0]
         step[converged] = 0.0
-        # a log-scale step of more than 2 (a factor e^2 on the parameter) is never trusted
-        step *= np.minimum(1.0, _MAX_STEP / np.maximum(np.max(np.abs(step), axis=1), 1e-300))[:, None]
+        # a log-scale step of more than 2 (a factor e^2 on the parameter) is never trusted; an
+        # effect whose prior SD exceeds 1 (a linear-scale parameter in its own units, e.g. mg/dL)
+        # may move 2 prior SDs, or reaching a mode 40 units away would take 20 iterations
+        overshoot = np.max(np.abs(step) / step_limit, axis=1)
+        step *= np.minimum(1.0, 1.0 / np.maximum(overshoot, 1e-300))[:, None]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             # overshooting trial points may overflow; they are rejected below as non-finite
             cand_data, cand_prior = terms(eta + step)
@@ -248,8 +333,8 @@ def find_modes(
         if np.all(converged | (damping > 1e12)):
             break
     if at_current is None:
-        _, *at_current = gradient_and_hessian(eta, exact=True)
-    hessian, observed = at_current
+        at_current = gradient_and_hessian(eta, exact=True)
+    _, hessian, observed, _ = at_current
     return ModeEstimate(eta, hessian, data_term, prior_term, converged, iteration, observed)
 
 

@@ -22,9 +22,10 @@ from inference.cohort import (ADAG_INTERCEPT, ADAG_SLOPE, BLOCK_SIZE, CovariateM
                               TT201Population, sample_covariates, simulate_cohort)
 from inference.covariates import Covariates
 from inference.disease import DiseaseProgression, progress
-from inference.dosing import DoseRecord
 from inference.pd import emax
-from inference.pk import DailyOneCompartmentOral, OneCompartment, concentration
+# _phi is pk's single-dose response; it is reused here, not copied, so the two cannot drift apart
+# (pk.py itself is pinned by the dropout model's source hash)
+from inference.pk import DailyOneCompartmentOral, OneCompartment, TwoCompartment, _phi
 from inference.population import (CovariateEffect, ObservationData, PopulationModel, ResidualError,
                                   predict, residual_log_likelihood, residual_variance, typical_parameters)
 
@@ -141,11 +142,69 @@ def _daily_activity(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, n_da
 _NEGLIGIBLE_EFOLDS = 16.0
 
 
-def _concentration(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, times_h: np.ndarray) -> np.ndarray:
-    """Concentration (ng/mL), shape (n, T): every dose is its own single-dose row of ``pk.concentration``.
+def _oral_dose_contributions(model, dose_times, amounts, times) -> np.ndarray:
+    """Each oral dose's contribution to the central concentration (mg/L), shape ``(n, n_doses, n_times)``.
 
-    Folding the doses into the participant axis turns the per-dose Python loop of superposition
-    into one vectorized evaluation; the rows are then summed per participant.
+    The doses are taken at times shared by all ``n`` participants (``amounts`` may differ per
+    participant); summing over axis 1 gives :func:`inference.pk.concentration` of the same doses, value for
+    value: every contribution is computed with the same arithmetic as there, but the response
+    to a unit dose is evaluated once per participant and *distinct* time since a dose. With doses
+    and outputs on a common grid (daily doses, daily outputs) the ``n_doses * n_times`` pairs
+    have only about ``n_doses + n_times`` distinct gaps, which is what makes a posterior-predictive
+    forecast of hundreds of draws over months of dosing cheap.
+
+    Parameters
+    ----------
+    model : OneCompartment or TwoCompartment
+        Parameters of shape ``(n,)``.
+    dose_times : array_like, shape (n_doses,)
+    amounts : array_like, shape (n_doses,) or (n, n_doses)
+    times : array_like, shape (n_times,)
+
+    Examples
+    --------
+    >>> from inference.dosing import DoseRecord
+    >>> from inference.pk import concentration
+    >>> m = OneCompartment(cl=[5.0, 3.0], v=[50.0, 40.0], ka=[1.0, 1.2], tlag=[0.5, 0.0])
+    >>> dose_t, t = np.array([0.0, 24.0, 48.0]), np.array([1.0, 25.0, 30.0, 72.0])
+    >>> parts = _oral_dose_contributions(m, dose_t, [100.0, 50.0, 100.0], t)
+    >>> parts.shape
+    (2, 3, 4)
+    >>> whole = concentration(m, DoseRecord(times=dose_t, amounts=[100.0, 50.0, 100.0]), t)
+    >>> bool(np.allclose(parts.sum(axis=1), whole, rtol=1e-14, atol=0))
+    True
+    """
+    if not isinstance(model, (OneCompartment, TwoCompartment)):
+        raise ValueError(f"_oral_dose_contributions needs a linear model, got {type(model).__name__}")
+    n = model.n
+    dose_times = np.asarray(dose_times, dtype=float)
+    times = np.asarray(times, dtype=float)
+    if dose_times.ndim != 1 or times.ndim != 1:
+        raise ValueError("dose_times and times must be 1-D")
+    if not (np.all(np.isfinite(dose_times)) and np.all(np.isfinite(times))):
+        raise ValueError("dose_times and times must be finite")
+    amounts = np.broadcast_to(np.asarray(amounts, dtype=float), (n, dose_times.size))
+    if not np.all(np.isfinite(amounts)) or np.any(amounts < 0):
+        raise ValueError("amounts must be finite and >= 0")
+    since = times[None, :] - dose_times[:, None]
+    gaps, where = np.unique(since, return_inverse=True)
+    where = where.reshape(since.shape)
+    ka, tlag, f = model.ka[:, None], model.tlag[:, None], model.f[:, None]
+    tau = np.maximum(gaps[None, :] - tlag, 0.0)
+    out = np.zeros((n, dose_times.size, times.size))
+    for c, lam in model.disposition():
+        unit = _phi(ka, lam[:, None], tau)[:, where]
+        out += (f * amounts * ka * c[:, None])[:, :, None] * unit
+    return out
+
+
+def _concentration(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, times_h: np.ndarray) -> np.ndarray:
+    """Concentration (ng/mL), shape (n, T): the contributions of the relevant doses, summed per row.
+
+    ``_oral_dose_contributions`` evaluates each dose as its own single-dose response (the
+    arithmetic of ``pk.concentration``), once per distinct time since a dose: calibration
+    (observation times fixed, only phi changes) and forecasts (daily doses, daily outputs) share
+    few distinct gaps among many dose/time pairs.
     """
     n = p["cl"].shape[0]
     dose_t = np.asarray(dose_times_h, dtype=float)
@@ -157,14 +216,10 @@ def _concentration(p: dict, dose_times_h: np.ndarray, dose_mg: np.ndarray, times
     elapsed = times_h.min() - dose_t - float(np.max(p["tlag"]))
     relevant = (dose_t < times_h.max()) & (slowest * elapsed < _NEGLIGIBLE_EFOLDS)
     dose_t, amounts = dose_t[relevant], amounts[:, relevant]
-    d = dose_t.size
-    if d == 0:
+    if dose_t.size == 0 or not np.any(amounts):  # nothing taken (placebo): no drug in any row
         return np.zeros((n, times_h.size))
-    rep = {k: np.repeat(p[k], d) for k in ("cl", "v", "ka", "tlag", "f")}
-    model = OneCompartment(**rep)
-    single = DoseRecord(times=[0.0], amounts=amounts.reshape(-1, 1))
-    since = np.tile(times_h[None, :] - dose_t[:, None], (n, 1))
-    c = concentration(model, single, since).reshape(n, d, times_h.size).sum(axis=1)
+    model = OneCompartment(cl=p["cl"], v=p["v"], ka=p["ka"], tlag=p["tlag"], f=p["f"])
+    c = _oral_dose_contributions(model, dose_t, amounts, times_h).sum(axis=1)
     return NG_ML_PER_MG_L * c
 
 

@@ -165,6 +165,12 @@ def _effective(resource: dict) -> datetime | None:
     return None
 
 
+#: the tag on the twin's stored forecast Observations (``fhir_ops.mapping.twin`` writes it)
+SIMULATED_TAG = {"system": "https://trialtwin.org/fhir/CodeSystem/trialtwin", "code": "simulated",
+                 "display": "Simulated (not measured)"}
+_SIMULATED_TAG_TOKEN = f"{SIMULATED_TAG['system']}|{SIMULATED_TAG['code']}"
+
+
 def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
     """Read a participant's covariates, dosing, observations, visits and adverse events.
 
@@ -176,7 +182,9 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
     patient = store.read("Patient", patient_id)
     ref = f"Patient/{patient_id}"
     subjects = store.search_all("ResearchSubject", [("individual", ref)])
-    observations = store.search_all("Observation", [("subject", ref)])
+    # the twin's own stored forecasts are never data: the search leaves them out, so a participant
+    # with many persisted forecasts costs no more to load than one without
+    observations = store.search_all("Observation", [("subject", ref), ("_tag:not", _SIMULATED_TAG_TOKEN)])
     administrations = store.search_all("MedicationAdministration", [("subject", ref)])
     appointments = store.search_all("Appointment", [("actor", ref)])
     adverse = store.search_all("AdverseEvent", [("subject", ref)])
@@ -349,4 +357,4 @@ def require_participant(store: Store, patient_id: str) -> ParticipantRecord:
 
 
 __all__ = ["ParticipantRecord", "Series", "Visit", "load_participant", "require_participant",
-           "parse_datetime", "versioned", "MEASUREMENTS", "OUTCOMES", "NotFound"]
+           "parse_datetime", "versioned", "MEASUREMENTS", "OUTCOMES", "SIMULATED_TAG", "NotFound"]

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from fhir_ops.errors import Unprocessable
-from fhir_ops.mapping.participant import MEASUREMENTS, ParticipantRecord, versioned
+from fhir_ops.mapping.participant import MEASUREMENTS, SIMULATED_TAG, ParticipantRecord, versioned
 from inference import twin
 from inference.calibration import Posterior
 
@@ -34,7 +34,6 @@ EXT_DIAGNOSTIC = f"{CANONICAL}/StructureDefinition/twin-diagnostic"
 EXT_INTERVAL_LEVEL = f"{CANONICAL}/StructureDefinition/interval-level"
 #: R4 Observation.derivedFrom cannot point at a Basic, so the forecast names its twin state here
 EXT_TWIN_STATE_REFERENCE = f"{CANONICAL}/StructureDefinition/twin-state-reference"
-SIMULATED_TAG = {"system": TRIALTWIN_CS, "code": "simulated", "display": "Simulated (not measured)"}
 MODEL_DESCRIPTION = ("TT-201 participant twin: 1-compartment oral PK (allometric weight and eGFR on clearance) -> "
                      "Emax effect on fasting glucose -> HbA1c with linear drift and delayed drug offset; "
                      "population prior as in inference.cohort; MAP + Laplace calibration")

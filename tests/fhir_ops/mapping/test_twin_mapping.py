@@ -129,3 +129,30 @@ def test_a_failed_persist_writes_nothing(store, generated):
     assert len(store.search_all("Provenance", [])) == before
     for obs in observations[:3]:
         assert store.search_all("Observation", [("_id", obs["id"])]) == []
+
+
+def test_stored_forecasts_are_not_read_back_as_data(store):
+    """The participant's own persisted forecasts (tagged simulated) are left out by the search, so the
+    record (series, inputs, last data time) is the same with or without them; a preliminary
+    Observation without the tag is still read but, as before, is not data."""
+    pid = "tt201-p003"
+    before = load_participant(store, pid)
+    pt = twin_common.participant_twin(store, pid)
+    start_h, start = twin_fhir.forecast_start(pt.record)
+    fc = twin.forecast(pt.posterior, twin.TwinScenario(dose_mg=100.0, start_h=start_h, horizon_days=5),
+                       twin_fhir.forecast_times(5, 24), seed=3)
+    observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, "Basic/x/_history/1", NOW)
+    for obs in observations:
+        store.update("Observation", obs["id"], obs)
+    untagged = {**observations[0], "id": "untagged-preliminary", "meta": {}}
+    store.update("Observation", untagged["id"], untagged)
+    stored = {o["id"] for o in store.search_all("Observation", [("subject", f"Patient/{pid}")])}
+    assert {o["id"] for o in observations} <= stored  # they are there, just not read as data
+    after = load_participant(store, pid)
+    forecast_refs = {f"Observation/{o['id']}" for o in observations}
+    assert not any(ref.rsplit("/_history", 1)[0] in forecast_refs for ref in after.source_times)
+    assert any(ref.startswith("Observation/untagged-preliminary/") for ref in after.source_times)
+    assert after.last_data_time == before.last_data_time
+    assert twin_fhir.calibration_inputs(after) == twin_fhir.calibration_inputs(before)
+    for name, series in before.series.items():
+        assert np.array_equal(after.series[name].values, series.values)
