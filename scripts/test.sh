@@ -25,4 +25,4 @@ stop_hapi() { if [[ $started_hapi == 1 ]]; then scripts/hapi.sh stop; fi; }
 trap stop_hapi EXIT
 
 mkdir -p test-artifacts
-"$BIN/python" -m pytest -n 2 "$@"
+"$BIN/python" -m pytest -n 2 --dist loadgroup "$@"

@@ -19,7 +19,9 @@ from tests.fhir_ops.conftest import FhirClient
 from tests.fhir_ops.test_predict_dropout import AS_OF, high_risk, low_risk, parameters
 from tests.live_server import serve
 
-pytestmark = pytest.mark.integration
+# Both modules upload profiles/ into the one HAPI server; run concurrently (pytest -n), one could
+# validate a definition while the other re-uploads it, and HAPI then fails to build its snapshot.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-conformance")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SD = "https://trialtwin.org/fhir/StructureDefinition/"

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-pytestmark = pytest.mark.integration
+# Both modules upload profiles/ into the one HAPI server; run concurrently (pytest -n), one could
+# validate a definition while the other re-uploads it, and HAPI then fails to build its snapshot.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-conformance")]
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"

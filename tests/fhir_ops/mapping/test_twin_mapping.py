@@ -14,6 +14,7 @@ from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
 from fhir_ops.mapping.provenance import build_provenance
 from fhir_ops.operations import twin_common
+from fhir_ops.store.bundle import put_entry
 from fhir_ops.store.sqlite import SQLiteStore
 from inference import twin
 
@@ -120,10 +121,10 @@ def test_a_failed_persist_writes_nothing(store, generated):
 
     pt, state, observations, _ = generated
     store.update("Basic", state["id"], state)  # version 1 exists now
-    stale = twin_common.put({**state}, if_match='W/"7"')
+    stale = put_entry({**state}, if_match='W/"7"')
     before = len(store.search_all("Provenance", []))
     with pytest.raises(FhirError) as err:
-        twin_common.commit(store, [stale] + [twin_common.put(o) for o in observations[:3]],
+        twin_common.commit(store, [stale] + [put_entry(o) for o in observations[:3]],
                            [f"Basic/{state['id']}/_history/8"], pt.inputs, pt.device, {}, "$simulate")
     assert err.value.status == 412
     assert len(store.search_all("Provenance", [])) == before
