@@ -5,6 +5,7 @@ Connection settings live in a fhirpy ``SyncFHIRClient``; every remote failure is
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -85,7 +86,8 @@ class RemoteStore(Store):
     -----
     The fhirpy client holds the connection settings (base URL, authorization and extra headers,
     timeout) and is exposed as ``client`` for callers that want fhirpy's resource API. Requests
-    themselves go through one ``requests`` session built from those settings, because fhirpy's
+    themselves go through ``requests`` sessions built from those settings (one per thread: the
+    server is threaded and a Session is not documented as thread-safe), because fhirpy's
     request helper folds 404 and 410 into one exception and drops the status and headers the
     contract depends on (``Gone`` versus ``NotFound``, ``created``, ``If-Match``, ``If-None-Exist``).
 
@@ -107,7 +109,19 @@ class RemoteStore(Store):
         self.client = SyncFHIRClient(self.base_url, extra_headers=dict(headers or {}),
                                      requests_config={"timeout": timeout})
         self.timeout = timeout
-        self._session = requests.Session()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+
+    @property
+    def _session(self) -> requests.Session:
+        """This thread's connection pool to the remote server."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
 
     # -- wire -----------------------------------------------------------------------------------
 
@@ -316,7 +330,10 @@ class RemoteStore(Store):
         return self._json(response)
 
     def close(self) -> None:
-        self._session.close()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
 
     def metadata(self) -> dict:
         """Return the server's CapabilityStatement (used to report the server's software version)."""

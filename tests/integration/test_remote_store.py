@@ -209,3 +209,24 @@ def test_type_history_lists_versions_of_many_resources_newest_first(remote_store
     recent = remote_store.history("Patient", count=3)
     assert [(r["id"], r["meta"]["versionId"]) for r in recent] == [
         (first["id"], "2"), (second["id"], "1"), (first["id"], "1")]
+
+
+def test_concurrent_threads_each_get_their_own_connection_pool(remote_store, tag):
+    """The server is threaded: concurrent requests through one RemoteStore must not share a
+    requests Session (not documented as thread-safe), and every write must land."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(worker: int) -> list[str]:
+        ids = []
+        for i in range(5):
+            created = remote_store.create(_patient(f"{tag}-{worker}-{i}")).resource
+            assert remote_store.read("Patient", created["id"])["id"] == created["id"]
+            ids.append(created["id"])
+        return ids
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        ids = [i for batch in pool.map(work, range(6)) for i in batch]
+    assert len(set(ids)) == 30
+    assert len(remote_store._sessions) >= 6  # one pool per worker thread (plus the test's own)
+    found = remote_store.search("Patient", [("_id", ",".join(ids)), ("_count", "100")])
+    assert sorted(r["id"] for r in found.matches) == sorted(ids)
