@@ -42,12 +42,38 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     if not issues:
         issues.extend(_structural_issues(resource))
     if params.get("profile") or mode == "profile":
-        issues.append(outcome("warning", "not-supported",
-                              "Profile validation is not performed; the resource was checked against the "
-                              "base FHIR R4 specification only", error_id="profile-not-checked"))
+        wanted = [params["profile"]] if params.get("profile") else resource.get("meta", {}).get("profile", [])
+        issues.extend(_profile_issues(resource, wanted))
     if not any(i["severity"] in ("error", "fatal") for i in issues):
         issues.insert(0, outcome("information", "informational", "valid", error_id="valid"))
     return {"return": {"resourceType": "OperationOutcome", "issue": issues}}
+
+
+def _profile_issues(resource: dict, urls: list[str]) -> list[dict]:
+    """TrialTwin's own profiles are checked structurally (fhir_ops.conformance: cardinality, fixed
+    and pattern values, types, reference targets, extension slices); any other profile is reported
+    as not checked, never as passed. Full validation of every profile is HAPI's (integration tier)."""
+    from fhir_ops import conformance
+
+    out: list[dict] = []
+    if not urls:
+        return [outcome("warning", "not-supported", "No profile given and the resource names none in "
+                        "meta.profile; checked against the base FHIR R4 specification only",
+                        error_id="profile-not-checked")]
+    for url in urls:
+        profile = conformance.profile_by_url(url)
+        if profile is None:
+            out.append(outcome("warning", "not-supported", f"Profile {url} is not one of this server's; the "
+                               "resource was checked against the base FHIR R4 specification only",
+                               error_id="profile-not-checked"))
+            continue
+        problems = conformance.check(resource, profile)
+        out.extend(outcome("error", "structure", f"{url}: {p}", error_id="profile-violation",
+                           expression=[p.split(":", 1)[0]]) for p in problems)
+        if not problems:
+            out.append(outcome("information", "informational", f"Conforms structurally to {url}",
+                               error_id="profile-checked"))
+    return out
 
 
 def _structural_issues(resource: dict) -> list[dict]:

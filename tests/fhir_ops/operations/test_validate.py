@@ -58,7 +58,7 @@ def test_instance_level_validates_the_stored_resource(base_url):
     assert response.status_code == 404
 
 
-def test_profile_is_accepted_with_a_warning(base_url):
+def test_unknown_profile_is_reported_as_not_checked(base_url):
     response = requests.post(base_url + "/fhir/Patient/$validate?", json={
         "resourceType": "Parameters", "parameter": [
             {"name": "resource", "resource": GOOD},
@@ -109,3 +109,37 @@ def test_capability_statement_lists_operations_from_the_registry(base_url):
     assert {"name": "validate", "definition": definition} in by_type["Observation"]
     served = requests.get(base_url + "/fhir/OperationDefinition/validate")
     assert served.status_code == 200 and served.json()["url"] == definition
+
+
+SD = "https://trialtwin.org/fhir/StructureDefinition"
+CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
+RISK = {
+    "resourceType": "RiskAssessment", "status": "final", "subject": {"reference": "Patient/p1"},
+    "meta": {"profile": [f"{SD}/dropout-risk"]},
+    "extension": [{"url": f"{SD}/twin-model", "valueReference": {"reference": "Device/m1"}}],
+    "method": {"coding": [{"system": CS, "code": "learned-model"}]},
+    "occurrenceDateTime": "2026-11-20T10:00:00Z",
+    "performer": {"reference": "Device/m1"},
+    "basis": [{"reference": "Observation/o1/_history/1"}],
+    "prediction": [{"outcome": {"coding": [{"system": CS, "code": "missed-next-visit"}]},
+                    "probabilityDecimal": 0.42, "whenPeriod": {"start": "2026-11-20", "end": "2026-12-04"}}],
+}
+
+
+def _validate(base_url, resource, **extra):
+    parameter = [{"name": "resource", "resource": resource}]
+    parameter += [{"name": k, ("valueUri" if k == "profile" else "valueCode"): v} for k, v in extra.items()]
+    return requests.post(base_url + f"/fhir/{resource['resourceType']}/$validate",
+                         json={"resourceType": "Parameters", "parameter": parameter}, headers=FHIR)
+
+
+def test_trialtwin_profile_is_checked_structurally(base_url):
+    ok = issues(_validate(base_url, RISK, mode="profile"))
+    assert [i["severity"] for i in ok] == ["information", "information"]
+    assert ok[1]["details"]["coding"][0]["code"] == "profile-checked"
+    broken = {k: v for k, v in RISK.items() if k != "performer"}  # the model that made the prediction
+    found = issues(_validate(base_url, broken, profile=f"{SD}/dropout-risk"))
+    errors = [i for i in found if i["severity"] == "error"]
+    assert errors and all(i["details"]["coding"][0]["code"] == "profile-violation" for i in errors)
+    assert any("RiskAssessment.performer" in i["diagnostics"] for i in errors)
+
