@@ -22,6 +22,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import requests
+from _server import wait_until_serving
 from _machine import cpu_model, library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,14 +90,8 @@ def start_server(data_dir: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", SERVER, data_dir, str(port)], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}/fhir"
-    for _ in range(300):
-        try:
-            if requests.get(f"{base}/Patient?_count=0", timeout=2).status_code == 200:
-                return proc, base
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    wait_until_serving(proc, f"{base}/Patient?_count=0", "the benchmark's FHIR server")
+    return proc, base
 
 
 def pct(samples: list[float], q: float) -> float:

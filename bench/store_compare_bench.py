@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
+from _server import wait_until_serving
 from _machine import cpu_model, library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +63,8 @@ def start_trialtwin(store: str, hapi_url: str, data_dir: str) -> tuple[subproces
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/fhir"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"trialtwin serve --store {store} exited with {proc.returncode}")
-        try:
-            if requests.get(f"{base}/metadata", timeout=30).status_code == 200:
-                return proc, base
-        except requests.RequestException:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"trialtwin serve --store {store} did not answer within 120 s")
+    wait_until_serving(proc, f"{base}/metadata", f"trialtwin serve --store {store}")
+    return proc, base
 
 
 def demo_bundles(participants: int, seed: int, tag: str, per_bundle: int) -> tuple[list[dict], list[str], int]:
