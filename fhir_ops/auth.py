@@ -178,6 +178,12 @@ def _enforce():
     path = request.path[len(prefix):] if prefix and request.path.startswith(prefix) else request.path
     if request.method in ("GET", "HEAD") and PUBLIC_PATHS.match(path):
         return None
+    outside_base = bool(prefix) and not (request.path == prefix or request.path.startswith(prefix + "/"))
+    if outside_base and request.method in ("GET", "HEAD") and (
+            request.endpoint == "landing" or request.url_rule is None):
+        # Outside the FHIR base (``/``, ``/favicon.ico``) is no data: the landing page or a 404
+        # OperationOutcome, never a token challenge a browser cannot answer.
+        return None
     if request.method == "OPTIONS":
         return None
     access = _authenticate()

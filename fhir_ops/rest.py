@@ -158,10 +158,35 @@ def _operations_module():
         raise
 
 
+_CAPABILITY = "trialtwin.capability"
+
+
+def capability_statement(app=None) -> dict:
+    """The app's CapabilityStatement without its request-dependent ``implementation.url``.
+
+    Built once per app, by ``create_app`` at start-up: generating it imports every resource model
+    and operation (seconds), which must not land on the first client's ``GET /metadata``.
+    Callers get the shared dict and must copy what they change.
+    """
+    app = app or current_app
+    cached = app.extensions.get(_CAPABILITY)
+    if cached is None:
+        with app.app_context():
+            cached = app.extensions[_CAPABILITY] = _build_capability_statement()
+    return cached
+
+
 @bp.get("/metadata")
 def metadata():
-    """CapabilityStatement generated from the R4B models, the search registry and the operation registry."""
+    """The CapabilityStatement built at start-up, with this request's base URL."""
     _check_format()
+    capability = dict(capability_statement())
+    capability["implementation"] = {"description": "TrialTwin embedded FHIR R4 server", "url": _base()}
+    return fhir_response(capability)
+
+
+def _build_capability_statement() -> dict:
+    """CapabilityStatement generated from the R4B models, the search registry and the operation registry."""
     registry = _operations_module()
     resources = [dict(r) for r in _resource_capabilities()]  # copies: the cached tuple stays untouched
     operations: list[dict] = []
@@ -180,7 +205,9 @@ def metadata():
     }
     if operations:
         rest["operation"] = operations
-    if current_app.config.get("SMART_ISSUER"):
+    # Only a server that enforces SMART says so: ``--auth open`` ignores tokens, so advertising
+    # them would send clients through an authorization they do not need.
+    if current_app.config.get("AUTH_MODE", "smart") == "smart" and current_app.config.get("SMART_ISSUER"):
         from smart_app.discovery import capability_security
 
         rest = {"mode": "server", "security": capability_security({"ISSUER": current_app.config["SMART_ISSUER"]}),
@@ -192,12 +219,11 @@ def metadata():
         "publisher": "TrialTwin",
         "kind": "instance",
         "software": {"name": "TrialTwin FHIR server", "version": "0.1.0"},
-        "implementation": {"description": "TrialTwin embedded FHIR R4 server", "url": _base()},
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
         "rest": [rest],
     }
-    return fhir_response(capability)
+    return capability
 
 
 @bp.get("/.well-known/smart-configuration")
@@ -265,8 +291,37 @@ def create(resource_type):
         raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
                              f"{resource_type!r}", error_id="type-mismatch", expression=["resourceType"])
     body = _harmonized(body)
-    result = get_store().create(body, if_none_exist=request.headers.get("If-None-Exist") or None)
+    result = get_store().create(body, if_none_exist=_if_none_exist_query(resource_type))
     return _write_response(result.resource, 201 if result.created else 200)
+
+
+def _if_none_exist_query(resource_type: str) -> str | None:
+    """The search query of the ``If-None-Exist`` header, which clients send in three spellings.
+
+    The specification's ``identifier=sys|val`` (or ``?identifier=...``); ``Patient?identifier=...``;
+    and the absolute ``[base]/Patient?identifier=...`` that HAPI's Java client sends. An absolute URL
+    must name this server's base and a type-qualified one the type being created: a condition on
+    another server or another type cannot be evaluated here and is refused, not ignored.
+    """
+    header = (request.headers.get("If-None-Exist") or "").strip()
+    if not header:
+        return None
+    path, mark, query = header.partition("?")
+    if not mark or "=" in path:
+        return header  # a bare query string (whose values may hold a "?")
+    if path:
+        base = _base()
+        if "://" in path:
+            if not path.startswith(base + "/"):
+                raise InvalidRequest(f"If-None-Exist {header!r} names another server; give a search on this "
+                                     f"server ({base}/{resource_type}?...) or only its query", error_id="bad-if-none-exist")
+            path = path[len(base) + 1:]
+        if path.strip("/") != resource_type:
+            raise InvalidRequest(f"If-None-Exist {header!r} searches {path.strip('/')!r}, not the {resource_type} being "
+                                 f"created", error_id="bad-if-none-exist")
+    if not query:
+        raise InvalidRequest(f"If-None-Exist {header!r} has no search parameters", error_id="bad-if-none-exist")
+    return query
 
 
 def _search_params() -> list[tuple[str, str]]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from fhir_ops.commands.serve import add_server_options, build_config, describe_store, public_base, serve_forever
+from fhir_ops.commands.serve import (add_server_options, build_config, check_port_free, describe_store, public_base,
+                                     serve_forever)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,6 +55,8 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.participants < 1:
         raise SystemExit("trialtwin demo: --participants must be at least 1")
+    if not args.no_serve:
+        check_port_free(args)  # before loading, not after minutes of it
     config = build_config(args)
     create_demo(config, args.participants, args.seed)
     if args.no_serve:

@@ -96,6 +96,27 @@ def test_if_none_exist_with_zero_one_and_two_matches(fhir):
     assert fhir.get("Patient?_summary=count").json()["total"] == 2
 
 
+@pytest.mark.parametrize("spelling", ["{base}/Patient?identifier=urn:trial:TT-201|S-002",  # HAPI's Java client
+                                      "Patient?identifier=urn:trial:TT-201|S-002",
+                                      "?identifier=urn:trial:TT-201|S-002"])
+def test_if_none_exist_accepts_the_absolute_and_type_qualified_spellings(fhir, spelling):
+    ident = {"identifier": [{"system": "urn:trial:TT-201", "value": "S-002"}]}
+    header = {"If-None-Exist": spelling.format(base=fhir.base)}
+    first = fhir.post("Patient", patient(**ident), headers=header)
+    again = fhir.post("Patient", patient(**ident), headers=header)
+    assert (first.status_code, again.status_code) == (201, 200) and again.json()["id"] == first.json()["id"]
+    assert fhir.get("Patient?_summary=count").json()["total"] == 1
+
+
+@pytest.mark.parametrize("spelling", ["http://elsewhere.example/fhir/Patient?identifier=a|b",
+                                      "{base}/Observation?identifier=a|b", "Observation?identifier=a|b",
+                                      "{base}/Patient?"])
+def test_if_none_exist_on_another_server_or_type_is_refused(fhir, spelling):
+    refused = fhir.post("Patient", patient(), headers={"If-None-Exist": spelling.format(base=fhir.base)})
+    assert refused.status_code == 400 and error_id(refused) == "bad-if-none-exist"
+    assert fhir.get("Patient?_summary=count").json()["total"] == 0  # nothing written
+
+
 def test_prefer_return_minimal_and_operation_outcome(fhir):
     minimal = fhir.post("Patient", patient(), headers={"Prefer": "return=minimal"})
     assert minimal.status_code == 201 and minimal.content == b"" and "Location" in minimal.headers
