@@ -253,8 +253,36 @@ def _check_type_history(access, resource_type):
                          "scope", "history-needs-broad-scope")
 
 
+def _chained_targets(resource_type: str) -> list[str]:
+    """The resource types a chained search parameter of this request (``subject:Patient.gender``) searches."""
+    from fhir_ops.search.registry import search_parameter
+
+    names = list(request.args)
+    if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
+        names += list(request.form)  # POST _search carries its parameters in the body
+    targets: list[str] = []
+    for name in names:
+        if "." not in name:
+            continue
+        ref_name, _, type_modifier = name.partition(".")[0].partition(":")
+        pdef = search_parameter(resource_type, ref_name)
+        if type_modifier:
+            targets.append(type_modifier)
+        elif pdef is not None:
+            targets += list(pdef.targets)
+    return targets
+
+
 def _check_search(access, resource_type):
     patient = access.require("search", resource_type)
+    chained = _chained_targets(resource_type)
+    if chained and patient:
+        # A chain evaluates conditions on resources the compartment filter never sees (the performer,
+        # another Patient): each answer would leak a bit about them.
+        raise _forbidden("chained search parameters search beyond the patient's compartment; they need a user/ or "
+                         "system/ scope", "chain-needs-broad-scope")
+    for target in chained:
+        access.require("search", target)
     if not patient:
         return
     _check_type_allowed_for_patient(resource_type, patient)
