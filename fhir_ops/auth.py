@@ -253,6 +253,17 @@ def _check_type_history(access, resource_type):
                          "scope", "history-needs-broad-scope")
 
 
+def _check_system_history(access):
+    from fhir_ops.validation import all_resource_types
+
+    # Every version of every type: only for a token that may read every type broadly.
+    hidden = [t for t in all_resource_types() if access.compartment_patient("read", t) is not None
+              or not access.can("read", t)]
+    if hidden:
+        raise _forbidden("system-level history spans every resource type and patient; it needs user/*.r or "
+                         "system/*.r", "history-needs-broad-scope")
+
+
 def _chained_targets(resource_type: str) -> list[str]:
     """The resource types a chained search parameter of this request (``subject:Patient.gender``) searches."""
     from fhir_ops.search.registry import search_parameter
@@ -453,6 +464,7 @@ _CHECKS = {
     "vread": _check_read,
     "instance_history": _check_instance_history,
     "type_history": _check_type_history,
+    "system_history": _check_system_history,
     "search": _check_search,
     "create": _check_create,
     "update": _check_update,
@@ -483,7 +495,8 @@ def _filter_bundle(response: Response) -> Response:
     access = current_access()
     if access is None or response.status_code != 200 or "json" not in (response.mimetype or ""):
         return response
-    if (request.endpoint or "").rsplit(".", 1)[-1] not in ("search", "system_bundle", "instance_history"):
+    if (request.endpoint or "").rsplit(".", 1)[-1] not in ("search", "system_bundle", "instance_history",
+                                                          "type_history", "system_history"):
         return response
     try:
         body = json.loads(response.get_data())

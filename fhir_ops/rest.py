@@ -379,8 +379,13 @@ def search(resource_type):
     return fhir_response(bundle)
 
 
-def _history_bundle(versions: list[dict]) -> dict:
+def _history_bundle(resource_type: str | None, resource_id: str | None) -> dict:
+    """One page of history (``_count``, ``_offset``) with the total and self/first/previous/next/last links."""
     base = _base()
+    count, offset = _count_arg(), _offset_arg()
+    store = get_store()
+    versions = store.history(resource_type, resource_id, count=count, offset=offset)
+    total = store.history_total(resource_type, resource_id)
     entries = []
     for v in versions:
         meta = v.get("meta") or {}
@@ -394,10 +399,36 @@ def _history_bundle(versions: list[dict]) -> dict:
         entry["response"] = {"status": "204 No Content" if deleted else ("201 Created" if method == "POST" else "200 OK"),
                              "etag": f'W/"{meta.get("versionId")}"', "lastModified": meta.get("lastUpdated")}
         entries.append(entry)
-    bundle = {"resourceType": "Bundle", "type": "history", "total": len(entries)}
+    path = "/".join(p for p in (resource_type, resource_id) if p)
+    here = f"{base}/{path}/_history" if path else f"{base}/_history"
+
+    def link(relation: str, at: int) -> dict:
+        query = [("_count", count)] if count is not None else []
+        return {"relation": relation, "url": f"{here}?{urlencode([*query, ('_offset', at)])}"}
+
+    links = [link("self", offset)]
+    if count:
+        links.append(link("first", 0))
+        if offset > 0:
+            links.append(link("previous", max(0, offset - count)))
+        if offset + count < total:
+            links.append(link("next", offset + count))
+        links.append(link("last", max(0, (total - 1) // count * count)))
+    bundle = {"resourceType": "Bundle", "type": "history", "total": total, "link": links}
     if entries:
         bundle["entry"] = entries
     return bundle
+
+
+def _offset_arg() -> int:
+    raw = request.args.get("_offset", "0")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InvalidRequest(f"_offset must be a non-negative integer, got {raw!r}", error_id="invalid-search-value")
+    return n
 
 
 def _count_arg() -> int | None:
@@ -413,11 +444,17 @@ def _count_arg() -> int | None:
     return n
 
 
+@bp.get("/_history")
+def system_history():
+    _check_format()
+    return fhir_response(_history_bundle(None, None))
+
+
 @bp.get("/<resource_type>/_history")
 def type_history(resource_type):
     _check_format()
     _check_type(resource_type)
-    return fhir_response(_history_bundle(get_store().history(resource_type, None, count=_count_arg())))
+    return fhir_response(_history_bundle(resource_type, None))
 
 
 # -- instance level ---------------------------------------------------------------------------------
@@ -459,7 +496,7 @@ def delete(resource_type, resource_id):
 def instance_history(resource_type, resource_id):
     _check_format()
     _check_type(resource_type)
-    return fhir_response(_history_bundle(get_store().history(resource_type, resource_id, count=_count_arg())))
+    return fhir_response(_history_bundle(resource_type, resource_id))
 
 
 @bp.get("/<resource_type>/<resource_id>/_history/<version_id>")

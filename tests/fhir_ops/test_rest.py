@@ -60,7 +60,52 @@ def test_type_history_lists_versions_of_all_instances(fhir):
     fhir.put(f"Patient/{a['id']}", {**a, "gender": "male"})
     bundle = fhir.get("Patient/_history").json()
     assert bundle["total"] == 3
-    assert fhir.get("Patient/_history?_count=2").json()["total"] == 2
+    page = fhir.get("Patient/_history?_count=2").json()
+    assert page["total"] == 3 and len(page["entry"]) == 2  # the total counts every version, not the page
+
+
+def _walk_history(fhir, url):
+    """Follow next links from ``url``; return (every page's total, every entry's type/id/version)."""
+    totals, seen = [], []
+    while url:
+        page = fhir.get(url).json()
+        assert page["type"] == "history"
+        totals.append(page["total"])
+        seen += [(e["fullUrl"].rsplit("/", 2)[-2], e["fullUrl"].rsplit("/", 1)[-1],
+                  e["response"]["etag"]) for e in page.get("entry", [])]
+        links = {link["relation"]: link["url"] for link in page["link"]}
+        assert links["self"].startswith(fhir.base)
+        url = links.get("next")
+    return totals, seen
+
+
+@pytest.mark.parametrize("level", ["system", "type", "instance"])
+def test_history_pages_with_next_links_and_the_full_total(fhir, level):
+    # HAPI's client and fhirpy page with _count and follow next; 12 versions must come back in 3 pages.
+    a = fhir.post("Patient", patient("A")).json()
+    for gender in ("male", "female", "other", "unknown", "male", "female", "other"):
+        fhir.put(f"Patient/{a['id']}", {**a, "gender": gender})
+    fhir.post("Patient", patient("B"))
+    obs = fhir.post("Observation", {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}).json()
+    fhir.put(f"Observation/{obs['id']}", {**obs, "status": "amended"})
+    fhir.delete(f"Observation/{obs['id']}")
+    expected = {"system": 12, "type": 9, "instance": 8}[level]
+    path = {"system": "_history", "type": "Patient/_history", "instance": f"Patient/{a['id']}/_history"}[level]
+    totals, seen = _walk_history(fhir, f"{path}?_count=5")
+    assert totals == [expected] * -(-expected // 5)  # every page says the full total
+    assert len(seen) == len(set(seen)) == expected  # no version repeated or skipped across pages
+    everything = fhir.get(path).json()
+    assert [(e["fullUrl"].rsplit("/", 2)[-2], e["fullUrl"].rsplit("/", 1)[-1], e["response"]["etag"])
+            for e in everything["entry"]] == seen  # paging keeps the newest-first order
+    last = fhir.get(f"{path}?_count=5&_offset=10").json()
+    assert {link["relation"] for link in last["link"]} >= {"self", "first", "previous", "last"}
+    assert "next" not in {link["relation"] for link in last["link"]} or expected > 15
+
+
+@pytest.mark.parametrize("query", ["_count=-1", "_offset=-5", "_offset=x"])
+def test_history_paging_parameters_are_checked(fhir, query):
+    bad = fhir.get(f"_history?{query}")
+    assert bad.status_code == 400 and error_id(bad) == "invalid-search-value"
 
 
 def test_update_creates_a_new_id_and_deleted_resource_can_come_back(fhir):

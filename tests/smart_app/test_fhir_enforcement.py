@@ -156,6 +156,15 @@ def test_chained_search_needs_a_broad_scope_on_every_type_it_searches(combined, 
     assert outside.status_code == 403 and outcome_id(outside) == "insufficient-scope"
 
 
+def test_system_history_needs_read_on_every_type_broadly(combined, p1_read, system_read, system_write):
+    for token in (p1_read, system_write):  # a patient's compartment; or system scopes on a few types only
+        refused = call("GET", f"{combined.fhir}/_history", token, params={"_count": 5})
+        assert refused.status_code == 403 and outcome_id(refused) == "history-needs-broad-scope"
+    page = call("GET", f"{combined.fhir}/_history", system_read, params={"_count": 5})
+    assert page.status_code == 200 and len(page.json()["entry"]) == 5 and page.json()["total"] > 5
+    assert any(link["relation"] == "next" for link in page.json()["link"])
+
+
 def test_read_only_token_cannot_write(combined, p1_read):
     response = call("POST", f"{combined.fhir}/Observation", p1_read, json=observation(P1))
     assert response.status_code == 403 and outcome_id(response) == "insufficient-scope"
