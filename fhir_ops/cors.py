@@ -34,11 +34,15 @@ def parse_origins(values: Iterable[str] | str | None) -> list[str]:
     --------
     >>> parse_origins("https://app.example, http://127.0.0.1:9000/")
     ['https://app.example', 'http://127.0.0.1:9000']
+    >>> parse_origins("none")
+    []
     """
     if values is None:
         return []
     if isinstance(values, str):
         values = [values]
+    if [str(v).strip().lower() for v in values] == ["none"]:
+        return []  # CORS off, said explicitly
     out: list[str] = []
     for value in values:
         for origin in re.split(r"[,\s]+", value or ""):

@@ -138,8 +138,7 @@ def cors_origins(args: argparse.Namespace, base: str) -> list:
         given = os.environ.get("TRIALTWIN_CORS_ORIGINS")
     try:
         if given is not None:
-            values = [given] if isinstance(given, str) else list(given)
-            return [] if [v.strip().lower() for v in values] == ["none"] else cors.parse_origins(values)
+            return cors.parse_origins(given)
     except ValueError as exc:
         raise FhirError(str(exc), status=400, code="invalid", error_id="bad-cors-origin") from None
     development = is_loopback(args.host) and is_loopback(urlsplit(base).hostname or "")

@@ -49,6 +49,9 @@ def test_default_is_loopback_in_development_and_none_in_production(monkeypatch):
     assert cors_origins(_args(cors_origin=["none"]), "http://127.0.0.1:8080") == []
     monkeypatch.setenv("TRIALTWIN_CORS_ORIGINS", f"{ALLOWED},https://b.example")
     assert cors_origins(_args(host="0.0.0.0"), "https://twin.example") == [ALLOWED, "https://b.example"]
+    monkeypatch.setenv("TRIALTWIN_CORS_ORIGINS", "none")
+    assert cors_origins(_args(), "http://127.0.0.1:8080") == []
+    assert cors.configured_origins({}) == []
     with pytest.raises(FhirError) as info:
         cors_origins(_args(cors_origin=["*"]), "https://twin.example")
     assert info.value.status == 400 and info.value.error_id == "bad-cors-origin"
