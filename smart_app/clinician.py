@@ -374,6 +374,7 @@ class Cohort:
     labels: dict = field(default_factory=dict)                 # output -> display name (from the server)
     horizon: int = 28                                          # days simulated from randomization
     level: float = 0.9                                         # coverage of the across-participant band
+    randomized: tuple | None = None                            # (first, last) ResearchSubject.period.start
     flagged: list = field(default_factory=list)                # (patient id, label, probability)
     assessed: int = 0                                          # participants with a dropout-risk assessment
 
@@ -391,6 +392,8 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
         problems.append(problem("Study", err))
     try:
         subjects = api.search("ResearchSubject", {"study": f"ResearchStudy/{study_id}", "_count": 5000})
+        starts = sorted(d for d in ((rs.get("period") or {}).get("start") for rs in subjects) if d)
+        cohort.randomized = (starts[0], starts[-1]) if starts else None
         for rs in subjects:
             cohort.enrolment[rs.get("actualArm") or rs.get("assignedArm") or "(unassigned)"] += 1
             cohort.status_counts[rs.get("status") or "unknown"] += 1

@@ -143,6 +143,7 @@ def test_edc_launch_shows_the_study_view(combined):
             figure = html[html.index(f"<svg role=\"img\" aria-label=\"Simulated {label} ({unit})"):]
             assert f">{unit}<" in figure[:figure.index("</svg>")]  # the y-axis label
         assert "days since randomization" in html
+        assert re.search(r"randomized between \d{1,2} \w{3} 2026 and \d{1,2} \w{3} 2026", html)
     assert "None of the 1 assessed" not in html
 
 
