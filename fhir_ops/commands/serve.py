@@ -183,7 +183,6 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
     """What to open, as (label, URL) pairs."""
     base = public_base(args)
     found = [("FHIR server (CapabilityStatement)", f"{base}/fhir/metadata")]
-    config["CORS_ORIGINS"] = cors_origins(args, base)
     if getattr(args, "store", "embedded") == "hapi":
         found.append(("store: HAPI FHIR", args.hapi_url))
     mounts = getattr(wsgi, "mounts", {})

@@ -143,3 +143,18 @@ def test_capability_statement_tells_whether_cors_is_on(server, tmp_path):
             assert "Access-Control-Allow-Origin" not in answer.headers  # production default: none
         finally:
             wsgi.app.extensions["trialtwin.store"].close()
+
+
+@pytest.mark.unit
+def test_the_serve_command_takes_the_flag_and_lists_its_urls(tmp_path):
+    from types import SimpleNamespace
+
+    from fhir_ops.cli import build_parser
+    from fhir_ops.commands.serve import urls
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--cors-origin", ALLOWED,
+                                      "--cors-origin", "https://b.example"])
+    assert args.cors_origin == [ALLOWED, "https://b.example"]
+    assert build_config(args)["CORS_ORIGINS"] == [ALLOWED, "https://b.example"]
+    listed = dict(urls(args, SimpleNamespace(mounts={"/auth": None})))
+    assert listed["FHIR server (CapabilityStatement)"] == "http://127.0.0.1:8080/fhir/metadata"
