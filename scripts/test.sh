@@ -15,7 +15,12 @@ fi
 
 # Browser tier: the reference SMART JavaScript client (npm fhirclient) at the version the lock file pins.
 if [ ! -d tests/smart_app/js/node_modules/fhirclient ]; then
-  command -v npm >/dev/null 2>&1 || { echo "npm is needed for the browser tests (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "== installing Debian nodejs and npm for the SMART JavaScript client test"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+  fi
   echo "== npm ci in tests/smart_app/js (fhirclient)"
   (cd tests/smart_app/js && npm ci --silent)
 fi
