@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, abort, current_app, redirect, render_templat
 
 from . import client as smart
 from .clinician import (FhirApi, FhirCallError, Problem, latest_risk, load_cohort, load_participant, outreach_tasks,
-                        parse_forecast, problem, simulate_parameters)
+                        parse_forecast, problem, simulate_parameters, status_words)
 from .jwks import persistent_secret
 from .plots import cohort_panels, forecast_panels
 
@@ -341,6 +341,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["trialtwin.launches"] = LaunchStore()
     app.register_blueprint(bp)
     app.add_template_filter(calendar_date, "calendar_date")
+    app.add_template_filter(status_words, "status_words")
 
     @app.after_request
     def _headers(response):

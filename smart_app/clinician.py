@@ -19,6 +19,21 @@ NO_MORE_DOSES = frozenset({"off-study", "withdrawn", "follow-up", "on-study-obse
                            "ineligible"})
 #: ... and of one who has left the study: no next visit, so no visit-attendance risk to assess
 LEFT_STUDY = frozenset({"off-study", "withdrawn", "not-registered", "ineligible"})
+#: R4 ResearchSubject.status (http://hl7.org/fhir/research-subject-status) in words for the pages
+STATUS_WORDS = {
+    "candidate": "Candidate", "eligible": "Eligible", "follow-up": "Follow-up (no more intervention)",
+    "ineligible": "Ineligible", "not-registered": "Not registered", "off-study": "Off study",
+    "on-study": "On study", "on-study-intervention": "On study, receiving the intervention",
+    "on-study-observation": "On study, observation only", "pending-on-study": "Pending on study",
+    "potential-candidate": "Potential candidate", "screening": "Screening", "withdrawn": "Withdrawn",
+}
+
+
+def status_words(code: str | None) -> str:
+    """A ResearchSubject status for people (the code itself when it is not an R4 status)."""
+    return STATUS_WORDS.get(code or "", code or "—")
+
+
 #: what the page says for the server's stable error ids (OperationOutcome issue.details.coding code)
 PLAIN_ERRORS = {
     "no-next-visit": "No visit is scheduled for this participant, so there is no next visit to assess.",

@@ -40,7 +40,7 @@ def test_ehr_launch_lands_on_the_patient_view(combined):
     assert page.url == f"{combined.base}/app/patient/{PATIENT}"
     html = page.text
     assert f"<h1>{PATIENT}</h1>" in html  # the demo's participants carry no names
-    assert "50 mg" in html and "on-study-intervention" in html and "Site" in html
+    assert "50 mg" in html and "On study, receiving the intervention" in html and "Site" in html
     if registry.get("simulate") is None:
         assert "does not offer $simulate yet" in html
         assert "<svg" not in html
@@ -133,7 +133,7 @@ def test_edc_launch_shows_the_study_view(combined):
     for arm in ("placebo", "50 mg", "100 mg"):
         assert f"<td>{arm}</td><td class=\"num\">2</td>" in html
     assert '<th scope="row">Total</th><td class="num">6</td>' in html
-    assert "<td>on-study-intervention</td><td class=\"num\">3</td>" in html
+    assert '<td title="on-study-intervention">On study, receiving the intervention</td><td class="num">3</td>' in html
     if registry.get("simulate") is None:
         assert "does not offer $simulate on ResearchStudy yet" in html
     else:
