@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
@@ -117,4 +118,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops import auth
 
     auth.init_app(app)  # SMART enforcement (AUTH_MODE smart) or none (open)
+    from fhir_ops import cors
+
+    # Browser SMART apps on other origins read discovery, /metadata and every FHIR route (CORS_ORIGINS)
+    prefix = re.escape((app.config["FHIR_PREFIX"] or "").rstrip("/"))
+    cors.init_app(app, [rf"{prefix}(/.*)?\Z" if prefix else r"/.*"])
     return app

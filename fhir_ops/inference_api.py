@@ -99,7 +99,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Secure by default, like the FHIR app: predictions are risk assessments of participants, so a
     # caller needs a token that may read RiskAssessments (system/, user/ or patient/ scopes).
     if auth.configure(app) == "smart":
-        app.before_request(lambda: auth.require_token("read", "RiskAssessment") and None)
+        # A CORS preflight carries no token by design (Fetch standard); it reaches no data either.
+        app.before_request(lambda: None if request.method == "OPTIONS"
+                           else auth.require_token("read", "RiskAssessment") and None)
+    from fhir_ops import cors
+
+    cors.init_app(app, [r"/.*"])
 
     @app.post("/predict/<model>")
     def predict(model: str):

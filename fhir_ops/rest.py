@@ -180,11 +180,15 @@ def metadata():
     }
     if operations:
         rest["operation"] = operations
+    # security.cors says whether a browser app on another origin may call this server (fhir_ops.cors)
+    cors = bool(current_app.config.get("CORS_ORIGINS"))
     if current_app.config.get("SMART_ISSUER"):
         from smart_app.discovery import capability_security
 
-        rest = {"mode": "server", "security": capability_security({"ISSUER": current_app.config["SMART_ISSUER"]}),
-                **{k: v for k, v in rest.items() if k != "mode"}}
+        security = capability_security({"ISSUER": current_app.config["SMART_ISSUER"], "CORS_ORIGINS": cors})
+        rest = {"mode": "server", "security": security, **{k: v for k, v in rest.items() if k != "mode"}}
+    elif cors:
+        rest = {"mode": "server", "security": {"cors": True}, **{k: v for k, v in rest.items() if k != "mode"}}
     capability = {
         "resourceType": "CapabilityStatement",
         "status": "active",

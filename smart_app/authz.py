@@ -282,6 +282,11 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from . import authz_views
     app.register_blueprint(authz_views.bp)
+    from fhir_ops import cors
+
+    # What a browser SMART app calls across origins: discovery, keys, token, introspection, revocation.
+    # The front-channel pages (authorize, login) are navigations and need no CORS.
+    cors.init_app(app, [r"/\.well-known/.*", "/token", "/introspect", "/revoke", "/userinfo"])
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

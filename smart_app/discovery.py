@@ -93,7 +93,8 @@ def capability_security(config: Mapping) -> dict:
     """
     issuer = config["ISSUER"].rstrip("/")
     return {
-        "cors": True,
+        # True only when fhir_ops.cors answers cross-origin requests (CORS_ORIGINS configured)
+        "cors": bool(config.get("CORS_ORIGINS")),
         "service": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
             "text": "OAuth2 using SMART-on-FHIR profile (see .well-known/smart-configuration)"}],

@@ -46,7 +46,7 @@ class AccessContext:
     patient : str, optional
         Patient id from the launch context; patient/ scopes are limited to this patient's compartment.
     fhir_context : tuple of dict
-        ``fhirContext`` entries such as ``{"reference": "ResearchStudy/tt-201"}``.
+        ``fhirContext`` entries such as ``{"reference": "ResearchStudy/study-1"}``.
     user : str, optional
         The ``fhirUser`` (``Practitioner/abc``), relative to the FHIR base when it was on the same server.
     subject : str, optional

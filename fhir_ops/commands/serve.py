@@ -29,6 +29,11 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-url", default=None,
                         help="base URL clients use to reach this server (default http://HOST:PORT); tokens are "
                              "issued for <public-url>/fhir by <public-url>/auth")
+    parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                        help="an origin (scheme://host[:port]) whose browser SMART apps may call /fhir, /auth/token "
+                             "and /inference; repeat for several (default $TRIALTWIN_CORS_ORIGINS, comma separated; "
+                             "without either: loopback origins when serving on a loopback host, none otherwise; "
+                             "'none' turns CORS off)")
     parser.add_argument("--store", choices=("embedded", "hapi"), default="embedded",
                         help="where FHIR resources live: the embedded SQLite store in --data-dir (default) "
                              "or an external HAPI FHIR server at --hapi-url")
@@ -113,6 +118,33 @@ def describe_store(config: dict) -> str:
     return f"HAPI FHIR at {store.base_url}" if store is not None else f"the embedded store in {config['DATA_DIR']}"
 
 
+def cors_origins(args: argparse.Namespace, base: str) -> list:
+    """Allowed CORS origins: ``--cors-origin`` flags, else ``$TRIALTWIN_CORS_ORIGINS``, else the default.
+
+    The default is deny in production; a server that listens on, and is reached at, a loopback address is
+    a development set-up, where browser apps on other local ports (``http://localhost:3000``) may call it.
+
+    Raises
+    ------
+    FhirError
+        An entry that is not an origin.
+    """
+    from urllib.parse import urlsplit
+
+    from fhir_ops import cors
+
+    given = getattr(args, "cors_origin", None)
+    if given is None:
+        given = os.environ.get("TRIALTWIN_CORS_ORIGINS")
+    try:
+        if given is not None:
+            return cors.parse_origins(given)
+    except ValueError as exc:
+        raise FhirError(str(exc), status=400, code="invalid", error_id="bad-cors-origin") from None
+    development = is_loopback(args.host) and is_loopback(urlsplit(base).hostname or "")
+    return cors.default_origins(development)
+
+
 def build_config(args: argparse.Namespace) -> dict:
     """The configuration shared by the FHIR app, the authorization server and the clinician app.
 
@@ -127,6 +159,7 @@ def build_config(args: argparse.Namespace) -> dict:
     config = {"DATA_DIR": data_dir, "AUTH_MODE": auth, "BASE_URL": f"{base}/fhir", "FHIR_BASE_URL": f"{base}/fhir",
               "ISSUER": f"{base}/auth", "SMART_ISSUER": f"{base}/auth",
               "SMART_KEYS_FILE": os.path.join(data_dir, "smart-signing-keys.json")}
+    config["CORS_ORIGINS"] = cors_origins(args, base)
     if getattr(args, "store", "embedded") == "hapi":
         if not args.hapi_url:
             raise FhirError("--store hapi needs --hapi-url (or TRIALTWIN_HAPI_URL), the HAPI server's FHIR base",
