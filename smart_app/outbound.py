@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -178,9 +179,21 @@ def fetch_json(url: str, *, allow: AllowList = AllowList(), timeout: float = TIM
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise OutboundRefused(f"{url} is larger than {max_bytes} bytes")
-            body = response.read(max_bytes + 1, decode_content=True)
-            if len(body) > max_bytes:
+            # The read timeout bounds each wait; the deadline bounds the whole answer (a server dripping one
+            # byte at a time must not hold a request thread for long).
+            deadline = time.monotonic() + 2 * timeout
+            chunks, size = [], 0
+            while size <= max_bytes:
+                chunk = response.read(16 * 1024, decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise OutboundRefused(f"{url} took longer than {2 * timeout:.0f} s to answer")
+            if size > max_bytes:
                 raise OutboundRefused(f"{url} is larger than {max_bytes} bytes")
+            body = b"".join(chunks)
         finally:
             response.release_conn()
     finally:

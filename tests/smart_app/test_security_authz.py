@@ -384,6 +384,29 @@ def test_oversized_jwks_answer_is_refused(tmp_path):
             fetch_json(base + "/jwks", allow=AllowList.parse("127.0.0.1/32"))
 
 
+def test_a_dripping_jwks_host_is_cut_off(tmp_path):
+    import time as clock
+
+    from flask import Response
+
+    from smart_app.outbound import fetch_json
+
+    app = Flask("slow")
+
+    @app.get("/jwks")
+    def slow():
+        def drip():
+            for _ in range(40):
+                clock.sleep(0.1)
+                yield b" "
+        return Response(drip(), mimetype="application/json")
+
+    # 4 s of dripping, each byte well within the 0.5 s read timeout: only the whole-answer deadline stops it.
+    with serve(app) as base:
+        with pytest.raises(OutboundRefused, match="longer than"):
+            fetch_json(base + "/jwks", allow=AllowList.parse("127.0.0.1/32"), timeout=0.5)
+
+
 # --- finding 10: /auth hardening ------------------------------------------------------------------
 
 def test_login_and_consent_pages_cannot_be_framed_and_the_cookie_is_named_and_locked(stack, agent):
