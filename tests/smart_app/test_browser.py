@@ -37,10 +37,15 @@ def browser():
 
 def launch_from_simulator(page, combined, **context) -> None:
     page.goto(f"{combined.base}/auth/launch-simulator")
+    # The simulated EHR needs its practitioner signed in with a password before it shows anything.
+    if page.locator("#password").count():
+        page.fill("#username", "dr.chen")
+        page.fill("#password", "trialtwin")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_load_state("load")
     page.select_option("#client_id", "trialtwin-clinician")
     for field, value in context.items():
         page.fill(f"#{field}", value)
-    page.select_option("#username", "dr.chen")
     page.get_by_role("button", name="Launch").click()
     page.get_by_role("button", name="Approve").click()
     page.wait_for_load_state("load")

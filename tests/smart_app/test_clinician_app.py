@@ -21,7 +21,7 @@ PATIENT = "tt201-p003"  # on study in the 6-participant demo (seed 5)
 
 def launch(combined, agent: UserAgent, **context):
     """Play the EHR: simulator → app launch URL → authorize (SSO, approve) → callback → the app's landing page."""
-    launched = combined.stack.simulate_launch(agent, CLIENT_ID, username="dr.chen", **context)
+    launched = combined.stack.simulate_launch(agent, CLIENT_ID, **context)
     assert launched["url"].startswith(combined.base + "/app/launch?")
     assert launched["iss"] == combined.fhir
     first = agent.session.get(launched["url"], allow_redirects=False)
