@@ -73,7 +73,8 @@ def parse_entry(entry, index: int, *, base: str | None = None) -> EntryRequest:
     if not isinstance(entry, dict):
         raise InvalidRequest(f"{where} must be an object", error_id="invalid-bundle", expression=[where])
     req = entry.get("request")
-    if not isinstance(req, dict) or not isinstance(req.get("url"), str) or req.get("method") not in METHOD_ORDER:
+    if not isinstance(req, dict) or not isinstance(req.get("url"), str) or not isinstance(req.get("method"), str) \
+            or req["method"] not in METHOD_ORDER:
         raise InvalidRequest(f"{where}.request needs a method (GET, POST, PUT, DELETE) and a url",
                              error_id="invalid-bundle", expression=[f"{where}.request"])
     method = req["method"]
