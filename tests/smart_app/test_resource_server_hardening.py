@@ -188,17 +188,22 @@ BAD_INPUTS = [
     ("POST", "", {"json": {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": "Observation", "request": {"method": "POST", "url": "Observation"}}]}}),
     ("POST", f"Patient/{P1}/$validate", {"json": {"resourceType": "Parameters", "parameter": 5}}),
+    ("POST", f"Patient/{P1}/$simulate", {"json": {"resourceType": "Parameters", "parameter": 5}}),
+    ("POST", f"Patient/{P1}/$predict-dropout", {"json": {"resourceType": "Parameters", "parameter": [5, "x"]}}),
+    ("POST", "", {"json": {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": "Observation", "request": {"method": "PUT", "url": "Observation/x1", "ifNoneExist": 5}}]}}),
     ("POST", "Observation", {"json": {"resourceType": ["Observation"]}}),
     ("PUT", f"Observation/x1", {"json": {"resourceType": ["Observation"], "id": "x1"}}),
 ]
 
 
+@pytest.mark.parametrize("who", ["system", "patient"])
 @pytest.mark.parametrize("method,path,kw", BAD_INPUTS, ids=lambda v: str(v)[:40] if isinstance(v, str) else None)
-def test_bad_input_is_a_4xx_operation_outcome(combined, admin, method, path, kw):
+def test_bad_input_is_a_4xx_operation_outcome(combined, admin, p1_all, who, method, path, kw):
     kw = dict(kw)
     headers = {"Content-Type": "application/fhir+json"} if "data" in kw else {}
     url = f"{combined.fhir}/{path}" if path else combined.fhir
-    response = call(method, url, admin, headers=headers, **kw)
+    response = call(method, url, admin if who == "system" else p1_all, headers=headers, **kw)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     assert response.json()["resourceType"] == "OperationOutcome"
 
