@@ -79,7 +79,7 @@ def strip_empty_content_type(response: Response) -> Response:
 
 
 def start_request_budget() -> None:
-    """``before_request`` hook: give the request ``REQUEST_TIME_BUDGET`` seconds of store work."""
+    """``before_request`` hook: start the request's ``REQUEST_TIME_BUDGET`` (see fhir_ops.limits)."""
     limits.start_budget(current_app.config.get("REQUEST_TIME_BUDGET"))
 
 
@@ -108,8 +108,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     test_config : dict, optional
         Overrides: ``DATA_DIR`` (default ``./data``; the SQLite file ``trialtwin.sqlite`` lives there),
         ``STORE`` (a ``Store`` instance; wins over ``DATA_DIR``), ``MAX_CONTENT_LENGTH`` (bytes,
-        default 16 MiB; larger bodies get 413), ``REQUEST_TIME_BUDGET`` (seconds of store work one request
-        may use before it is stopped with a 503; default 10, 0 for none), ``BASE_URL`` (external base for links, e.g.
+        default 16 MiB; larger bodies get 413), ``REQUEST_TIME_BUDGET`` (seconds after which a request's
+        still-running store read is stopped with a 503; writes are never cut; default 30, 0 for none), ``BASE_URL`` (external base for links, e.g.
         ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``), ``AUTH_MODE`` ("smart", the
         default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
         ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``).

@@ -21,8 +21,10 @@ MAX_SEARCH_PARAMS = 100
 #: Largest _offset: paging deeper than this is what a bulk export is for; it also keeps the value
 #: inside SQLite's 64-bit integers.
 MAX_OFFSET = 1_000_000
-#: Default wall-clock budget of one request's database work, seconds (``REQUEST_TIME_BUDGET``).
-DEFAULT_REQUEST_BUDGET = 10.0
+#: Default wall-clock budget of one request, seconds (``REQUEST_TIME_BUDGET``): a store read still running
+#: past it is interrupted. Generous, so an operation's legitimate computing on a loaded machine is never
+#: cut short; writes are never interrupted (fhir_ops.store.sqlite).
+DEFAULT_REQUEST_BUDGET = 30.0
 
 _deadline: ContextVar[float | None] = ContextVar("trialtwin_request_deadline", default=None)
 

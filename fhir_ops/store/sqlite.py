@@ -242,7 +242,7 @@ class SQLiteStore(Store):
         # transactions are copied into the database once, which measured ~15 % faster bundle ingest.
         conn.execute("PRAGMA wal_autocheckpoint=10000")
         # The request's time budget (fhir_ops.limits): SQLite calls back every ~10k VM steps and a
-        # request past its deadline has its statement interrupted, so no query holds the server.
+        # request past its deadline has its read statement interrupted, so no query holds the server.
         conn.set_progress_handler(limits.over_budget, 10_000)
         with self._lock:
             self._all.append(conn)
@@ -269,14 +269,20 @@ class SQLiteStore(Store):
     @contextmanager
     def _write(self):
         with self._conn() as conn:
-            tx = _Tx(self, conn)
+            # A write, once begun, runs to its end: the time budget stops runaway reads, whereas a
+            # write's size is bounded by the body limit, and a long operation's final store must not fail.
+            conn.set_progress_handler(None, 0)
             try:
-                yield tx
-                tx.flush()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                tx = _Tx(self, conn)
+                try:
+                    yield tx
+                    tx.flush()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            finally:
+                conn.set_progress_handler(limits.over_budget, 10_000)
 
     @contextmanager
     def _read(self):
