@@ -8,7 +8,7 @@ import math
 
 from flask import Flask, current_app, jsonify, request
 
-from fhir_ops import auth
+from fhir_ops import auth, limits
 from fhir_ops.app import render_error
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from inference.registry import ChecksumMismatch, ModelRegistry
@@ -61,6 +61,10 @@ def _rows_from_body(body, names: tuple[str, ...]) -> list[list[float]]:
             # bool is an int subclass, but true/false as a feature value is a client mistake.
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidRequest(f"row {i} feature '{names[j]}' must be a number, got {value!r}",
+                                     error_id="invalid-feature-value", expression=[f"rows[{i}].{names[j]}"])
+            if isinstance(value, int) and not -2**53 <= value <= 2**53:
+                # beyond what a float feature holds exactly (a 400-digit integer would not fit at all)
+                raise InvalidRequest(f"row {i} feature '{names[j]}' is an integer too large for a feature value",
                                      error_id="invalid-feature-value", expression=[f"rows[{i}].{names[j]}"])
             if not math.isfinite(value):
                 raise InvalidRequest(f"row {i} feature '{names[j]}' is NaN or infinite; missing values are "
@@ -116,9 +120,7 @@ def create_app(test_config: dict | None = None) -> Flask:
             raise NotFound(str(exc), error_id="unknown-model") from None
         if not request.is_json:
             raise UnsupportedMediaType("send the rows as application/json", error_id="unsupported-media-type")
-        body = request.get_json(silent=True)
-        if body is None:
-            raise InvalidRequest("request body is not valid JSON", error_id="invalid-json")
+        body = limits.loads(request.get_data(cache=True), malformed_id="invalid-json", allow_nan=True)
         rows = _rows_from_body(body, names)
         try:
             result = service.predict(model, rows, version)

@@ -146,6 +146,10 @@ def authorize():
         grant = server.get_consent_grant(end_user=user)
     except OAuth2Error as error:
         return server.handle_error_response(None, error)
+    except ValueError:
+        # authlib refuses to echo a parameter with characters RFC 6749 forbids in error texts
+        # (a response_type full of backslashes): the request is malformed, not the server
+        return server.handle_error_response(None, InvalidRequestError("malformed authorization request"))
     client = grant.client
     scopes_text = grant.request.scope
     scopes = parse_scopes(scopes_text)

@@ -248,6 +248,11 @@ def combined_config(base: str, data_dir, auth: str = "smart") -> dict:
 
 @pytest.fixture(scope="module")
 def combined(tmp_path_factory):
+    yield from combined_server(tmp_path_factory)
+
+
+def combined_server(tmp_path_factory, **overrides):
+    """Serve the combined server with the small demo (``overrides`` go into its config); yield a Combined."""
     from fhir_ops.commands.demo import create_demo
     from fhir_ops.wsgi import create_wsgi
 
@@ -258,7 +263,7 @@ def combined(tmp_path_factory):
         return holder["app"](environ, start_response)
 
     with serve(app) as base:
-        config = combined_config(base, data_dir)
+        config = {**combined_config(base, data_dir), **overrides}
         create_demo(config, DEMO_PARTICIPANTS, 5)
         holder["app"] = wsgi = create_wsgi(config)
         yield Combined(base, config, Stack(base=base, auth=base + "/auth", fhir=base + "/fhir",
