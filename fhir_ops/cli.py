@@ -16,6 +16,9 @@ COMMANDS = [
     ("load", "fhir_ops.commands.load"),  # load Bundles, resources and NDJSON files
     ("train", "inference.cli_train"),  # retrain a learned model (dropout) into the model registry
     ("terminology", "terminology.cli"),  # concept-map versions: import, diff, preview, publish, rollback
+    ("clients", "smart_app.cli_clients"),  # administrator: register/list/revoke SMART clients, registration tokens
+    ("users", "smart_app.cli_users"),  # administrator: users who sign in at /auth (hashed passwords)
+    ("keys", "smart_app.cli_keys"),  # administrator: rotate and retire token-signing keys
 ]
 
 #: One line per command for the top-level help, which must not import the command modules.
@@ -25,6 +28,9 @@ SUMMARIES = {
     "load": "load Bundles, resources and NDJSON files",
     "train": "retrain a learned model (simulated data -> ONNX + metadata)",
     "terminology": "maintain concept maps: import, diff, preview, publish, rollback",
+    "clients": "register, list and revoke SMART clients; mint registration tokens (administrator)",
+    "users": "add, list and remove users who sign in to the authorization server (administrator)",
+    "keys": "list, rotate and retire the token-signing keys (administrator)",
 }
 
 

@@ -12,16 +12,31 @@ BIN=${VENV:-.venv}/bin
 PYTEST=("$BIN/python" -m pytest -n 2 --dist loadgroup)
 mkdir -p test-artifacts
 
-# Browser tier: Debian's Chromium driven by Playwright (no browser download).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "== installing Debian chromium for the browser tests"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
-fi
+browser_prerequisites() {
+  # Browser tier: Debian's Chromium driven by Playwright (no browser download).
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "== installing Debian chromium for the browser tests"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+
+  # Browser tier: the reference SMART JavaScript client (npm fhirclient) at the version the lock file pins.
+  if [ ! -d tests/smart_app/js/node_modules/fhirclient ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "== installing Debian nodejs and npm for the SMART JavaScript client test"
+      if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    echo "== npm ci in tests/smart_app/js (fhirclient)"
+    (cd tests/smart_app/js && npm ci --silent)
+  fi
+}
 
 if [[ "${TRIALTWIN_SKIP_HAPI:-0}" == "1" || -n "${TRIALTWIN_HAPI_URL:-}" ]]; then
   # Deliberately no HAPI of ours: skipped, or a server the caller named and owns.
+  browser_prerequisites
   exec "${PYTEST[@]}" "$@"
 fi
 
@@ -55,6 +70,9 @@ fi
 echo "== starting HAPI in the background (log: $HAPI_LOG)"
 HAPI_DB="${HAPI_DB:-mem}" HAPI_WAIT_S="${HAPI_WAIT_S:-600}" scripts/hapi.sh start >"$HAPI_LOG" 2>&1 &
 hapi_job=$!
+
+# While HAPI builds and starts: the browser tier's system packages (minutes on a fresh machine).
+browser_prerequisites
 
 echo "== unit, api and browser tiers"
 fast_rc=0

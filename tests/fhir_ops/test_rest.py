@@ -158,7 +158,7 @@ def test_if_none_exist_accepts_the_absolute_and_type_qualified_spellings(fhir, s
                                       "{base}/Patient?"])
 def test_if_none_exist_on_another_server_or_type_is_refused(fhir, spelling):
     refused = fhir.post("Patient", patient(), headers={"If-None-Exist": spelling.format(base=fhir.base)})
-    assert refused.status_code == 400 and error_id(refused) == "bad-if-none-exist"
+    assert refused.status_code == 400 and error_id(refused) == "invalid-condition"
     assert fhir.get("Patient?_summary=count").json()["total"] == 0  # nothing written
 
 
