@@ -160,7 +160,7 @@ def _operations_module():
 
 @bp.get("/metadata")
 def metadata():
-    """CapabilityStatement generated from the R4B models, the search registry and the operation registry."""
+    """CapabilityStatement generated from the R4 definitions, the search registry and the operation registry."""
     _check_format()
     registry = _operations_module()
     resources = [dict(r) for r in _resource_capabilities()]  # copies: the cached tuple stays untouched
