@@ -32,6 +32,9 @@ ARTIFACT = "ca.uhn.hapi.fhir:hapi-fhir-validation-resources-r4"
 _MODEL = "org/hl7/fhir/r4/model/"
 _REGEX_EXT = "http://hl7.org/fhir/StructureDefinition/regex"
 _FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
+_SD = "http://hl7.org/fhir/StructureDefinition/"
+#: constraint profiles that the base definitions use as element types (kept as types of their own)
+_TYPE_PROFILES = ("SimpleQuantity",)
 
 
 def pinned_hapi_version() -> str:
@@ -73,6 +76,9 @@ def _element(el) -> list:
         if code and code.startswith("http://hl7.org/fhirpath/System."):
             # element ids and Extension.url are plain strings (the spec's 'compiler magic')
             code = fhir_type or "System." + code.rsplit(".", 1)[1]
+        profiles = [p.get("value") for p in t.findall(NS + "profile")]
+        if code == "Quantity" and f"{_SD}SimpleQuantity" in profiles:
+            code = "SimpleQuantity"  # a Quantity without comparator: the base types keep this constraint
         types.append(code)
     binding = None
     b = el.find(NS + "binding")
@@ -89,10 +95,13 @@ def structure_definitions(archive: zipfile.ZipFile) -> tuple[dict, dict]:
     primitives: dict = {}
     for member in ("profile/profiles-types.xml", "profile/profiles-resources.xml"):
         for tag, sd in _bundle_resources(archive, member):
-            if tag != "StructureDefinition" or _v(sd, "derivation") == "constraint":
-                continue  # profiles such as SimpleQuantity constrain a type; they add no type
             name, kind = _v(sd, "id"), _v(sd, "kind")
+            if tag != "StructureDefinition" or (_v(sd, "derivation") == "constraint" and name not in _TYPE_PROFILES):
+                continue  # other constraint profiles (MoneyQuantity...) add no type
             elements = [_element(e) for e in sd.findall(f"{NS}snapshot/{NS}element")]
+            if name in _TYPE_PROFILES:
+                base = _v(sd, "type")  # its snapshot paths start with the constrained type's name
+                elements = [[name + e[0][len(base):], *e[1:]] for e in elements]
             types[name] = {"kind": kind, "abstract": _v(sd, "abstract") == "true",
                            "base": (_v(sd, "baseDefinition") or "").rsplit("/", 1)[-1] or None,
                            "elements": elements[1:]}

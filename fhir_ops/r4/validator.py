@@ -120,9 +120,16 @@ def _make_checker(name: str, regex: str | None):
     return check_string
 
 
+# datatypes.html: a code has "no whitespace other than single spaces in the contents"; the published
+# regex ([^\s]+(\s[^\s]+)*) lets a tab or newline through, the prose (and HAPI) do not.
+_CODE_REGEX = r"[^\s]+( [^\s]+)*"
+
+
 @lru_cache(maxsize=1)
 def _primitives() -> dict:
-    prims = {name: _primitive_checker(name, p["regex"]) for name, p in definitions()["primitives"].items()}
+    regexes = {name: p["regex"] for name, p in definitions()["primitives"].items()}
+    regexes["code"] = _CODE_REGEX
+    prims = {name: _primitive_checker(name, regex) for name, regex in regexes.items()}
     prims["System.String"] = _primitive_checker("string", None)
     # Resource.id is declared as a string in the snapshot but is an id on the wire
     return prims
@@ -159,8 +166,8 @@ def compiled() -> dict[str, _Node]:
         for path, mn, mx, etypes, binding, ref in t["elements"]:
             parent_path, _, elem = path.rpartition(".")
             parent = by_path.get(parent_path)
-            if parent is None:
-                continue  # children of an element we do not descend into
+            if parent is None or mx == "0":
+                continue  # children of an element we do not descend into; prohibited (max 0) elements
             many = mx != "1" and mx != "0"
             codes = value_sets.get(binding) if binding else None
             keys: list[str] = []
