@@ -63,18 +63,7 @@ def _valid_calendar_date(value: str) -> bool:
 
 
 def _primitive_checker(name: str, regex: str | None) -> Callable[[object], str | None]:
-    """A function returning None for a valid JSON value of primitive ``name``, else the problem.
-
-    String-valued checkers carry ``fullmatch`` (their compiled regex) and ``dated`` so the hot path can
-    test a string inline; the others carry ``fullmatch = None``.
-    """
-    check = _make_checker(name, regex)
-    if not hasattr(check, "fullmatch"):
-        check.fullmatch, check.dated = None, False
-    return check
-
-
-def _make_checker(name: str, regex: str | None):
+    """A function returning None for a valid JSON value of primitive ``name``, else the problem."""
     if name == "boolean":
         return lambda v: None if v is True or v is False else "must be a JSON boolean (true or false)"
     if name in ("integer", "positiveInt", "unsignedInt"):
@@ -114,9 +103,6 @@ def _make_checker(name: str, regex: str | None):
         if dated and not _valid_calendar_date(v):
             return f"{v!r} is not a valid {name}: no such calendar date"
         return None
-    # a checker without a regex accepts any non-empty string; match that inline too
-    check_string.fullmatch = fullmatch or re.compile(r"(?s).+").fullmatch
-    check_string.dated = dated
     return check_string
 
 
@@ -151,6 +137,7 @@ def compiled() -> dict[str, _Node]:
     prims = _primitives()
     value_sets = {url: frozenset(codes) for url, codes in defs["valueSets"].items()}
     nodes: dict[str, _Node] = {name: _Node() for name, t in types.items() if t["kind"] != "primitive-type"}
+    known_valid = {checker: set() for checker in prims.values()}  # per primitive type: strings it accepted
     element_node = nodes["Element"]
     by_path: dict[str, _Node] = {}
     pending_refs: list = []
@@ -189,7 +176,7 @@ def compiled() -> dict[str, _Node]:
                     if ty in prims:
                         checker = prims["id"] if elem == "id" and root.is_resource and parent is root else prims[ty]
                         parent.fields[key] = (elem, many, _PRIMITIVE, checker, codes, binding,
-                                                  checker.fullmatch, checker.dated)
+                                                  known_valid[checker], None)
                         parent.fields["_" + key] = (elem, many, _PRIMITIVE_EXTENSION, element_node,
                                                         None, None, None, False)
                         keys += [key, "_" + key]
@@ -276,6 +263,17 @@ def _report(resource: object, out: list, path: str | None, nodes: dict) -> None:
     _walk(node, resource, path or rtype, out, nodes)
 
 
+_KNOWN_MAX = 1 << 16
+
+
+def _remember(known: set, value: str) -> None:
+    # Strings recur (systems, codes, units, references): a string a checker accepted once is accepted
+    # again without its regex. Bounded: the set starts over when full.
+    if len(known) >= _KNOWN_MAX:
+        known.clear()
+    known.add(value)
+
+
 def _choices_ok(node: _Node, obj: dict) -> bool:
     present = node.choice_keys.intersection(obj)
     if node.is_extension and (bool(present) == ("extension" in obj)):
@@ -298,12 +296,13 @@ def _ok(node: _Node, obj: dict, nodes: dict) -> bool:
         kind = field[2]
         if not field[1]:
             if kind == _PRIMITIVE:
-                fullmatch = field[6]
-                if fullmatch is not None and type(value) is str and value and fullmatch(value) is not None \
-                        and not field[7]:
+                known = field[6]
+                if type(value) is str and value in known:
                     pass
                 elif value is None or field[3](value) is not None:
                     return False
+                elif type(value) is str:
+                    _remember(known, value)
                 if field[4] is not None and value not in field[4]:
                     return False
             elif kind == _RESOURCE:
@@ -318,13 +317,19 @@ def _ok(node: _Node, obj: dict, nodes: dict) -> bool:
         if type(value) is not list or not value:
             return False
         if kind == _PRIMITIVE:
-            check, codes = field[3], field[4]
+            check, codes, known = field[3], field[4], field[6]
             for v in value:
                 if v is None:
                     if ("_" + key) in obj:
                         continue
                     return False
-                if check(v) is not None or (codes is not None and v not in codes):
+                if type(v) is str and v in known:
+                    pass
+                elif check(v) is not None:
+                    return False
+                elif type(v) is str:
+                    _remember(known, v)
+                if codes is not None and v not in codes:
                     return False
         elif kind == _RESOURCE:
             for v in value:
