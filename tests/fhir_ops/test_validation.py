@@ -101,6 +101,14 @@ def test_a_structural_problem_with_a_bad_code_is_400():
                                                                               "gender": "x"}}]},
      "Bundle.entry[0].resource.gender"),
     ({"resourceType": "Patient", "text": {"status": "generated", "div": "plain text"}}, "Patient.text.div"),
+    ({"resourceType": "Parameters", "parameter": [{"name": "a", "part": [{"name": "b", "valueString": "x",
+                                                                          "valueInteger": 1}]}]},
+     "Parameters.parameter[0].part[0].valueString"),                                           # via contentReference
+    ({"resourceType": "MedicationAdministration", "status": "completed", "medicationCodeableConcept": {"text": "x"},
+      "subject": {"reference": "Patient/a"}, "effectiveDateTime": "2024",
+      "dosage": {"dose": {"value": 1, "comparator": "<"}}}, "MedicationAdministration.dosage.dose.comparator"),
+    ({"resourceType": "Observation", "status": "final", "code": {"coding": [{"code": "a\tb"}]}},
+     "Observation.code.coding[0].code"),                                                        # single spaces only
 ])
 def test_element_rules(resource, where):
     err = _fails(resource)
