@@ -112,18 +112,25 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
     """
     n, n_modes = coef[0].shape[0], len(coef)
     order = np.argsort(d, kind="stable")
-    d = d[order]
-    amounts = amounts[:, order]
-    # doses at the same time act as one dose: intervals are then all > 0
-    d, first = np.unique(d, return_index=True)
-    amounts = np.add.reduceat(amounts, first, axis=1)
+    if np.any(order != np.arange(d.size)):
+        d, amounts = d[order], amounts[:, order]
+    if np.any(d[1:] == d[:-1]):
+        # doses at the same time act as one dose: intervals are then all > 0
+        d, first = np.unique(d, return_index=True)
+        amounts = np.add.reduceat(amounts, first, axis=1)
     n_doses = d.size
     gaps = np.diff(d)
     max_lag = float(np.max(tlag)) if oral else 0.0
     if gaps.size and max_lag > gaps.min():
         return None
-    # one dose row per step: shared amounts stay (J, 1); per-participant ones are transposed once
-    amt_rows = amounts.T if amounts.shape[0] == 1 else np.ascontiguousarray(amounts.T)
+    # one dose row per step: per-participant amounts are transposed once, in tiles of rows (a
+    # plain transposed copy touches one cache line per element and costs several times more)
+    if amounts.shape[0] == 1:
+        amt_rows = amounts.T
+    else:
+        amt_rows = np.empty((n_doses, n))
+        for lo in range(0, n, 256):
+            amt_rows[:, lo:lo + 256] = amounts[lo:lo + 256].T
     scale = f if oral else None
 
     # propagation coefficients per distinct interval
@@ -180,12 +187,13 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
                     modes[r] += tmp
             if oral:
                 depot *= ea
+        a_j = amt_rows[j]
         if oral:
-            np.multiply(scale, amt_rows[j], out=tmp)
+            np.multiply(scale, a_j, out=tmp)
             depot += tmp
         else:
             for r in range(n_modes):
-                np.multiply(coef[r], amt_rows[j], out=tmp)
+                np.multiply(coef[r], a_j, out=tmp)
                 modes[r] += tmp
         for col in cols[j]:
             row = out[col]
