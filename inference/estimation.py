@@ -15,6 +15,7 @@ from a central-difference Hessian of ``-2 log L`` at the optimum.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -35,7 +36,17 @@ from inference.population import (
     typical_parameters,
 )
 
-__all__ = ["ModeEstimate", "PopulationFit", "find_modes", "fit_population", "objective_function"]
+__all__ = ["BoundaryWarning", "ModeEstimate", "PopulationFit", "find_modes", "fit_population",
+           "objective_function"]
+
+
+class BoundaryWarning(UserWarning):
+    """A random-effect variance converged to (nearly) zero: its standard error is meaningless."""
+
+
+# an SD below this fraction of the typical value's magnitude (at least 1) counts as zero: the
+# likelihood is then flat in the log SD and the random effect could be dropped
+_BOUNDARY_SD = 1e-3
 
 # One step on the log-scale parameters serves first and second differences: truncation error
 # ~1e-9 for the former, rounding error ~1e-8 (relative) for the latter.
@@ -536,6 +547,9 @@ class PopulationFit:
     n_iterations : int
     n_evaluations : int
         Number of times all subjects' modes were searched.
+    boundary : tuple of str
+        Random effects whose variance converged to ~0 (a :class:`BoundaryWarning` is issued):
+        their SD's standard error is meaningless and the effect could be removed.
     """
 
     model: PopulationModel
@@ -553,6 +567,7 @@ class PopulationFit:
     n_iterations: int
     n_evaluations: int
     method: str = "FOCEI"
+    boundary: tuple[str, ...] = ()
 
     @property
     def log_likelihood(self) -> float:
@@ -704,6 +719,14 @@ def fit_population(
     # below 100 * gtol there moves the estimates by far less than their standard errors
     converged = bool(result.success or np.max(np.abs(final_grad)) < 100 * gtol) and bool(modes.converged.all())
     eta_cov = np.linalg.inv(modes.hessian)
+    scale = np.maximum(np.abs(fitted.theta[fitted.random_index]), 1.0)
+    boundary = tuple(name for name, sd, s in zip(fitted.random_effects, fitted.omega_sd, scale)
+                     if sd < _BOUNDARY_SD * s)
+    if boundary:
+        warnings.warn(f"variance of {', '.join(boundary)} converged to ~0 (SD "
+                      f"{', '.join(f'{sd:.2g}' for sd in fitted.omega_sd[np.isin(fitted.random_effects, boundary)])}):"
+                      " the standard errors of these SDs are meaningless; consider removing the random "
+                      "effect(s)", BoundaryWarning, stacklevel=2)
     return PopulationFit(
         model=fitted,
         objective=float(objective),
@@ -719,6 +742,7 @@ def fit_population(
         message=str(result.message),
         n_iterations=int(result.nit),
         n_evaluations=int(state["evaluations"]),
+        boundary=boundary,
     )
 
 
