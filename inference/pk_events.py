@@ -321,7 +321,7 @@ def michaelis_menten_concentration(vmax, km, v, ka, tlag, f, doses, times, *,
     method, rtol, atol :
         Passed to ``solve_ivp``. The implicit methods (``"Radau"``, ``"BDF"``) receive the sparse
         analytical Jacobian; they pay off only for stiff cases (e.g. absorption far faster than
-        elimination), so the default is the explicit DOP853, which was 10-14x faster than either
+        elimination), so the default is the explicit DOP853, which was 9-13x faster than either
         on typical oral regimens during development.
 
     Returns
