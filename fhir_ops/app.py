@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -12,6 +11,7 @@ from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 from fhir_ops.errors import FhirError
+from fhir_ops.json_codec import dumps_bytes
 from fhir_ops.store.base import Store
 
 FHIR_JSON = "application/fhir+json"
@@ -30,7 +30,7 @@ _HTTP_ISSUES = {
 
 def fhir_response(body: dict | None, status: int = 200, headers: dict | None = None) -> Response:
     """A response carrying ``body`` as application/fhir+json (no body when ``body`` is None)."""
-    data = "" if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    data = b"" if body is None else dumps_bytes(body)
     resp = Response(data, status=status, headers=headers or {})
     if body is not None:
         resp.content_type = f"{FHIR_JSON}; charset=utf-8"
