@@ -404,12 +404,18 @@ class Loader:
         done = self.target.loaded_batches()
 
         def todo():  # the file's batches that no earlier run stored
+            run: list[Batch] = []  # consecutive stored batches, announced when the run ends
             for batch in ndjson_batches(path, self.batch_size, expected_type):
                 if batch.key in done:
                     report.skipped_batches += 1
                     report.skipped_lines += len(batch.lines)
-                else:
-                    yield batch
+                    run.append(batch)
+                    continue
+                if run:
+                    _progress(path, f"lines {run[0].first_line}-{run[-1].last_line} already stored by an earlier "
+                                    f"run ({len(run)} batches), skipped")
+                    run = []
+                yield batch
 
         batches = todo()
         if self.workers <= 1:
