@@ -15,6 +15,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
 from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, PreconditionFailed
 from fhir_ops.json_codec import dumps as _dumps
 from fhir_ops.search.extract import index_rows_many
@@ -238,6 +243,7 @@ class SQLiteStore(Store):
         self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._writer_lock_path = self.path + "-writer.lock"
         conn = self._connect()
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)
@@ -276,7 +282,7 @@ class SQLiteStore(Store):
 
     @contextmanager
     def _write(self):
-        with self._conn() as conn:
+        with self._writer_turn(), self._conn() as conn:
             tx = _Tx(self, conn)
             try:
                 yield tx
@@ -285,6 +291,25 @@ class SQLiteStore(Store):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def _writer_turn(self):
+        """Queue writers (threads and processes) on a blocking file lock before SQLite's write lock.
+
+        SQLite's own wait for a busy write lock polls with sleeps growing to 100 ms, so a writer often
+        sleeps on past the moment the lock is free; with parallel load workers that idled a core. A
+        blocking ``flock`` wakes the next writer as soon as the current one commits. SQLite's locking
+        still guards the file against writers that do not take this lock.
+        """
+        if fcntl is None:  # no flock on this platform: SQLite's busy wait alone
+            yield
+            return
+        fd = os.open(self._writer_lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     @contextmanager
     def _read(self):
