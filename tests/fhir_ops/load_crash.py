@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +42,11 @@ def write_corpus(path: Path, n_lines: int, seed: int = 11) -> Corpus:
     rng = random.Random(seed)
     corpus = Corpus(path, n_lines)
     idless_keys: set[tuple] = set()
-    written: list[str] = []
+    written: deque[str] = deque(maxlen=1000)  # repeats come from the last 1000 lines
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n_lines):
             if written and rng.random() < 0.05:  # an exact repeat of an earlier line: no new resource
-                fh.write(rng.choice(written[-1000:]))
+                fh.write(rng.choice(written))
                 continue
             if i % 25 == 0:
                 resource = {"resourceType": "Patient", "name": [{"family": f"F{i}"}],
