@@ -81,13 +81,28 @@ def install_hooks() -> list[str]:
     return installed
 
 
+def _commit(code_root: Path) -> str:
+    """The commit of the profiled code: a `git archive` records it in its pax header, a checkout in git."""
+    import subprocess
+
+    marker = code_root / ".commit"
+    if marker.exists():
+        return marker.read_text().strip()
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code_root, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--observations", type=int, default=20_000)
     ap.add_argument("--per-patient", type=int, default=50)
     ap.add_argument("--bundle-patients", type=int, default=20)
     ap.add_argument("--label", default="", help="suffix of the result file, e.g. 'before'")
+    ap.add_argument("--code", default=None,
+                    help="profile the code in this directory (e.g. a `git archive` of an earlier commit)")
     args = ap.parse_args()
+    code_root = Path(args.code).resolve() if args.code else ROOT
+    sys.path.insert(0, str(code_root))
 
     bundles = make_bundles(args.observations, args.per_patient, args.bundle_patients)
     n = sum(len(entries) for _, entries in bundles)
@@ -95,7 +110,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # 1. over real HTTP (waitress subprocess, as store_bench): the end-to-end time per resource
-        proc, base = start_server(os.path.join(tmp, "http"))
+        proc, base = start_server(os.path.join(tmp, "http"), code_root)
         try:
             http = requests.Session()
             t0 = time.perf_counter()
@@ -109,7 +124,10 @@ def main() -> None:
 
         # 2. in-process with stage timers: the same requests through the WSGI app without a socket
         installed = install_hooks()
+        import fhir_ops
         from fhir_ops.app import create_app
+
+        print(f"profiling the code in {Path(fhir_ops.__file__).parent.parent}")
 
         app = create_app({"DATA_DIR": os.path.join(tmp, "inproc"), "AUTH_MODE": "open"})
         client = app.test_client()
@@ -140,7 +158,8 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": describe(("flask", "werkzeug", "waitress", "fhir.resources", "pydantic", "orjson")),
         "setup": {"resources": n, "bundles": len(bundles), "observations_per_patient": args.per_patient,
-                  "timed_functions": installed},
+                  "timed_functions": installed, "code": args.code or "this tree",
+                  "commit": _commit(code_root), "fhir_ops_from": str(Path(sys.modules["fhir_ops"].__file__).parent)},
         "http_resources_per_s": round(n / http_s, 1),
         "in_process_resources_per_s": round(n / inproc_s, 1),
         "ratio_in_process_over_http": round(http_s / inproc_s, 3),
