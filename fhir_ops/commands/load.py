@@ -502,11 +502,6 @@ class Loader:
         return report
 
 
-def load_file(target, path: str, batch_size: int = 1000) -> FileReport:
-    """Load one file into ``target`` in this process; errors are caught and described in the report."""
-    return Loader(target, 1, batch_size).load_file(path)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequest("--batch-size must be at least 1")

@@ -91,3 +91,23 @@ def test_bulk_export_manifest_and_import_parameters(tmp_path, capsys):
     (tmp_path / "remote.json").write_text(json.dumps(remote))
     assert main(["load", str(tmp_path / "remote.json"), "--data-dir", str(tmp_path / "d3")]) == 1
     assert "is remote" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_load_options_are_refused(tmp_path, capsys, argv, message):
+    path = tmp_path / "p.ndjson"
+    path.write_text(json.dumps({"resourceType": "Patient"}) + "\n")
+    assert main(["load", str(path), "--data-dir", str(tmp_path / "data"), *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_manifest_naming_a_missing_file_or_no_url_is_an_error(tmp_path, capsys):
+    (tmp_path / "m.json").write_text(json.dumps({"output": [{"type": "Patient", "url": "nope.ndjson"}]}))
+    assert main(["load", str(tmp_path / "m.json"), "--data-dir", str(tmp_path / "d")]) == 1
+    assert "nope.ndjson does not exist" in capsys.readouterr().err
+    (tmp_path / "m2.json").write_text(json.dumps({"output": [{"type": "Patient"}]}))
+    assert main(["load", str(tmp_path / "m2.json"), "--data-dir", str(tmp_path / "d")]) == 1
+    assert "manifest input 0 has no url" in capsys.readouterr().err
