@@ -134,7 +134,11 @@ def _rows_of(kind: str, key: str, v, targets) -> list[tuple]:
 
 
 def _extract(resource: dict, out: dict[str, list], prefix: tuple) -> None:
-    """Append every index row of ``resource``, prefixed by ``prefix`` (the row id or nothing), to ``out``."""
+    """Append every index row of ``resource``, prefixed by ``prefix`` (the row id or nothing), to ``out``.
+
+    The common value shapes (a code string, a CodeableConcept, a reference, a dateTime string) are
+    handled inline: this runs for every resource written, and calls dominate its cost.
+    """
     plan = _plan(resource["resourceType"])
     seen: dict[str, set] | None = None
     for top_key, top in resource.items():
@@ -149,7 +153,15 @@ def _extract(resource: dict, out: dict[str, list], prefix: tuple) -> None:
                 found = _values(top, parts, 1)
             rows = out[kind]
             for v in found:
-                if kind == "reference":  # the commonest kind with the cheapest rows: inline
+                if kind == "token":
+                    if isinstance(v, str):
+                        new = ((key, None, v),)
+                    elif isinstance(v, dict) and "coding" in v:
+                        new = [(key, c.get("system"), str(c["code"])) for c in v["coding"]
+                               if isinstance(c, dict) and c.get("code") is not None]
+                    else:
+                        new = [(key, s, c) for s, c in _tokens(v)]
+                elif kind == "reference":
                     ref = v.get("reference") if isinstance(v, dict) else v if isinstance(v, str) else None
                     if not isinstance(ref, str) or ref.startswith("#"):
                         continue
@@ -157,10 +169,15 @@ def _extract(resource: dict, out: dict[str, list], prefix: tuple) -> None:
                     if targets and rtype not in targets:
                         continue
                     new = ((key, rtype, rid),)
+                elif kind == "date" and isinstance(v, str):
+                    rng = date_range(v)
+                    if rng is None:
+                        continue
+                    new = ((key, rng[0], rng[1]),)
                 else:
                     new = _rows_of(kind, key, v, targets)
-                    if not new:
-                        continue
+                if not new:
+                    continue
                 if single and not top_is_list and len(new) == 1:
                     rows.append(prefix + new[0])  # a single scalar element cannot repeat itself
                     continue
