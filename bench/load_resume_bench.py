@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +77,8 @@ def main() -> None:
         "benchmark": "load_resume_bench",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": describe(("orjson", "fhir.resources", "pydantic")),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
         "setup": {"lines": args.lines, "unique_resources": corpus.unique, "batch_size": args.batch_size,
                   "workers": args.workers, "kill_after_stored_batches": kill_after},
         "runs": runs,
