@@ -25,7 +25,8 @@ from fhir_ops.errors import FhirError, InvalidRequest
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("load", help="load Bundles, resources and NDJSON files")
     parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="*.json (a transaction/batch/collection Bundle or one resource) or *.ndjson")
+                        help="*.json (a transaction/batch/collection Bundle, one resource, a Bulk Data export "
+                             "manifest or $import Parameters) or *.ndjson")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--data-dir", default=None,
                        help=f"embedded store directory (default {DEFAULT_DATA_DIR})")
@@ -104,7 +105,8 @@ def content_id(resource: dict) -> str:
     40
     """
     canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:40]
+    # surrogatepass: a lone surrogate in a string still gets an id (validation judges the resource)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 @dataclass
