@@ -14,10 +14,12 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, request
 from werkzeug.routing import BaseConverter
 
-from fhir_ops.app import fhir_response, get_store
+from fhir_ops import auth, limits
+from fhir_ops.app import fhir_response, get_store, request_base
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from fhir_ops.search.registry import search_parameters_for
-from fhir_ops.store.bundle import DELETED_TAG
+from fhir_ops.store.bundle import DELETED_TAG, canonical_bundle
+from fhir_ops.urls import UrlError, parse_condition
 from fhir_ops.validation import all_resource_types, is_resource_type
 from terminology.harmonize import attach_outcomes, harmonize_bundle
 from terminology.workflow import active_harmonizer
@@ -38,10 +40,7 @@ class OperationConverter(BaseConverter):
 
 # -- request helpers -------------------------------------------------------------------------------
 def _base() -> str:
-    configured = current_app.config.get("BASE_URL")
-    if configured:
-        return configured.rstrip("/")
-    return request.host_url.rstrip("/") + request.script_root + (current_app.config.get("FHIR_PREFIX") or "")
+    return request_base()
 
 
 def _prefer() -> dict[str, str]:
@@ -67,10 +66,7 @@ def _json_body() -> dict:
         raise UnsupportedMediaType(f"Content-Type {request.content_type or '(none)'!r} is not supported; "
                                    f"send application/fhir+json", error_id="unsupported-media-type")
     raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", error_id="malformed-json") from None
+    body = limits.loads(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object (a FHIR resource)", error_id="malformed-json")
     return body
@@ -180,11 +176,15 @@ def metadata():
     }
     if operations:
         rest["operation"] = operations
+    # security.cors says whether a browser app on another origin may call this server (fhir_ops.cors)
+    cors = bool(current_app.config.get("CORS_ORIGINS"))
     if current_app.config.get("SMART_ISSUER"):
         from smart_app.discovery import capability_security
 
-        rest = {"mode": "server", "security": capability_security({"ISSUER": current_app.config["SMART_ISSUER"]}),
-                **{k: v for k, v in rest.items() if k != "mode"}}
+        security = capability_security({"ISSUER": current_app.config["SMART_ISSUER"], "CORS_ORIGINS": cors})
+        rest = {"mode": "server", "security": security, **{k: v for k, v in rest.items() if k != "mode"}}
+    elif cors:
+        rest = {"mode": "server", "security": {"cors": True}, **{k: v for k, v in rest.items() if k != "mode"}}
     capability = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -239,8 +239,11 @@ def system_bundle():
     store = get_store()
     kind = bundle.get("type")
     if kind not in ("transaction", "batch"):
-        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {kind!r}",
+        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {str(kind)[:100]!r}",
                              error_id="invalid-bundle", expression=["Bundle.type"])
+    # The entries exactly as the authorization check read them (one parse, fhir_ops.urls): the store
+    # executes their canonical form, so the check and the write cannot disagree on a target.
+    bundle = canonical_bundle(bundle, auth.bundle_entries(bundle))
     # incoming local codes get their standard coding and canonical unit before anything is stored
     warnings: dict = {}
     harmonizer = _harmonizer(store)
@@ -264,8 +267,16 @@ def create(resource_type):
     if body.get("resourceType") != resource_type:
         raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
                              f"{resource_type!r}", error_id="type-mismatch", expression=["resourceType"])
+    condition = None
+    if request.headers.get("If-None-Exist"):
+        try:
+            pairs = parse_condition(request.headers["If-None-Exist"], resource_type, _base())
+        except UrlError as exc:
+            raise InvalidRequest(f"If-None-Exist: {exc}", error_id="invalid-condition") from None
+        # a patient-scoped token's condition searches only its own compartment, like its searches do
+        condition = urlencode(auth.restrict_condition(resource_type, pairs))
     body = _harmonized(body)
-    result = get_store().create(body, if_none_exist=request.headers.get("If-None-Exist") or None)
+    result = get_store().create(body, if_none_exist=condition)
     return _write_response(result.resource, 201 if result.created else 200)
 
 

@@ -329,11 +329,11 @@ def dispatch(level: str, resource_type: str | None, resource_id: str | None, nam
 
         app = current_app._get_current_object()
         job = jobs.manager(app).submit(op, level, resource_type, resource_id, params, base_url, headers)
-        from fhir_ops.auth import current_access
+        from fhir_ops.auth import current_access, job_owner
 
         access = current_access()
         if access is not None:  # only the submitter may poll or cancel (fhir_ops.auth checks it)
-            job.owner = (access.client_id, access.subject)
+            job.owner = job_owner(access)
         return fhir_response(
             {"resourceType": "OperationOutcome", "issue": [{
                 "severity": "information", "code": "informational",
@@ -365,10 +365,9 @@ def _json_body(request) -> Any:
     if media_type not in _JSON_MEDIA_TYPES:
         raise UnsupportedMediaType(
             f"Operation bodies must be application/fhir+json, got {request.content_type or 'no Content-Type'}")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", error_id="invalid-json") from None
+    from fhir_ops import limits
+
+    return limits.loads(raw, malformed_id="invalid-json")
 
 
 def prefers_async(prefer: str) -> bool:
