@@ -16,9 +16,11 @@ from smart_app.scopes import interaction_code
 
 AUTH_MODES = ("smart", "open")
 
-#: Paths under the FHIR prefix that anyone may read: discovery, and conformance resources that hold no
-#: participant data (the shipped OperationDefinitions).
-PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|OperationDefinition/[A-Za-z0-9\-.]{1,64})$")
+#: Paths under the FHIR prefix that anyone may read: discovery, and reads of conformance resources, which
+#: hold no participant data (a validator resolving meta.profile has no token). Searches still need one.
+PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|"
+                          r"(StructureDefinition|OperationDefinition|SearchParameter|CodeSystem|ValueSet|ConceptMap)"
+                          r"/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?)$")
 
 #: Per operation: the boolean input that switches writing on (None: it always writes), that input's
 #: default, and the participant-data types written, on each of which the caller needs ``c`` and ``u``.

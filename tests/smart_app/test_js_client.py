@@ -91,9 +91,9 @@ def sign_in(page, username: str = "dr.chen", password: str = "trialtwin") -> Non
 def ehr_launch(page, combined, client_id: str, patient: str) -> None:
     """Play the EHR: the launch simulator opens the app's launch URL with ``iss`` and ``launch``."""
     page.goto(f"{combined.base}/auth/launch-simulator")
+    sign_in(page)  # the simulator is a development feature behind a password sign-in
     page.select_option("#client_id", client_id)
     page.fill("#patient", patient)
-    page.select_option("#username", "dr.chen")
     page.get_by_role("button", name="Launch").click()
     page.wait_for_load_state("load")
 
