@@ -45,6 +45,11 @@ GENERATED = [
     ("ConceptMap", None, "$import-map"),
     ("AuditEvent", None, "$import-map"),
     ("AuditEvent", None, "terminology publish"),
+    ("Observation", SD + "prognostic-score", "$estimate-effect"),
+    ("DocumentReference", SD + "effect-report", "$estimate-effect"),
+    ("Provenance", SD + "twin-provenance", "$estimate-effect"),
+    ("MeasureReport", SD + "enrollment-forecast", "$forecast-enrollment"),
+    ("Provenance", SD + "twin-provenance", "$forecast-enrollment"),
 ]
 
 
@@ -122,6 +127,37 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         by_action = {e["resource"]["subtype"][0]["code"]: e["resource"] for e in audits}
         out[_key(GENERATED[10])] = by_action["import"]
         out[_key(GENERATED[11])] = by_action["publish"]
+
+        # $estimate-effect with historical controls: prognostic scores, the report, their Provenance
+        import numpy as np
+
+        from tests.fhir_ops.operations.test_estimate_effect import _params as effect_params
+        from tests.fhir_ops.operations.test_estimate_effect import _people, _study_entries
+        from tests.fhir_ops.operations.test_forecast_enrollment import recruitment_entries
+        rng = np.random.default_rng(5)
+        entries = (_study_entries("ee-trial", _people(rng, "eet", 40, effect=-0.5, treated=np.arange(40) % 2 == 0),
+                                  ["active", "placebo"])
+                   + _study_entries("ee-history", _people(rng, "eeh", 60), ["placebo"]))
+        for i in range(0, len(entries), 150):
+            assert client.transaction(entries[i:i + 150]).status_code == 200
+        effect = client.post("ResearchStudy/ee-trial/$estimate-effect",
+                             effect_params(covariate=["baseline"],
+                                           historicalControl={"reference": "ResearchStudy/ee-history"}))
+        assert effect.status_code == 200, effect.text[:500]
+        prov = _get(client, _value(effect.json(), "provenance")["reference"])
+        score_ref = next(t["reference"] for t in prov["target"] if t["reference"].startswith("Observation/"))
+        out[_key(GENERATED[12])] = _get(client, score_ref.split("/_history/")[0])
+        out[_key(GENERATED[13])] = _get(client, _value(effect.json(), "report")["reference"])
+        out[_key(GENERATED[14])] = prov
+
+        entries, _, _ = recruitment_entries("fe-study", sites=4)
+        for i in range(0, len(entries), 150):
+            assert client.transaction(entries[i:i + 150]).status_code == 200
+        forecast = client.post("ResearchStudy/fe-study/$forecast-enrollment", {"resourceType": "Parameters", "parameter": [
+            {"name": "target", "valueInteger": 500}]})
+        assert forecast.status_code == 200, forecast.text[:500]
+        out[_key(GENERATED[15])] = _get(client, _value(forecast.json(), "measureReport")["reference"])
+        out[_key(GENERATED[16])] = _get(client, _value(forecast.json(), "provenance")["reference"])
         client.http.close()
     app.extensions["trialtwin.store"].close()
     return out

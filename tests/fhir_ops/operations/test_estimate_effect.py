@@ -52,7 +52,7 @@ def _study_entries(study_id, rows, arms):
                      "arm": [{"name": a} for a in arms]})]
     for pid, day0, born, base, y, treated in rows:
         entries.append(_put({"resourceType": "Patient", "id": pid, "birthDate": born.isoformat(),
-                             "gender": "female" if hash(pid) % 2 else "male"}))
+                             "gender": "female" if int(pid[-3:]) % 2 else "male"}))
         entries.append(_put({"resourceType": "ResearchSubject", "id": f"rs-{pid}", "status": "on-study",
                              "study": {"reference": f"ResearchStudy/{study_id}"},
                              "individual": {"reference": f"Patient/{pid}"},

@@ -19,21 +19,20 @@ def _put(r):
     return {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
 
 
-@pytest.fixture(scope="module")
-def study(module_fhir):
-    fhir = module_fhir
-    times, ok = simulate_recruitment(2.0, 20.0, SITES, activation=np.zeros(SITES), until=CUT_DAY,
-                                     p_randomized=0.8, seed=3)
+def recruitment_entries(study_id: str = "rec", sites: int = SITES, seed: int = 3):
+    """A study whose sites recruited at known rates up to day CUT_DAY: (transaction entries, times, randomized)."""
+    times, ok = simulate_recruitment(2.0, 20.0, sites, activation=np.zeros(sites), until=CUT_DAY,
+                                     p_randomized=0.8, seed=seed)
     entries = []
-    for s in range(SITES):
+    for s in range(sites):
         entries.append(_put({"resourceType": "Organization", "id": f"org-{s}", "name": f"Site {s}"}))
         entries.append(_put({"resourceType": "Location", "id": f"loc-{s}", "name": f"Site {s}",
                              "managingOrganization": {"reference": f"Organization/org-{s}"}}))
-    entries.append(_put({"resourceType": "ResearchStudy", "id": "rec", "status": "active",
+    entries.append(_put({"resourceType": "ResearchStudy", "id": study_id, "status": "active",
                          "period": {"start": START.isoformat()},
-                         "site": [{"reference": f"Location/loc-{s}"} for s in range(SITES)]}))
+                         "site": [{"reference": f"Location/loc-{s}"} for s in range(sites)]}))
     n = 0
-    for s in range(SITES):
+    for s in range(sites):
         for t, randomized in zip(times[s], ok[s]):
             pid = f"rp{n:04d}"
             n += 1
@@ -41,9 +40,16 @@ def study(module_fhir):
                                  "managingOrganization": {"reference": f"Organization/org-{s}"}}))
             entries.append(_put({"resourceType": "ResearchSubject", "id": f"rs-{pid}",
                                  "status": "on-study" if randomized else "ineligible",
-                                 "study": {"reference": "ResearchStudy/rec"},
+                                 "study": {"reference": f"ResearchStudy/{study_id}"},
                                  "individual": {"reference": f"Patient/{pid}"},
                                  "period": {"start": (START + dt.timedelta(days=float(t))).isoformat()}}))
+    return entries, times, ok
+
+
+@pytest.fixture(scope="module")
+def study(module_fhir):
+    fhir = module_fhir
+    entries, times, ok = recruitment_entries()
     for i in range(0, len(entries), 200):
         r = fhir.transaction(entries[i:i + 200])
         assert r.status_code == 200, r.text[:400]
