@@ -16,6 +16,8 @@ COMMANDS = [
     ("serve", "fhir_ops.commands.serve"),  # run the FHIR server (+ SMART apps when installed)
     ("demo", "fhir_ops.commands.demo"),  # create the TT-201 demo study if absent, then serve
     ("load", "fhir_ops.commands.load"),  # load Bundles, resources and NDJSON files
+    ("model", "fhir_ops.commands.model"),  # validate / publish a twin model definition (a Library)
+    ("export", "fhir_ops.commands.export"),  # write a study out (NONMEM data set)
     ("train", "inference.cli_train"),  # retrain a learned model (dropout) into the model registry
     ("terminology", "terminology.cli"),  # concept-map versions: import, diff, preview, publish, rollback
 ]
