@@ -426,3 +426,43 @@ def export(store, mapping: dict) -> str:
 
 def _id_key(sid: str):
     return (0, int(sid)) if sid.isdigit() else (1, sid)
+
+
+def subject_records(subjects: list[SubjectRows], mapping: dict, model) -> list:
+    """The parsed subjects as a compiled model's :class:`inference.model_definition.SubjectRecord`
+    (in-process, without a FHIR store): doses and observations matched to the definition by code,
+    converted to its units; covariates by the definition's ``nonmemColumn`` (default: its name)."""
+    from fhir_ops.mapping.model_definition import ucum_factor
+    from inference import model_definition as md
+
+    per_hour = 1.0 / {"h": 1.0, "d": 24.0, "wk": 168.0}[model.time_unit]
+
+    def match(code: dict, entries, key):
+        for e in entries:
+            codes = [e[key]] if key == "medication" else e["observation"]["codes"]
+            if any(c["system"] == code["system"] and c["code"] == code["code"] for c in codes):
+                return e
+        return None
+
+    records = []
+    for s in subjects:
+        doses = []
+        for hours, amt, duration, entry, line in s.doses:
+            target = match(entry["medication"], model.dosing, "medication")
+            if target is None:
+                raise NonmemError([f"line {line}: the model doses no {entry['medication']['code']}"])
+            doses.append(md.Dose(hours * per_hour, amt * ucum_factor(entry["unit"], target["unit"]),
+                                 duration * per_hour, target["route"]))
+        observations = []
+        for hours, dv, entry, line in s.observations:
+            target = match(entry["code"], model.outputs, "observation")
+            if target is None:
+                continue  # an observation the model does not use
+            observations.append((hours * per_hour, target["name"], dv * ucum_factor(entry["unit"], target["unit"])))
+        covariates = {}
+        for c in model.covariates:
+            column = c.get("nonmemColumn", c["name"]).upper()
+            if column in s.covariates:
+                covariates[c["name"]] = s.covariates[column]
+        records.append(md.SubjectRecord(s.id, tuple(doses), tuple(observations), covariates))
+    return records
