@@ -36,6 +36,7 @@ from inference.population import CovariateEffect, ObservationData, PopulationMod
 __all__ = [
     "FORMAT_VERSION", "DefinitionIssue", "DefinitionError", "ModelDefinition", "Dose", "SubjectRecord",
     "schema", "check_definition", "load_definition", "shipped_definition", "shipped_names", "event_data",
+    "SubjectForecast", "calibrate_subject", "forecast_subject",
 ]
 
 FORMAT_VERSION = "1"
@@ -711,3 +712,71 @@ def event_data(model: ModelDefinition, subjects: Sequence[SubjectRecord]) -> Obs
     return ObservationData(subject=np.array(subject, dtype=np.int64), time=np.array(time), value=np.array(value),
                            subject_ids=tuple(r.id for r in subjects), covariates=covariates,
                            design={k: np.array(v) for k, v in design.items()})
+
+
+@dataclass(frozen=True, eq=False)
+class SubjectForecast:
+    """A participant's posterior-predictive forecast under a model definition.
+
+    ``times[name]`` (definition time unit, from the record's origin), ``median``, ``low`` and
+    ``high`` per output name; ``level`` the interval's coverage.
+    """
+
+    times: Mapping[str, np.ndarray]
+    median: Mapping[str, np.ndarray]
+    low: Mapping[str, np.ndarray]
+    high: Mapping[str, np.ndarray]
+    level: float
+    samples: int
+    seed: int
+
+
+def calibrate_subject(model: ModelDefinition, population: PopulationModel, record: SubjectRecord):
+    """Posterior (Laplace) of one participant's parameters from their observations, with ``population``
+    (the study's fitted estimate, or the definition's prior) as the prior.
+
+    Examples
+    --------
+    >>> m = load_definition(shipped_definition("theophylline"))
+    >>> rec = SubjectRecord("1", (Dose(0.0, 320.0),), ((1.0, "concentration", 6.0), (8.0, "concentration", 5.0)),
+    ...                     {"WT": 80.0})
+    >>> post = calibrate_subject(m, m.population_model(), rec)
+    >>> post.names, bool(post.converged)
+    (('KA', 'CL'), True)
+    """
+    from inference import calibration
+
+    if not any(np.isfinite(v) for _, _, v in record.observations):
+        raise ValueError(f"participant {record.id!r} has no observation of {', '.join(model.output_names)}")
+    return calibration.calibrate(population, model.structural, event_data(model, [record]))
+
+
+def forecast_subject(model: ModelDefinition, posterior, record: SubjectRecord, future_doses: Sequence[Dose],
+                     times: Mapping[str, Sequence[float]], *, samples: int = 500, seed: int = 0,
+                     level: float = 0.9) -> SubjectForecast:
+    """Forecast outputs at ``times`` (per output name) after the record's doses plus ``future_doses``.
+
+    Parameters are drawn from ``posterior`` and residual error is added (prediction intervals of a
+    new observation), seeded and vectorized (``inference.calibration.forecast``).
+    """
+    from inference import calibration
+
+    rows = tuple((float(t), name, np.nan) for name, ts in times.items() for t in ts)
+    if not rows:
+        raise ValueError("no forecast times")
+    future = SubjectRecord(record.id, tuple(record.doses) + tuple(future_doses), rows, record.covariates)
+    data = event_data(model, [future])
+    fc = calibration.forecast(posterior, model.structural, data, level=level, n_samples=samples, seed=seed)
+    obs = data.design["evid"] == 0
+    output = data.design["output"].astype(np.int64)
+    out_t, med, lo, hi = {}, {}, {}, {}
+    for name in times:
+        sel = obs & (output == model.output_index(name))
+        order = np.argsort(data.time[sel], kind="stable")
+        out_t[name] = data.time[sel][order]
+        values = [np.asarray(a)[sel][order] for a in (fc.median, fc.lower, fc.upper)]
+        if model.outputs[model.output_index(name)]["source"] == "pk":
+            values = [np.maximum(v, 0.0) for v in values]  # an assay reports no negative concentration
+        med[name], lo[name], hi[name] = values
+    return SubjectForecast(times=out_t, median=med, low=lo, high=hi, level=float(level), samples=int(samples),
+                           seed=int(seed))
