@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
@@ -477,30 +478,9 @@ class ModelDefinition:
 
     def _concentration(self, nat, data: ObservationData, grid: np.ndarray) -> np.ndarray:
         """Central concentration (amount/volume units) of every subject on ``grid``, shape (n, G)."""
-        n = data.n_subjects
         pk = self._pk_model(nat)
-        design = data.design
-        dose = design["evid"] == 1
-        out = np.zeros((n, grid.size))
-        for code, route in ((0, "oral"), (1, "iv")):
-            rows = dose & (design["route"] == code)
-            if not np.any(rows):
-                continue
-            subj = data.subject[rows]
-            order = np.lexsort((data.time[rows], subj))
-            subj = subj[order]
-            counts = np.bincount(subj, minlength=n)
-            start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            slot = np.arange(subj.size) - start[subj]
-            width = int(counts.max())
-            times = np.zeros((n, width))
-            amounts = np.zeros((n, width))
-            durations = np.zeros((n, width))
-            times[subj, slot] = data.time[rows][order]
-            amounts[subj, slot] = design["amt"][rows][order]
-            durations[subj, slot] = design["duration"][rows][order]
-            record = DoseRecord(times=times, amounts=amounts, durations=durations if route == "iv" else 0.0,
-                                route=route)
+        out = np.zeros((data.n_subjects, grid.size))
+        for record in _layout(data, self)["doses"]:
             out += concentration(pk, record, grid)
         return np.maximum(out, 0.0)
 
@@ -586,18 +566,12 @@ class ModelDefinition:
         """
         phi = np.atleast_2d(np.asarray(phi, dtype=float))
         nat = self._natural(phi)
-        design = data.design
-        obs = design["evid"] == 0
+        layout = _layout(data, self)
+        obs, grid, wanted = layout["obs"], layout["grid"], layout["wanted"]
         result = np.zeros(data.n_rows)
         if not np.any(obs):
             return result
         doc = self.document
-        dense = bool(doc.get("pd", {}).get("model") in ("effect-compartment", "indirect-response")
-                     or doc.get("disease", {}).get("model") == "tumour-growth-inhibition")
-        grid = self._grid(data, data.time[obs], dense)
-        where = np.searchsorted(grid, data.time)
-        output = design["output"].astype(np.int64)
-        wanted = {self.outputs[k]["source"] for k in np.unique(output[obs])}
         conc = pd_out = None
         if "pk" in doc:
             conc = self._concentration(nat, data, grid)
@@ -611,12 +585,57 @@ class ModelDefinition:
             values["pd"] = pd_out[0]
         if "disease" in wanted:
             values["disease"] = self._disease(nat, grid, conc, pd_out)
-        for k in np.unique(output[obs]):
-            rows = obs & (output == k)
-            source = self.outputs[k]["source"]
-            scale = self.output_scale[k]
-            result[rows] = scale * values[source][data.subject[rows], where[rows]]
+        for k, rows, subject, at in layout["rows"]:
+            result[rows] = self.output_scale[k] * values[self.outputs[k]["source"]][subject, at]
         return result
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[ObservationData, dict]" = weakref.WeakKeyDictionary()
+
+
+def _layout(data: ObservationData, model: "ModelDefinition") -> dict:
+    """What ``structural`` derives from the data alone (dose records, grid, row indices), once per data set.
+
+    A population fit calls the structural model thousands of times on the same (tiled) data; only
+    the parameters change between calls.
+    """
+    cached = _LAYOUTS.get(data)
+    if cached is not None and cached["model"] is model:
+        return cached
+    n = data.n_subjects
+    design = data.design
+    obs = design["evid"] == 0
+    output = design["output"].astype(np.int64)
+    doc = model.document
+    dense = bool(doc.get("pd", {}).get("model") in ("effect-compartment", "indirect-response")
+                 or doc.get("disease", {}).get("model") == "tumour-growth-inhibition")
+    grid = model._grid(data, data.time[obs], dense) if np.any(obs) else np.zeros(1)
+    doses = []
+    dose = design["evid"] == 1
+    for code, route in ((0, "oral"), (1, "iv")):
+        rows = dose & (design["route"] == code)
+        if not np.any(rows):
+            continue
+        subj = data.subject[rows]
+        order = np.lexsort((data.time[rows], subj))
+        subj = subj[order]
+        counts = np.bincount(subj, minlength=n)
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(subj.size) - start[subj]
+        width = int(counts.max())
+        times, amounts, durations = np.zeros((n, width)), np.zeros((n, width)), np.zeros((n, width))
+        times[subj, slot] = data.time[rows][order]
+        amounts[subj, slot] = design["amt"][rows][order]
+        durations[subj, slot] = design["duration"][rows][order]
+        doses.append(DoseRecord(times=times, amounts=amounts, durations=durations if route == "iv" else 0.0,
+                                route=route))
+    present = np.unique(output[obs])
+    layout = {"model": model, "obs": obs, "grid": grid,
+              "wanted": {model.outputs[k]["source"] for k in present}, "doses": doses,
+              "rows": [(int(k), idx, data.subject[idx], np.searchsorted(grid, data.time[idx]))
+                       for k in present for idx in [np.flatnonzero(obs & (output == k))]]}
+    _LAYOUTS[data] = layout
+    return layout
 
 
 def load_definition(raw: Any, unit_factor: UnitFactor | None = None) -> ModelDefinition:

@@ -43,7 +43,8 @@ def ucum_factor(from_unit: str, to_unit: str) -> float:
 def definition_issues_error(error: md.DefinitionError, where: str = "the model definition") -> Unprocessable:
     """One 422 whose OperationOutcome has one issue per problem, each naming its path."""
     first, *rest = error.issues
-    return Unprocessable(f"{where} is invalid at {first.path}: {first.message}", error_id="invalid-model-definition",
+    prefix = "" if where == "the model definition" else f"{where}: "
+    return Unprocessable(f"{prefix}{first.path}: {first.message}", error_id="invalid-model-definition",
                          code="invalid", expression=[first.path],
                          extra_issues=[{"severity": "error", "code": "invalid", "diagnostics": f"{i.path}: {i.message}",
                                         "expression": [i.path]} for i in rest])
