@@ -111,7 +111,7 @@ def shipped_names() -> tuple[str, ...]:
 
 
 def shipped_definition(name: str) -> dict:
-    """The raw JSON of a shipped example definition (``theophylline``, ``tt201``, ``tumour-growth``)."""
+    """The raw JSON of a shipped example definition, by name (see :func:`shipped_names`)."""
     if name not in shipped_names():
         raise ValueError(f"no shipped definition {name!r}; there are {', '.join(shipped_names())}")
     return json.loads(resources.files("inference").joinpath(f"definitions/{name}.json").read_text("utf-8"))
