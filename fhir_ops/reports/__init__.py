@@ -1,0 +1,1 @@
+"""Rendered reports (HTML with inline SVG plots) that operations attach to the resources they store."""

@@ -1,0 +1,239 @@
+"""``$estimate-effect`` over HTTP: a randomized study with a known effect, historical controls for
+PROCOVA, confounded external controls; every number checked against statsmodels on the same rows."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import numpy as np
+import pytest
+import statsmodels.api as sm
+
+from tests.fhir_ops.conftest import error_id
+
+pytestmark = pytest.mark.api
+
+LOINC = "http://loinc.org"
+HBA1C = f"{LOINC}|4548-4"
+START = dt.date(2026, 1, 5)
+TRUE_EFFECT = -0.6
+DAY = 168
+
+
+def _obs(oid, pid, day0, day, value, unit="%", code="4548-4"):
+    return {"resourceType": "Observation", "id": oid, "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": code}]}, "subject": {"reference": f"Patient/{pid}"},
+            "effectiveDateTime": (day0 + dt.timedelta(days=day)).isoformat() + "T09:00:00Z",
+            "valueQuantity": {"value": round(float(value), 4), "unit": unit, "system": "http://unitsofmeasure.org",
+                              "code": unit}}
+
+
+def _put(resource):
+    return {"resource": resource, "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}}
+
+
+def _people(rng, prefix, n, *, age_mu=55.0, base_mu=8.0, effect=0.0, treated=None):
+    """Patients with baseline HbA1c and age; day-168 HbA1c = 1.0 + 0.85 baseline + 0.01 age + effect·treated + noise."""
+    age = rng.normal(age_mu, 9.0, n)
+    base = rng.normal(base_mu, 0.8, n)
+    t = np.zeros(n, bool) if treated is None else treated
+    y = 1.0 + 0.85 * base + 0.01 * age + effect * t + rng.normal(0, 0.35, n)
+    rows = []
+    for i in range(n):
+        pid = f"{prefix}-{i:03d}"
+        day0 = START + dt.timedelta(days=int(i % 60))
+        born = dt.date(day0.year - int(age[i]), 6, 1)
+        rows.append((pid, day0, born, base[i], y[i], bool(t[i])))
+    return rows
+
+
+def _study_entries(study_id, rows, arms):
+    entries = [_put({"resourceType": "ResearchStudy", "id": study_id, "status": "active",
+                     "arm": [{"name": a} for a in arms]})]
+    for pid, day0, born, base, y, treated in rows:
+        entries.append(_put({"resourceType": "Patient", "id": pid, "birthDate": born.isoformat(),
+                             "gender": "female" if hash(pid) % 2 else "male"}))
+        entries.append(_put({"resourceType": "ResearchSubject", "id": f"rs-{pid}", "status": "on-study",
+                             "study": {"reference": f"ResearchStudy/{study_id}"},
+                             "individual": {"reference": f"Patient/{pid}"},
+                             "assignedArm": arms[0] if treated else arms[-1],
+                             "period": {"start": day0.isoformat()}}))
+        entries.append(_put(_obs(f"b-{pid}", pid, day0, 0, base)))
+        entries.append(_put(_obs(f"y-{pid}", pid, day0, DAY, y)))
+    return entries
+
+
+def _group_entries(group_id, rows):
+    entries = []
+    for pid, day0, born, base, y, _ in rows:
+        entries.append(_put({"resourceType": "Patient", "id": pid, "birthDate": born.isoformat()}))
+        entries.append(_put(_obs(f"b-{pid}", pid, day0, 0, base)))
+        entries.append(_put(_obs(f"y-{pid}", pid, day0, DAY, y)))
+    entries.append(_put({"resourceType": "Group", "id": group_id, "type": "person", "actual": True,
+                         "member": [{"entity": {"reference": f"Patient/{pid}"},
+                                     "period": {"start": day0.isoformat()}} for pid, day0, *_ in rows]}))
+    return entries
+
+
+def _load(fhir, entries, size=150):
+    for i in range(0, len(entries), size):
+        r = fhir.transaction(entries[i:i + size])
+        assert r.status_code == 200, r.text[:500]
+
+
+@pytest.fixture(scope="module")
+def studies(module_fhir):
+    rng = np.random.default_rng(20261202)
+    n = 160
+    trial = _people(rng, "tr", n, effect=TRUE_EFFECT, treated=rng.permutation(np.arange(n) % 2 == 0))
+    _load(module_fhir, _study_entries("trial", trial, ["active", "placebo"]))
+    hist = _people(rng, "hi", 240)
+    _load(module_fhir, _study_entries("history", hist, ["placebo"]))
+    # External (real-world) controls: younger and less sick than the trial's participants.
+    ext = _people(rng, "rw", 500, age_mu=50.0, base_mu=7.6)
+    _load(module_fhir, _group_entries("rwd", ext))
+    # One trial participant without the day-168 record: left out and counted.
+    assert module_fhir.delete("Observation/y-tr-007").status_code in (200, 204)
+    return module_fhir, {r[0]: r for r in trial}
+
+
+def _params(**kw):
+    out = [{"name": "endpoint", "valueString": HBA1C}, {"name": "timepointDays", "valueInteger": DAY},
+           {"name": "treatmentArm", "valueString": "active"}, {"name": "controlArm", "valueString": "placebo"}]
+    for k, v in kw.items():
+        for item in (v if isinstance(v, list) else [v]):
+            key = {bool: "valueBoolean", int: "valueInteger", float: "valueDecimal"}.get(type(item), "valueString")
+            if isinstance(item, dict):
+                key = "valueReference"
+            out.append({"name": k, key: item})
+    return {"resourceType": "Parameters", "parameter": out}
+
+
+def _get(body, name):
+    return [p for p in body["parameter"] if p["name"] == name]
+
+
+def _parts(param):
+    return {p["name"]: next(v for k, v in p.items() if k.startswith("value") or k == "part") for p in param["part"]}
+
+
+def _effects(body):
+    return {(_parts(e))["method"]: _parts(e) for e in _get(body, "effect")}
+
+
+def _trial_arrays(rows):
+    keep = [r for r in rows.values() if r[0] != "tr-007"]
+    y = np.array([r[4] for r in keep])
+    t = np.array([r[5] for r in keep])
+    base = np.array([r[3] for r in keep])
+    return y, t, base
+
+
+def test_procova_over_http_matches_statsmodels_and_stores_scores_report_and_provenance(studies):
+    fhir, rows = studies
+    r = fhir.post("ResearchStudy/trial/$estimate-effect",
+                  _params(covariate=["baseline"], historicalControl={"reference": "ResearchStudy/history"}))
+    assert r.status_code == 200, r.text[:800]
+    body = r.json()
+    eff = _effects(body)
+    assert set(eff) == {"unadjusted", "ancova", "procova"}
+    assert _get(body, "excluded")[0]["valueInteger"] == 1
+    # The same rows through statsmodels directly (values as stored, rounded to 4 decimals).
+    y, t, base = _trial_arrays(rows)
+    y, base = np.round(y, 4), np.round(base, 4)
+    ref = sm.OLS(y, sm.add_constant(np.column_stack([t.astype(float), base]))).fit(cov_type="HC3")
+    assert eff["ancova"]["estimate"] == pytest.approx(ref.params[1], abs=1e-8)
+    assert eff["ancova"]["standardError"] == pytest.approx(ref.bse[1], abs=1e-8)
+    un = sm.OLS(y, sm.add_constant(t.astype(float))).fit(cov_type="HC3")
+    assert eff["unadjusted"]["estimate"] == pytest.approx(un.params[1], abs=1e-8)
+    # PROCOVA is close to the truth, and tighter than the unadjusted estimate as rho predicts.
+    pro = eff["procova"]
+    assert pro["ciLow"] <= TRUE_EFFECT <= pro["ciHigh"]
+    rho = _get(body, "rho")[0]["valueDecimal"]
+    assert rho > 0.8
+    assert pro["standardError"] < 0.7 * eff["unadjusted"]["standardError"]
+    assert _get(body, "equivalentSampleSize")[0]["valueDecimal"] > 2 * pro["n"]
+    pm = _parts(_get(body, "prognosticModel")[0])
+    assert pm["r2"] > 0.7 and pm["nTest"] == 72
+    # Scores: one per analysed participant, re-runs update them instead of duplicating.
+    scores = fhir.get("Observation", params={"category": "https://trialtwin.org/fhir/CodeSystem/trialtwin|prognostic-score",
+                                             "_summary": "count"}).json()["total"]
+    assert scores == pro["n"]
+    report_ref = _get(body, "report")[0]["valueReference"]["reference"]
+    doc = fhir.get(report_ref).json()
+    html = base64.b64decode(doc["content"][0]["attachment"]["data"]).decode()
+    assert "PROCOVA" in html and "<svg" in html
+    prov = fhir.get(_get(body, "provenance")[0]["valueReference"]["reference"]).json()
+    targets = {t["reference"].split("/_history/")[0] for t in prov["target"]}
+    assert report_ref in targets and len(targets) == scores + 1
+    sources = {e["what"]["reference"] for e in prov["entity"]}
+    assert "Observation/y-tr-000/_history/1" in sources and any(s.startswith("Observation/y-hi-") for s in sources)
+    again = fhir.post("ResearchStudy/trial/$estimate-effect",
+                      _params(covariate=["baseline"], historicalControl={"reference": "ResearchStudy/history"}))
+    assert again.status_code == 200
+    assert fhir.get("Observation", params={"category": "https://trialtwin.org/fhir/CodeSystem/trialtwin|prognostic-score",
+                                           "_summary": "count"}).json()["total"] == scores
+
+
+def test_external_controls_are_weighted_to_balance_and_borrowed(studies):
+    fhir, _ = studies
+    r = fhir.post("ResearchStudy/trial/$estimate-effect",
+                  _params(covariate=["baseline", "age"], externalControl={"reference": "Group/rwd"}, persist=False))
+    assert r.status_code == 200, r.text[:800]
+    body = r.json()
+    eff = _effects(body)
+    balance = [_parts(b) for b in _get(body, "balance")]
+    assert {b["covariate"] for b in balance} == {"baseline", "age"}
+    assert max(abs(b["smdBefore"]) for b in balance) > 0.3
+    assert all(abs(b["smdAfter"]) < 0.1 for b in balance)
+    # Naive comparison with the (healthier) external controls is biased; weighting removes most of it.
+    w = eff["external-weighted"]["estimate"]
+    assert abs(w - TRUE_EFFECT) < 0.15
+    assert "hybrid-test-then-pool" in eff
+    assert 0 < _get(body, "effectiveSampleSize")[0]["valueDecimal"] < 500
+    assert not _get(body, "report")  # persist=false stores nothing
+
+
+@pytest.mark.parametrize("change, status, eid", [
+    ({"endpoint": "http://loinc.org|0000-0"}, 422, "no-endpoint-data"),
+    ({"endpoint": "not-a-token"}, 400, "invalid-token"),
+    ({"controlArm": "active"}, 400, "single-arm"),
+    ({"treatmentArm": "nobody"}, 422, "arm-too-small"),
+    ({"trim": 0.4}, 400, "trim-out-of-range"),
+    ({"borrowing": "magic"}, 400, "unknown-code"),
+])
+def test_bad_input_is_a_4xx_outcome_and_stores_nothing(studies, change, status, eid):
+    fhir, _ = studies
+    before = fhir.get("DocumentReference", params={"_summary": "count"}).json()["total"]
+    body = _params()
+    for p in body["parameter"]:
+        if p["name"] in change:
+            key = next(k for k in p if k.startswith("value"))
+            p[key] = change.pop(p["name"])
+    for k, v in change.items():
+        key = "valueDecimal" if isinstance(v, float) else ("valueCode" if k in ("borrowing", "weighting") else "valueString")
+        body["parameter"].append({"name": k, key: v})
+    r = fhir.post("ResearchStudy/trial/$estimate-effect", body)
+    assert r.status_code == status, r.text[:500]
+    assert error_id(r) == eid
+    assert fhir.get("DocumentReference", params={"_summary": "count"}).json()["total"] == before
+
+
+def test_external_controls_without_the_covariates_and_without_overlap_are_refused(studies):
+    fhir, _ = studies
+    r = fhir.post("ResearchStudy/trial/$estimate-effect",
+                  _params(covariate=["baseline", "sex"], externalControl={"reference": "Group/rwd"},
+                          persist=False))  # the external patients carry no gender
+    assert r.status_code == 422 and error_id(r) == "external-covariates-missing", r.text[:400]
+    assert "sex" in r.json()["issue"][0]["diagnostics"]
+    # The historical study's placebo participants, with a sharply different baseline, do not overlap.
+    far = [_put({"resourceType": "Group", "id": "far", "type": "person", "actual": True,
+                 "member": [{"entity": {"reference": f"Patient/hi-{i:03d}"}} for i in range(40)]})]
+    for i in range(40):
+        far.append(_put(_obs(f"b-hi-{i:03d}", f"hi-{i:03d}", START + dt.timedelta(days=i % 60), 0, 20.0 + i * 0.01)))
+    r = fhir.transaction(far)
+    assert r.status_code == 200
+    r = fhir.post("ResearchStudy/trial/$estimate-effect",
+                  _params(covariate=["baseline"], externalControl={"reference": "Group/far"}, persist=False))
+    assert r.status_code == 422 and error_id(r) == "no-overlap", r.text[:400]
+    assert "overlap" in r.json()["issue"][0]["diagnostics"]
