@@ -193,3 +193,19 @@ def test_cancel_stores_nothing(tmp_path):
         assert fhir.get("Library?type=asset-collection").json().get("total", 0) == 0
         assert fm.study_estimate_reference(fhir.get("ResearchStudy/theoph").json()) is None
     app.extensions["trialtwin.store"].close()
+
+
+def test_group_fit_uses_its_members_study_model_and_leaves_the_study_alone(fhir):
+    load_theoph(fhir.base)
+    group = {"resourceType": "Group", "id": "first-six", "type": "person", "actual": True,
+             "member": [{"entity": {"reference": f"Patient/theoph-{i}"}} for i in range(1, 7)]}
+    assert fhir.put("Group/first-six", group).status_code == 201
+    body = {"resourceType": "Parameters", "parameter": [{"name": "vpcReplicates", "valueInteger": 0},
+                                                        {"name": "standardErrors", "valueBoolean": False}]}
+    resp = fhir.post("Group/first-six/$fit-population", body)
+    assert resp.status_code == 200, resp.text
+    out = params(resp.json())
+    assert out["estimate"]["reference"] == "Library/group-first-six-population-estimate/_history/1"
+    doc = json.loads(base64.b64decode(fhir.get(out["estimate"]["reference"]).json()["content"][0]["data"]))
+    assert doc["subjects"] == 6 and doc["fittedTo"] == "Group/first-six"
+    assert fm.study_estimate_reference(fhir.get("ResearchStudy/theoph").json()) is None
