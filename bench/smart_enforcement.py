@@ -99,7 +99,7 @@ def main() -> None:
                           f"(x{row['patient token']['ratio_to_open']})")
             open_app.extensions["trialtwin.store"].close()
             agent = UserAgent()
-            launched = combined.stack.simulate_launch(agent, "trialtwin-clinician", username="dr.chen", patient=PATIENT)
+            launched = combined.stack.simulate_launch(agent, "trialtwin-clinician", patient=PATIENT)
             agent.follow(agent.session.get(launched["url"], allow_redirects=False), base + "/app/callback")
             agent.session.get(agent.last_redirect)
             page = timed(agent.session, f"{base}/app/patient/{PATIENT}", args.pages)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
-from flask import Flask, Response, current_app
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from fhir_ops.errors import FhirError
+from fhir_ops import limits
+from fhir_ops.errors import FhirError, InvalidRequest
 from fhir_ops.store.base import Store
 
 FHIR_JSON = "application/fhir+json"
@@ -34,12 +36,18 @@ def fhir_response(body: dict | None, status: int = 200, headers: dict | None = N
     resp = Response(data, status=status, headers=headers or {})
     if body is not None:
         resp.content_type = f"{FHIR_JSON}; charset=utf-8"
+    else:
+        # an empty answer (204, a minimal 201) has no media type at all; Flask's default is text/html
+        resp.headers.pop("Content-Type", None)
     return resp
 
 
 def _as_fhir_error(err: Exception) -> FhirError:
     if isinstance(err, FhirError):
         return err
+    if isinstance(err, RecursionError):
+        # input nested past what a recursive walk can follow: the client's doing, answered as such
+        return InvalidRequest("the request is nested too deeply to process", error_id="too-deep")
     if isinstance(err, HTTPException):
         code, error_id = _HTTP_ISSUES.get(err.code or 500, ("processing", "http-error"))
         messages = {
@@ -64,6 +72,30 @@ def render_error(err: Exception) -> Response:
     return fhir_response(fe.to_outcome(), fe.status, fe.headers)
 
 
+def strip_empty_content_type(response: Response) -> Response:
+    """``after_request`` hook: an answer without a body (DELETE's 204, OPTIONS) names no content type."""
+    if response.mimetype == "text/html" and not response.is_streamed and not response.get_data():
+        response.headers.pop("Content-Type", None)
+    return response
+
+
+def start_request_budget() -> None:
+    """``before_request`` hook: start the request's ``REQUEST_TIME_BUDGET`` (see fhir_ops.limits)."""
+    limits.start_budget(current_app.config.get("REQUEST_TIME_BUDGET"))
+
+
+def end_request_budget(_exc=None) -> None:
+    limits.clear_budget()
+
+
+def request_base() -> str:
+    """The FHIR base URL of the current request (``BASE_URL`` wins over the request's own host)."""
+    configured = current_app.config.get("BASE_URL")
+    if configured:
+        return configured.rstrip("/")
+    return request.host_url.rstrip("/") + request.script_root + (current_app.config.get("FHIR_PREFIX") or "")
+
+
 def get_store() -> Store:
     """Return the store of the current app (inside an app or request context)."""
     return current_app.extensions["trialtwin.store"]
@@ -77,7 +109,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     test_config : dict, optional
         Overrides: ``DATA_DIR`` (default ``./data``; the SQLite file ``trialtwin.sqlite`` lives there),
         ``STORE`` (a ``Store`` instance; wins over ``DATA_DIR``), ``MAX_CONTENT_LENGTH`` (bytes,
-        default 16 MiB; larger bodies get 413), ``BASE_URL`` (external base for links, e.g.
+        default 16 MiB; larger bodies get 413), ``REQUEST_TIME_BUDGET`` (seconds after which a request's
+        still-running store read is stopped with a 503; writes are never cut; default 30, 0 for none), ``BASE_URL`` (external base for links, e.g.
         ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``), ``AUTH_MODE`` ("smart", the
         default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
         ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``).
@@ -89,7 +122,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     """
     app = Flask(__name__)
     app.config.from_mapping(DATA_DIR="./data", STORE=None, MAX_CONTENT_LENGTH=16 * 1024 * 1024,
-                            BASE_URL=None, FHIR_PREFIX="/fhir", AUTH_MODE="smart")
+                            BASE_URL=None, FHIR_PREFIX="/fhir", AUTH_MODE="smart",
+                            REQUEST_TIME_BUDGET=limits.DEFAULT_REQUEST_BUDGET)
     if test_config is None:
         app.config.from_prefixed_env("TRIALTWIN")
     else:
@@ -102,6 +136,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["trialtwin.store"] = store
     # Exception covers HTTPException too, so unknown routes, 405 and 413 take the same path.
     app.register_error_handler(Exception, render_error)
+    app.before_request(start_request_budget)
+    app.teardown_request(end_request_budget)
+    app.after_request(strip_empty_content_type)
 
     from fhir_ops import rest
 
@@ -117,4 +154,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops import auth
 
     auth.init_app(app)  # SMART enforcement (AUTH_MODE smart) or none (open)
+    from fhir_ops import cors
+
+    # Browser SMART apps on other origins read discovery, /metadata and every FHIR route (CORS_ORIGINS)
+    prefix = re.escape((app.config["FHIR_PREFIX"] or "").rstrip("/"))
+    cors.init_app(app, [rf"{prefix}(/.*)?\Z" if prefix else r"/.*"])
     return app

@@ -16,9 +16,11 @@ from smart_app.scopes import interaction_code
 
 AUTH_MODES = ("smart", "open")
 
-#: Paths under the FHIR prefix that anyone may read: discovery, and conformance resources that hold no
-#: participant data (the shipped OperationDefinitions).
-PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|OperationDefinition/[A-Za-z0-9\-.]{1,64})$")
+#: Paths under the FHIR prefix that anyone may read: discovery, and reads of conformance resources, which
+#: hold no participant data (a validator resolving meta.profile has no token). Searches still need one.
+PUBLIC_PATHS = re.compile(r"^/(metadata|\.well-known/smart-configuration|"
+                          r"(StructureDefinition|OperationDefinition|SearchParameter|CodeSystem|ValueSet|ConceptMap)"
+                          r"/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?)$")
 
 #: Per operation: the boolean input that switches writing on (None: it always writes), that input's
 #: default, and the participant-data types written, on each of which the caller needs ``c`` and ``u``.
@@ -152,8 +154,10 @@ def _compartment_search_param(resource_type: str) -> str | None:
     if "patient" in names:
         return "patient"
     for path in (*compartment_paths(resource_type), *EXTRA_COMPARTMENT.get(resource_type, ())):
-        if path.split(".")[-1] in names:
-            return path.split(".")[-1]
+        # the parameter is named after the last step (Task.for) or the first (Group.member.entity: member)
+        for name in (path.split(".")[-1], path.split(".")[0]):
+            if name in names:
+                return name
     return None
 
 
@@ -223,17 +227,39 @@ def _check_type_allowed_for_patient(resource_type: str, patient: str) -> None:
 
 
 def _body() -> dict | None:
+    from fhir_ops import limits
+
     try:
-        body = json.loads(request.get_data(cache=True) or b"null")
-    except (ValueError, UnicodeDecodeError):
-        return None  # the handler answers 400 for a malformed body
+        body = limits.loads(request.get_data(cache=True) or b"null")
+    except FhirError:
+        return None  # the handler answers 400 for a malformed or too deeply nested body
     return body if isinstance(body, dict) else None
 
 
-def _check_read(access, resource_type, resource_id, version_id=None):
+def _check_read(access, resource_type, resource_id):
     patient = access.require("read", resource_type)
     if patient:
         _require_in_compartment(access, resource_type, resource_id, patient)
+
+
+def _check_vread(access, resource_type, resource_id, version_id):
+    # The current version being the patient's says nothing about an older one (a resource can be
+    # moved between compartments by an update): the version asked for must be the patient's too.
+    patient = access.require("read", resource_type)
+    if not patient:
+        return
+    _require_in_compartment(access, resource_type, resource_id, patient)
+    if resource_type == "Patient" and resource_id == patient:
+        return
+    from fhir_ops.app import get_store
+
+    try:
+        version = get_store().vread(resource_type, resource_id, version_id)
+    except (NotFound, Gone):
+        return  # the handler answers 404/410 about a resource that is the patient's
+    if not in_compartment(version, patient):
+        raise _forbidden(f"version {version_id} of {resource_type}/{resource_id} is not in the compartment of "
+                         f"Patient/{patient}")
 
 
 def _check_instance_history(access, resource_type, resource_id):
@@ -254,7 +280,13 @@ def _check_search(access, resource_type):
     _check_type_allowed_for_patient(resource_type, patient)
     param = _compartment_search_param(resource_type)
     if param is None:
-        return  # the after_request filter drops what lies outside the compartment
+        # the after_request filter drops what lies outside the compartment, but the store's count
+        # would still include it: no count at all for such a search
+        if any(k in ("_summary", "_total") and v not in ("false", "none") for k, v in request.args.items(multi=True)):
+            raise _forbidden(f"{resource_type} cannot be counted within one patient's compartment; a count needs "
+                             "a user/ or system/ scope", "count-needs-broad-scope")
+        g.trialtwin_strip_total = True
+        return
     from werkzeug.datastructures import ImmutableMultiDict
 
     value = patient if param == "_id" else f"Patient/{patient}"
@@ -267,6 +299,8 @@ def _check_create(access, resource_type):
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         body = _body()
+        if body is not None and body.get("resourceType") != resource_type:
+            return  # the handler answers 400 type-mismatch
         if body is not None and not in_compartment(body, patient):
             raise _forbidden(f"the new {resource_type} does not belong to Patient/{patient}; a patient-scoped token "
                              "writes only into that patient's compartment")
@@ -278,6 +312,8 @@ def _check_update(access, resource_type, resource_id):
         _check_type_allowed_for_patient(resource_type, patient)
         existing = _read_existing(resource_type, resource_id)
         body = _body()
+        if body is not None and body.get("resourceType") != resource_type:
+            body = None  # the handler answers 400 type-mismatch; the existing resource is still checked
         if (existing is not None and not in_compartment(existing, patient)) or \
                 (body is not None and not in_compartment(body, patient)):
             raise _forbidden(f"{resource_type}/{resource_id} is not (or would not stay) in the compartment of "
@@ -290,40 +326,76 @@ def _check_delete(access, resource_type, resource_id):
         _require_in_compartment(access, resource_type, resource_id, patient)
 
 
-_BUNDLE_METHODS = {"POST": "create", "PUT": "update", "DELETE": "delete", "PATCH": "update"}
+_BUNDLE_METHODS = {"POST": "create", "PUT": "update", "DELETE": "delete"}
+
+
+def restrict_condition(resource_type: str, pairs) -> list[tuple[str, str]]:
+    """A conditional create's (update's, delete's) search, limited as a search by this request's token is.
+
+    A token without broad (user/, system/) search rights on the type only ever matches inside its
+    patient's compartment, so a match elsewhere is never revealed: the request goes on as if nothing
+    matched, and the write itself is then checked against the compartment as usual.
+
+    Raises
+    ------
+    Forbidden
+        The type cannot be limited to one patient by a search parameter, or the token has no patient.
+    """
+    pairs = list(pairs)
+    access = current_access()
+    if access is None or access.scopes.allows("search", resource_type, ("user", "system")):
+        return pairs
+    patient = access.patient
+    param = _compartment_search_param(resource_type) if patient else None
+    if param is None:
+        raise _forbidden(f"a conditional request on {resource_type} searches beyond what this token may search; "
+                         "it needs a user/ or system/ search scope", "condition-needs-search-scope")
+    return [*pairs, (param, patient if param == "_id" else f"Patient/{patient}")]
+
+
+def bundle_entries(bundle: dict) -> list:
+    """The parsed entries of the request's transaction/batch Bundle (those the authorization check read)."""
+    from fhir_ops.app import request_base
+    from fhir_ops.store.bundle import parse_entries
+
+    cached = g.get("trialtwin_bundle_entries")
+    if cached is not None:
+        # parsed by _check_bundle from this request's body: the very entries the check decided on
+        return cached
+    # open mode, or a Bundle read again: parse it now, with the same function the check uses
+    return parse_entries(bundle, bundle.get("type"), base=request_base())
 
 
 def _check_bundle(access):
+    from fhir_ops.app import request_base
+    from fhir_ops.store.bundle import parse_entries
+
     body = _body()
-    if body is None:
-        return
-    for index, entry in enumerate(body.get("entry") or []):
-        req = (entry or {}).get("request") or {}
-        method = str(req.get("method", "")).upper()
-        url = str(req.get("url", "")).split("?")[0].strip("/")
-        parts = url.split("/") if url else []
-        resource_type = parts[0] if parts else ((entry.get("resource") or {}).get("resourceType") or "")
-        if not resource_type or resource_type.startswith("$"):
-            raise _forbidden(f"Bundle.entry[{index}]: operations and system-level calls inside a Bundle are not "
-                             "allowed with a SMART token", "bundle-entry-refused")
-        if method in ("GET", "HEAD"):
-            interaction = "read" if len(parts) >= 2 else "search"
+    if body is None or body.get("resourceType") != "Bundle" or body.get("type") not in ("transaction", "batch"):
+        return  # the handler answers 400 with what is wrong
+    entries = parse_entries(body, body["type"], base=request_base())  # 400 naming the entry it cannot read
+    for e in entries:
+        if e.method in ("GET", "HEAD"):
+            interaction = "read" if e.resource_id else "search"
         else:
-            interaction = _BUNDLE_METHODS.get(method)
-        if interaction is None:
-            continue  # the store rejects unknown methods with its own 400
-        patient = access.require(interaction, resource_type)
+            interaction = _BUNDLE_METHODS[e.method]
+        patient = access.require(interaction, e.resource_type)
         if not patient:
             continue
-        resource = entry.get("resource")
-        if interaction in ("read", "search", "delete") or not isinstance(resource, dict) \
-                or not in_compartment(resource, patient):
-            raise _forbidden(f"Bundle.entry[{index}] ({method} {url}): a token limited to Patient/{patient} may only "
+        if interaction in ("read", "search", "delete") or e.resource is None or not in_compartment(e.resource, patient):
+            raise _forbidden(f"{e.where} ({e.method} {e.url}): a token limited to Patient/{patient} may only "
                              "create or update that patient's resources inside a Bundle", "bundle-entry-refused")
-        if interaction == "update" and len(parts) >= 2:
-            existing = _read_existing(resource_type, parts[1])
+        if interaction == "update":
+            existing = _read_existing(e.resource_type, e.resource_id)
             if existing is not None and not in_compartment(existing, patient):
-                raise _forbidden(f"Bundle.entry[{index}]: {url} belongs to another patient", "bundle-entry-refused")
+                raise _forbidden(f"{e.where}: {e.url} belongs to another patient", "bundle-entry-refused")
+        if e.if_none_exist:
+            from urllib.parse import parse_qsl, urlencode
+
+            e.if_none_exist = urlencode(restrict_condition(e.resource_type,
+                                                           parse_qsl(e.if_none_exist, keep_blank_values=True)))
+    # the handler executes exactly these entries (see bundle_entries)
+    g.trialtwin_bundle_entries = entries
 
 
 def _operation_flag(name: str, default: bool) -> bool:
@@ -331,7 +403,10 @@ def _operation_flag(name: str, default: bool) -> bool:
         raw = request.args.get(name)
         return default if raw is None else raw.lower() == "true"
     body = _body() or {}
-    for p in body.get("parameter") or []:
+    parameters = body.get("parameter")
+    if not isinstance(parameters, list):
+        return True  # malformed: count it as writing (the scopes are checked), the registry answers 400
+    for p in parameters:
         if isinstance(p, dict) and p.get("name") == name:
             # anything but an explicit false counts as writing: the registry rejects malformed values later
             return p.get("valueBoolean") is not False
@@ -409,14 +484,24 @@ def _check_job(access, job_id):
     except FhirError:
         return  # unknown job: the route answers 404
     owner = getattr(job, "owner", None)
-    if owner is not None and owner != (access.client_id, access.subject):
-        raise Forbidden(f"job {job_id} was submitted by another client or user", error_id="not-job-owner")
+    if owner is not None and owner != job_owner(access):
+        raise Forbidden(f"job {job_id} was submitted by another client, user or patient context",
+                        error_id="not-job-owner")
+
+
+def job_owner(access) -> tuple:
+    """Who may poll or cancel an async job: same client, same user and same patient context.
+
+    The patient is part of it: one clinician's app holds a token per launched patient, and the
+    token of p002's launch must not read the result of a job run for p001.
+    """
+    return (access.client_id, access.subject, access.patient)
 
 
 # endpoint (blueprint-local name) -> check(access, **view_args)
 _CHECKS = {
     "read": _check_read,
-    "vread": _check_read,
+    "vread": _check_vread,
     "instance_history": _check_instance_history,
     "type_history": _check_type_history,
     "search": _check_search,
@@ -444,22 +529,90 @@ def _visible(access, resource: dict) -> bool:
     return patient is None or in_compartment(resource, patient)
 
 
+def _redact(access, resource: dict) -> dict:
+    """What of a visible resource a patient-scoped token may see: of a Group, only its own membership.
+
+    A participant's token may read the cohorts it belongs to, but not who else is in them nor how many.
+    """
+    if resource.get("resourceType") != "Group":
+        return resource
+    patient = access.compartment_patient("read", "Group")
+    if patient is None:
+        return resource
+    from smart_app.resource_server import _points_to_patient
+
+    out = {k: v for k, v in resource.items() if k != "quantity"}
+    members = [m for m in resource.get("member") or [] if isinstance(m, dict)
+               and _points_to_patient(m.get("entity"), patient)]
+    if members:
+        out["member"] = members
+    else:
+        out.pop("member", None)
+    return out
+
+
+#: endpoints whose 200 answers carry participant data straight from the store
+_FILTERED = ("search", "system_bundle", "instance_history", "type_history", "read", "vread")
+
+
 def _filter_bundle(response: Response) -> Response:
-    """Drop Bundle entries (matches, _include, _revinclude) the token may not see: defence in depth."""
+    """Drop what the token may not see from an answer (matches, _include, _revinclude, versions); redact Groups.
+
+    Defence in depth behind the request checks, and the one place where a Group's other members and
+    size are hidden from a patient-scoped token.
+    """
     access = current_access()
     if access is None or response.status_code != 200 or "json" not in (response.mimetype or ""):
         return response
-    if (request.endpoint or "").rsplit(".", 1)[-1] not in ("search", "system_bundle", "instance_history"):
+    if (request.endpoint or "").rsplit(".", 1)[-1] not in _FILTERED:
         return response
     try:
         body = json.loads(response.get_data())
-    except ValueError:
+    except (ValueError, RecursionError):
         return response
-    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+    if not isinstance(body, dict):
+        return response
+    if body.get("resourceType") != "Bundle":
+        if not _visible(access, body):
+            # a read whose answer lies outside the compartment (e.g. a version moved there): the same 403 as
+            # for any other patient's resource, nothing of it returned
+            error = _forbidden(f"{body.get('resourceType')}/{body.get('id')} is not in this token's compartment")
+            from fhir_ops.app import render_error
+
+            return render_error(error)
+        redacted = _redact(access, body)
+        if redacted is not body:
+            response.set_data(json.dumps(redacted, ensure_ascii=False, separators=(",", ":")))
         return response
     entries = body.get("entry") or []
-    kept = [e for e in entries if not isinstance(e.get("resource"), dict) or _visible(access, e["resource"])]
-    if len(kept) != len(entries):
+    kept, changed = [], False
+    for e in entries:
+        resource = e.get("resource") if isinstance(e, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+            # a searchset answered inside a transaction/batch: never carried to a patient token (refused
+            # earlier), but filter it the same way should that change
+            nested = resource.get("entry") or []
+            inner = [x for x in nested if not isinstance(x.get("resource"), dict) or _visible(access, x["resource"])]
+            if len(inner) != len(nested):
+                resource["entry"], changed = inner, True
+                resource.pop("total", None)
+            kept.append(e)
+            continue
+        if isinstance(resource, dict) and not _visible(access, resource):
+            changed = True
+            continue
+        if isinstance(resource, dict):
+            redacted = _redact(access, resource)
+            if redacted is not resource:
+                e["resource"], changed = redacted, True
+        kept.append(e)
+    if g.get("trialtwin_strip_total") and "total" in body:
+        body.pop("total")
+        changed = True
+    if changed:
+        if len(kept) != len(entries) and "total" in body:
+            # the store counted before this filter: a count that includes hidden resources reveals them
+            body.pop("total")
         if kept:
             body["entry"] = kept
         else:

@@ -20,6 +20,9 @@ COMMANDS = [
     ("export", "fhir_ops.commands.export"),  # write a study out (NONMEM data set)
     ("train", "inference.cli_train"),  # retrain a learned model (dropout) into the model registry
     ("terminology", "terminology.cli"),  # concept-map versions: import, diff, preview, publish, rollback
+    ("clients", "smart_app.cli_clients"),  # administrator: register/list/revoke SMART clients, registration tokens
+    ("users", "smart_app.cli_users"),  # administrator: users who sign in at /auth (hashed passwords)
+    ("keys", "smart_app.cli_keys"),  # administrator: rotate and retire token-signing keys
 ]
 
 

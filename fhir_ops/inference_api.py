@@ -8,7 +8,7 @@ import math
 
 from flask import Flask, current_app, jsonify, request
 
-from fhir_ops import auth
+from fhir_ops import auth, limits
 from fhir_ops.app import render_error
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
 from inference.registry import ChecksumMismatch, ModelRegistry
@@ -62,6 +62,10 @@ def _rows_from_body(body, names: tuple[str, ...]) -> list[list[float]]:
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidRequest(f"row {i} feature '{names[j]}' must be a number, got {value!r}",
                                      error_id="invalid-feature-value", expression=[f"rows[{i}].{names[j]}"])
+            if isinstance(value, int) and not -2**53 <= value <= 2**53:
+                # beyond what a float feature holds exactly (a 400-digit integer would not fit at all)
+                raise InvalidRequest(f"row {i} feature '{names[j]}' is an integer too large for a feature value",
+                                     error_id="invalid-feature-value", expression=[f"rows[{i}].{names[j]}"])
             if not math.isfinite(value):
                 raise InvalidRequest(f"row {i} feature '{names[j]}' is NaN or infinite; missing values are "
                                      "not allowed", error_id="invalid-feature-value",
@@ -99,7 +103,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Secure by default, like the FHIR app: predictions are risk assessments of participants, so a
     # caller needs a token that may read RiskAssessments (system/, user/ or patient/ scopes).
     if auth.configure(app) == "smart":
-        app.before_request(lambda: auth.require_token("read", "RiskAssessment") and None)
+        # A CORS preflight carries no token by design (Fetch standard); it reaches no data either.
+        app.before_request(lambda: None if request.method == "OPTIONS"
+                           else auth.require_token("read", "RiskAssessment") and None)
+    from fhir_ops import cors
+
+    cors.init_app(app, [r"/.*"])
 
     @app.post("/predict/<model>")
     def predict(model: str):
@@ -111,9 +120,7 @@ def create_app(test_config: dict | None = None) -> Flask:
             raise NotFound(str(exc), error_id="unknown-model") from None
         if not request.is_json:
             raise UnsupportedMediaType("send the rows as application/json", error_id="unsupported-media-type")
-        body = request.get_json(silent=True)
-        if body is None:
-            raise InvalidRequest("request body is not valid JSON", error_id="invalid-json")
+        body = limits.loads(request.get_data(cache=True), malformed_id="invalid-json", allow_nan=True)
         rows = _rows_from_body(body, names)
         try:
             result = service.predict(model, rows, version)

@@ -1,10 +1,17 @@
 """Asynchronous operation calls (the FHIR async request pattern): 202, polling, cancel.
 
-Jobs run in a bounded thread pool of the app and live only in this process: a restart forgets
-them, and clients then get 404 for their job URL.
+Jobs run in a bounded thread pool of the server process that accepted them; their state, progress
+and results live in SQLite beside the store, so any server process on the same data directory
+answers a poll, a finished result survives a restart, and a job whose process died is reported
+failed (with an OperationOutcome) instead of running forever.
 """
 from __future__ import annotations
 
+import json
+import os
+import socket
+import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -16,6 +23,11 @@ from fhir_ops.errors import FhirError, NotFound, TooManyRequests
 
 JOBS_PATH = "_jobs"
 _EXTENSION_KEY = "trialtwin.jobs"
+JOBS_FILE = "trialtwin-jobs.sqlite"
+# a job's process refreshes its heartbeat this often; one silent for STALE_AFTER_S has lost it
+HEARTBEAT_S = 2.0
+STALE_AFTER_S = 30.0
+_UNFINISHED = ("queued", "running")
 
 
 def job_url(base_url: str, job_id: str) -> str:
@@ -25,7 +37,11 @@ def job_url(base_url: str, job_id: str) -> str:
 
 @dataclass
 class Job:
-    """One asynchronous call: its state, progress, and, once finished, its response."""
+    """One asynchronous call: its state, progress, and, once finished, its response.
+
+    The process running the job holds the live object (progress reports, the cancel event); other
+    processes see snapshots read from the jobs table.
+    """
 
     id: str
     operation: str
@@ -39,6 +55,19 @@ class Job:
     finished: float | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _table: Any = field(default=None, repr=False)
+    _owner: tuple | None = field(default=None, repr=False)
+
+    @property
+    def owner(self) -> tuple | None:
+        """``(client_id, subject)`` of the submitter when the server enforces SMART; else None."""
+        return self._owner
+
+    @owner.setter
+    def owner(self, value) -> None:
+        self._owner = tuple(value) if value is not None else None
+        if self._table is not None:
+            self._table.update(self.id, owner=json.dumps(self._owner))
 
     def report(self, fraction: float | None, message: str | None = None) -> None:
         """Record progress from the handler (``fraction`` clipped to [0, 1])."""
@@ -47,6 +76,8 @@ class Job:
                 self.fraction = min(max(float(fraction), 0.0), 1.0)
             if message is not None:
                 self.message = message
+            if self._table is not None:
+                self._table.update(self.id, fraction=self.fraction, message=self.message)
 
     def progress_text(self) -> str:
         """The ``X-Progress`` header value: ``"37%"``, ``"37%: fitting cohort"`` or a state."""
@@ -63,41 +94,201 @@ class Job:
         return self.state in ("completed", "failed", "cancelled")
 
 
+_COLUMNS = ("id", "operation", "created", "state", "fraction", "message", "status", "body", "headers",
+            "finished", "owner", "process", "heartbeat")
+
+
+class JobTable:
+    """The jobs table in its own SQLite file (WAL: readers in other processes never block a worker).
+
+    One short-lived connection per call keeps it safe from any thread of any process.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, operation TEXT NOT NULL, "
+                        "created REAL NOT NULL, state TEXT NOT NULL, fraction REAL, message TEXT, "
+                        "status INTEGER, body TEXT, headers TEXT, finished REAL, owner TEXT, "
+                        "process TEXT NOT NULL, heartbeat REAL NOT NULL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        con.execute("PRAGMA busy_timeout=30000")
+        return _Closing(con)
+
+    def insert(self, job: Job, process: str) -> None:
+        with self._connect() as con:
+            con.execute("INSERT INTO jobs (id, operation, created, state, process, heartbeat, headers) "
+                        "VALUES (?, ?, ?, ?, ?, ?, '{}')",
+                        (job.id, job.operation, job.created, job.state, process, time.time()))
+
+    def update(self, job_id: str, **values) -> None:
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self._connect() as con:
+            con.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*values.values(), job_id))
+
+    def finish(self, job_id: str, state: str, status, body, headers, fraction) -> None:
+        """Record the outcome unless the job was cancelled (deleted) meanwhile."""
+        with self._connect() as con:
+            con.execute("UPDATE jobs SET state = ?, status = ?, body = ?, headers = ?, finished = ?, "
+                        "fraction = COALESCE(?, fraction) WHERE id = ?",
+                        (state, status, json.dumps(body) if body is not None else None,
+                         json.dumps(headers or {}), time.time(), fraction, job_id))
+
+    def get(self, job_id: str) -> Job | None:
+        with self._connect() as con:
+            row = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        r = dict(zip(_COLUMNS, row))
+        job = Job(id=r["id"], operation=r["operation"], created=r["created"], state=r["state"],
+                  fraction=r["fraction"], message=r["message"], status=r["status"],
+                  body=json.loads(r["body"]) if r["body"] else None,
+                  headers=json.loads(r["headers"] or "{}"), finished=r["finished"])
+        owner = json.loads(r["owner"]) if r["owner"] else None
+        job._owner = tuple(owner) if owner is not None else None
+        job._process = r["process"]
+        job._heartbeat = r["heartbeat"]
+        return job
+
+    def delete(self, job_id: str) -> bool:
+        with self._connect() as con:
+            return con.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+
+    def count_unfinished(self) -> int:
+        with self._connect() as con:
+            return con.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", _UNFINISHED).fetchone()[0]
+
+    def beat(self, process: str, job_ids) -> list[str]:
+        """Refresh this process's unfinished jobs; return those that are gone (cancelled elsewhere)."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        with self._connect() as con:
+            con.execute(f"UPDATE jobs SET heartbeat = ? WHERE process = ? AND id IN ({marks})",
+                        (time.time(), process, *ids))
+            present = {r[0] for r in con.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", ids)}
+        return [i for i in ids if i not in present]
+
+    def fail_lost(self, is_lost) -> int:
+        """Mark unfinished jobs whose process is gone as failed, with an OperationOutcome."""
+        with self._connect() as con:
+            rows = con.execute("SELECT id, operation, process, heartbeat FROM jobs WHERE state IN (?, ?)",
+                               _UNFINISHED).fetchall()
+            lost = [(i, op) for i, op, proc, beat in rows if is_lost(proc, beat)]
+            for job_id, operation in lost:
+                outcome = FhirError(
+                    f"{operation} did not finish: the server process running it stopped (restart or "
+                    f"crash); submit it again", status=500, code="incomplete",
+                    error_id="job-lost").to_outcome()
+                # the state test keeps a job that finished meanwhile as it is
+                con.execute("UPDATE jobs SET state = 'failed', status = 500, body = ?, headers = '{}', "
+                            "finished = ? WHERE id = ? AND state IN (?, ?)",
+                            (json.dumps(outcome), time.time(), job_id, *_UNFINISHED))
+        return len(lost)
+
+    def evict(self, before: float) -> None:
+        with self._connect() as con:
+            con.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (before,))
+
+
+class _Closing:
+    """``with`` on a sqlite3 connection commits but does not close it: this closes it too."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.con
+
+    def __exit__(self, *exc) -> None:
+        self.con.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class JobManager:
-    """The jobs of one app: a bounded worker pool and an in-memory table.
+    """The jobs of one app: a bounded worker pool here, the job table shared through SQLite.
 
     Parameters
     ----------
     app : flask.Flask
         Handlers run inside this app's context so that ``get_store()`` works in the worker.
     max_workers : int
-        Jobs running at once; further jobs wait in the queue (state ``queued``).
+        Jobs running at once in this process; further jobs wait in the queue (state ``queued``).
     retention_s : float
         How long a finished job's result stays available to pollers.
     max_pending : int
-        Unfinished jobs (running or queued) accepted at once; more are refused with 429 so that a
-        burst of requests cannot queue unbounded work.
+        Unfinished jobs (running or queued, all processes) accepted at once; more are refused with
+        429 so that a burst of requests cannot queue unbounded work.
+    path : str
+        The jobs database (``<DATA_DIR>/trialtwin-jobs.sqlite`` by default, see :func:`manager`).
     """
 
-    def __init__(self, app, max_workers: int = 4, retention_s: float = 3600.0, max_pending: int = 100) -> None:
+    def __init__(self, app, max_workers: int = 4, retention_s: float = 3600.0, max_pending: int = 100,
+                 path: str | None = None) -> None:
         self.app = app
         self.retention_s = retention_s
         self.max_pending = max_pending
+        if path is None:
+            path = os.path.join(tempfile.mkdtemp(prefix="trialtwin-jobs-"), JOBS_FILE)
+        self.table = JobTable(path)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.process = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trialtwin-job")
-        self._jobs: dict[str, Job] = {}
+        self._live: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        # jobs of a process that is gone (this host, pid dead) fail at once; others once silent
+        self.table.fail_lost(self._is_lost)
+        self._beater = threading.Thread(target=self._heartbeat, name="trialtwin-job-heartbeat", daemon=True)
+        self._beater.start()
+
+    def _is_lost(self, process: str, heartbeat: float) -> bool:
+        if process == self.process:
+            return False
+        host, pid, _ = process.rsplit(":", 2)
+        if host == self.host and int(pid) != self.pid and not _pid_alive(int(pid)):
+            return True
+        return time.time() - heartbeat > STALE_AFTER_S
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._lock:
+                ids = [k for k, j in self._live.items() if not j.done]
+            try:
+                for gone in self.table.beat(self.process, ids):
+                    job = self._live.get(gone)
+                    if job is not None:  # deleted by a cancel in another process
+                        job.cancel_requested.set()
+            except sqlite3.Error:
+                self.app.logger.exception("job heartbeat failed")
 
     def submit(self, op, level: str, resource_type: str | None, resource_id: str | None,
                params: dict, base_url: str, headers: dict) -> Job:
         """Queue a call of ``op`` (a registry ``Operation``) and return its job."""
         job = Job(id=uuid.uuid4().hex, operation=op.name)
+        self.table.evict(time.time() - self.retention_s)
+        pending = self.table.count_unfinished()
+        if pending >= self.max_pending:
+            raise TooManyRequests(f"{pending} asynchronous jobs are already pending; retry later",
+                                  error_id="too-many-jobs", headers={"Retry-After": "10"})
+        self.table.insert(job, self.process)
+        job._table = self.table
         with self._lock:
-            self._evict_expired()
-            pending = sum(not j.done for j in self._jobs.values())
-            if pending >= self.max_pending:
-                raise TooManyRequests(f"{pending} asynchronous jobs are already pending; retry later",
-                                      error_id="too-many-jobs", headers={"Retry-After": "10"})
-            self._jobs[job.id] = job
+            self._live[job.id] = job
         self._pool.submit(self._run, job, op, level, resource_type, resource_id, params, base_url, headers)
         return job
 
@@ -108,6 +299,7 @@ class JobManager:
             self._finish(job, "cancelled", None, None, {})
             return
         job.state = "running"
+        self.table.update(job.id, state="running")
         ctx = OperationContext(op, level, resource_type, resource_id, base_url, headers=headers, job=job)
         try:
             with self.app.app_context():
@@ -126,44 +318,48 @@ class JobManager:
         else:
             self._finish(job, "completed", status, body, extra)
 
-    @staticmethod
-    def _finish(job: Job, state: str, status, body, headers) -> None:
+    def _finish(self, job: Job, state: str, status, body, headers) -> None:
         with job._lock:
             job.status, job.body, job.headers = status, body, dict(headers or {})
             job.finished = time.time()
             if state == "completed":
                 job.fraction = 1.0
             job.state = state
+        try:
+            self.table.finish(job.id, state, status, body, headers, job.fraction)
+        finally:
+            with self._lock:
+                self._live.pop(job.id, None)
 
     def get(self, job_id: str) -> Job:
-        """The job with this id; ``NotFound`` when unknown, expired or cancelled."""
-        with self._lock:
-            self._evict_expired()
-            job = self._jobs.get(job_id)
+        """The job with this id (from any process); ``NotFound`` when unknown, expired or cancelled."""
+        self.table.evict(time.time() - self.retention_s)
+        job = self.table.get(job_id)
+        if job is not None and not job.done and self._is_lost(job._process, job._heartbeat):
+            self.table.fail_lost(lambda proc, beat: proc == job._process)
+            job = self.table.get(job_id)
         if job is None:
-            raise NotFound(f"No job {job_id} (jobs live in the server process and expire "
-                           f"{int(self.retention_s)} s after they finish)", error_id="unknown-job")
+            raise NotFound(f"No job {job_id} (finished jobs expire {int(self.retention_s)} s after they "
+                           f"finish; cancelled ones at once)", error_id="unknown-job")
         return job
 
     def cancel(self, job_id: str) -> Job:
-        """Ask the job to stop and forget it; the worker stops at its next ``ctx.cancelled()`` check."""
+        """Ask the job to stop and forget it; the worker (in whichever process) stops at its next
+        ``ctx.cancelled()`` check."""
         job = self.get(job_id)
-        job.cancel_requested.set()
+        self.table.delete(job_id)
         with self._lock:
-            self._jobs.pop(job_id, None)
+            live = self._live.get(job_id)
+        if live is not None:
+            live.cancel_requested.set()
         return job
 
-    def _evict_expired(self) -> None:
-        now = time.time()
-        expired = [k for k, j in self._jobs.items() if j.finished and now - j.finished > self.retention_s]
-        for key in expired:
-            del self._jobs[key]
-
     def shutdown(self) -> None:
-        """Cancel every job and stop the pool (app teardown, tests)."""
+        """Cancel this process's jobs and stop the pool (app teardown, tests)."""
         with self._lock:
-            for job in self._jobs.values():
+            for job in self._live.values():
                 job.cancel_requested.set()
+        self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -171,16 +367,22 @@ def manager(app) -> JobManager:
     """The app's job manager, created on first use.
 
     Config: ``JOBS_MAX_WORKERS`` (default 4), ``JOBS_MAX_PENDING`` (default 100),
-    ``JOBS_RETENTION_S`` (default 3600).
+    ``JOBS_RETENTION_S`` (default 3600), ``JOBS_DB`` (the jobs database; default
+    ``<DATA_DIR>/trialtwin-jobs.sqlite`` beside the embedded store, and a private temporary file
+    when the app was handed a ``STORE`` object and no ``JOBS_DB``).
     """
     existing = app.extensions.get(_EXTENSION_KEY)
     if existing is None:
         with _CREATE_LOCK:
             existing = app.extensions.get(_EXTENSION_KEY)
             if existing is None:
+                path = app.config.get("JOBS_DB")
+                if path is None and app.config.get("STORE") is None:
+                    path = os.path.join(app.config.get("DATA_DIR", "./data"), JOBS_FILE)
                 existing = JobManager(app, max_workers=int(app.config.get("JOBS_MAX_WORKERS", 4)),
                                       retention_s=float(app.config.get("JOBS_RETENTION_S", 3600)),
-                                      max_pending=int(app.config.get("JOBS_MAX_PENDING", 100)))
+                                      max_pending=int(app.config.get("JOBS_MAX_PENDING", 100)),
+                                      path=path)
                 app.extensions[_EXTENSION_KEY] = existing
     return existing
 

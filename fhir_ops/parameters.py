@@ -12,7 +12,9 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
+from fhir_ops import r4
 from fhir_ops.errors import FhirError, InvalidRequest
+from fhir_ops.r4.validator import validate_datatype
 
 # R4 primitive types and the regular expressions of the specification (datatypes.html).
 _DATE = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"
@@ -117,20 +119,7 @@ def is_resource_type(type_name: str) -> bool:
     """True for ``Resource``-like wildcards and R4 resource type names (``Patient``)."""
     if type_name in ANY_RESOURCE:
         return True
-    if not type_name[:1].isupper():
-        return False
-    model = _model_class(type_name)
-    return model is not None and issubclass(model, _model_class("Resource"))
-
-
-@lru_cache(maxsize=None)
-def _model_class(type_name: str):
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        return get_fhir_model_class(type_name)
-    except (KeyError, ValueError, ImportError, AttributeError):
-        return None
+    return r4.is_resource_type(type_name)
 
 
 # --------------------------------------------------------------------------------------- input
@@ -304,16 +293,13 @@ def _convert(spec: ParameterSpec, text: str, element: str | None) -> Any:
 def _complex(spec: ParameterSpec, value: Any, element: str) -> dict:
     if not isinstance(value, dict):
         raise _wrong_type(spec, element, got=value)
-    model = _model_class(spec.type)
-    if model is None:
+    found = validate_datatype(spec.type, value, element)
+    if found is None:
         raise FhirError(f"OperationDefinition declares unknown type {spec.type!r} for '{spec.name}'",
                         status=500, code="exception", error_id="bad-operation-definition")
-    try:
-        model.model_validate(value)
-    except Exception as exc:  # pydantic.ValidationError; its text names the failing element
-        first = str(exc).splitlines()
-        detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
-        raise _wrong_type(spec, element, why=f"not a valid {spec.type}: {detail}") from None
+    if found:
+        detail = "; ".join(f"{i.expression}: {i.message}" for i in found[:2])
+        raise _wrong_type(spec, element, why=f"not a valid {spec.type}: {detail}")
     return value
 
 

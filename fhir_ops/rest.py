@@ -4,6 +4,7 @@ Handlers parse HTTP, call the store and build Bundles; errors are raised and ren
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from datetime import datetime, timezone
@@ -14,10 +15,13 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, request
 from werkzeug.routing import BaseConverter
 
-from fhir_ops.app import fhir_response, get_store
+from fhir_ops import auth, limits, shipped
+from fhir_ops.app import fhir_response, get_store, request_base
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
+from fhir_ops.search.query import DEFAULT_COUNT, MAX_COUNT
 from fhir_ops.search.registry import search_parameters_for
-from fhir_ops.store.bundle import DELETED_TAG
+from fhir_ops.store.bundle import DELETED_TAG, canonical_bundle
+from fhir_ops.urls import UrlError, parse_condition
 from fhir_ops.validation import all_resource_types, is_resource_type
 from terminology.harmonize import attach_outcomes, harmonize_bundle
 from terminology.workflow import active_harmonizer
@@ -38,10 +42,7 @@ class OperationConverter(BaseConverter):
 
 # -- request helpers -------------------------------------------------------------------------------
 def _base() -> str:
-    configured = current_app.config.get("BASE_URL")
-    if configured:
-        return configured.rstrip("/")
-    return request.host_url.rstrip("/") + request.script_root + (current_app.config.get("FHIR_PREFIX") or "")
+    return request_base()
 
 
 def _prefer() -> dict[str, str]:
@@ -67,10 +68,7 @@ def _json_body() -> dict:
         raise UnsupportedMediaType(f"Content-Type {request.content_type or '(none)'!r} is not supported; "
                                    f"send application/fhir+json", error_id="unsupported-media-type")
     raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", error_id="malformed-json") from None
+    body = limits.loads(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object (a FHIR resource)", error_id="malformed-json")
     return body
@@ -160,7 +158,7 @@ def _operations_module():
 
 @bp.get("/metadata")
 def metadata():
-    """CapabilityStatement generated from the R4B models, the search registry and the operation registry."""
+    """CapabilityStatement generated from the R4 definitions, the search registry and the operation registry."""
     _check_format()
     registry = _operations_module()
     resources = [dict(r) for r in _resource_capabilities()]  # copies: the cached tuple stays untouched
@@ -180,11 +178,15 @@ def metadata():
     }
     if operations:
         rest["operation"] = operations
+    # security.cors says whether a browser app on another origin may call this server (fhir_ops.cors)
+    cors = bool(current_app.config.get("CORS_ORIGINS"))
     if current_app.config.get("SMART_ISSUER"):
         from smart_app.discovery import capability_security
 
-        rest = {"mode": "server", "security": capability_security({"ISSUER": current_app.config["SMART_ISSUER"]}),
-                **{k: v for k, v in rest.items() if k != "mode"}}
+        security = capability_security({"ISSUER": current_app.config["SMART_ISSUER"], "CORS_ORIGINS": cors})
+        rest = {"mode": "server", "security": security, **{k: v for k, v in rest.items() if k != "mode"}}
+    elif cors:
+        rest = {"mode": "server", "security": {"cors": True}, **{k: v for k, v in rest.items() if k != "mode"}}
     capability = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -255,8 +257,12 @@ def system_bundle():
                 exc.message = f"Bundle.entry[{i}]: {exc.message}"
                 raise
     if kind not in ("transaction", "batch"):
-        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {kind!r}",
+        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {str(kind)[:100]!r}",
                              error_id="invalid-bundle", expression=["Bundle.type"])
+    # The entries exactly as the authorization check read them (one parse, fhir_ops.urls): the store
+    # executes their canonical form, so the check and the write cannot disagree on a target.
+    bundle = canonical_bundle(bundle, auth.bundle_entries(bundle))
+    _refuse_shipped_writes(bundle)
     # incoming local codes get their standard coding and canonical unit before anything is stored
     warnings: dict = {}
     harmonizer = _harmonizer(store)
@@ -271,6 +277,19 @@ def system_bundle():
     return fhir_response(result)
 
 
+def _refuse_shipped_writes(bundle: dict) -> None:
+    """A Bundle may not replace or delete a shipped conformance resource, nor duplicate its canonical."""
+    for entry in bundle.get("entry") or []:
+        if not isinstance(entry, dict):
+            continue
+        req = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+        parts = str(req.get("url") or "").split("?")[0].strip("/").split("/")
+        if req.get("method") in ("PUT", "DELETE", "PATCH") and len(parts) == 2:
+            shipped.refuse_write(parts[0], parts[1])
+        if isinstance(entry.get("resource"), dict):
+            shipped.refuse_duplicate(entry["resource"])
+
+
 # -- type level -------------------------------------------------------------------------------------
 @bp.post("/<resource_type>")
 def create(resource_type):
@@ -280,8 +299,17 @@ def create(resource_type):
     if body.get("resourceType") != resource_type:
         raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
                              f"{resource_type!r}", error_id="type-mismatch", expression=["resourceType"])
+    shipped.refuse_duplicate(body)
+    condition = None
+    if request.headers.get("If-None-Exist"):
+        try:
+            pairs = parse_condition(request.headers["If-None-Exist"], resource_type, _base())
+        except UrlError as exc:
+            raise InvalidRequest(f"If-None-Exist: {exc}", error_id="invalid-condition") from None
+        # a patient-scoped token's condition searches only its own compartment, like its searches do
+        condition = urlencode(auth.restrict_condition(resource_type, pairs))
     body = _harmonized(body)
-    result = get_store().create(body, if_none_exist=request.headers.get("If-None-Exist") or None)
+    result = get_store().create(body, if_none_exist=condition)
     return _write_response(result.resource, 201 if result.created else 200)
 
 
@@ -302,7 +330,7 @@ def search(resource_type):
     _check_type(resource_type)
     params = _search_params()
     strict = _prefer().get("handling") == "strict"
-    result = get_store().search(resource_type, params, strict=strict)
+    result = _search_with_shipped(get_store(), resource_type, params, strict)
     base = _base()
     ignored = {name.split("=")[0] for name in result.ignored}
     kept = [(k, v) for k, v in params if k not in _CONTROL and k not in ignored and k != "_format"]
@@ -338,6 +366,39 @@ def search(resource_type):
     if entries:
         bundle["entry"] = entries
     return fhir_response(bundle)
+
+
+def _int_arg(params: list[tuple[str, str]], name: str, default: int) -> int:
+    values = [v for k, v in params if k == name]
+    try:
+        return max(0, int(values[-1])) if values else default
+    except ValueError:
+        return default  # the store refuses it with its own OperationOutcome
+
+
+def _search_with_shipped(store, resource_type: str, params: list[tuple[str, str]], strict: bool):
+    """The store's search, with the shipped conformance resources that match put first on the first pages.
+
+    A stored resource with the same url and version (a map workflow's copy of a shipped map) stands in
+    for the file, so nothing is listed twice.
+    """
+    extra = shipped.search(resource_type, params)
+    if extra:
+        urls = ",".join(sorted({r["url"] for r in extra}))
+        stored = store.search(resource_type, [("url", urls), ("_count", str(MAX_COUNT))]).matches
+        have = {(r.get("url"), r.get("version")) for r in stored}
+        extra = [r for r in extra if (r.get("url"), r.get("version")) not in have]
+    if not extra:
+        return store.search(resource_type, params, strict=strict)
+    count = min(_int_arg(params, "_count", DEFAULT_COUNT), MAX_COUNT)
+    offset = _int_arg(params, "_offset", 0)
+    summary_count = ("_summary", "count") in params
+    page = [] if summary_count else extra[offset:offset + count]
+    rest = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+    rest += [("_count", str(count - len(page))), ("_offset", str(max(0, offset - len(extra))))]
+    result = store.search(resource_type, rest, strict=strict)
+    return dataclasses.replace(result, matches=page + list(result.matches), offset=offset, count=count,
+                               total=None if result.total is None else result.total + len(extra))
 
 
 def _history_bundle(versions: list[dict]) -> dict:
@@ -386,7 +447,7 @@ def type_history(resource_type):
 def read(resource_type, resource_id):
     _check_format()
     _check_type(resource_type)
-    resource = get_store().read(resource_type, resource_id)
+    resource = shipped.read(resource_type, resource_id) or get_store().read(resource_type, resource_id)
     return fhir_response(resource, 200, _version_headers(resource))
 
 
@@ -404,6 +465,7 @@ def update(resource_type, resource_id):
     if body["id"] != resource_id:
         raise InvalidRequest(f"body id {body['id']!r} does not match URL id {resource_id!r}",
                              error_id="id-mismatch", expression=[f"{resource_type}.id"])
+    shipped.refuse_write(resource_type, resource_id)
     body = _harmonized(body)
     result = get_store().update(resource_type, resource_id, body, if_match=request.headers.get("If-Match"))
     return _write_response(result.resource, 201 if result.created else 200)
@@ -412,6 +474,7 @@ def update(resource_type, resource_id):
 @bp.delete("/<resource_type>/<resource_id>")
 def delete(resource_type, resource_id):
     _check_type(resource_type)
+    shipped.refuse_write(resource_type, resource_id)
     get_store().delete(resource_type, resource_id)
     return fhir_response(None, 204)
 
@@ -427,6 +490,12 @@ def instance_history(resource_type, resource_id):
 def vread(resource_type, resource_id, version_id):
     _check_format()
     _check_type(resource_type)
+    served = shipped.read(resource_type, resource_id)
+    if served is not None:
+        if version_id != shipped.VERSION_ID:
+            raise NotFound(f"{resource_type}/{resource_id} has only version {shipped.VERSION_ID}",
+                           error_id="unknown-version")
+        return fhir_response(served, 200, _version_headers(served))
     resource = get_store().vread(resource_type, resource_id, version_id)
     return fhir_response(resource, 200, _version_headers(resource))
 

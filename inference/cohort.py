@@ -447,7 +447,8 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
                     covariate_model: CovariateModel | None = None,
                     covariates: Covariates | None = None,
                     chunk_size: int = 10 * BLOCK_SIZE,
-                    trajectories: bool = False) -> CohortResult:
+                    trajectories: bool = False,
+                    executor=None) -> CohortResult:
     """Simulate the TT-201 twin model for a virtual cohort in one call.
 
     Parameters
@@ -474,6 +475,12 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         Also return daily ``(n, n_days)`` arrays: ``concentration`` (average over the day, mg/L),
         ``trough`` (end of the day, just before the next dose), ``fpg``, ``hba1c``, ``taken``,
         ``ae``, plus ``attended`` and ``visit_days``; refused above 2 * 10^7 participant-days.
+    executor : optional
+        Where the chunks run: ``None`` in this process, one after the other; otherwise anything
+        with ``submit(fn, *args)`` returning a future with ``result()`` — a
+        ``dask.distributed.Client`` (scale-out on an existing cluster) or a
+        ``concurrent.futures`` executor. Chunks are seeded by block, so the result is identical
+        to the in-process run whatever executes them.
 
     Returns
     -------
@@ -504,16 +511,22 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         raise ValueError("trajectories are limited to 2e7 participant-days; ask for summaries")
     n_blocks = -(-n // BLOCK_SIZE)
     per_chunk = chunk_size // BLOCK_SIZE
-    parts, traj_parts = [], []
+    tasks = []
     for first in range(0, n_blocks, per_chunk):
         blocks = list(range(first, min(first + per_chunk, n_blocks)))
         sizes = [min(BLOCK_SIZE, n - b * BLOCK_SIZE) for b in blocks]
         start, stop = blocks[0] * BLOCK_SIZE, blocks[0] * BLOCK_SIZE + sum(sizes)
         sub_cov = covariates.take(slice(start, stop)) if covariates is not None else None
-        summary, traj = _simulate_chunk(scenario, population, covariate_model, sub_cov, blocks, sizes,
-                                        int(seed), trajectories)
-        parts.append(summary)
-        traj_parts.append(traj)
+        tasks.append((scenario, population, covariate_model, sub_cov, blocks, sizes, int(seed), trajectories))
+    if executor is None:
+        results = [_simulate_chunk(*task) for task in tasks]
+    else:
+        # all chunks are handed out first so that the workers run them side by side; results are
+        # read back in chunk order, which keeps participant i at row i
+        futures = [executor.submit(_simulate_chunk, *task) for task in tasks]
+        results = [future.result() for future in futures]
+    parts = [summary for summary, _ in results]
+    traj_parts = [traj for _, traj in results]
     summary = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     traj = None
     if trajectories:

@@ -87,3 +87,30 @@ def ssfol(phi: np.ndarray, data: ObservationData) -> np.ndarray:
     ke, ka = np.exp(lke), np.exp(lka)
     t = data.time
     return data.design["dose"] * np.exp(lke + lka - lcl) * (np.exp(-ke * t) - np.exp(-ka * t)) / (ka - ke)
+
+
+def ssbiexp(phi: np.ndarray, data: ObservationData) -> np.ndarray:
+    """Biexponential decline, nlme's ``SSbiexp`` (e.g. R ``datasets::Indometh``).
+
+    ``C(t) = A1 exp(-exp(lrc1) t) + A2 exp(-exp(lrc2) t)`` with ``phi`` columns
+    ``(A1, lrc1, A2, lrc2)``: the amplitudes on their own (linear) scale, as in nlme, and the log
+    rate constants (1/h).
+
+    Parameters
+    ----------
+    phi : ndarray, shape (data.n_subjects, 4)
+    data : ObservationData
+
+    Returns
+    -------
+    ndarray, shape (data.n_rows,)
+
+    Examples
+    --------
+    >>> data = ObservationData.single([0.0, 1.0], [np.nan, np.nan])
+    >>> np.round(ssbiexp(np.array([[2.0, 0.0, 0.5, -2.0]]), data), 4).tolist()
+    [2.5, 1.1725]
+    """
+    p = phi[data.subject]
+    t = data.time
+    return p[:, 0] * np.exp(-np.exp(p[:, 1]) * t) + p[:, 2] * np.exp(-np.exp(p[:, 3]) * t)

@@ -15,6 +15,7 @@ from a central-difference Hessian of ``-2 log L`` at the optimum.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -35,11 +36,21 @@ from inference.population import (
     typical_parameters,
 )
 
-__all__ = ["ModeEstimate", "PopulationFit", "FitCancelled", "find_modes", "fit_population", "objective_function"]
+__all__ = ["BoundaryWarning", "FitCancelled", "ModeEstimate", "PopulationFit", "find_modes", "fit_population",
+           "objective_function"]
 
 
 class FitCancelled(Exception):
     """Raised by :func:`fit_population` when its ``callback`` asks to stop."""
+
+
+class BoundaryWarning(UserWarning):
+    """A random-effect variance converged to (nearly) zero: its standard error is meaningless."""
+
+
+# an SD below this fraction of the typical value's magnitude (at least 1) counts as zero: the
+# likelihood is then flat in the log SD and the random effect could be dropped
+_BOUNDARY_SD = 1e-3
 
 # One step on the log-scale parameters serves first and second differences: truncation error
 # ~1e-9 for the former, rounding error ~1e-8 (relative) for the latter.
@@ -148,7 +159,8 @@ def _predict_with_derivatives(
     subjects and random effects.
     """
     stacked = _Stacked(structural, data) if stacked is None else stacked
-    ridx = model.random_index
+    # ``model`` may be a PopulationModel or directly the index array of the random effects
+    ridx = model.random_index if isinstance(model, PopulationModel) else np.asarray(model)
     q = ridx.size
     phi = typical.copy()
     phi[:, ridx] += eta
@@ -221,22 +233,34 @@ def find_modes(
     """
     n, q = data.n_subjects, model.n_random_effects
     typical = typical_parameters(model, data)
-    mask = data.observed
-    y = np.where(mask, data.value, 0.0)
-    weight_mask = mask.astype(float)
     m = np.broadcast_to(np.zeros(q) if prior_mean is None else np.asarray(prior_mean, float), (n, q))
     precision = np.linalg.inv(model.omega) if prior_precision is None else np.asarray(prior_precision, float)
     precision = np.broadcast_to(precision, (n, q, q))
     eta = np.array(m if eta0 is None else np.asarray(eta0, float).reshape(n, q), dtype=float)
-    error = model.error
-    output = output_index(data)
-    stacked = _Stacked(structural, data)
+    return _find_modes(model.random_index, typical, model.error, output_index(data), m, precision, eta,
+                       structural, data, max_iter=max_iter, tol=tol)
+
+
+def _find_modes(ridx, typical, error, output, m, precision, eta, structural, data, *, max_iter, tol,
+                stacked=None) -> ModeEstimate:
+    """Mode search on plain arrays: per-subject typical parameters, prior mean and precision.
+
+    Every subject's Newton iterations are independent of the others' (the loop only stops when
+    all have converged), so several problems stacked as extra subjects, each with its own
+    parameters and its own residual error model (picked per row by ``output``), give the same
+    modes as separate calls; :func:`_batched_objectives` relies on that.
+    """
+    n, q = data.n_subjects, ridx.size
+    mask = data.observed
+    y = np.where(mask, data.value, 0.0)
+    weight_mask = mask.astype(float)
+    stacked = _Stacked(structural, data) if stacked is None else stacked
     prior_sd = np.sqrt(np.einsum("nii->ni", np.linalg.inv(precision)))
     step_limit = _MAX_STEP * np.maximum(prior_sd, 1.0)
 
     def terms(eta_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         phi = typical.copy()
-        phi[:, model.random_index] += eta_
+        phi[:, ridx] += eta_
         f = predict(structural, phi, data)
         v = residual_variance(error, f, output)
         data_term = _per_subject_sum(data.subject, weight_mask * ((y - f) ** 2 / v + np.log(2 * np.pi * v)), n)
@@ -246,7 +270,7 @@ def find_modes(
     def gradient_and_hessian(eta_: np.ndarray, exact: bool) -> tuple[np.ndarray, ...]:
         """Half-gradient, expected-information Hessian, the Laplace Hessian (if exact: with the
         residual-curvature term) and the Hessian Newton steps take (the exact one when exact)."""
-        f, jac, curvature = _predict_with_derivatives(model, structural, data, typical, eta_, second=exact,
+        f, jac, curvature = _predict_with_derivatives(ridx, structural, data, typical, eta_, second=exact,
                                                       stacked=stacked)
         v = residual_variance(error, f, output)
         dv = _variance_slope(error, f, output)
@@ -366,6 +390,50 @@ def objective_function(model: PopulationModel, modes: ModeEstimate) -> float:
     return float(np.sum(modes.data_term + modes.prior_term + logdet_omega + logdet_h))
 
 
+def _tile_subjects(data: ObservationData, copies: int) -> ObservationData:
+    """``data`` repeated as ``copies`` blocks of extra subjects (cached per data set, like _Stacked)."""
+    if copies == 1:
+        return data
+    return _Stacked(None, data)._data(copies)
+
+
+def _batched_objectives(models: list[PopulationModel], structural: Structural, data: ObservationData,
+                        eta0: np.ndarray, *, max_iter: int = 200, tol: float = 1e-9
+                        ) -> tuple[np.ndarray, ModeEstimate]:
+    """``-2 log L`` of several parameter sets of one model structure, from one stacked mode search.
+
+    Each parameter set becomes a block of copies of the subjects with its own typical parameters,
+    prior precision and residual error models; since every subject's mode search is independent,
+    the values equal those of separate :func:`find_modes` + :func:`objective_function` calls,
+    at the cost of about one call (the search is dominated by per-call overhead for small data).
+    """
+    k, n = len(models), data.n_subjects
+    first = models[0]
+    ridx, q = first.random_index, first.n_random_effects
+    tiled = _tile_subjects(data, k)
+    base = output_index(data)
+    n_outputs = len(first.errors)
+    base = np.zeros(data.n_rows) if base is None else np.asarray(base, float)
+    # the batch's own error index per row: block b uses errors b * n_outputs + its output
+    output = np.repeat(np.arange(k) * n_outputs, data.n_rows) + np.tile(base, k)
+    errors = tuple(e for mdl in models for e in mdl.errors)
+    typical = np.concatenate([typical_parameters(mdl, data) for mdl in models])
+    omega_inv = [np.linalg.inv(mdl.omega) for mdl in models]
+    precision = np.concatenate([np.broadcast_to(w, (n, q, q)) for w in omega_inv])
+    eta = np.tile(np.asarray(eta0, float).reshape(n, q), (k, 1))
+    modes = _find_modes(ridx, typical, errors, output, np.zeros((k * n, q)), precision, eta, structural,
+                        tiled, max_iter=max_iter, tol=tol)
+    sign, logdet_h = np.linalg.slogdet(modes.hessian)
+    per_subject = modes.data_term + modes.prior_term + logdet_h
+    values = np.empty(k)
+    for b, mdl in enumerate(models):
+        block = slice(b * n, (b + 1) * n)
+        _, logdet_omega = np.linalg.slogdet(mdl.omega)
+        ok = np.all(sign[block] > 0) and np.all(np.isfinite(per_subject[block]))
+        values[b] = float(np.sum(per_subject[block]) + n * logdet_omega) if ok else np.inf
+    return values, modes
+
+
 class _Parameterization:
     """Maps the unconstrained optimizer vector to a PopulationModel and names its entries."""
 
@@ -483,6 +551,9 @@ class PopulationFit:
     n_iterations : int
     n_evaluations : int
         Number of times all subjects' modes were searched.
+    boundary : tuple of str
+        Random effects whose variance converged to ~0 (a :class:`BoundaryWarning` is issued):
+        their SD's standard error is meaningless and the effect could be removed.
     """
 
     model: PopulationModel
@@ -500,6 +571,7 @@ class PopulationFit:
     n_iterations: int
     n_evaluations: int
     method: str = "FOCEI"
+    boundary: tuple[str, ...] = ()
 
     @property
     def log_likelihood(self) -> float:
@@ -595,6 +667,17 @@ def fit_population(
         value = objective_function(candidate, modes)
         return (value if np.isfinite(value) else np.inf), modes
 
+    def evaluate_many(xs: list[np.ndarray], eta0: np.ndarray) -> np.ndarray:
+        """Objectives of several points from one stacked mode search (see _batched_objectives)."""
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                values, _ = _batched_objectives([param.unpack(x) for x in xs], structural, data, eta0)
+            state["evaluations"] += len(xs)
+            return values
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+            # one bad point (e.g. a singular Hessian) must not cost the others: one by one
+            return np.array([evaluate(x, eta0)[0] for x in xs])
+
     def fun(x: np.ndarray) -> float:
         value, modes = evaluate(x, state["eta"])
         if modes is not None and np.isfinite(value):
@@ -605,15 +688,17 @@ def fit_population(
         # modes are converged to ~1e-9, which leaves ~1e-8 of noise in -2LL; a 1e-3 step keeps
         # the gradient's noise near 1e-5 while its truncation error stays ~1e-6
         # every perturbed evaluation starts from the same modes, so the difference is smooth
+        # all 2 * len(x) points go through one stacked mode search
+        return _central_gradients([x], step)[0]
+
+    def _central_gradients(xs: list[np.ndarray], step: float) -> list[np.ndarray]:
         base_eta = state["eta"]
-        g = np.empty_like(x)
-        for i in range(x.size):
-            e = np.zeros_like(x)
-            e[i] = step
-            up, _ = evaluate(x + e, base_eta)
-            down, _ = evaluate(x - e, base_eta)
-            g[i] = (up - down) / (2 * step) if np.isfinite(up) and np.isfinite(down) else 0.0
-        return g
+        eye = np.eye(xs[0].size) * step
+        points = [x + s * e for x in xs for e in eye for s in (1.0, -1.0)]
+        values = evaluate_many(points, base_eta).reshape(len(xs), xs[0].size, 2)
+        up, down = values[..., 0], values[..., 1]
+        ok = np.isfinite(up) & np.isfinite(down)
+        return list(np.where(ok, (up - down) / (2 * step), 0.0))
 
     iterations = [0]
 
@@ -640,12 +725,13 @@ def fit_population(
         covariance = None
         ses: dict[str, float] = {}
         if standard_errors:
-            hess = np.empty((x.size, x.size))
             h = 1e-3
-            for i in range(x.size):
-                e = np.zeros_like(x)
-                e[i] = h
-                hess[i] = (grad(x + e) - grad(x - e)) / (2 * h)
+            # the gradients at x +- h e_i: 4 len(x)^2 points, stacked in a few mode searches
+            shifted = [x + s * h * e for e in np.eye(x.size) for s in (1.0, -1.0)]
+            grads = []
+            for lo in range(0, len(shifted), 4):
+                grads += _central_gradients(shifted[lo:lo + 4], 1e-3)
+            hess = np.array([(grads[2 * i] - grads[2 * i + 1]) / (2 * h) for i in range(x.size)])
             hess = 0.5 * (hess + hess.T)
             try:
                 covariance = 2.0 * np.linalg.inv(hess)
@@ -656,6 +742,14 @@ def fit_population(
     # below 100 * gtol there moves the estimates by far less than their standard errors
     converged = bool(result.success or np.max(np.abs(final_grad)) < 100 * gtol) and bool(modes.converged.all())
     eta_cov = np.linalg.inv(modes.hessian)
+    scale = np.maximum(np.abs(fitted.theta[fitted.random_index]), 1.0)
+    boundary = tuple(name for name, sd, s in zip(fitted.random_effects, fitted.omega_sd, scale)
+                     if sd < _BOUNDARY_SD * s)
+    if boundary:
+        warnings.warn(f"variance of {', '.join(boundary)} converged to ~0 (SD "
+                      f"{', '.join(f'{sd:.2g}' for sd in fitted.omega_sd[np.isin(fitted.random_effects, boundary)])}):"
+                      " the standard errors of these SDs are meaningless; consider removing the random "
+                      "effect(s)", BoundaryWarning, stacklevel=2)
     return PopulationFit(
         model=fitted,
         objective=float(objective),
@@ -671,6 +765,7 @@ def fit_population(
         message=str(result.message),
         n_iterations=int(result.nit),
         n_evaluations=int(state["evaluations"]),
+        boundary=boundary,
     )
 
 

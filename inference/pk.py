@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from inference import pk_events
 from inference.dosing import DoseRecord
 
 __all__ = [
@@ -171,23 +172,8 @@ class MichaelisMenten(_Model):
                 nonneg=("tlag",), unit_interval=("f",))
 
 
-def _h1(x):
-    """(1 - exp(-x)) / x with its limit 1 at 0, accurate for all x >= 0."""
-    x = np.asarray(x, dtype=float)
-    small = np.abs(x) < 1e-8
-    safe = np.where(small, 1.0, x)
-    return np.where(small, 1.0 - 0.5 * x, -np.expm1(-safe) / safe)
-
-
-def _phi(a, b, t):
-    """Convolution of exp(-a t) with exp(-b t): (exp(-b t) - exp(-a t)) / (a - b), robust for a ~ b.
-
-    The expression is symmetric in (a, b), so factoring out the slower exponential keeps it finite
-    and turns the equal-rate case into the limit t * exp(-a t).
-    """
-    lo = np.minimum(a, b)
-    d = np.abs(a - b)
-    return t * np.exp(-lo * t) * _h1(d * t)
+_h1 = pk_events.h1
+_phi = pk_events.phi
 
 
 def _int_phi(a, b, s):
@@ -255,9 +241,25 @@ def concentration(model, doses: DoseRecord, times) -> np.ndarray:
         raise ValueError(f"model has {model.n} participants and doses {doses.n}; they must match")
     t = _as_2d_times(times, n)
     if isinstance(model, MichaelisMenten):
-        return _mm_concentration(model, doses.broadcast(n), np.broadcast_to(t, (n, t.shape[1])))
+        vmax, km, v, ka, tlag, f = (np.broadcast_to(p, (n,)) for p in
+                                    (model.vmax, model.km, model.v, model.ka, model.tlag, model.f))
+        return pk_events.michaelis_menten_concentration(vmax, km, v, ka, tlag, f, doses, t)
     if not isinstance(model, (OneCompartment, TwoCompartment)):
         raise ValueError(f"unsupported model type {type(model).__name__}")
+    coef, rate = zip(*((np.broadcast_to(c, (n,)), np.broadcast_to(lam, (n,)))
+                       for c, lam in model.disposition()))
+    ka, tlag, f = (np.broadcast_to(p, (n,)) for p in (model.ka, model.tlag, model.f))
+    return pk_events.linear_concentration(coef, rate, ka, tlag, f, doses, t)
+
+
+def _superposition_concentration(model, doses: DoseRecord, times) -> np.ndarray:
+    """Previous linear path, kept as a reference: every dose superposed at every output time.
+
+    Costs participants x doses x output times; :func:`concentration` propagates event by event
+    instead (``inference.pk_events``) and must agree with this to rounding.
+    """
+    n = max(model.n, doses.n)
+    t = _as_2d_times(times, n)
     terms = [(c[:, None], lam[:, None]) for c, lam in model.disposition()]
     out = np.zeros((n, t.shape[1]))
     oral = doses.route == "oral"

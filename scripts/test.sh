@@ -13,6 +13,18 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
+# Browser tier: the reference SMART JavaScript client (npm fhirclient) at the version the lock file pins.
+if [ ! -d tests/smart_app/js/node_modules/fhirclient ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "== installing Debian nodejs and npm for the SMART JavaScript client test"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  echo "== npm ci in tests/smart_app/js (fhirclient)"
+  (cd tests/smart_app/js && npm ci --silent)
+fi
+
 # Integration tier: HAPI FHIR JPA as a plain Java process built by our Maven project (CI has no
 # Docker). Start one unless it is already up or deliberately skipped, and stop only what this
 # script started. A fresh in-memory database keeps runs independent.

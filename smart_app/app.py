@@ -15,10 +15,10 @@ from urllib.parse import urlencode, urlsplit
 from flask import Blueprint, Flask, abort, current_app, redirect, render_template, request, session, url_for
 
 from . import client as smart
-from .clinician import (OUTPUTS, FhirApi, FhirCallError, Problem, latest_risk, load_cohort, load_participant,
-                        outreach_tasks, parse_forecast, problem, simulate_parameters)
+from .clinician import (FhirApi, FhirCallError, Problem, latest_risk, load_cohort, load_participant, outreach_tasks,
+                        parse_forecast, problem, simulate_parameters, status_words)
 from .jwks import persistent_secret
-from .plots import cohort_svg, forecast_svg
+from .plots import cohort_panels, forecast_panels
 
 CLIENT_ID = "trialtwin-clinician"
 #: What the app asks for. Patient data stays in the launch patient's compartment (patient/ scopes); the
@@ -28,6 +28,17 @@ SCOPES = ("launch openid fhirUser patient/*.rs patient/Observation.cu patient/Ba
           "patient/RiskAssessment.cu patient/Task.cu user/ResearchStudy.rs user/ResearchSubject.rs user/Group.rs "
           "user/Organization.rs user/Location.rs user/RiskAssessment.rs")
 STANDALONE_SCOPES = SCOPES.replace("launch ", "launch/patient ", 1)
+
+#: The only texts a link may put in the page's notice: ``?notice=<key>`` (never free text from the query string,
+#: which anyone could craft into a convincing message on our page).
+NOTICES = {
+    "risk-updated": ("info", "Dropout risk updated."),
+    "risk-no-next-visit": ("warning", "No visit is scheduled for this participant, so there is no next visit to "
+                                      "assess."),
+    "risk-not-allowed": ("warning", "This launch's access token does not allow assessing the dropout risk."),
+    "risk-unavailable": ("warning", "The FHIR server does not offer $predict-dropout."),
+    "risk-failed": ("warning", "The dropout risk could not be assessed; try again, or see the server's log."),
+}
 
 bp = Blueprint("clinician", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
@@ -207,11 +218,15 @@ def patient_view(patient_id):
     problems: list[Problem] = []
     errors: list[str] = []
     horizon = _number("horizon", int, 1, 365, errors) or 28
-    scenario_args = _what_if(errors)
     who = load_participant(api, patient_id, problems)
+    # No dosing beyond the last dose for a participant who receives no more study intervention: the twin is
+    # forecast with dose 0 from its start, and there is no dosing scenario to play with.
+    scenario_args = None if who.doses_stopped else _what_if(errors)
+    stopped = {"dose": 0.0} if who.doses_stopped else {}
     baseline = scenario = None
     try:
-        baseline = parse_forecast(api.operation(f"Patient/{patient_id}/$simulate", simulate_parameters(horizon)))
+        baseline = parse_forecast(api.operation(f"Patient/{patient_id}/$simulate",
+                                                simulate_parameters(horizon, **stopped)))
     except FhirCallError as err:
         problems.append(problem("Forecast", err, "$simulate"))
     if baseline is not None and scenario_args and not errors:
@@ -220,39 +235,68 @@ def patient_view(patient_id):
                                                     simulate_parameters(horizon, **scenario_args)))
         except FhirCallError as err:
             problems.append(problem("What-if scenario", err, "$simulate"))
-    svg = forecast_svg(baseline, scenario, OUTPUTS) if baseline is not None else ""
-    if baseline is not None and not svg:
+    panels = forecast_panels(baseline, scenario, last_dose=who.last_dose) if baseline is not None else []
+    if baseline is not None and not panels:
         problems.append(Problem("Forecast", "The twin returned no forecast for this participant."))
     risk = latest_risk(api, patient_id, problems)
     tasks = outreach_tasks(api, patient_id, problems)
-    return render_template("app/patient.html", who=who, svg=svg, baseline=baseline, scenario=scenario,
+    notice = NOTICES.get(request.args.get("notice", ""))
+    return render_template("app/patient.html", who=who, panels=panels, baseline=baseline, scenario=scenario,
                            scenario_args=scenario_args, horizon=horizon, risk=risk, tasks=tasks, problems=problems,
-                           errors=errors, form=request.args, grant=grant, csrf=_csrf(),
-                           message=request.args.get("message"))
+                           errors=errors, form=request.args, grant=grant, csrf=_csrf(), notice=notice)
 
 
 @bp.post("/patient/<patient_id>/predict-dropout")
 def predict_dropout(patient_id):
-    """Run ``$predict-dropout`` for the participant, then show the page again with what happened."""
+    """Run ``$predict-dropout`` for the participant, then show the page again with a fixed notice key."""
     grant = _grant()
     if not secrets.compare_digest(request.form.get("csrf_token", ""), session.get("csrf", "")):
         abort(400)
     try:
         _api(grant).operation(f"Patient/{patient_id}/$predict-dropout", [])
-        message = "Dropout risk updated."
+        key = "risk-updated"
     except FhirCallError as err:
-        message = problem("Dropout risk", err, "$predict-dropout").message
-    return redirect(url_for("clinician.patient_view", patient_id=patient_id) + "?" + urlencode({"message": message}))
+        if err.error_id == "no-next-visit":
+            key = "risk-no-next-visit"
+        elif err.status in (401, 403):
+            key = "risk-not-allowed"
+        elif err.status in (404, 501) and err.error_id in (None, "unknown-operation", "operation-not-supported-here"):
+            key = "risk-unavailable"
+        else:
+            current_app.logger.warning("$predict-dropout for Patient/%s failed: %s", patient_id, err.message)
+            key = "risk-failed"
+    return redirect(url_for("clinician.patient_view", patient_id=patient_id) + "?" + urlencode({"notice": key}))
 
 
 @bp.get("/study/<study_id>")
 def study_view(study_id):
-    """EDC context: the study's arms, enrolment, status counts, per-arm forecast and flagged participants."""
+    """EDC context: the study's arms, enrolment, status counts, per-arm simulation and flagged participants."""
     grant = _grant()
     problems: list[Problem] = []
     cohort = load_cohort(_api(grant), study_id, problems, threshold=current_app.config["RISK_THRESHOLD"])
-    svg = cohort_svg(cohort.arm_series, cohort.units, arm_order=cohort.arms) if cohort.arm_series else ""
-    return render_template("app/study.html", cohort=cohort, svg=svg, problems=problems, grant=grant)
+    return render_template("app/study.html", cohort=cohort, panels=cohort_panels(cohort), problems=problems,
+                           grant=grant)
+
+
+def calendar_date(value) -> str:
+    """``20 Oct 2026`` from a date, datetime or FHIR date/dateTime string (the string itself if unreadable).
+
+    Examples
+    --------
+    >>> calendar_date("2026-10-20"), calendar_date("2026-10-20T07:06:27Z"), calendar_date(None)
+    ('20 Oct 2026', '20 Oct 2026', '')
+    """
+    import datetime as dt
+
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if "T" in value \
+                else dt.date.fromisoformat(value)
+        except ValueError:
+            return value
+    return f"{value.day} {value:%b %Y}"
 
 
 # --- app factory ---------------------------------------------------------------------------------------
@@ -296,6 +340,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.update(SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=False)
     app.extensions["trialtwin.launches"] = LaunchStore()
     app.register_blueprint(bp)
+    app.add_template_filter(calendar_date, "calendar_date")
+    app.add_template_filter(status_words, "status_words")
 
     @app.after_request
     def _headers(response):

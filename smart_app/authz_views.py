@@ -1,5 +1,5 @@
 """HTTP routes of the development authorization server: discovery, authorize (login, patient picker,
-approval), token, introspection, registration, JWKS and the EHR launch simulator.
+approval), token, introspection, revocation, registration, JWKS and the (development-only) EHR launch simulator.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from authlib.oauth2.rfc6749.errors import InvalidRequestError
 from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, session, url_for
 from joserfc import jwt
 from joserfc.errors import JoseError
+from werkzeug.exceptions import TooManyRequests
 
-from .authz import fhir_base, issuer, oauth_server, state
+from .authz import fhir_base, is_loopback_address, issuer, oauth_server, state
 from .discovery import smart_configuration
 from .rfc7591 import RegistrationError, validate_client_metadata
 from .scopes import parse_scopes
@@ -56,7 +57,7 @@ def smart_config():
 def openid_config():
     doc = smart_configuration({"ISSUER": issuer()})
     keep = ("issuer", "jwks_uri", "authorization_endpoint", "token_endpoint", "registration_endpoint",
-            "introspection_endpoint", "scopes_supported", "response_types_supported", "grant_types_supported",
+            "introspection_endpoint", "revocation_endpoint", "scopes_supported", "response_types_supported", "grant_types_supported",
             "token_endpoint_auth_methods_supported", "code_challenge_methods_supported",
             "id_token_signing_alg_values_supported")
     return jsonify({**{k: doc[k] for k in keep}, "subject_types_supported": ["public"],
@@ -70,27 +71,56 @@ def jwks():
 
 @bp.get("/")
 def index():
-    return render_template("authz/index.html", doc=smart_configuration({"ISSUER": issuer()}))
+    return render_template("authz/index.html", doc=smart_configuration({"ISSUER": issuer()}),
+                           simulator=state().dev_mode)
 
 
 # --- login -----------------------------------------------------------------------------------
 
+def _local_next(value: str) -> str:
+    """Where to go after signing in: a path of this app only (never another site: no open redirect)."""
+    root = request.script_root.rstrip("/") + "/"
+    if value.startswith(root) and not value.startswith("//") and "\\" not in value and "://" not in value.split("?")[0]:
+        return value
+    return url_for("authz.index")
+
+
+def _too_many(name: str, key: str, what: str) -> TooManyRequests:
+    wait = state().retry_after(name, key)
+    error = TooManyRequests(description=f"{what}; try again in {wait} s")
+    error.trialtwin_headers = {"Retry-After": str(wait)}
+    return error
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    next_query = request.values.get("next", "")
-    error = None
+    next_url = _local_next(request.values.get("next", ""))
+    error, status = None, 200
     if request.method == "POST":
         _check_csrf()
-        entry = state().users.get(request.form.get("username", ""))
-        password = request.form.get("password", "")
-        if entry and secrets.compare_digest(entry["password"], password):
-            session["user"] = entry["username"]
+        username = request.form.get("username", "")[:200]
+        password = request.form.get("password", "")[:1000]
+        ip = request.remote_addr or "?"
+        # Throttle failures per account (guessing one user's password) and per address (spraying many users).
+        blocked = next(((n, k) for n, k in (("login-user", username.lower()), ("login-ip", ip))
+                        if state().over_limit(n, k)), None)
+        if blocked:
+            wait = state().retry_after(*blocked)
+            return render_template("authz/login.html", next=next_url, csrf=_csrf_token(),
+                                   users=sorted(state().dev_users), dev=state().dev_mode,
+                                   error=f"Too many failed sign-ins. Try again in {wait} seconds."), \
+                429, {"Retry-After": str(wait)}
+        user = state().check_password(username, password)
+        if user is not None:
+            session.clear()  # a fresh session on sign-in (no fixation of a pre-login session)
+            session["user"] = user.username
             session["auth_time"] = int(time.time())
-            return redirect(url_for("authz.authorize") + ("?" + next_query if next_query else ""))
-        error = "Unknown user or wrong password."
-    status = 401 if error else 200
-    return render_template("authz/login.html", next=next_query, error=error, csrf=_csrf_token(),
-                           users=sorted(state().users)), status
+            return redirect(next_url)
+        state().count("login-user", username.lower())
+        state().count("login-ip", ip)
+        error, status = "Unknown user or wrong password.", 401
+    return render_template("authz/login.html", next=next_url, error=error, csrf=_csrf_token(),
+                           users=sorted(state().dev_users), dev=state().dev_mode), status
 
 
 @bp.post("/logout")
@@ -116,6 +146,10 @@ def authorize():
         grant = server.get_consent_grant(end_user=user)
     except OAuth2Error as error:
         return server.handle_error_response(None, error)
+    except ValueError:
+        # authlib refuses to echo a parameter with characters RFC 6749 forbids in error texts
+        # (a response_type full of backslashes): the request is malformed, not the server
+        return server.handle_error_response(None, InvalidRequestError("malformed authorization request"))
     client = grant.client
     scopes_text = grant.request.scope
     scopes = parse_scopes(scopes_text)
@@ -134,7 +168,7 @@ def authorize():
         return _error_redirect(grant, "scope launch requires the launch parameter given by the EHR")
 
     if user is None:
-        return redirect(url_for("authz.login", next=urlencode(_oauth_params())))
+        return redirect(url_for("authz.login", next=url_for("authz.authorize") + "?" + urlencode(_oauth_params())))
 
     # In an EHR launch the EHR decides the context: without a patient (an EDC study launch) patient/
     # scopes simply grant nothing; the picker appears only when the app asks for launch/patient.
@@ -162,11 +196,17 @@ def authorize():
     return server.create_authorization_response(grant=grant, grant_user=user)
 
 
-# --- token, introspection, registration ------------------------------------------------------
+# --- token, introspection, revocation, registration ------------------------------------------
 
 @bp.post("/token")
 def token():
     return oauth_server().create_token_response()
+
+
+@bp.post("/revoke")
+def revoke():
+    """RFC 7009 token revocation (the client's own access or refresh token); effective at /fhir at once."""
+    return oauth_server().create_endpoint_response("revocation")
 
 
 @bp.post("/introspect")
@@ -204,23 +244,55 @@ def _introspect(value: str) -> dict:
             "sub": record.username or record.client_id, "exp": int(record.refresh_expires_at), "iss": issuer()}
 
 
+def _registration_grant() -> tuple[str, str] | None:
+    """(scope ceiling, who registered) for the request's initial access token (RFC 7591 §3), or None."""
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    sent = sent.strip()
+    if scheme.lower() != "bearer" or not sent:
+        return None
+    configured = current_app.config.get("REGISTRATION_ACCESS_TOKEN")
+    if configured and secrets.compare_digest(sent.encode(), str(configured).encode()):
+        return current_app.config["REGISTRATION_SCOPE_CEILING"], "configured initial access token"
+    record = state().db.initial_access_token(sent)
+    if record is not None:
+        return record["scope"], f"initial access token {record['label'] or record['token_hash'][:8]}"
+    return None
+
+
 @bp.post("/register")
 def register():
-    """RFC 7591 dynamic client registration (open unless REGISTRATION_ACCESS_TOKEN is set)."""
-    required = current_app.config.get("REGISTRATION_ACCESS_TOKEN")
-    if required:
-        sent = request.headers.get("Authorization", "")
-        if not secrets.compare_digest(sent, f"Bearer {required}"):
-            return (jsonify(error="invalid_token", error_description="a valid initial access token is required"),
-                    401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    """RFC 7591 dynamic client registration, closed by default: an initial access token is required.
+
+    The token carries the administrator's scope ceiling; the registered scope is what was asked cut to
+    that ceiling, so a self-asserted ``system/*.cruds`` never becomes more than the administrator allowed.
+    """
+    ip = request.remote_addr or "?"
+    if state().over_limit("register-ip", ip):
+        raise _too_many("register-ip", ip, "too many registration requests from this address")
+    state().count("register-ip", ip)
+    grant = _registration_grant()
+    if grant is None:
+        return (jsonify(error="invalid_token", error_description=(
+                    "registration needs an initial access token (Authorization: Bearer ...); ask the server's "
+                    "administrator to register the client (trialtwin clients register) or to issue a token "
+                    "(trialtwin clients token)")),
+                401, {"WWW-Authenticate": 'Bearer error="invalid_token"', **_NO_STORE})
+    ceiling, registered_by = grant
     body = request.get_json(silent=True)
+    allow = state().jwks_allow
     try:
-        metadata = validate_client_metadata(body)
+        metadata = validate_client_metadata(body, jwks_http_allowed=allow.allows_host)
     except RegistrationError as exc:
         return jsonify(exc.body()), 400, _NO_STORE
+    granted = parse_scopes(metadata["scope"]).cut_to(parse_scopes(ceiling))
+    if "client_credentials" in metadata["grant_types"] and not any(s.context == "system" for s in granted.resources):
+        return jsonify(error="invalid_client_metadata", error_description=(
+            f"none of the requested system/ scopes is within what this initial access token allows "
+            f"({ceiling or 'nothing'})")), 400, _NO_STORE
+    metadata["scope"] = granted.v2_text
     method = metadata["token_endpoint_auth_method"]
     secret = secrets.token_urlsafe(32) if method in ("client_secret_basic", "client_secret_post") else None
-    client = state().db.add_client(metadata, client_secret=secret)
+    client = state().db.add_client(metadata, client_secret=secret, registered_by=registered_by)
     return jsonify(client.public_view()), 201, _NO_STORE
 
 
@@ -269,9 +341,27 @@ def _absolute_http(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def _simulator_allowed() -> None:
+    # Deny by default: without the development flag the route does not exist; with it, only this machine.
+    if not state().dev_mode:
+        abort(404, description="the launch simulator is a development feature; it is off "
+                               "(trialtwin serve --dev-launch-simulator, on a loopback host, turns it on)")
+    if not is_loopback_address(request.remote_addr):
+        abort(403, description="the launch simulator answers only requests from this machine (loopback)")
+
+
 @bp.route("/launch-simulator", methods=["GET", "POST"])
 def launch_simulator():
-    """Act like an EHR or EDC: choose app and context, mint a launch id, send the browser to the app."""
+    """Act like an EHR or EDC: choose app and context, mint a launch id, send the browser to the app.
+
+    Development only (``DEV_LAUNCH_SIMULATOR``, loopback). The practitioner signs in first, with a
+    password: the enrolment lists are never shown to anonymous visitors, and the launch carries the
+    signed-in user as the EHR's single sign-on.
+    """
+    _simulator_allowed()
+    user = state().user(session.get("user"))
+    if user is None:
+        return redirect(url_for("authz.login", next=url_for("authz.launch_simulator")))
     clients = [c for c in state().db.list_clients() if "authorization_code" in c.grant_types]
     errors: list[str] = []
     form = request.form
@@ -301,24 +391,18 @@ def launch_simulator():
             context["fhirContext"] = fhir_context
         if not context:
             errors.append("choose a patient or a study/subject context")
-        username = form.get("username", "")
-        if username and state().user(username) is None:
-            errors.append("unknown practitioner login")
         if not errors:
             context["need_patient_banner"] = form.get("need_patient_banner") == "on"
             style = (form.get("smart_style_url") or "").strip()
             if style and _absolute_http(style):
                 context["smart_style_url"] = style
             launch_id = state().db.create_launch(context)
-            if username:
-                # The EHR user is already signed in: the simulated EHR's single sign-on.
-                session["user"], session["auth_time"] = username, int(time.time())
             separator = "&" if urlsplit(launch_url).query else "?"
             return redirect(launch_url + separator + urlencode({"iss": fhir_base(), "launch": launch_id}))
     patients, reachable = _fhir_choices("Patient")
     studies, _ = _fhir_choices("ResearchStudy") if reachable else ([], False)
     subjects, _ = _fhir_choices("ResearchSubject") if reachable else ([], False)
     return render_template("authz/launch_simulator.html", clients=clients, patients=patients, studies=studies,
-                           subjects=subjects, reachable=reachable, users=sorted(state().users), errors=errors,
+                           subjects=subjects, reachable=reachable, errors=errors, user=user,
                            form=form, csrf=_csrf_token(), fhir_base=fhir_base()), (400 if errors else 200)
 

@@ -13,8 +13,33 @@ import requests
 
 FHIR_JSON = "application/fhir+json"
 RISK_DRIVER = "https://trialtwin.org/fhir/StructureDefinition/risk-driver"
-OUTPUTS = ("hba1c", "fpg", "concentration")
-OUTPUT_LABELS = {"hba1c": "HbA1c", "fpg": "Fasting plasma glucose", "concentration": "Drug concentration"}
+#: ResearchSubject.status values (R4 research-subject-status) of a participant who receives no more study
+#: intervention: their twin is forecast without doses after the last one given
+NO_MORE_DOSES = frozenset({"off-study", "withdrawn", "follow-up", "on-study-observation", "not-registered",
+                           "ineligible"})
+#: ... and of one who has left the study: no next visit, so no visit-attendance risk to assess
+LEFT_STUDY = frozenset({"off-study", "withdrawn", "not-registered", "ineligible"})
+#: R4 ResearchSubject.status (http://hl7.org/fhir/research-subject-status) in words for the pages
+STATUS_WORDS = {
+    "candidate": "Candidate", "eligible": "Eligible", "follow-up": "Follow-up (no more intervention)",
+    "ineligible": "Ineligible", "not-registered": "Not registered", "off-study": "Off study",
+    "on-study": "On study", "on-study-intervention": "On study, receiving the intervention",
+    "on-study-observation": "On study, observation only", "pending-on-study": "Pending on study",
+    "potential-candidate": "Potential candidate", "screening": "Screening", "withdrawn": "Withdrawn",
+}
+
+
+def status_words(code: str | None) -> str:
+    """A ResearchSubject status for people (the code itself when it is not an R4 status)."""
+    return STATUS_WORDS.get(code or "", code or "—")
+
+
+#: what the page says for the server's stable error ids (OperationOutcome issue.details.coding code)
+PLAIN_ERRORS = {
+    "no-next-visit": "No visit is scheduled for this participant, so there is no next visit to assess.",
+    "participant-without-data": "The participant has no observations of the twin's outputs yet, so the twin cannot be "
+                       "calibrated.",
+}
 
 
 @dataclass
@@ -27,10 +52,13 @@ class Problem:
 
 
 class FhirCallError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A refused or failed FHIR call: HTTP status, the server's message and its stable error id (if any)."""
+
+    def __init__(self, status: int, message: str, error_id: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.error_id = error_id
 
 
 class FhirApi:
@@ -48,11 +76,14 @@ class FhirApi:
         except ValueError:
             body = None
         if response.status_code >= 400:
-            message = f"HTTP {response.status_code}"
+            message, error_id = f"HTTP {response.status_code}", None
             if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-                texts = [i.get("diagnostics") or (i.get("details") or {}).get("text", "") for i in body.get("issue", [])]
+                issues = body.get("issue") or []
+                texts = [i.get("diagnostics") or (i.get("details") or {}).get("text", "") for i in issues]
                 message += ": " + "; ".join(t for t in texts if t)
-            raise FhirCallError(response.status_code, message)
+                error_id = next((c.get("code") for i in issues for c in (i.get("details") or {}).get("coding") or []
+                                 if c.get("code")), None)
+            raise FhirCallError(response.status_code, message, error_id)
         if not isinstance(body, dict):
             raise FhirCallError(502, "the FHIR server did not answer with JSON")
         return body
@@ -83,6 +114,8 @@ def problem(what: str, error: FhirCallError, operation: str | None = None) -> Pr
         return Problem(what, f"The FHIR server does not offer {operation} yet ({error.message}).", missing=True)
     if error.status == 403:
         return Problem(what, f"Not allowed with this launch's access token ({error.message}).")
+    if error.error_id in PLAIN_ERRORS:
+        return Problem(what, PLAIN_ERRORS[error.error_id])
     return Problem(what, error.message)
 
 
@@ -113,13 +146,23 @@ def parameter_value(parameters: dict, name: str):
 
 @dataclass
 class Forecast:
-    """The forecast of one ``$simulate`` call, per output: days, median, low, high; observed (day, value); units."""
+    """The forecast of one ``$simulate`` call, per output in the server's order.
 
-    series: dict = field(default_factory=dict)      # output -> {"day": [...], "median": [...], "low": [...], "high": [...]}
-    observed: dict = field(default_factory=dict)    # output -> [(day, value), ...]
+    ``series[output]`` holds ``time`` (aware datetimes), ``day``, ``median``, ``low``, ``high``; ``observed[output]``
+    the calibration data as (datetime, value); ``labels`` and ``units`` what the server calls each output.
+    """
+
+    series: dict = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
     model_version: str | None = None
     start: dt.datetime | None = None
+    dose: tuple | None = None        # (value, unit) of the dose the forecast assumed, as the server reports it
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.series)
 
 
 def _parse_time(text: str | None) -> dt.datetime | None:
@@ -133,28 +176,35 @@ def _parse_time(text: str | None) -> dt.datetime | None:
 
 
 def parse_forecast(parameters: dict) -> Forecast:
-    """Read ``forecast`` / ``observed`` / ``armSummary``-free parts of a Patient ``$simulate`` result."""
+    """Read the ``forecast`` and ``observed`` rows of a Patient ``$simulate`` result.
+
+    Labels come from the rows' ``display`` part (the model definition's name for the output), else the code.
+    """
     fc = Forecast(model_version=parameter_value(parameters, "modelVersion"))
-    rows = parameter_rows(parameters, "forecast")
-    for row in rows:
+    for row in parameter_rows(parameters, "forecast"):
         out = row.get("output")
-        s = fc.series.setdefault(out, {"day": [], "median": [], "low": [], "high": []})
-        for key in s:
-            s[key].append(float(row[key]))
-        fc.units.setdefault(out, row.get("unit"))
         when = _parse_time(row.get("time"))
-        if fc.start is None and when is not None:
+        if not out or when is None:
+            continue
+        s = fc.series.setdefault(out, {"time": [], "day": [], "median": [], "low": [], "high": []})
+        s["time"].append(when)
+        for key in ("day", "median", "low", "high"):
+            s[key].append(float(row[key]))
+        fc.units.setdefault(out, row.get("unit") or "")
+        fc.labels.setdefault(out, row.get("display") or out)
+        if fc.start is None:
             fc.start = when - dt.timedelta(days=float(row["day"]))
     for s in fc.series.values():
         order = sorted(range(len(s["day"])), key=s["day"].__getitem__)
         for key in s:
             s[key] = [s[key][i] for i in order]
+    for row in parameter_rows(parameters, "summary"):
+        if row.get("name") == "dose" and row.get("value") is not None:
+            fc.dose = (float(row["value"]), row.get("unit") or "")
     for row in parameter_rows(parameters, "observed"):
         when = _parse_time(row.get("time"))
-        if when is None or fc.start is None:
-            continue
-        day = (when - fc.start).total_seconds() / 86400.0
-        fc.observed.setdefault(row.get("output"), []).append((day, float(row["value"])))
+        if when is not None and row.get("output") in fc.series:
+            fc.observed.setdefault(row["output"], []).append((when, float(row["value"])))
     return fc
 
 
@@ -183,6 +233,17 @@ class Participant:
     status: str | None = None
     site: str | None = None
     study: str | None = None
+    left_on: str | None = None          # ResearchSubject.period.end (date) once the participant left
+    last_dose: dt.datetime | None = None
+
+    @property
+    def doses_stopped(self) -> bool:
+        """Whether the participant receives no more study doses (off study, withdrawn, follow-up only)."""
+        return (self.status or "") in NO_MORE_DOSES
+
+    @property
+    def left_study(self) -> bool:
+        return (self.status or "") in LEFT_STUDY
 
 
 def _name(resource: dict) -> str:
@@ -225,6 +286,9 @@ def load_participant(api: FhirApi, patient_id: str, problems: list[Problem]) -> 
         rs = subjects[0]
         who.arm, who.status = rs.get("actualArm") or rs.get("assignedArm"), rs.get("status")
         who.study = ((rs.get("study") or {}).get("reference") or "").rpartition("/")[2] or None
+        who.left_on = (rs.get("period") or {}).get("end")
+    if who.doses_stopped:
+        who.last_dose = last_dose(api, patient_id, problems)
     org = ((patient.get("managingOrganization") or {}).get("reference") or "")
     if org.startswith("Organization/"):
         try:
@@ -234,9 +298,26 @@ def load_participant(api: FhirApi, patient_id: str, problems: list[Problem]) -> 
     return who
 
 
+def last_dose(api: FhirApi, patient_id: str, problems: list[Problem]) -> dt.datetime | None:
+    """When the participant's last recorded dose (a completed MedicationAdministration) was given."""
+    try:
+        given = api.search("MedicationAdministration", {"patient": f"Patient/{patient_id}", "status": "completed",
+                                                        "_sort": "-effective-time", "_count": 1})
+    except FhirCallError as err:
+        problems.append(problem("Last dose", err))
+        return None
+    if not given:
+        return None
+    mar = given[0]
+    return _parse_time(mar.get("effectiveDateTime") or (mar.get("effectivePeriod") or {}).get("end")
+                       or (mar.get("effectivePeriod") or {}).get("start"))
+
+
 @dataclass
 class Risk:
-    """The latest dropout-risk RiskAssessment: predictions (label, probability) and drivers (feature, value, contribution)."""
+    """The latest dropout-risk RiskAssessment: predictions (label, probability) and drivers (label, value in words,
+    contribution to the log-odds). Labels and values in words come from the resource (the model's label table);
+    a driver without them shows its feature code and raw value."""
 
     id: str
     when: str | None
@@ -258,7 +339,10 @@ def parse_risk(resource: dict) -> Risk:
             continue
         parts = {e.get("url"): _value(e) for e in ext.get("extension") or []}
         if parts.get("feature") is not None and parts.get("contribution") is not None:
-            drivers.append((parts["feature"], parts.get("value"), float(parts["contribution"])))
+            value = parts.get("valueText")
+            if value is None:
+                value = "—" if parts.get("value") is None else f"{float(parts['value']):g}"
+            drivers.append((parts.get("label") or parts["feature"], value, float(parts["contribution"])))
     drivers.sort(key=lambda d: -abs(d[2]))
     return Risk(resource.get("id", ""), resource.get("occurrenceDateTime"), predictions, drivers[:5])
 
@@ -301,7 +385,11 @@ class Cohort:
     enrolment: Counter = field(default_factory=Counter)        # arm -> participants
     status_counts: Counter = field(default_factory=Counter)    # ResearchSubject.status -> count
     arm_series: dict = field(default_factory=dict)             # output -> arm -> {"day","median","low","high"}
-    units: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)                  # output -> UCUM unit (from the server)
+    labels: dict = field(default_factory=dict)                 # output -> display name (from the server)
+    horizon: int = 28                                          # days simulated from randomization
+    level: float = 0.9                                         # coverage of the across-participant band
+    randomized: tuple | None = None                            # (first, last) ResearchSubject.period.start
     flagged: list = field(default_factory=list)                # (patient id, label, probability)
     assessed: int = 0                                          # participants with a dropout-risk assessment
 
@@ -309,7 +397,7 @@ class Cohort:
 def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: int = 28,
                 threshold: float = 0.8) -> Cohort:
     """Study, enrolment per arm, status counts, per-arm forecast and the participants flagged for outreach."""
-    cohort = Cohort(study_id)
+    cohort = Cohort(study_id, horizon=horizon)
     members: set[str] = set()
     try:
         study = api.get(f"ResearchStudy/{study_id}")
@@ -319,6 +407,8 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
         problems.append(problem("Study", err))
     try:
         subjects = api.search("ResearchSubject", {"study": f"ResearchStudy/{study_id}", "_count": 5000})
+        starts = sorted(d for d in ((rs.get("period") or {}).get("start") for rs in subjects) if d)
+        cohort.randomized = (starts[0], starts[-1]) if starts else None
         for rs in subjects:
             cohort.enrolment[rs.get("actualArm") or rs.get("assignedArm") or "(unassigned)"] += 1
             cohort.status_counts[rs.get("status") or "unknown"] += 1
@@ -327,12 +417,15 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
         problems.append(problem("Enrolment", err))
     try:
         result = api.operation(f"ResearchStudy/{study_id}/$simulate",
-                               [{"name": "horizonDays", "valueInteger": horizon}, {"name": "seed", "valueInteger": 20240}])
+                               [{"name": "horizonDays", "valueInteger": horizon}, {"name": "seed", "valueInteger": 20240},
+                                {"name": "level", "valueDecimal": cohort.level}])
         for row in parameter_rows(result, "armSummary"):
             s = cohort.arm_series.setdefault(row["output"], {}).setdefault(
                 row["arm"], {"day": [], "median": [], "low": [], "high": []})
             for key in s:
                 s[key].append(float(row[key]))
+            cohort.units.setdefault(row["output"], row.get("unit") or "")
+            cohort.labels.setdefault(row["output"], row.get("display") or row["output"])
         for arms in cohort.arm_series.values():
             for s in arms.values():
                 order = sorted(range(len(s["day"])), key=s["day"].__getitem__)

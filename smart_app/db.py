@@ -1,4 +1,5 @@
-"""SQLite persistence of the development authorization server: clients, codes, tokens, launches, seen jti.
+"""SQLite persistence of the development authorization server: clients, users, initial access tokens, codes,
+tokens (and their revocation), launches, seen jti.
 
 Framework-free; one short-lived connection per call so the threaded WSGI server can share the file.
 """
@@ -30,7 +31,18 @@ CREATE TABLE IF NOT EXISTS launch (
     launch_id TEXT PRIMARY KEY, context TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_jti (
     client_id TEXT NOT NULL, jti TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (client_id, jti));
+CREATE TABLE IF NOT EXISTS app_user (
+    username TEXT PRIMARY KEY, password_hash TEXT NOT NULL, fhir_user TEXT NOT NULL, name TEXT NOT NULL,
+    created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS initial_access_token (
+    token_hash TEXT PRIMARY KEY, label TEXT NOT NULL, scope TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL, revoked INTEGER NOT NULL DEFAULT 0);
 """
+#: Columns added after the first release; added to older files on open (SQLite has no IF NOT EXISTS for columns).
+MIGRATIONS = (
+    ("client", "revoked", "ALTER TABLE client ADD COLUMN revoked INTEGER NOT NULL DEFAULT 0"),
+    ("client", "registered_by", "ALTER TABLE client ADD COLUMN registered_by TEXT"),
+)
 
 
 def digest(secret: str) -> str:
@@ -46,6 +58,7 @@ class Client(ClientMixin):
     client_secret: str | None
     metadata: dict
     issued_at: int = 0
+    registered_by: str | None = None
 
     # -- authlib ClientMixin ------------------------------------------------------------------
     def get_client_id(self) -> str:
@@ -67,7 +80,8 @@ class Client(ClientMixin):
         return bool(self.client_secret) and secrets.compare_digest(self.client_secret, client_secret)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        if endpoint == "token":
+        if endpoint in ("token", "revocation"):
+            # RFC 7009 §2.1: a client revokes with the same authentication it uses at the token endpoint.
             return method == self.token_endpoint_auth_method
         # Introspection: any confidential client (resource servers register as one) may call it.
         return method != "none" and method == self.token_endpoint_auth_method
@@ -167,6 +181,9 @@ class AuthDB:
         self.path = path
         with self._conn() as conn:
             conn.executescript(SCHEMA)
+            for table, column, statement in MIGRATIONS:
+                if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(statement)
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -179,24 +196,83 @@ class AuthDB:
             conn.close()
 
     # -- clients ------------------------------------------------------------------------------
-    def add_client(self, metadata: dict, *, client_id: str | None = None, client_secret: str | None = None) -> Client:
-        client = Client(client_id or secrets.token_urlsafe(16), client_secret, dict(metadata), int(time.time()))
+    def add_client(self, metadata: dict, *, client_id: str | None = None, client_secret: str | None = None,
+                   registered_by: str | None = None) -> Client:
+        """Store a client; without ``client_id`` the server generates one (a client never chooses its own)."""
+        client = Client(client_id or secrets.token_urlsafe(16), client_secret, dict(metadata), int(time.time()),
+                        registered_by)
         with self._conn() as conn:
-            conn.execute("INSERT OR REPLACE INTO client VALUES (?, ?, ?, ?)",
-                         (client.client_id, client.client_secret, json.dumps(client.metadata), client.issued_at))
+            conn.execute("INSERT OR REPLACE INTO client (client_id, client_secret, metadata, issued_at, revoked, "
+                         "registered_by) VALUES (?, ?, ?, ?, 0, ?)",
+                         (client.client_id, client.client_secret, json.dumps(client.metadata), client.issued_at,
+                          registered_by))
         return client
 
-    def get_client(self, client_id: str) -> Client | None:
-        with self._conn() as conn:
-            row = conn.execute("SELECT * FROM client WHERE client_id = ?", (client_id,)).fetchone()
-        if row is None:
-            return None
-        return Client(row["client_id"], row["client_secret"], json.loads(row["metadata"]), row["issued_at"])
+    @staticmethod
+    def _client(row: Any) -> Client:
+        return Client(row["client_id"], row["client_secret"], json.loads(row["metadata"]), row["issued_at"],
+                      row["registered_by"])
 
-    def list_clients(self) -> list[Client]:
+    def get_client(self, client_id: str) -> Client | None:
+        """An active client (a revoked client is unknown to every flow)."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM client WHERE client_id = ? AND revoked = 0", (client_id,)).fetchone()
+        return None if row is None else self._client(row)
+
+    def list_clients(self, *, include_revoked: bool = False) -> list[tuple[Client, bool]] | list[Client]:
+        """Active clients; with ``include_revoked`` (client, revoked) pairs of every client."""
         with self._conn() as conn:
             rows = conn.execute("SELECT * FROM client ORDER BY issued_at, client_id").fetchall()
-        return [Client(r["client_id"], r["client_secret"], json.loads(r["metadata"]), r["issued_at"]) for r in rows]
+        if include_revoked:
+            return [(self._client(r), bool(r["revoked"])) for r in rows]
+        return [self._client(r) for r in rows if not r["revoked"]]
+
+    def revoke_client(self, client_id: str) -> bool:
+        """Revoke a client and every token it holds; False when there is no such active client."""
+        with self._conn() as conn:
+            found = conn.execute("UPDATE client SET revoked = 1 WHERE client_id = ? AND revoked = 0",
+                                 (client_id,)).rowcount == 1
+            conn.execute("UPDATE token SET revoked = 1 WHERE client_id = ?", (client_id,))
+            conn.execute("DELETE FROM auth_code WHERE client_id = ?", (client_id,))
+        return found
+
+    # -- users --------------------------------------------------------------------------------
+    def add_user(self, username: str, password_hash: str, fhir_user: str, name: str) -> None:
+        """Create or replace a sign-in user; only a password *hash* is ever stored."""
+        with self._conn() as conn:
+            conn.execute("INSERT OR REPLACE INTO app_user VALUES (?, ?, ?, ?, ?)",
+                         (username, password_hash, fhir_user, name, time.time()))
+
+    def get_user(self, username: str) -> dict | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM app_user WHERE username = ?", (username,)).fetchone()
+        return dict(row) if row else None
+
+    def list_users(self) -> list[dict]:
+        with self._conn() as conn:
+            return [dict(r) for r in conn.execute("SELECT username, fhir_user, name, created_at FROM app_user "
+                                                  "ORDER BY username")]
+
+    def remove_user(self, username: str) -> bool:
+        with self._conn() as conn:
+            return conn.execute("DELETE FROM app_user WHERE username = ?", (username,)).rowcount == 1
+
+    # -- initial access tokens (RFC 7591 §3) ------------------------------------------------------
+    def add_initial_access_token(self, scope: str, *, label: str = "", lifetime: float | None = None) -> str:
+        """Mint an initial access token whose registrations get at most ``scope``; only its digest is kept."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._conn() as conn:
+            conn.execute("INSERT INTO initial_access_token VALUES (?, ?, ?, ?, ?, 0)",
+                         (digest(token), label, scope, now, now + lifetime if lifetime else None))
+        return token
+
+    def initial_access_token(self, token: str) -> dict | None:
+        """The live (unrevoked, unexpired) initial access token record for ``token``."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM initial_access_token WHERE token_hash = ? AND revoked = 0 AND "
+                               "(expires_at IS NULL OR expires_at > ?)", (digest(token), time.time())).fetchone()
+        return dict(row) if row else None
 
     # -- authorization codes ------------------------------------------------------------------
     def save_code(self, code: str, record: AuthorizationCode, lifetime: float) -> None:
@@ -246,6 +322,11 @@ class AuthDB:
         """Revoke a token; False if it was already revoked (so a refresh token rotates exactly once)."""
         with self._conn() as conn:
             return conn.execute("UPDATE token SET revoked = 1 WHERE jti = ? AND revoked = 0", (jti,)).rowcount == 1
+
+    def is_revoked(self, jti: str) -> bool:
+        """Whether the access token ``jti`` was revoked (by /revoke, refresh rotation or client revocation)."""
+        with self._conn() as conn:
+            return conn.execute("SELECT 1 FROM token WHERE jti = ? AND revoked = 1", (jti,)).fetchone() is not None
 
     # -- launch contexts ----------------------------------------------------------------------
     def create_launch(self, context: dict, lifetime: float = 600) -> str:

@@ -28,6 +28,7 @@ ENDPOINT_PATHS = {
     "authorization_endpoint": "/authorize",
     "token_endpoint": "/token",
     "introspection_endpoint": "/introspect",
+    "revocation_endpoint": "/revoke",
     "registration_endpoint": "/register",
     "jwks_uri": "/.well-known/jwks.json",
 }
@@ -67,6 +68,8 @@ def smart_configuration(config: Mapping) -> dict:
         "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "revocation_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post",
+                                                       "private_key_jwt"],
         "id_token_signing_alg_values_supported": ["RS256"],
         "scopes_supported": list(SCOPES_SUPPORTED),
         "response_types_supported": ["code"],
@@ -83,7 +86,9 @@ def capability_security(config: Mapping) -> dict:
     """The ``CapabilityStatement.rest.security`` element advertising SMART (for ``/metadata``).
 
     SMART 2.x discovery is the ``.well-known`` document; the ``oauth-uris`` extension is kept because
-    existing clients (e.g. the Python ``fhirclient``) still discover the endpoints through it.
+    existing clients (e.g. the Python ``fhirclient``) still discover the endpoints through it. It carries
+    only the sub-extensions its StructureDefinition defines (authorize, token, register; manage is not
+    implemented), so a validator accepts it; introspection and revocation are in the ``.well-known`` document.
 
     Examples
     --------
@@ -93,7 +98,8 @@ def capability_security(config: Mapping) -> dict:
     """
     issuer = config["ISSUER"].rstrip("/")
     return {
-        "cors": True,
+        # True only when fhir_ops.cors answers cross-origin requests (CORS_ORIGINS configured)
+        "cors": bool(config.get("CORS_ORIGINS")),
         "service": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
             "text": "OAuth2 using SMART-on-FHIR profile (see .well-known/smart-configuration)"}],
@@ -101,6 +107,5 @@ def capability_security(config: Mapping) -> dict:
             {"url": "authorize", "valueUri": endpoint_url(issuer, "authorization_endpoint")},
             {"url": "token", "valueUri": endpoint_url(issuer, "token_endpoint")},
             {"url": "register", "valueUri": endpoint_url(issuer, "registration_endpoint")},
-            {"url": "introspect", "valueUri": endpoint_url(issuer, "introspection_endpoint")},
         ]}],
     }

@@ -46,7 +46,7 @@ class AccessContext:
     patient : str, optional
         Patient id from the launch context; patient/ scopes are limited to this patient's compartment.
     fhir_context : tuple of dict
-        ``fhirContext`` entries such as ``{"reference": "ResearchStudy/tt-201"}``.
+        ``fhirContext`` entries such as ``{"reference": "ResearchStudy/study-1"}``.
     user : str, optional
         The ``fhirUser`` (``Practitioner/abc``), relative to the FHIR base when it was on the same server.
     subject : str, optional
@@ -132,12 +132,15 @@ class TokenValidator:
         HTTP Basic credentials of this resource server at the introspection endpoint.
     leeway : int
         Clock skew tolerated on ``exp``/``nbf`` (seconds).
+    revocation : object with ``is_revoked(jti) -> bool``, optional
+        The issuer's revocation list (:class:`smart_app.revocation.RevocationList`), asked on every
+        request so that a revoked token stops working at once, not when it expires.
     """
 
     def __init__(self, *, issuer: str, audience: str, jwks_uri: str | None = None, jwks: dict | None = None,
                  introspection_endpoint: str | None = None, introspection_auth: tuple[str, str] | None = None,
                  leeway: int = 30, realm: str = "fhir", http: requests.Session | None = None,
-                 cache_ttl: float = 300.0, clock: Callable[[], float] = time.time) -> None:
+                 cache_ttl: float = 300.0, clock: Callable[[], float] = time.time, revocation=None) -> None:
         self.issuer = issuer.rstrip("/")
         self.audience = audience.rstrip("/")
         self.http = http or requests.Session()
@@ -148,6 +151,7 @@ class TokenValidator:
         self.leeway = leeway
         self.realm = realm
         self.clock = clock
+        self.revocation = revocation
 
     def _invalid(self, description: str) -> Unauthorized:
         return Unauthorized(f"invalid access token: {description}", error_id="invalid-token",
@@ -214,7 +218,23 @@ class TokenValidator:
         nbf = claims.get("nbf")
         if isinstance(nbf, (int, float)) and nbf - self.leeway > now:
             raise self._invalid("token is not yet valid")
+        if self.revocation is not None:
+            self._check_not_revoked(claims.get("jti"))
         return access_context_from_claims(claims, self.audience)
+
+    def _check_not_revoked(self, jti) -> None:
+        import sqlite3
+
+        if not isinstance(jti, str) or not jti:
+            raise self._invalid("token has no jti, so its revocation cannot be checked")
+        try:
+            revoked = self.revocation.is_revoked(jti)
+        except sqlite3.Error as exc:
+            # Fail closed: an unreadable list must not turn a revoked token back into a valid one.
+            raise FhirError(f"the token revocation list could not be read: {exc}", error_id="revocation-unavailable",
+                            status=503, code="transient") from None
+        if revoked:
+            raise self._invalid("token has been revoked")
 
     def _introspect(self, token: str) -> AccessContext:
         try:
@@ -353,7 +373,8 @@ def validator_from_config(config) -> TokenValidator | None:
 
     Keys read: ``SMART_ISSUER`` (required to enable), ``FHIR_BASE_URL`` (the audience), and one or more of
     ``SMART_JWKS_URI``, ``SMART_KEYS_FILE`` (the co-located auth server's key file: no HTTP round trip),
-    ``SMART_INTROSPECTION_ENDPOINT`` with ``SMART_INTROSPECTION_CLIENT_ID``/``_SECRET``.
+    ``SMART_INTROSPECTION_ENDPOINT`` with ``SMART_INTROSPECTION_CLIENT_ID``/``_SECRET``;
+    ``SMART_REVOCATION_DB``, the co-located authorization server's SQLite file, checked on each request.
     """
     issuer = config.get("SMART_ISSUER")
     if not issuer:
@@ -365,7 +386,11 @@ def validator_from_config(config) -> TokenValidator | None:
     auth = None
     if config.get("SMART_INTROSPECTION_CLIENT_ID"):
         auth = (config["SMART_INTROSPECTION_CLIENT_ID"], config.get("SMART_INTROSPECTION_CLIENT_SECRET", ""))
+    revocation = None
+    if config.get("SMART_REVOCATION_DB"):
+        from .revocation import RevocationList
+        revocation = RevocationList(config["SMART_REVOCATION_DB"])
     return TokenValidator(issuer=issuer, audience=config["FHIR_BASE_URL"], jwks=jwks,
                           jwks_uri=None if jwks else config.get("SMART_JWKS_URI"),
                           introspection_endpoint=config.get("SMART_INTROSPECTION_ENDPOINT"),
-                          introspection_auth=auth)
+                          introspection_auth=auth, revocation=revocation)

@@ -45,10 +45,16 @@ class Scope:
         Subset of ``"cruds"`` in canonical order.
     query : str, optional
         The v2 granular constraint after ``?`` (e.g. ``category=laboratory``), kept verbatim.
+    v1 : str, optional
+        The SMART v1 permission (``read``, ``write``, ``*``) the scope was written with. A client that asks
+        in v1 syntax is granted the scope in v1 syntax (what it asked, SMART 2.2 "Scopes for requesting
+        FHIR resources"); enforcement reads ``interactions`` either way.
 
     Examples
     --------
     >>> parse_scope("patient/Observation.read").text
+    'patient/Observation.read'
+    >>> parse_scope("patient/Observation.read").v2_text
     'patient/Observation.rs'
     >>> parse_scope("user/*.cruds").allows("u", "Patient")
     True
@@ -58,6 +64,7 @@ class Scope:
     resource_type: str
     interactions: str
     query: str | None = None
+    v1: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.context not in ("patient", "user", "system"):
@@ -69,9 +76,35 @@ class Scope:
 
     @property
     def text(self) -> str:
+        """The scope as it was asked: v1 syntax for a v1 request, v2 otherwise."""
+        if self.v1 and _V1_ACTIONS.get(self.v1) == self.interactions and not self.query:
+            return f"{self.context}/{self.resource_type}.{self.v1}"
+        return self.v2_text
+
+    @property
+    def v2_text(self) -> str:
         """The scope in SMART v2 syntax."""
         base = f"{self.context}/{self.resource_type}.{self.interactions}"
         return f"{base}?{self.query}" if self.query else base
+
+    def intersect(self, ceiling: "Scope") -> "Scope | None":
+        """The access granted both by this scope and by ``ceiling`` (None when they share nothing).
+
+        >>> parse_scope("system/*.cruds").intersect(parse_scope("system/Observation.rs")).text
+        'system/Observation.rs'
+        """
+        if self.context != ceiling.context:
+            return None
+        if ceiling.resource_type not in ("*", self.resource_type) and self.resource_type != "*":
+            return None
+        rtype = self.resource_type if self.resource_type != "*" else ceiling.resource_type
+        common = "".join(c for c in INTERACTIONS if c in self.interactions and c in ceiling.interactions)
+        if not common:
+            return None
+        if ceiling.query is not None and self.query not in (None, ceiling.query):
+            return None
+        keep_v1 = self.v1 if _V1_ACTIONS.get(self.v1 or "") == common else None
+        return Scope(self.context, rtype, common, self.query or ceiling.query, keep_v1)
 
     def allows(self, interaction: str, resource_type: str) -> bool:
         """Whether this scope permits ``interaction`` (c/r/u/d/s or its name) on ``resource_type``."""
@@ -109,7 +142,8 @@ def parse_scope(text: str) -> Scope:
         raise ValueError(f"not a SMART resource scope: {text!r}")
     perm = match.group("perm")
     interactions = _V1_ACTIONS.get(perm, perm)
-    return Scope(match.group("context"), match.group("type"), interactions, match.group("query"))
+    return Scope(match.group("context"), match.group("type"), interactions, match.group("query"),
+                 perm if perm in _V1_ACTIONS else None)
 
 
 def is_resource_scope(text: str) -> bool:
@@ -129,6 +163,8 @@ class ScopeSet:
     --------
     >>> s = parse_scopes("launch openid patient/*.read bogus")
     >>> s.text
+    'launch openid patient/*.read'
+    >>> s.v2_text
     'launch openid patient/*.rs'
     >>> s.unknown
     ('bogus',)
@@ -142,6 +178,11 @@ class ScopeSet:
     def text(self) -> str:
         """Space-separated scope string in v2 syntax (non-resource scopes first, in request order)."""
         return " ".join([*self.names, *(s.text for s in self.resources)])
+
+    @property
+    def v2_text(self) -> str:
+        """The same scopes with every resource scope in SMART v2 syntax."""
+        return " ".join([*self.names, *(s.v2_text for s in self.resources)])
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -161,6 +202,24 @@ class ScopeSet:
         resources = tuple(s for s in self.resources if any(a.covers(s) for a in allowed.resources))
         names = tuple(n for n in self.names if n in allowed.names)
         return ScopeSet(resources, names, self.unknown)
+
+    def cut_to(self, ceiling: "ScopeSet") -> "ScopeSet":
+        """Each scope narrowed to what ``ceiling`` grants (``system/*.cruds`` under ``system/*.rs`` is ``system/*.rs``).
+
+        Unlike :meth:`within`, a scope wider than the ceiling is narrowed, not dropped: an administrator's
+        ceiling bounds what a self-registered client may ever hold.
+
+        >>> parse_scopes("openid system/*.cruds").cut_to(parse_scopes("system/Observation.rs system/Patient.r")).text
+        'system/Observation.rs system/Patient.r'
+        """
+        resources: list[Scope] = []
+        for scope in self.resources:
+            for limit in ceiling.resources:
+                narrowed = scope.intersect(limit)
+                if narrowed is not None and narrowed not in resources:
+                    resources.append(narrowed)
+        names = tuple(n for n in self.names if n in ceiling.names)
+        return ScopeSet(tuple(resources), names, self.unknown)
 
 
 def parse_scopes(text: str | None) -> ScopeSet:
@@ -189,4 +248,4 @@ def to_v2(text: str) -> str:
     >>> to_v2("patient/*.write user/Observation.* openid")
     'openid patient/*.cud user/Observation.cruds'
     """
-    return parse_scopes(text).text
+    return parse_scopes(text).v2_text

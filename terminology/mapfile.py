@@ -221,6 +221,8 @@ def check_concept_map(resource: dict, *, catalog: Catalog | None = None) -> dict
         for line in str(exc).splitlines()[1:7]:
             issues.append(outcome("error", "structure", f"not a valid R4 ConceptMap: {line.strip()}",
                                   error_id="invalid-resource", expression=["ConceptMap"]))
+        # a map that is not even structurally a ConceptMap ("group": "x") has no rows to check
+        _raise(issues, "the ConceptMap was rejected")
     seen = {}
     for gi, group in enumerate(resource.get("group") or []):
         for ei, element in enumerate(group.get("element") or []):

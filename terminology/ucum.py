@@ -112,6 +112,14 @@ _PREFIXES: dict[str, Fraction] = {
 _EXPONENT = re.compile(r"^(.*?)([+-]?\d+)$")
 _INTEGER = re.compile(r"^\d+$")
 
+#: Bounds on what a unit code may ask of the parser. Real UCUM codes are short (the longest in
+#: LOINC's unit list is under 40 characters), exponents small and integers few digits; without
+#: bounds, ``10*20000000`` alone made an exact 20-million-digit fraction and held the server.
+MAX_CODE_LENGTH = 128
+MAX_EXPONENT = 24
+MAX_INTEGER_DIGITS = 18
+MAX_NESTING = 8
+
 
 def _atom(symbol: str, whole: str) -> tuple[Fraction, tuple[int, ...], str | None]:
     """Resolve ``prefix? atom``; exact atoms win over prefix splits (``cd`` is candela, ``Pa`` pascal)."""
@@ -164,10 +172,15 @@ def _component(comp: str, whole: str) -> tuple[Fraction, tuple[int, ...], list[s
     if body.startswith("(") and body.endswith(")"):
         return _term(body[1:-1], whole)
     if _INTEGER.match(body):
+        if len(body) > MAX_INTEGER_DIGITS:
+            raise UcumError(f"the integer factor in unit '{whole[:60]}' has more than {MAX_INTEGER_DIGITS} digits")
         return F(int(body)), _ONE, []
     exp = 1
     m = _EXPONENT.match(body)
     if m and m.group(1) and not body.endswith("]"):
+        digits = m.group(2).lstrip("+-")
+        if len(digits) > 3 or int(digits) > MAX_EXPONENT:
+            raise UcumError(f"the exponent {m.group(2)[:10]} in unit '{whole[:60]}' is beyond +-{MAX_EXPONENT}")
         base, exp = m.group(1), int(m.group(2))
         if base in ("10*", "10^"):
             return F(10) ** exp, _ONE, []
@@ -209,7 +222,15 @@ def parse(code: str) -> Unit:
     Fraction(45359237, 100000)
     """
     if not isinstance(code, str) or not code or code != code.strip() or " " in code:
-        raise UcumError(f"'{code}' is not a UCUM unit code (empty or contains spaces)")
+        raise UcumError(f"'{str(code)[:60]}' is not a UCUM unit code (empty or contains spaces)")
+    if len(code) > MAX_CODE_LENGTH:
+        raise UcumError(f"unit code '{code[:60]}...' is longer than {MAX_CODE_LENGTH} characters")
+    depth = deepest = 0
+    for ch in code:
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        raise UcumError(f"unit code '{code[:60]}' nests parentheses deeper than {MAX_NESTING}")
     factor, dims, atoms = _term(code, code)
     special = [a for a in atoms if a in _SPECIAL]
     if special:
@@ -261,11 +282,27 @@ def exact_decimal(value) -> Fraction:
     repr (5.3 means 53/10, not the nearest binary double), so conversions are exact on the decimal."""
     if isinstance(value, bool):
         raise UcumError("a boolean is not a quantity value")
-    if isinstance(value, float):
-        return Fraction(repr(value))
-    if isinstance(value, str):
-        return Fraction(value.strip())
-    return Fraction(value)
+    try:
+        if isinstance(value, float):
+            return Fraction(repr(value))
+        if isinstance(value, str):
+            text = value.strip()
+            if len(text) > 64:
+                raise UcumError(f"the quantity value '{text[:30]}...' has more than 64 characters")
+            from decimal import Decimal, InvalidOperation
+
+            try:
+                exponent = Decimal(text).as_tuple().exponent
+            except InvalidOperation:
+                raise UcumError(f"{text!r} is not a decimal number") from None
+            if not isinstance(exponent, int) or abs(exponent) > 400:  # 1e999999999 would be a billion digits
+                raise UcumError(f"{text!r} is not a finite decimal number within +-1e400")
+            return Fraction(text)
+        return Fraction(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        if isinstance(exc, UcumError):
+            raise
+        raise UcumError(f"{value!r} is not a finite decimal number") from None
 
 
 def convert(value, from_unit: str, to_unit: str, *, molar_mass=None) -> float:
@@ -301,7 +338,10 @@ def convert(value, from_unit: str, to_unit: str, *, molar_mass=None) -> float:
     pre, factor, post = conversion(from_unit, to_unit, molar_mass=molar_mass)
     exact = exact_decimal(value)
     # to_base = f_src * (v + pre_src); result = to_base / f_dst - pre_dst
-    return float((exact + pre) * factor - post)
+    try:
+        return float((exact + pre) * factor - post)
+    except OverflowError:
+        raise UcumError(f"{value!r} {from_unit} in {to_unit} is beyond the range of a decimal number") from None
 
 
 __all__ = ["UCUM_SYSTEM", "Unit", "UcumError", "parse", "is_valid", "conversion", "convert", "exact_decimal"]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from fhir_ops.commands.serve import add_server_options, build_config, describe_store, public_base, serve_forever
+from urllib.parse import urlsplit
+
+from fhir_ops.commands.serve import (add_server_options, build_config, describe_store, is_loopback, public_base,
+                                     serve_forever)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,7 +19,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--participants", type=int, default=200, help="participants to simulate (default 200)")
     parser.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
     parser.add_argument("--no-serve", action="store_true", help="only create the study, do not start the server")
+    parser.add_argument("--no-dev-features", action="store_true",
+                        help="do not turn on the launch simulator and development users, which the demo otherwise "
+                             "does when it serves on a loopback host")
     return parser
+
+
+def wants_dev_features(args: argparse.Namespace) -> bool:
+    """The demo turns development features on by itself, but only on loopback (and never when told not to)."""
+    if args.no_dev_features:
+        return False
+    public_host = urlsplit(args.public_url).hostname if args.public_url else args.host
+    return is_loopback(args.host) and is_loopback(public_host or "")
 
 
 def create_demo(config: dict, participants: int, seed: int) -> int:
@@ -54,6 +68,10 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.participants < 1:
         raise SystemExit("trialtwin demo: --participants must be at least 1")
+    if not args.dev_launch_simulator and wants_dev_features(args):
+        args.dev_launch_simulator = True
+        print("trialtwin demo: serving on loopback, so development features are on: the EHR launch simulator and "
+              "the published users dr.chen / dr.okafor (password 'trialtwin'); --no-dev-features turns them off.")
     config = build_config(args)
     create_demo(config, args.participants, args.seed)
     if args.no_serve:
@@ -61,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
             config["STORE"].close()
         return 0
     base = public_base(args)
-    if config.get("AUTH_MODE") == "smart":
-        print("Open the launch simulator, choose 'TrialTwin clinician app', a participant (e.g. tt201-p001) or the "
-              "study tt-201, the practitioner dr.chen, and press Launch; sign-in is dr.chen / trialtwin.")
+    if config.get("AUTH_MODE") == "smart" and config.get("DEV_LAUNCH_SIMULATOR"):
+        print("Open the launch simulator, sign in as dr.chen / trialtwin, choose 'TrialTwin clinician app' and a "
+              "participant (e.g. tt201-p001) or the study tt-201, and press Launch.")
+    elif config.get("AUTH_MODE") == "smart":
+        print("Development features are off: add a user (trialtwin users add) and register clients "
+              "(trialtwin clients register); see docs/smart.md, 'Deploying safely'.")
     extra = [("Demo study (FHIR)", f"{base}/fhir/ResearchStudy/tt-201")]
     if config.get("AUTH_MODE") == "open":
         extra += [("Participants", f"{base}/fhir/ResearchSubject?study=ResearchStudy/tt-201"),

@@ -29,12 +29,36 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-url", default=None,
                         help="base URL clients use to reach this server (default http://HOST:PORT); tokens are "
                              "issued for <public-url>/fhir by <public-url>/auth")
+    parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                        help="an origin (scheme://host[:port]) whose browser SMART apps may call /fhir, /auth/token "
+                             "and /inference; repeat for several (default $TRIALTWIN_CORS_ORIGINS, comma separated; "
+                             "without either: loopback origins when serving on a loopback host, none otherwise; "
+                             "'none' turns CORS off)")
     parser.add_argument("--store", choices=("embedded", "hapi"), default="embedded",
                         help="where FHIR resources live: the embedded SQLite store in --data-dir (default) "
                              "or an external HAPI FHIR server at --hapi-url")
     parser.add_argument("--hapi-url", default=os.environ.get("TRIALTWIN_HAPI_URL"),
                         help="FHIR base of the HAPI server for --store hapi, e.g. http://127.0.0.1:8090/fhir "
                              "(default $TRIALTWIN_HAPI_URL)")
+    security = parser.add_argument_group("SMART authorization server (see docs/smart.md, 'Deploying safely')")
+    security.add_argument("--registration-token", default=os.environ.get("TRIALTWIN_REGISTRATION_TOKEN"),
+                          help="initial access token (RFC 7591 §3) that opens POST /auth/register (default "
+                               "$TRIALTWIN_REGISTRATION_TOKEN; none: only clients an administrator registers or "
+                               "tokens from 'trialtwin clients token')")
+    security.add_argument("--registration-scope", default=os.environ.get("TRIALTWIN_REGISTRATION_SCOPE"),
+                          help="the most a client registered with --registration-token may hold (default "
+                               "$TRIALTWIN_REGISTRATION_SCOPE, else read-only user-facing scopes)")
+    security.add_argument("--dev-launch-simulator", action="store_true",
+                          default=_env_flag("TRIALTWIN_DEV_LAUNCH_SIMULATOR"),
+                          help="development only, loopback only: the EHR launch simulator and the published "
+                               "development users (dr.chen, dr.okafor) (default $TRIALTWIN_DEV_LAUNCH_SIMULATOR)")
+    security.add_argument("--jwks-allow", default=os.environ.get("TRIALTWIN_JWKS_ALLOW"),
+                          help="development only: comma-separated hosts, host:port or networks whose client "
+                               "jwks_uri may be http or a private/loopback address (default $TRIALTWIN_JWKS_ALLOW)")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def is_loopback(host: str) -> bool:
@@ -66,6 +90,26 @@ def check_auth_mode(auth: str, host: str) -> None:
         raise FhirError(f"--auth open serves participant data without any authorization, so it is only allowed "
                         f"on a loopback host (127.0.0.1, ::1, localhost), not on {host!r}; use --auth smart "
                         f"(the default) to listen on {host}", error_id="open-auth-not-loopback")
+
+
+def check_dev_features(args: argparse.Namespace) -> None:
+    """Refuse development features (launch simulator, published passwords) on a server others can reach.
+
+    Raises
+    ------
+    FhirError
+        ``--dev-launch-simulator`` with a non-loopback ``--host`` or ``--public-url``.
+    """
+    if not getattr(args, "dev_launch_simulator", False):
+        return
+    from urllib.parse import urlsplit
+
+    public_host = urlsplit(args.public_url).hostname if getattr(args, "public_url", None) else args.host
+    if not is_loopback(args.host) or not is_loopback(public_host or ""):
+        raise FhirError(f"--dev-launch-simulator signs in with published passwords, so it is only allowed on a "
+                        f"loopback host (127.0.0.1, ::1, localhost), not on {args.host!r}"
+                        f"{f' / {args.public_url}' if getattr(args, 'public_url', None) else ''}",
+                        error_id="dev-features-not-loopback")
 
 
 def public_base(args: argparse.Namespace) -> str:
@@ -113,6 +157,33 @@ def describe_store(config: dict) -> str:
     return f"HAPI FHIR at {store.base_url}" if store is not None else f"the embedded store in {config['DATA_DIR']}"
 
 
+def cors_origins(args: argparse.Namespace, base: str) -> list:
+    """Allowed CORS origins: ``--cors-origin`` flags, else ``$TRIALTWIN_CORS_ORIGINS``, else the default.
+
+    The default is deny in production; a server that listens on, and is reached at, a loopback address is
+    a development set-up, where browser apps on other local ports (``http://localhost:3000``) may call it.
+
+    Raises
+    ------
+    FhirError
+        An entry that is not an origin.
+    """
+    from urllib.parse import urlsplit
+
+    from fhir_ops import cors
+
+    given = getattr(args, "cors_origin", None)
+    if given is None:
+        given = os.environ.get("TRIALTWIN_CORS_ORIGINS")
+    try:
+        if given is not None:
+            return cors.parse_origins(given)
+    except ValueError as exc:
+        raise FhirError(str(exc), status=400, code="invalid", error_id="bad-cors-origin") from None
+    development = is_loopback(args.host) and is_loopback(urlsplit(base).hostname or "")
+    return cors.default_origins(development)
+
+
 def build_config(args: argparse.Namespace) -> dict:
     """The configuration shared by the FHIR app, the authorization server and the clinician app.
 
@@ -121,12 +192,22 @@ def build_config(args: argparse.Namespace) -> dict:
     """
     auth = getattr(args, "auth", "smart")
     check_auth_mode(auth, args.host)
+    check_dev_features(args)
     os.makedirs(args.data_dir, exist_ok=True)
     data_dir = os.path.abspath(args.data_dir)
     base = public_base(args)
     config = {"DATA_DIR": data_dir, "AUTH_MODE": auth, "BASE_URL": f"{base}/fhir", "FHIR_BASE_URL": f"{base}/fhir",
               "ISSUER": f"{base}/auth", "SMART_ISSUER": f"{base}/auth",
-              "SMART_KEYS_FILE": os.path.join(data_dir, "smart-signing-keys.json")}
+              "SMART_KEYS_FILE": os.path.join(data_dir, "smart-signing-keys.json"),
+              # The resource server asks the authorization server's own database whether a token was revoked.
+              "SMART_REVOCATION_DB": os.path.join(data_dir, "smart-auth.sqlite"),
+              "DEV_LAUNCH_SIMULATOR": bool(getattr(args, "dev_launch_simulator", False)),
+              "JWKS_FETCH_ALLOW": [e for e in (getattr(args, "jwks_allow", None) or "").split(",") if e.strip()]}
+    if getattr(args, "registration_token", None):
+        config["REGISTRATION_ACCESS_TOKEN"] = args.registration_token
+    if getattr(args, "registration_scope", None):
+        config["REGISTRATION_SCOPE_CEILING"] = args.registration_scope
+    config["CORS_ORIGINS"] = cors_origins(args, base)
     if getattr(args, "store", "embedded") == "hapi":
         if not args.hapi_url:
             raise FhirError("--store hapi needs --hapi-url (or TRIALTWIN_HAPI_URL), the HAPI server's FHIR base",
@@ -155,7 +236,8 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
     mounts = getattr(wsgi, "mounts", {})
     if "/auth" in mounts:
         found.append(("SMART configuration", f"{base}/fhir/.well-known/smart-configuration"))
-        found.append(("EHR / EDC launch simulator", f"{base}/auth/launch-simulator"))
+        if getattr(args, "dev_launch_simulator", False):
+            found.append(("EHR / EDC launch simulator (dev)", f"{base}/auth/launch-simulator"))
     if "/app" in mounts:
         found.append(("SMART clinician app (standalone)", f"{base}/app/"))
     if "/inference" in mounts:
@@ -173,6 +255,9 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
     mode = config.get("AUTH_MODE", "smart")
     print(f"TrialTwin is running (authorization: {mode}"
           f"{'; FHIR requests need a SMART access token' if mode == 'smart' else '; loopback only'}):")
+    if config.get("DEV_LAUNCH_SIMULATOR"):
+        print("  DEVELOPMENT FEATURES ON (loopback only): EHR launch simulator; published users dr.chen and "
+              "dr.okafor, password 'trialtwin'. Never use them on a server others can reach.")
     for label, url in [*urls(args, wsgi), *extra_urls]:
         print(f"  {label:36s} {url}")
     print("Press Ctrl+C to stop.", flush=True)

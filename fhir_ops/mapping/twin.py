@@ -280,7 +280,7 @@ def forecast_rows(fc: twin.TwinForecast, start: datetime):
 def forecast_parameters(fc: twin.TwinForecast, start: datetime) -> list[dict]:
     """The ``forecast`` output parameter of ``$simulate`` (one entry per output and time)."""
     return [{"output": name, "time": fhir_instant(when), "day": round(day, 6), "median": round(med, 6),
-             "low": round(low, 6), "high": round(high, 6), "unit": unit}
+             "low": round(low, 6), "high": round(high, 6), "unit": unit, "display": OUTPUT_DISPLAY[name]}
             for name, when, day, med, low, high, unit in forecast_rows(fc, start)]
 
 
@@ -409,7 +409,8 @@ def arm_summary_parameters(result: twin.PopulationResult) -> list[dict]:
                 rows.append({"arm": arm, "participants": result.participants[a], "output": name,
                              "day": float(day), "median": round(float(result.median[a][name][i]), 6),
                              "low": round(float(result.low[a][name][i]), 6),
-                             "high": round(float(result.high[a][name][i]), 6)})
+                             "high": round(float(result.high[a][name][i]), 6),
+                             "unit": twin.OUTPUT_UNITS[name], "display": OUTPUT_DISPLAY[name]})
     return rows
 
 

@@ -14,6 +14,7 @@ from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Unprocess
 from fhir_ops.mapping.history import MappedHistory, load_history
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import parse_datetime
+from fhir_ops.mapping import risk_drivers
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
@@ -219,6 +220,12 @@ def _prediction_part(a: _Assessed) -> dict:
     }
 
 
+def _driver_words(d) -> list[dict]:
+    # what a clinician reads: the feature's plain-language label and its value in words (label table in data)
+    label, text = risk_drivers.describe(d.feature, _feature_value(d.value))
+    return [{"url": "label", "valueString": label}, {"url": "valueText", "valueString": text}]
+
+
 def _feature_value(x: float) -> float:
     # features are float32: 7 significant digits say all they hold (79.9, not 79.900002)
     return float(f"{x:.7g}")
@@ -244,7 +251,8 @@ def _risk_assessment(a: _Assessed, ra_id: str, device_ref: str, now: datetime) -
             *({"url": SD + "risk-driver", "extension": [
                 {"url": "feature", "valueCode": d.feature},
                 {"url": "value", "valueDecimal": _feature_value(d.value)},
-                {"url": "contribution", "valueDecimal": round(d.log_odds, 6)}]} for d in a.risk.drivers),
+                {"url": "contribution", "valueDecimal": round(d.log_odds, 6)},
+                *_driver_words(d)]} for d in a.risk.drivers),
         ],
         "status": "final",
         "method": {"coding": [{"system": TRIALTWIN_CS, "code": "learned-model", "display": "Learned risk model"}]},

@@ -329,11 +329,11 @@ def dispatch(level: str, resource_type: str | None, resource_id: str | None, nam
 
         app = current_app._get_current_object()
         job = jobs.manager(app).submit(op, level, resource_type, resource_id, params, base_url, headers)
-        from fhir_ops.auth import current_access
+        from fhir_ops.auth import current_access, job_owner
 
         access = current_access()
         if access is not None:  # only the submitter may poll or cancel (fhir_ops.auth checks it)
-            job.owner = (access.client_id, access.subject)
+            job.owner = job_owner(access)
         return fhir_response(
             {"resourceType": "OperationOutcome", "issue": [{
                 "severity": "information", "code": "informational",
@@ -365,10 +365,9 @@ def _json_body(request) -> Any:
     if media_type not in _JSON_MEDIA_TYPES:
         raise UnsupportedMediaType(
             f"Operation bodies must be application/fhir+json, got {request.content_type or 'no Content-Type'}")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", error_id="invalid-json") from None
+    from fhir_ops import limits
+
+    return limits.loads(raw, malformed_id="invalid-json")
 
 
 def prefers_async(prefer: str) -> bool:
@@ -403,28 +402,11 @@ def fhir_response(body: dict, status: int = 200, headers: Mapping[str, str] | No
 
 
 def init_app(app) -> None:
-    """Add the registry's routes to a FHIR app: async job status and shipped OperationDefinitions.
+    """Add the registry's routes to a FHIR app: async job status (``GET``/``DELETE /fhir/_jobs/<id>``).
 
-    ``GET /fhir/_jobs/<id>`` / ``DELETE /fhir/_jobs/<id>`` poll and cancel asynchronous calls;
-    ``GET /fhir/OperationDefinition/<id>`` answers from the store when it holds the resource and
-    otherwise from the definitions shipped in ``profiles/``.
+    The shipped OperationDefinitions are read and searched like every shipped conformance resource
+    (fhir_ops.shipped, through the REST routes).
     """
     from fhir_ops import jobs
 
     jobs.init_app(app)
-    if "trialtwin_operation_definition" not in app.view_functions:
-        app.add_url_rule(f"{fhir_prefix(app)}/OperationDefinition/<resource_id>", "trialtwin_operation_definition",
-                         _read_operation_definition, methods=["GET"])
-
-
-def _read_operation_definition(resource_id: str):
-    try:
-        from fhir_ops.app import get_store
-
-        return fhir_response(get_store().read("OperationDefinition", resource_id))
-    except (NotFound, ImportError):
-        pass  # the store does not hold it (or there is no store app): the shipped one answers
-    shipped = definitions().get(resource_id)
-    if shipped is None:
-        raise NotFound(f"OperationDefinition/{resource_id} is not known", error_id="not-found")
-    return fhir_response(shipped)

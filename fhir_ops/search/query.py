@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from fhir_ops.errors import InvalidRequest
+from fhir_ops.limits import MAX_OFFSET, MAX_OR_VALUES, MAX_SEARCH_PARAMS
 from fhir_ops.search.extract import COLUMN_PARAMS
 from fhir_ops.search.registry import search_parameter, search_parameters_for
 from fhir_ops.search.values import normalize_string, parse_date_param, split_reference
@@ -101,7 +102,15 @@ def match_sql(c: CompiledSearch) -> tuple[str, list, str, list]:
 
 
 def _split_values(raw: str) -> list[str]:
-    """Split on commas that are not escaped with a backslash (FHIR search value escaping)."""
+    """Split on commas that are not escaped with a backslash (FHIR search value escaping).
+
+    At most :data:`fhir_ops.limits.MAX_OR_VALUES` values: each becomes an SQL term.
+    """
+    if raw.count(",") >= MAX_OR_VALUES:
+        parts = [p for p in raw.split(",") if p]
+        if len(parts) > MAX_OR_VALUES:
+            raise InvalidRequest(f"a search parameter takes at most {MAX_OR_VALUES} comma-separated values, got "
+                                 f"{len(parts)}", error_id="too-many-values")
     parts, cur, i = [], [], 0
     while i < len(raw):
         c = raw[i]
@@ -281,6 +290,8 @@ def _int_param(name: str, value: str, low: int) -> int:
 
 def _sort_expression(resource_type: str, spec: str, strict: bool, c: CompiledSearch) -> list[str]:
     terms = []
+    if spec.count(",") >= 10:
+        raise InvalidRequest("_sort takes at most 10 keys", error_id="too-many-values", expression=["_sort"])
     for item in spec.split(","):
         item = item.strip()
         desc = item.startswith("-")
@@ -301,8 +312,10 @@ def _sort_expression(resource_type: str, spec: str, strict: bool, c: CompiledSea
         column = {"date": "low" if not desc else "high", "string": "norm", "token": "code",
                   "number": "value", "quantity": "value"}[pdef.type]
         agg = "MAX" if desc else "MIN"
-        terms.append(f"(SELECT {agg}({column}) FROM {table} s WHERE s.rid = r.rid AND s.param = '{key}') "
-                     f"{direction}")
+        # INDEXED BY the (rid, param) index: left to itself SQLite may answer MAX(high) from the covering
+        # (param, low, high) index, scanning every row of the parameter once per resource sorted (O(n^2))
+        terms.append(f"(SELECT {agg}({column}) FROM {table} s INDEXED BY {table}_r WHERE s.rid = r.rid "
+                     f"AND s.param = '{key}') {direction}")
     return terms
 
 
@@ -356,6 +369,9 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
     (['foo'], 50)
     """
     c = CompiledSearch(resource_type)
+    if len(params) > MAX_SEARCH_PARAMS:
+        raise InvalidRequest(f"a search takes at most {MAX_SEARCH_PARAMS} parameters, got {len(params)}",
+                             error_id="too-many-parameters")
     sort_terms: list[str] = []
     date_scans: dict[str, tuple[list[str], list]] = {}
     for raw_name, raw_value in params:
@@ -368,6 +384,10 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
             continue
         if name == "_offset":
             c.offset = _int_param("_offset", raw_value, 0)
+            if c.offset > MAX_OFFSET:
+                raise InvalidRequest(f"_offset must be at most {MAX_OFFSET}, got {raw_value[:40]!r}; page with the "
+                                     "links of the previous page or narrow the search", error_id="invalid-search-value",
+                                     expression=["_offset"])
             continue
         if name == "_summary":
             if raw_value == "count":

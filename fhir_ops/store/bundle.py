@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import urlencode
 
 from fhir_ops.errors import InvalidRequest
-from fhir_ops.validation import is_resource_type
+from fhir_ops.urls import UrlError, parse_condition, parse_fhir_url
 
 #: tag on the stub ``{resourceType, id, meta}`` that stands for a deleted version in ``Store.history()``
 #: results (a history Bundle entry of a DELETE has no resource); any Store implementation uses the same
@@ -36,27 +36,20 @@ class EntryRequest:
     full_url: str | None
     if_match: str | None
     if_none_exist: str | None
+    #: the canonical relative request url (``Observation/1``), as parsed
+    url: str = ""
 
     @property
     def where(self) -> str:
         return f"Bundle.entry[{self.index}]"
 
 
-def _relative(url: str) -> tuple[list[str], str | None]:
-    path, _, query = url.partition("?")
-    segments = [s for s in path.split("/") if s]
-    if "://" in url:  # absolute: keep what follows the server base
-        for i, seg in enumerate(segments):
-            if is_resource_type(seg):
-                segments = segments[i:]
-                break
-    return segments, (query if "?" in url else None)
-
-
-def parse_entries(bundle: dict, expected_type: str) -> list[EntryRequest]:
+def parse_entries(bundle: dict, expected_type: str, *, base: str | None = None) -> list[EntryRequest]:
     """Check a transaction/batch Bundle's shape and parse every entry's request.
 
-    Raises ``InvalidRequest`` naming the entry (``Bundle.entry[3].request``) for a malformed one.
+    Each ``request.url`` (and ``ifNoneExist``) is read by :func:`fhir_ops.urls.parse_fhir_url`, the
+    parser the authorization check uses too; ``base`` is the server's own base, the only one absolute
+    URLs may carry. Raises ``InvalidRequest`` naming the entry (``Bundle.entry[3].request``).
     """
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidRequest("expected a Bundle resource", error_id="invalid-bundle", expression=["Bundle"])
@@ -66,54 +59,101 @@ def parse_entries(bundle: dict, expected_type: str) -> list[EntryRequest]:
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise InvalidRequest("Bundle.entry must be a list", error_id="invalid-bundle", expression=["Bundle.entry"])
-    parsed = []
-    for i, entry in enumerate(entries):
-        where = f"Bundle.entry[{i}]"
-        if not isinstance(entry, dict):
-            raise InvalidRequest(f"{where} must be an object", error_id="invalid-bundle", expression=[where])
-        req = entry.get("request")
-        if not isinstance(req, dict) or not isinstance(req.get("url"), str) or req.get("method") not in METHOD_ORDER:
-            raise InvalidRequest(f"{where}.request needs a method (GET, POST, PUT, DELETE) and a url",
-                                 error_id="invalid-bundle", expression=[f"{where}.request"])
-        method = req["method"]
-        if method == "PATCH":
-            raise InvalidRequest(f"{where}: PATCH is not supported", error_id="not-supported", code="not-supported",
-                                 expression=[f"{where}.request.method"])
-        segments, query = _relative(req["url"])
-        if not segments or not is_resource_type(segments[0]):
-            raise InvalidRequest(f"{where}.request.url {req['url']!r} does not start with a resource type",
-                                 error_id="invalid-bundle", expression=[f"{where}.request.url"])
-        rtype = segments[0]
-        rid = segments[1] if len(segments) >= 2 else None
-        vid = segments[3] if len(segments) == 4 and segments[2] == "_history" else None
-        if len(segments) > 2 and vid is None or len(segments) > 4:
-            raise InvalidRequest(f"{where}.request.url {req['url']!r} is not a supported interaction",
-                                 error_id="invalid-bundle", expression=[f"{where}.request.url"])
-        resource = entry.get("resource")
-        if method in ("POST", "PUT"):
-            if not isinstance(resource, dict):
-                raise InvalidRequest(f"{where}: a {method} entry needs a resource", error_id="invalid-bundle",
-                                     expression=[f"{where}.resource"])
-            if resource.get("resourceType") != rtype:
-                raise InvalidRequest(f"{where}: resource type {resource.get('resourceType')!r} does not match "
-                                     f"request url type {rtype!r}", error_id="type-mismatch",
-                                     expression=[f"{where}.resource.resourceType"])
-            if method == "PUT" and (rid is None or query is not None):
-                raise InvalidRequest(f"{where}: PUT needs a url Type/id (conditional update is not supported)",
-                                     error_id="not-supported", expression=[f"{where}.request.url"])
-            if method == "POST" and rid is not None:
-                raise InvalidRequest(f"{where}: POST url must be the resource type only",
-                                     error_id="invalid-bundle", expression=[f"{where}.request.url"])
-        if method == "DELETE" and rid is None:
-            raise InvalidRequest(f"{where}: DELETE needs a url Type/id (conditional delete is not supported)",
+    return [parse_entry(entry, i, base=base) for i, entry in enumerate(entries)]
+
+
+def _bad_url(where: str, url, why: str, error_id: str = "invalid-bundle") -> InvalidRequest:
+    return InvalidRequest(f"{where}.request.url {str(url)[:200]!r} {why}", error_id=error_id,
+                          expression=[f"{where}.request.url"])
+
+
+def parse_entry(entry, index: int, *, base: str | None = None) -> EntryRequest:
+    """Parse one Bundle entry's request (see :func:`parse_entries`)."""
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(entry, dict):
+        raise InvalidRequest(f"{where} must be an object", error_id="invalid-bundle", expression=[where])
+    req = entry.get("request")
+    if not isinstance(req, dict) or not isinstance(req.get("url"), str) or not isinstance(req.get("method"), str) \
+            or req["method"] not in METHOD_ORDER:
+        raise InvalidRequest(f"{where}.request needs a method (GET, POST, PUT, DELETE) and a url",
+                             error_id="invalid-bundle", expression=[f"{where}.request"])
+    method = req["method"]
+    if method == "PATCH":
+        raise InvalidRequest(f"{where}: PATCH is not supported", error_id="not-supported", code="not-supported",
+                             expression=[f"{where}.request.method"])
+    for key in ("ifMatch", "ifNoneExist"):
+        if req.get(key) is not None and not isinstance(req[key], str):
+            raise InvalidRequest(f"{where}.request.{key} must be a string", error_id="invalid-bundle",
+                                 expression=[f"{where}.request.{key}"])
+    try:
+        url = parse_fhir_url(req["url"], base)
+    except UrlError as exc:
+        raise InvalidRequest(f"{where}.request.url: {exc}", error_id="invalid-entry-url",
+                             expression=[f"{where}.request.url"]) from None
+    if url.resource_type is None or url.operation is not None:
+        raise _bad_url(where, req["url"], "is not a resource interaction (operations and system-level calls "
+                       "are not supported inside a Bundle)", "not-supported")
+    if url.history and url.version_id is None:
+        raise _bad_url(where, req["url"], "is a history interaction, which is not supported inside a Bundle",
+                       "not-supported")
+    rtype, rid, vid = url.resource_type, url.resource_id, url.version_id
+    if vid is not None and method != "GET":
+        raise _bad_url(where, req["url"], f"names a version; {method} takes Type/id")
+    resource = entry.get("resource")
+    if resource is not None and not isinstance(resource, dict):
+        raise InvalidRequest(f"{where}.resource must be a JSON object (a FHIR resource)", error_id="invalid-bundle",
+                             expression=[f"{where}.resource"])
+    if method in ("POST", "PUT"):
+        if not isinstance(resource, dict):
+            raise InvalidRequest(f"{where}: a {method} entry needs a resource", error_id="invalid-bundle",
+                                 expression=[f"{where}.resource"])
+        if resource.get("resourceType") != rtype:
+            raise InvalidRequest(f"{where}: resource type {str(resource.get('resourceType'))[:100]!r} does not match "
+                                 f"request url type {rtype!r}", error_id="type-mismatch",
+                                 expression=[f"{where}.resource.resourceType"])
+        if method == "PUT" and (rid is None or url.query is not None):
+            raise InvalidRequest(f"{where}: PUT needs a url Type/id (conditional update is not supported)",
                                  error_id="not-supported", expression=[f"{where}.request.url"])
-        parsed.append(EntryRequest(
-            index=i, method=method, resource_type=rtype, resource_id=rid, version_id=vid,
-            query=parse_qsl(query, keep_blank_values=True) if query is not None else None,
-            resource=resource if isinstance(resource, dict) else None,
-            full_url=entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None,
-            if_match=req.get("ifMatch"), if_none_exist=req.get("ifNoneExist")))
-    return parsed
+        if method == "POST" and (rid is not None or url.query is not None):
+            raise _bad_url(where, req["url"], "must be the resource type only for a POST")
+    if method == "DELETE" and (rid is None or url.query is not None):
+        raise InvalidRequest(f"{where}: DELETE needs a url Type/id (conditional delete is not supported)",
+                             error_id="not-supported", expression=[f"{where}.request.url"])
+    if method == "GET" and rid is not None and url.query is not None:
+        raise _bad_url(where, req["url"], "has both an id and a query")
+    condition = None
+    if req.get("ifNoneExist") is not None and method == "POST":
+        try:
+            condition = urlencode(parse_condition(req["ifNoneExist"], rtype, base))
+        except UrlError as exc:
+            raise InvalidRequest(f"{where}.request.ifNoneExist: {exc}", error_id="invalid-condition",
+                                 expression=[f"{where}.request.ifNoneExist"]) from None
+    return EntryRequest(
+        index=index, method=method, resource_type=rtype, resource_id=rid, version_id=vid,
+        query=list(url.query) if url.query is not None else None,
+        resource=resource if isinstance(resource, dict) else None,
+        full_url=entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None,
+        if_match=req.get("ifMatch"), if_none_exist=condition, url=url.relative)
+
+
+def canonical_bundle(bundle: dict, entries: list[EntryRequest]) -> dict:
+    """A copy of ``bundle`` whose entries carry the parsed requests (canonical relative url, ifNoneExist).
+
+    What the authorization check decided on is what the store then executes: the store re-reads
+    these canonical URLs, which parse to the same entries.
+    """
+    out = dict(bundle)
+    new_entries = []
+    for e, original in zip(entries, bundle.get("entry") or []):
+        entry = dict(original)
+        request = {k: v for k, v in original["request"].items() if k not in ("url", "ifNoneExist")}
+        request["url"] = e.url
+        if e.if_none_exist is not None:
+            request["ifNoneExist"] = e.if_none_exist
+        entry["request"] = request
+        new_entries.append(entry)
+    out["entry"] = new_entries
+    return out
 
 
 def rewrite_references(node, mapping: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl
 
+from fhir_ops import limits
 from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, PreconditionFailed
 from fhir_ops.search.extract import index_rows
 from fhir_ops.search.query import compile_search, match_sql
@@ -240,6 +241,9 @@ class SQLiteStore(Store):
         # Checkpoint the WAL every ~40 MB instead of ~4 MB: pages rewritten by consecutive ingest
         # transactions are copied into the database once, which measured ~15 % faster bundle ingest.
         conn.execute("PRAGMA wal_autocheckpoint=10000")
+        # The request's time budget (fhir_ops.limits): SQLite calls back every ~10k VM steps and a
+        # request past its deadline has its read statement interrupted, so no query holds the server.
+        conn.set_progress_handler(limits.over_budget, 10_000)
         with self._lock:
             self._all.append(conn)
         return conn
@@ -252,6 +256,11 @@ class SQLiteStore(Store):
             conn = self._connect()
         try:
             yield conn
+        except sqlite3.OperationalError as exc:
+            if "interrupted" not in str(exc):
+                raise
+            limits.clear_budget()  # the request is over; let the rollback below run uninterrupted
+            raise limits.budget_error() from None
         finally:
             if conn.in_transaction:  # never hand a connection back mid-transaction
                 conn.execute("ROLLBACK")
@@ -260,14 +269,20 @@ class SQLiteStore(Store):
     @contextmanager
     def _write(self):
         with self._conn() as conn:
-            tx = _Tx(self, conn)
+            # A write, once begun, runs to its end: the time budget stops runaway reads, whereas a
+            # write's size is bounded by the body limit, and a long operation's final store must not fail.
+            conn.set_progress_handler(None, 0)
             try:
-                yield tx
-                tx.flush()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                tx = _Tx(self, conn)
+                try:
+                    yield tx
+                    tx.flush()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            finally:
+                conn.set_progress_handler(limits.over_budget, 10_000)
 
     @contextmanager
     def _read(self):

@@ -166,9 +166,12 @@ def test_nested_parts_parse_into_dicts_and_lists():
         parse_body(spec, body({"name": "dose", "part": [{"name": "day", "valueInteger": 3}]}))
     assert err.value.error_id == "missing-parameter" and "'amount'" in err.value.message
     with pytest.raises(InvalidRequest) as err:
-        parse_body(spec, body({"name": "dose", "part": [{"name": "amount", "valueQuantity": {}},
+        parse_body(spec, body({"name": "dose", "part": [{"name": "amount", "valueQuantity": {"value": 1}},
                                                        {"name": "day", "valueString": "x"}]}))
     assert err.value.expression == ["Parameters.parameter[0].part[1].valueString"]
+    with pytest.raises(InvalidRequest) as err:  # R4 JSON: an empty object is not a Quantity
+        parse_body(spec, body({"name": "dose", "part": [{"name": "amount", "valueQuantity": {}}]}))
+    assert err.value.expression == ["Parameters.parameter[0].part[0].valueQuantity"]
 
 
 def test_cardinality_missing_and_too_many():

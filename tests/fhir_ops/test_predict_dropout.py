@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fhir_ops.conformance import check
+from fhir_ops.mapping.risk_drivers import describe
 from inference.dropout_risk import assess_dropout_risk
 from inference.features import AdverseEventRecord, Dose, ParticipantHistory, Visit
 from inference.registry import default_registry
@@ -185,6 +186,11 @@ def test_high_risk_participant_gets_a_conforming_risk_assessment_and_task(seeded
     assert ra["subject"] == {"reference": "Patient/pd-high"}
     drivers = {e["extension"][0]["valueCode"] for e in ra["extension"] if e["url"].endswith("/risk-driver")}
     assert drivers and drivers <= {d["part"][0]["valueCode"] for d in out({"parameter": pred["part"]}, "driver")}
+    # each driver says what it is and its value in words, from the model's label table (data)
+    for ext in (e for e in ra["extension"] if e["url"].endswith("/risk-driver")):
+        parts = {p["url"]: next(v for k, v in p.items() if k.startswith("value")) for p in ext["extension"]}
+        assert (parts["label"], parts["valueText"]) == describe(parts["feature"], parts["value"])
+        assert parts["label"] != parts["feature"]
     # basis: only what the features used, up to asOf (and the booked next visit), at exact versions
     basis = {b["reference"].split("/_history/")[0] for b in ra["basis"]}
     assert {"Patient/pd-high", "ResearchSubject/pd-high-rs", "Appointment/pd-high-v4",

@@ -59,7 +59,7 @@ def _dataset():
                            "prediction": [{"probabilityDecimal": round(i / N_PATIENTS, 3)}]},
               "request": {"method": "POST", "url": "RiskAssessment"}} for i in range(N_PATIENTS)]
     codesystem = [{"resource": {"resourceType": "CodeSystem", "status": "active", "content": "complete",
-                                "url": "https://trialtwin.org/fhir/CodeSystem/assay", "name": "Assay",
+                                "url": "https://trialtwin.org/fhir/CodeSystem/test-assay", "name": "Assay",
                                 "meta": {"profile": ["https://trialtwin.org/fhir/StructureDefinition/cs"]}},
                    "request": {"method": "POST", "url": "CodeSystem"}}]
     return patients, observations, subjects + study + risks + codesystem
@@ -165,7 +165,7 @@ def test_quantity_number_and_uri_search(loaded):
     v = meta[0]["value"]
     assert total(fhir, f"Observation?value-quantity={v}") == sum(1 for m in meta if abs(m["value"] - v) < 0.05)
     assert total(fhir, "RiskAssessment?probability=ge0.8") == sum(1 for i in range(N_PATIENTS) if i / N_PATIENTS >= 0.8)
-    assert total(fhir, "CodeSystem?url=https://trialtwin.org/fhir/CodeSystem/assay") == 1
+    assert total(fhir, "CodeSystem?url=https://trialtwin.org/fhir/CodeSystem/test-assay") == 1
     assert total(fhir, "CodeSystem?url:below=https://trialtwin.org/fhir/") == 1
     assert total(fhir, "CodeSystem?_profile=https://trialtwin.org/fhir/StructureDefinition/cs") == 1
 

@@ -145,3 +145,40 @@ def test_recovers_a_two_output_population():
         assert abs(fit.estimates[name] - true) < 3 * se[name], name
     assert abs(fit.model.errors[0].proportional - 0.15) < 3 * se["sigma_proportional[0]"]
     assert abs(fit.model.errors[1].additive - 0.5) < 3 * se["sigma_additive[1]"]
+
+
+def test_variance_at_zero_raises_a_boundary_warning(theoph_fit):
+    # truth without variability in lKa: the ML estimate of its SD collapses to ~0, where the
+    # likelihood is flat in log SD and a standard error says nothing
+    from inference.estimation import BoundaryWarning
+    from inference.population import simulate_observations
+    times = np.array([0.25, 0.5, 1, 2, 4, 6, 8, 12, 24.0])
+    n = 20
+    t = np.tile(times, n)
+    design = ObservationData(np.repeat(np.arange(n), times.size), t, np.full(t.size, np.nan),
+                             design={"dose": np.full(t.size, 4.0)})
+    truth = PopulationModel(("lKe", "lKa", "lCl"), [-2.4, 0.4, -3.2], ("lKa", "lCl"),
+                            np.diag([1e-6, 0.2]) ** 2, ResidualError("additive", additive=0.3))
+    data, _ = simulate_observations(truth, ssfol, design, seed=0)
+    with pytest.warns(BoundaryWarning, match="lKa"):
+        fit = fit_population(truth.replace(omega=np.diag([0.3, 0.3]) ** 2), ssfol, data)
+    assert fit.boundary == ("lKa",)
+    assert fit.model.omega_sd[0] < 1e-3 < fit.model.omega_sd[1]
+    assert theoph_fit.boundary == ()
+
+
+def test_batched_objectives_equal_separate_searches(theoph):
+    # several parameter sets in one stacked mode search give each set's own -2 log L: what the
+    # gradient and the standard errors of fit_population rely on
+    from inference.estimation import _batched_objectives, objective_function
+    base = PopulationModel(("lKe", "lKa", "lCl"), [-2.46, 0.48, -3.23], ("lKa", "lCl"),
+                           np.diag([0.65, 0.17]) ** 2, ResidualError("combined", additive=0.5, proportional=0.05))
+    models = [base,
+              base.replace(theta=np.array([-2.3, 0.6, -3.1])),
+              base.replace(omega=np.diag([0.3, 0.4]) ** 2,
+                           error=ResidualError("combined", additive=0.8, proportional=0.01))]
+    eta0 = np.zeros((theoph.n_subjects, 2))
+    values, _ = _batched_objectives(models, ssfol, theoph, eta0)
+    for value, model in zip(values, models):
+        alone = objective_function(model, find_modes(model, ssfol, theoph, eta0=eta0))
+        assert value == pytest.approx(alone, rel=1e-10)

@@ -26,6 +26,18 @@ PATIENTS = [
 ]
 STUDIES = [{"resourceType": "ResearchStudy", "id": "tt-201", "status": "active", "title": "TT-201"}]
 
+#: The initial access token the test servers are configured with (RFC 7591 §3), and its scope ceiling:
+#: wide, because these tests exercise every kind of client; the ceiling itself is tested in test_registration.
+TEST_REGISTRATION_TOKEN = "test-initial-access-token"
+TEST_REGISTRATION_CEILING = ("launch launch/patient launch/encounter openid fhirUser profile offline_access "
+                             "online_access patient/*.cruds user/*.cruds system/*.cruds")
+#: Development features on (the servers listen on loopback) and limits high enough for a module of tests.
+TEST_AUTH_CONFIG = {
+    "DEV_LAUNCH_SIMULATOR": True, "REGISTRATION_ACCESS_TOKEN": TEST_REGISTRATION_TOKEN,
+    "REGISTRATION_SCOPE_CEILING": TEST_REGISTRATION_CEILING, "REGISTRATIONS_PER_IP": "10000 per hour",
+    "LOGIN_FAILURES_PER_IP": "1000 per 15 minutes",
+}
+
 
 def make_fhir_app(stack_base: str) -> Flask:
     """A small FHIR front that publishes SMART discovery and serves a patient list behind the token library.
@@ -77,8 +89,14 @@ class Stack:
     def token_endpoint(self) -> str:
         return self.auth + "/token"
 
+    def post_registration(self, body, token: str | None = TEST_REGISTRATION_TOKEN, **kwargs) -> requests.Response:
+        """POST /register with the initial access token (None: without one); the raw answer."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.post(self.auth + "/register", headers=headers, timeout=10,
+                             **({"json": body} if not isinstance(body, (str, bytes)) else {"data": body}), **kwargs)
+
     def register(self, **metadata) -> dict:
-        response = requests.post(self.auth + "/register", json=metadata, timeout=10)
+        response = self.post_registration(metadata)
         assert response.status_code == 201, response.text
         return response.json()
 
@@ -121,8 +139,8 @@ class Stack:
             "client_id": client_id, "code_verifier": verifier, **extra}, timeout=10)
 
     def simulate_launch(self, agent: UserAgent, client_id: str, **fields) -> dict:
-        """Submit the launch simulator form; return the query the app's launch URL receives."""
-        page = agent.session.get(self.auth + "/launch-simulator")
+        """Sign in (password) and submit the launch simulator form; return the query the app's launch URL receives."""
+        page = agent.open(self.auth + "/launch-simulator")
         assert page.status_code == 200, page.text
         form = parse_forms(page.text)[0]
         response = submit(agent.session, page.url, form, {"client_id": client_id, **fields})
@@ -133,7 +151,7 @@ class Stack:
 
 @pytest.fixture
 def stack(tmp_path):
-    auth_app = create_app({"DATA_DIR": str(tmp_path / "auth"), "TESTING": True})
+    auth_app = create_app({"DATA_DIR": str(tmp_path / "auth"), "TESTING": True, **TEST_AUTH_CONFIG})
     holder: dict = {}
 
     def fhir(environ, start_response):
@@ -221,12 +239,20 @@ def combined_config(base: str, data_dir, auth: str = "smart") -> dict:
     from fhir_ops.commands.serve import build_config
 
     port = int(base.rsplit(":", 1)[1])
-    return build_config(argparse.Namespace(host="127.0.0.1", port=port, data_dir=str(data_dir), auth=auth,
-                                           public_url=base))
+    config = build_config(argparse.Namespace(
+        host="127.0.0.1", port=port, data_dir=str(data_dir), auth=auth, public_url=base,
+        dev_launch_simulator=True, registration_token=TEST_REGISTRATION_TOKEN,
+        registration_scope=TEST_REGISTRATION_CEILING, jwks_allow=None))
+    return {**config, **TEST_AUTH_CONFIG}
 
 
 @pytest.fixture(scope="module")
 def combined(tmp_path_factory):
+    yield from combined_server(tmp_path_factory)
+
+
+def combined_server(tmp_path_factory, **overrides):
+    """Serve the combined server with the small demo (``overrides`` go into its config); yield a Combined."""
     from fhir_ops.commands.demo import create_demo
     from fhir_ops.wsgi import create_wsgi
 
@@ -237,7 +263,7 @@ def combined(tmp_path_factory):
         return holder["app"](environ, start_response)
 
     with serve(app) as base:
-        config = combined_config(base, data_dir)
+        config = {**combined_config(base, data_dir), **overrides}
         create_demo(config, DEMO_PARTICIPANTS, 5)
         holder["app"] = wsgi = create_wsgi(config)
         yield Combined(base, config, Stack(base=base, auth=base + "/auth", fhir=base + "/fhir",

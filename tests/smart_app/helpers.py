@@ -94,6 +94,22 @@ class UserAgent:
         self.pages: list[str] = []
         self.last_redirect: str | None = None
 
+    def open(self, url: str, max_steps: int = 6) -> requests.Response:
+        """GET a page of the authorization server, signing in with a password when it asks; the final page."""
+        response = self.session.get(url, allow_redirects=False)
+        for _ in range(max_steps):
+            if response.is_redirect:
+                response = self.session.get(urljoin(response.url, response.headers["Location"]), allow_redirects=False)
+                continue
+            forms = parse_forms(response.text) if response.status_code in (200, 401) else []
+            if forms and "password" in forms[0].inputs:
+                self.pages.append(response.url)
+                response = submit(self.session, response.url, forms[0],
+                                  {"username": self.username, "password": self.password})
+                continue
+            return response
+        raise AssertionError(f"too many redirects opening {url}")
+
     def follow(self, response: requests.Response, redirect_prefix: str, *, patient: str | None = None,
                decision: str = "approve", max_steps: int = 12) -> dict:
         """Drive pages from ``response`` until a redirect to ``redirect_prefix``; return its query parameters."""

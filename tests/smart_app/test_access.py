@@ -68,7 +68,7 @@ def test_claims_mapping():
         "client_id": "a", "scope": "patient/*.read", "patient": "p9", "sub": "u1",
         "fhirUser": "https://h.example/fhir/Practitioner/x", "fhirContext": [{"reference": "ResearchStudy/s"}],
         "exp": 10}, "https://h.example/fhir/")
-    assert access.scopes.text == "patient/*.rs" and access.user == "Practitioner/x"
+    assert access.scopes.v2_text == "patient/*.rs" and access.user == "Practitioner/x"
     assert access.fhir_context == ({"reference": "ResearchStudy/s"},) and access.expires_at == 10
 
 

@@ -26,14 +26,17 @@ def _claims(stack, token: str) -> dict:
 
 def test_ehr_launch_gives_patient_encounter_id_token_and_signed_access_token(stack, agent):
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", encounter="enc-7", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", encounter="enc-7")
     assert launch["url"].startswith("https://app.example/launch?")
     assert launch["iss"] == stack.fhir
 
+    # The practitioner signed in to the simulated EHR with a password ...
+    assert any("/login" in url for url in agent.pages)
+    signed_in = len(agent.pages)
     redirect, verifier = stack.authorize(agent, app["client_id"], SCOPE, launch=launch["launch"], nonce="n-42")
     assert redirect["state"] == "st-1"
-    # EHR single sign-on: the simulator signed the practitioner in, so no login page was shown.
-    assert not any("/login" in url for url in agent.pages)
+    # ... so the launch is the EHR's single sign-on: no second login page.
+    assert not any("/login" in url for url in agent.pages[signed_in:])
 
     response = stack.exchange(app["client_id"], redirect["code"], verifier)
     assert response.status_code == 200, response.text
@@ -42,7 +45,8 @@ def test_ehr_launch_gives_patient_encounter_id_token_and_signed_access_token(sta
     assert body["token_type"] == "Bearer"
     assert body["patient"] == "tt-001" and body["encounter"] == "enc-7"
     assert body["need_patient_banner"] is True
-    assert "patient/Observation.rs" in body["scope"].split() and "patient/Patient.rs" in body["scope"].split()
+    # v2 granted as v2, v1 (patient/Patient.read) granted as v1: what was asked
+    assert "patient/Observation.rs" in body["scope"].split() and "patient/Patient.read" in body["scope"].split()
     assert "refresh_token" in body
 
     access = _claims(stack, body["access_token"])
@@ -91,7 +95,7 @@ def test_patient_picker_lists_patients_read_from_the_fhir_server(stack, agent):
 
 def test_edc_launch_carries_fhir_context(stack, agent):
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], study="tt-201", subject="rs-0042", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], study="tt-201", subject="rs-0042")
     redirect, verifier = stack.authorize(agent, app["client_id"], "launch openid fhirUser user/*.rs",
                                          launch=launch["launch"])
     body = stack.exchange(app["client_id"], redirect["code"], verifier).json()
@@ -102,7 +106,7 @@ def test_edc_launch_carries_fhir_context(stack, agent):
 
 def test_refresh_rotates_and_keeps_context(stack, agent):
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
     redirect, verifier = stack.authorize(agent, app["client_id"], SCOPE, launch=launch["launch"])
     first = stack.exchange(app["client_id"], redirect["code"], verifier).json()
     refreshed = requests.post(stack.token_endpoint, data={
@@ -138,7 +142,7 @@ def test_pkce_is_mandatory_and_s256_only(stack, agent, method, challenge, expect
 
 def test_wrong_code_verifier_is_invalid_grant(stack, agent):
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
     redirect, _ = stack.authorize(agent, app["client_id"], SCOPE, launch=launch["launch"])
     wrong, _ = pkce_pair()
     response = stack.exchange(app["client_id"], redirect["code"], wrong)
@@ -168,7 +172,7 @@ def test_unregistered_redirect_uri_is_not_redirected_to(stack, agent):
 
 def test_denial_returns_access_denied(stack, agent):
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
     redirect, _ = stack.authorize(agent, app["client_id"], SCOPE, launch=launch["launch"], decision="deny")
     assert redirect["error"] == "access_denied" and redirect["state"] == "st-1"
 
@@ -184,7 +188,7 @@ def test_wrong_password_shows_login_again(stack, agent):
 
 def test_launch_simulator_rejects_missing_context(stack, agent):
     app = stack.register_public_app()
-    page = agent.session.get(stack.auth + "/launch-simulator")
+    page = agent.open(stack.auth + "/launch-simulator")
     response = submit(agent.session, page.url, parse_forms(page.text)[0], {"client_id": app["client_id"]})
     assert response.status_code == 400 and "choose a patient" in response.text
 
@@ -192,7 +196,7 @@ def test_launch_simulator_rejects_missing_context(stack, agent):
 def test_concurrent_exchanges_of_one_code_yield_one_token(stack, agent):
     from concurrent.futures import ThreadPoolExecutor
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
     redirect, verifier = stack.authorize(agent, app["client_id"], SCOPE, launch=launch["launch"])
     with ThreadPoolExecutor(4) as pool:
         statuses = sorted(pool.map(lambda _: stack.exchange(app["client_id"], redirect["code"], verifier).status_code,
@@ -201,7 +205,7 @@ def test_concurrent_exchanges_of_one_code_yield_one_token(stack, agent):
 
 
 def test_launch_simulator_lists_studies_from_fhir_and_falls_back_to_typed_ids(stack, agent, tmp_path):
-    page = agent.session.get(stack.auth + "/launch-simulator")
+    page = agent.open(stack.auth + "/launch-simulator")
     assert page.status_code == 200
     assert '<option value="tt-201">TT-201</option>' in page.text
     assert '<option value="tt-002">Ben Okoro</option>' in page.text
@@ -209,14 +213,16 @@ def test_launch_simulator_lists_studies_from_fhir_and_falls_back_to_typed_ids(st
     # The same app with an unreachable FHIR server still works: ids are typed.
     from smart_app.authz import create_app
     from tests.live_server import serve
+    from .conftest import TEST_AUTH_CONFIG, TEST_REGISTRATION_TOKEN
     lonely = create_app({"DATA_DIR": str(tmp_path / "lonely"), "FHIR_BASE_URL": "http://127.0.0.1:9/fhir",
-                         "FHIR_HTTP_TIMEOUT": 0.5})
+                         "FHIR_HTTP_TIMEOUT": 0.5, **TEST_AUTH_CONFIG})
     with serve(lonely) as base:
         app = requests.post(base + "/register", json={
             "redirect_uris": ["https://app.example/callback"], "launch_uri": "https://app.example/launch",
-            "token_endpoint_auth_method": "none", "scope": "launch patient/*.rs"}, timeout=10).json()
+            "token_endpoint_auth_method": "none", "scope": "launch patient/*.rs"}, timeout=10,
+            headers={"Authorization": f"Bearer {TEST_REGISTRATION_TOKEN}"}).json()
         browser = UserAgent()
-        simulator = browser.session.get(base + "/launch-simulator")
+        simulator = browser.open(base + "/launch-simulator")
         assert simulator.status_code == 200 and "is not reachable" in simulator.text
         launched = submit(browser.session, simulator.url, parse_forms(simulator.text)[0],
                           {"client_id": app["client_id"], "patient": "typed-123"})

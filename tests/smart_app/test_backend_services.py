@@ -49,11 +49,13 @@ def test_only_registered_system_scopes_are_granted(stack, backend_client, rsa_ke
 def test_backend_token_lifetime_is_capped_at_five_minutes(tmp_path, rsa_key):
     from smart_app.authz import create_app
     from tests.live_server import serve
-    app = create_app({"DATA_DIR": str(tmp_path), "BACKEND_TOKEN_LIFETIME": 3600})
+    from .conftest import TEST_AUTH_CONFIG, TEST_REGISTRATION_TOKEN
+    app = create_app({"DATA_DIR": str(tmp_path), "BACKEND_TOKEN_LIFETIME": 3600, **TEST_AUTH_CONFIG})
     with serve(app) as base:
         client = requests.post(base + "/register", json={
             "grant_types": ["client_credentials"], "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": {"keys": [rsa_key.as_dict(private=False)]}, "scope": "system/*.rs"}, timeout=10).json()
+            "jwks": {"keys": [rsa_key.as_dict(private=False)]}, "scope": "system/*.rs"}, timeout=10,
+            headers={"Authorization": f"Bearer {TEST_REGISTRATION_TOKEN}"}).json()
         body = requests.post(base + "/token", data={
             "grant_type": "client_credentials", "scope": "system/*.rs", "client_assertion_type": ASSERTION_TYPE,
             "client_assertion": client_assertion(rsa_key, client["client_id"], base + "/token")}, timeout=10).json()

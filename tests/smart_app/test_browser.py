@@ -37,10 +37,15 @@ def browser():
 
 def launch_from_simulator(page, combined, **context) -> None:
     page.goto(f"{combined.base}/auth/launch-simulator")
+    # The simulated EHR needs its practitioner signed in with a password before it shows anything.
+    if page.locator("#password").count():
+        page.fill("#username", "dr.chen")
+        page.fill("#password", "trialtwin")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_load_state("load")
     page.select_option("#client_id", "trialtwin-clinician")
     for field, value in context.items():
         page.fill(f"#{field}", value)
-    page.select_option("#username", "dr.chen")
     page.get_by_role("button", name="Launch").click()
     page.get_by_role("button", name="Approve").click()
     page.wait_for_load_state("load")
@@ -57,8 +62,8 @@ def test_launch_approve_and_see_the_forecast(browser, combined):
         page.wait_for_load_state("load")
         assert page.get_by_text("Dropout risk updated.").is_visible()
         if registry.get("simulate") is not None:
-            plot = page.locator("#forecast-plot svg")
-            assert plot.count() == 1 and plot.is_visible()
+            plot = page.locator("#forecast-plot")
+            assert plot.locator("svg").count() == 3 and plot.is_visible()  # one figure per output
             assert plot.locator("#forecast-band-hba1c").count() == 1
             assert plot.locator("#observed-hba1c").count() == 1
             # what-if: three missed doses and lower adherence, overlaid on the baseline
@@ -66,7 +71,7 @@ def test_launch_approve_and_see_the_forecast(browser, combined):
             page.fill("#adherence", "0.6")
             page.get_by_role("button", name="Simulate").click()
             page.wait_for_load_state("load")
-            plot = page.locator("#forecast-plot svg")
+            plot = page.locator("#forecast-plot")
             assert plot.locator("#scenario-band-concentration").count() == 1
             assert plot.locator("#forecast-band-concentration").count() == 1
         else:
@@ -106,3 +111,33 @@ def test_the_app_works_inside_an_ehr_iframe(browser, combined):
         assert inner is None or PATIENT not in inner.content()
     finally:
         context.close()
+
+
+def test_the_views_are_readable_400_px_wide(browser, combined):
+    """A phone-sized EHR frame: each chart fits the width (no sideways scrolling) and keeps readable text."""
+    context = browser.new_context(viewport={"width": 400, "height": 800})
+    page = context.new_page()
+    try:
+        launch_from_simulator(page, combined, patient=PATIENT)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "smart-app-400px.png"), full_page=True)
+        _assert_fits_and_readable(page, "#forecast-plot svg", 3)
+        launch_from_simulator(page, combined, study="tt-201")
+        page.screenshot(path=str(ARTIFACTS / "smart-app-study-400px.png"), full_page=True)
+        _assert_fits_and_readable(page, "#cohort-plot svg", 3)
+    finally:
+        context.close()
+
+
+def _assert_fits_and_readable(page, selector: str, count: int) -> None:
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400  # nothing wider than the screen
+    charts = page.locator(selector)
+    assert charts.count() == count
+    for i in range(count):
+        box = charts.nth(i).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 400 and box["width"] >= 300
+        # the smallest rendered text of the chart (tick labels, legend) stays at 8 CSS px or more
+        smallest = charts.nth(i).evaluate(
+            "svg => Math.min(...Array.from(svg.querySelectorAll('text')).map(t => t.getBoundingClientRect().height)"
+            ".filter(h => h > 0))")
+        assert smallest >= 8, smallest

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 
+from fhir_ops.mapping.risk_drivers import label_table
 from fhir_ops.operations import registry
 from smart_app.app import CLIENT_ID
 
@@ -20,7 +21,7 @@ PATIENT = "tt201-p003"  # on study in the 6-participant demo (seed 5)
 
 def launch(combined, agent: UserAgent, **context):
     """Play the EHR: simulator → app launch URL → authorize (SSO, approve) → callback → the app's landing page."""
-    launched = combined.stack.simulate_launch(agent, CLIENT_ID, username="dr.chen", **context)
+    launched = combined.stack.simulate_launch(agent, CLIENT_ID, **context)
     assert launched["url"].startswith(combined.base + "/app/launch?")
     assert launched["iss"] == combined.fhir
     first = agent.session.get(launched["url"], allow_redirects=False)
@@ -39,13 +40,18 @@ def test_ehr_launch_lands_on_the_patient_view(combined):
     assert page.url == f"{combined.base}/app/patient/{PATIENT}"
     html = page.text
     assert f"<h1>{PATIENT}</h1>" in html  # the demo's participants carry no names
-    assert "50 mg" in html and "on-study-intervention" in html and "Site" in html
+    assert "50 mg" in html and "On study, receiving the intervention" in html and "Site" in html
     if registry.get("simulate") is None:
         assert "does not offer $simulate yet" in html
         assert "<svg" not in html
     else:
-        svg = html[html.index("<svg"):html.index("</svg>")]
-        assert 'id="forecast-band-hba1c"' in svg and 'id="observed-hba1c"' in svg
+        for output in ("hba1c", "fpg", "concentration"):  # one figure per output the server forecast
+            figure = html[html.index(f'id="forecast-{output}"'):]
+            figure = figure[:figure.index("</figure>")]
+            assert f'id="forecast-band-{output}"' in figure and "viewBox" in figure
+        assert 'id="observed-hba1c"' in html
+        assert "Hemoglobin A1c" in html and "date (2026, UTC)" in html  # the server's label; calendar dates
+        assert "assumes a dose of 50 mg per administration" in html
     # the rest of the page works without the forecast: the risk section and its action are there
     assert "Risk of missing the next visit" in html and "$predict-dropout" in html
     assert "frame-ancestors 'self'" in page.headers["Content-Security-Policy"]
@@ -63,11 +69,47 @@ def test_predict_dropout_from_the_page_shows_risk_and_drivers(combined):
     assert "Dropout risk updated." in after.text, after.text[:2000]
     percent = re.search(r'<span class="risk[^"]*">(\d+)%</span>', after.text)
     assert percent and 0 <= int(percent.group(1)) <= 100
-    assert "Main drivers" in after.text
+    drivers = after.text[after.text.index('<table id="drivers">'):]
+    drivers = drivers[:drivers.index("</table>")]
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td><td class=\"num\">(raises|lowers) ([-+]\d+\.\d\d)</td>",
+                      drivers)
+    assert rows, drivers
+    labels = {f["label"] for f in label_table().values()}
+    for label, value, verb, effect in rows:  # plain-language labels from the model's label table, values in words
+        assert label in labels and "_" not in label
+        assert (verb == "raises") == (float(effect) > 0)
     # a form without the page's CSRF token is refused
     forged = agent.session.post(f"{combined.base}/app/patient/{PATIENT}/predict-dropout", data={"csrf_token": "x"},
                                 allow_redirects=False)
     assert forged.status_code == 400
+
+
+def test_the_notice_shows_fixed_texts_only(combined):
+    agent = UserAgent()
+    launch(combined, agent, patient=PATIENT)
+    crafted = "Your session expired: call +1 555 0100 and give your password"
+    page = agent.session.get(f"{combined.base}/app/patient/{PATIENT}",
+                             params={"message": crafted, "notice": crafted})
+    assert page.status_code == 200 and "555 0100" not in page.text
+    known = agent.session.get(f"{combined.base}/app/patient/{PATIENT}", params={"notice": "risk-no-next-visit"})
+    assert "there is no next visit to assess" in known.text
+
+
+@pytest.mark.parametrize("participant,status", [("tt201-p001", "Off study"), ("tt201-p005", "Withdrawn")])
+def test_a_participant_off_study_gets_no_doses_after_the_last_and_no_raw_error(combined, participant, status):
+    agent = UserAgent()
+    page = launch(combined, agent, patient=participant)
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert f'<p class="notice" role="status" id="off-study"><span>{status}:</span>' in html
+    assert "receives no more study doses" in html and "left the study on" in html
+    assert "HTTP 4" not in html and "no-next-visit</" not in html  # no raw server error in a banner
+    assert 'id="no-next-visit"' in html and "/predict-dropout" not in html  # nothing to assess, no button
+    assert 'name="dose"' not in html  # no dosing scenario for someone who takes no more doses
+    if registry.get("simulate") is not None:
+        # the server's own account of the forecast it made: dose 0 after the forecast start
+        assert "Forecast without further doses" in html and "assumes no further doses" in html
+        assert "last dose" in html  # marked on the time axis
 
 
 def test_what_if_form_validates_its_inputs(combined):
@@ -91,11 +133,18 @@ def test_edc_launch_shows_the_study_view(combined):
     for arm in ("placebo", "50 mg", "100 mg"):
         assert f"<td>{arm}</td><td class=\"num\">2</td>" in html
     assert '<th scope="row">Total</th><td class="num">6</td>' in html
-    assert "<td>on-study-intervention</td><td class=\"num\">3</td>" in html
+    assert '<td title="on-study-intervention">On study, receiving the intervention</td><td class="num">3</td>' in html
     if registry.get("simulate") is None:
         assert "does not offer $simulate on ResearchStudy yet" in html
     else:
         assert 'id="arm-band-hba1c-0"' in html
+        assert "Simulated course by arm, first 28 days after randomization" in html
+        for label, unit in (("Hemoglobin A1c", "%"), ("Fasting glucose", "mg/dL")):  # units from the server
+            figure = html[html.index(f"<svg role=\"img\" aria-label=\"Simulated {label} ({unit})"):]
+            assert f">{unit}<" in figure[:figure.index("</svg>")]  # the y-axis label
+        assert "days since randomization" in html
+        assert re.search(r"randomized between \d{1,2} \w{3} 2026 and \d{1,2} \w{3} 2026", html)
+    assert "None of the 1 assessed" not in html
 
 
 def test_patient_token_of_the_app_cannot_open_another_patient(combined):

@@ -102,6 +102,14 @@ def test_metadata_and_discovery_are_public_and_advertise_smart(combined):
     assert mine == theirs and mine["issuer"] == combined.base + "/auth"
 
 
+def test_conformance_resources_are_readable_without_a_token_but_not_searchable(combined):
+    for path in ("StructureDefinition/twin-state", "ValueSet/lab-tests/_history/1", "OperationDefinition/simulate"):
+        assert call("GET", f"{combined.fhir}/{path}").status_code == 200, path
+    assert call("GET", f"{combined.fhir}/StructureDefinition?url=x").status_code == 401
+    assert call("PUT", f"{combined.fhir}/StructureDefinition/twin-state", json={}).status_code == 401
+    assert call("GET", f"{combined.fhir}/Patient/p1").status_code == 401
+
+
 # --- patient-scoped tokens ------------------------------------------------------------------------------
 
 def test_patient_token_reads_its_patient_only(combined, p1_read):

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.api
 
 def test_fhirclient_ehr_launch(stack, agent):
     app = stack.register_public_app(scope="launch launch/patient openid profile fhirUser user/*.cruds patient/*.rs")
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
 
     smart = client.FHIRClient(settings={
         "app_id": app["client_id"], "api_base": launch["iss"], "redirect_uri": "https://app.example/callback",
@@ -39,7 +39,7 @@ def test_fhirclient_against_the_real_fhir_server(combined):
 
     agent = UserAgent()
     app = combined.stack.register_public_app(scope="launch openid fhirUser patient/*.rs")
-    launch = combined.stack.simulate_launch(agent, app["client_id"], patient="tt201-p004", username="dr.chen")
+    launch = combined.stack.simulate_launch(agent, app["client_id"], patient="tt201-p004")
     smart = client.FHIRClient(settings={
         "app_id": app["client_id"], "api_base": launch["iss"], "redirect_uri": "https://app.example/callback",
         "launch_token": launch["launch"]})

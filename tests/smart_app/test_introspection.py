@@ -20,7 +20,7 @@ def resource_server(stack):
 
 def _launch_token(stack, agent) -> dict:
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", study="tt-201", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", study="tt-201")
     redirect, verifier = stack.authorize(agent, app["client_id"],
                                          "launch openid fhirUser offline_access patient/Observation.rs",
                                          launch=launch["launch"])

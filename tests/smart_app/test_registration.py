@@ -16,7 +16,7 @@ def test_registered_confidential_app_can_launch_with_client_secret_basic(stack, 
                          scope="launch openid fhirUser user/Observation.rs patient/*.read")
     assert app["client_secret"] and app["client_secret_expires_at"] == 0
     assert app["scope"] == "launch openid fhirUser user/Observation.rs patient/*.rs"
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
     assert launch["url"].startswith("https://site.example/launch")
     redirect, verifier = stack.authorize(agent, app["client_id"], "launch openid fhirUser patient/*.read",
                                          launch=launch["launch"], redirect_uri="https://site.example/cb")
@@ -30,12 +30,13 @@ def test_registered_confidential_app_can_launch_with_client_secret_basic(stack, 
         "grant_type": "authorization_code", "code": redirect["code"], "redirect_uri": "https://site.example/cb",
         "code_verifier": verifier}, timeout=10)
     assert response.status_code == 200, response.text
-    assert response.json()["patient"] == "tt-001" and response.json()["scope"] == "launch openid fhirUser patient/*.rs"
+    # Asked in SMART v1 syntax, granted as asked (registration stored the v2 form).
+    assert response.json()["patient"] == "tt-001" and response.json()["scope"] == "launch openid fhirUser patient/*.read"
 
 
 def test_scopes_beyond_registration_are_not_granted(stack, agent):
     app = stack.register_public_app(scope="launch patient/Observation.rs")
-    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001", username="dr.chen")
+    launch = stack.simulate_launch(agent, app["client_id"], patient="tt-001")
     redirect, verifier = stack.authorize(agent, app["client_id"], "launch patient/Observation.rs user/*.cruds",
                                          launch=launch["launch"])
     body = stack.exchange(app["client_id"], redirect["code"], verifier).json()
@@ -59,21 +60,21 @@ def test_scopes_beyond_registration_are_not_granted(stack, agent):
     ({"redirect_uris": ["https://a.example/cb"], "grant_types": ["implicit"]}, "invalid_client_metadata", "grant_types"),
 ])
 def test_invalid_metadata_is_refused(stack, metadata, error, fragment):
-    response = requests.post(stack.auth + "/register", json=metadata, timeout=10)
+    response = stack.post_registration(metadata)
     assert response.status_code == 400, response.text
     body = response.json()
     assert body["error"] == error and fragment in body["error_description"]
 
 
 def test_private_keys_are_refused_in_jwks(stack, rsa_key):
-    response = requests.post(stack.auth + "/register", json={
+    response = stack.post_registration({
         "grant_types": ["client_credentials"], "token_endpoint_auth_method": "private_key_jwt",
-        "jwks": {"keys": [rsa_key.as_dict(private=True)]}, "scope": "system/*.rs"}, timeout=10)
+        "jwks": {"keys": [rsa_key.as_dict(private=True)]}, "scope": "system/*.rs"})
     assert response.status_code == 400 and "public keys only" in response.json()["error_description"]
 
 
 def test_non_json_body_is_refused(stack):
-    response = requests.post(stack.auth + "/register", data="redirect_uris=x", timeout=10)
+    response = stack.post_registration("redirect_uris=x")
     assert response.status_code == 400 and response.json()["error"] == "invalid_client_metadata"
 
 
@@ -90,15 +91,16 @@ def test_registration_can_require_an_initial_access_token(tmp_path):
     assert accepted.status_code == 201
 
 
-def test_asymmetric_confidential_app_authenticates_with_private_key_jwt(stack, agent, rsa_key):
+def test_asymmetric_confidential_app_authenticates_with_private_key_jwt(stack, rsa_key):
     from smart_app.rfc7523 import ASSERTION_TYPE
 
-    from .helpers import client_assertion
+    from .helpers import UserAgent, client_assertion
+    agent = UserAgent("dr.okafor")
     app = stack.register(client_name="Sponsor portal", redirect_uris=["https://sponsor.example/cb"],
                          token_endpoint_auth_method="private_key_jwt",
                          jwks={"keys": [rsa_key.as_dict(private=False)]}, scope="launch openid fhirUser user/*.rs")
     assert "client_secret" not in app
-    launch = stack.simulate_launch(agent, app["client_id"], study="tt-201", username="dr.okafor",
+    launch = stack.simulate_launch(agent, app["client_id"], study="tt-201",
                                    launch_url="https://sponsor.example/launch")
     redirect, verifier = stack.authorize(agent, app["client_id"], "launch openid fhirUser user/*.rs",
                                          launch=launch["launch"], redirect_uri="https://sponsor.example/cb")

@@ -22,7 +22,7 @@ SCOPE = "launch openid fhirUser offline_access patient/Observation.rs patient/Pa
 
 def _launch(stack, agent, scope=SCOPE, **context) -> dict:
     app = stack.register_public_app()
-    launch = stack.simulate_launch(agent, app["client_id"], username="dr.chen", **context)
+    launch = stack.simulate_launch(agent, app["client_id"], **context)
     redirect, verifier = stack.authorize(agent, app["client_id"], scope, launch=launch["launch"])
     return {"client_id": app["client_id"], **stack.exchange(app["client_id"], redirect["code"], verifier).json()}
 

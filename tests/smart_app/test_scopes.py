@@ -16,7 +16,9 @@ pytestmark = pytest.mark.unit
     ("patient/Observation.rs?category=laboratory", "patient/Observation.rs?category=laboratory"),
 ])
 def test_v1_and_v2_forms(text, v2):
-    assert parse_scope(text).text == v2
+    # Enforcement reads the v2 meaning; the text stays what was asked (a v1 request is granted as v1).
+    assert parse_scope(text).v2_text == v2
+    assert parse_scope(text).text == text
 
 
 @pytest.mark.parametrize("text", ["patient/Observation", "patient/Observation.x", "doctor/*.rs", "patient/obs.rs",
@@ -47,7 +49,18 @@ def test_scope_set_keeps_names_and_unknowns_apart():
 def test_within_grants_only_what_registration_covers():
     registered = parse_scopes("launch patient/*.rs user/Observation.cruds")
     asked = parse_scopes("launch openid patient/Observation.read user/Observation.write user/Patient.rs")
-    assert asked.within(registered).text == "launch patient/Observation.rs user/Observation.cud"
+    assert asked.within(registered).text == "launch patient/Observation.read user/Observation.write"
+    assert asked.within(registered).v2_text == "launch patient/Observation.rs user/Observation.cud"
+
+
+def test_cut_to_narrows_self_asserted_scopes_to_the_administrators_ceiling():
+    ceiling = parse_scopes("launch system/Observation.rs system/Patient.r")
+    asked = parse_scopes("launch openid system/*.cruds user/*.rs")
+    assert asked.cut_to(ceiling).text == "launch system/Observation.rs system/Patient.r"
+    # A v1 scope keeps its spelling when the ceiling leaves it whole, and is narrowed to v2 otherwise.
+    assert parse_scopes("patient/*.read").cut_to(parse_scopes("patient/*.cruds")).text == "patient/*.read"
+    assert parse_scopes("patient/*.*").cut_to(parse_scopes("patient/*.rs")).text == "patient/*.rs"
+    assert parse_scopes("system/*.cruds").cut_to(parse_scopes("user/*.cruds")).text == ""
 
 
 def test_granular_query_needs_matching_registration():

@@ -145,7 +145,8 @@ def test_stored_forecasts_are_not_read_back_as_data(store):
     observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, "Basic/x/_history/1", NOW)
     for obs in observations:
         store.update("Observation", obs["id"], obs)
-    untagged = {**observations[0], "id": "untagged-preliminary", "meta": {}}
+    # no meta at all (an empty "meta": {} is not valid R4 JSON)
+    untagged = {**{k: v for k, v in observations[0].items() if k != "meta"}, "id": "untagged-preliminary"}
     store.update("Observation", untagged["id"], untagged)
     stored = {o["id"] for o in store.search_all("Observation", [("subject", f"Patient/{pid}")])}
     assert {o["id"] for o in observations} <= stored  # they are there, just not read as data

@@ -1,0 +1,178 @@
+"""The one parser of FHIR request URLs that arrive inside data: Bundle ``entry.request.url``, ``ifNoneExist``.
+
+Authorization and storage must act on the same target, so both use :func:`parse_fhir_url` and
+nothing else; whatever it cannot read unambiguously is refused, never guessed at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from fhir_ops.validation import ID_PATTERN, is_resource_type
+
+#: longest URL accepted inside a Bundle entry (the HTTP layer bounds the request line the same way)
+MAX_URL_LENGTH = 8192
+
+
+class UrlError(ValueError):
+    """A URL that is not a readable FHIR request URL of this server; the message says why."""
+
+
+@dataclass(frozen=True)
+class FhirUrl:
+    """A parsed FHIR request URL relative to the server base.
+
+    ``query`` is None when the URL has no ``?``, else its parameters in order (possibly empty).
+    """
+
+    resource_type: str | None = None
+    resource_id: str | None = None
+    history: bool = False
+    version_id: str | None = None
+    operation: str | None = None
+    query: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def relative(self) -> str:
+        """The canonical relative form (``Observation/1/_history/2``, ``Patient?identifier=x``)."""
+        parts = [p for p in (self.resource_type, self.resource_id) if p]
+        if self.history:
+            parts.append("_history")
+            if self.version_id:
+                parts.append(self.version_id)
+        if self.operation:
+            parts.append(self.operation)
+        path = "/".join(parts)
+        return path if self.query is None else f"{path}?{urlencode(self.query)}"
+
+
+def _same_base(url: str, base: str) -> str | None:
+    """The part of absolute ``url`` after ``base`` (scheme and host compared case-insensitively), else None."""
+    u, b = urlsplit(url), urlsplit(base.rstrip("/"))
+    if (u.scheme.lower(), u.netloc.lower()) != (b.scheme.lower(), b.netloc.lower()):
+        return None
+    if u.path != b.path and not u.path.startswith(b.path + "/"):
+        return None
+    rest = u.path[len(b.path):].lstrip("/") if u.path.startswith(b.path + "/") else ""
+    if u.path.startswith(b.path + "//"):
+        return None  # an empty segment right after the base
+    return rest + (f"?{u.query}" if "?" in url else "")
+
+
+def parse_query(query: str) -> tuple[tuple[str, str], ...]:
+    """Parse a search query string strictly (``name=value`` pairs joined by ``&``)."""
+    if query == "":
+        return ()
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=200)
+    except ValueError as exc:
+        raise UrlError(f"malformed query {query!r}: {exc}") from None
+    if any(not name for name, _ in pairs):
+        raise UrlError(f"malformed query {query!r}: a parameter without a name")
+    return tuple(pairs)
+
+
+def parse_fhir_url(url, base: str | None = None) -> FhirUrl:
+    """Parse a FHIR request URL: relative to the server base, or absolute with the server's own base.
+
+    Parameters
+    ----------
+    url : str
+        ``Type``, ``Type/id``, ``Type/id/_history[/vid]``, ``Type/_history``, ``[Type[/id]/]$op``, each
+        optionally followed by ``?query``; or the same after this server's base.
+    base : str, optional
+        The server's FHIR base (``https://host/fhir``); without it absolute URLs are refused.
+
+    Raises
+    ------
+    UrlError
+        Empty segments (``Observation//1``), ``.`` / ``..``, an unknown resource type, an id that is
+        not a FHIR id, another server's base, a fragment, whitespace, or any other shape.
+
+    Examples
+    --------
+    >>> parse_fhir_url("Observation/o1").resource_id
+    'o1'
+    >>> parse_fhir_url("https://h/fhir/Patient/p1/_history/2", "https://h/fhir").relative
+    'Patient/p1/_history/2'
+    >>> parse_fhir_url("Observation//o1")
+    Traceback (most recent call last):
+    ...
+    fhir_ops.urls.UrlError: 'Observation//o1' has an empty path segment
+    """
+    if not isinstance(url, str) or not url:
+        raise UrlError("the url is empty or not a string")
+    if len(url) > MAX_URL_LENGTH:
+        raise UrlError(f"the url is longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 32 for ch in url) or "#" in url or "\\" in url:
+        raise UrlError(f"{url[:200]!r} contains whitespace, a control character, '\\' or a fragment")
+    relative = url
+    if "://" in url.split("?", 1)[0]:
+        if not base:
+            raise UrlError(f"{url[:200]!r} is absolute; only URLs relative to this server's base are accepted here")
+        rest = _same_base(url, base)
+        if rest is None:
+            raise UrlError(f"{url[:200]!r} is not on this server's base {base}")
+        relative = rest
+    elif relative.startswith("/"):
+        relative = relative[1:]  # "/Patient/1" is relative to the base as well
+    path, has_query, query = relative.partition("?")
+    segments = path.split("/") if path else []
+    if any(s == "" for s in segments):
+        raise UrlError(f"{url[:200]!r} has an empty path segment")
+    if any(s in (".", "..") or "%" in s for s in segments):
+        raise UrlError(f"{url[:200]!r} has a '.', '..' or percent-encoded path segment")
+    pairs = parse_query(query) if has_query else None
+    operation = segments.pop() if segments and segments[-1].startswith("$") else None
+    if operation is not None and (len(operation) < 2 or not operation[1:].replace("-", "").replace("_", "").isalnum()):
+        raise UrlError(f"{url[:200]!r}: {operation!r} is not an operation name")
+    if not segments:
+        return FhirUrl(operation=operation, query=pairs)
+    rtype = segments[0]
+    if not is_resource_type(rtype):
+        raise UrlError(f"{url[:200]!r} does not start with a resource type")
+    rest = segments[1:]
+    if not rest:
+        return FhirUrl(rtype, operation=operation, query=pairs)
+    if rest == ["_history"] and operation is None:
+        return FhirUrl(rtype, history=True, query=pairs)
+    rid = rest[0]
+    if not ID_PATTERN.match(rid):
+        raise UrlError(f"{url[:200]!r}: {rid!r} is not a FHIR id")
+    if len(rest) == 1:
+        return FhirUrl(rtype, rid, operation=operation, query=pairs)
+    if operation is None and rest[1] == "_history" and len(rest) <= 3:
+        vid = rest[2] if len(rest) == 3 else None
+        if vid is not None and not ID_PATTERN.match(vid):
+            raise UrlError(f"{url[:200]!r}: {vid!r} is not a version id")
+        return FhirUrl(rtype, rid, history=True, version_id=vid, query=pairs)
+    raise UrlError(f"{url[:200]!r} is not a FHIR interaction URL")
+
+
+def parse_condition(value, resource_type: str, base: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Parse a conditional-create/update condition (``If-None-Exist``, ``ifNoneExist``) for ``resource_type``.
+
+    Accepts a bare query (``identifier=sys|v``, optionally after ``?``) or a search URL of the same type
+    (``Patient?identifier=...``, relative or on this server's base, as some clients send).
+
+    Examples
+    --------
+    >>> parse_condition("identifier=s|1", "Patient")
+    (('identifier', 's|1'),)
+    >>> parse_condition("Patient?identifier=s|1", "Patient")
+    (('identifier', 's|1'),)
+    """
+    if not isinstance(value, str):
+        raise UrlError("the condition must be a string")
+    text = value.strip()
+    head = text.split("?", 1)[0]
+    if "?" in text and head and "=" not in head:
+        parsed = parse_fhir_url(text, base)
+        if parsed.resource_type != resource_type or parsed.resource_id or parsed.history or parsed.operation:
+            raise UrlError(f"condition {value[:200]!r} is not a search of {resource_type}")
+        pairs = parsed.query or ()
+    else:
+        pairs = parse_query(text.lstrip("?"))
+    if not pairs:
+        raise UrlError("the condition needs a search query such as identifier=system|value")
+    return pairs

@@ -1,0 +1,88 @@
+"""The one parser of URLs inside data (fhir_ops.urls) and the JSON bounds (fhir_ops.limits)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fhir_ops import limits
+from fhir_ops.errors import InvalidRequest
+from fhir_ops.urls import UrlError, parse_condition, parse_fhir_url
+
+pytestmark = pytest.mark.unit
+
+BASE = "https://h.example/fhir"
+
+
+@pytest.mark.parametrize("url,relative", [
+    ("Observation", "Observation"),
+    ("Observation/o-1", "Observation/o-1"),
+    ("/Observation/o-1", "Observation/o-1"),
+    ("Observation/o-1/_history/3", "Observation/o-1/_history/3"),
+    ("Observation/_history", "Observation/_history"),
+    ("Patient/p1/$simulate", "Patient/p1/$simulate"),
+    ("$lookup", "$lookup"),
+    ("Observation?code=a%7Cb&_count=2", "Observation?code=a%7Cb&_count=2"),
+    ("Observation?", "Observation?"),
+    (f"{BASE}/Observation/o-1", "Observation/o-1"),
+    ("HTTPS://H.EXAMPLE/fhir/Observation/o-1", "Observation/o-1"),
+])
+def test_readable_urls_parse_to_their_canonical_relative_form(url, relative):
+    assert parse_fhir_url(url, BASE).relative == relative
+
+
+@pytest.mark.parametrize("url", [
+    "", "Observation//o-1", "//Observation/o-1", "Observation/o-1/", "Observation/./o-1", "Observation/../o-1",
+    "Observation/%2e%2e", "Observation/o 1", " Observation", "Observation/o-1#x", "Observation\\o-1",
+    "Foo/1", "observation/1", "Observation/" + "x" * 65, "Observation/o-1/_history/3/4", "Observation/o-1/x",
+    "https://other.example/fhir/Observation/o-1", "https://h.example/fhirx/Observation/o-1",
+    "https://h.example/fhir//Observation/o-1", "https://h.example:444/fhir/Observation/o-1",
+    "Observation?a", "Observation?=1", "Observation/o-1/$", "x" * 9000,
+])
+def test_unreadable_urls_are_refused(url):
+    with pytest.raises(UrlError):
+        parse_fhir_url(url, BASE)
+
+
+def test_absolute_urls_need_the_server_base():
+    with pytest.raises(UrlError):
+        parse_fhir_url(f"{BASE}/Observation/o-1")
+
+
+@pytest.mark.parametrize("value,pairs", [
+    ("identifier=s|1", (("identifier", "s|1"),)),
+    ("?identifier=s|1", (("identifier", "s|1"),)),
+    ("Patient?identifier=s|1", (("identifier", "s|1"),)),
+    (f"{BASE}/Patient?identifier=http://s|1", (("identifier", "http://s|1"),)),
+    ("identifier=http://s|1&birthdate=2000", (("identifier", "http://s|1"), ("birthdate", "2000"))),
+])
+def test_conditions_read_as_a_search_of_the_type(value, pairs):
+    assert parse_condition(value, "Patient", BASE) == pairs
+
+
+@pytest.mark.parametrize("value", ["", "?", "Observation?code=x", "Patient/p1?x=1", "x", 5,
+                                   "https://other.example/fhir/Patient?identifier=1"])
+def test_bad_conditions_are_refused(value):
+    with pytest.raises(UrlError):
+        parse_condition(value, "Patient", BASE)
+
+
+def test_json_bounds():
+    assert limits.json_depth({"a": [1, {"b": [2]}]}) == 4
+    assert limits.loads(json.dumps(limits_nest(limits.MAX_JSON_DEPTH))) is not None
+    for raw in (json.dumps(limits_nest(limits.MAX_JSON_DEPTH + 1)), b"[" * 100_000 + b"]" * 100_000):
+        with pytest.raises(InvalidRequest) as err:
+            limits.loads(raw)
+        assert err.value.error_id == "json-too-deep"
+    for raw in (b"{", b'{"a": NaN}', b"[Infinity]", b"\xff", b'{"n": ' + b"9" * 5000 + b"}"):
+        with pytest.raises(InvalidRequest) as err:
+            limits.loads(raw)
+        assert err.value.error_id == "malformed-json"
+    assert limits.loads(b"[NaN]", allow_nan=True)
+
+
+def limits_nest(depth: int):
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
