@@ -72,6 +72,24 @@ def render_error(err: Exception) -> Response:
     return fhir_response(fe.to_outcome(), fe.status, fe.headers)
 
 
+_LANDING = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>TrialTwin</title></head>
+<body><h1>TrialTwin</h1>
+<p>FHIR-native patient digital twins for clinical trials.</p>
+<ul>
+<li><a href="{fhir}/metadata">FHIR R4 server</a> (CapabilityStatement, base <code>{fhir}</code>)</li>
+<li><a href="{fhir}/.well-known/smart-configuration">SMART configuration</a></li>
+<li><a href="app/">Clinician SMART app</a></li>
+</ul></body></html>
+"""
+
+
+def landing() -> Response:
+    """What a browser pointed at the server's root gets: where the FHIR base and the app are."""
+    prefix = (current_app.config.get("FHIR_PREFIX") or "").strip("/")
+    return Response(_LANDING.format(fhir=prefix), content_type="text/html; charset=utf-8")
+
+
 def strip_empty_content_type(response: Response) -> Response:
     """``after_request`` hook: an answer without a body (DELETE's 204, OPTIONS) names no content type."""
     if response.mimetype == "text/html" and not response.is_streamed and not response.get_data():
@@ -148,6 +166,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
     app.register_blueprint(rest.bp, url_prefix=app.config["FHIR_PREFIX"] or None)
+    if (app.config["FHIR_PREFIX"] or "").strip("/"):
+        app.add_url_rule("/", "landing", landing, methods=["GET"])
     from fhir_ops.operations import registry
 
     registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
@@ -159,4 +179,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Browser SMART apps on other origins read discovery, /metadata and every FHIR route (CORS_ORIGINS)
     prefix = re.escape((app.config["FHIR_PREFIX"] or "").rstrip("/"))
     cors.init_app(app, [rf"{prefix}(/.*)?\Z" if prefix else r"/.*"])
+    rest.capability_statement(app)  # at start-up, once configured; not on the first GET /metadata
     return app

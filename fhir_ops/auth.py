@@ -182,6 +182,12 @@ def _enforce():
     path = request.path[len(prefix):] if prefix and request.path.startswith(prefix) else request.path
     if request.method in ("GET", "HEAD") and PUBLIC_PATHS.match(path):
         return None
+    outside_base = bool(prefix) and not (request.path == prefix or request.path.startswith(prefix + "/"))
+    if outside_base and request.method in ("GET", "HEAD") and (
+            request.endpoint == "landing" or request.url_rule is None):
+        # Outside the FHIR base (``/``, ``/favicon.ico``) is no data: the landing page or a 404
+        # OperationOutcome, never a token challenge a browser cannot answer.
+        return None
     if request.method == "OPTIONS":
         return None
     access = _authenticate()
@@ -273,8 +279,47 @@ def _check_type_history(access, resource_type):
                          "scope", "history-needs-broad-scope")
 
 
+def _check_system_history(access):
+    from fhir_ops.validation import all_resource_types
+
+    # Every version of every type: only for a token that may read every type broadly.
+    hidden = [t for t in all_resource_types() if access.compartment_patient("read", t) is not None
+              or not access.can("read", t)]
+    if hidden:
+        raise _forbidden("system-level history spans every resource type and patient; it needs user/*.r or "
+                         "system/*.r", "history-needs-broad-scope")
+
+
+def _chained_targets(resource_type: str) -> list[str]:
+    """The resource types a chained search parameter of this request (``subject:Patient.gender``) searches."""
+    from fhir_ops.search.registry import search_parameter
+
+    names = list(request.args)
+    if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
+        names += list(request.form)  # POST _search carries its parameters in the body
+    targets: list[str] = []
+    for name in names:
+        if "." not in name:
+            continue
+        ref_name, _, type_modifier = name.partition(".")[0].partition(":")
+        pdef = search_parameter(resource_type, ref_name)
+        if type_modifier:
+            targets.append(type_modifier)
+        elif pdef is not None:
+            targets += list(pdef.targets)
+    return targets
+
+
 def _check_search(access, resource_type):
     patient = access.require("search", resource_type)
+    chained = _chained_targets(resource_type)
+    if chained and patient:
+        # A chain evaluates conditions on resources the compartment filter never sees (the performer,
+        # another Patient): each answer would leak a bit about them.
+        raise _forbidden("chained search parameters search beyond the patient's compartment; they need a user/ or "
+                         "system/ scope", "chain-needs-broad-scope")
+    for target in chained:
+        access.require("search", target)
     if not patient:
         return
     _check_type_allowed_for_patient(resource_type, patient)
@@ -504,6 +549,7 @@ _CHECKS = {
     "vread": _check_vread,
     "instance_history": _check_instance_history,
     "type_history": _check_type_history,
+    "system_history": _check_system_history,
     "search": _check_search,
     "create": _check_create,
     "update": _check_update,
@@ -552,7 +598,7 @@ def _redact(access, resource: dict) -> dict:
 
 
 #: endpoints whose 200 answers carry participant data straight from the store
-_FILTERED = ("search", "system_bundle", "instance_history", "type_history", "read", "vread")
+_FILTERED = ("search", "system_bundle", "instance_history", "type_history", "system_history", "read", "vread")
 
 
 def _filter_bundle(response: Response) -> Response:

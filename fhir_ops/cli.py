@@ -1,16 +1,14 @@
 """The ``trialtwin`` command line: one argparse program whose subcommands live in their own modules.
 
-A package adds a subcommand by adding ``(name, module)`` to ``COMMANDS``; the module provides
-``add_parser(subparsers)`` and ``run(args) -> int``.
+A package adds a subcommand by adding ``(name, module)`` to ``COMMANDS`` (and a line to ``SUMMARIES``
+for ``trialtwin --help``); the module provides ``add_parser(subparsers)`` and ``run(args) -> int``.
+Only the module of the command being run is imported, so ``trialtwin --help`` loads no numerics.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-
-from fhir_ops.errors import FhirError
 
 COMMANDS = [
     ("serve", "fhir_ops.commands.serve"),  # run the FHIR server (+ SMART apps when installed)
@@ -25,23 +23,59 @@ COMMANDS = [
     ("keys", "smart_app.cli_keys"),  # administrator: rotate and retire token-signing keys
 ]
 
+#: One line per command for the top-level help, which must not import the command modules.
+SUMMARIES = {
+    "serve": "run the FHIR server (and the SMART apps when installed)",
+    "demo": "create the demo study TT-201 if absent, then serve it",
+    "load": "load Bundles, resources and NDJSON files",
+    "train": "retrain a learned model (simulated data -> ONNX + metadata)",
+    "terminology": "maintain concept maps: import, diff, preview, publish, rollback",
+    "clients": "register, list and revoke SMART clients; mint registration tokens (administrator)",
+    "users": "add, list and remove users who sign in to the authorization server (administrator)",
+    "keys": "list, rotate and retire the token-signing keys (administrator)",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser.
+
+    Parameters
+    ----------
+    command : str, optional
+        Build only this subcommand's full parser (importing its module); the others are listed by
+        name and summary. None builds every subcommand in full.
+    """
     parser = argparse.ArgumentParser(prog="trialtwin", description="TrialTwin: FHIR-native patient digital twins "
                                      "for clinical trials.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS:
+        if command is not None and name != command:
+            subparsers.add_parser(name, help=SUMMARIES.get(name, ""), add_help=False)
+            continue
         module = importlib.import_module(module_name)
         sub = module.add_parser(subparsers)
         sub.set_defaults(_run=module.run)
     return parser
 
 
+def _command_in(argv: list[str]) -> str:
+    """The subcommand named in ``argv`` ("" when none is, e.g. ``trialtwin --help``)."""
+    names = {name for name, _ in COMMANDS}
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in names else ""
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trialtwin`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
+    import logging
+
+    from fhir_ops.errors import FhirError
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

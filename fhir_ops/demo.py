@@ -386,7 +386,7 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
                    "actuality": "actual", "event": _cc(SNOMED, code, display), "subject": _ref("Patient", pid),
                    "date": _instant(enroll_date + dt.timedelta(days=day), 14),
                    "seriousness": _cc("http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
-                                      "non-serious" if severity != "severe" else "serious",
+                                      "Non-serious" if severity != "severe" else "Serious",
                                       "Non-serious" if severity != "severe" else "Serious"),
                    "severity": _cc("http://terminology.hl7.org/CodeSystem/adverse-event-severity", severity,
                                    severity.capitalize()),

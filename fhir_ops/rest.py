@@ -156,10 +156,35 @@ def _operations_module():
         raise
 
 
+_CAPABILITY = "trialtwin.capability"
+
+
+def capability_statement(app=None) -> dict:
+    """The app's CapabilityStatement without its request-dependent ``implementation.url``.
+
+    Built once per app, by ``create_app`` at start-up: generating it imports every resource model
+    and operation (seconds), which must not land on the first client's ``GET /metadata``.
+    Callers get the shared dict and must copy what they change.
+    """
+    app = app or current_app
+    cached = app.extensions.get(_CAPABILITY)
+    if cached is None:
+        with app.app_context():
+            cached = app.extensions[_CAPABILITY] = _build_capability_statement()
+    return cached
+
+
 @bp.get("/metadata")
 def metadata():
-    """CapabilityStatement generated from the R4 definitions, the search registry and the operation registry."""
+    """The CapabilityStatement built at start-up, with this request's base URL."""
     _check_format()
+    capability = dict(capability_statement())
+    capability["implementation"] = {"description": "TrialTwin embedded FHIR R4 server", "url": _base()}
+    return fhir_response(capability)
+
+
+def _build_capability_statement() -> dict:
+    """CapabilityStatement generated from the R4 definitions, the search registry and the operation registry."""
     registry = _operations_module()
     resources = [dict(r) for r in _resource_capabilities()]  # copies: the cached tuple stays untouched
     operations: list[dict] = []
@@ -180,7 +205,9 @@ def metadata():
         rest["operation"] = operations
     # security.cors says whether a browser app on another origin may call this server (fhir_ops.cors)
     cors = bool(current_app.config.get("CORS_ORIGINS"))
-    if current_app.config.get("SMART_ISSUER"):
+    # Only a server that enforces SMART says so: ``--auth open`` ignores tokens, so advertising
+    # them would send clients through an authorization they do not need.
+    if current_app.config.get("AUTH_MODE", "smart") == "smart" and current_app.config.get("SMART_ISSUER"):
         from smart_app.discovery import capability_security
 
         security = capability_security({"ISSUER": current_app.config["SMART_ISSUER"], "CORS_ORIGINS": cors})
@@ -194,12 +221,11 @@ def metadata():
         "publisher": "TrialTwin",
         "kind": "instance",
         "software": {"name": "TrialTwin FHIR server", "version": "0.1.0"},
-        "implementation": {"description": "TrialTwin embedded FHIR R4 server", "url": _base()},
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
         "rest": [rest],
     }
-    return fhir_response(capability)
+    return capability
 
 
 @bp.get("/.well-known/smart-configuration")
@@ -401,8 +427,13 @@ def _search_with_shipped(store, resource_type: str, params: list[tuple[str, str]
                                total=None if result.total is None else result.total + len(extra))
 
 
-def _history_bundle(versions: list[dict]) -> dict:
+def _history_bundle(resource_type: str | None, resource_id: str | None) -> dict:
+    """One page of history (``_count``, ``_offset``) with the total and self/first/previous/next/last links."""
     base = _base()
+    count, offset = _count_arg(), _offset_arg()
+    store = get_store()
+    versions = store.history(resource_type, resource_id, count=count, offset=offset)
+    total = store.history_total(resource_type, resource_id)
     entries = []
     for v in versions:
         meta = v.get("meta") or {}
@@ -416,10 +447,36 @@ def _history_bundle(versions: list[dict]) -> dict:
         entry["response"] = {"status": "204 No Content" if deleted else ("201 Created" if method == "POST" else "200 OK"),
                              "etag": f'W/"{meta.get("versionId")}"', "lastModified": meta.get("lastUpdated")}
         entries.append(entry)
-    bundle = {"resourceType": "Bundle", "type": "history", "total": len(entries)}
+    path = "/".join(p for p in (resource_type, resource_id) if p)
+    here = f"{base}/{path}/_history" if path else f"{base}/_history"
+
+    def link(relation: str, at: int) -> dict:
+        query = [("_count", count)] if count is not None else []
+        return {"relation": relation, "url": f"{here}?{urlencode([*query, ('_offset', at)])}"}
+
+    links = [link("self", offset)]
+    if count:
+        links.append(link("first", 0))
+        if offset > 0:
+            links.append(link("previous", max(0, offset - count)))
+        if offset + count < total:
+            links.append(link("next", offset + count))
+        links.append(link("last", max(0, (total - 1) // count * count)))
+    bundle = {"resourceType": "Bundle", "type": "history", "total": total, "link": links}
     if entries:
         bundle["entry"] = entries
     return bundle
+
+
+def _offset_arg() -> int:
+    raw = request.args.get("_offset", "0")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InvalidRequest(f"_offset must be a non-negative integer, got {raw!r}", error_id="invalid-search-value")
+    return n
 
 
 def _count_arg() -> int | None:
@@ -435,11 +492,17 @@ def _count_arg() -> int | None:
     return n
 
 
+@bp.get("/_history")
+def system_history():
+    _check_format()
+    return fhir_response(_history_bundle(None, None))
+
+
 @bp.get("/<resource_type>/_history")
 def type_history(resource_type):
     _check_format()
     _check_type(resource_type)
-    return fhir_response(_history_bundle(get_store().history(resource_type, None, count=_count_arg())))
+    return fhir_response(_history_bundle(resource_type, None))
 
 
 # -- instance level ---------------------------------------------------------------------------------
@@ -483,7 +546,7 @@ def delete(resource_type, resource_id):
 def instance_history(resource_type, resource_id):
     _check_format()
     _check_type(resource_type)
-    return fhir_response(_history_bundle(get_store().history(resource_type, resource_id, count=_count_arg())))
+    return fhir_response(_history_bundle(resource_type, resource_id))
 
 
 @bp.get("/<resource_type>/<resource_id>/_history/<version_id>")

@@ -3,14 +3,15 @@
 # CI has no Docker engine, so this runs the same HAPI JPA server as a plain Java process on loopback.
 #
 #   scripts/hapi.sh build    build hapi/target/trialtwin-hapi.jar (offline when ~/.m2 has everything)
-#   scripts/hapi.sh start    build if needed, start in the background, wait until /fhir/metadata answers
-#   scripts/hapi.sh wait     wait until /fhir/metadata answers (HAPI_WAIT_S, default 180 s)
+#   scripts/hapi.sh start    build if needed, start in the background, wait until /fhir/metadata answers;
+#                            a start that does not answer in time kills its JVM and fails
+#   scripts/hapi.sh wait     wait until /fhir/metadata answers (HAPI_WAIT_S, default 600 s)
 #   scripts/hapi.sh status   print "running <url> HAPI FHIR <version>" or "stopped" (exit 1)
 #   scripts/hapi.sh stop     stop the server started by `start` (SIGTERM, then SIGKILL after 30 s)
 #
 # Environment: HAPI_PORT (8090), HAPI_DATA_DIR (data/hapi: pid file, log, H2 database),
 # HAPI_DB (file | mem; default file), HAPI_JAVA_OPTS (default sized for a 2-core machine shared
-# with the test run), HAPI_WAIT_S (180).
+# with the test run), HAPI_WAIT_S (600: a cold JVM on a busy 2-core machine has needed 170 s).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,7 +21,7 @@ JAR="$ROOT/hapi/target/trialtwin-hapi.jar"
 PID_FILE="$DATA_DIR/hapi.pid"
 LOG_FILE="$DATA_DIR/hapi.log"
 BASE_URL="http://127.0.0.1:$PORT/fhir"
-WAIT_S="${HAPI_WAIT_S:-180}"
+WAIT_S="${HAPI_WAIT_S:-600}"
 # 2 GiB heap is plenty for a test store; SerialGC and one C1-only compiler thread leave the second
 # core to the tests and shorten start-up (peak throughput matters little for a test store).
 JAVA_OPTS="${HAPI_JAVA_OPTS:--Xms256m -Xmx2g -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1 -Xss512k}"
@@ -42,6 +43,23 @@ running_pid() {
         return 0
     fi
     return 1
+}
+
+# True when anything at all listens on the port (a JVM still starting answers no HTTP yet).
+port_in_use() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null
+}
+
+# Stop one JVM we started: SIGTERM, then SIGKILL after 30 s.
+kill_jvm() {
+    local pid="$1"
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 1
+    done
+    echo "HAPI (pid $pid) ignored SIGTERM for 30 s; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
 }
 
 hapi_version() {
@@ -86,8 +104,11 @@ cmd_start() {
         cmd_wait
         return
     fi
-    if curl -sf --max-time 2 -o /dev/null "$BASE_URL/metadata"; then
-        echo "error: something not started by this script already answers on port $PORT" >&2
+    # Never test against a stranger: whatever holds the port (another HAPI, a JVM left by an
+    # interrupted run whose pid file is gone, any other program) is refused, not reused.
+    if port_in_use; then
+        echo "error: port $PORT is already in use by a process this script did not start" \
+             "(stop it, or choose another port with HAPI_PORT)" >&2
         return 1
     fi
     # Rebuild when the jar is missing or older than the sources (a stale jar would test old code).
@@ -105,9 +126,18 @@ cmd_start() {
     # shellcheck disable=SC2086  # JAVA_OPTS is a list of flags
     nohup java $JAVA_OPTS -jar "$JAR" \
         --server.port="$PORT" --trialtwin.hapi.jdbc-url="$jdbc" >"$LOG_FILE" 2>&1 &
-    echo $! >"$PID_FILE"
-    echo "started HAPI (pid $!), log $LOG_FILE"
-    cmd_wait
+    local pid=$!
+    echo "$pid" >"$PID_FILE"
+    echo "started HAPI (pid $pid), log $LOG_FILE"
+    # From here on a failed or interrupted start must not leave its JVM holding the port.
+    trap 'kill_jvm '"$pid"'; rm -f "$PID_FILE"; exit 130' INT TERM
+    if ! cmd_wait; then
+        echo "error: stopping the HAPI that failed to start (pid $pid)" >&2
+        kill_jvm "$pid"
+        rm -f "$PID_FILE"
+        return 1
+    fi
+    trap - INT TERM
     echo "start-up took $((SECONDS - t0)) s"
 }
 
@@ -127,14 +157,9 @@ cmd_stop() {
         echo "HAPI not running"
         return 0
     fi
-    kill -TERM "$pid"
-    for _ in $(seq 1 30); do
-        kill -0 "$pid" 2>/dev/null || { rm -f "$PID_FILE"; echo "stopped HAPI (pid $pid)"; return 0; }
-        sleep 1
-    done
-    echo "HAPI (pid $pid) ignored SIGTERM for 30 s; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
+    kill_jvm "$pid"
     rm -f "$PID_FILE"
+    echo "stopped HAPI (pid $pid)"
 }
 
 case "${1:-}" in

@@ -9,8 +9,8 @@ import time
 
 from urllib.parse import urlsplit
 
-from fhir_ops.commands.serve import (add_server_options, build_config, describe_store, is_loopback, public_base,
-                                     serve_forever)
+from fhir_ops.commands.serve import (add_server_options, build_config, check_port_free, describe_store, is_loopback,
+                                     public_base, serve_forever)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -68,6 +68,8 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.participants < 1:
         raise SystemExit("trialtwin demo: --participants must be at least 1")
+    if not args.no_serve:
+        check_port_free(args)  # before loading, not after minutes of it
     if not args.dev_launch_simulator and wants_dev_features(args):
         args.dev_launch_simulator = True
         print("trialtwin demo: serving on loopback, so development features are on: the EHR launch simulator and "

@@ -247,11 +247,10 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
 
 def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple[str, str]] = ()) -> int:
     """Compose the WSGI app, print the URLs and serve with waitress until interrupted."""
-    import waitress
-
     from fhir_ops.wsgi import create_wsgi
 
     wsgi = create_wsgi(config)
+    server = listen(wsgi, args)
     mode = config.get("AUTH_MODE", "smart")
     print(f"TrialTwin is running (authorization: {mode}"
           f"{'; FHIR requests need a SMART access token' if mode == 'smart' else '; loopback only'}):")
@@ -261,8 +260,52 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
     for label, url in [*urls(args, wsgi), *extra_urls]:
         print(f"  {label:36s} {url}")
     print("Press Ctrl+C to stop.", flush=True)
-    waitress.serve(wsgi, host=args.host, port=args.port, threads=args.threads)
+    try:
+        server.run()
+    finally:
+        server.close()
     return 0
+
+
+def _port_in_use(args: argparse.Namespace, exc: OSError) -> FhirError:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return FhirError(f"port {args.port} on {args.host} is already in use (another TrialTwin or another "
+                         f"program); stop it or choose another --port", status=409, code="conflict",
+                         error_id="port-in-use")
+    return FhirError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", status=500,
+                     code="exception", error_id="cannot-listen")
+
+
+def check_port_free(args: argparse.Namespace) -> None:
+    """Fail early (before minutes of demo loading) when ``--port`` cannot be bound; ``listen`` still decides."""
+    import socket
+
+    host = args.host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress binds
+        try:
+            probe.bind((host, args.port))
+        except OSError as exc:
+            raise _port_in_use(args, exc) from None
+
+
+def listen(wsgi, args: argparse.Namespace):
+    """Bind the waitress server to ``--host``/``--port`` before anything says the server is running.
+
+    Raises
+    ------
+    FhirError
+        ``port-in-use`` (or ``cannot-listen``) with the address, so the CLI prints one line and exits 1.
+    """
+    import waitress.server
+
+    try:
+        return waitress.server.create_server(wsgi, host=args.host, port=args.port, threads=args.threads)
+    except OSError as exc:
+        raise _port_in_use(args, exc) from None
 
 
 def run(args: argparse.Namespace) -> int:

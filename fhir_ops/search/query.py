@@ -270,6 +270,59 @@ def _value_condition(pdef, key: str, modifier: str | None, value: str, resource_
     return "value = ?", [value]
 
 
+def _chain(c: CompiledSearch, resource_type: str, raw_name: str, raw_value: str, strict: bool) -> None:
+    """One level of chained search: ``subject:Patient.gender=female`` or ``subject.gender=female``.
+
+    The reference parameter's targets (the type modifier, or else every target type that has the
+    chained parameter) are searched with the chained parameter; the outer resource matches when
+    its reference points at one of the hits. Chains of more than one level, and modifiers on the
+    chained parameter other than the ones plain searches support, are ignored (or refused when
+    strict) like any other unsupported parameter.
+    """
+    head, _, chained = raw_name.partition(".")
+    ref_name, _, type_modifier = head.partition(":")
+    chained_name, _, chained_modifier = chained.partition(":")
+    pdef = search_parameter(resource_type, ref_name)
+    if pdef is None or pdef.type != "reference":
+        _ignore_or_fail(c, raw_name, f"chains through {ref_name!r}, which is not a reference search parameter",
+                        strict)
+        return
+    if "." in chained:
+        _ignore_or_fail(c, raw_name, "chains more than one level, which is not supported", strict)
+        return
+    if type_modifier:
+        if pdef.targets and type_modifier not in pdef.targets:
+            _ignore_or_fail(c, raw_name, f"names type {type_modifier!r}, which {ref_name!r} cannot refer to", strict)
+            return
+        candidates = (type_modifier,)
+    else:
+        candidates = pdef.targets
+    targets = [(t, search_parameter(t, chained_name)) for t in candidates]
+    targets = [(t, d) for t, d in targets if d is not None and d.name not in ("_id", "_lastUpdated")]
+    if not targets:
+        _ignore_or_fail(c, raw_name, f"chains to {chained_name!r}, which is not a search parameter of "
+                                     f"{' or '.join(candidates) or 'its targets'}", strict)
+        return
+    if chained_modifier and (chained_modifier not in _MODIFIERS[targets[0][1].type]
+                             or chained_modifier in ("missing", "not")):
+        _ignore_or_fail(c, raw_name, f"uses modifier :{chained_modifier} on a chained parameter, which is not "
+                                     "supported", strict)
+        return
+    values = _split_values(raw_value)
+    if not values:
+        return
+    conds, args = [], []
+    for target, inner in targets:
+        inner_key = f"{target}.{inner.name}"
+        inner_conds = [_value_condition(inner, inner_key, chained_modifier or None, v, target) for v in values]
+        # Unqualified columns in the value conditions resolve to the innermost table (y), as in a plain search.
+        conds.append(f"(ttype = ? AND tid IN (SELECT t.id FROM resources t WHERE t.rid IN ("
+                     f"SELECT y.rid FROM {_TABLE[inner.type]} y WHERE y.param = ? AND ("
+                     + " OR ".join(f"({sql})" for sql, _ in inner_conds) + "))))")
+        args += [target, inner_key, *(a for _, xs in inner_conds for a in xs)]
+    c.sets.append(("idx_ref", f"{resource_type}.{ref_name}", " OR ".join(conds), args, "reference"))
+
+
 def _ignore_or_fail(c: CompiledSearch, raw_name: str, why: str, strict: bool) -> None:
     if strict:
         raise InvalidRequest(f"search parameter {raw_name!r} {why} for {c.resource_type}",
@@ -406,6 +459,9 @@ def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict:
                 _ignore_or_fail(c, raw_name, "has an unknown modifier", strict)
                 continue
             _include_spec(resource_type, raw_value, name == "_revinclude", strict, c, f"{raw_name}={raw_value}")
+            continue
+        if "." in raw_name:
+            _chain(c, resource_type, raw_name, raw_value, strict)
             continue
         pdef = search_parameter(resource_type, name)
         if pdef is None:

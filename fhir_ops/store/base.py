@@ -73,9 +73,14 @@ class Store(ABC):
         """Delete a resource (a new, deleted version appears in history; reads answer 410)."""
 
     @abstractmethod
-    def history(self, resource_type: str, resource_id: str | None = None, *,
-                count: int | None = None) -> list[dict]:
-        """Versions newest first: of one resource, or of a whole type when ``resource_id`` is None."""
+    def history(self, resource_type: str | None, resource_id: str | None = None, *,
+                count: int | None = None, offset: int = 0) -> list[dict]:
+        """Versions newest first: of one resource, of a whole type (``resource_id`` None), or of every
+        type (``resource_type`` None too); ``offset`` versions skipped, at most ``count`` returned."""
+
+    @abstractmethod
+    def history_total(self, resource_type: str | None, resource_id: str | None = None) -> int:
+        """How many versions :meth:`history` pages through (deleted versions included)."""
 
     @abstractmethod
     def search(self, resource_type: str, params: list[tuple[str, str]], *,

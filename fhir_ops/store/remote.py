@@ -241,19 +241,48 @@ class RemoteStore(Store):
         # (FHIR allows either); HAPI says so with 200 and SUCCESSFUL_DELETE_NOT_FOUND.
         self._send("DELETE", f"{resource_type}/{resource_id}")
 
-    def history(self, resource_type: str, resource_id: str | None = None, *,
-                count: int | None = None) -> list[dict]:
-        path = f"{resource_type}/{resource_id}/_history" if resource_id else f"{resource_type}/_history"
-        params = [("_count", str(count))] if count is not None else None
-        bundle = self._json(self._send("GET", path, params=params))
-        versions = []
-        for entry in bundle.get("entry", []):
-            if "resource" in entry:
-                versions.append(entry["resource"])
-            elif (entry.get("request") or {}).get("method") == "DELETE":
-                # A deleted version has no body; keep its place in history as a stub.
-                versions.append(self._deleted_stub(entry))
-        return versions
+    def history(self, resource_type: str | None, resource_id: str | None = None, *,
+                count: int | None = None, offset: int = 0) -> list[dict]:
+        # HAPI pages history with its own next links (no _offset): read pages until the window is covered.
+        offset = max(0, int(offset))
+        wanted = None if count is None else offset + int(count)
+        page = 1000 if wanted is None else max(1, min(wanted, 1000))
+        bundle = self._json(self._send("GET", self._history_path(resource_type, resource_id),
+                                       params=[("_count", str(page))]))
+        versions: list[dict] = []
+        while True:
+            for entry in bundle.get("entry", []):
+                if "resource" in entry:
+                    versions.append(entry["resource"])
+                elif (entry.get("request") or {}).get("method") == "DELETE":
+                    # A deleted version has no body; keep its place in history as a stub.
+                    versions.append(self._deleted_stub(entry))
+            following = next((l["url"] for l in bundle.get("link", []) if l.get("relation") == "next"), None)
+            if following is None or (wanted is not None and len(versions) >= wanted):
+                break
+            bundle = self._json(self._get_absolute(following))
+        return versions[offset:wanted]
+
+    def history_total(self, resource_type: str | None, resource_id: str | None = None) -> int:
+        bundle = self._json(self._send("GET", self._history_path(resource_type, resource_id),
+                                       params=[("_count", "1")]))
+        if isinstance(bundle.get("total"), int):
+            return bundle["total"]
+        return len(self.history(resource_type, resource_id))  # a server that does not count: count here
+
+    @staticmethod
+    def _history_path(resource_type: str | None, resource_id: str | None) -> str:
+        if resource_type is None:
+            return "_history"
+        return f"{resource_type}/{resource_id}/_history" if resource_id else f"{resource_type}/_history"
+
+    def _get_absolute(self, url: str) -> requests.Response:
+        """GET a paging link the server gave (absolute; it must be on this server's base)."""
+        if not url.startswith(self.base_url + "/") and url != self.base_url and not url.startswith(self.base_url + "?"):
+            raise FhirError(f"remote FHIR server {self.base_url} returned a paging link to another place: {url}",
+                            status=502, code="exception", error_id="store-bad-link")
+        path, _, query = url[len(self.base_url):].partition("?")
+        return self._send("GET", path.strip("/"), params=parse_qsl(query, keep_blank_values=True))
 
     @staticmethod
     def _deleted_stub(entry: dict) -> dict:

@@ -394,29 +394,17 @@ class SQLiteStore(Store):
         with self._write() as tx:
             self._delete_in(tx, resource_type, resource_id)
 
-    def history(self, resource_type: str, resource_id: str | None = None, *,
-                count: int | None = None) -> list[dict]:
+    def history(self, resource_type: str | None, resource_id: str | None = None, *,
+                count: int | None = None, offset: int = 0) -> list[dict]:
         """Versions newest first; a deleted version is a stub ``{resourceType, id, meta}`` tagged ``DELETED_TAG``."""
-        self._check_type(resource_type)
         limit = -1 if count is None else int(count)
+        sql, args = self._history_query(resource_type, resource_id)
+        # A total order, so that pages (offset, count) neither repeat nor skip a version.
+        order = "version DESC" if resource_id is not None else "lu_ts DESC, version DESC, type, id"
         with self._read() as conn:
-            if resource_id is not None:
-                row = conn.execute("SELECT rid FROM resources WHERE type = ? AND id = ?",
-                                   (resource_type, resource_id)).fetchone()
-                if row is None:
-                    raise NotFound(f"{resource_type}/{resource_id} does not exist", error_id="unknown-id")
-                sql = ("SELECT ?, ?, version, lu, deleted, json FROM ("
-                       "SELECT version, lu, lu_ts, deleted, json FROM resources WHERE rid = ? UNION ALL "
-                       "SELECT version, lu, lu_ts, deleted, json FROM history WHERE rid = ?) "
-                       "ORDER BY version DESC LIMIT ?")
-                rows = conn.execute(sql, (resource_type, resource_id, row[0], row[0], limit)).fetchall()
-            else:
-                sql = ("SELECT type, id, version, lu, deleted, json FROM ("
-                       "SELECT type, id, version, lu, lu_ts, deleted, json FROM resources WHERE type = ? UNION ALL "
-                       "SELECT r.type, r.id, h.version, h.lu, h.lu_ts, h.deleted, h.json FROM history h "
-                       "JOIN resources r ON r.rid = h.rid WHERE r.type = ?) "
-                       "ORDER BY lu_ts DESC, version DESC LIMIT ?")
-                rows = conn.execute(sql, (resource_type, resource_type, limit)).fetchall()
+            rows = conn.execute(f"SELECT type, id, version, lu, deleted, json FROM ({sql}) "
+                                f"ORDER BY {order} LIMIT ? OFFSET ?",
+                                (*args, limit, max(0, int(offset)))).fetchall()
         out = []
         for rtype, rid, version, lu, deleted, text in rows:
             if deleted:
@@ -425,6 +413,28 @@ class SQLiteStore(Store):
             else:
                 out.append(json.loads(text))
         return out
+
+    def history_total(self, resource_type: str | None, resource_id: str | None = None) -> int:
+        sql, args = self._history_query(resource_type, resource_id)
+        with self._read() as conn:
+            return int(conn.execute(f"SELECT count(*) FROM ({sql})", args).fetchone()[0])
+
+    def _history_query(self, resource_type: str | None, resource_id: str | None) -> tuple[str, tuple]:
+        """Every version (current and past) of the instance, type or whole store, as one UNION."""
+        current = "SELECT r.type, r.id, r.version, r.lu, r.lu_ts, r.deleted, r.json FROM resources r"
+        past = ("SELECT r.type, r.id, h.version, h.lu, h.lu_ts, h.deleted, h.json FROM history h "
+                "JOIN resources r ON r.rid = h.rid")
+        if resource_type is None:
+            return f"{current} UNION ALL {past}", ()
+        self._check_type(resource_type)
+        if resource_id is None:
+            return f"{current} WHERE r.type = ? UNION ALL {past} WHERE r.type = ?", (resource_type, resource_type)
+        with self._read() as conn:
+            row = conn.execute("SELECT rid FROM resources WHERE type = ? AND id = ?",
+                               (resource_type, resource_id)).fetchone()
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} does not exist", error_id="unknown-id")
+        return f"{current} WHERE r.rid = ? UNION ALL {past} WHERE h.rid = ?", (row[0], row[0])
 
     # -- search ---------------------------------------------------------------------------------------
     def search(self, resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> SearchResult:

@@ -54,7 +54,7 @@ def test_predictions_equal_in_process_ones(base_url, probe):
     r = requests.post(f"{base_url}/predict/dropout", json={"rows": rows.tolist()}, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert (body["model"], body["version"], body["provider"]) == ("dropout", "1.0.0", "CPUExecutionProvider")
+    assert (body["model"], body["version"], body["provider"]) == ("dropout", "1.0.1", "CPUExecutionProvider")
     svc = InferenceService(micro_batching=False, force_cpu=True)
     np.testing.assert_allclose(body["probabilities"], svc.predict("dropout", rows).probabilities, atol=1e-7)
     np.testing.assert_allclose(body["probabilities"], probe["p"][:50], atol=1e-6)
@@ -63,7 +63,7 @@ def test_predictions_equal_in_process_ones(base_url, probe):
 
 def test_rows_may_be_objects_keyed_by_feature(base_url, probe):
     rows = [dict(zip(FEATURE_NAMES, map(float, row))) for row in probe["x"][:3]]
-    r = requests.post(f"{base_url}/predict/dropout?version=1.0.0", json={"rows": rows}, timeout=10)
+    r = requests.post(f"{base_url}/predict/dropout?version=1.0.1", json={"rows": rows}, timeout=10)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probabilities"], probe["p"][:3], atol=1e-6)
 
@@ -90,13 +90,13 @@ def test_concurrent_http_requests_are_micro_batched(base_url, probe):
     m = requests.get(f"{base_url}/metrics", timeout=10).json()
     assert m["requests"] == n and m["max_batch_requests"] > 1 and m["batches"] < n
     assert m["providers_in_use"] == ["CPUExecutionProvider"]
-    assert "dropout-1.0.0" in m["loaded_models"] and m["latency_ms"]["p99"] > 0
+    assert "dropout-1.0.1" in m["loaded_models"] and m["latency_ms"]["p99"] > 0
 
 
 def test_models_endpoint(base_url):
     body = requests.get(f"{base_url}/models", timeout=10).json()
     (model,) = body["models"]
-    assert model["name"] == "dropout" and model["version"] == "1.0.0" and model["n_features"] == N_FEATURES
+    assert model["name"] == "dropout" and model["version"] == "1.0.1" and model["n_features"] == N_FEATURES
     assert model["sha256"] == default_registry().latest("dropout").metadata["sha256"]
 
 
@@ -159,9 +159,9 @@ def test_transport_errors_are_operation_outcomes(base_url):
 
 def test_tampered_model_is_a_server_error_not_a_prediction(tmp_path, probe):
     src = default_registry().latest("dropout")
-    for path in src.onnx_path.parent.glob("dropout-1.0.0.*"):
+    for path in src.onnx_path.parent.glob("dropout-1.0.1.*"):
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    onnx = tmp_path / "dropout-1.0.0.onnx"
+    onnx = tmp_path / "dropout-1.0.1.onnx"
     onnx.write_bytes(onnx.read_bytes() + b"\0")
     app = create_app({"MODELS_DIR": str(tmp_path), "FORCE_CPU": True, "AUTH_MODE": "open"})
     try:

@@ -60,7 +60,52 @@ def test_type_history_lists_versions_of_all_instances(fhir):
     fhir.put(f"Patient/{a['id']}", {**a, "gender": "male"})
     bundle = fhir.get("Patient/_history").json()
     assert bundle["total"] == 3
-    assert fhir.get("Patient/_history?_count=2").json()["total"] == 2
+    page = fhir.get("Patient/_history?_count=2").json()
+    assert page["total"] == 3 and len(page["entry"]) == 2  # the total counts every version, not the page
+
+
+def _walk_history(fhir, url):
+    """Follow next links from ``url``; return (every page's total, every entry's type/id/version)."""
+    totals, seen = [], []
+    while url:
+        page = fhir.get(url).json()
+        assert page["type"] == "history"
+        totals.append(page["total"])
+        seen += [(e["fullUrl"].rsplit("/", 2)[-2], e["fullUrl"].rsplit("/", 1)[-1],
+                  e["response"]["etag"]) for e in page.get("entry", [])]
+        links = {link["relation"]: link["url"] for link in page["link"]}
+        assert links["self"].startswith(fhir.base)
+        url = links.get("next")
+    return totals, seen
+
+
+@pytest.mark.parametrize("level", ["system", "type", "instance"])
+def test_history_pages_with_next_links_and_the_full_total(fhir, level):
+    # HAPI's client and fhirpy page with _count and follow next; 12 versions must come back in 3 pages.
+    a = fhir.post("Patient", patient("A")).json()
+    for gender in ("male", "female", "other", "unknown", "male", "female", "other"):
+        fhir.put(f"Patient/{a['id']}", {**a, "gender": gender})
+    fhir.post("Patient", patient("B"))
+    obs = fhir.post("Observation", {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}).json()
+    fhir.put(f"Observation/{obs['id']}", {**obs, "status": "amended"})
+    fhir.delete(f"Observation/{obs['id']}")
+    expected = {"system": 12, "type": 9, "instance": 8}[level]
+    path = {"system": "_history", "type": "Patient/_history", "instance": f"Patient/{a['id']}/_history"}[level]
+    totals, seen = _walk_history(fhir, f"{path}?_count=5")
+    assert totals == [expected] * -(-expected // 5)  # every page says the full total
+    assert len(seen) == len(set(seen)) == expected  # no version repeated or skipped across pages
+    everything = fhir.get(path).json()
+    assert [(e["fullUrl"].rsplit("/", 2)[-2], e["fullUrl"].rsplit("/", 1)[-1], e["response"]["etag"])
+            for e in everything["entry"]] == seen  # paging keeps the newest-first order
+    last = fhir.get(f"{path}?_count=5&_offset=10").json()
+    assert {link["relation"] for link in last["link"]} >= {"self", "first", "previous", "last"}
+    assert "next" not in {link["relation"] for link in last["link"]} or expected > 15
+
+
+@pytest.mark.parametrize("query", ["_count=-1", "_offset=-5", "_offset=x"])
+def test_history_paging_parameters_are_checked(fhir, query):
+    bad = fhir.get(f"_history?{query}")
+    assert bad.status_code == 400 and error_id(bad) == "invalid-search-value"
 
 
 def test_update_creates_a_new_id_and_deleted_resource_can_come_back(fhir):
@@ -94,6 +139,27 @@ def test_if_none_exist_with_zero_one_and_two_matches(fhir):
                           headers={"If-None-Exist": "identifier=urn:trial:TT-201|S-001"})
     assert ambiguous.status_code == 412 and error_id(ambiguous) == "multiple-matches"
     assert fhir.get("Patient?_summary=count").json()["total"] == 2
+
+
+@pytest.mark.parametrize("spelling", ["{base}/Patient?identifier=urn:trial:TT-201|S-002",  # HAPI's Java client
+                                      "Patient?identifier=urn:trial:TT-201|S-002",
+                                      "?identifier=urn:trial:TT-201|S-002"])
+def test_if_none_exist_accepts_the_absolute_and_type_qualified_spellings(fhir, spelling):
+    ident = {"identifier": [{"system": "urn:trial:TT-201", "value": "S-002"}]}
+    header = {"If-None-Exist": spelling.format(base=fhir.base)}
+    first = fhir.post("Patient", patient(**ident), headers=header)
+    again = fhir.post("Patient", patient(**ident), headers=header)
+    assert (first.status_code, again.status_code) == (201, 200) and again.json()["id"] == first.json()["id"]
+    assert fhir.get("Patient?_summary=count").json()["total"] == 1
+
+
+@pytest.mark.parametrize("spelling", ["http://elsewhere.example/fhir/Patient?identifier=a|b",
+                                      "{base}/Observation?identifier=a|b", "Observation?identifier=a|b",
+                                      "{base}/Patient?"])
+def test_if_none_exist_on_another_server_or_type_is_refused(fhir, spelling):
+    refused = fhir.post("Patient", patient(), headers={"If-None-Exist": spelling.format(base=fhir.base)})
+    assert refused.status_code == 400 and error_id(refused) == "invalid-condition"
+    assert fhir.get("Patient?_summary=count").json()["total"] == 0  # nothing written
 
 
 def test_prefer_return_minimal_and_operation_outcome(fhir):

@@ -97,6 +97,36 @@ def test_reference_search_forms(loaded):
     assert total(fhir, f"ResearchSubject?individual={pids[7]}") == 1
 
 
+def test_chained_search_one_level_typed_and_untyped(loaded):
+    # What fhirpy and HAPI's client emit: Observation?subject:Patient.gender=female
+    fhir, pids, meta = loaded
+    female = sum(1 for m in meta if m["patient"] % 2 == 0)
+    assert 0 < female < len(meta)
+    assert total(fhir, "Observation?subject:Patient.gender=female") == female
+    assert total(fhir, "Observation?subject.gender=female") == female  # Patient is the only target with gender
+    assert total(fhir, "Observation?patient.gender=male") == len(meta) - female
+    smithers = {i for i in range(N_PATIENTS) if FAMILIES[i % len(FAMILIES)] == "Smithers"}
+    assert total(fhir, "Observation?subject:Patient.name:exact=Smithers") == sum(m["patient"] in smithers for m in meta)
+    hba1c_female = sum(1 for m in meta if m["patient"] % 2 == 0 and m["code"] == "4548-4")
+    assert total(fhir, f"Observation?subject:Patient.gender=female&code={LOINC}|4548-4") == hba1c_female
+    assert total(fhir, "ResearchSubject?study:ResearchStudy.identifier=urn:studies|TT-201") == N_PATIENTS
+    assert total(fhir, "ResearchSubject?study:ResearchStudy.identifier=urn:studies|TT-999") == 0
+
+
+@pytest.mark.parametrize("query", ["Observation?subject:Patient.shoe-size=42",  # unknown chained parameter
+                                   "Observation?subject:Patient.organization.name=x",  # two levels
+                                   "Observation?code:Patient.gender=female"])  # not a reference
+def test_unsupported_chains_are_refused_when_strict_and_warned_otherwise(loaded, query):
+    fhir, _, meta = loaded
+    strict = fhir.get(query, headers={"Prefer": "handling=strict"})
+    assert strict.status_code == 400 and error_id(strict) == "unknown-search-parameter"
+    lenient = fhir.get(query).json()
+    assert lenient["total"] == len(meta)  # the condition was dropped, and the answer says so
+    outcome = [e["resource"] for e in lenient["entry"] if e["search"]["mode"] == "outcome"]
+    assert outcome and outcome[0]["issue"][0]["severity"] == "warning"
+    assert query.split("?")[1].split("=")[0] in outcome[0]["issue"][0]["diagnostics"]
+
+
 def test_token_search_forms(loaded):
     fhir, _, meta = loaded
     for code in CODES:

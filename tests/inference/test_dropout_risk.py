@@ -31,7 +31,7 @@ def test_probabilities_equal_the_service_on_the_same_features(service):
     X = np.vstack([dropout_features(p, 77) for p in people])
     np.testing.assert_allclose([r.probability for r in risks], service.predict("dropout", X).probabilities)
     assert [r.participant_id for r in risks] == ["p0", "p1", "p2", "p3"]
-    assert all(r.next_visit_day == 84 and r.model == "dropout" and r.version == "1.0.0" for r in risks)
+    assert all(r.next_visit_day == 84 and r.model == "dropout" and r.version == "1.0.1" for r in risks)
     assert all(r.flagged == (r.probability >= 0.8) for r in risks)
 
 

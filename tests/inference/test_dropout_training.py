@@ -86,6 +86,31 @@ def test_onnx_matches_sklearn_within_1e5(tmp_path):
     np.testing.assert_allclose(onnx_p, pipe.predict_proba(X_eval), atol=1e-5, rtol=0)
 
 
+def test_fit_reaches_the_optimum_of_the_penalized_likelihood():
+    # Independent of scikit-learn's stopping rule: at the optimum of
+    #   sum_i logloss(y_i, w.z_i + b) + ||w||^2 / (2C)    (C = 1, intercept unpenalized)
+    # the gradient, computed here with numpy in float64, vanishes.
+    X, y = simulate_dataset(800, seed=21)
+    pipe = fit_model(X, y)
+    scaler, logreg = pipe[0], pipe[-1]
+    z = (X.astype(float) - scaler.mean_) / scaler.scale_
+    w, b = logreg.coef_[0], logreg.intercept_[0]
+    residual = expit(z @ w + b) - y
+    grad_w, grad_b = z.T @ residual + w, residual.sum()
+    scale = np.abs(z.T @ y.astype(float)).max()  # size of the gradient's terms
+    assert np.abs(grad_w).max() / scale < 1e-9 and abs(grad_b) / y.size < 1e-9
+
+
+def test_fit_does_not_depend_on_the_order_of_floating_point_sums():
+    # Permuting the rows changes the order of every sum the solver and BLAS compute, as another
+    # machine's BLAS (or thread count) does; the predictions must not move at the 1e-6 scale.
+    X, y = simulate_dataset(800, seed=22)
+    order = np.random.default_rng(0).permutation(len(y))
+    a = fit_model(X, y).predict_proba(X)[:, 1]
+    b = fit_model(X[order], y[order]).predict_proba(X)[:, 1]
+    np.testing.assert_allclose(a, b, atol=1e-9, rtol=0)
+
+
 def test_committed_model_is_the_logistic_model_its_metadata_describes(committed, fresh_holdout):
     # Independent numpy evaluation of StandardScaler -> LogisticRegression from the stored coefficients.
     est = committed.metadata["estimator"]

@@ -48,13 +48,13 @@ def test_concurrent_requests_are_batched_and_answered_correctly(service, probe):
     assert errors == [None] * 16
     for i, r in enumerate(results):
         np.testing.assert_allclose(r.probabilities, expected[4 * i:4 * i + 4], atol=1e-6)
-        assert (r.model, r.version, r.provider) == ("dropout", "1.0.0", "CPUExecutionProvider")
+        assert (r.model, r.version, r.provider) == ("dropout", "1.0.1", "CPUExecutionProvider")
     m = service.metrics()
     assert m["requests"] == 16 and m["rows"] == 64 and m["errors"] == 0
     assert m["max_batch_requests"] > 1 and m["batches"] < 16
     assert sum(int(k) * v for k, v in m["batch_size_requests"].items()) == 16
     assert m["providers_in_use"] == ["CPUExecutionProvider"]
-    assert m["loaded_models"]["dropout-1.0.0"]["sha256"] == default_registry().latest("dropout").metadata["sha256"]
+    assert m["loaded_models"]["dropout-1.0.1"]["sha256"] == default_registry().latest("dropout").metadata["sha256"]
     assert m["latency_ms"]["p50"] <= m["latency_ms"]["p99"] <= m["latency_ms"]["max"]
     assert sum(m["latency_ms"]["histogram"].values()) == 16
 

@@ -56,7 +56,7 @@ def test_serve_writes_through_to_hapi(hapi, tmp_path):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}/fhir"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # generous: a busy CI machine
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
@@ -64,7 +64,7 @@ def test_serve_writes_through_to_hapi(hapi, tmp_path):
                     break
             except requests.RequestException:  # not listening yet, or the first answer is slow under load
                 pass
-            assert time.monotonic() < deadline, "trialtwin serve did not answer within 60 s"
+            assert time.monotonic() < deadline, "trialtwin serve did not answer within 300 s"
             time.sleep(0.3)
         tag = uuid.uuid4().hex
         created = requests.post(f"{base}/Patient", json={"resourceType": "Patient", "identifier": [

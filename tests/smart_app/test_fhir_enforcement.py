@@ -148,6 +148,31 @@ def test_patient_token_search_is_confined_to_the_compartment(combined, p1_read, 
     assert call("GET", f"{combined.fhir}/ResearchStudy", p1_read).status_code == 403
 
 
+def test_chained_search_needs_a_broad_scope_on_every_type_it_searches(combined, p1_read, system_read, system_write):
+    # A chain evaluates its condition on resources outside the compartment filter's reach.
+    for params in ({"subject:Patient.gender": "female"}, {"performer.name": "x"}):
+        refused = call("GET", f"{combined.fhir}/Observation", p1_read, params=params)
+        assert refused.status_code == 403 and outcome_id(refused) == "chain-needs-broad-scope"
+    posted = call("POST", f"{combined.fhir}/Observation/_search", p1_read, data={"subject:Patient.gender": "female"},
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert posted.status_code == 403 and outcome_id(posted) == "chain-needs-broad-scope"
+    broad = call("GET", f"{combined.fhir}/Observation", system_read,
+                 params={"subject:Patient.gender": "female", "_summary": "count"})
+    assert broad.status_code == 200 and broad.json()["total"] > 0
+    # system/Observation + system/Patient: a chain to Practitioner (performer) is outside the scopes
+    outside = call("GET", f"{combined.fhir}/Observation", system_write, params={"performer:Practitioner.name": "x"})
+    assert outside.status_code == 403 and outcome_id(outside) == "insufficient-scope"
+
+
+def test_system_history_needs_read_on_every_type_broadly(combined, p1_read, system_read, system_write):
+    for token in (p1_read, system_write):  # a patient's compartment; or system scopes on a few types only
+        refused = call("GET", f"{combined.fhir}/_history", token, params={"_count": 5})
+        assert refused.status_code == 403 and outcome_id(refused) == "history-needs-broad-scope"
+    page = call("GET", f"{combined.fhir}/_history", system_read, params={"_count": 5})
+    assert page.status_code == 200 and len(page.json()["entry"]) == 5 and page.json()["total"] > 5
+    assert any(link["relation"] == "next" for link in page.json()["link"])
+
+
 def test_read_only_token_cannot_write(combined, p1_read):
     response = call("POST", f"{combined.fhir}/Observation", p1_read, json=observation(P1))
     assert response.status_code == 403 and outcome_id(response) == "insufficient-scope"

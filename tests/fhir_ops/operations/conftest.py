@@ -114,7 +114,8 @@ def test_operations():
         registry.unregister(code)
 
 
-def wait_for(predicate, timeout: float = 5.0):
+def wait_for(predicate, timeout: float = 300.0):
+    """Poll ``predicate`` until it is truthy; the deadline is generous because CI machines may be busy."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()

@@ -235,7 +235,7 @@ def test_async_cohort_simulation_reports_progress_and_result(twin_server):
     status_url = resp.headers["Content-Location"]
     assert "/_jobs/" in status_url
     progress, final = [], None
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline:
         poll = requests.get(status_url, timeout=30)
         if poll.status_code == 202:
@@ -255,25 +255,33 @@ def test_async_cohort_simulation_reports_progress_and_result(twin_server):
 
 
 def test_async_job_can_be_cancelled(twin_server):
-    base, _ = twin_server
+    from fhir_ops import jobs
+
+    base, app = twin_server
     gid = _virtual_group(base, 100_000)
     resp = simulate(base, f"Group/{gid}", params(horizonDays=365, stepHours=168),
                     headers={"Prefer": "respond-async"})
     assert resp.status_code == 202
     status_url = resp.headers["Content-Location"]
+    job = jobs.manager(app).get(status_url.rstrip("/").rsplit("/", 1)[-1])  # cancelling forgets it
     cancelled = requests.delete(status_url, timeout=30)
     assert cancelled.status_code == 202
     assert "cancelled" in issue_text(cancelled)
     gone = requests.get(status_url, timeout=30)
     assert gone.status_code == 404 and error_id(gone) == "unknown-job"
-    # The single job worker is free again at once: the cancelled run stopped at its next chunk of
-    # 1000 participants (uncancelled, 100,000 participant-years take several seconds here).
+    # The worker stops the cancelled run at its next chunk of 1000 participants (of 100): it ends as
+    # cancelled, short of the whole cohort. Judged by state and progress, not by a clock: CI may be busy.
+    deadline = time.monotonic() + 600
+    while not job.done:
+        assert time.monotonic() < deadline, "the cancelled job never stopped"
+        time.sleep(0.05)
+    assert job.state == "cancelled" and (job.fraction or 0.0) < 1.0, (job.state, job.fraction)
+    # ... and the single job worker then takes the next job.
     small = _virtual_group(base, 30)
-    started = time.time()
     follow = simulate(base, f"Group/{small}", params(horizonDays=7), headers={"Prefer": "respond-async"})
     url = follow.headers["Content-Location"]
     while requests.get(url, timeout=30).status_code == 202:
-        assert time.time() - started < 1.5, "the cancelled job kept the worker busy"
+        assert time.monotonic() < deadline, "the job after a cancelled one never finished"
         time.sleep(0.05)
     assert requests.get(url, timeout=30).status_code == 200
 

@@ -45,6 +45,22 @@ def test_update_versions_and_vread(store):
     assert [v["meta"]["versionId"] for v in versions] == [res2["meta"]["versionId"], res["meta"]["versionId"]]
 
 
+def test_history_pages_by_offset_and_counts_every_version(store):
+    res = store.create(patient(_tag())).resource
+    for gender in ("male", "female", "other", "unknown", "male", "female"):
+        store.update("Patient", res["id"], {**res, "gender": gender})
+    store.delete("Patient", res["id"])
+    everything = [v["meta"]["versionId"] for v in store.history("Patient", res["id"])]
+    assert len(everything) == 8 and store.history_total("Patient", res["id"]) == 8
+    pages = [store.history("Patient", res["id"], count=3, offset=at) for at in (0, 3, 6)]
+    assert [len(p) for p in pages] == [3, 3, 2]
+    assert [v["meta"]["versionId"] for p in pages for v in p] == everything  # newest first, nothing twice
+    assert store.history("Patient", res["id"], count=3, offset=9) == []
+    # the whole store's history counts at least this resource's versions (a shared server holds more)
+    assert store.history_total(None) >= store.history_total("Patient") >= 8
+    assert len(store.history(None, count=4)) == 4
+
+
 def test_update_as_create_with_client_id(store):
     rid = f"c-{_tag()}"
     result = store.update("Patient", rid, {**patient(rid), "id": rid})
