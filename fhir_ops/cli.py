@@ -27,7 +27,9 @@ COMMANDS = [
 SUMMARIES = {
     "serve": "run the FHIR server (and the SMART apps when installed)",
     "demo": "create the demo study TT-201 if absent, then serve it",
-    "load": "load Bundles, resources and NDJSON files",
+    "load": "load Bundles, resources, NDJSON files and NONMEM data sets (--format nonmem)",
+    "model": "validate a twin model definition, or publish it as a Library (optionally a study's model)",
+    "export": "write a study out as a NONMEM-format data set",
     "train": "retrain a learned model (simulated data -> ONNX + metadata)",
     "terminology": "maintain concept maps: import, diff, preview, publish, rollback",
     "clients": "register, list and revoke SMART clients; mint registration tokens (administrator)",
