@@ -31,6 +31,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--data-dir", default=None,
                        help=f"embedded store directory (default {DEFAULT_DATA_DIR})")
     where.add_argument("--url", help="base URL of a running FHIR server (e.g. http://127.0.0.1:8080/fhir)")
+    parser.add_argument("--format", choices=("fhir", "nonmem"), default="fhir",
+                        help="fhir (default): Bundles, resources, NDJSON; nonmem: NONMEM-format CSV data sets "
+                             "(needs --mapping)")
+    parser.add_argument("--mapping", metavar="MAP.json",
+                        help="with --format nonmem: what compartments and columns mean (codes, units, study)")
     parser.add_argument("--batch-size", type=int, default=1000, help="NDJSON lines per transaction (default 1000)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes loading NDJSON batches in parallel (default 1; e.g. the number of cores)")
@@ -504,11 +509,59 @@ class Loader:
         return report
 
 
+def load_nonmem(target, path: str, mapping: dict) -> FileReport:
+    """Load a NONMEM data set: the whole file is checked first (nothing stored when a row is bad),
+    then the ResearchStudy, then one transaction per subject."""
+    from fhir_ops.mapping import nonmem
+
+    report = FileReport(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        report.error = f"cannot read: {exc}"
+        return report
+    try:
+        subjects = nonmem.parse(text, mapping)
+    except nonmem.NonmemError as exc:
+        report.error = "nothing loaded:\n  " + "\n  ".join(exc.problems)
+        return report
+    bundles = [("ResearchStudy", {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "resource": nonmem.study_resource(mapping, [s.arm for s in subjects if s.arm]),
+        "request": {"method": "PUT", "url": f"ResearchStudy/{mapping['study']['id']}"}}]})]
+    bundles += [(f"ID {s.id} (line {s.first_line})", nonmem.subject_bundle(s, mapping)) for s in subjects]
+    for part, bundle in bundles:
+        try:
+            response = target.submit(bundle)
+        except (LoadError, FhirError) as exc:
+            report.error = f"{part}: rejected ({getattr(exc, 'message', exc)}); subjects before it are loaded"
+            return report
+        failures = _failed_entries(response)
+        if failures:
+            report.error = f"{part}: {'; '.join(failures[:3])}"
+            return report
+        report.loaded += len(bundle["entry"])
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequest("--batch-size must be at least 1")
     if args.workers < 1:
         raise InvalidRequest("--workers must be at least 1")
+    mapping = None
+    if getattr(args, "format", "fhir") == "nonmem":
+        if not args.mapping:
+            raise InvalidRequest("--format nonmem needs --mapping MAP.json (codes, units and study of the data set)")
+        try:
+            with open(args.mapping, encoding="utf-8") as fh:
+                mapping = json.load(fh)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {args.mapping}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{args.mapping}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    elif args.mapping:
+        raise InvalidRequest("--mapping applies to --format nonmem")
     data_dir = os.path.abspath(args.data_dir or DEFAULT_DATA_DIR)
     token = getattr(args, "token", None)
     target = HttpTarget(args.url, token) if args.url else StoreTarget(data_dir)
@@ -516,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     try:
         for path in args.files:
-            report = loader.load_file(path)
+            report = load_nonmem(target, path, mapping) if mapping is not None else loader.load_file(path)
             skipped = (f"; {report.skipped_lines} lines already stored by an earlier run"
                        if report.skipped_lines else "")
             if report.error:
