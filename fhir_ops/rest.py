@@ -273,6 +273,15 @@ def system_bundle():
                              error_id="invalid-bundle", expression=["resourceType"])
     store = get_store()
     kind = bundle.get("type")
+    if kind not in ("transaction", "batch"):
+        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {str(kind)[:100]!r}",
+                             error_id="invalid-bundle", expression=["Bundle.type"])
+    # The entries exactly as the authorization check read them (one parse, fhir_ops.urls): the store
+    # executes their canonical form, so the check and the write cannot disagree on a target.
+    bundle = canonical_bundle(bundle, auth.bundle_entries(bundle))
+    _refuse_shipped_writes(bundle)
+    # A twin model definition (Library) in an entry is checked before anything is stored. The
+    # entries are well-formed here: canonical_bundle refused any that were not.
     from fhir_ops.mapping.model_definition import check_library
 
     for i, entry in enumerate(bundle.get("entry") or []):
@@ -282,13 +291,6 @@ def system_bundle():
             except FhirError as exc:
                 exc.message = f"Bundle.entry[{i}]: {exc.message}"
                 raise
-    if kind not in ("transaction", "batch"):
-        raise InvalidRequest(f"Bundle.type must be transaction or batch, got {str(kind)[:100]!r}",
-                             error_id="invalid-bundle", expression=["Bundle.type"])
-    # The entries exactly as the authorization check read them (one parse, fhir_ops.urls): the store
-    # executes their canonical form, so the check and the write cannot disagree on a target.
-    bundle = canonical_bundle(bundle, auth.bundle_entries(bundle))
-    _refuse_shipped_writes(bundle)
     # incoming local codes get their standard coding and canonical unit before anything is stored
     warnings: dict = {}
     harmonizer = _harmonizer(store)

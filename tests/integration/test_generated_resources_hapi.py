@@ -50,6 +50,8 @@ GENERATED = [
     ("Provenance", SD + "twin-provenance", "$estimate-effect"),
     ("MeasureReport", SD + "enrollment-forecast", "$forecast-enrollment"),
     ("Provenance", SD + "twin-provenance", "$forecast-enrollment"),
+    ("Library", SD + "twin-model-definition", "model publish"),
+    ("Library", SD + "population-estimate", "$fit-population"),
 ]
 
 
@@ -158,6 +160,16 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         assert forecast.status_code == 200, forecast.text[:500]
         out[_key(GENERATED[15])] = _get(client, _value(forecast.json(), "measureReport")["reference"])
         out[_key(GENERATED[16])] = _get(client, _value(forecast.json(), "provenance")["reference"])
+
+        # a published twin model definition and the population estimate $fit-population stores
+        from tests.fhir_ops.operations.test_fit_population import load_theoph
+        load_theoph(client.base)
+        definitions = client.get("Library", params={"_profile": SD + "twin-model-definition"}).json()
+        out[_key(GENERATED[17])] = definitions["entry"][0]["resource"]
+        fitted = client.post("ResearchStudy/theoph/$fit-population", {"resourceType": "Parameters", "parameter": [
+            {"name": "vpcReplicates", "valueInteger": 10}]})
+        assert fitted.status_code == 200, fitted.text[:500]
+        out[_key(GENERATED[18])] = _get(client, _value(fitted.json(), "estimate")["reference"])
         client.http.close()
     app.extensions["trialtwin.store"].close()
     return out
