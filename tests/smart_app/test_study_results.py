@@ -186,3 +186,19 @@ def test_the_results_panels_render_at_400_px(browser, served):  # noqa: F811
         page.locator("#effects").screenshot(path=str(ARTIFACTS / "study-effects-400.png"))
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    """The same server, but the clinician app asks no read of DocumentReference."""
+    from smart_app.app import SCOPES
+
+    yield from combined_server(tmp_path_factory, SCOPES=SCOPES.replace(" user/DocumentReference.rs", ""))
+
+
+@pytest.mark.api
+def test_a_token_that_may_not_read_the_reports_gets_a_plain_sentence_and_the_rest_of_the_page(narrow):
+    html = _study_page(narrow, "tt-201").text
+    assert "Not allowed with this launch&#39;s access token to read the study&#39;s effect reports." in html
+    assert "HTTP 403" not in html and "<iframe" not in html
+    assert "Enrolment by arm" in html  # the rest of the view still renders
