@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from fhir_ops import limits
 from fhir_ops.errors import FhirError, InvalidRequest
+from fhir_ops.json_codec import dumps_bytes
 from fhir_ops.store.base import Store
 
 FHIR_JSON = "application/fhir+json"
@@ -32,7 +32,7 @@ _HTTP_ISSUES = {
 
 def fhir_response(body: dict | None, status: int = 200, headers: dict | None = None) -> Response:
     """A response carrying ``body`` as application/fhir+json (no body when ``body`` is None)."""
-    data = "" if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    data = b"" if body is None else dumps_bytes(body)
     resp = Response(data, status=status, headers=headers or {})
     if body is not None:
         resp.content_type = f"{FHIR_JSON}; charset=utf-8"

@@ -14,6 +14,8 @@ COMMANDS = [
     ("serve", "fhir_ops.commands.serve"),  # run the FHIR server (+ SMART apps when installed)
     ("demo", "fhir_ops.commands.demo"),  # create the TT-201 demo study if absent, then serve
     ("load", "fhir_ops.commands.load"),  # load Bundles, resources and NDJSON files
+    ("model", "fhir_ops.commands.model"),  # validate / publish a twin model definition (a Library)
+    ("export", "fhir_ops.commands.export"),  # write a study out (NONMEM data set)
     ("train", "inference.cli_train"),  # retrain a learned model (dropout) into the model registry
     ("terminology", "terminology.cli"),  # concept-map versions: import, diff, preview, publish, rollback
     ("clients", "smart_app.cli_clients"),  # administrator: register/list/revoke SMART clients, registration tokens
@@ -25,7 +27,9 @@ COMMANDS = [
 SUMMARIES = {
     "serve": "run the FHIR server (and the SMART apps when installed)",
     "demo": "create the demo study TT-201 if absent, then serve it",
-    "load": "load Bundles, resources and NDJSON files",
+    "load": "load Bundles, resources, NDJSON files and NONMEM data sets (--format nonmem)",
+    "model": "validate a twin model definition, or publish it as a Library (optionally a study's model)",
+    "export": "write a study out as a NONMEM-format data set",
     "train": "retrain a learned model (simulated data -> ONNX + metadata)",
     "terminology": "maintain concept maps: import, diff, preview, publish, rollback",
     "clients": "register, list and revoke SMART clients; mint registration tokens (administrator)",

@@ -343,6 +343,12 @@ class JobManager:
                            f"finish; cancelled ones at once)", error_id="unknown-job")
         return job
 
+    def live(self, job_id: str) -> Job | None:
+        """This process's in-memory Job while its worker runs (None once finished or elsewhere): the
+        object the worker updates, unlike :meth:`get`, which reads a snapshot from the table."""
+        with self._lock:
+            return self._live.get(job_id)
+
     def cancel(self, job_id: str) -> Job:
         """Ask the job to stop and forget it; the worker (in whichever process) stops at its next
         ``ctx.cancelled()`` check."""

@@ -38,6 +38,10 @@ class BudgetExceeded(FhirError):
 def json_depth(value) -> int:
     """Nesting depth of a parsed JSON value (a scalar is 0), computed without recursion.
 
+    Runs over every request body, so it checks exact types (``json.loads`` makes plain dicts and
+    lists) and pushes children without generators: ~3x faster than ``isinstance`` with a generator
+    on transaction Bundles (bench/write_profile.py).
+
     Examples
     --------
     >>> json_depth({"a": [1, {"b": 2}]}), json_depth(3)
@@ -45,18 +49,25 @@ def json_depth(value) -> int:
     """
     deepest = 0
     stack = [(value, 0)]
+    pop, push = stack.pop, stack.append
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
+        node, depth = pop()
+        kind = type(node)
+        if kind is dict:
             children = node.values()
-        elif isinstance(node, list):
+        elif kind is list:
             children = node
         else:
-            deepest = max(deepest, depth)
+            if depth > deepest:
+                deepest = depth
             continue
         depth += 1
-        deepest = max(deepest, depth)
-        stack.extend((child, depth) for child in children if isinstance(child, (dict, list)))
+        if depth > deepest:
+            deepest = depth
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                push((child, depth))
     return deepest
 
 

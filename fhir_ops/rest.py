@@ -250,7 +250,14 @@ def _harmonizer(store):
 
 
 def _harmonized(resource: dict) -> dict:
-    """A single created/updated resource, harmonized (warnings are only reported for Bundles)."""
+    """A single created/updated resource, harmonized (warnings are only reported for Bundles).
+
+    A twin model definition (Library) is checked here too: one whose content does not validate is
+    refused before anything is stored, with the path in the definition.
+    """
+    from fhir_ops.mapping.model_definition import check_library
+
+    check_library(resource)
     harmonizer = _harmonizer(get_store())
     return resource if harmonizer is None else harmonizer.harmonize(resource)[0]
 
@@ -266,6 +273,15 @@ def system_bundle():
                              error_id="invalid-bundle", expression=["resourceType"])
     store = get_store()
     kind = bundle.get("type")
+    from fhir_ops.mapping.model_definition import check_library
+
+    for i, entry in enumerate(bundle.get("entry") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+            try:
+                check_library(entry["resource"])
+            except FhirError as exc:
+                exc.message = f"Bundle.entry[{i}]: {exc.message}"
+                raise
     if kind not in ("transaction", "batch"):
         raise InvalidRequest(f"Bundle.type must be transaction or batch, got {str(kind)[:100]!r}",
                              error_id="invalid-bundle", expression=["Bundle.type"])

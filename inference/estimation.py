@@ -19,7 +19,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import optimize
@@ -36,8 +36,12 @@ from inference.population import (
     typical_parameters,
 )
 
-__all__ = ["BoundaryWarning", "ModeEstimate", "PopulationFit", "find_modes", "fit_population",
+__all__ = ["BoundaryWarning", "FitCancelled", "ModeEstimate", "PopulationFit", "find_modes", "fit_population",
            "objective_function"]
+
+
+class FitCancelled(Exception):
+    """Raised by :func:`fit_population` when its ``callback`` asks to stop."""
 
 
 class BoundaryWarning(UserWarning):
@@ -602,6 +606,7 @@ def fit_population(
     max_iter: int = 500,
     gtol: float = 1e-4,
     standard_errors: bool = True,
+    callback: Callable[[int, float], bool | None] | None = None,
 ) -> PopulationFit:
     """Estimate a population model by maximum likelihood (FOCE with interaction).
 
@@ -622,6 +627,9 @@ def fit_population(
         largest component is below ``100 * gtol``.
     standard_errors : bool
         Whether to compute the covariance of the estimates (numerical Hessian).
+    callback : callable, optional
+        ``callback(iteration, objective)`` after every BFGS iteration and before the standard
+        errors; returning False stops the fit with :class:`FitCancelled` (job cancel, progress).
 
     Returns
     -------
@@ -692,8 +700,23 @@ def fit_population(
         ok = np.isfinite(up) & np.isfinite(down)
         return list(np.where(ok, (up - down) / (2 * step), 0.0))
 
+    iterations = [0]
+
+    def on_iteration(xk: np.ndarray) -> None:
+        iterations[0] += 1
+        if callback is not None and callback(iterations[0], float(state.get("last", np.nan))) is False:
+            raise FitCancelled(f"stopped after {iterations[0]} iterations")
+
+    def fun_tracked(x: np.ndarray) -> float:
+        value = fun(x)
+        state["last"] = value
+        return value
+
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        result = optimize.minimize(fun, x0, jac=grad, method="BFGS", options={"maxiter": max_iter, "gtol": gtol})
+        result = optimize.minimize(fun_tracked, x0, jac=grad, method="BFGS", callback=on_iteration,
+                                   options={"maxiter": max_iter, "gtol": gtol})
+        if callback is not None and callback(iterations[0], float(result.fun)) is False:
+            raise FitCancelled(f"stopped after {iterations[0]} iterations")
         x = result.x
         fitted = param.unpack(x)
         modes = find_modes(fitted, structural, data, eta0=state["eta"])

@@ -1,16 +1,22 @@
-"""``trialtwin load``: load transaction/batch Bundles, single resources and NDJSON files.
+"""``trialtwin load``: load transaction/batch Bundles, single resources, NDJSON files and bulk-data manifests.
 
 Into the embedded store of a data directory, or into any FHIR server by URL; NDJSON goes in
-transactions of ``--batch-size`` lines so a bad line rejects its batch only, and says which.
+transactions of ``--batch-size`` lines (in ``--workers`` processes) so a bad line rejects its batch
+only, and says which. Every NDJSON line is written with PUT at its id, or at an id derived from its
+content when it has none, and each batch is journaled in the same transaction: a load killed at any
+point is resumed by running it again, without duplicates.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Iterator
+from urllib.parse import unquote, urlparse
 
 from fhir_ops.commands.serve import DEFAULT_DATA_DIR
 from fhir_ops.errors import FhirError, InvalidRequest
@@ -19,12 +25,20 @@ from fhir_ops.errors import FhirError, InvalidRequest
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("load", help="load Bundles, resources and NDJSON files")
     parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="*.json (a transaction/batch/collection Bundle or one resource) or *.ndjson")
+                        help="*.json (a transaction/batch/collection Bundle, one resource, a Bulk Data export "
+                             "manifest or $import Parameters) or *.ndjson")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--data-dir", default=None,
                        help=f"embedded store directory (default {DEFAULT_DATA_DIR})")
     where.add_argument("--url", help="base URL of a running FHIR server (e.g. http://127.0.0.1:8080/fhir)")
+    parser.add_argument("--format", choices=("fhir", "nonmem"), default="fhir",
+                        help="fhir (default): Bundles, resources, NDJSON; nonmem: NONMEM-format CSV data sets "
+                             "(needs --mapping)")
+    parser.add_argument("--mapping", metavar="MAP.json",
+                        help="with --format nonmem: what compartments and columns mean (codes, units, study)")
     parser.add_argument("--batch-size", type=int, default=1000, help="NDJSON lines per transaction (default 1000)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes loading NDJSON batches in parallel (default 1; e.g. the number of cores)")
     parser.add_argument("--token", default=os.environ.get("TRIALTWIN_TOKEN"),
                         help="with --url: a SMART access token sent as 'Authorization: Bearer' (default "
                              "$TRIALTWIN_TOKEN), e.g. a backend-services token with system/*.cruds")
@@ -39,6 +53,9 @@ class FileReport:
     loaded: int = 0
     failed: int = 0
     error: str | None = None
+    skipped_batches: int = 0
+    skipped_lines: int = 0
+    inputs: list[str] = field(default_factory=list)
 
 
 class LoadError(Exception):
@@ -60,13 +77,8 @@ def _check_resource(value, where: str) -> dict:
     return value
 
 
-def bundles_of_json(path: str) -> Iterator[tuple[str, dict]]:
-    """A ``.json`` file as (description, Bundle to submit) pairs."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise LoadError(f"line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+def bundles_of_json(path: str, data) -> Iterator[tuple[str, dict]]:
+    """A parsed ``.json`` file (not a manifest) as (description, Bundle to submit) pairs."""
     resource = _check_resource(data, "the file")
     if resource["resourceType"] == "Bundle" and resource.get("type") in ("transaction", "batch"):
         yield f"{resource['type']} Bundle", resource
@@ -83,25 +95,116 @@ def bundles_of_json(path: str) -> Iterator[tuple[str, dict]]:
                                               "entry": [_entry(resource)]}
 
 
-def bundles_of_ndjson(path: str, batch_size: int, advance: Callable[[int], None]) -> Iterator[tuple[str, dict]]:
-    """An NDJSON file as transactions of ``batch_size`` lines; ``advance`` gets bytes read."""
-    batch: list[dict] = []
-    first_line = 1
+def content_id(resource: dict) -> str:
+    """A FHIR id derived from a resource's content: the same JSON (keys in any order) gives the same id.
+
+    Used for NDJSON lines without an id, so loading a file twice (or resuming a crashed load) stores
+    each such resource once.
+
+    Examples
+    --------
+    >>> content_id({"resourceType": "Patient", "gender": "male"}) == content_id({"gender": "male",
+    ...                                                                          "resourceType": "Patient"})
+    True
+    >>> len(content_id({"resourceType": "Patient"}))
+    40
+    """
+    canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # surrogatepass: a lone surrogate in a string still gets an id (validation judges the resource)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+@dataclass
+class Batch:
+    """Consecutive NDJSON lines loaded in one transaction; ``key`` is a hash of their bytes (the journal key)."""
+
+    source: str
+    first_line: int
+    last_line: int
+    lines: list[tuple[int, bytes]]
+    key: str
+    expected_type: str | None = None
+
+    @property
+    def part(self) -> str:
+        return f"lines {self.first_line}-{self.last_line}"
+
+
+def ndjson_batches(path: str, batch_size: int, expected_type: str | None = None) -> Iterator[Batch]:
+    """Split an NDJSON file into batches of ``batch_size`` non-blank lines (read lazily).
+
+    The key of a batch hashes its lines' bytes and the declared type: the same lines give the same
+    key whatever the file is called, so the journal recognises a batch that is already stored.
+    """
+    lines: list[tuple[int, bytes]] = []
+    digest = hashlib.blake2b(digest_size=20, person=b"tt-load-batch")
+    digest.update((expected_type or "").encode() + b"\n")
+    number = 0
+    source = os.path.abspath(path)
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            advance(len(raw))
             if not raw.strip():
                 continue
-            try:
-                value = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise LoadError(f"line {number}: invalid JSON: {exc}") from None
-            batch.append(_entry(_check_resource(value, f"line {number}")))
-            if len(batch) >= batch_size:
-                yield f"lines {first_line}-{number}", {"resourceType": "Bundle", "type": "transaction", "entry": batch}
-                batch, first_line = [], number + 1
-    if batch:
-        yield f"lines {first_line}-{number}", {"resourceType": "Bundle", "type": "transaction", "entry": batch}
+            lines.append((number, raw))
+            digest.update(raw.rstrip(b"\r\n") + b"\n")
+            if len(lines) >= batch_size:
+                yield Batch(source, lines[0][0], number, lines, digest.hexdigest(), expected_type)
+                lines = []
+                digest = hashlib.blake2b(digest_size=20, person=b"tt-load-batch")
+                digest.update((expected_type or "").encode() + b"\n")
+    if lines:
+        yield Batch(source, lines[0][0], number, lines, digest.hexdigest(), expected_type)
+
+
+def _ndjson_entry(resource: dict) -> dict:
+    # PUT at the line's id, or at its content id: loading the same line twice never makes two resources
+    rid = resource.get("id") or content_id(resource)
+    return {"resource": resource, "request": {"method": "PUT", "url": f"{resource['resourceType']}/{rid}"}}
+
+
+def batch_bundle(batch: Batch) -> dict:
+    """Parse a batch's lines into one transaction Bundle; ``LoadError`` names the first bad line."""
+    entries = []
+    for number, raw in batch.lines:
+        try:
+            value = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LoadError(f"line {number}: invalid JSON: {exc}") from None
+        resource = _check_resource(value, f"line {number}")
+        if batch.expected_type and resource["resourceType"] != batch.expected_type:
+            raise LoadError(f"line {number}: a {resource['resourceType']} in an input the manifest declares as "
+                            f"{batch.expected_type}")
+        entries.append(_ndjson_entry(resource))
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+@dataclass
+class BatchResult:
+    """What happened to one batch: resources stored, failed entries, or the error that rejected it."""
+
+    part: str
+    loaded: int = 0
+    failures: list[str] = field(default_factory=list)
+    error: str | None = None
+    unmapped: object = None  # a worker's UnmappedReport for this batch, merged into the parent's
+
+
+def load_batch(target, batch: Batch) -> BatchResult:
+    """Load one batch into ``target`` (journaled with the data where the target keeps a journal)."""
+    result = BatchResult(batch.part)
+    try:
+        bundle = batch_bundle(batch)
+        journal = {"batch": batch.key, "source": batch.source, "first_line": batch.first_line,
+                   "last_line": batch.last_line}
+        response = target.submit(bundle, journal=journal)
+        result.failures = _failed_entries(response)
+        result.loaded = len(bundle["entry"]) - len(result.failures)
+    except LoadError as exc:
+        message = str(exc)
+        result.error = message if message.startswith("line") else f"{batch.part}: {message}"
+    except FhirError as exc:
+        result.error = f"{batch.part} rejected, nothing of it stored: {exc.message}"
+    return result
 
 
 def _failed_entries(response: dict) -> list[str]:
@@ -130,7 +233,7 @@ class StoreTarget:
 
         self.unmapped = UnmappedReport()
 
-    def submit(self, bundle: dict) -> dict:
+    def submit(self, bundle: dict, journal: dict | None = None) -> dict:
         # the same harmonization as the REST layer: standard codings, canonical units, unmapped codes counted
         from terminology.harmonize import attach_outcomes, harmonize_bundle
         from terminology.workflow import active_harmonizer
@@ -138,7 +241,14 @@ class StoreTarget:
         bundle, warnings = harmonize_bundle(bundle, harmonizer=active_harmonizer(self.store), report=self.unmapped)
         if bundle["type"] == "batch":
             return attach_outcomes(self.store.batch(bundle), warnings)
+        if journal is not None and hasattr(self.store, "loaded_batches"):
+            return attach_outcomes(self.store.transaction(bundle, journal=journal), warnings)
         return attach_outcomes(self.store.transaction(bundle), warnings)
+
+    def loaded_batches(self) -> set[str]:
+        """Journal keys of the NDJSON batches already stored (empty for a store without a journal)."""
+        loaded = getattr(self.store, "loaded_batches", None)
+        return loaded() if loaded is not None else set()
 
     def close(self) -> None:
         self.store.close()
@@ -156,7 +266,8 @@ class HttpTarget:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def submit(self, bundle: dict) -> dict:
+    def submit(self, bundle: dict, journal: dict | None = None) -> dict:
+        # a remote server keeps no load journal: a rerun re-sends every batch, which PUT makes harmless
         import requests
 
         try:
@@ -175,28 +286,212 @@ class HttpTarget:
             raise LoadError(f"HTTP {response.status_code}: {detail}")
         return body
 
+    def loaded_batches(self) -> set[str]:
+        return set()
+
     def close(self) -> None:
         self.session.close()
 
 
-def load_file(target, path: str, batch_size: int = 1000) -> FileReport:
-    """Load one file into ``target``; errors are caught and described in the report."""
-    from tqdm import tqdm
+def manifest_inputs(path: str, data) -> list[tuple[str, str | None]] | None:
+    """The NDJSON inputs a bulk-data manifest names, as (local path, declared type); None if not a manifest.
 
-    report = FileReport(path)
-    ndjson = path.endswith(".ndjson")
-    try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        report.error = f"cannot read: {exc.strerror}"
-        return report
-    with tqdm(total=size if ndjson else None, unit="B", unit_scale=True, desc=os.path.basename(path),
-              disable=not ndjson, leave=False, file=sys.stderr) as bar:
-        pieces = bundles_of_ndjson(path, batch_size, bar.update) if ndjson else bundles_of_json(path)
+    Two shapes are read: a FHIR Bulk Data export manifest (``{"output": [{"type", "url"}, ...]}``) and
+    the Parameters of a ``$import`` request (``input`` parameters with ``type`` and ``url`` parts). URLs
+    must be local: ``file://`` URLs or paths relative to the manifest; nothing is downloaded.
+    """
+    if not isinstance(data, dict):
+        return None
+    if data.get("resourceType") == "Parameters":
+        params = data.get("parameter") or []
+        if not any(isinstance(p, dict) and p.get("name") == "input" for p in params):
+            return None
+        items = []
+        for p in params:
+            if isinstance(p, dict) and p.get("name") == "input":
+                parts = {q.get("name"): q for q in p.get("part") or [] if isinstance(q, dict)}
+                url = next((v for k, v in (parts.get("url") or {}).items() if k.startswith("value")), None)
+                rtype = next((v for k, v in (parts.get("type") or {}).items() if k.startswith("value")), None)
+                items.append({"url": url, "type": rtype})
+    elif "resourceType" not in data and isinstance(data.get("output"), list):
+        items = data["output"]
+    else:
+        return None
+    base = os.path.dirname(os.path.abspath(path))
+    inputs = []
+    for i, item in enumerate(items):
+        url = item.get("url") if isinstance(item, dict) else None
+        if not isinstance(url, str) or not url:
+            raise LoadError(f"manifest input {i} has no url")
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https"):
+            raise LoadError(f"manifest input {i}: {url} is remote; download it and name the local file "
+                            "(nothing is fetched)")
+        if parsed.scheme not in ("", "file"):
+            raise LoadError(f"manifest input {i}: unsupported URL scheme {parsed.scheme!r}")
+        local = unquote(parsed.path) if parsed.scheme == "file" else url
+        rtype = item.get("type")
+        inputs.append((os.path.join(base, local), rtype if isinstance(rtype, str) else None))
+    return inputs
+
+
+def _progress(path: str, message: str) -> None:
+    print(f"{os.path.basename(path)}: {message}", file=sys.stderr, flush=True)
+
+
+def _collect(report: FileReport, path: str, result: BatchResult) -> bool:
+    """Add a batch result to the report, print its progress line; False when the load must stop."""
+    report.loaded += result.loaded
+    report.failed += len(result.failures)
+    if result.error:
+        report.error = result.error
+        _progress(path, f"{result.part}: NOT stored: {result.error}")
+        return False
+    if result.failures:
+        shown = "; ".join(result.failures[:3]) + (f"; and {len(result.failures) - 3} more"
+                                                  if len(result.failures) > 3 else "")
+        report.error = f"{result.part}: {len(result.failures)} entries failed: {shown}"
+    _progress(path, f"{result.part} stored ({result.loaded} resources)")
+    return True
+
+
+_WORKER_TARGET = None
+
+
+def _worker_init(data_dir: str | None, url: str | None, token: str | None) -> None:
+    global _WORKER_TARGET
+    _WORKER_TARGET = HttpTarget(url, token) if url else StoreTarget(data_dir)
+
+
+def _worker_load(batch: Batch) -> BatchResult:
+    result = load_batch(_WORKER_TARGET, batch)
+    if getattr(_WORKER_TARGET, "unmapped", None) is not None:
+        from terminology.harmonize import UnmappedReport
+
+        result.unmapped, _WORKER_TARGET.unmapped = _WORKER_TARGET.unmapped, UnmappedReport()
+    return result
+
+
+def _merge_unmapped(into, other) -> None:
+    if into is None or other is None:
+        return
+    for key, n in other.counts.items():
+        into.counts[key] += n
+        if key in other.displays:
+            into.displays.setdefault(key, other.displays[key])
+        into.resource_types.setdefault(key, set()).update(other.resource_types.get(key, ()))
+
+
+class Loader:
+    """Loads files into one target; NDJSON batches optionally in a pool of worker processes.
+
+    Each worker opens its own target (its own SQLite connections, or HTTP session); SQLite serializes
+    their transactions (``BEGIN IMMEDIATE``), while parsing, validation, harmonization and index
+    extraction of the next batches run in parallel with the current commit.
+    """
+
+    def __init__(self, target, workers: int = 1, batch_size: int = 1000, spec: tuple = (None, None, None)) -> None:
+        self.target, self.workers, self.batch_size, self.spec = target, workers, batch_size, spec
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            import multiprocessing
+
+            # spawn: the workers open their own store; never a forked copy of this process's connections
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=self.spec)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def load_ndjson(self, path: str, report: FileReport, expected_type: str | None = None) -> None:
+        done = self.target.loaded_batches()
+
+        def todo():  # the file's batches that no earlier run stored
+            run: list[Batch] = []  # consecutive stored batches, announced when the run ends
+            for batch in ndjson_batches(path, self.batch_size, expected_type):
+                if batch.key in done:
+                    report.skipped_batches += 1
+                    report.skipped_lines += len(batch.lines)
+                    run.append(batch)
+                    continue
+                if run:
+                    _progress(path, f"lines {run[0].first_line}-{run[-1].last_line} already stored by an earlier "
+                                    f"run ({len(run)} batches), skipped")
+                    run = []
+                yield batch
+
+        batches = todo()
+        if self.workers <= 1:
+            for batch in batches:
+                if not _collect(report, path, load_batch(self.target, batch)):
+                    break
+        else:
+            first = next(batches, None)
+            second = next(batches, None) if first is not None else None
+            if second is None:  # at most one batch to load: no pool needed
+                if first is not None:
+                    _collect(report, path, load_batch(self.target, first))
+            else:
+                self._parallel(path, report, [first, second], batches)
+        if report.skipped_batches:
+            _progress(path, f"{report.skipped_batches} batches ({report.skipped_lines} lines) already stored "
+                            "by an earlier run, skipped")
+
+    def _parallel(self, path: str, report: FileReport, first: list[Batch], rest: Iterator[Batch]) -> None:
+        pool = self._pool()
+        batches = iter(first)
+        in_flight: set = set()
+        stop = False
+        while True:
+            # two batches per worker in flight: enough to overlap parsing with commits, bounded memory
+            while not stop and len(in_flight) < 2 * self.workers:
+                batch = next(batches, None) or next(rest, None)
+                if batch is None:
+                    break
+                in_flight.add(pool.submit(_worker_load, batch))
+            if not in_flight:
+                return
+            finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                result = future.result()
+                _merge_unmapped(getattr(self.target, "unmapped", None), result.unmapped)
+                if not _collect(report, path, result):
+                    stop = True  # let the batches in flight finish; hand out no more
+
+    def load_file(self, path: str) -> FileReport:
+        """Load one file; errors are caught and described in the report."""
+        report = FileReport(path)
+        try:
+            os.path.getsize(path)
+        except OSError as exc:
+            report.error = f"cannot read: {exc.strerror}"
+            return report
         part = "the file"
         try:
-            for part, bundle in pieces:
-                response = target.submit(bundle)
+            if path.endswith(".ndjson"):
+                self.load_ndjson(path, report)
+                return report
+            with open(path, encoding="utf-8") as fh:
+                try:
+                    data = json.load(fh)
+                except json.JSONDecodeError as exc:
+                    raise LoadError(f"line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+            inputs = manifest_inputs(path, data)
+            if inputs is not None:
+                for input_path, rtype in inputs:
+                    report.inputs.append(input_path)
+                    if not os.path.exists(input_path):
+                        raise LoadError(f"manifest input {input_path} does not exist")
+                    self.load_ndjson(input_path, report, rtype)
+                    if report.error:
+                        return report
+                return report
+            for part, bundle in bundles_of_json(path, data):
+                response = self.target.submit(bundle)
                 failures = _failed_entries(response)
                 report.failed += len(failures)
                 report.loaded += len(bundle.get("entry") or []) - len(failures)
@@ -205,28 +500,84 @@ def load_file(target, path: str, batch_size: int = 1000) -> FileReport:
                     report.error = f"{part}: {len(failures)} entries failed: {shown}"
         except LoadError as exc:
             message = str(exc)
-            report.error = message if message.startswith("line") or part == "the file" else f"{part}: {message}"
+            report.error = message if message.startswith(("line", "manifest")) or part == "the file" \
+                else f"{part}: {message}"
         except FhirError as exc:
             report.error = f"{part} rejected, nothing of it stored: {exc.message}"
         except OSError as exc:
             report.error = f"cannot read: {exc}"
+        return report
+
+
+def load_nonmem(target, path: str, mapping: dict) -> FileReport:
+    """Load a NONMEM data set: the whole file is checked first (nothing stored when a row is bad),
+    then the ResearchStudy, then one transaction per subject."""
+    from fhir_ops.mapping import nonmem
+
+    report = FileReport(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        report.error = f"cannot read: {exc}"
+        return report
+    try:
+        subjects = nonmem.parse(text, mapping)
+    except nonmem.NonmemError as exc:
+        report.error = "nothing loaded:\n  " + "\n  ".join(exc.problems)
+        return report
+    bundles = [("ResearchStudy", {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "resource": nonmem.study_resource(mapping, [s.arm for s in subjects if s.arm]),
+        "request": {"method": "PUT", "url": f"ResearchStudy/{mapping['study']['id']}"}}]})]
+    bundles += [(f"ID {s.id} (line {s.first_line})", nonmem.subject_bundle(s, mapping)) for s in subjects]
+    for part, bundle in bundles:
+        try:
+            response = target.submit(bundle)
+        except (LoadError, FhirError) as exc:
+            report.error = f"{part}: rejected ({getattr(exc, 'message', exc)}); subjects before it are loaded"
+            return report
+        failures = _failed_entries(response)
+        if failures:
+            report.error = f"{part}: {'; '.join(failures[:3])}"
+            return report
+        report.loaded += len(bundle["entry"])
     return report
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequest("--batch-size must be at least 1")
-    target = HttpTarget(args.url, getattr(args, "token", None)) if args.url else StoreTarget(args.data_dir or DEFAULT_DATA_DIR)
+    if args.workers < 1:
+        raise InvalidRequest("--workers must be at least 1")
+    mapping = None
+    if getattr(args, "format", "fhir") == "nonmem":
+        if not args.mapping:
+            raise InvalidRequest("--format nonmem needs --mapping MAP.json (codes, units and study of the data set)")
+        try:
+            with open(args.mapping, encoding="utf-8") as fh:
+                mapping = json.load(fh)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {args.mapping}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{args.mapping}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    elif args.mapping:
+        raise InvalidRequest("--mapping applies to --format nonmem")
+    data_dir = os.path.abspath(args.data_dir or DEFAULT_DATA_DIR)
+    token = getattr(args, "token", None)
+    target = HttpTarget(args.url, token) if args.url else StoreTarget(data_dir)
+    loader = Loader(target, args.workers, args.batch_size, (None if args.url else data_dir, args.url, token))
     failed = False
     try:
         for path in args.files:
-            report = load_file(target, path, args.batch_size)
+            report = load_nonmem(target, path, mapping) if mapping is not None else loader.load_file(path)
+            skipped = (f"; {report.skipped_lines} lines already stored by an earlier run"
+                       if report.skipped_lines else "")
             if report.error:
                 failed = True
-                print(f"{path}: ERROR: {report.error} ({report.loaded} resources loaded before/besides this)",
-                      file=sys.stderr)
+                print(f"{path}: ERROR: {report.error} ({report.loaded} resources loaded before/besides this"
+                      f"{skipped})", file=sys.stderr)
             else:
-                print(f"{path}: {report.loaded} resources loaded into {target.where}")
+                print(f"{path}: {report.loaded} resources loaded into {target.where}{skipped}")
         unmapped = getattr(target, "unmapped", None)
         if unmapped is not None and unmapped.counts:
             rows = unmapped.to_dict()["unmapped"]
@@ -235,5 +586,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {row['system']}|{row['code']}: {row['count']} coding(s) in {', '.join(row['resourceTypes'])}",
                       file=sys.stderr)
     finally:
+        loader.close()
         target.close()
     return 1 if failed else 0

@@ -16,6 +16,7 @@ MODULES = [
     "fhir_ops.operations.import_map",  # $import-map: ConceptMap/$import-map, a new map version as a draft
     "fhir_ops.operations.simulate",  # $simulate: Patient, Group, ResearchStudy instance (twin forecasts, cohort runs)
     "fhir_ops.operations.calibrate",  # $calibrate: Patient instance (new twin-state version when data arrived)
+    "fhir_ops.operations.fit_population",  # $fit-population: ResearchStudy, Group instance (FOCEI fit of the study's model)
     "fhir_ops.operations.estimate_effect",  # $estimate-effect: ResearchStudy instance (PROCOVA, external and hybrid controls)
     "fhir_ops.operations.forecast_enrollment",  # $forecast-enrollment: ResearchStudy instance (Poisson-gamma recruitment)
 ]

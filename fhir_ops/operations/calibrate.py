@@ -3,6 +3,9 @@
 """
 from __future__ import annotations
 
+import numpy as np
+
+from fhir_ops.errors import FhirError
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.operations import twin_common as common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
@@ -13,8 +16,37 @@ ACTIVITY = "$calibrate"
 
 @operation("OperationDefinition-calibrate.json", writes=Writes(("Basic", "Provenance")))
 def handle(ctx: OperationContext, params: dict) -> dict:
-    with common.participant_lock(ctx.resource_id):
-        return _calibrate(ctx, params)
+    defined = common.defined_twin(ctx.store, ctx.resource_id)
+    if defined is not None:
+        return _calibrate_defined(defined)
+    try:
+        with common.participant_lock(ctx.resource_id):
+            return _calibrate(ctx, params)
+    except FhirError as exc:
+        raise common.without_model_error(ctx.store, ctx.resource_id, exc) from None
+
+
+def _calibrate_defined(pt: common.DefinedTwin, level: float = 0.9) -> dict:
+    """The posterior of a participant under their study's model definition (not stored yet)."""
+    from scipy.stats import norm
+
+    post = pt.posterior
+    z = float(norm.ppf(0.5 + level / 2))
+    scales = {p["name"]: p["scale"] for p in pt.model.document["parameters"]}
+    rows = []
+    for k, name in enumerate(post.names):
+        mean, sd = float(post.mean[k]), float(post.sd[k])
+        lo, hi = mean - z * sd, mean + z * sd
+        if scales[name] == "log":  # report natural-scale values: the median and interval of a log-normal
+            mean, lo, hi = np.exp(mean), np.exp(lo), np.exp(hi)
+        rows.append({"name": name, "mean": round(float(mean), 8), "low": round(float(lo), 8),
+                     "high": round(float(hi), 8)})
+    n_obs = sum(1 for _, _, v in pt.record.observations if np.isfinite(v))
+    out = {"changed": True, "observationsUsed": n_obs, "newObservations": n_obs, "parameter": rows,
+           "modelVersion": pt.model.canonical}
+    if pt.estimate:
+        out["populationEstimate"] = {"reference": pt.estimate}
+    return out
 
 
 def _calibrate(ctx: OperationContext, params: dict) -> dict:

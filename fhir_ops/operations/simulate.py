@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fhir_ops.errors import InvalidRequest, NotFound, Unprocessable
+from fhir_ops.errors import FhirError, InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
 from fhir_ops.operations import twin_common as common
@@ -24,22 +24,30 @@ TT201_ARMS = ("placebo", "50 mg", "100 mg")
 @operation("OperationDefinition-simulate.json", async_allowed=True,
            writes=Writes(("Basic", "Observation", "Provenance"), flag="persist", default=False))
 def handle(ctx: OperationContext, params: dict) -> dict:
-    common_checks = _scenario_params(params)
     if ctx.resource_type == "Patient":
         if params.get("memberOutputs"):
             raise InvalidRequest("Parameter 'memberOutputs' applies to Group and ResearchStudy, not Patient",
                                  error_id="parameter-not-applicable")
-        if params.get("persist"):
-            with common.participant_lock(ctx.resource_id):
-                return _simulate_patient(ctx, params, common_checks)
-        return _simulate_patient(ctx, params, common_checks)
+        # a participant of a study with a model definition gets that model's twin; others the built-in one
+        defined = common.defined_twin(ctx.store, ctx.resource_id)
+        if defined is not None:
+            return _simulate_defined(ctx, params, defined)
+        common_checks = _scenario_params(params)
+        try:
+            if params.get("persist"):
+                with common.participant_lock(ctx.resource_id):
+                    return _simulate_patient(ctx, params, common_checks)
+            return _simulate_patient(ctx, params, common_checks)
+        except FhirError as exc:
+            raise common.without_model_error(ctx.store, ctx.resource_id, exc) from None
+    common_checks = _scenario_params(params)
     if params.get("persist"):
         raise InvalidRequest(f"Parameter 'persist' applies to Patient only; a {ctx.resource_type} simulation "
                              "returns its summaries without storing resources", error_id="parameter-not-applicable")
     return _simulate_cohort(ctx, params, common_checks)
 
 
-def _scenario_params(params: dict) -> dict:
+def _scenario_params(params: dict, known_outputs: tuple[str, ...] = twin.OUTPUTS) -> dict:
     days = common.horizon(params)
     step = int(common.number(params, "stepHours", 24, 1, 168))
     n_times = int(24 * days // step) + 1
@@ -52,11 +60,11 @@ def _scenario_params(params: dict) -> dict:
     if bad:
         raise InvalidRequest(f"Parameter 'missedDoseDay' must lie within the horizon (0 to {days - 1}); got {bad}",
                              error_id="parameter-out-of-range")
-    outputs = list(dict.fromkeys(params.get("output") or twin.OUTPUTS))
-    unknown = [o for o in outputs if o not in twin.OUTPUTS]
+    outputs = list(dict.fromkeys(params.get("output") or known_outputs))
+    unknown = [o for o in outputs if o not in known_outputs]
     if unknown:
-        raise InvalidRequest(f"Parameter 'output' must be one of {', '.join(twin.OUTPUTS)} (ValueSet twin-outputs); "
-                             f"got {', '.join(unknown)}", error_id="invalid-code", code="code-invalid")
+        raise InvalidRequest(f"Parameter 'output' must be one of {', '.join(known_outputs)} (the twin model's "
+                             f"outputs); got {', '.join(unknown)}", error_id="invalid-code", code="code-invalid")
     return {
         "horizon_days": days, "step_hours": step, "missed": tuple(missed), "outputs": tuple(outputs),
         "dose": common.number(params, "dose", None, 0.0, 1000.0, " mg"),
@@ -113,6 +121,70 @@ def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
         out.update({"twinState": {"reference": state_ref},
                     "forecastObservation": [{"reference": r} for r in obs_refs],
                     "provenance": {"reference": provenance}})
+    return out
+
+
+def _simulate_defined(ctx: OperationContext, params: dict, pt: common.DefinedTwin) -> dict:
+    """Forecast of a participant under their study's model definition (prior: the study's estimate)."""
+    from fhir_ops.mapping import model_definition as fm
+    from inference import model_definition as md
+
+    model = pt.model
+    s = _scenario_params(params, model.output_names)
+    if params.get("persist"):
+        raise InvalidRequest("persist=true is not yet supported for twins of a model definition: the forecast is "
+                             "returned without storing it", error_id="parameter-not-supported")
+    per_hour = 1.0 / {"h": 1.0, "d": 24.0, "wk": 168.0}[model.time_unit]
+    record = pt.record
+    last = max([d.time for d in record.doses] + [t for t, _, _ in record.observations])
+    entry = model.dosing[0]
+    previous = record.doses[-1] if record.doses else None
+    if s["dose"] is None:
+        if previous is None:
+            raise InvalidRequest(f"Patient/{pt.patient_id} has no dose on record: give the scenario dose",
+                                 error_id="parameter-required")
+        amount = previous.amount
+    else:
+        try:
+            amount = s["dose"] * fm.ucum_factor("mg", entry["unit"])
+        except ValueError as exc:
+            raise InvalidRequest(f"Parameter 'dose' is in mg, which does not convert to the model's dose unit "
+                                 f"{entry['unit']}: {exc}", error_id="parameter-unit") from None
+    interval = s["interval"] * per_hour
+    horizon = 24.0 * s["horizon_days"] * per_hour
+    duration = previous.duration if previous is not None and previous.route == entry["route"] else 0.0
+    starts = last + interval * np.arange(int(np.floor(horizon / interval)) + 1)
+    missed = set(s["missed"])
+    future = [md.Dose(float(t), amount, duration, entry["route"]) for t in starts
+              if int(np.floor((t - last) / (24.0 * per_hour))) not in missed]
+    times = last + np.arange(0.0, horizon + 1e-9, s["step_hours"] * per_hour)
+    fc = md.forecast_subject(model, pt.posterior, record, future, {o: times for o in s["outputs"]},
+                             samples=s["samples"], seed=s["seed"], level=s["level"])
+    rows = []
+    for name in s["outputs"]:
+        unit = model.output_units[name]
+        for t, mid, lo, hi in zip(fc.times[name], fc.median[name], fc.low[name], fc.high[name]):
+            rows.append({"output": name, "time": fm.hours_to_datetime(pt.origin, float(t), model.time_unit),
+                         "day": round(float(t - last) / (24.0 * per_hour), 6), "median": round(float(mid), 6),
+                         "low": round(float(lo), 6), "high": round(float(hi), 6), "unit": unit})
+    observed = [{"output": name, "time": fm.hours_to_datetime(pt.origin, float(t), model.time_unit),
+                 "value": round(float(v), 6)} for t, name, v in record.observations if name in s["outputs"]]
+    out = {"forecast": rows, "observed": observed,
+           "summary": [{"name": "dose", "value": round(float(amount), 6), "unit": entry["unit"]},
+                       {"name": "twin-reused", "value": 0}],
+           "modelVersion": model.canonical}
+    if pt.estimate:
+        out["populationEstimate"] = {"reference": pt.estimate}
+    warnings = []
+    if s["adherence"] != 1.0:
+        warnings.append("adherence is applied by the built-in twin's behaviour model only; this forecast takes "
+                        "every scenario dose")
+    if not pt.posterior.converged:
+        warnings.append(f"The calibration of Patient/{pt.patient_id} did not converge; the intervals may be too "
+                        "narrow or misplaced")
+    if warnings:
+        out["information"] = {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "informational", "diagnostics": w} for w in warnings]}
     return out
 
 

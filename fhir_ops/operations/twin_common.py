@@ -7,9 +7,10 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 
-from fhir_ops.errors import Gone, InvalidRequest, NotFound
+from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import ParticipantRecord, load_participant, versioned
@@ -172,3 +173,104 @@ def commit(store, entries: list[dict], targets: list[str], inputs: list[str], de
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# ------------------------------------------------------------------ twins of a model definition
+
+@dataclass
+class DefinedTwin:
+    """A participant's twin under their study's model definition (the generic path).
+
+    ``estimate`` is the versioned reference of the population estimate used as the prior (None:
+    the definition's own typical values and variability).
+    """
+
+    patient_id: str
+    study: dict
+    model: Any
+    estimate: str | None
+    population: Any
+    record: Any
+    origin: datetime
+    inputs: list
+    posterior: Any
+
+
+def study_of_patient(store, patient_id: str) -> dict | None:
+    """The ResearchStudy the participant is enrolled in (the first ResearchSubject's), if any."""
+    from fhir_ops.errors import NotFound
+
+    for subject in store.search_all("ResearchSubject", [("individual", f"Patient/{patient_id}")]):
+        ref = (subject.get("study") or {}).get("reference", "")
+        if ref.startswith("ResearchStudy/"):
+            try:
+                return store.read("ResearchStudy", ref.partition("/")[2])
+            except NotFound:
+                continue
+    return None
+
+
+def population_prior(store, study: dict, model) -> tuple[Any, str | None]:
+    """The prior of a study's twins: its current population estimate when it has one, else the definition's."""
+    import base64
+    import json
+
+    from fhir_ops.mapping import model_definition as fm
+    from inference import fit_report
+
+    ref = fm.study_estimate_reference(study)
+    if not ref:
+        return model.population_model(), None
+    kind, rid, _, version = (ref.split("/") + [None, None])[:4]
+    library = store.vread(kind, rid, version) if version else store.read(kind, rid)
+    doc = next(json.loads(base64.b64decode(c["data"])) for c in library["content"]
+               if c.get("contentType") == "application/json")
+    if doc.get("model") != model.canonical:
+        raise Unprocessable(f"ResearchStudy/{study.get('id')}: its population estimate {ref} was fitted with "
+                            f"{doc.get('model')}, not the study's model {model.canonical}; refit with $fit-population",
+                            error_id="estimate-model-mismatch")
+    try:
+        return fit_report.apply_estimate(model.population_model(), doc), ref
+    except ValueError as exc:
+        raise Unprocessable(f"{ref}: {exc}", error_id="estimate-model-mismatch") from None
+
+
+def defined_twin(store, patient_id: str) -> DefinedTwin | None:
+    """The participant's twin under their study's model definition, calibrated now; None when the
+    participant's study references no definition (the engine's built-in twin then applies)."""
+    from fhir_ops.mapping import model_definition as fm
+    from inference import model_definition as md
+
+    store.read("Patient", patient_id)  # 404 for an unknown participant
+    study = study_of_patient(store, patient_id)
+    if study is None or not fm.study_model_canonical(study):
+        return None
+    library, model = fm.study_model(store, study)
+    population, estimate = population_prior(store, study, model)
+    record, origin, inputs = fm.subject_record(store, patient_id, model)
+    try:
+        posterior = md.calibrate_subject(model, population, record)
+    except ValueError as exc:
+        raise Unprocessable(f"Patient/{patient_id} cannot be calibrated with {model.canonical}: {exc}",
+                            error_id="participant-without-data") from None
+    inputs = [versioned_reference(library), versioned_reference(study)] + inputs + ([estimate] if estimate else [])
+    return DefinedTwin(patient_id, study, model, estimate, population, record, origin, inputs, posterior)
+
+
+def versioned_reference(resource: dict) -> str:
+    version = (resource.get("meta") or {}).get("versionId")
+    ref = f"{resource['resourceType']}/{resource['id']}"
+    return f"{ref}/_history/{version}" if version else ref
+
+
+def without_model_error(store, patient_id: str, exc: FhirError) -> FhirError:
+    """A clearer error when the built-in twin cannot use a participant whose study has no model."""
+    from fhir_ops.mapping import model_definition as fm
+
+    study = study_of_patient(store, patient_id)
+    if study is not None and not fm.study_model_canonical(study) and exc.status in (400, 422):
+        return Unprocessable(f"Patient/{patient_id} is a participant of ResearchStudy/{study.get('id')}, which "
+                             f"references no twin model definition, and the built-in twin cannot use their data "
+                             f"({exc.message}); publish a definition with 'trialtwin model publish FILE --study "
+                             f"{study.get('id')}'", error_id="study-without-model")
+    return exc

@@ -17,15 +17,24 @@ _ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", 
 
 
 @lru_cache(maxsize=None)
-def _plan(resource_type: str) -> tuple:
-    """Per type: (param key, search type, split paths, target set) for every indexed parameter."""
-    plan = []
+def _plan(resource_type: str) -> dict[str, tuple]:
+    """Per type, keyed by a path's first element: (param key, search type, path, targets, single) tuples.
+
+    Keyed by the top element because a resource carries few of its type's elements: walking the
+    resource's own keys touches only the parameters that can match, instead of every parameter.
+    ``single`` marks a parameter with one one-element path, whose values need no de-duplication
+    across paths.
+    """
+    plan: dict[str, list] = {}
     for p in search_parameters_for(resource_type):
         if p.name in COLUMN_PARAMS:
             continue
-        plan.append((f"{resource_type}.{p.name}", p.type, tuple(tuple(x.split(".")) for x in p.paths),
-                     frozenset(p.targets)))
-    return tuple(plan)
+        paths = tuple(tuple(x.split(".")) for x in p.paths)
+        single = len(paths) == 1 and len(paths[0]) == 1
+        for parts in paths:
+            plan.setdefault(parts[0], []).append((f"{resource_type}.{p.name}", p.type, parts, frozenset(p.targets),
+                                                  single))
+    return {top: tuple(entries) for top, entries in plan.items()}
 
 
 def _values(node, parts: tuple[str, ...], start: int = 0):
@@ -92,6 +101,97 @@ def _dates(v):
                     yield rng
 
 
+_KINDS = ("token", "reference", "date", "string", "quantity", "number", "uri")
+
+
+def _rows_of(kind: str, key: str, v, targets) -> list[tuple]:
+    """The index rows (without row id) of one value found at a parameter's path."""
+    if kind == "token":
+        return [(key, s, c) for s, c in _tokens(v)]
+    if kind == "reference":
+        ref = v.get("reference") if isinstance(v, dict) else v if isinstance(v, str) else None
+        if not isinstance(ref, str) or ref.startswith("#"):
+            return []
+        rtype, rid = split_reference(ref)
+        if targets and rtype not in targets:
+            return []
+        return [(key, rtype, rid)]
+    if kind == "date":
+        return [(key, lo, hi) for lo, hi in _dates(v)]
+    if kind == "string":
+        return [(key, normalize_string(s), s) for s in _strings(v)]
+    if kind == "quantity":
+        if not isinstance(v, dict) or not isinstance(v.get("value"), (int, float)):
+            return []
+        return [(key, float(v["value"]), v.get("system"), v.get("code") or v.get("unit"))]
+    if kind == "number":
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return []
+        return [(key, float(v))]
+    if not isinstance(v, str):  # uri
+        return []
+    return [(key, v)]
+
+
+def _extract(resource: dict, out: dict[str, list], prefix: tuple) -> None:
+    """Append every index row of ``resource``, prefixed by ``prefix`` (the row id or nothing), to ``out``.
+
+    The common value shapes (a code string, a CodeableConcept, a reference, a dateTime string) are
+    handled inline: this runs for every resource written, and calls dominate its cost.
+    """
+    plan = _plan(resource["resourceType"])
+    seen: dict[str, set] | None = None
+    for top_key, top in resource.items():
+        entries = plan.get(top_key)
+        if entries is None or top is None:
+            continue
+        top_is_list = isinstance(top, list)
+        for key, kind, parts, targets, single in entries:
+            if len(parts) == 1:
+                found = top if top_is_list else (top,)
+            else:
+                found = _values(top, parts, 1)
+            rows = out[kind]
+            for v in found:
+                if kind == "token":
+                    if isinstance(v, str):
+                        new = ((key, None, v),)
+                    elif isinstance(v, dict) and "coding" in v:
+                        new = [(key, c.get("system"), str(c["code"])) for c in v["coding"]
+                               if isinstance(c, dict) and c.get("code") is not None]
+                    else:
+                        new = [(key, s, c) for s, c in _tokens(v)]
+                elif kind == "reference":
+                    ref = v.get("reference") if isinstance(v, dict) else v if isinstance(v, str) else None
+                    if not isinstance(ref, str) or ref.startswith("#"):
+                        continue
+                    rtype, rid = split_reference(ref)
+                    if targets and rtype not in targets:
+                        continue
+                    new = ((key, rtype, rid),)
+                elif kind == "date" and isinstance(v, str):
+                    rng = date_range(v)
+                    if rng is None:
+                        continue
+                    new = ((key, rng[0], rng[1]),)
+                else:
+                    new = _rows_of(kind, key, v, targets)
+                if not new:
+                    continue
+                if single and not top_is_list and len(new) == 1:
+                    rows.append(prefix + new[0])  # a single scalar element cannot repeat itself
+                    continue
+                if seen is None:
+                    seen = {}
+                done = seen.get(key)
+                if done is None:
+                    done = seen[key] = set()
+                for row in new:
+                    if row not in done:
+                        done.add(row)
+                        rows.append(prefix + row)
+
+
 def index_rows(resource: dict) -> dict[str, list[tuple]]:
     """Return the index rows of a resource, keyed by index table, without the row id.
 
@@ -108,55 +208,38 @@ def index_rows(resource: dict) -> dict[str, list[tuple]]:
     >>> rows["token"]
     [('Observation.status', None, 'final')]
     """
-    out: dict[str, list[tuple]] = {"token": [], "reference": [], "date": [], "string": [],
-                                   "quantity": [], "number": [], "uri": []}
-    for key, kind, paths, targets in _plan(resource["resourceType"]):
-        rows = out[kind]
-        seen = None
-        for parts in paths:
-            # most parameters are absent from a given resource: test the top element before walking
-            top = resource.get(parts[0])
-            if top is None:
-                continue
-            if len(parts) == 1:
-                found = top if isinstance(top, list) else (top,)
-            else:
-                found = _values(top, parts, 1)
-            for v in found:
-                if kind == "token":
-                    new = [(key, s, c) for s, c in _tokens(v)]
-                elif kind == "reference":
-                    ref = v.get("reference") if isinstance(v, dict) else v if isinstance(v, str) else None
-                    if not isinstance(ref, str) or ref.startswith("#"):
-                        continue
-                    rtype, rid = split_reference(ref)
-                    if targets and rtype not in targets:
-                        continue
-                    new = [(key, rtype, rid)]
-                elif kind == "date":
-                    new = [(key, lo, hi) for lo, hi in _dates(v)]
-                elif kind == "string":
-                    new = [(key, normalize_string(s), s) for s in _strings(v)]
-                elif kind == "quantity":
-                    if not isinstance(v, dict) or not isinstance(v.get("value"), (int, float)):
-                        continue
-                    new = [(key, float(v["value"]), v.get("system"), v.get("code") or v.get("unit"))]
-                elif kind == "number":
-                    if not isinstance(v, (int, float)) or isinstance(v, bool):
-                        continue
-                    new = [(key, float(v))]
-                else:  # uri
-                    if not isinstance(v, str):
-                        continue
-                    new = [(key, v)]
-                if seen is None and len(new) == 1 and len(paths) == 1 and not isinstance(top, list) \
-                        and len(parts) == 1:
-                    rows.append(new[0])  # a single scalar element cannot repeat itself
-                    continue
-                if seen is None:
-                    seen = set()
-                for row in new:
-                    if row not in seen:
-                        seen.add(row)
-                        rows.append(row)
+    out: dict[str, list[tuple]] = {k: [] for k in _KINDS}
+    _extract(resource, out, ())
     return out
+
+
+def index_rows_many(items) -> tuple[dict[str, list[tuple]], dict[str, float]]:
+    """Index rows of many resources in one pass, ready for one ``executemany`` per table.
+
+    Parameters
+    ----------
+    items : iterable of (int, dict)
+        (row id, resource) pairs, e.g. every resource a transaction writes.
+
+    Returns
+    -------
+    rows : dict
+        Index table kind -> rows with the row id first, e.g. ``(rid, param, system, code)``.
+    widths : dict
+        Per date parameter, the widest ``high - low`` seen (the store keeps the maximum per
+        parameter to bound date range scans).
+
+    Examples
+    --------
+    >>> rows, widths = index_rows_many([(7, {"resourceType": "Observation", "status": "final"})])
+    >>> rows["token"], widths
+    ([(7, 'Observation.status', None, 'final')], {})
+    """
+    out: dict[str, list[tuple]] = {k: [] for k in _KINDS}
+    for rowid, resource in items:
+        _extract(resource, out, (rowid,))
+    widths: dict[str, float] = {}
+    for _, key, low, high in out["date"]:
+        if high - low > widths.get(key, -1.0):
+            widths[key] = high - low
+    return out, widths

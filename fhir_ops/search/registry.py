@@ -311,6 +311,10 @@ _REGISTRY: dict[str, tuple[SearchParamDef, ...]] = {
         _p("target-code", "token", "group.element.target.code", "A target code"),
         _p("dependson", "uri", "group.element.target.dependsOn.property", "Reference to a property value"),
     )),
+    "Library": _conformance((
+        _p("type", "token", "type", "logic-library | model-definition | asset-collection | module-definition"),
+        _p("content-type", "token", "content.contentType", "The type of content in the Library"),
+    )),
     "Encounter": (
         _p("identifier", "token", "identifier", "Business identifier"),
         _p("status", "token", "status", "planned | arrived | in-progress | finished ..."),

@@ -59,7 +59,9 @@ def test_bulk_ndjson_load_is_harmonized_and_reports_unmapped_codes(tmp_path, cap
         {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-FPG"}]},
          "valueQuantity": {"value": 6.1, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}},
         {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-LDL"}]}},
-        {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-LDL"}]}},
+        # not an exact repeat of the line above: identical id-less lines are one resource (content id)
+        {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": EDC_LAB, "code": "LAB-LDL"}]},
+         "effectiveDateTime": "2024-01-02"},
     ]
     path = tmp_path / "obs.ndjson"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
