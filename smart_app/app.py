@@ -18,7 +18,8 @@ from . import client as smart
 from .clinician import (FhirApi, FhirCallError, Problem, latest_risk, load_cohort, load_participant, outreach_tasks,
                         parse_forecast, problem, simulate_parameters, status_words)
 from .jwks import persistent_secret
-from .plots import cohort_panels, forecast_panels
+from .plots import cohort_panels, enrollment_panel, forecast_panels
+from .study_results import MAX_TARGET, load_effect_reports, load_enrollment
 
 CLIENT_ID = "trialtwin-clinician"
 #: What the app asks for. Patient data stays in the launch patient's compartment (patient/ scopes); the
@@ -26,7 +27,7 @@ CLIENT_ID = "trialtwin-clinician"
 #: study-level resources an EDC launch needs are not patient data and come with user/ scopes.
 SCOPES = ("launch openid fhirUser patient/*.rs patient/Observation.cu patient/Basic.cu patient/Provenance.cu "
           "patient/RiskAssessment.cu patient/Task.cu user/ResearchStudy.rs user/ResearchSubject.rs user/Group.rs "
-          "user/Organization.rs user/Location.rs user/RiskAssessment.rs")
+          "user/Organization.rs user/Location.rs user/RiskAssessment.rs user/DocumentReference.rs")
 STANDALONE_SCOPES = SCOPES.replace("launch ", "launch/patient ", 1)
 
 #: The only texts a link may put in the page's notice: ``?notice=<key>`` (never free text from the query string,
@@ -270,12 +271,20 @@ def predict_dropout(patient_id):
 
 @bp.get("/study/<study_id>")
 def study_view(study_id):
-    """EDC context: the study's arms, enrolment, status counts, per-arm simulation and flagged participants."""
+    """EDC context: the study's arms, enrolment, status counts, per-arm simulation, flagged participants, the
+    enrollment forecast (``?target=``) and the stored treatment-effect reports."""
     grant = _grant()
+    api = _api(grant)
     problems: list[Problem] = []
-    cohort = load_cohort(_api(grant), study_id, problems, threshold=current_app.config["RISK_THRESHOLD"])
+    errors: list[str] = []
+    target = _number("target", int, 1, MAX_TARGET, errors)
+    cohort = load_cohort(api, study_id, problems, threshold=current_app.config["RISK_THRESHOLD"])
+    enrollment = None if errors else load_enrollment(api, study_id, cohort.study, cohort.subjects, target, problems)
+    reports = load_effect_reports(api, study_id, problems)
     return render_template("app/study.html", cohort=cohort, panels=cohort_panels(cohort), problems=problems,
-                           grant=grant)
+                           grant=grant, errors=errors, form=request.args, enrollment=enrollment,
+                           enrollment_svg=enrollment_panel(enrollment) if enrollment and enrollment.forecast else None,
+                           reports=reports)
 
 
 def calendar_date(value) -> str:

@@ -39,6 +39,15 @@ PLAIN_ERRORS = {
     "no-next-visit": "No visit is scheduled for this participant, so there is no next visit to assess.",
     "participant-without-data": "The participant has no observations of the twin's outputs yet, so the twin cannot be "
                        "calibrated.",
+    # $forecast-enrollment (docs/enrollment.md)
+    "no-sites": "The study lists no sites (ResearchStudy.site), so there is no site recruitment to forecast from.",
+    "no-subjects": "No participant of this study has a screening date yet, so there is no recruitment to forecast "
+                   "from.",
+    "target-reached": "The study has already randomized at least as many participants as the target: there is "
+                      "nothing left to forecast.",
+    "fit-failed": "The recruitment model could not be fitted to this study's screening so far (too few sites or "
+                  "screenings).",
+    "target-out-of-range": "The enrollment target must be at least 1.",
 }
 
 
@@ -54,11 +63,12 @@ class Problem:
 class FhirCallError(Exception):
     """A refused or failed FHIR call: HTTP status, the server's message and its stable error id (if any)."""
 
-    def __init__(self, status: int, message: str, error_id: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_id: str | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_id = error_id
+        self.detail = detail    # the OperationOutcome's own words, without the HTTP status
 
 
 class FhirApi:
@@ -76,14 +86,15 @@ class FhirApi:
         except ValueError:
             body = None
         if response.status_code >= 400:
-            message, error_id = f"HTTP {response.status_code}", None
+            message, error_id, detail = f"HTTP {response.status_code}", None, ""
             if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
                 issues = body.get("issue") or []
                 texts = [i.get("diagnostics") or (i.get("details") or {}).get("text", "") for i in issues]
-                message += ": " + "; ".join(t for t in texts if t)
+                detail = "; ".join(t for t in texts if t)
+                message += ": " + detail
                 error_id = next((c.get("code") for i in issues for c in (i.get("details") or {}).get("coding") or []
                                  if c.get("code")), None)
-            raise FhirCallError(response.status_code, message, error_id)
+            raise FhirCallError(response.status_code, message, error_id, detail)
         if not isinstance(body, dict):
             raise FhirCallError(502, "the FHIR server did not answer with JSON")
         return body
@@ -392,6 +403,8 @@ class Cohort:
     randomized: tuple | None = None                            # (first, last) ResearchSubject.period.start
     flagged: list = field(default_factory=list)                # (patient id, label, probability)
     assessed: int = 0                                          # participants with a dropout-risk assessment
+    study: dict | None = None                                  # the ResearchStudy as read (None: not readable)
+    subjects: list | None = None                               # its ResearchSubjects (None: not readable)
 
 
 def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: int = 28,
@@ -400,13 +413,14 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
     cohort = Cohort(study_id, horizon=horizon)
     members: set[str] = set()
     try:
-        study = api.get(f"ResearchStudy/{study_id}")
+        study = cohort.study = api.get(f"ResearchStudy/{study_id}")
         cohort.title, cohort.status = study.get("title") or study_id, study.get("status")
         cohort.arms = [a.get("name") for a in study.get("arm") or [] if a.get("name")]
     except FhirCallError as err:
         problems.append(problem("Study", err))
     try:
-        subjects = api.search("ResearchSubject", {"study": f"ResearchStudy/{study_id}", "_count": 5000})
+        subjects = cohort.subjects = api.search("ResearchSubject", {"study": f"ResearchStudy/{study_id}",
+                                                                    "_count": 5000})
         starts = sorted(d for d in ((rs.get("period") or {}).get("start") for rs in subjects) if d)
         cohort.randomized = (starts[0], starts[-1]) if starts else None
         for rs in subjects:

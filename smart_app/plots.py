@@ -156,3 +156,70 @@ def cohort_panels(cohort) -> list[dict]:
                 fig, f"Simulated {axis_label(label, unit)} by arm over days since randomization: median and the "
                      f"{cohort.level:.0%} range across participants")})
     return panels
+
+
+def enrollment_panel(enrollment) -> str:
+    """The enrollment curve: observed cumulative randomized by date, the forecast's expected line and its
+    80 % and 95 % predictive bands, and the target.
+
+    Parameters
+    ----------
+    enrollment : smart_app.study_results.Enrollment
+        ``observed`` (date, count) steps, ``curve`` (weekly forecast), ``target``, ``time_to_target``.
+
+    Returns
+    -------
+    str
+        An inline ``<svg>``; the observed steps carry ``id="enrollment-observed"``, the expected line
+        ``id="enrollment-expected"``, the bands ``id="enrollment-band-80"`` / ``id="enrollment-band-95"``.
+    """
+    import datetime as dt
+
+    c = enrollment.curve
+    dates = list(c["date"])
+    # Show the forecast up to a little past the late end of the 95 % interval (the server looks two years ahead).
+    late = enrollment.time_to_target.get("high95")
+    keep = len(dates)
+    if late is not None:
+        keep = next((i + 2 for i, d in enumerate(dates) if d >= late), len(dates))
+    keep = max(2, min(keep, len(dates)))
+
+    def cut(key):
+        return c[key][:keep]
+
+    with _LOCK, plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=PANEL)
+        shown = dates[:keep]
+        b95 = ax.fill_between(shown, cut("low95"), cut("high95"), color=BASELINE, alpha=0.12, linewidth=0,
+                              label="95% prediction interval")
+        b95.set_gid("enrollment-band-95")
+        b80 = ax.fill_between(shown, cut("low80"), cut("high80"), color=BASELINE, alpha=0.25, linewidth=0,
+                              label="80% prediction interval")
+        b80.set_gid("enrollment-band-80")
+        line, = ax.plot(shown, cut("expected"), color=BASELINE, linewidth=1.8, label="expected (forecast)")
+        line.set_gid("enrollment-expected")
+        first = shown[0]
+        if enrollment.observed:
+            days = [d for d, _ in enrollment.observed]
+            counts = [n for _, n in enrollment.observed]
+            # a step per randomization date, continued flat to the data cut
+            end = enrollment.as_of or days[-1]
+            steps, = ax.step(days + [end], counts + [counts[-1]], where="post", color=OBSERVED, linewidth=1.6,
+                             label="observed")
+            steps.set_gid("enrollment-observed")
+            first = min(first, days[0])
+        if enrollment.target:
+            ax.axhline(enrollment.target, color=SCENARIO, linewidth=1.0, linestyle="--",
+                       label=f"target ({enrollment.target})")
+        last = shown[-1]
+        pad = (last - first) * 0.03 if last > first else dt.timedelta(days=1)
+        ax.set_xlim(first - pad, last + pad)
+        ax.set_ylim(bottom=0)
+        _date_axis(ax, first, last)
+        ax.set_xlabel(ax.get_xlabel().replace(", UTC", ""))  # whole calendar days
+        ax.set_ylabel("participants randomized")
+        ax.set_title("Enrollment", loc="left")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+        fig.tight_layout()
+        return _svg(fig, f"Participants randomized by date: observed, and the forecast's expected count with its "
+                         f"80% and 95% prediction intervals, up to the target of {enrollment.target}")
