@@ -56,8 +56,10 @@ def test_history_pages_by_offset_and_counts_every_version(store):
     assert [len(p) for p in pages] == [3, 3, 2]
     assert [v["meta"]["versionId"] for p in pages for v in p] == everything  # newest first, nothing twice
     assert store.history("Patient", res["id"], count=3, offset=9) == []
-    # the whole store's history counts at least this resource's versions (a shared server holds more)
-    assert store.history_total(None) >= store.history_total("Patient") >= 8
+    # Type and system totals count at least this resource's versions. Not compared with each other: on a
+    # shared server other tests write in between, and HAPI may serve a cached (up to a minute old) count.
+    assert store.history_total("Patient") >= 8
+    assert store.history_total(None) >= 8
     assert len(store.history(None, count=4)) == 4
 
 
