@@ -4,7 +4,6 @@ NONMEM-format data set, read through the same mapping file ``trialtwin load --fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -30,13 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from fhir_ops.mapping import nonmem
 
-    try:
-        with open(args.mapping, encoding="utf-8") as fh:
-            mapping = json.load(fh)
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {args.mapping}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{args.mapping}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    from fhir_ops.commands.load import read_mapping
+
+    mapping = read_mapping(args.mapping)
     if args.study and isinstance(mapping.get("study"), dict):
         mapping["study"]["id"] = args.study
     if args.url:

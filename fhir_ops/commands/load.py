@@ -544,6 +544,17 @@ def load_nonmem(target, path: str, mapping: dict) -> FileReport:
     return report
 
 
+def read_mapping(path: str) -> dict:
+    """A NONMEM mapping file (codes, units and study of a data set); unreadable or invalid JSON is a 400."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequest("--batch-size must be at least 1")
@@ -553,13 +564,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "format", "fhir") == "nonmem":
         if not args.mapping:
             raise InvalidRequest("--format nonmem needs --mapping MAP.json (codes, units and study of the data set)")
-        try:
-            with open(args.mapping, encoding="utf-8") as fh:
-                mapping = json.load(fh)
-        except OSError as exc:
-            raise InvalidRequest(f"cannot read {args.mapping}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{args.mapping}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        mapping = read_mapping(args.mapping)
     elif args.mapping:
         raise InvalidRequest("--mapping applies to --format nonmem")
     data_dir = os.path.abspath(args.data_dir or DEFAULT_DATA_DIR)
