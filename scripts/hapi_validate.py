@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def _issues(outcome: dict, severities=("error", "fatal")) -> list[str]:
     return out
 
 
+# HAPI answers 409 HAPI-0825 when its create of a client-assigned id collides with another transaction
+# (its maintainers' remedy is to retry); a second and third try with a pause, then it is a real problem.
+_ID_RACE = "HAPI-0825"
+RETRIES = 3
+
+
+def _put(session: requests.Session, url: str, resource: dict) -> requests.Response:
+    for attempt in range(RETRIES):
+        answer = session.put(url, json=resource, headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON},
+                             timeout=120)
+        if answer.status_code != 409 or _ID_RACE not in answer.text or attempt == RETRIES - 1:
+            return answer
+        time.sleep(1.0 + attempt)
+    return answer
+
+
 def load(base_url: str, resources: list[tuple[Path, dict]], report: Report, session: requests.Session) -> None:
     """PUT each conformance resource by id; a missing id or any non-2xx answer is a problem."""
     for path, resource in resources:
@@ -82,8 +99,7 @@ def load(base_url: str, resources: list[tuple[Path, dict]], report: Report, sess
         if not rid:
             report.problems.append(f"{path}: {rtype} has no id, so it cannot be loaded by PUT")
             continue
-        answer = session.put(f"{base_url}/{rtype}/{rid}", json=resource,
-                             headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=120)
+        answer = _put(session, f"{base_url}/{rtype}/{rid}", resource)
         if answer.status_code >= 300:
             try:
                 detail = "; ".join(_issues(answer.json())) or answer.text[:300]

@@ -13,7 +13,10 @@ import requests
 
 from fhir_ops.demo import build_demo_resources, simulate_demo_records
 
-pytestmark = pytest.mark.integration
+# Every module that makes HAPI validate or load conformance resources shares one xdist group: HAPI's
+# validator caches base definitions and builds snapshots on shared objects, and two workers doing it at
+# once broke a CI run (duplicate fhir-type extensions in a snapshot, 409 on a first PUT).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validator")]
 
 FHIR_JSON = "application/fhir+json"
 HL7 = "http://terminology.hl7.org/CodeSystem/"

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-# Both modules upload profiles/ into the one HAPI server; run concurrently (pytest -n), one could
-# validate a definition while the other re-uploads it, and HAPI then fails to build its snapshot.
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-conformance")]
+# Every module that makes HAPI validate or load conformance resources shares one xdist group: HAPI's
+# validator caches base definitions and builds snapshots on shared objects, and two workers doing it at
+# once broke a CI run (duplicate fhir-type extensions in a snapshot, 409 on a first PUT).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validator")]
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"

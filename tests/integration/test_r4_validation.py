@@ -15,7 +15,10 @@ import requests
 from fhir_ops.r4.validator import validate
 from tests.fhir_ops.r4.corpus import cases, demo_bases, hand_written_bases
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validation")]
+# Every module that makes HAPI validate or load conformance resources shares one xdist group: HAPI's
+# validator caches base definitions and builds snapshots on shared objects, and two workers doing it at
+# once broke a CI run (duplicate fhir-type extensions in a snapshot, 409 on a first PUT).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validator")]
 
 SAMPLE_EVERY = 9  # ~1 in 9 cases: a few hundred $validate calls, every rule represented
 
