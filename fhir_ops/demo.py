@@ -11,9 +11,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from fhir_ops.mapping import model_definition as fm
 from inference.behaviour import VisitSchedule
-from inference.cohort import CovariateModel, Scenario, TT201Population, sample_covariates, simulate_cohort
+from inference.cohort import Scenario, sample_covariates, simulate_cohort
 from inference.dosing import DoseRecord
+from inference.model_definition import shipped_definition
 from inference.pk import OneCompartment, concentration
 
 # ----------------------------------------------------------------------------- study design
@@ -24,8 +26,12 @@ STUDY_START = dt.date(2026, 5, 4)
 DATA_CUTOFF_DAY = 200  # study day of the data cut (2026-11-20): later enrollees are still on study
 ENROLLMENT_DAYS = 112  # participants are randomized over the first 16 weeks
 N_DAYS = 169  # day 0 = randomization; daily dosing on days 0..168, the last one on the week-24 visit day
+#: the twin model that generates the data: the shipped TT-201 definition (parameters, variability,
+#: covariate distribution, arms); the ResearchStudy references it, so every twin of the study uses it
+MODEL_DEFINITION = fm.compile_definition(shipped_definition("tt201"), "the TT-201 definition")
+MODEL = MODEL_DEFINITION.regimen
 ARMS = ("placebo", "50 mg", "100 mg")
-ARM_DOSE_MG = (0.0, 50.0, 100.0)
+ARM_DOSE_MG = tuple(MODEL.arms[a] for a in ARMS)
 VISIT_DAYS = (0, 28, 56, 84, 112, 140, 168)  # day 0 is the baseline visit
 VISIT_REMOTE = (False, True, True, False, True, True, False)
 HOME_DAYS = tuple(range(7, 169, 7))
@@ -41,9 +47,8 @@ AE_TERM_P = (0.35, 0.25, 0.20, 0.20)
 AE_SEVERITY = ("mild", "moderate", "severe")
 AE_SEVERITY_P = (0.65, 0.30, 0.05)
 
-#: the twin model that generates the data: the engine's TT-201 population, covariates and behaviour
-POPULATION = TT201Population()
-COVARIATES = CovariateModel.tt201()
+COVARIATES = MODEL.covariate_model
+_TYPICAL = MODEL.natural(np.asarray(MODEL.population.theta)[None, :])
 SCHEDULE = VisitSchedule(days=np.asarray(VISIT_DAYS[1:]), remote=np.asarray(VISIT_REMOTE[1:]))
 # observation model on top of the twin: assay and device noise
 PK_PROP_ERROR = 0.15
@@ -114,7 +119,7 @@ def _block_randomize(rng: np.random.Generator, n: int) -> np.ndarray:
 def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     """Simulate the TT-201 demo study with the twin engine (pure: same seed, same arrays).
 
-    Covariates come from the engine's TT-201 covariate model; each arm is a cohort twin
+    Covariates come from the TT-201 definition's virtual population; each arm is a cohort twin
     (``inference.cohort.simulate_cohort``: PK -> Emax on fasting glucose -> HbA1c, with adherence,
     adverse events, attendance and dropout); assay noise, sparse PK sampling, home readings and the
     data cut are added here.
@@ -154,14 +159,14 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     a1c_true = np.zeros((n, N_DAYS))
     attended = np.ones((n, len(VISIT_DAYS)), dtype=bool)  # the baseline visit randomizes: attended
     dropout = np.zeros(n, dtype=np.int64)
-    pk_params = {k: np.zeros(n) for k in ("cl", "v", "ka")}
+    pk_params = {k: np.zeros(n) for k in ("CL", "V", "KA")}
     arm_seeds = np.random.SeedSequence(seed).generate_state(len(ARMS))
     for a, arm_dose in enumerate(ARM_DOSE_MG):
         idx = np.flatnonzero(arm == a)
         if idx.size == 0:
             continue
         twin = simulate_cohort(Scenario(dose_mg=arm_dose, n_days=N_DAYS, schedule=SCHEDULE, name=ARMS[a]),
-                               covariates=cov.take(idx), seed=int(arm_seeds[a]), population=POPULATION,
+                               covariates=cov.take(idx), seed=int(arm_seeds[a]), model=MODEL,
                                trajectories=True)
         traj = twin.trajectories
         taken[idx], ae[idx] = traj["taken"], traj["ae"]
@@ -183,8 +188,8 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
 
     # sparse PK at visits: concentration some hours after that morning's dose
     pk_hours = rng.uniform(1.0, 10.0, (n, vd.size))
-    one_cpt = OneCompartment(cl=pk_params["cl"], v=pk_params["v"], ka=pk_params["ka"],
-                             tlag=POPULATION.tlag, f=POPULATION.f)
+    one_cpt = OneCompartment(cl=pk_params["CL"], v=pk_params["V"], ka=pk_params["KA"],
+                             tlag=float(_TYPICAL["tlag"][0]), f=float(_TYPICAL["f"][0]))
     doses = DoseRecord(times=24.0 * np.arange(N_DAYS), amounts=np.where(taken, dose[:, None], 0.0))
     pk_mg_l = concentration(one_cpt, doses, 24.0 * vd[None, :] + pk_hours)
     pk_ng_ml = 1000.0 * pk_mg_l * np.exp(rng.normal(0.0, PK_PROP_ERROR, pk_mg_l.shape))
@@ -280,6 +285,7 @@ def _organizations_and_locations() -> list[dict]:
 def _study(rec: DemoRecords) -> dict:
     return {
         "resourceType": "ResearchStudy", "id": STUDY_ID, "meta": _meta(),
+        "extension": [{"url": fm.STUDY_MODEL_EXTENSION, "valueCanonical": MODEL_DEFINITION.canonical}],
         "identifier": [{"system": "https://trialtwin.org/fhir/sid/study", "value": STUDY_IDENTIFIER}],
         "title": "TT-201: TTX-101 once daily in type 2 diabetes, a decentralized Phase II study",
         "status": "active",
@@ -327,6 +333,7 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
     Ids are derived from the participant and day, so the same records always give the same
     resources (and loading them with PUT twice changes nothing but versions).
     """
+    yield fm.definition_library(MODEL_DEFINITION)
     yield from _organizations_and_locations()
     product = _cc(CS + "investigational-product", "TTX-101", "TTX-101")
     placebo = _cc(CS + "investigational-product", "TTX-101-PBO", "TTX-101 matching placebo")

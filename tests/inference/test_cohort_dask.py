@@ -2,7 +2,20 @@
 import numpy as np
 import pytest
 
-from inference.cohort import Scenario, simulate_cohort, sweep
+from inference.cohort import Scenario
+from inference.cohort import simulate_cohort as _simulate_cohort
+from inference.cohort import sweep as _sweep
+from inference.model_definition import example_regimen
+
+MODEL = example_regimen()
+
+
+def simulate_cohort(*args, **kwargs):
+    return _simulate_cohort(*args, model=MODEL, **kwargs)
+
+
+def sweep(*args, **kwargs):
+    return _sweep(*args, model=MODEL, **kwargs)
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
