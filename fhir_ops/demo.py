@@ -499,6 +499,21 @@ def demo_study_exists(store) -> bool:
     return True
 
 
+def _ensure_demo_model(store) -> int:
+    """A demo study loaded before its model became a definition gets the definition Library and the
+    ResearchStudy extension that references it (there is no built-in twin any more). Returns the
+    number of resources written (0 when the study already references the definition)."""
+    study = store.read("ResearchStudy", STUDY_ID)
+    if fm.study_model_canonical(study) == MODEL_DEFINITION.canonical:
+        return 0
+    library = fm.definition_library(MODEL_DEFINITION)
+    entries = [{"resource": library, "request": {"method": "PUT", "url": f"Library/{library['id']}"}},
+               {"resource": fm.with_study_model(study, MODEL_DEFINITION.canonical),
+                "request": {"method": "PUT", "url": f"ResearchStudy/{STUDY_ID}"}}]
+    store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    return len(entries)
+
+
 def ensure_demo_study(store, participants: int = 200, seed: int = 7, batch_size: int = 2000,
                       progress: Callable[[int, int], None] | None = None) -> int:
     """Simulate and load TT-201 into ``store`` unless it is already there.
@@ -517,10 +532,11 @@ def ensure_demo_study(store, participants: int = 200, seed: int = 7, batch_size:
     Returns
     -------
     int
-        Number of resources loaded; 0 when the study was already present.
+        Number of resources loaded; 0 when the study was already present (2 when an existing demo
+        study only needed its model definition).
     """
     if demo_study_exists(store):
-        return 0
+        return _ensure_demo_model(store)
     resources = build_demo_resources(simulate_demo_records(seed=seed, n=participants))
     loaded = 0
     for bundle in demo_transactions(resources, batch_size):
