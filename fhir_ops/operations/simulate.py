@@ -217,7 +217,11 @@ def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
                         "dose once daily with the behaviour model's adherence")
     covariates = twin_fhir.member_covariates(records, model) if records is not None else None
     doses = []
-    for arm in arms:
+    used = set(np.unique(member_arm).tolist())
+    for a, arm in enumerate(arms):
+        if a not in used:  # an arm nobody is in (e.g. listed by the study, not yet randomized to)
+            doses.append(0.0)
+            continue
         dose = s["dose"] * twin_fhir.dose_factor(model) if s["dose"] is not None else _arm_dose(sm, arm)
         if dose is None:
             raise Unprocessable(f"Arm {arm!r} has no dose: {model.canonical} lists no arm of that name and the "

@@ -175,7 +175,8 @@ def test_definition_arms_give_the_doses_of_arms_of_the_same_name(server):
 
 def test_arm_without_a_dose_is_refused_unless_the_dose_is_given(server):
     base, _ = server
-    _study(base, "doseless", [{"name": "standard of care"}])
+    # an arm nobody is in needs no dose; one with members does
+    _study(base, "doseless", [{"name": "standard of care"}, {"name": "not yet used"}])
     _participant(base, "doseless-p0", "doseless", "standard of care", 80.0)
     resp = simulate(base, "ResearchStudy/doseless", params(horizonDays=7))
     assert resp.status_code == 422 and error_id(resp) == "arm-without-dose"
