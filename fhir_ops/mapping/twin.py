@@ -60,10 +60,23 @@ def model_description(model: DailyRegimen) -> str:
     return f"{model.title} ({model.canonical}); MAP + Laplace calibration"
 
 
-def _series_name(model: DailyRegimen, output: str) -> str | None:
-    """The participant mapping's series of a model output: the measurement whose code the definition lists."""
+def _series_name(model: DailyRegimen, output: str) -> str:
+    """The participant mapping's series of a model output: the measurement whose code the definition lists,
+    else the output's own series (``output:<name>``, read with :func:`output_codes`)."""
     codes = {(c["system"], c["code"]) for c in model.definition.outputs[model.outputs.index(output)]["observation"]["codes"]}
-    return next((name for name, (system, code, _) in MEASUREMENTS.items() if (system, code) in codes), None)
+    known = next((name for name, (system, code, _) in MEASUREMENTS.items() if (system, code) in codes), None)
+    return known or f"output:{output}"
+
+
+def output_codes(model: DailyRegimen) -> list[tuple[str, str, str, str]]:
+    """The codes of the model's outputs that the participant mapping does not know, as its ``extra_codes``
+    (series ``output:<name>``, in the output's observation unit): any study's assay is read."""
+    extra = []
+    for o in model.definition.outputs:
+        series = _series_name(model, o["name"])
+        if series.startswith("output:"):
+            extra += [(series, c["system"], c["code"], o["observation"]["unit"]) for c in o["observation"]["codes"]]
+    return extra
 
 
 def _covariate_key(model: DailyRegimen, covariate: dict) -> str | None:
@@ -119,7 +132,7 @@ def participant_data(record: ParticipantRecord, model: DailyRegimen) -> twin.Par
     """
     outputs, times, values = [], [], []
     for k, name in enumerate(model.outputs):
-        series = record.series.get(_series_name(model, name) or "")
+        series = record.series.get(_series_name(model, name))
         if series is None:
             continue
         factor = ucum_factor(series.unit, model.output_units[name])
@@ -139,7 +152,7 @@ def participant_data(record: ParticipantRecord, model: DailyRegimen) -> twin.Par
 
 def output_sources(record: ParticipantRecord, model: DailyRegimen) -> list[str]:
     """Versioned references of the observations of the model's outputs."""
-    return [ref for name in model.outputs for ref in record.series_sources.get(_series_name(model, name) or "", ())]
+    return [ref for name in model.outputs for ref in record.series_sources.get(_series_name(model, name), ())]
 
 
 def calibration_inputs(record: ParticipantRecord, model: DailyRegimen) -> list[str]:
@@ -347,7 +360,7 @@ def observed_parameters(record: ParticipantRecord, outputs, model: DailyRegimen)
     """The ``observed`` output parameter: the outcome observations the twin was calibrated on."""
     rows = []
     for name in outputs:
-        series = record.series.get(_series_name(model, name) or "")
+        series = record.series.get(_series_name(model, name))
         if series is None:
             continue
         factor = ucum_factor(series.unit, model.output_units[name])
@@ -543,5 +556,5 @@ __all__ = ["participant_data", "calibration_inputs", "forecast_start", "current_
            "read_twin_state", "posterior_of", "build_twin_state", "forecast_times", "forecast_parameters",
            "observed_parameters", "summary_parameters", "forecast_observations", "parameter_parameters",
            "arm_dose", "group_arm", "group_study", "arm_summary_parameters", "member_parameters", "member_covariates",
-           "model_version", "model_label", "model_description", "participant_covariates", "output_sources", "dose_factor",
+           "model_version", "model_label", "model_description", "output_codes", "participant_covariates", "output_sources", "dose_factor",
            "StoredTwin", "TWIN_STATE_PROFILE", "SIMULATED_FORECAST_PROFILE"]

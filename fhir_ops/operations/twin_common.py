@@ -152,7 +152,7 @@ def participant_twin(store, patient_id: str, sm: StudyModel, *, force: bool = Fa
     posterior when it was calibrated on exactly the data, model and prior there are now, otherwise a
     fresh calibration (not yet stored)."""
     model = sm.regimen
-    record = load_participant(store, patient_id)
+    record = load_participant(store, patient_id, twin_fhir.output_codes(model))
     data = twin_fhir.participant_data(record, model)
     inputs = sm.inputs + twin_fhir.calibration_inputs(record, model)
     device = model_device(store, model)

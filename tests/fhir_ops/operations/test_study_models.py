@@ -241,3 +241,51 @@ def test_study_simulation_runs_on_the_apps_executor(server):
             del app.extensions["trialtwin.executor"]
     assert Counting.submitted >= 3  # one chunk per arm at least
     assert entries(remote, "armSummary") == entries(local, "armSummary")
+
+
+def test_a_daily_regimen_study_with_its_own_assay_and_arms(server):
+    """Another study of the daily-regimen family, with its own URL, assay code (unknown to the participant
+    mapping's table) and unit: its participant is twinned from the observations its definition names."""
+    import copy
+
+    base, _ = server
+    raw = copy.deepcopy(TT201.to_json())
+    raw.update(url="https://example.org/fhir/Library/other-daily", version="1.0.0", name="other-daily",
+               arms=[{"name": "high", "dose": 100}])
+    raw["outputs"][0]["observation"] = {"codes": [{"system": "https://example.org/assay", "code": "XYZ-PK"}],
+                                        "unit": "ug/L"}
+    model = fm.compile_definition(raw)
+    library = fm.definition_library(model)
+    post(base, f"Library/{library['id']}", library)
+    _study(base, "own-assay", [{"name": "high"}], model=model.canonical)
+    _participant(base, "own-p0", "own-assay", "high", 80.0)
+    start = np.datetime64("2026-10-01T08:00:00")
+    for day in range(20):
+        when = str(start + np.timedelta64(24 * day, "h")) + "Z"
+        post(base, f"MedicationAdministration/own-p0-d{day}", {
+            "resourceType": "MedicationAdministration", "id": f"own-p0-d{day}", "status": "completed",
+            "medicationCodeableConcept": {"coding": [{"system": raw["dosing"][0]["medication"]["system"],
+                                                      "code": raw["dosing"][0]["medication"]["code"]}]},
+            "subject": {"reference": "Patient/own-p0"}, "effectiveDateTime": when,
+            "dosage": {"dose": {"value": 100, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}}})
+    for day, value in ((2, 1500.0), (19, 1900.0)):
+        when = str(start + np.timedelta64(24 * day + 3, "h")) + "Z"
+        post(base, f"Observation/own-p0-pk{day}", {
+            "resourceType": "Observation", "id": f"own-p0-pk{day}", "status": "final",
+            "code": {"coding": [{"system": "https://example.org/assay", "code": "XYZ-PK"}]},
+            "subject": {"reference": "Patient/own-p0"}, "effectiveDateTime": when,
+            "valueQuantity": {"value": value, "unit": "ug/L", "system": "http://unitsofmeasure.org", "code": "ug/L"}})
+    resp = simulate(base, "Patient/own-p0", params(horizonDays=7, seed=1, persist=True))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert single(body, "modelVersion") == model.canonical
+    observed = [o for o in entries(body, "observed") if o["output"] == "concentration"]
+    assert [o["value"] for o in observed] == [1500.0, 1900.0]  # ug/L read as ng/mL (same quantity)
+    conc = [r for r in entries(body, "forecast") if r["output"] == "concentration"]
+    assert conc and all(r["low"] < r["median"] < r["high"] for r in conc) and all(r["unit"] == "ng/mL" for r in conc)
+    state = requests.get(f"{base}/{single(body, 'twinState')['reference']}", timeout=30).json()
+    inputs = {e["valueReference"]["reference"] for e in state["extension"] if e["url"].endswith("/twin-calibrated-on")}
+    assert {f"Observation/own-p0-pk{d}/_history/1" for d in (2, 19)} <= inputs
+    assert any(ref.startswith(f"Library/{library['id']}/_history/") for ref in inputs)
+    cohort = simulate(base, "ResearchStudy/own-assay", params(horizonDays=7, stepHours=168))
+    assert cohort.status_code == 200 and {r["arm"] for r in entries(cohort.json(), "armSummary")} == {"high"}
