@@ -196,11 +196,6 @@ class DailyRegimen:
         """Definition covariate name -> participant attribute, for covariates that declare one."""
         return {c["name"]: c["participantAttribute"] for c in self.definition.covariates if "participantAttribute" in c}
 
-    def covariate_defaults(self) -> dict[str, float]:
-        """Definition covariate name -> default value (for participants without a value on record)."""
-        return {c["name"]: float(c["default"]) for c in self.definition.covariates
-                if c["type"] == "continuous" and "default" in c}
-
     # ------------------------------------------------------------------------------- parameters
 
     def _roles(self, section: str) -> Mapping[str, str]:
