@@ -605,11 +605,21 @@ class PopulationResult:
     completed: bool = True
 
 
+def _population_chunk(scenario: Scenario, covariates: Covariates, seed: int, population: TT201Population,
+                      days: np.ndarray) -> tuple[dict, dict]:
+    """One chunk of ``simulate_population``: each output on the summary days and on the last day."""
+    traj = simulate_cohort(scenario, covariates=covariates, seed=seed, population=population,
+                           trajectories=True).trajectories
+    values = {"concentration": NG_ML_PER_MG_L * traj["concentration"], "fpg": traj["fpg"], "hba1c": traj["hba1c"]}
+    return {o: values[o][:, days] for o in OUTPUTS}, {o: values[o][:, -1] for o in OUTPUTS}
+
+
 def simulate_population(arm_doses: Sequence[float], member_arm, *, horizon_days: int = 28,
                         covariates: Covariates | None = None, seed: int = 0, level: float = 0.9,
                         step_days: int = 1, arm_names: Sequence[str] | None = None,
                         population: TT201Population | None = None,
-                        on_chunk: Callable[[int, int], bool] | None = None) -> PopulationResult:
+                        on_chunk: Callable[[int, int], bool] | None = None,
+                        executor=None) -> PopulationResult:
     """Simulate a cohort twin from randomization under each arm's dose, vectorized, with per-arm summaries.
 
     Each arm is run through ``inference.cohort.simulate_cohort`` (PK/PD/HbA1c with behaviour:
@@ -636,6 +646,10 @@ def simulate_population(arm_doses: Sequence[float], member_arm, *, horizon_days:
     population : TT201Population, optional
     on_chunk : callable, optional
         ``on_chunk(done, total)`` after every chunk; returning False stops the run (cancel).
+    executor : optional
+        Where the chunks run (see ``inference.cohort.simulate_cohort``): None in this process;
+        a ``dask.distributed.Client`` or ``concurrent.futures`` executor gets every chunk at once
+        and the results are read back in chunk order, identical to the in-process run.
 
     Returns
     -------
@@ -674,16 +688,20 @@ def simulate_population(arm_doses: Sequence[float], member_arm, *, horizon_days:
               for idx in [np.flatnonzero(member_arm == a)] for i in range(0, idx.size, BLOCK_SIZE)]
     chunk_seeds = np.random.SeedSequence([seed, 1]).generate_state(max(len(chunks), 1))
     completed = True
+    tasks = [(Scenario(dose_mg=doses[a], n_days=int(horizon_days)), covariates.take(idx), int(chunk_seeds[c]),
+              population, days) for c, (a, idx) in enumerate(chunks)]
+    # on an executor every chunk is handed out at once so the workers run them side by side; only
+    # the summary days travel back, not the daily trajectories
+    futures = None if executor is None else [executor.submit(_population_chunk, *task) for task in tasks]
     for c, (a, idx) in enumerate(chunks):
-        result = simulate_cohort(Scenario(dose_mg=doses[a], n_days=int(horizon_days)), covariates=covariates.take(idx),
-                                 seed=int(chunk_seeds[c]), population=population, trajectories=True)
-        traj = result.trajectories
-        values = {"concentration": NG_ML_PER_MG_L * traj["concentration"], "fpg": traj["fpg"], "hba1c": traj["hba1c"]}
+        at_days, at_end = _population_chunk(*tasks[c]) if futures is None else futures[c].result()
         for o in OUTPUTS:
-            per_arm[o][a].append(values[o][:, days])
-            member_end[o][idx] = values[o][:, -1]
+            per_arm[o][a].append(at_days[o])
+            member_end[o][idx] = at_end[o]
         if on_chunk is not None and on_chunk(c + 1, len(chunks)) is False:
             completed = False
+            for future in futures or ():
+                future.cancel()
             break
     tail = (1.0 - level) / 2.0
     medians, lows, highs, sizes = [], [], [], []

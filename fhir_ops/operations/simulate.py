@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fhir_ops import executor
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
@@ -27,6 +28,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     if ctx.resource_type == "Patient":
         if params.get("memberOutputs"):
             raise InvalidRequest("Parameter 'memberOutputs' applies to Group and ResearchStudy, not Patient",
+                                 error_id="parameter-not-applicable")
+        if params.get("virtualParticipants") is not None:
+            raise InvalidRequest("Parameter 'virtualParticipants' applies to ResearchStudy, not Patient",
                                  error_id="parameter-not-applicable")
         # a participant of a study with a model definition gets that model's twin; others the built-in one
         defined = common.defined_twin(ctx.store, ctx.resource_id)
@@ -206,7 +210,13 @@ def _simulate_cohort(ctx: OperationContext, params: dict, s: dict) -> dict:
         warnings.append("adherence, missedDoseDay and intervalHours shape Patient forecasts; cohort simulations "
                         "dose once daily with the behaviour model's adherence")
     if ctx.resource_type == "Group":
+        if params.get("virtualParticipants") is not None:
+            raise InvalidRequest("Parameter 'virtualParticipants' applies to ResearchStudy; a Group of virtual "
+                                 "participants says how many with Group.actual=false and Group.quantity",
+                                 error_id="parameter-not-applicable")
         arms, member_arm, covariates, subjects = _group_members(ctx, store, warnings)
+    elif ctx.resource_type == "ResearchStudy" and params.get("virtualParticipants") is not None:
+        arms, member_arm, covariates, subjects = _study_virtual(ctx, store, params)
     elif ctx.resource_type == "ResearchStudy":
         arms, member_arm, covariates, subjects = _study_members(ctx, store, warnings)
     else:  # the registry only routes the definition's resource types here
@@ -218,7 +228,7 @@ def _simulate_cohort(ctx: OperationContext, params: dict, s: dict) -> dict:
             raise Unprocessable(f"Arm {arm!r} does not state a dose in mg (e.g. '50 mg' or 'placebo'); "
                                 "give the scenario dose with the 'dose' parameter", error_id="arm-without-dose")
         doses.append(dose)
-    ctx.progress(0.5 if ctx.resource_type == "ResearchStudy" or covariates is not None else 0.0,
+    ctx.progress(0.5 if covariates is not None else 0.0,
                  f"simulating {len(member_arm)} participants")
     base = 0.5 if covariates is not None else 0.0
 
@@ -228,7 +238,7 @@ def _simulate_cohort(ctx: OperationContext, params: dict, s: dict) -> dict:
 
     result = twin.simulate_population(doses, member_arm, horizon_days=s["horizon_days"], covariates=covariates,
                                       seed=s["seed"], level=s["level"], step_days=max(1, s["step_hours"] // 24),
-                                      arm_names=arms, on_chunk=on_chunk)
+                                      arm_names=arms, on_chunk=on_chunk, executor=executor.get_executor())
     out = {"armSummary": twin_fhir.arm_summary_parameters(result),
            "summary": [{"name": "participants", "value": int(sum(result.participants))},
                        {"name": "arms", "value": len([n for n in result.participants if n])}],
@@ -299,6 +309,17 @@ def _study_members(ctx: OperationContext, store, warnings: list[str]):
     records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
     arms = [a.get("name") for a in study.get("arm", []) if a.get("name")]
     return _arms_of(records, None, warnings, f"ResearchStudy/{ctx.resource_id}", arms)
+
+
+def _study_virtual(ctx: OperationContext, store, params: dict):
+    """Virtual participants of a study: its arms, randomized in turn, covariates sampled by the engine."""
+    quantity = int(common.number(params, "virtualParticipants", None, 1, MAX_PARTICIPANTS))
+    study = store.read("ResearchStudy", ctx.resource_id)
+    arms = tuple(a.get("name") for a in study.get("arm", []) if a.get("name"))
+    if not arms:
+        raise Unprocessable(f"ResearchStudy/{ctx.resource_id} names no arms (ResearchStudy.arm.name) to randomize "
+                            "virtual participants to", error_id="study-without-arms")
+    return arms, np.arange(quantity) % len(arms), None, [None] * quantity
 
 
 def _arms_of(records, fixed_arm, warnings, what, study_arms=None):
