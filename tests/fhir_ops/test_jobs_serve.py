@@ -136,3 +136,15 @@ def test_two_serve_processes_share_jobs_and_a_restart_keeps_results(servers):
     again = servers()
     assert again.poll(done_url).json() == expected
     assert again.poll(running_url).status_code == 500
+
+
+def test_serve_connects_at_start_up_and_closes_its_client_on_ctrl_c(servers):
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp://",
+                                  dashboard_address=None) as idle:
+        before = set(idle.scheduler.clients)
+        server = servers("--dask-scheduler", idle.scheduler_address)
+        assert len(set(idle.scheduler.clients) - before) == 1  # connected before the port was announced
+        server.proc.send_signal(signal.SIGINT)
+        # 130 (KeyboardInterrupt reached the CLI) or 0 (waitress took it first): no traceback, no hang
+        assert server.proc.wait(timeout=60) in (0, 130)
+        until(lambda: set(idle.scheduler.clients) == before, timeout=30)
