@@ -131,7 +131,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         still-running store read is stopped with a 503; writes are never cut; default 30, 0 for none), ``BASE_URL`` (external base for links, e.g.
         ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``), ``AUTH_MODE`` ("smart", the
         default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
-        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``).
+        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``),
+        ``DASK_SCHEDULER`` (``tcp://HOST:PORT`` of a Dask scheduler that runs cohort simulations) or
+        ``EXECUTOR`` (a ready ``dask.distributed.Client``; see :mod:`fhir_ops.executor`).
         Without ``test_config``, ``TRIALTWIN_*`` environment variables are read (``TRIALTWIN_DATA_DIR``).
 
     Returns
@@ -179,5 +181,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Browser SMART apps on other origins read discovery, /metadata and every FHIR route (CORS_ORIGINS)
     prefix = re.escape((app.config["FHIR_PREFIX"] or "").rstrip("/"))
     cors.init_app(app, [rf"{prefix}(/.*)?\Z" if prefix else r"/.*"])
+    from fhir_ops import executor
+
+    executor.init_app(app)  # cohort work in process, or on the Dask cluster of EXECUTOR / DASK_SCHEDULER
     rest.capability_statement(app)  # at start-up, once configured; not on the first GET /metadata
     return app

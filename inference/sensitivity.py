@@ -26,7 +26,7 @@ _Z90 = 1.6448536269514722
 
 def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tuple[float, float]],
                   names: Sequence[str] | None = None, n_base: int = 2 ** 12, seed: int = 0,
-                  num_resamples: int = 100) -> list[dict]:
+                  num_resamples: int = 100, executor=None, chunk_size: int = 8192) -> list[dict]:
     """First-order and total Sobol indices of ``model`` over independent uniform inputs.
 
     Parameters
@@ -41,6 +41,17 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tu
         Base sample size, a power of 2; the model is evaluated ``n_base * (d + 2)`` times.
     seed : int
         Seed of the scrambled Sobol sequence and of the bootstrap confidence intervals.
+    num_resamples : int
+        Bootstrap resamples of the confidence intervals.
+    executor : optional
+        Where the model runs: None in this process, in one call; otherwise anything with
+        ``submit(fn, *args)`` (a ``dask.distributed.Client``, a ``concurrent.futures`` executor)
+        gets the sample in row chunks of ``chunk_size``. The indices are identical to the
+        in-process run when ``model`` treats rows independently (as a vectorized model does);
+        on a cluster of processes ``model`` must pickle (a module-level function, or a closure
+        that cloudpickle can send).
+    chunk_size : int
+        Rows per chunk sent to ``executor``.
 
     Returns
     -------
@@ -70,7 +81,13 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tu
         raise ValueError("n_base must be a power of 2")
     problem = {"num_vars": d, "names": names, "bounds": [list(b) for b in bounds]}
     x = sobol_sample.sample(problem, n_base, calc_second_order=False, seed=seed)
-    y = np.asarray(model(x), dtype=float)
+    if executor is None:
+        y = np.asarray(model(x), dtype=float)
+    else:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        futures = [executor.submit(model, x[i:i + chunk_size]) for i in range(0, x.shape[0], chunk_size)]
+        y = np.concatenate([np.atleast_1d(np.asarray(f.result(), dtype=float)) for f in futures])
     if y.shape != (x.shape[0],):
         raise ValueError(f"model must return shape ({x.shape[0]},), got {y.shape}")
     if not np.all(np.isfinite(y)):

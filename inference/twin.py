@@ -373,6 +373,17 @@ class PopulationResult:
     completed: bool = True
 
 
+def _population_chunk(scenario: Scenario, covariates: Covariates, seed: int, model: DailyRegimen,
+                      days: np.ndarray) -> tuple[dict, dict]:
+    """One chunk of ``simulate_population``: each output on the summary days and on the last day."""
+    traj = dict(simulate_cohort(scenario, covariates=covariates, seed=seed, model=model,
+                                trajectories=True).trajectories)
+    pk_output = model.output_of("pk")
+    if pk_output is not None:
+        traj[pk_output] = model.output_scale[model.outputs.index(pk_output)] * traj["concentration"]
+    return {o: traj[o][:, days] for o in model.outputs}, {o: traj[o][:, -1] for o in model.outputs}
+
+
 def simulate_population(model: DailyRegimen, arm_doses: Sequence[float], member_arm, *, horizon_days: int = 28,
                         covariates: Covariates | None = None, seed: int = 0, level: float = 0.9,
                         step_days: int = 1, arm_names: Sequence[str] | None = None,
@@ -404,8 +415,9 @@ def simulate_population(model: DailyRegimen, arm_doses: Sequence[float], member_
     on_chunk : callable, optional
         ``on_chunk(done, total)`` after every chunk; returning False stops the run (cancel).
     executor : optional
-        Passed to :func:`inference.cohort.simulate_cohort` (e.g. a ``dask.distributed.Client``);
-        the result is the same as in process.
+        Where the chunks run (see ``inference.cohort.simulate_cohort``): None in this process;
+        a ``dask.distributed.Client`` or ``concurrent.futures`` executor gets every chunk at once
+        and the results are read back in chunk order, identical to the in-process run.
 
     Returns
     -------
@@ -446,19 +458,21 @@ def simulate_population(model: DailyRegimen, arm_doses: Sequence[float], member_
     chunks = [(a, idx[i:i + BLOCK_SIZE]) for a in range(len(doses))
               for idx in [np.flatnonzero(member_arm == a)] for i in range(0, idx.size, BLOCK_SIZE)]
     chunk_seeds = np.random.SeedSequence([seed, 1]).generate_state(max(len(chunks), 1))
-    pk_output = model.output_of("pk")
     completed = True
+    tasks = [(Scenario(dose_mg=doses[a], n_days=int(horizon_days)), covariates.take(idx), int(chunk_seeds[c]),
+              model, days) for c, (a, idx) in enumerate(chunks)]
+    # on an executor every chunk is handed out at once so the workers run them side by side; only
+    # the summary days travel back, not the daily trajectories
+    futures = None if executor is None else [executor.submit(_population_chunk, *task) for task in tasks]
     for c, (a, idx) in enumerate(chunks):
-        result = simulate_cohort(Scenario(dose_mg=doses[a], n_days=int(horizon_days)), covariates=covariates.take(idx),
-                                 seed=int(chunk_seeds[c]), model=model, trajectories=True, executor=executor)
-        traj = dict(result.trajectories)
-        if pk_output is not None:
-            traj[pk_output] = model.output_scale[outputs.index(pk_output)] * traj["concentration"]
+        at_days, at_end = _population_chunk(*tasks[c]) if futures is None else futures[c].result()
         for o in outputs:
-            per_arm[o][a].append(traj[o][:, days])
-            member_end[o][idx] = traj[o][:, -1]
+            per_arm[o][a].append(at_days[o])
+            member_end[o][idx] = at_end[o]
         if on_chunk is not None and on_chunk(c + 1, len(chunks)) is False:
             completed = False
+            for future in futures or ():
+                future.cancel()
             break
     tail = (1.0 - level) / 2.0
     medians, lows, highs, sizes = [], [], [], []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fhir_ops import executor
 from fhir_ops.errors import InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
@@ -29,6 +30,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     if ctx.resource_type == "Patient":
         if params.get("memberOutputs"):
             raise InvalidRequest("Parameter 'memberOutputs' applies to Group and ResearchStudy, not Patient",
+                                 error_id="parameter-not-applicable")
+        if params.get("virtualParticipants") is not None:
+            raise InvalidRequest("Parameter 'virtualParticipants' applies to ResearchStudy, not Patient",
                                  error_id="parameter-not-applicable")
         sm = common.participant_model(ctx.store, ctx.resource_id)
         if sm.regimen is None:
@@ -205,7 +209,13 @@ def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
     store = ctx.store
     warnings: list[str] = []
     if ctx.resource_type == "Group":
+        if params.get("virtualParticipants") is not None:
+            raise InvalidRequest("Parameter 'virtualParticipants' applies to ResearchStudy; a Group of virtual "
+                                 "participants says how many with Group.actual=false and Group.quantity",
+                                 error_id="parameter-not-applicable")
         sm, arms, member_arm, records, subjects = _group_members(ctx, store, warnings)
+    elif ctx.resource_type == "ResearchStudy" and params.get("virtualParticipants") is not None:
+        sm, arms, member_arm, records, subjects = _study_virtual(ctx, store, params)
     elif ctx.resource_type == "ResearchStudy":
         sm, arms, member_arm, records, subjects = _study_members(ctx, store, warnings)
     else:  # the registry only routes the definition's resource types here
@@ -238,7 +248,7 @@ def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
 
     result = twin.simulate_population(model, doses, member_arm, horizon_days=s["horizon_days"], covariates=covariates,
                                       seed=s["seed"], level=s["level"], step_days=max(1, s["step_hours"] // 24),
-                                      arm_names=arms, on_chunk=on_chunk, executor=_executor())
+                                      arm_names=arms, on_chunk=on_chunk, executor=executor.get_executor())
     out = {"armSummary": twin_fhir.arm_summary_parameters(result, model),
            "summary": [{"name": "participants", "value": int(sum(result.participants))},
                        {"name": "arms", "value": len([n for n in result.participants if n])}],
@@ -262,14 +272,6 @@ def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
     return out
 
 
-def _executor():
-    """The app's distributed executor (``trialtwin serve --dask-scheduler``), None to run in process."""
-    try:
-        from flask import current_app
-
-        return current_app.extensions.get("trialtwin.executor")
-    except RuntimeError:  # outside an app context
-        return None
 
 
 def _arm_dose(sm: common.StudyModel, arm: str) -> float | None:
@@ -389,6 +391,18 @@ def _study_members(ctx: OperationContext, store, warnings: list[str]):
     records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
     arms = [a.get("name") for a in study.get("arm", []) if a.get("name")]
     return (sm,) + _arms_of(records, None, warnings, f"ResearchStudy/{ctx.resource_id}", arms)
+
+
+def _study_virtual(ctx: OperationContext, store, params: dict):
+    """Virtual participants of a study: its arms, randomized in turn, covariates sampled by the engine."""
+    quantity = int(common.number(params, "virtualParticipants", None, 1, MAX_PARTICIPANTS))
+    study = store.read("ResearchStudy", ctx.resource_id)
+    sm = _cohort_model(common.study_model_of(store, study), f"ResearchStudy/{ctx.resource_id}")
+    arms = tuple(a.get("name") for a in study.get("arm", []) if a.get("name"))
+    if not arms:
+        raise Unprocessable(f"ResearchStudy/{ctx.resource_id} names no arms (ResearchStudy.arm.name) to randomize "
+                            "virtual participants to", error_id="study-without-arms")
+    return sm, arms, np.arange(quantity) % len(arms), None, [None] * quantity
 
 
 def _arms_of(records, fixed_arm, warnings, what, study_arms=None):

@@ -22,13 +22,9 @@ pytestmark = [pytest.mark.unit, pytest.mark.slow]
 distributed = pytest.importorskip("distributed", reason="the 'dask' extra is part of the test install")
 
 
-@pytest.fixture(scope="module")
-def client():
-    # processes, not threads: chunks travel pickled to other interpreters, as on a real cluster
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  death_timeout=120) as cluster, distributed.Client(cluster) as c:
-        c.wait_for_workers(2, timeout=120)
-        yield c
+@pytest.fixture
+def client(dask_client):
+    return dask_client
 
 
 def test_twenty_thousand_participants_identical_to_in_process(client):
