@@ -275,8 +275,8 @@ def _as_2d_times(times, n):
 def concentration(model, doses: DoseRecord, times) -> np.ndarray:
     """Central concentration (mg/L) of ``n`` participants at ``times`` (h) after ``doses``.
 
-    Linear models (:class:`OneCompartment`, :class:`TwoCompartment`, :class:`ThreeCompartment`) use exact superposition of
-    closed-form single-dose responses; :class:`MichaelisMenten` integrates the stacked ODE of all
+    Linear models (:class:`OneCompartment`, :class:`TwoCompartment`, :class:`ThreeCompartment`) use exact
+    superposition of closed-form single-dose responses; :class:`MichaelisMenten` integrates the stacked ODE of all
     participants with ``scipy.integrate.solve_ivp``. A dose given at time ``t`` is included in
     the concentration at ``t`` (IV bolus).
 

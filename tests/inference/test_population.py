@@ -165,8 +165,8 @@ def test_each_output_uses_its_own_residual_error():
 def test_unchecked_replace_equals_the_validated_copy_and_still_refuses_what_would_break_a_fit():
     from inference.population import _unchecked_replace
 
-    model = PopulationModel(("a", "b"), [0.0, 1.0], ("a", "b"), np.diag([0.1, 0.2]), ResidualError("additive", additive=1.0),
-                            omega_structure="full")
+    model = PopulationModel(("a", "b"), [0.0, 1.0], ("a", "b"), np.diag([0.1, 0.2]),
+                            ResidualError("additive", additive=1.0), omega_structure="full")
     fast = _unchecked_replace(model, theta=[0.5, 1.5], omega=[[0.2, 0.05], [0.05, 0.3]])
     slow = model.replace(theta=[0.5, 1.5], omega=[[0.2, 0.05], [0.05, 0.3]])
     for field in ("parameters", "random_effects", "error", "covariate_effects", "omega_structure"):

@@ -64,5 +64,6 @@ def test_one_replicate_over_fhir_equals_the_in_process_fit(fhir, tmp_path, name)
     for parameter, true_value in truth_of(name).items():
         assert estimates[parameter]["estimate"] == pytest.approx(local[parameter][0], abs=1e-6)
         # the interval reported over FHIR is the in-process one
-        assert [estimates[parameter]["low"], estimates[parameter]["high"]] == pytest.approx(local[parameter][2], abs=1e-6)
+        reported = [estimates[parameter]["low"], estimates[parameter]["high"]]
+        assert reported == pytest.approx(local[parameter][2], abs=1e-6)
         assert estimates[parameter]["low"] <= true_value <= estimates[parameter]["high"]
