@@ -31,7 +31,7 @@ import numpy as np
 
 from inference.dosing import DoseRecord
 from inference.pd import IndirectResponse, sigmoid_emax, simulate_idr
-from inference.pk import MichaelisMenten, OneCompartment, TwoCompartment, concentration
+from inference.pk import MichaelisMenten, OneCompartment, ThreeCompartment, TwoCompartment, concentration
 from inference.population import CovariateEffect, ObservationData, PopulationModel, ResidualError
 from inference.regimen import DAILY_AVERAGE, DailyRegimen, family_issues, with_derived
 
@@ -49,6 +49,7 @@ UnitFactor = Callable[[str, str], float]
 _PK_ROLES = {
     (1, "linear"): ([{"CL", "V"}, {"CL", "KE"}, {"KE", "V"}], set()),
     (2, "linear"): ([{"CL", "V", "Q", "V2"}], set()),
+    (3, "linear"): ([{"CL", "V", "Q", "V2", "Q3", "V3"}], set()),
     (1, "michaelis-menten"): ([{"VMAX", "KM", "V"}], set()),
 }
 _ABSORPTION_ROLES = ({"KA"}, {"TLAG", "F"})
@@ -194,7 +195,7 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
     []
     >>> d["pk"]["compartments"] = 7
     >>> [str(i) for i in check_definition(d)]
-    ['$.pk.compartments: 7-compartment models are not supported (use 1 or 2 with linear elimination, 1 with michaelis-menten)']
+    ['$.pk.compartments: 7-compartment models are not supported (use 1, 2 or 3 with linear elimination, 1 with michaelis-menten)']
     """
     import jsonschema
 
@@ -248,7 +249,7 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
         key = (pk["compartments"], pk["elimination"])
         if key not in _PK_ROLES:
             add("$.pk.compartments", f"{pk['compartments']}-compartment models are not supported "
-                "(use 1 or 2 with linear elimination, 1 with michaelis-menten)")
+                "(use 1, 2 or 3 with linear elimination, 1 with michaelis-menten)")
         else:
             required, optional = _PK_ROLES[key]
             absorption = pk.get("absorption", "none")
@@ -575,6 +576,8 @@ class ModelDefinition:
                 r["CL"] = r["KE"] * r["V"]
         if pk["compartments"] == 1:
             return OneCompartment(cl=r["CL"], v=r["V"], **extra)
+        if pk["compartments"] == 3:
+            return ThreeCompartment(cl=r["CL"], v=r["V"], q=r["Q"], v2=r["V2"], q3=r["Q3"], v3=r["V3"], **extra)
         return TwoCompartment(cl=r["CL"], v=r["V"], q=r["Q"], v2=r["V2"], **extra)
 
     def _concentration(self, nat, data: ObservationData, grid: np.ndarray) -> np.ndarray:
