@@ -301,7 +301,7 @@ def information_weights(plan: VisitPlan, sigma: float, tau_per_day: float) -> np
     --------
     >>> plan = VisitPlan((PlannedVisit("a", 28, 21, 35), PlannedVisit("b", 84, 77, 91)), 14, 6.0)
     >>> [round(float(w), 3) for w in information_weights(plan, 0.12, 0.01)]
-    [0.924, 1.076]
+    [0.925, 1.075]
     """
     if not (sigma > 0 and tau_per_day >= 0):
         raise ValueError("sigma must be > 0 and tau_per_day >= 0")
