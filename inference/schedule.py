@@ -263,7 +263,8 @@ def miss_probability(model: BehaviourModel, people: Participants, plan: VisitPla
 
     The attendance logit of :mod:`inference.behaviour` with the protocol's 30-day visit count,
     averaged over a recent adverse event (probability ``1 - (1 - ae_background)^ae_window_days``)
-    and a missed previous visit (the in-person miss probability of the same participant, one pass).
+    and a missed previous visit (the previous visit's miss rate in its default modality; none before the
+    first visit).
 
     Examples
     --------
@@ -282,7 +283,11 @@ def miss_probability(model: BehaviourModel, people: Participants, plan: VisitPla
     in_person = base + m.attend_in_person + m.attend_distance_per_10km * people.distance_km[:, None] / 10.0
     logits = np.stack([in_person, np.broadcast_to(base, in_person.shape)], axis=-1)
     p_ae = 1.0 - (1.0 - m.ae_background) ** m.ae_window_days
-    q_prev = 1.0 - _logistic(logits[..., :1])  # missed previous visit: the in-person rate as a first guess
+    # a missed previous visit: the previous visit's miss rate in its default modality (one pass); none before the first
+    default_remote = np.array([v.default_modality == REMOTE for v in plan.visits])
+    prev_logit = np.where(default_remote, logits[..., 1], logits[..., 0])
+    q_prev = np.zeros(logits.shape[:2] + (1,))
+    q_prev[:, 1:, 0] = 1.0 - _logistic(prev_logit[:, :-1])
     attend = 0.0
     for ae, w_ae in ((0.0, 1.0 - p_ae), (1.0, p_ae)):
         for missed, w_m in ((0.0, 1.0 - q_prev), (1.0, q_prev)):
