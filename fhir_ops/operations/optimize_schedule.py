@@ -205,6 +205,24 @@ def _same(existing: dict, new: dict) -> bool:
     return {k: v for k, v in existing.items() if k not in strip} == {k: v for k, v in new.items() if k not in strip}
 
 
+def _stale_proposals(store, careplan: dict | None, keep: set[str]) -> list[dict]:
+    """Appointments the stored CarePlan links that are still ``proposed`` but not proposed again: cancelled now."""
+    stale = []
+    for activity in (careplan or {}).get("activity", []):
+        ref = (activity.get("reference") or {}).get("reference", "")
+        if not ref.startswith("Appointment/") or ref in keep:
+            continue
+        try:
+            appt = store.read("Appointment", ref.split("/", 1)[1])
+        except (NotFound, Gone):
+            continue
+        if appt.get("status") == "proposed":
+            stale.append({**appt, "status": "cancelled",
+                          "cancelationReason": {"text": "No longer proposed: a later $optimize-schedule run for "
+                                                        "another data cut does not schedule this visit"}})
+    return stale
+
+
 def _persist(ctx: OperationContext, plan: StudyPlan, enrolled: Enrolled, schedule: Schedule, visits: list[dict],
              issues: list[dict]) -> dict:
     store = ctx.store
@@ -237,7 +255,9 @@ def _persist(ctx: OperationContext, plan: StudyPlan, enrolled: Enrolled, schedul
                 appt = next(r for r in resources if r["resourceType"] == "Appointment"
                             and r["description"].startswith(part["visit"] + ":"))
                 part["appointment"] = {"reference": refs[appt["id"]]}
-            if all(r["id"] in existing and _same(existing[r["id"]], r) for r in resources):
+            # proposed visits of an earlier run that this run no longer schedules (their target day passed)
+            stale = _stale_proposals(store, existing.get(resources[-1]["id"]), set(refs.values()))
+            if not stale and all(r["id"] in existing and _same(existing[r["id"]], r) for r in resources):
                 unchanged += 1
                 continue
             written += 1
@@ -246,6 +266,10 @@ def _persist(ctx: OperationContext, plan: StudyPlan, enrolled: Enrolled, schedul
                 version = int(old["meta"]["versionId"]) if old else 0
                 entries.append(put_entry(r, f'W/"{version}"' if old else None))
                 targets.append(f"{refs[r['id']]}/_history/{version + 1}")
+            for appt in stale:
+                version = int(appt["meta"]["versionId"])
+                entries.append(put_entry({k: v for k, v in appt.items() if k != "meta"}, f'W/"{version}"'))
+                targets.append(f"Appointment/{appt['id']}/_history/{version + 1}")
         out = {"carePlan": careplans, "written": written, "unchanged": unchanged}
         if not entries:
             return out

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.api
 READ_TYPES = {"Organization", "Location", "PlanDefinition", "ResearchStudy", "Patient", "ResearchSubject",
               "Appointment"}
 AS_OF = (demo.STUDY_START + dt.timedelta(days=demo.DATA_CUTOFF_DAY)).isoformat()
+LATER_START = dt.date(2027, 3, 1)
 
 
 def _put(r):
@@ -70,7 +71,14 @@ def study(module_fhir):
                    "site": [{"reference": "Location/tt201-loc-north"}]}),
              _put({"resourceType": "ResearchSubject", "id": "tight-rs", "status": "on-study",
                    "study": {"reference": "ResearchStudy/tight"}, "individual": {"reference": "Patient/tt201-p001"},
-                   "period": {"start": demo.STUDY_START.isoformat()}})]
+                   "period": {"start": demo.STUDY_START.isoformat()}}),
+             # a second study on the demo's plan, for the test that re-runs with a later cut
+             _put({"resourceType": "ResearchStudy", "id": "later", "status": "active",
+                   "protocol": [{"reference": "PlanDefinition/tt201-visit-plan"}],
+                   "site": [{"reference": "Location/tt201-loc-north"}]}),
+             _put({"resourceType": "ResearchSubject", "id": "later-rs", "status": "on-study",
+                   "study": {"reference": "ResearchStudy/later"}, "individual": {"reference": "Patient/tt201-p001"},
+                   "period": {"start": LATER_START.isoformat()}})]
     assert fhir.transaction(extra).status_code == 200
     return fhir
 
@@ -187,3 +195,21 @@ def test_bad_input_is_a_4xx_outcome_and_writes_nothing(study, target, params, st
 def test_get_is_refused_because_the_operation_writes(study):
     r = study.get("ResearchStudy/tt-201/$optimize-schedule")
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
+
+
+def test_a_later_cut_cancels_proposals_it_no_longer_makes(study):
+    # a study of its own: the tt-201 proposal stays as it is for the other tests
+    body = lambda as_of: _params(asOf=as_of, replicates=20, study={"reference": "ResearchStudy/later"})  # noqa: E731
+    early = study.post("Patient/tt201-p001/$optimize-schedule", body(LATER_START.isoformat()))
+    assert early.status_code == 200, early.text[:500]
+    first = {v["visit"]: v["appointment"]["reference"] for v in _visits(early.json())}
+    assert len(first) == 6
+    later = study.post("Patient/tt201-p001/$optimize-schedule",
+                       body((LATER_START + dt.timedelta(days=60)).isoformat()))
+    assert later.status_code == 200, later.text[:500]
+    kept = {v["visit"] for v in _visits(later.json())}
+    assert kept == set(list(first)[2:])  # weeks 4 and 8 lie before the new cut
+    for visit, ref in first.items():
+        assert study.get(ref).json()["status"] == ("proposed" if visit in kept else "cancelled")
+    careplan = study.get(_one(later.json(), "carePlan")["valueReference"]["reference"]).json()
+    assert {a["reference"]["reference"] for a in careplan["activity"]} == {first[v] for v in kept}
