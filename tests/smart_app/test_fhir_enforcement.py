@@ -251,10 +251,16 @@ def test_schedule_optimisation_is_held_to_the_compartment_and_write_scopes(combi
     assert other.status_code == 403 and outcome_id(other) == "outside-compartment"
     study = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$optimize-schedule", p1_read, json=dry_run)
     assert study.status_code == 403
-    # proposals are Appointments, CarePlans and a Provenance: a read-only token may only ask with persist=false
+    # proposals are Appointments, CarePlans and a Provenance: a read-only token may not store them
     persisting = call("POST", url.format(P1), p1_read, json=EMPTY)
     assert persisting.status_code == 403 and outcome_id(persisting) == "insufficient-scope"
-    asked = call("POST", url.format(P1), p1_read, json=dry_run)
+    # even on its own Patient the schedule weighs other participants' appointments against the site's
+    # capacity: nothing a patient-limited token may see, so it is refused with persist=false too
+    own = call("POST", url.format(P1), p1_read, json=dry_run)
+    assert own.status_code == 403 and outcome_id(own) == "cross-patient-operation"
+    assert "capacity" in own.json()["issue"][0]["diagnostics"]
+    clinician = combined.user_token("user/*.rs", patient=P1)["access_token"]
+    asked = call("POST", url.format(P1), clinician, json=dry_run)
     assert asked.status_code != 403, asked.text
 
 
