@@ -10,10 +10,10 @@ import pytest
 
 from .conftest import combined_server
 from .helpers import UserAgent
+from .test_browser import ARTIFACTS, browser, launch_from_simulator  # noqa: F401
 from .test_clinician_app import launch
 from .test_study_results import Loader, _section
 
-pytestmark = pytest.mark.api
 N = 8
 
 
@@ -55,6 +55,7 @@ def _page(combined, **context):
     return page.text
 
 
+@pytest.mark.api
 def test_study_view_shows_the_proposal_and_its_gains_without_storing_anything(served):
     combined, loader = served
     before = loader.count("Appointment")
@@ -70,6 +71,7 @@ def test_study_view_shows_the_proposal_and_its_gains_without_storing_anything(se
     assert loader.count("Appointment") == before  # persist=false: a page view stores nothing
 
 
+@pytest.mark.api
 def test_study_without_a_plan_gets_a_sentence(served):
     combined, _ = served
     panel = _section(_page(combined, study="tt-201"), "schedule-h")  # the demo's visits lie in the past (or are due)
@@ -78,6 +80,7 @@ def test_study_without_a_plan_gets_a_sentence(served):
     assert 'id="schedule-message"' in noplan and "HTTP" not in noplan
 
 
+@pytest.mark.api
 def test_participant_view_shows_the_stored_proposal_with_modality_and_dates(served):
     combined, loader = served
     empty = _section(_page(combined, patient="sched-p7"), "proposed-h")
@@ -89,3 +92,25 @@ def test_participant_view_shows_the_stored_proposal_with_modality_and_dates(serv
     assert [v for v, _, _ in rows] == [f"Visit {k} (week {4 * k})" for k in range(1, 7)]
     assert {m for _, _, m in rows} <= {"In person", "Remote (virtual)"}
     assert rows[2][2] == "In person" and rows[5][2] == "In person"  # on-site PK sampling at weeks 12 and 24
+
+
+@pytest.mark.browser
+def test_the_schedule_panels_fit_400_px(browser, served):  # noqa: F811
+    combined, loader = served
+    r = loader.post("ResearchStudy/sched/$optimize-schedule", [{"name": "replicates", "valueInteger": 20}])
+    assert r.status_code == 200, r.text[:400]
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    page = context.new_page()
+    try:
+        launch_from_simulator(page, combined, study="sched")
+        assert page.locator("#schedule-summary").is_visible()
+        assert page.locator("#schedule-changes tbody tr").count() >= 1
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400  # no sideways scroll
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#schedule").screenshot(path=str(ARTIFACTS / "study-schedule-400.png"))
+        launch_from_simulator(page, combined, patient="sched-p3")
+        assert page.url == f"{combined.base}/app/patient/sched-p3"
+        assert page.locator("#proposed-table tbody tr").count() == 6
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400
+    finally:
+        context.close()
