@@ -508,6 +508,9 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
             raise _forbidden(f"{op.name} at {level} level is not limited to one patient; a token limited to "
                              f"Patient/{patient} may run operations on that patient only")
         _require_in_compartment(access, resource_type, resource_id, patient)
+        if op.cross_patient:  # after the compartment check: another patient's id stays "outside-compartment"
+            raise _forbidden(f"{op.name} {op.cross_patient}; a token limited to Patient/{patient} cannot run it",
+                             "cross-patient-operation")
 
 
 def _require_system(access, name: str) -> None:

@@ -49,6 +49,17 @@ AE_SEVERITY_P = (0.65, 0.30, 0.05)
 
 COVARIATES = MODEL.covariate_model
 _TYPICAL = MODEL.natural(np.asarray(MODEL.population.theta)[None, :])
+#: the protocol's visit plan (PlanDefinition tt201-visit-plan, read by $optimize-schedule): a window of
+#: +-7 days around each visit after baseline; PK sampling at week 12 and the end-of-treatment visit
+#: (week 24) must be done at the site; site staff hours per visit in person / remotely; per site and day
+#: SITE_CAPACITY_HOURS staff hours; MIN_SPACING_DAYS between two visits of one participant
+PLAN_ID = "tt201-visit-plan"
+VISIT_WINDOW_DAYS = 7
+ON_SITE_VISITS = (3, 6)
+SITE_HOURS = (1.5, 0.5)
+SITE_CAPACITY_HOURS = 6.0
+MIN_SPACING_DAYS = 14
+
 SCHEDULE = VisitSchedule(days=np.asarray(VISIT_DAYS[1:]), remote=np.asarray(VISIT_REMOTE[1:]))
 # observation model on top of the twin: assay and device noise
 PK_PROP_ERROR = 0.15
@@ -296,6 +307,7 @@ def _study(rec: DemoRecords) -> dict:
         "period": {"start": STUDY_START.isoformat()},
         "sponsor": _ref("Organization", "tt201-sponsor"),
         "site": [_ref("Location", f"tt201-loc-{key}") for key, *_ in SITES],
+        "protocol": [_ref("PlanDefinition", PLAN_ID)],
         "description": (f"Synthetic demo study: {rec.n} participants randomized 1:1:1 to placebo, 50 mg or "
                         f"100 mg TTX-101 once daily for 24 weeks; monthly visits in person or virtual; "
                         f"home scale, wearable and home blood-pressure readings. Simulated by the TrialTwin "
@@ -306,6 +318,52 @@ def _study(rec: DemoRecords) -> dict:
                  "description": "Matching placebo once daily" if i == 0 else f"TTX-101 {name} orally once daily"}
                 for i, name in enumerate(ARMS)],
     }
+
+
+def _visit_plan() -> dict:
+    """The protocol's visit plan as a PlanDefinition (profiles: visit-scheduling, visit-plan-constraints)."""
+    sd = "https://trialtwin.org/fhir/StructureDefinition/"
+    modality = CS + "visit-modality"
+    days = {"unit": "d", "system": UCUM, "code": "d"}
+    hours = {"unit": "h", "system": UCUM, "code": "h"}
+    actions = []
+    for v, day in enumerate(VISIT_DAYS):
+        if v == 0:
+            continue  # the baseline visit randomizes: it is never rescheduled
+        on_site = v in ON_SITE_VISITS
+        allowed = ("in-person",) if on_site else ("in-person", "virtual")
+        assessments = [{"id": f"v{v}-hba1c", "title": "HbA1c and fasting glucose (home kit or site lab)",
+                        "code": [_cc(LOINC, "4548-4", MEASURES["hba1c"][1])]}]
+        if on_site:
+            assessments.append({
+                "id": f"v{v}-pk", "title": "TTX-101 plasma concentration (site draw, timed after the dose)",
+                "code": [_cc(CS + "assay", "TTX101-PK", "TTX-101 plasma concentration")],
+                "extension": [{"url": sd + "on-site-required", "valueBoolean": True}]})
+        actions.append({
+            "id": f"v{v}", "title": f"Visit {v} (week {day // 7})",
+            "extension": [{"url": sd + "visit-scheduling", "extension": [
+                {"url": "targetDay", "valueDuration": {"value": day, **days}},
+                *({"url": "modality", "valueCoding": {"system": modality, "code": m}} for m in allowed),
+                {"url": "defaultModality", "valueCoding": {
+                    "system": modality, "code": "virtual" if VISIT_REMOTE[v] else "in-person"}},
+                {"url": "siteHours", "valueQuantity": {"value": SITE_HOURS[0], **hours}},
+                {"url": "remoteSiteHours", "valueQuantity": {"value": SITE_HOURS[1], **hours}}]}],
+            "timingRange": {"low": {"value": max(day - VISIT_WINDOW_DAYS, 0), **days},
+                            "high": {"value": day + VISIT_WINDOW_DAYS, **days}},
+            "action": assessments})
+    return {
+        "resourceType": "PlanDefinition", "id": PLAN_ID, "meta": _meta(),
+        "url": f"https://trialtwin.org/fhir/PlanDefinition/{PLAN_ID}", "version": "1",
+        "name": "TT201VisitPlan", "title": "TT-201 visit schedule", "status": "active",
+        "type": _cc("http://terminology.hl7.org/CodeSystem/plan-definition-type", "clinical-protocol",
+                    "Clinical Protocol"),
+        "extension": [{"url": sd + "visit-plan-constraints", "extension": [
+            {"url": "siteCapacity", "valueQuantity": {"value": SITE_CAPACITY_HOURS, "unit": "h/d", "system": UCUM,
+                                                      "code": "h/d"}},
+            {"url": "minSpacing", "valueDuration": {"value": MIN_SPACING_DAYS, **days}}]}],
+        "description": "Monthly visits for 24 weeks after the baseline visit; each may move within its window "
+                       "and, unless an on-site assessment is due, be done remotely.",
+        "action": actions}
 
 
 def _observation(oid: str, key: str, patient: str, when: str, quantity: dict, *,
@@ -335,6 +393,7 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
     """
     yield fm.definition_library(MODEL_DEFINITION)
     yield from _organizations_and_locations()
+    yield _visit_plan()
     product = _cc(CS + "investigational-product", "TTX-101", "TTX-101")
     placebo = _cc(CS + "investigational-product", "TTX-101-PBO", "TTX-101 matching placebo")
     oral = _cc(SNOMED, "26643006", "Oral route")
