@@ -171,6 +171,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops.operations import registry
 
     registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
+    from fhir_ops.audit import recorder
+
+    # before auth: its hooks run first before each request and last after it (refusals are recorded too)
+    recorder.init_app(app)
     from fhir_ops import auth
 
     auth.init_app(app)  # SMART enforcement (AUTH_MODE smart) or none (open)
