@@ -131,7 +131,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         still-running store read is stopped with a 503; writes are never cut; default 30, 0 for none), ``BASE_URL`` (external base for links, e.g.
         ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``), ``AUTH_MODE`` ("smart", the
         default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
-        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``).
+        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``),
+        ``AUDIT`` ("auto", the default, "on" or "off"; see :func:`fhir_ops.audit.recorder.init_app`),
+        ``STUDY_WIDE_ROLES`` (PractitionerRole codes that see every site; see docs/audit.md).
         Without ``test_config``, ``TRIALTWIN_*`` environment variables are read (``TRIALTWIN_DATA_DIR``).
 
     Returns

@@ -131,12 +131,15 @@ def _begin():
         return None  # outside the FHIR base (landing page) and CORS preflights carry no data
     given = request.headers.get("X-Request-Id", "")
     rid = given if REQUEST_ID.match(given) else str(uuid.uuid4())
-    state = {"id": rid, "wrote": False, "path": path}
+    state = {"id": rid, "wrote": False, "path": path, "written": []}
     g.trialtwin_audit = state
 
     def hook(written: list) -> tuple[str, str]:
+        entries = [_written_entry(*w) for w in written]
+        # kept here for this request's record; the row the store commits with the write is for recovery
+        state["written"] += entries
         state["wrote"] = True
-        return rid, json.dumps([_written_entry(*w) for w in written], separators=(",", ":"))
+        return rid, json.dumps(entries, separators=(",", ":"))
 
     state["token"] = WRITE_AUDIT.set(hook)
     if _reads_audit(path):
@@ -175,9 +178,7 @@ def _record(response: Response) -> Response:
     recorder = recorder_of(current_app)
     response.headers["X-Request-Id"] = state["id"]
     try:
-        written = [w for text in recorder.store.audit_pending(state["id"]) for w in json.loads(text)] \
-            if state["wrote"] else []
-        event = audit_event(_access(response, state, written))
+        event = audit_event(_access(response, state, state["written"]))
         recorder.store.append_audit([event], settle=state["id"] if state["wrote"] else None)
     except Exception:
         log.exception("the audit record of request %s could not be written", state["id"])
