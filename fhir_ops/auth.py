@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import replace
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, g, has_request_context, request
 
 from fhir_ops.errors import FhirError, Forbidden, Gone, NotFound
 from smart_app.scopes import interaction_code
@@ -255,6 +255,8 @@ def site_scope(access) -> SiteScope | None:
     """
     if access is None:
         return None
+    if not has_request_context():  # e.g. an export job's thread: no request to cache on
+        return _resolve_sites(access.user)
     cached = g.get("trialtwin_site_scope", False)
     if cached is not False:
         return cached
@@ -563,7 +565,8 @@ def _check_search(access, resource_type):
 
 def _check_create(access, resource_type):
     patient = access.require("create", resource_type)
-    _require_site_body(access, _body() if (_body() or {}).get("resourceType") == resource_type else None)
+    new = _body()
+    _require_site_body(access, new if (new or {}).get("resourceType") == resource_type else None)
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         body = _body()
@@ -577,7 +580,8 @@ def _check_create(access, resource_type):
 def _check_update(access, resource_type, resource_id):
     patient = access.require("update", resource_type)
     _require_site(access, resource_type, resource_id, missing_ok=True)
-    _require_site_body(access, _body() if (_body() or {}).get("resourceType") == resource_type else None)
+    new = _body()
+    _require_site_body(access, new if (new or {}).get("resourceType") == resource_type else None)
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         existing = _read_existing(resource_type, resource_id)
