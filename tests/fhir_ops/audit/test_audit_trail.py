@@ -77,7 +77,7 @@ def test_a_thousand_mixed_requests_leave_exactly_one_matching_audit_event_each(s
         expected[rid] = (kind, status, set(patients), exact)
         return response
 
-    kinds = ["read", "read-obs", "search", "create", "update", "delete", "operation", "transaction",
+    kinds = ["read", "read-obs", "search", "create", "update", "delete", "operation", "transaction", "batch",
              "refused-patient", "refused-token", "refused-scope", "not-found"]
     for _ in range(1000):
         kind = rng.choice(kinds)
@@ -106,6 +106,12 @@ def test_a_thousand_mixed_requests_leave_exactly_one_matching_audit_event_each(s
                 {"resource": observation(patient, 6.0), "request": {"method": "POST", "url": "Observation"}},
                 {"resource": observation(patient, 6.5), "request": {"method": "POST", "url": "Observation"}}]}
             send(kind, "POST", "", admin, 200, [patient], json=bundle)
+        elif kind == "batch":  # each entry in its own store transaction, one AuditEvent for the request
+            bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "GET", "url": f"Patient/{patient}"}},
+                {"resource": observation(patient, 6.2), "request": {"method": "POST", "url": "Observation"}},
+                {"resource": observation(patient, 6.3), "request": {"method": "POST", "url": "Observation"}}]}
+            send(kind, "POST", "", admin, 200, [patient], json=bundle)
         elif kind == "refused-patient":
             other = rng.choice([p for p in PATIENTS if p != P1])
             send(kind, "GET", f"Observation/{rng.choice(observations[other])}", p1, 403, [other])
@@ -121,7 +127,7 @@ def test_a_thousand_mixed_requests_leave_exactly_one_matching_audit_event_each(s
     for event in events:
         by_request[request_id_of(event)].append(event)
     counts = Counter(kind for kind, *_ in expected.values())
-    assert all(counts[k] > 40 for k in ("read", "search", "create", "operation", "refused-patient")), counts
+    assert all(counts[k] > 40 for k in ("read", "search", "create", "operation", "batch", "refused-patient")), counts
     for rid, (kind, status, patients, exact) in expected.items():
         found = by_request.get(rid, [])
         assert len(found) == 1, (rid, kind, len(found))
@@ -136,6 +142,9 @@ def test_a_thousand_mixed_requests_leave_exactly_one_matching_audit_event_each(s
         else:
             assert event["type"]["code"] == "rest"
             assert (named == patients) if exact else (patients <= named), (rid, kind, named, patients)
+        if kind in ("batch", "transaction"):
+            written = [e["what"]["reference"] for e in event["entity"] if (e.get("role") or {}).get("code") == "4"]
+            assert len(written) == 2 and all(w.startswith("Observation/") for w in written), (rid, written)
     # the client, the user and the address are on every record of an authenticated request
     admin_events = [by_request[r][0] for r, (k, *_rest) in expected.items() if k == "read"]
     assert all(e["agent"][0]["altId"] != "unauthenticated" and e["agent"][0].get("network") for e in admin_events)
@@ -196,7 +205,10 @@ def _verify(server, auditor) -> dict:
 
 
 def test_verify_audit_finds_an_edited_record_and_an_edited_audit_event(server, admin, auditor):
-    call("GET", f"{server.fhir}/Patient/{P1}", admin)
+    # records of its own, whatever ran before: answered reads and a refused one
+    for _ in range(8):
+        call("GET", f"{server.fhir}/Patient/{P1}", admin)
+    assert call("GET", f"{server.fhir}/AuditEvent", admin).status_code == 403
     intact = _verify(server, auditor)
     assert intact["valid"] is True and intact["checked"] > 5
     path = server.config["DATA_DIR"] + "/trialtwin.sqlite"
