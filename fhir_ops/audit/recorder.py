@@ -131,7 +131,8 @@ def _begin():
         return None  # outside the FHIR base (landing page) and CORS preflights carry no data
     given = request.headers.get("X-Request-Id", "")
     rid = given if REQUEST_ID.match(given) else str(uuid.uuid4())
-    state = {"id": rid, "wrote": False, "path": path, "written": []}
+    # the client's own query: the authorization check may AND restrictions onto request.args later
+    state = {"id": rid, "wrote": False, "path": path, "written": [], "args": list(request.args.items(multi=True))}
     g.trialtwin_audit = state
 
     def hook(written: list) -> tuple[str, str]:
@@ -258,7 +259,7 @@ def _access(response: Response, state: dict, written: list[dict]) -> Access:
         # "Audit Log Used", with its query), so who looked at whose trail is still on record.
         patients = set()
     elif interaction in ("search-type", "search-system"):
-        patients |= _patients_in_query(rtype, request.args.items(multi=True))
+        patients |= _patients_in_query(rtype, state["args"])
         if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
             patients |= _patients_in_query(rtype, request.form.items(multi=True))
             query = "&".join(filter(None, [query, request.get_data(cache=True).decode("utf-8", "replace")]))

@@ -192,3 +192,26 @@ def test_a_patient_launch_of_a_site_user_is_bounded_by_both_compartment_and_site
     theirs = _user_token(server, "dr.okafor", "patient/*.rs", patient=b)
     assert call("GET", f"{server.fhir}/Patient/{b}", theirs).status_code == 403
     assert not call("GET", f"{server.fhir}/Observation", theirs).json().get("entry")
+
+
+def test_the_audit_record_of_a_site_users_search_names_the_patients_asked_for_not_the_whole_site(server, world):
+    a, b = world["a"], world["b"]
+    okafor = world["okafor"]
+    aimed = call("GET", f"{server.fhir}/Observation", okafor, params={"subject": f"Patient/{b}"},
+                 headers={"X-Request-Id": "site-search-b"})
+    assert aimed.status_code == 200 and not aimed.json().get("entry")
+    key = RSAKey.generate_key(2048, parameters={"kid": "site-auditor", "alg": "RS384"})
+    auditor = server.backend_token("system/AuditEvent.rs", key)["access_token"]
+    from fhir_ops.mapping.audit_event import patients_of, request_id_of
+
+    events = [e["resource"] for e in call("GET", f"{server.fhir}/AuditEvent", auditor,
+                                          params={"agent": "Practitioner/dr-okafor", "_count": 1000}).json()["entry"]]
+    mine = [e for e in events if request_id_of(e) == "site-search-b"]
+    assert len(mine) == 1 and patients_of(mine[0]) == {b} and mine[0]["outcome"] == "0"
+    refused = call("GET", f"{server.fhir}/Patient/{b}", okafor, headers={"X-Request-Id": "site-read-b"})
+    assert refused.status_code == 403
+    events = [e["resource"] for e in call("GET", f"{server.fhir}/AuditEvent", auditor,
+                                          params={"patient": f"Patient/{b}", "outcome": "4", "_count": 1000}).json()["entry"]]
+    record = next(e for e in events if request_id_of(e) == "site-read-b")
+    assert "outside-site" in record["outcomeDesc"] and record["outcomeDesc"].startswith("refused")
+    assert a not in patients_of(record)
