@@ -235,3 +235,32 @@ def test_verify_audit_finds_an_edited_record_and_an_edited_audit_event(server, a
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO audit_log VALUES (?,?,?,?,?)", row)
     assert _verify(server, auditor)["valid"] is True
+
+
+def test_bad_input_to_the_trail_is_a_clear_outcome(server, admin, auditor):
+    unknown = call("GET", f"{server.fhir}/$verify-audit", auditor, params={"from": "3"})
+    assert unknown.status_code == 400 and unknown.json()["resourceType"] == "OperationOutcome"
+    not_parameters = call("POST", f"{server.fhir}/$verify-audit", auditor, json={"resourceType": "Patient"})
+    assert not_parameters.status_code == 400 and not_parameters.json()["resourceType"] == "OperationOutcome"
+    assert call("GET", f"{server.fhir}/Patient/$verify-audit", auditor).status_code in (400, 404)
+    # a request id that is not plain is replaced, never stored as sent
+    odd = call("GET", f"{server.fhir}/Patient/{P1}", admin, headers={"X-Request-Id": "a b<script>" + "x" * 80})
+    assert odd.status_code == 200 and odd.headers["X-Request-Id"] != "a b<script>" + "x" * 80
+    assert len(odd.headers["X-Request-Id"]) == 36
+
+
+@pytest.mark.unit
+def test_the_audit_setting_is_checked_at_start_up(tmp_path):
+    from fhir_ops.app import create_app
+    from tests.app_config import open_config
+
+    with pytest.raises(ValueError, match="AUDIT must be one of"):
+        create_app(open_config(DATA_DIR=str(tmp_path), AUDIT="sometimes"))
+
+    class NoJournal:  # a store without an audit journal, as the remote (HAPI) store is
+        name = "remote"
+
+    with pytest.raises(ValueError, match="needs a store that keeps an audit journal"):
+        create_app(open_config(STORE=NoJournal(), AUDIT="on"))
+    app = create_app(open_config(STORE=NoJournal()))  # auto: runs, unaudited, and says so in the log
+    assert "trialtwin.audit" not in app.extensions
