@@ -133,7 +133,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
         ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``),
         ``DASK_SCHEDULER`` (``tcp://HOST:PORT`` of a Dask scheduler that runs cohort simulations) or
-        ``EXECUTOR`` (a ready ``dask.distributed.Client``; see :mod:`fhir_ops.executor`).
+        ``EXECUTOR`` (a ready ``dask.distributed.Client``; see :mod:`fhir_ops.executor`),
+        ``AUDIT`` ("auto", the default, "on" or "off"; see :func:`fhir_ops.audit.recorder.init_app`),
+        ``STUDY_WIDE_ROLES`` (PractitionerRole codes that see every site; see docs/audit.md).
         Without ``test_config``, ``TRIALTWIN_*`` environment variables are read (``TRIALTWIN_DATA_DIR``).
 
     Returns
@@ -173,6 +175,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops.operations import registry
 
     registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
+    from fhir_ops.audit import recorder
+
+    # before auth: its hooks run first before each request and last after it (refusals are recorded too)
+    recorder.init_app(app)
     from fhir_ops import auth
 
     auth.init_app(app)  # SMART enforcement (AUTH_MODE smart) or none (open)

@@ -293,6 +293,32 @@ def _organizations_and_locations() -> list[dict]:
     return resources
 
 
+#: The demo's clinical users (smart_app.authz's development users) and what they may see: Dr. Chen
+#: monitors the study (every site), Dr. Okafor is an investigator at one site and sees its participants only.
+STAFF = (
+    ("dr-chen", "Chen", "Mei", "monitor", "Clinical research monitor", None),
+    ("dr-okafor", "Okafor", "Ada", "site-investigator", "Site investigator", "north"),
+)
+
+
+def _staff() -> list[dict]:
+    """Practitioner and PractitionerRole per user: the role's code and site drive site-level access."""
+    resources = []
+    for pid, family, given, code, display, site in STAFF:
+        resources.append({"resourceType": "Practitioner", "id": pid, "meta": _meta(), "active": True,
+                          "name": [{"family": family, "given": [given], "prefix": ["Dr."]}]})
+        role = {"resourceType": "PractitionerRole", "id": f"tt201-role-{pid}", "meta": _meta(), "active": True,
+                "practitioner": _ref("Practitioner", pid),
+                "code": [_cc(CS + "trial-role", code, display)]}
+        if site is None:
+            role["organization"] = _ref("Organization", "tt201-sponsor")
+        else:
+            role["organization"] = _ref("Organization", f"tt201-site-{site}")
+            role["location"] = [_ref("Location", f"tt201-loc-{site}")]
+        resources.append(role)
+    return resources
+
+
 def _study(rec: DemoRecords) -> dict:
     return {
         "resourceType": "ResearchStudy", "id": STUDY_ID, "meta": _meta(),
@@ -394,6 +420,7 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
     yield fm.definition_library(MODEL_DEFINITION)
     yield from _organizations_and_locations()
     yield _visit_plan()
+    yield from _staff()
     product = _cc(CS + "investigational-product", "TTX-101", "TTX-101")
     placebo = _cc(CS + "investigational-product", "TTX-101-PBO", "TTX-101 matching placebo")
     oral = _cc(SNOMED, "26643006", "Oral route")

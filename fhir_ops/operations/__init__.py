@@ -20,6 +20,7 @@ MODULES = [
     "fhir_ops.operations.estimate_effect",  # $estimate-effect: ResearchStudy instance (PROCOVA, external and hybrid controls)
     "fhir_ops.operations.forecast_enrollment",  # $forecast-enrollment: ResearchStudy instance (Poisson-gamma recruitment)
     "fhir_ops.operations.optimize_schedule",  # $optimize-schedule: Patient, ResearchStudy instance (visit days and modality)
+    "fhir_ops.operations.verify_audit",  # $verify-audit: system level (the audit trail's hash chain)
 ]
 
 
