@@ -23,6 +23,7 @@ AGE_EXTENSION = "https://trialtwin.org/fhir/StructureDefinition/age-90-or-older"
 DEID_TAG = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "PSEUDED",
             "display": "pseudonymized"}
 DATE_MODES = ("year", "shift")
+REMOVED_DISPLAY = "(removed by de-identification)"
 #: The three-digit ZIP prefixes whose areas held 20,000 people or fewer (2000 Census), which Safe
 #: Harbor requires to be reported as 000 (HHS, Guidance Regarding Methods for De-identification, 2012).
 RESTRICTED_ZIP3 = frozenset({"036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
@@ -60,6 +61,19 @@ _NOT_DATES = frozenset({"id", "reference", "system", "code", "url", "version", "
 
 def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, (dict, list)) and not value)
+
+
+def _mentions_patient(node: Any) -> bool:
+    """Whether any reference in ``node`` points at a Patient (a Device assigned to one, say): then it is about
+    that person even when it lies outside the R4 Patient compartment."""
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ("Patient/" in ref):
+            return True
+        return any(_mentions_patient(v) for v in node.values() if isinstance(v, (dict, list)))
+    if isinstance(node, list):
+        return any(_mentions_patient(v) for v in node)
+    return False
 
 
 class DeidentifyError(ValueError):
@@ -129,7 +143,7 @@ class SafeHarbor:
         if self.date_mode == "shift" and len(participants) == 1:
             shift = self.shift_days(next(iter(participants)))
         personal = bool(participants) or resource.get("resourceType") in ("Patient", "RelatedPerson", "Person",
-                                                                          "Practitioner")
+                                                                          "Practitioner") or _mentions_patient(resource)
         out = self._node(resource, resource.get("resourceType"), shift, personal, top=True)
         meta = out.setdefault("meta", {})
         meta.pop("versionId", None)
@@ -151,6 +165,7 @@ class SafeHarbor:
         if age > 89:
             # Safe Harbor: ages over 89, and every date element that reveals such an age, become "90 or older"
             out.pop("birthDate", None)
+            out.pop("_birthDate", None)  # its extensions (a birth time) would tell the year again
             out.setdefault("extension", []).append({"url": AGE_EXTENSION, "valueBoolean": True})
             self.counts["ages-over-89-aggregated"] += 1
         else:
@@ -197,7 +212,7 @@ class SafeHarbor:
                         if e is not None]
                 if kept:
                     out[key] = kept
-            elif key == "identifier":
+            elif key in ("identifier", "valueIdentifier"):
                 ident = self._identifiers(value)
                 if ident:
                     out[key] = ident
@@ -210,7 +225,10 @@ class SafeHarbor:
         if personal and is_codeable and isinstance(node.get("text"), str):
             out["text"] = node["text"]  # a CodeableConcept's label, from terminology
         # an element left empty by a removal goes too: R4 allows no empty objects or arrays
-        return {k: v for k, v in out.items() if not _empty(v)}
+        out = {k: v for k, v in out.items() if not _empty(v)}
+        if not out and isinstance(node.get("display"), str):
+            out = {"display": REMOVED_DISPLAY}  # a Reference that was only a name: kept, if required, as a marker
+        return out
 
     def _extension(self, ext: dict, rtype, shift, personal) -> dict | None:
         dropped = [k for k in ext if k in _EXTENSION_DROPPED]
