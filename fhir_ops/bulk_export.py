@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl
 
+import orjson
+
 from fhir_ops import auth
 from fhir_ops.deidentify import SafeHarbor
 from fhir_ops.errors import FhirError, InvalidRequest, NotFound
@@ -29,6 +31,7 @@ KEYS_FILE = "trialtwin-deid-keys.json"
 PAGE = 1000
 MANIFEST_EXTENSION = "https://trialtwin.org/fhir/StructureDefinition/export-report"
 _CLEANUP_KEY = "trialtwin.jobs.cleanup"
+_NOBODY: frozenset = frozenset()
 _FILE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}\.ndjson$|^errors\.ndjson$")
 #: conformance and infrastructure types a bulk pull of participant data never carries
 _NOT_EXPORTED = frozenset({"StructureDefinition", "OperationDefinition", "SearchParameter", "CodeSystem", "ValueSet",
@@ -226,6 +229,8 @@ def run_export(ctx, request: ExportRequest) -> dict:
     files: dict[str, object] = {}
     since = [("_lastUpdated", f"gt{request.since}")] if request.since else []
     anchors = {t: [a for a in request.anchors if a["resourceType"] == t] for t in types}
+    # whose data a resource is matters for a patient-level export, a consent check or date shifting only
+    need_participants = request.level != "system" or bool(excluded) or request.deidentify is not None
     try:
         for i, rtype in enumerate(types):
             if ctx.cancelled():
@@ -245,7 +250,7 @@ def run_export(ctx, request: ExportRequest) -> dict:
                         if rid in seen:
                             continue
                         seen.add(rid)
-                        participants = auth.compartment_patients(resource)
+                        participants = auth.compartment_patients(resource) if need_participants else _NOBODY
                         anchor = any(a is resource for a in anchors.get(rtype) or [])
                         if not anchor and request.level != "system" and (not participants or (
                                 request.patients is not None and not participants & request.patients)):
@@ -261,9 +266,8 @@ def run_export(ctx, request: ExportRequest) -> dict:
                             resource = request.deidentify.apply(resource, participants)
                         f = files.get(rtype)
                         if f is None:
-                            f = files[rtype] = open(os.path.join(folder, f"{rtype}.ndjson"), "w", encoding="utf-8")
-                        f.write(json.dumps(resource, ensure_ascii=False, separators=(",", ":")))
-                        f.write("\n")
+                            f = files[rtype] = open(os.path.join(folder, f"{rtype}.ndjson"), "wb")
+                        f.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
                         counts[rtype] = counts.get(rtype, 0) + 1
     finally:
         for f in files.values():
