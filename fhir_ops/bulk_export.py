@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl
@@ -29,6 +30,7 @@ NDJSON = "application/fhir+ndjson"
 OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 KEYS_FILE = "trialtwin-deid-keys.json"
 PAGE = 1000
+PROGRESS_EVERY_S = 0.25
 MANIFEST_EXTENSION = "https://trialtwin.org/fhir/StructureDefinition/export-report"
 _CLEANUP_KEY = "trialtwin.jobs.cleanup"
 _NOBODY: frozenset = frozenset()
@@ -231,11 +233,15 @@ def run_export(ctx, request: ExportRequest) -> dict:
     anchors = {t: [a for a in request.anchors if a["resourceType"] == t] for t in types}
     # whose data a resource is matters for a patient-level export, a consent check or date shifting only
     need_participants = request.level != "system" or bool(excluded) or request.deidentify is not None
+    reported = -PROGRESS_EVERY_S
     try:
         for i, rtype in enumerate(types):
             if ctx.cancelled():
                 break
-            ctx.progress(i / max(len(types), 1), f"exporting {rtype} ({i + 1} of {len(types)} types)")
+            now = time.monotonic()
+            if now - reported >= PROGRESS_EVERY_S:  # each report is a write to the jobs table
+                ctx.progress(i / max(len(types), 1), f"exporting {rtype} ({i + 1} of {len(types)} types)")
+                reported = now
             seen: set[str] = set()
             queries = request.type_filters.get(rtype) or [[]]
             sources = [anchors.get(rtype) or []] if anchors.get(rtype) else []
