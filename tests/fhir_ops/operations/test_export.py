@@ -317,3 +317,27 @@ def test_secondary_use_withdrawal_leaves_a_participant_out_of_secondary_exports_
     finally:
         consent = cm.consent_resource(consent["id"], "tt201-p005", cm.SECONDARY_USE, "2026-02-01")
         assert fhir.put(f"Consent/{consent['id']}", consent).status_code == 200
+
+
+def test_group_deidentify_is_the_keyed_shifted_export_of_its_members(served):
+    _, fhir = served
+    group = {"resourceType": "Group", "id": "pair", "type": "person", "actual": True,
+             "member": [{"entity": {"reference": "Patient/tt201-p001"}},
+                        {"entity": {"reference": "Patient/tt201-p002"}}]}
+    assert fhir.put("Group/pair", group).status_code in (200, 201)
+    body = {"resourceType": "Parameters", "parameter": [{"name": "dateMode", "valueCode": "shift"},
+                                                        {"name": "key", "valueString": "other"},
+                                                        {"name": "_type", "valueString": "Patient,Encounter"}]}
+    manifest = export(fhir, "Group/pair/$deidentify", body)
+    assert manifest["request"].endswith("/Group/pair/$deidentify")
+    report = manifest["extension"][REPORT]["deidentification"]
+    assert report["dateMode"] == "shift" and report["keyName"] == "other" and report["changes"]["dates-shifted"] > 0
+    files = lines(fhir, manifest)
+    same = lines(fhir, export(fhir, "Group/pair/$export?_type=Patient,Encounter&_deidentify=shift"
+                                    "&_deidentifyKey=other"))
+    assert files == same
+    assert fhir.get("metadata").json()["instantiates"] == [
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"]
+    resp = fhir.post("Group/pair/$deidentify", {"resourceType": "Parameters", "parameter": [
+        {"name": "dateMode", "valueCode": "month"}]}, headers={"Prefer": "respond-async"})
+    assert resp.status_code == 400 and error_id(resp) == "invalid-deidentify"
