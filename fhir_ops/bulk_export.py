@@ -233,6 +233,8 @@ def run_export(ctx, request: ExportRequest) -> dict:
     anchors = {t: [a for a in request.anchors if a["resourceType"] == t] for t in types}
     # whose data a resource is matters for a patient-level export, a consent check or date shifting only
     need_participants = request.level != "system" or bool(excluded) or request.deidentify is not None
+    study_ref = next((f"ResearchStudy/{a['id']}" for a in request.anchors if a["resourceType"] == "ResearchStudy"),
+                     None)
     reported = -PROGRESS_EVERY_S
     try:
         for i, rtype in enumerate(types):
@@ -261,6 +263,9 @@ def run_export(ctx, request: ExportRequest) -> dict:
                         if not anchor and request.level != "system" and (not participants or (
                                 request.patients is not None and not participants & request.patients)):
                             continue
+                        if study_ref and rtype == "ResearchSubject" and \
+                                ((resource.get("study") or {}).get("reference") != study_ref):
+                            continue  # the participant's enrolment in another study is not this study's data
                         if participants & excluded.keys() and not anchor:
                             left_out["consentWithdrawn"] += 1
                             left_out_patients |= participants & excluded.keys()
