@@ -123,7 +123,13 @@ class SafeHarbor:
 
     def pseudonym(self, resource_type: str, resource_id: str) -> str:
         """The pseudonymous id of ``resource_type/resource_id`` (26 characters of base32 HMAC-SHA256)."""
-        return base64.b32encode(self._mac(f"id|{resource_type}/{resource_id}")).decode("ascii")[:26].lower()
+        cache = self.__dict__.setdefault("_pseudonyms", {})  # every resource names its participant again
+        key = (resource_type, resource_id)
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = base64.b32encode(
+                self._mac(f"id|{resource_type}/{resource_id}")).decode("ascii")[:26].lower()
+        return found
 
     def shift_days(self, patient_id: str) -> int:
         """The participant's date shift in days: keyed, never 0, within +-SHIFT_DAYS."""
@@ -181,7 +187,9 @@ class SafeHarbor:
         out: dict = {}
         is_codeable = "coding" in node
         for key, value in node.items():
-            if key == "resourceType":
+            if isinstance(value, (bool, int, float)):
+                out[key] = value  # numbers and flags identify nobody
+            elif key == "resourceType":
                 out[key] = value
             elif key == "id" and top:
                 out[key] = self.pseudonym(rtype, value)
