@@ -144,11 +144,12 @@ def in_compartment(resource: dict, patient: str) -> bool:
 
 
 def compartment_patients(resource: dict) -> set[str]:
-    """The ids of the patients in whose compartments ``resource`` lies (a Patient: itself).
+    """The ids of every Patient whose compartment holds ``resource`` (R4 plus ``EXTRA_COMPARTMENT``).
 
     Examples
     --------
-    >>> sorted(compartment_patients({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}))
+    >>> sorted(compartment_patients({"resourceType": "Appointment", "participant": [
+    ...     {"actor": {"reference": "Patient/p1"}}, {"actor": {"reference": "Location/l1"}}]}))
     ['p1']
     >>> compartment_patients({"resourceType": "Patient", "id": "p2"})
     {'p2'}
@@ -156,7 +157,7 @@ def compartment_patients(resource: dict) -> set[str]:
     from smart_app.resource_server import _values, compartment_paths
 
     rtype = resource.get("resourceType")
-    out = set()
+    out: set[str] = set()
     if rtype == "Patient" and isinstance(resource.get("id"), str):
         out.add(resource["id"])
     for path in (*compartment_paths(rtype), *EXTRA_COMPARTMENT.get(rtype, ())):
@@ -165,7 +166,7 @@ def compartment_patients(resource: dict) -> set[str]:
                 parts = ref["reference"].split("/")
                 if "_history" in parts:
                     parts = parts[: parts.index("_history")]
-                if len(parts) >= 2 and parts[-2] == "Patient":
+                if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
                     out.add(parts[-1])
     return out
 
@@ -729,7 +730,7 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
         require_audit_scope(access, "read")  # the audit scope alone: an auditor needs no access to patient data
         return
     target = resource_type or "*"
-    patient = access.require("read", target) if level != "system" else _require_system(access, op.name)
+    patient = access.require("read", target) if level != "system" else _require_system(access, op)
     needs: list[tuple[str, str]] = []
     if op.writes is not None:
         # what the operation stores is declared once, with the operation (registry.Writes)
@@ -765,10 +766,16 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
                              "cross-patient-operation")
 
 
-def _require_system(access, name: str) -> None:
+def _require_system(access, op) -> None:
     # Only a wildcard scope matches type "*": a system-level operation may touch any type.
+    if op.backend_only:
+        # Bulk Data: a system-wide pull is for backend clients (SMART Backend Services), not a user's app
+        if not (access.scopes.allows("r", "*", ("system",)) and access.scopes.allows("s", "*", ("system",))):
+            raise Forbidden(f"system-level {op.name} needs a SMART Backend Services token with system/*.rs",
+                            error_id="needs-backend-services")
+        return None
     if not access.scopes.allows("r", "*", ("user", "system")):
-        raise Forbidden(f"system-level {name} needs user/*.r or system/*.r", error_id="insufficient-scope")
+        raise Forbidden(f"system-level {op.name} needs user/*.r or system/*.r", error_id="insufficient-scope")
     return None
 
 
@@ -806,6 +813,11 @@ def job_owner(access) -> tuple:
     return (access.client_id, access.subject, access.patient)
 
 
+def _check_export_file(access, job_id, file_name):
+    # an export's files are the job's result: only whoever may poll the job may fetch them
+    _check_job(access, job_id)
+
+
 # endpoint (blueprint-local name) -> check(access, **view_args)
 _CHECKS = {
     "read": _check_read,
@@ -823,17 +835,22 @@ _CHECKS = {
     "instance_operation": _check_instance_operation,
     "trialtwin_job_status": _check_job,
     "trialtwin_job_cancel": _check_job,
+    "trialtwin_export_file": _check_export_file,
 }
 
 
 # --- response filter -----------------------------------------------------------------------------------
 
 def visible(access, resource: dict) -> bool:
-    """Whether a resource may be shown to this token: scopes, compartment, audit scope and site.
+    """Whether a token may see ``resource``: the check every search answer passes (scopes, compartment).
 
-    The one test every answer passes (search matches, _include/_revinclude, history, Bundle entries);
-    code paths that hand out stored data outside these routes (exports) call it too.
+    For code that reads data on a caller's behalf outside a request (an export job); ``access`` None
+    (open mode) sees everything.
     """
+    return access is None or _visible(access, resource)
+
+
+def _visible(access, resource: dict) -> bool:
     rtype = resource.get("resourceType")
     if not rtype or rtype == "OperationOutcome":
         return True
@@ -847,8 +864,6 @@ def visible(access, resource: dict) -> bool:
     sites = site_scope(access)
     return sites is None or sites.allows(resource)
 
-
-_visible = visible
 
 
 def _redact(access, resource: dict) -> dict:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fhir_ops.mapping import model_definition as fm
+from fhir_ops.mapping import consent as cm
 from inference.behaviour import VisitSchedule
 from inference.cohort import Scenario, sample_covariates, simulate_cohort
 from inference.dosing import DoseRecord
@@ -451,6 +452,8 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
         if status != "on-study-intervention":
             subject["period"]["end"] = (enroll_date + dt.timedelta(days=last)).isoformat()
         yield subject
+        yield from _consents(pid, enroll_date, subject["period"].get("end") if status == "withdrawn" else None,
+                             withdrew_secondary=bool(rec.withdrawn[i]) and int(rec.withdrawn[:i].sum()) % 2 == 0)
         yield {"resourceType": "Observation", "id": f"{pid}-distance", "meta": _meta(), "status": "final",
                "category": [_cc("http://terminology.hl7.org/CodeSystem/observation-category", "social-history",
                                 "Social History")],
@@ -485,6 +488,17 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
                                    severity.capitalize()),
                    "study": [_ref("ResearchStudy", STUDY_ID)]}
     yield _study(rec)
+
+
+def _consents(pid: str, enroll_date: dt.date, withdrawn_on: str | None, withdrew_secondary: bool) -> Iterator[dict]:
+    """The participant's three Consents, signed at enrolment. A participant who withdrew from the trial
+    withdrew participation; every other one of them also withdrew consent to secondary use of their data,
+    which keeps them in the trial's own data but out of population fits and secondary exports."""
+    signed = enroll_date.isoformat()
+    for kind in (cm.RESEARCH_PARTICIPATION, cm.SECONDARY_USE, cm.SPONSOR_SHARING):
+        ends = withdrawn_on if kind == cm.RESEARCH_PARTICIPATION or (kind == cm.SECONDARY_USE and withdrew_secondary) \
+            else None
+        yield cm.consent_resource(f"{pid}-consent-{kind}", pid, kind, signed, withdrawn_on=ends, meta=_meta())
 
 
 def _visits(rec: DemoRecords, i: int, pid: str, site_key: str, enroll_date: dt.date, last: int) -> Iterator[dict]:

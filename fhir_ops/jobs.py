@@ -191,9 +191,14 @@ class JobTable:
                             (json.dumps(outcome), time.time(), job_id, *_UNFINISHED))
         return len(lost)
 
-    def evict(self, before: float) -> None:
+    def evict(self, before: float) -> list[str]:
+        """Delete jobs that finished before ``before``; return their ids."""
         with self._connect() as con:
-            con.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (before,))
+            ids = [r[0] for r in con.execute("SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?",
+                                             (before,))]
+            if ids:
+                con.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (before,))
+        return ids
 
 
 class _Closing:
@@ -251,6 +256,8 @@ class JobManager:
         self.process = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trialtwin-job")
         self._live: dict[str, Job] = {}
+        #: called with a job id when the job is cancelled or expires (an export removes its files)
+        self.on_forget: list = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # jobs of a process that is gone (this host, pid dead) fail at once; others once silent
@@ -278,11 +285,26 @@ class JobManager:
             except sqlite3.Error:
                 self.app.logger.exception("job heartbeat failed")
 
+    def _evict(self) -> None:
+        for job_id in self.table.evict(time.time() - self.retention_s):
+            self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        # hooks of the app (an export's file clean-up, registered at start) and of this manager
+        for hook in [*self.app.extensions.get("trialtwin.jobs.cleanup", []), *self.on_forget]:
+            try:
+                hook(job_id)
+            except Exception:  # a hook's failure must not fail the poll or cancel that triggered it
+                self.app.logger.exception("cleaning up job %s failed", job_id)
+
     def submit(self, op, level: str, resource_type: str | None, resource_id: str | None,
-               params: dict, base_url: str, headers: dict) -> Job:
-        """Queue a call of ``op`` (a registry ``Operation``) and return its job."""
+               params: dict, base_url: str, headers: dict, access: Any = None) -> Job:
+        """Queue a call of ``op`` (a registry ``Operation``) and return its job.
+
+        ``access`` (the caller's SMART AccessContext) is handed to the handler as ``ctx.access``.
+        """
         job = Job(id=uuid.uuid4().hex, operation=op.name)
-        self.table.evict(time.time() - self.retention_s)
+        self._evict()
         pending = self.table.count_unfinished()
         if pending >= self.max_pending:
             raise TooManyRequests(f"{pending} asynchronous jobs are already pending; retry later",
@@ -291,10 +313,10 @@ class JobManager:
         job._table = self.table
         with self._lock:
             self._live[job.id] = job
-        self._pool.submit(self._run, job, op, level, resource_type, resource_id, params, base_url, headers)
+        self._pool.submit(self._run, job, op, level, resource_type, resource_id, params, base_url, headers, access)
         return job
 
-    def _run(self, job: Job, op, level, resource_type, resource_id, params, base_url, headers) -> None:
+    def _run(self, job: Job, op, level, resource_type, resource_id, params, base_url, headers, access=None) -> None:
         from fhir_ops.operations.registry import OperationContext, invoke
 
         if job.cancel_requested.is_set():
@@ -302,7 +324,8 @@ class JobManager:
             return
         job.state = "running"
         self.table.update(job.id, state="running")
-        ctx = OperationContext(op, level, resource_type, resource_id, base_url, headers=headers, job=job)
+        ctx = OperationContext(op, level, resource_type, resource_id, base_url, headers=headers, job=job,
+                               access=access)
         try:
             with self.app.app_context():
                 status, body, extra = invoke(op, ctx, params)
@@ -335,7 +358,7 @@ class JobManager:
 
     def get(self, job_id: str) -> Job:
         """The job with this id (from any process); ``NotFound`` when unknown, expired or cancelled."""
-        self.table.evict(time.time() - self.retention_s)
+        self._evict()
         job = self.table.get(job_id)
         if job is not None and not job.done and self._is_lost(job._process, job._heartbeat):
             self.table.fail_lost(lambda proc, beat: proc == job._process)
@@ -360,6 +383,7 @@ class JobManager:
             live = self._live.get(job_id)
         if live is not None:
             live.cancel_requested.set()
+        self._forget(job_id)
         return job
 
     def shutdown(self) -> None:

@@ -196,6 +196,9 @@ def metadata():
     return fhir_response(capability)
 
 
+BULK_DATA_CAPABILITY = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+
+
 def _build_capability_statement() -> dict:
     """CapabilityStatement generated from the R4 definitions, the search registry and the operation registry."""
     registry = _operations_module()
@@ -238,6 +241,9 @@ def _build_capability_statement() -> dict:
         "format": ["json", "application/fhir+json"],
         "rest": [rest],
     }
+    if registry is not None and registry.get("export") is not None:
+        # a Bulk Data client looks for this to know $export is offered (Bulk Data Access IG v2)
+        capability["instantiates"] = [BULK_DATA_CAPABILITY]
     return capability
 
 

@@ -21,6 +21,8 @@ MODULES = [
     "fhir_ops.operations.forecast_enrollment",  # $forecast-enrollment: ResearchStudy instance (Poisson-gamma recruitment)
     "fhir_ops.operations.optimize_schedule",  # $optimize-schedule: Patient, ResearchStudy instance (visit days and modality)
     "fhir_ops.operations.verify_audit",  # $verify-audit: system level (the audit trail's hash chain)
+    "fhir_ops.operations.export",  # $export: system, Patient, Group and ResearchStudy instance (Bulk Data v2 NDJSON)
+    "fhir_ops.operations.deidentify",  # $deidentify: Group, ResearchStudy instance (Safe Harbor NDJSON copy)
 ]
 
 

@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 from fhir_ops.errors import NotFound, Unprocessable
+from fhir_ops.mapping import consent as consent_map
 from fhir_ops.mapping import model_definition as fm
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.operations import twin_common as common
@@ -48,8 +49,15 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         model = fm.definition_of_library(library)
     else:
         library, model = fm.study_model(store, study)
+    # a population fit is secondary use of the participants' data: a recorded withdrawal takes them out
+    withdrawn = consent_map.withdrawals(store, consent_map.SECONDARY_USE)
+    left_out = [withdrawn[p] for p in participants if p in withdrawn]
+    participants = [p for p in participants if p not in withdrawn]
+    warnings += [w.reason() for w in left_out]
     if not participants:
-        raise Unprocessable(f"{owner} has no participants to fit", error_id="no-members")
+        raise Unprocessable(f"{owner} has no participants to fit"
+                            + (f" ({len(left_out)} withdrew consent to secondary use)" if left_out else ""),
+                            error_id="no-members")
     if len(participants) > MAX_SUBJECTS:
         raise Unprocessable(f"{owner} has {len(participants)} participants; at most {MAX_SUBJECTS} are fitted in one "
                             "call", error_id="too-many-participants")
@@ -141,7 +149,10 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     device = ensure_model_device(store, model.name, model.version,
                                  description=f"Twin model definition {model.canonical}")
     provenance = common.commit(store, entries, targets, inputs, device, ctx.headers, ACTIVITY,
-                               _agent_default(), now)
+                               _agent_default(), now,
+                               extra_entities=[{"role": "source", "what": {"reference": w.consent_ref,
+                                                                           "display": w.reason()}}
+                                               for w in left_out])
     ctx.progress(1.0, "stored")
     out = {"estimate": {"reference": estimate_ref}, "provenance": {"reference": provenance},
            "model": model.canonical, "objective": round(float(fit.objective), 6), "converged": bool(fit.converged),

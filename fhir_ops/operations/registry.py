@@ -67,6 +67,10 @@ class Operation:
     #: why the operation reads other participants' data even on one Patient (None: it does not); the
     #: scope check then refuses patient-limited tokens (fhir_ops.auth.check_operation)
     cross_patient: str | None = None
+    #: checks run before a job is queued, so that bad input is a 4xx at kick-off, not a failed job
+    precheck: Callable[["OperationContext", dict], None] | None = None
+    #: at system level, only system/ scopes (SMART Backend Services) authorize the call
+    backend_only: bool = False
 
     @property
     def name(self) -> str:
@@ -100,7 +104,7 @@ class OperationContext:
 
     def __init__(self, operation: Operation, level: str, resource_type: str | None,
                  resource_id: str | None, base_url: str, *, headers: Mapping[str, str] | None = None,
-                 job: Any = None) -> None:
+                 job: Any = None, access: Any = None) -> None:
         self.operation = operation
         self.level = level
         self.resource_type = resource_type
@@ -108,6 +112,9 @@ class OperationContext:
         self.base_url = base_url
         self.headers = dict(headers or {})
         self.job = job
+        #: the caller's SMART AccessContext (None in open mode): operations that read data on the
+        #: caller's behalf in a job, where no request is at hand, filter with it (fhir_ops.auth.visible)
+        self.access = access
 
     @property
     def store(self):
@@ -136,7 +143,7 @@ _loaded = False
 
 
 def operation(definition: str | Mapping, *, async_allowed: bool = False, writes: Writes | None = None,
-              cross_patient: str | None = None):
+              cross_patient: str | None = None, precheck: Callable | None = None, backend_only: bool = False):
     """Declare an operation: decorate its handler with its OperationDefinition.
 
     Parameters
@@ -155,6 +162,12 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False, writes:
     cross_patient : str, optional
         Why the operation, even on one Patient, reads other participants' data (``$optimize-schedule``
         weighs the site's capacity against their appointments); a patient-limited token is then refused.
+    precheck : callable, optional
+        ``precheck(ctx, params)`` raises a FhirError for input the handler would refuse; it runs
+        before an asynchronous call is queued, so that the client gets the 4xx at kick-off.
+    backend_only : bool
+        At system level, require ``system/`` scopes (a SMART Backend Services token); ``user/*``
+        scopes are not enough (Bulk Data ``$export``).
 
     Returns
     -------
@@ -172,7 +185,7 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False, writes:
 
     def register(handler):
         op = Operation(code=resolved["code"], definition=resolved, handler=handler, async_allowed=async_allowed,
-                       writes=writes, cross_patient=cross_patient)
+                       writes=writes, cross_patient=cross_patient, precheck=precheck, backend_only=backend_only)
         with _LOCK:
             existing = _REGISTRY.get(op.code)
             if existing is not None and existing.handler is not handler:
@@ -331,14 +344,18 @@ def dispatch(level: str, resource_type: str | None, resource_id: str | None, nam
 
     base_url = fhir_base_url()
     headers = {k: v for k, v in request.headers.items()}
+    from fhir_ops.auth import current_access, job_owner
+
+    access = current_access()
+    if op.precheck is not None:
+        op.precheck(OperationContext(op, level, resource_type, resource_id, base_url, headers=headers,
+                                     access=access), params)
     if op.async_allowed and prefers_async(request.headers.get("Prefer", "")):
         from fhir_ops import jobs
 
         app = current_app._get_current_object()
-        job = jobs.manager(app).submit(op, level, resource_type, resource_id, params, base_url, headers)
-        from fhir_ops.auth import current_access, job_owner
-
-        access = current_access()
+        job = jobs.manager(app).submit(op, level, resource_type, resource_id, params, base_url, headers,
+                                       access=access)
         if access is not None:  # only the submitter may poll or cancel (fhir_ops.auth checks it)
             job.owner = job_owner(access)
         return fhir_response(
@@ -346,7 +363,7 @@ def dispatch(level: str, resource_type: str | None, resource_id: str | None, nam
                 "severity": "information", "code": "informational",
                 "diagnostics": f"{op.name} accepted as job {job.id}; poll {jobs.job_url(base_url, job.id)}"}]},
             202, {"Content-Location": jobs.job_url(base_url, job.id)})
-    ctx = OperationContext(op, level, resource_type, resource_id, base_url, headers=headers)
+    ctx = OperationContext(op, level, resource_type, resource_id, base_url, headers=headers, access=access)
     status, body, extra = invoke(op, ctx, params)
     return fhir_response(body, status, extra)
 
@@ -409,11 +426,13 @@ def fhir_response(body: dict, status: int = 200, headers: Mapping[str, str] | No
 
 
 def init_app(app) -> None:
-    """Add the registry's routes to a FHIR app: async job status (``GET``/``DELETE /fhir/_jobs/<id>``).
+    """Add the registry's routes to a FHIR app: async job status (``GET``/``DELETE /fhir/_jobs/<id>``)
+    and the files of bulk exports (``GET /fhir/_export/<job id>/<file>``).
 
     The shipped OperationDefinitions are read and searched like every shipped conformance resource
     (fhir_ops.shipped, through the REST routes).
     """
-    from fhir_ops import jobs
+    from fhir_ops import bulk_export, jobs
 
     jobs.init_app(app)
+    bulk_export.init_app(app)

@@ -217,10 +217,16 @@ def state_entry(pt: ParticipantTwin, now: datetime) -> tuple[dict, str]:
 
 
 def commit(store, entries: list[dict], targets: list[str], inputs: list[str], device: dict, headers: dict,
-           activity: str, agent_default=None, now: datetime | None = None) -> str:
-    """Write ``entries`` and their Provenance in one transaction; return the Provenance reference."""
+           activity: str, agent_default=None, now: datetime | None = None,
+           extra_entities: list[dict] | None = None) -> str:
+    """Write ``entries`` and their Provenance in one transaction; return the Provenance reference.
+
+    ``extra_entities`` are added to ``Provenance.entity`` as they are (e.g. the Consent versions that
+    took participants out of the computation, with the reason in ``what.display``).
+    """
     provenance = build_provenance(targets, inputs, device, requesting_agent(headers, agent_default), activity,
                                   recorded=now)
+    provenance["entity"] += list(extra_entities or [])
     provenance["id"] = str(uuid.uuid4())
     store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries + [put_entry(provenance)]})
     return f"Provenance/{provenance['id']}/_history/1"

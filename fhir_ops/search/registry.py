@@ -421,6 +421,14 @@ _REGISTRY: dict[str, tuple[SearchParamDef, ...]] = {
         _p("abatement-date", "date", "abatementDateTime | abatementPeriod", "Date of abatement"),
         _p("recorded-date", "date", "recordedDate", "Date recorded"),
     ),
+    "Consent": (
+        _p("patient", "reference", "patient", "Who the consent applies to", "Patient"),
+        _p("status", "token", "status", "draft | proposed | active | rejected | inactive | entered-in-error"),
+        _p("category", "token", "category", "Classification of the consent statement"),
+        _p("scope", "token", "scope", "Which of the four areas this resource covers"),
+        _p("date", "date", "dateTime", "When this Consent was created or indexed"),
+        _p("identifier", "token", "identifier", "Identifier for this record"),
+    ),
     "Medication": (
         _p("identifier", "token", "identifier", "Business identifier"),
         _p("code", "token", "code", "Code of the medication"),

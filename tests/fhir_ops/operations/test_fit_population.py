@@ -209,3 +209,34 @@ def test_group_fit_uses_its_members_study_model_and_leaves_the_study_alone(fhir)
     doc = json.loads(base64.b64decode(fhir.get(out["estimate"]["reference"]).json()["content"][0]["data"]))
     assert doc["subjects"] == 6 and doc["fittedTo"] == "Group/first-six"
     assert fm.study_estimate_reference(fhir.get("ResearchStudy/theoph").json()) is None
+
+
+def test_a_participant_who_withdrew_secondary_use_consent_is_left_out_and_provenance_says_why(fhir):
+    from fhir_ops.mapping import consent as cm
+
+    load_theoph(fhir.base)
+    group = {"resourceType": "Group", "id": "first-six", "type": "person", "actual": True,
+             "member": [{"entity": {"reference": f"Patient/theoph-{i}"}} for i in range(1, 7)]}
+    assert fhir.put("Group/first-six", group).status_code == 201
+    for i in (2, 3):  # p2 consents, p3 withdrew consent to secondary use
+        consent = cm.consent_resource(f"theoph-{i}-secondary", f"theoph-{i}", cm.SECONDARY_USE, "2026-01-01",
+                                      withdrawn_on="2026-06-01" if i == 3 else None)
+        assert fhir.put(f"Consent/{consent['id']}", consent).status_code == 201
+    body = {"resourceType": "Parameters", "parameter": [{"name": "vpcReplicates", "valueInteger": 0},
+                                                        {"name": "standardErrors", "valueBoolean": False}]}
+    resp = fhir.post("Group/first-six/$fit-population", body)
+    assert resp.status_code == 200, resp.text
+    out = params(resp.json())
+    doc = json.loads(base64.b64decode(fhir.get(out["estimate"]["reference"]).json()["content"][0]["data"]))
+    assert doc["subjects"] == 5
+    provenance = fhir.get(out["provenance"]["reference"]).json()
+    why = [e["what"] for e in provenance["entity"] if e["what"]["reference"].startswith("Consent/")]
+    assert why == [{"reference": "Consent/theoph-3-secondary/_history/1",
+                    "display": "Patient/theoph-3 left out: secondary-use consent withdrawn "
+                               "(Consent/theoph-3-secondary/_history/1)"}]
+    read = {e["what"]["reference"].split("/_history")[0] for e in provenance["entity"]}
+    assert not any(r.startswith("Observation/theoph-3-") for r in read)
+    assert any(r.startswith("Observation/theoph-2-") for r in read)
+    information = [i["diagnostics"] for i in resp.json()["parameter"] if i["name"] == "information"
+                   for i in i["resource"]["issue"]]
+    assert any("Patient/theoph-3 left out" in d for d in information)
