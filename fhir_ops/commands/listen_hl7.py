@@ -1,0 +1,60 @@
+"""``trialtwin listen-hl7``: an MLLP listener storing ORU^R01 results and ADT^A04/A08 updates as FHIR.
+
+Writes into the embedded store of a data directory (beside a running ``trialtwin serve`` on the same
+directory, or alone) or into a FHIR server by URL; see docs/connectors.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from fhir_ops.commands.serve import DEFAULT_DATA_DIR, is_loopback
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("listen-hl7", help="receive HL7 v2 messages over MLLP and store them as FHIR")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=2575, help="TCP port (default 2575, HL7's registered port)")
+    parser.add_argument("--allow", action="append", default=None, metavar="NETWORK",
+                        help="address or CIDR block whose senders may connect; repeatable (default: loopback only)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", default=None, help=f"embedded store directory (default {DEFAULT_DATA_DIR})")
+    where.add_argument("--url", help="base URL of a FHIR server to store into instead")
+    parser.add_argument("--token", default=os.environ.get("TRIALTWIN_TOKEN"),
+                        help="with --url: a SMART access token (system/Observation.c system/Patient.cru)")
+    return parser
+
+
+def open_store(args):
+    if args.url:
+        from fhir_ops.store.remote import RemoteStore
+
+        return RemoteStore(args.url, {"Authorization": f"Bearer {args.token}"} if args.token else None)
+    from fhir_ops.store.sqlite import SQLiteStore
+
+    data_dir = os.path.abspath(args.data_dir or DEFAULT_DATA_DIR)
+    return SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
+
+
+def run(args) -> int:
+    from fhir_ops.connectors.hl7v2 import Hl7Ingest
+    from fhir_ops.connectors.mllp import LOOPBACK, MllpServer
+
+    allow = args.allow or list(LOOPBACK)
+    if not is_loopback(args.host) and not args.allow:
+        log.warning("listening on %s but only loopback senders may connect until --allow names them", args.host)
+    store = open_store(args)
+    ingest = Hl7Ingest(store)
+    server = MllpServer((args.host, args.port), ingest.handle, allow=allow)
+    print(f"trialtwin listen-hl7: MLLP on {args.host}:{server.server_address[1]}, senders from "
+          f"{', '.join(allow)}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        store.close()
+        log.info("HL7 v2 messages: %s", ingest.counts)
+    return 0
