@@ -55,6 +55,7 @@ def run(args) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+        ingest.close()
         store.close()
         log.info("HL7 v2 messages: %s", ingest.counts)
     return 0

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
+import time
+from concurrent.futures import Future
 
 from fhir_ops.errors import FhirError
 from fhir_ops.mapping import hl7v2
@@ -20,6 +23,94 @@ log = logging.getLogger(__name__)
 #: harmonizer warning id -> (OBX field, HL7 table 0357 condition)
 _STRICT = {"unmapped-code": (3, TABLE_VALUE_NOT_FOUND), "unit-not-convertible": (6, TABLE_VALUE_NOT_FOUND),
            "missing-unit": (6, REQUIRED_FIELD_MISSING)}
+
+
+#: a newly published ConceptMap version reaches the listener within this many seconds
+HARMONIZER_TTL = 1.0
+
+
+class GroupCommit:
+    """One writer thread storing the transaction Bundles of many connections, several per commit.
+
+    Each message stays all-or-nothing: Bundles are merged into one store transaction, and when that
+    fails every Bundle of the group is retried alone so only the faulty one fails. Two Bundles with
+    the same conditional create never share a commit (the store resolves conditions before writing,
+    so both would create). ``submit`` returns after the commit, so an ACK is only sent for stored data.
+
+    Parameters
+    ----------
+    store : Store
+    max_group : int
+        Most messages per commit (1: a commit per message).
+    """
+
+    def __init__(self, store, max_group: int = 64) -> None:
+        self.store = store
+        self.max_group = max_group
+        self.commits = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="hl7-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, bundle: dict) -> dict:
+        future: Future = Future()
+        self._queue.put((bundle, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        carry: list = []
+        while True:
+            item = carry.pop(0) if carry else self._queue.get()
+            if item is None:
+                return
+            group, conditions = [item], set(_conditions(item[0]))
+            while len(group) < self.max_group:
+                try:
+                    nxt = carry.pop(0) if carry else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or conditions & set(_conditions(nxt[0])):
+                    carry.insert(0, nxt)
+                    break
+                group.append(nxt)
+                conditions.update(_conditions(nxt[0]))
+            self._commit(group)
+
+    def _commit(self, group: list) -> None:
+        if len(group) > 1:
+            merged = {"resourceType": "Bundle", "type": "transaction",
+                      "entry": [e for bundle, _ in group for e in bundle["entry"]]}
+            try:
+                response = self.store.transaction(merged)
+            except Exception:  # noqa: BLE001 - one message spoilt the group: each alone says which
+                pass
+            else:
+                self.commits += 1
+                at = 0
+                for bundle, future in group:
+                    n = len(bundle["entry"])
+                    future.set_result(dict(response, entry=response["entry"][at:at + n]))
+                    at += n
+                return
+        for bundle, future in group:
+            try:
+                future.set_result(self.store.transaction(bundle))
+                self.commits += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting connection thread
+                future.set_exception(exc)
+
+
+def _conditions(bundle: dict) -> list[str]:
+    out = []
+    for e in bundle["entry"]:
+        req = e.get("request") or {}
+        out.append(f"{req.get('url')}?{req['ifNoneExist']}" if req.get("ifNoneExist") else
+                   f"{req.get('method')} {req.get('url')}")
+    return out
 
 
 def decode(raw: bytes) -> str:
@@ -40,12 +131,17 @@ class Hl7Ingest:
         HL7 names of coding systems / assigning authorities (default: the shipped NamingSystems).
     on_stored : callable, optional
         Called with the transaction-response Bundle after each stored message (e.g. the closed loop).
+    group_commit : int
+        Most messages sharing one commit when they arrive together (see ``GroupCommit``); 1 commits
+        each message alone, in the calling thread.
     """
 
-    def __init__(self, store, naming: hl7v2.Naming | None = None, on_stored=None) -> None:
+    def __init__(self, store, naming: hl7v2.Naming | None = None, on_stored=None, group_commit: int = 64) -> None:
         self.store = store
         self.naming = naming or hl7v2.Naming.shipped()
         self.on_stored = on_stored
+        self.writer = GroupCommit(store, group_commit) if group_commit > 1 else None
+        self._harmonizer = (0.0, None)
         self._ids = itertools.count(1)
         self._id_lock = threading.Lock()
         self.counts = {"AA": 0, "AE": 0, "AR": 0}
@@ -60,7 +156,10 @@ class Hl7Ingest:
         return resources[0] if resources else None
 
     def _harmonize(self, mapped: hl7v2.Mapped) -> dict:
-        harmonizer = active_harmonizer(self.store)
+        at, harmonizer = self._harmonizer
+        if harmonizer is None or time.monotonic() - at > HARMONIZER_TTL:
+            harmonizer = active_harmonizer(self.store)
+            self._harmonizer = (time.monotonic(), harmonizer)
         entries = []
         for entry, (segment, seq) in zip(mapped.bundle["entry"], mapped.sources):
             resource, warnings = harmonizer.harmonize(entry["resource"])
@@ -70,6 +169,11 @@ class Hl7Ingest:
                 raise Hl7Fault(w["diagnostics"], segment=segment, sequence=seq, field=field, condition=condition)
             entries.append(dict(entry, resource=resource))
         return dict(mapped.bundle, entry=entries)
+
+    def close(self) -> None:
+        """Stop the writer thread (the store stays open: it is the caller's)."""
+        if self.writer is not None:
+            self.writer.close()
 
     def _ack_id(self) -> str:
         with self._id_lock:
@@ -84,7 +188,7 @@ class Hl7Ingest:
             mapped = hl7v2.to_bundle(msg, self.naming, self._find_patient)
             bundle = self._harmonize(mapped)
             try:
-                response = self.store.transaction(bundle)
+                response = self.writer.submit(bundle) if self.writer else self.store.transaction(bundle)
             except FhirError as exc:
                 seg, seq = mapped.sources[_entry_index(exc.expression)]
                 raise Hl7Fault(exc.message, segment=seg, sequence=seq, condition=DATA_TYPE_ERROR) from None

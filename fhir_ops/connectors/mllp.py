@@ -93,7 +93,7 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def start(self) -> threading.Thread:
         """Serve in a daemon thread (tests, embedding); ``shutdown()`` stops it."""
-        thread = threading.Thread(target=self.serve_forever, name="mllp", daemon=True)
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="mllp", daemon=True)
         thread.start()
         return thread
 

@@ -75,34 +75,36 @@ class Naming:
 
 
 # -- reading a parsed message --------------------------------------------------------------------
+_item = list.__getitem__  # python-hl7 containers are lists; their own __getitem__ is ~5x slower
+
+
 def _get(segment, field: int, component: int = 1, sub: int = 1, repeat: int = 1) -> str:
     """Field ``field`` of ``segment`` (HL7 numbering, MSH-1 is the field separator), or ''."""
-    try:
-        value = segment[field]
-    except IndexError:
+    if field >= len(segment):
         return ""
+    value = _item(segment, field)
     if isinstance(value, str):
         return value if component == 1 and sub == 1 and repeat == 1 else ""
     try:  # python-hl7: Field[Repetition[Component[SubComponent]]]
-        rep = value[repeat - 1] if isinstance(value[0], (list, hl7.Repetition)) else value
-        comp = rep[component - 1] if isinstance(rep, list) else (rep if component == 1 else "")
+        first = _item(value, 0)
+        rep = _item(value, repeat - 1) if isinstance(first, list) else value
+        if not isinstance(rep, list):
+            return str(rep) if component == 1 and sub == 1 else ""
+        comp = _item(rep, component - 1)
         if isinstance(comp, list):
-            comp = comp[sub - 1] if sub <= len(comp) else ""
-        elif sub != 1:
-            comp = ""
-        return str(comp)
-    except (IndexError, TypeError):
+            return str(_item(comp, sub - 1)) if sub <= len(comp) else ""
+        return str(comp) if sub == 1 else ""
+    except IndexError:
         return ""
 
 
 def _repeats(segment, field: int) -> int:
-    try:
-        value = segment[field]
-    except IndexError:
+    if field >= len(segment):
         return 0
+    value = _item(segment, field)
     if isinstance(value, str) or not value:
         return 1 if str(value) else 0
-    return len(value) if isinstance(value[0], (list, hl7.Repetition)) else 1
+    return len(value) if isinstance(_item(value, 0), list) else 1
 
 
 def parse(text: str) -> hl7.Message:
@@ -144,16 +146,18 @@ def _timestamp(value: str, segment: str, seq: int, field: int) -> str:
     frac = ""
     if "." in body:
         body, frac = body.split(".", 1)
-    formats = {4: "%Y", 6: "%Y%m", 8: "%Y%m%d", 10: "%Y%m%d%H", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
+    n = len(body)
     try:
-        if len(body) not in formats or (tz and len(tz) != 5) or (frac and not frac.isdigit()):
+        if n not in (4, 6, 8, 10, 12, 14) or not body.isdigit() or (tz and (len(tz) != 5 or not tz[1:].isdigit())) \
+                or (frac and not frac.isdigit()):
             raise ValueError
-        t = dt.datetime.strptime(body, formats[len(body)])
+        parts = [int(body[:4])] + [int(body[i:i + 2]) for i in range(4, n, 2)]
+        t = dt.datetime(*parts, *(1, 1)[len(parts) - 1:] if len(parts) < 3 else ())
     except ValueError:
         raise Hl7Fault(f"{value!r} is not an HL7 date/time (YYYYMMDD[HHMM[SS]][+ZZZZ])", segment=segment,
                        sequence=seq, field=field, condition=DATA_TYPE_ERROR) from None
-    if len(body) <= 8:
-        return t.strftime({4: "%Y", 6: "%Y-%m", 8: "%Y-%m-%d"}[len(body)])
+    if n <= 8:
+        return body[:4] + (f"-{body[4:6]}" if n >= 6 else "") + (f"-{body[6:8]}" if n == 8 else "")
     out = t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "")
     # FHIR needs a zone once there is a time; HL7 without one means the sender's local time: say UTC
     return out + (f"{tz[:3]}:{tz[3:]}" if tz else "Z")

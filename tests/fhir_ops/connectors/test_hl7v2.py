@@ -49,6 +49,7 @@ def site(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+        ingest.close()
         store.close()
 
 
@@ -160,6 +161,7 @@ def test_a_sender_outside_the_allowed_networks_gets_no_connection(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+        ingest.close()
         ingest.store.close()
     assert ingest.counts == {"AA": 0, "AE": 0, "AR": 0}
 
@@ -171,3 +173,19 @@ def test_frame_reader_splits_frames_and_drops_bytes_outside_them():
     assert reader.feed(b"2\x1c\r") == [b"B|2"]
     with pytest.raises(ValueError):
         reader.feed(b"\x0b" + b"x" * 60)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value, expected", [
+    ("2026", "2026"), ("202611", "2026-11"), ("20261120", "2026-11-20"), ("202611200930", "2026-11-20T09:30:00Z"),
+    ("20261120093015.25+0100", "2026-11-20T09:30:15.25+01:00"), ("20261320", None), ("20260230", None),
+    ("2026-11-20", None), ("20261120093015+01", None)])
+def test_hl7_timestamps_become_fhir_datetimes_or_a_data_type_error(value, expected):
+    from fhir_ops.mapping.hl7v2 import Hl7Fault, _timestamp
+
+    if expected is None:
+        with pytest.raises(Hl7Fault) as err:
+            _timestamp(value, "OBX", 2, 14)
+        assert (err.value.segment, err.value.sequence, err.value.field, err.value.condition[0]) == ("OBX", 2, 14, "102")
+    else:
+        assert _timestamp(value, "OBX", 2, 14) == expected
