@@ -118,8 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--port", type=int, default=8161)
+    parser.add_argument("--workers", type=int, default=2, help="listener processes (listen-hl7 --workers)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7bench-")
@@ -132,7 +133,7 @@ def main() -> None:
     register(store)
     store.close()
     proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "listen-hl7", "--port", str(args.port),
-                             "--data-dir", data_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                             "--data-dir", data_dir, "--workers", str(args.workers)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert "MLLP on" in proc.stdout.readline()
         warm = sustained(200, 1, args.connections, args.port, "W")

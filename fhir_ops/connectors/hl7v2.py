@@ -7,6 +7,7 @@ of being stored as received, because a lab feed has no person to read a warning.
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import queue
 import threading
@@ -177,7 +178,7 @@ class Hl7Ingest:
 
     def _ack_id(self) -> str:
         with self._id_lock:
-            return f"TT{next(self._ids)}"
+            return f"TT{os.getpid()}-{next(self._ids)}"
 
     def handle(self, raw: bytes | str) -> str:
         """Store one message; the ACK: AA stored, AE content error (nothing stored), AR rejected."""

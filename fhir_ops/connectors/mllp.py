@@ -70,14 +70,17 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         ``bytes -> str``; must not raise (``Hl7Ingest.handle``).
     allow : iterable of str
         Networks whose peers may connect (default loopback only).
+    reuse_port : bool
+        SO_REUSEPORT, so worker processes share the port and the kernel spreads connections.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: Callable[[bytes], str],
-                 allow: Iterable[str] = LOOPBACK) -> None:
+                 allow: Iterable[str] = LOOPBACK, reuse_port: bool = False) -> None:
         self.handle_message = handler
+        self.allow_reuse_port = reuse_port  # several worker processes share the port
         self.allowed = parse_networks(allow)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Connection)
