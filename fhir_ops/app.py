@@ -180,4 +180,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     prefix = re.escape((app.config["FHIR_PREFIX"] or "").rstrip("/"))
     cors.init_app(app, [rf"{prefix}(/.*)?\Z" if prefix else r"/.*"])
     rest.capability_statement(app)  # at start-up, once configured; not on the first GET /metadata
+    from fhir_ops import subscriptions
+
+    subscriptions.init_app(app)  # SUBSCRIPTIONS: rest-hook notifications from a background watcher
     return app

@@ -339,8 +339,22 @@ def _check_search(access, resource_type):
     request.args = ImmutableMultiDict([*request.args.items(multi=True), (param, value)])
 
 
+def _check_subscription_reach(access, resource: dict | None) -> None:
+    """A Subscription sends what its criteria match to its endpoint: a search its creator must be allowed."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Subscription":
+        return
+    criteria = resource.get("criteria")
+    if isinstance(criteria, str) and criteria.split("?", 1)[0].strip():
+        target = criteria.split("?", 1)[0].strip()
+        if access.require("search", target):
+            raise _forbidden("a Subscription delivers matches of any patient; it needs a user/ or system/ search "
+                             f"scope on {target}", "subscription-needs-broad-scope")
+
+
 def _check_create(access, resource_type):
     patient = access.require("create", resource_type)
+    if resource_type == "Subscription":
+        _check_subscription_reach(access, _body())
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         body = _body()
@@ -353,6 +367,8 @@ def _check_create(access, resource_type):
 
 def _check_update(access, resource_type, resource_id):
     patient = access.require("update", resource_type)
+    if resource_type == "Subscription":
+        _check_subscription_reach(access, _body())
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         existing = _read_existing(resource_type, resource_id)
@@ -425,6 +441,7 @@ def _check_bundle(access):
         else:
             interaction = _BUNDLE_METHODS[e.method]
         patient = access.require(interaction, e.resource_type)
+        _check_subscription_reach(access, e.resource)
         if not patient:
             continue
         if interaction in ("read", "search", "delete") or e.resource is None or not in_compartment(e.resource, patient):
