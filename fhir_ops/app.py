@@ -183,4 +183,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops import subscriptions
 
     subscriptions.init_app(app)  # SUBSCRIPTIONS: rest-hook notifications from a background watcher
+    from fhir_ops import closed_loop
+
+    closed_loop.init_app(app)  # CLOSED_LOOP: twins recalibrated in the background as data arrive
     return app

@@ -209,6 +209,8 @@ def build_config(args: argparse.Namespace) -> dict:
               "JWKS_FETCH_ALLOW": [e for e in (getattr(args, "jwks_allow", None) or "").split(",") if e.strip()],
               # rest-hook Subscriptions: a background watcher and an outbox in the data directory
               "SUBSCRIPTIONS": True,
+              # twins recalibrated in the background as new data arrive (a study may turn it off)
+              "CLOSED_LOOP": True,
               "SUBSCRIPTION_ENDPOINT_ALLOW": [e for e in (getattr(args, "subscription_allow", None) or "").split(",")
                                               if e.strip()]}
     if getattr(args, "registration_token", None):
