@@ -162,11 +162,12 @@ class SubscriptionService:
         sid = sub["id"]
         with self._db() as db:
             row = db.execute("SELECT lu, seen FROM cursor WHERE subscription = ?", (sid,)).fetchone()
-        if row is None:
-            # notify of what happens from the Subscription's creation on, not of the past
+        if row is None or sub.get("status") == "requested":
+            # notify of what happens from the Subscription's (re)activation on, not of the past: one
+            # set back to requested after an error does not replay what matched meanwhile
             lu, seen = sub["meta"]["lastUpdated"], []
             with self._db() as db:
-                db.execute("INSERT OR IGNORE INTO cursor VALUES (?, ?, '[]')", (sid, lu))
+                db.execute("INSERT OR REPLACE INTO cursor VALUES (?, ?, '[]')", (sid, lu))
             if sub.get("status") == "requested":
                 self._update_subscription(sid, status="active")
         else:

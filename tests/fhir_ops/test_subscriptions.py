@@ -126,6 +126,12 @@ def test_a_failing_subscriber_is_retried_then_the_subscription_is_in_error(serve
         fhir.post("RiskAssessment", risk(0.97))
         time.sleep(0.5)
         assert len(failing.received) == 3
+        # the subscriber is fixed and the Subscription set back to requested: active again, notified anew
+        failing.status = 200
+        assert fhir.put(f"Subscription/{sid}", {**sub, "status": "requested"}).status_code == 200
+        assert wait_status(fhir, sid, "active")["status"] == "active"
+        fhir.post("RiskAssessment", risk(0.95))
+        assert json.loads(failing.wait(4, timeout=5)[-1][2])["prediction"][0]["probabilityDecimal"] == 0.95
     finally:
         failing.close()
 
