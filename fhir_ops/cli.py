@@ -28,7 +28,7 @@ COMMANDS = [
 SUMMARIES = {
     "serve": "run the FHIR server (and the SMART apps when installed)",
     "demo": "create the demo study TT-201 if absent, then serve it",
-    "load": "load Bundles, resources, NDJSON files and NONMEM data sets (--format nonmem)",
+    "load": "load Bundles, resources, NDJSON files, NONMEM data sets (--format nonmem) and OMOP CDM tables (--format omop)",
     "listen-hl7": "receive HL7 v2 results (ORU^R01) and patient updates (ADT^A04/A08) over MLLP",
     "model": "validate a twin model definition, or publish it as a Library (optionally a study's model)",
     "export": "write a study out as a NONMEM-format data set",

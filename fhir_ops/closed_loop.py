@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 
+from fhir_ops import watch
 from fhir_ops.errors import FhirError
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,8 @@ class ClosedLoop:
         """Note participants with new measured Observations; the number of Observations seen."""
         with self._db() as db:
             lu, seen = db.execute("SELECT lu, seen FROM cursor WHERE name = 'Observation'").fetchone()
-        seen = set(json.loads(seen))
-        found = self.store.search("Observation", [("_lastUpdated", f"ge{lu}"), ("_tag:not", _SIMULATED),
-                                                  ("_sort", "_lastUpdated"), ("_count", "1000")])
-        new = [r for r in found.matches if f"{r['id']}/{r['meta']['versionId']}" not in seen]
+        new, newest, at_newest = watch.changes(self.store, "Observation", [("_tag:not", _SIMULATED)], lu,
+                                               set(json.loads(seen)))
         if not new:
             return 0
         due = time.monotonic() + self.debounce
@@ -115,11 +114,9 @@ class ClosedLoop:
                 pid = ref.partition("/")[2]
                 _, refs = self.pending.get(pid, (0.0, []))
                 self.pending[pid] = (due, [*refs, f"Observation/{r['id']}/_history/{r['meta']['versionId']}"])
-        newest = max(r["meta"]["lastUpdated"] for r in found.matches)
-        at_newest = {f"{r['id']}/{r['meta']['versionId']}" for r in found.matches if r["meta"]["lastUpdated"] == newest}
-        keep = at_newest | (seen if newest == lu else set())
         with self._db() as db:
-            db.execute("UPDATE cursor SET lu = ?, seen = ? WHERE name = 'Observation'", (newest, json.dumps(sorted(keep))))
+            db.execute("UPDATE cursor SET lu = ?, seen = ? WHERE name = 'Observation'",
+                       (newest, json.dumps(sorted(at_newest))))
         return len(new)
 
     # -- working -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import threading
 import time
 from urllib.parse import parse_qsl
 
+from fhir_ops import watch
 from fhir_ops.errors import FhirError, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ CREATE TABLE IF NOT EXISTS delivery (
     delivered REAL, last_error TEXT, UNIQUE(subscription, focus, version));
 CREATE INDEX IF NOT EXISTS delivery_due ON delivery(status, next_at);
 """
+
+
+#: search parameters that shape the answer rather than select resources: meaningless in criteria
+_RESULT_PARAMS = frozenset({"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_elements",
+                            "_total", "_contained", "_containedType"})
 
 
 # -- checking a Subscription as it is written ------------------------------------------------------
@@ -59,6 +65,10 @@ def check_subscription(resource: dict, allow) -> None:
     from smart_app.outbound import OutboundRefused, check_url
 
     rtype, params = criteria_of(resource)
+    paging = sorted({name for name, _ in params} & _RESULT_PARAMS)
+    if paging:
+        raise InvalidRequest(f"Subscription.criteria: {', '.join(paging)} shape a result page, not which resources "
+                             "match", error_id="invalid-criteria", expression=["Subscription.criteria"])
     try:
         compile_search(rtype, params, strict=True)
     except FhirError as exc:
@@ -173,25 +183,18 @@ class SubscriptionService:
         else:
             lu, seen = row[0], json.loads(row[1])
         rtype, params = criteria_of(sub)
-        found = self.store.search(rtype, [*params, ("_lastUpdated", f"ge{lu}"), ("_sort", "_lastUpdated"),
-                                          ("_count", "500")])
-        new = [r for r in found.matches if f"{r['id']}/{r['meta']['versionId']}" not in seen]
+        new, newest, at_newest = watch.changes(self.store, rtype, params, lu, set(seen))
         if not new:
             return 0
         now = time.time()
-        newest = max(r["meta"]["lastUpdated"] for r in found.matches)
-        at_newest = [f"{r['id']}/{r['meta']['versionId']}" for r in found.matches
-                     if r["meta"]["lastUpdated"] == newest]
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             for r in new:
                 db.execute("INSERT OR IGNORE INTO delivery(subscription, focus, version, status, next_at, created) "
                            "VALUES (?, ?, ?, 'pending', ?, ?)",
                            (sid, f"{r['resourceType']}/{r['id']}", r["meta"]["versionId"], now, now))
-            # the cursor moves to the newest instant seen; versions at that instant are remembered
-            # because the next search starts there again (ge)
             db.execute("UPDATE cursor SET lu = ?, seen = ? WHERE subscription = ?",
-                       (newest, json.dumps(at_newest if newest != lu else sorted(set(seen) | set(at_newest))), sid))
+                       (newest, json.dumps(sorted(at_newest)), sid))
             db.execute("COMMIT")
         return len(new)
 

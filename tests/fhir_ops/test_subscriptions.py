@@ -170,8 +170,9 @@ def test_a_slow_subscriber_does_not_hold_back_the_server_or_other_subscribers(se
     (subscription("http://127.0.0.1:9/hook", type="email"), 422, "unsupported-channel"),
     (subscription("http://127.0.0.1:9/hook", criteria="RiskAssessment?nonsense=1"), 400, "invalid-criteria"),
     (subscription("http://127.0.0.1:9/hook", criteria="NoSuchType?x=1"), 400, "invalid-criteria"),
+    (subscription("http://127.0.0.1:9/hook", criteria="RiskAssessment?_count=1"), 400, "invalid-criteria"),
     (subscription("http://127.0.0.1:9/hook", header=["X-Evil: a\r\nInjected: b"]), 400, "invalid-header"),
-], ids=["private", "metadata", "plain-http", "loopback-not-allowed", "email", "unknown-param", "unknown-type",
+], ids=["private", "metadata", "plain-http", "loopback-not-allowed", "email", "unknown-param", "unknown-type", "paging-param",
         "header-injection"])
 def test_subscriptions_the_server_would_not_honour_are_refused_and_not_stored(server, body, status, eid):
     fhir, _ = server
