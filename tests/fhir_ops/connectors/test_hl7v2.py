@@ -189,3 +189,31 @@ def test_hl7_timestamps_become_fhir_datetimes_or_a_data_type_error(value, expect
         assert (err.value.segment, err.value.sequence, err.value.field, err.value.condition[0]) == ("OBX", 2, 14, "102")
     else:
         assert _timestamp(value, "OBX", 2, 14) == expected
+
+
+def test_the_listen_hl7_command_serves_until_terminated(tmp_path):
+    import subprocess
+    import sys
+
+    from fhir_ops.store.sqlite import SQLiteStore
+
+    with socket.socket() as s:  # a free port for the command
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "listen-hl7", "--port", str(port),
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert f"MLLP on 127.0.0.1:{port}" in proc.stdout.readline()
+        with MllpClient("127.0.0.1", port) as client:
+            assert msa(hl7.parse(client.send(adt("CLI1", "TT201-007")))) == ("AA", "CLI1")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 130), err  # SIGTERM: a clean stop
+    assert "'AA': 1" in err
+    store = SQLiteStore(str(tmp_path / "trialtwin.sqlite"))
+    try:
+        [patient] = store.search("Patient", [("identifier", f"{SUBJECT_SYSTEM}|TT201-007")]).matches
+        assert patient["name"][0]["family"] == "Doe"
+    finally:
+        store.close()
