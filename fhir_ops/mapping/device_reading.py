@@ -5,6 +5,7 @@ the millisecond, is its identifier, so a reading sent again is recognised wherev
 """
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 
 from fhir_ops.errors import InvalidRequest
@@ -56,10 +57,15 @@ def identifier_value(key: tuple[str, str, datetime]) -> str:
     return f"{device}|{code}|{when.strftime('%Y-%m-%dT%H:%M:%S.')}{when.microsecond // 1000:03d}Z"
 
 
+def reading_id(identifier: str) -> str:
+    """The resource id of a reading: a digest of its identifier (FHIR ids are at most 64 characters)."""
+    return "reading-" + hashlib.sha256(identifier.encode()).hexdigest()[:40]
+
+
 def with_identifier(resource: dict, key: tuple[str, str, datetime]) -> dict:
     """A copy carrying the reading identifier (replacing one of the same system)."""
     idents = [i for i in resource.get("identifier") or [] if i.get("system") != READING_SYSTEM]
     return {**resource, "identifier": [*idents, {"system": READING_SYSTEM, "value": identifier_value(key)}]}
 
 
-__all__ = ["READING_SYSTEM", "identifier_value", "instant", "reading_key", "with_identifier"]
+__all__ = ["READING_SYSTEM", "identifier_value", "reading_id", "instant", "reading_key", "with_identifier"]

@@ -1,8 +1,8 @@
 """``Observation/$ingest-readings``: a batch of device readings stored once each, harmonized, counted.
 
-Duplicates (device + code + instant) are dropped in the batch and matched against the store by a
-conditional create in the same transaction, so a batch sent twice, or two batches racing, store each
-reading once. Readings are written in transactions of ``CHUNK``; the answer comes after the commit.
+Duplicates (device + code + instant) are dropped in the batch; each reading is written with PUT at an
+id derived from that triple, so a batch sent twice, or two batches racing, store each reading once
+(a race at worst adds a version of the same resource). Readings are written in transactions of ``CHUNK``; the answer comes after the commit.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fhir_ops.operations.registry import OperationContext, Writes, operation
 from terminology.workflow import active_harmonizer
 
 CHUNK = 1000
+ID_BATCH = 100
 #: harmonizer warnings that reject a reading: a unit that cannot be brought to the canonical one
 _REJECTING = {"unit-not-convertible", "missing-unit"}
 
@@ -61,15 +62,24 @@ def handle(ctx: OperationContext, params: dict) -> dict:
             counts["late"] += 1
         keyed.append((dr.with_identifier(harmonized, key), ident))
     for start in range(0, len(keyed), CHUNK):
-        chunk = keyed[start:start + CHUNK]
-        tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"resource": res, "request": {"method": "POST", "url": "Observation",
-                                          "ifNoneExist": f"identifier={dr.READING_SYSTEM}|{ident}"}}
-            for res, ident in chunk]}
-        response = ctx.store.transaction(tx)
+        chunk = [(dr.reading_id(ident), res, ident) for res, ident in keyed[start:start + CHUNK]]
+        # PUT at an id derived from the reading makes a write idempotent by construction; asking first
+        # which ids exist (one search per chunk) keeps a repeat from even adding a version
+        existing = set()
+        for at in range(0, len(chunk), ID_BATCH):  # a search takes at most 100 values per parameter
+            ids = [rid for rid, _, _ in chunk[at:at + ID_BATCH]]
+            existing.update(r["id"] for r in ctx.store.search("Observation", [
+                ("_id", ",".join(ids)), ("_count", str(len(ids))), ("_elements", "id")]).matches)
+        fresh = [(rid, res) for rid, res, _ in chunk if rid not in existing]
+        counts["duplicates"] += len(chunk) - len(fresh)
+        if not fresh:
+            continue
+        response = ctx.store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {**res, "id": rid}, "request": {"method": "PUT", "url": f"Observation/{rid}"}}
+            for rid, res in fresh]})
         created = sum(1 for e in response["entry"] if e["response"]["status"].startswith("201"))
         counts["stored"] += created
-        counts["duplicates"] += len(chunk) - created
+        counts["duplicates"] += len(fresh) - created  # written meanwhile by a racing batch: same resource
     out = {"received": len(entries), "rejected": len(issues), **counts}
     if issues:
         out["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
