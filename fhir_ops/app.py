@@ -191,4 +191,10 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     executor.init_app(app)  # cohort work in process, or on the Dask cluster of EXECUTOR / DASK_SCHEDULER
     rest.capability_statement(app)  # at start-up, once configured; not on the first GET /metadata
+    from fhir_ops import subscriptions
+
+    subscriptions.init_app(app)  # SUBSCRIPTIONS: rest-hook notifications from a background watcher
+    from fhir_ops import closed_loop
+
+    closed_loop.init_app(app)  # CLOSED_LOOP: twins recalibrated in the background as data arrive
     return app

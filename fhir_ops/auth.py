@@ -564,10 +564,24 @@ def _check_search(access, resource_type):
     request.args = ImmutableMultiDict([*request.args.items(multi=True), (param, value)])
 
 
+def _check_subscription_reach(access, resource: dict | None) -> None:
+    """A Subscription sends what its criteria match to its endpoint: a search its creator must be allowed."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Subscription":
+        return
+    criteria = resource.get("criteria")
+    if isinstance(criteria, str) and criteria.split("?", 1)[0].strip():
+        target = criteria.split("?", 1)[0].strip()
+        if access.require("search", target):
+            raise _forbidden("a Subscription delivers matches of any patient; it needs a user/ or system/ search "
+                             f"scope on {target}", "subscription-needs-broad-scope")
+
+
 def _check_create(access, resource_type):
     patient = access.require("create", resource_type)
     new = _body()
     _require_site_body(access, new if (new or {}).get("resourceType") == resource_type else None)
+    if resource_type == "Subscription":
+        _check_subscription_reach(access, _body())
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         body = _body()
@@ -583,6 +597,8 @@ def _check_update(access, resource_type, resource_id):
     _require_site(access, resource_type, resource_id, missing_ok=True)
     new = _body()
     _require_site_body(access, new if (new or {}).get("resourceType") == resource_type else None)
+    if resource_type == "Subscription":
+        _check_subscription_reach(access, _body())
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         existing = _read_existing(resource_type, resource_id)
@@ -672,6 +688,7 @@ def _check_bundle(access):
                 _require_site_body(access, e.resource)
             except Forbidden as exc:
                 raise _forbidden(f"{e.where} ({e.method} {e.url}): {exc.message}", "bundle-entry-refused") from None
+        _check_subscription_reach(access, e.resource)
         if interaction == "search":
             # a chain inside a batch searches its target types exactly as it would at the type endpoint
             for target in _chained_targets(e.resource_type, [name for name, _ in e.query or []]):

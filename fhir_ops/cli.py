@@ -14,6 +14,7 @@ COMMANDS = [
     ("serve", "fhir_ops.commands.serve"),  # run the FHIR server (+ SMART apps when installed)
     ("demo", "fhir_ops.commands.demo"),  # create the TT-201 demo study if absent, then serve
     ("load", "fhir_ops.commands.load"),  # load Bundles, resources and NDJSON files
+    ("listen-hl7", "fhir_ops.commands.listen_hl7"),  # HL7 v2 over MLLP: ORU^R01 / ADT^A04/A08 -> FHIR
     ("model", "fhir_ops.commands.model"),  # validate / publish a twin model definition (a Library)
     ("export", "fhir_ops.commands.export"),  # write a study out (NONMEM data set)
     ("train", "inference.cli_train"),  # retrain a learned model (dropout) into the model registry
@@ -27,7 +28,8 @@ COMMANDS = [
 SUMMARIES = {
     "serve": "run the FHIR server (and the SMART apps when installed)",
     "demo": "create the demo study TT-201 if absent, then serve it",
-    "load": "load Bundles, resources, NDJSON files and NONMEM data sets (--format nonmem)",
+    "load": "load Bundles, resources, NDJSON files, NONMEM data sets (--format nonmem) and OMOP CDM tables (--format omop)",
+    "listen-hl7": "receive HL7 v2 results (ORU^R01) and patient updates (ADT^A04/A08) over MLLP",
     "model": "validate a twin model definition, or publish it as a Library (optionally a study's model)",
     "export": "write a study out as a NONMEM-format data set",
     "train": "retrain a learned model (simulated data -> ONNX + metadata)",

@@ -275,8 +275,10 @@ def _harmonized(resource: dict) -> dict:
     refused before anything is stored, with the path in the definition.
     """
     from fhir_ops.mapping.model_definition import check_library
+    from fhir_ops.subscriptions import check_subscription, endpoint_allow
 
     check_library(resource)
+    check_subscription(resource, endpoint_allow(current_app))
     harmonizer = _harmonizer(get_store())
     return resource if harmonizer is None else harmonizer.harmonize(resource)[0]
 
@@ -304,11 +306,13 @@ def system_bundle():
     # A twin model definition (Library) in an entry is checked before anything is stored. The
     # entries are well-formed here: canonical_bundle refused any that were not.
     from fhir_ops.mapping.model_definition import check_library
+    from fhir_ops.subscriptions import check_subscription, endpoint_allow
 
     for i, entry in enumerate(bundle.get("entry") or []):
         if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
             try:
                 check_library(entry["resource"])
+                check_subscription(entry["resource"], endpoint_allow(current_app))
             except FhirError as exc:
                 exc.message = f"Bundle.entry[{i}]: {exc.message}"
                 raise

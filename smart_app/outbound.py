@@ -202,3 +202,34 @@ def fetch_json(url: str, *, allow: AllowList = AllowList(), timeout: float = TIM
         return json.loads(body)
     except ValueError:
         raise OutboundRefused(f"{url} did not answer JSON") from None
+
+
+def post(url: str, body: bytes, headers: dict, *, allow: AllowList = AllowList(),
+         timeout: float = TIMEOUT_SECONDS) -> int:
+    """POST ``body`` to ``url`` under the same rules as ``fetch_json`` (no redirects); the HTTP status.
+
+    Used for notifications to subscriber endpoints (FHIR Subscription rest-hook).
+
+    Raises
+    ------
+    OutboundRefused
+        A rule refused the URL or the address connected to.
+    urllib3.exceptions.HTTPError
+        The connection failed or timed out.
+    """
+    scheme, host, port = check_url(url, allow)
+    http_cls, https_cls = _connection_classes(allow)
+    pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
+    pool = pool_cls(host, port, timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False, maxsize=1)
+    pool.ConnectionCls = https_cls if scheme == "https" else http_cls
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        response = pool.urlopen("POST", path, body=body, headers={"Host": parts.netloc, **headers},
+                                redirect=False, preload_content=False, assert_same_host=False)
+        try:
+            return response.status
+        finally:
+            response.release_conn()
+    finally:
+        pool.close()

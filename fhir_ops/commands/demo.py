@@ -41,7 +41,8 @@ def create_demo(config: dict, participants: int, seed: int) -> int:
     from fhir_ops.demo import demo_study_exists, ensure_demo_study
 
     # In-process store access, never served over HTTP: no tokens to check.
-    app = create_app({**config, "AUTH_MODE": "open"})
+    # No background watchers either: the study being loaded is not "new data" for the closed loop.
+    app = create_app({**config, "AUTH_MODE": "open", "SUBSCRIPTIONS": False, "CLOSED_LOOP": False})
     with app.app_context():
         store = get_store()
         try:

@@ -31,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--data-dir", default=None,
                        help=f"embedded store directory (default {DEFAULT_DATA_DIR})")
     where.add_argument("--url", help="base URL of a running FHIR server (e.g. http://127.0.0.1:8080/fhir)")
-    parser.add_argument("--format", choices=("fhir", "nonmem"), default="fhir",
-                        help="fhir (default): Bundles, resources, NDJSON; nonmem: NONMEM-format CSV data sets "
+    parser.add_argument("--format", choices=("fhir", "nonmem", "omop"), default="fhir",
+                        help="fhir (default): Bundles, resources, NDJSON; omop: a directory of OMOP CDM v5.4 CSV "
+                             "tables (docs/connectors.md); nonmem: NONMEM-format CSV data sets "
                              "(needs --mapping)")
     parser.add_argument("--mapping", metavar="MAP.json",
                         help="with --format nonmem: what compartments and columns mean (codes, units, study)")
@@ -544,6 +545,47 @@ def load_nonmem(target, path: str, mapping: dict) -> FileReport:
     return report
 
 
+def load_omop(target, directory: str) -> FileReport:
+    """Load an OMOP CDM v5.4 directory: all tables read and checked first, then one transaction per person.
+
+    Prints the rows per table and the resources per type, which must agree, and the concept ids the
+    shipped vocabulary does not reach.
+    """
+    from collections import Counter
+
+    from fhir_ops.mapping import omop
+
+    report = FileReport(directory)
+    try:
+        tables = omop.read_tables(directory)
+    except omop.OmopError as exc:
+        report.error = "nothing loaded: " + "; ".join(exc.problems)
+        return report
+    vocab, unmapped, written = omop.Vocabulary(), omop.UnmappedConcepts(), Counter()
+    try:
+        for pid, bundle in omop.person_bundles(tables, vocab, unmapped):
+            try:
+                response = target.submit(bundle)
+            except (LoadError, FhirError) as exc:
+                report.error = f"person_id {pid}: rejected ({getattr(exc, 'message', exc)}); persons before it are loaded"
+                return report
+            failures = _failed_entries(response)
+            if failures:
+                report.error = f"person_id {pid}: {'; '.join(failures[:3])}"
+                return report
+            report.loaded += len(bundle["entry"])
+            written.update(e["resource"]["resourceType"] for e in bundle["entry"])
+    except omop.OmopError as exc:
+        report.error = "nothing loaded: " + "; ".join(exc.problems)
+        return report
+    for table, rows in tables.items():
+        rtype = omop.TABLES[table][0]
+        print(f"{directory}: {table}: {len(rows)} rows -> {written[rtype]} {rtype}")
+    for line in unmapped.lines():
+        print(f"{directory}: unmapped concept {line}", file=sys.stderr)
+    return report
+
+
 def read_mapping(path: str) -> dict:
     """A NONMEM mapping file (codes, units and study of a data set); unreadable or invalid JSON is a 400."""
     try:
@@ -574,7 +616,10 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     try:
         for path in args.files:
-            report = load_nonmem(target, path, mapping) if mapping is not None else loader.load_file(path)
+            if getattr(args, "format", "fhir") == "omop":
+                report = load_omop(target, path)
+            else:
+                report = load_nonmem(target, path, mapping) if mapping is not None else loader.load_file(path)
             skipped = (f"; {report.skipped_lines} lines already stored by an earlier run"
                        if report.skipped_lines else "")
             if report.error:

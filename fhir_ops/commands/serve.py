@@ -58,6 +58,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--jwks-allow", default=os.environ.get("TRIALTWIN_JWKS_ALLOW"),
                           help="development only: comma-separated hosts, host:port or networks whose client "
                                "jwks_uri may be http or a private/loopback address (default $TRIALTWIN_JWKS_ALLOW)")
+    security.add_argument("--subscription-allow", default=os.environ.get("TRIALTWIN_SUBSCRIPTION_ALLOW"),
+                          help="development only: comma-separated hosts, host:port or networks a Subscription's "
+                               "rest-hook endpoint may be http or a private/loopback address on (default "
+                               "$TRIALTWIN_SUBSCRIPTION_ALLOW)")
 
 
 def _env_flag(name: str) -> bool:
@@ -205,7 +209,13 @@ def build_config(args: argparse.Namespace) -> dict:
               # The resource server asks the authorization server's own database whether a token was revoked.
               "SMART_REVOCATION_DB": os.path.join(data_dir, "smart-auth.sqlite"),
               "DEV_LAUNCH_SIMULATOR": bool(getattr(args, "dev_launch_simulator", False)),
-              "JWKS_FETCH_ALLOW": [e for e in (getattr(args, "jwks_allow", None) or "").split(",") if e.strip()]}
+              "JWKS_FETCH_ALLOW": [e for e in (getattr(args, "jwks_allow", None) or "").split(",") if e.strip()],
+              # rest-hook Subscriptions: a background watcher and an outbox in the data directory
+              "SUBSCRIPTIONS": True,
+              # twins recalibrated in the background as new data arrive (a study may turn it off)
+              "CLOSED_LOOP": True,
+              "SUBSCRIPTION_ENDPOINT_ALLOW": [e for e in (getattr(args, "subscription_allow", None) or "").split(",")
+                                              if e.strip()]}
     if getattr(args, "registration_token", None):
         config["REGISTRATION_ACCESS_TOKEN"] = args.registration_token
     if getattr(args, "registration_scope", None):

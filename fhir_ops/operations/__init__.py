@@ -23,6 +23,7 @@ MODULES = [
     "fhir_ops.operations.verify_audit",  # $verify-audit: system level (the audit trail's hash chain)
     "fhir_ops.operations.export",  # $export: system, Patient, Group and ResearchStudy instance (Bulk Data v2 NDJSON)
     "fhir_ops.operations.deidentify",  # $deidentify: Group, ResearchStudy instance (Safe Harbor NDJSON copy)
+    "fhir_ops.operations.ingest_readings",  # $ingest-readings: Observation type (device readings, idempotent)
 ]
 
 

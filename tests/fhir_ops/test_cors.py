@@ -73,6 +73,7 @@ def server(tmp_path_factory):
     with serve(app) as base:
         port = int(base.rsplit(":", 1)[1])
         config = build_config(_args(port=port, data_dir=str(data_dir), public_url=base, cors_origin=[ALLOWED]))
+        config.update(SUBSCRIPTIONS=False, CLOSED_LOOP=False)  # no background watchers in a CORS test
         holder["app"] = wsgi = create_wsgi(config)
         yield base
         wsgi.app.extensions["trialtwin.store"].close()
@@ -136,6 +137,7 @@ def test_capability_statement_tells_whether_cors_is_on(server, tmp_path):
     with serve(lambda e, s: holder["app"](e, s)) as base:
         port = int(base.rsplit(":", 1)[1])
         config = build_config(_args(host="0.0.0.0", port=port, data_dir=str(tmp_path), public_url=base))
+        config.update(SUBSCRIPTIONS=False, CLOSED_LOOP=False)  # no background watchers in a CORS test
         holder["app"] = wsgi = create_wsgi(config)
         try:
             answer = requests.get(base + "/fhir/metadata", headers={"Origin": "http://127.0.0.1:9"}, timeout=60)

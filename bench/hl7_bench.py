@@ -1,0 +1,177 @@
+"""HL7 v2 over MLLP: sustained ORU^R01 rate into the embedded store, nothing lost, against a baseline.
+
+The listener is the real ``trialtwin listen-hl7`` in its own process; this process sends ORU^R01
+messages (two OBX each: HbA1c in %, fasting glucose in mmol/L, converted to mg/dL on the way) over
+``--connections`` MLLP connections, paced at ``--rate`` messages/s for ``--seconds``, and then checks
+that every message got AA and that the store holds exactly one Observation per OBX sent.
+
+Baseline, same run: the same messages' content stored as FHIR transaction Bundles (already mapped and
+harmonized) straight into a SQLiteStore in this process, i.e. the cost of the writes alone, one
+transaction per message, with no parsing, mapping, terminology, socket or ACK.
+
+Run: python bench/hl7_bench.py [--rate 1000 --seconds 10 --connections 4]
+     -> prints, writes bench/results/hl7_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import describe  # noqa: E402
+
+from fhir_ops.connectors.hl7v2 import Hl7Ingest  # noqa: E402
+from fhir_ops.connectors.mllp import MllpClient  # noqa: E402
+from fhir_ops.mapping import hl7v2  # noqa: E402
+from fhir_ops.store.sqlite import SQLiteStore  # noqa: E402
+from tests.fhir_ops.connectors.hl7_messages import adt, good_oru  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "hl7_bench.json"
+N_PARTICIPANTS = 50
+
+
+def messages(n: int, tag: str) -> list[str]:
+    return [good_oru(f"{tag}{i}", f"TT201-{i % N_PARTICIPANTS + 1:03d}", hba1c=f"{6 + (i % 30) / 10:.1f}",
+                     fpg_mmol=f"{5 + (i % 40) / 10:.1f}") for i in range(n)]
+
+
+def register(store) -> None:
+    ingest = Hl7Ingest(store)
+    for i in range(N_PARTICIPANTS):
+        ack = ingest.handle(adt(f"REG{i}", f"TT201-{i + 1:03d}"))
+        assert "MSA|AA" in ack, ack
+
+
+def baseline(n: int, tmp: str) -> dict:
+    """The same content as direct FHIR transactions into the store (mapping done beforehand)."""
+    store = SQLiteStore(os.path.join(tmp, "baseline", "trialtwin.sqlite"))
+    register(store)
+    ingest = Hl7Ingest(store)
+    bundles = []
+    for text in messages(n, "B"):
+        mapped = hl7v2.to_bundle(hl7v2.parse(text), ingest.naming, ingest._find_patient)
+        bundles.append(ingest._harmonize(mapped))
+    t0 = time.perf_counter()
+    for b in bundles:
+        store.transaction(b)
+    elapsed = time.perf_counter() - t0
+    stored = store.search("Observation", [("_summary", "count")]).total
+    store.close()
+    return {"messages": n, "seconds": elapsed, "rate": n / elapsed, "observations": stored}
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def sustained(rate: float, seconds: float, connections: int, port: int, tag: str) -> dict:
+    """Paced sending over ``connections`` connections; returns achieved rate, ACK latencies, answers."""
+    n = int(rate * seconds)
+    texts = messages(n, tag)
+    latencies: list[float] = []
+    answers: dict[str, int] = {}
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.2
+
+    def sender(k: int) -> None:
+        local_lat, local_ans = [], {}
+        with MllpClient("127.0.0.1", port) as client:
+            for i in range(k, n, connections):
+                due = start + i / rate
+                now = time.perf_counter()
+                if due > now:
+                    time.sleep(due - now)
+                t = time.perf_counter()
+                ack = client.send(texts[i])
+                local_lat.append(time.perf_counter() - t)
+                code = ack.split("MSA|", 1)[1][:2]
+                local_ans[code] = local_ans.get(code, 0) + 1
+        with lock:
+            latencies.extend(local_lat)
+            for c, v in local_ans.items():
+                answers[c] = answers.get(c, 0) + v
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {"target_rate": rate, "messages": n, "connections": connections, "seconds": elapsed,
+            "achieved_rate": n / elapsed, "answers": answers,
+            "ack_latency_ms": {"p50": 1e3 * percentile(latencies, 0.5), "p99": 1e3 * percentile(latencies, 0.99),
+                               "max": 1e3 * max(latencies)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--port", type=int, default=8161)
+    parser.add_argument("--workers", type=int, default=2, help="listener processes (listen-hl7 --workers)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="hl7bench-")
+    n = int(args.rate * args.seconds)
+    base = baseline(min(n, 3000), tmp)
+    print(f"baseline: {base['rate']:.0f} FHIR transactions/s straight into the store ({base['messages']} messages)")
+
+    data_dir = os.path.join(tmp, "listener")
+    store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
+    register(store)
+    store.close()
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "listen-hl7", "--port", str(args.port),
+                             "--data-dir", data_dir, "--workers", str(args.workers)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "MLLP on" in proc.stdout.readline()
+        warm = sustained(200, 1, args.connections, args.port, "W")
+        run = sustained(args.rate, args.seconds, args.connections, args.port, "M")
+        unpaced = sustained(args.rate * 4, args.seconds / 2, args.connections, args.port, "X")
+        # one connection, as many lab feeds use: each message waits for the previous one's ACK
+        single = sustained(args.rate * 4, args.seconds / 2, 1, args.port, "S")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
+    stored = store.search("Observation", [("_summary", "count")]).total
+    store.close()
+    sent = warm["messages"] + run["messages"] + unpaced["messages"] + single["messages"]
+    all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, run, unpaced, single))
+    result = {
+        "what": "ORU^R01 (2 OBX) over MLLP into the embedded store via trialtwin listen-hl7, one transaction "
+                "and one ACK per message, vs the same content as direct FHIR transactions in-process",
+        "machine": describe(("hl7", "orjson"), note="shared development VM (2 cores, ~8 engineers at work); the "
+                            "listener and the senders share those cores"),
+        "baseline_direct_transactions": base,
+        "sustained": run, "unpaced_4x_target": unpaced, "one_connection": single,
+        "messages_sent": sent, "observations_expected": 2 * sent, "observations_stored": stored,
+        "nothing_lost": stored == 2 * sent and all_aa,
+        "ratio_sustained_to_baseline": run["achieved_rate"] / base["rate"],
+        "ratio_unpaced_to_baseline": unpaced["achieved_rate"] / base["rate"],
+    }
+    print(f"sustained: target {args.rate:.0f}/s for {args.seconds:.0f} s -> {run['achieved_rate']:.0f} msg/s, "
+          f"ACK p50 {run['ack_latency_ms']['p50']:.1f} ms p99 {run['ack_latency_ms']['p99']:.1f} ms, "
+          f"answers {run['answers']}")
+    print(f"unpaced (4x target offered): {unpaced['achieved_rate']:.0f} msg/s "
+          f"({result['ratio_unpaced_to_baseline']:.2f}x the direct-transaction baseline)")
+    print(f"one connection: {single['achieved_rate']:.0f} msg/s, ACK p50 {single['ack_latency_ms']['p50']:.1f} ms")
+    print(f"stored {stored} Observations for {sent} messages x 2 OBX: nothing lost = {result['nothing_lost']}")
+    if not args.no_write:
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

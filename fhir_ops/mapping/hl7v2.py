@@ -1,0 +1,367 @@
+"""HL7 v2 messages (ORU^R01 results, ADT^A04/A08 patient updates) to FHIR R4, and their ACKs.
+
+Parsing is python-hl7's (``hl7``); coding-system and assigning-authority names come from the shipped
+NamingSystem resources (``terminology/data/NamingSystem-hl7v2-*.json``), never from code.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Callable
+from urllib.parse import quote
+
+import hl7
+
+from fhir_ops.errors import FhirError
+from terminology.catalog import shipped
+
+#: HL7 table 0357 message error condition codes used here
+REQUIRED_FIELD_MISSING = ("101", "Required field missing")
+DATA_TYPE_ERROR = ("102", "Data type error")
+TABLE_VALUE_NOT_FOUND = ("103", "Table value not found")
+UNSUPPORTED_MESSAGE_TYPE = ("200", "Unsupported message type")
+UNSUPPORTED_EVENT = ("201", "Unsupported event code")
+UNKNOWN_KEY = ("204", "Unknown key identifier")
+INTERNAL_ERROR = ("207", "Application internal error")
+
+SUPPORTED = {("ORU", "R01"), ("ADT", "A04"), ("ADT", "A08")}
+IDENTIFIER_SYSTEM_BASE = "https://trialtwin.org/fhir/sid/hl7v2-message/"
+_STATUS = {"F": "final", "C": "corrected", "A": "amended", "P": "preliminary", "R": "preliminary",
+           "I": "registered", "X": "cancelled", "W": "entered-in-error"}
+_GENDER = {"M": "male", "F": "female", "O": "other", "A": "other", "U": "unknown", "N": "unknown"}
+_CONTROL = str.maketrans({"\x0b": None, "\x1c": None})
+
+
+class Hl7Fault(FhirError):
+    """A message that cannot be stored, located as HL7 v2 does it: segment, its sequence, field.
+
+    ``ack_code`` is ``AR`` (rejected: unparseable, unsupported type) or ``AE`` (an error in its
+    content); ``condition`` is an HL7 table 0357 ``(code, text)``.
+    """
+
+    def __init__(self, message: str, *, ack_code: str = "AE", segment: str = "MSH", sequence: int = 1,
+                 field: int | None = None, condition: tuple[str, str] = DATA_TYPE_ERROR) -> None:
+        where = f"{segment}[{sequence}]" + (f"-{field}" if field else "")
+        super().__init__(f"{where}: {message}", error_id="hl7v2-" + condition[1].lower().replace(" ", "-"),
+                         expression=[where])
+        self.ack_code, self.segment, self.sequence, self.field = ack_code, segment, sequence, field
+        self.condition = condition
+        self.text = message
+
+
+# -- naming ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Naming:
+    """HL7 v2 names of coding systems and assigning authorities, and the FHIR URIs they stand for."""
+
+    systems: dict[str, str]
+
+    @classmethod
+    def shipped(cls) -> "Naming":
+        systems = {}
+        for ns in shipped("NamingSystem"):
+            uri = next((u["value"] for u in ns.get("uniqueId", []) if u.get("type") == "uri"), None)
+            for u in ns.get("uniqueId", []):
+                if uri and u.get("type") == "other":
+                    systems[u["value"]] = uri
+        return cls(systems)
+
+    def uri(self, name: str) -> str | None:
+        if name.startswith(("http://", "https://", "urn:")):
+            return name
+        return self.systems.get(name)
+
+
+# -- reading a parsed message --------------------------------------------------------------------
+_item = list.__getitem__  # python-hl7 containers are lists; their own __getitem__ is ~5x slower
+
+
+def _get(segment, field: int, component: int = 1, sub: int = 1, repeat: int = 1) -> str:
+    """Field ``field`` of ``segment`` (HL7 numbering, MSH-1 is the field separator), or ''."""
+    if field >= len(segment):
+        return ""
+    value = _item(segment, field)
+    if isinstance(value, str):
+        return value if component == 1 and sub == 1 and repeat == 1 else ""
+    try:  # python-hl7: Field[Repetition[Component[SubComponent]]]
+        first = _item(value, 0)
+        rep = _item(value, repeat - 1) if isinstance(first, list) else value
+        if not isinstance(rep, list):
+            return str(rep) if component == 1 and sub == 1 else ""
+        comp = _item(rep, component - 1)
+        if isinstance(comp, list):
+            return str(_item(comp, sub - 1)) if sub <= len(comp) else ""
+        return str(comp) if sub == 1 else ""
+    except IndexError:
+        return ""
+
+
+def _repeats(segment, field: int) -> int:
+    if field >= len(segment):
+        return 0
+    value = _item(segment, field)
+    if isinstance(value, str) or not value:
+        return 1 if str(value) else 0
+    return len(value) if isinstance(_item(value, 0), list) else 1
+
+
+def parse(text: str) -> hl7.Message:
+    """Parse one message (segments separated by CR; LF tolerated); unparseable → ``Hl7Fault`` AR."""
+    text = text.translate(_CONTROL).replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+    if not text.startswith("MSH"):
+        raise Hl7Fault("a message starts with an MSH segment", ack_code="AR", field=None,
+                       condition=REQUIRED_FIELD_MISSING)
+    try:
+        return hl7.parse(text)
+    except Exception as exc:  # python-hl7 raises ParseException and plain errors alike
+        raise Hl7Fault(f"not a parseable HL7 v2 message ({exc})", ack_code="AR",
+                       condition=DATA_TYPE_ERROR) from None
+
+
+def message_type(msg: hl7.Message) -> tuple[str, str]:
+    """``(MSH-9.1, MSH-9.2)``; unsupported → ``Hl7Fault`` AR naming MSH-9."""
+    msh = msg.segment("MSH")
+    kind, event = _get(msh, 9, 1), _get(msh, 9, 2)
+    if not _get(msh, 10):
+        raise Hl7Fault("MSH-10 (message control id) is required", ack_code="AR", field=10,
+                       condition=REQUIRED_FIELD_MISSING)
+    if kind not in {k for k, _ in SUPPORTED}:
+        raise Hl7Fault(f"message type {kind!r} is not taken here (ORU^R01, ADT^A04, ADT^A08)", ack_code="AR",
+                       field=9, condition=UNSUPPORTED_MESSAGE_TYPE)
+    if (kind, event) not in SUPPORTED:
+        raise Hl7Fault(f"event {kind}^{event} is not taken here (ORU^R01, ADT^A04, ADT^A08)", ack_code="AR",
+                       field=9, condition=UNSUPPORTED_EVENT)
+    return kind, event
+
+
+def _timestamp(value: str, segment: str, seq: int, field: int) -> str:
+    """HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) → FHIR dateTime."""
+    body, tz = value, ""
+    for sign in "+-":
+        if sign in value[4:]:
+            i = value.index(sign, 4)
+            body, tz = value[:i], value[i:]
+    frac = ""
+    if "." in body:
+        body, frac = body.split(".", 1)
+    n = len(body)
+    try:
+        if n not in (4, 6, 8, 10, 12, 14) or not body.isdigit() or (tz and (len(tz) != 5 or not tz[1:].isdigit())) \
+                or (frac and not frac.isdigit()):
+            raise ValueError
+        parts = [int(body[:4])] + [int(body[i:i + 2]) for i in range(4, n, 2)]
+        t = dt.datetime(*parts, *(1, 1)[len(parts) - 1:] if len(parts) < 3 else ())
+    except ValueError:
+        raise Hl7Fault(f"{value!r} is not an HL7 date/time (YYYYMMDD[HHMM[SS]][+ZZZZ])", segment=segment,
+                       sequence=seq, field=field, condition=DATA_TYPE_ERROR) from None
+    if n <= 8:
+        return body[:4] + (f"-{body[4:6]}" if n >= 6 else "") + (f"-{body[6:8]}" if n == 8 else "")
+    out = t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "")
+    # FHIR needs a zone once there is a time; HL7 without one means the sender's local time: say UTC
+    return out + (f"{tz[:3]}:{tz[3:]}" if tz else "Z")
+
+
+def _identifier(pid, naming: Naming, rep: int = 1) -> dict:
+    value = _get(pid, 3, 1, repeat=rep)
+    if not value:
+        raise Hl7Fault("PID-3 (patient identifier) is required", segment="PID", field=3,
+                       condition=REQUIRED_FIELD_MISSING)
+    # CX.4 assigning authority (HD): namespace & universal id & universal id type
+    namespace, universal, kind = (_get(pid, 3, 4, s, repeat=rep) for s in (1, 2, 3))
+    system = universal if universal and kind.upper() == "URI" else naming.uri(namespace) if namespace else None
+    if not system:
+        raise Hl7Fault(f"assigning authority {namespace or universal!r} of PID-3 is not known here (no "
+                       "NamingSystem names it)", segment="PID", field=3, condition=TABLE_VALUE_NOT_FOUND)
+    return {"system": system, "value": value}
+
+
+# -- the mapping ----------------------------------------------------------------------------------
+@dataclass
+class Mapped:
+    """A message as a transaction Bundle plus, per entry, the segment it came from (for faults)."""
+
+    bundle: dict
+    sources: list[tuple[str, int]]
+    control_id: str
+    kind: str
+
+
+def _patient_from_pid(pid, naming: Naming, base: dict | None) -> dict:
+    patient = dict(base or {"resourceType": "Patient"})
+    identifiers = list(patient.get("identifier") or [])
+    for rep in range(1, _repeats(pid, 3) + 1):
+        ident = _identifier(pid, naming, rep)
+        if not any(i.get("system") == ident["system"] and i.get("value") == ident["value"] for i in identifiers):
+            identifiers.append(ident)
+    patient["identifier"] = identifiers
+    family, given = _get(pid, 5, 1), _get(pid, 5, 2)
+    if family or given:
+        patient["name"] = [{k: v for k, v in (("family", family), ("given", [given] if given else None)) if v}]
+    if _get(pid, 7):
+        birth = _timestamp(_get(pid, 7), "PID", 1, 7)
+        patient["birthDate"] = birth[:10]
+    sex = _get(pid, 8)
+    if sex:
+        if sex not in _GENDER:
+            raise Hl7Fault(f"administrative sex {sex!r} is not in HL7 table 0001", segment="PID", field=8,
+                           condition=TABLE_VALUE_NOT_FOUND)
+        patient["gender"] = _GENDER[sex]
+    return patient
+
+
+def _observation(obx, seq: int, subject: str, obr_time: str, ident: dict, naming: Naming) -> dict:
+    vtype = _get(obx, 2)
+    code, display, sysname = _get(obx, 3, 1), _get(obx, 3, 2), _get(obx, 3, 3)
+    if not code:
+        raise Hl7Fault("OBX-3 (observation identifier) is required", segment="OBX", sequence=seq, field=3,
+                       condition=REQUIRED_FIELD_MISSING)
+    system = naming.uri(sysname) if sysname else None
+    if not system:
+        raise Hl7Fault(f"coding system {sysname!r} of OBX-3 is not known here (no NamingSystem names it)",
+                       segment="OBX", sequence=seq, field=3, condition=TABLE_VALUE_NOT_FOUND)
+    status = _get(obx, 11)
+    if not status:
+        raise Hl7Fault("OBX-11 (result status) is required", segment="OBX", sequence=seq, field=11,
+                       condition=REQUIRED_FIELD_MISSING)
+    if status not in _STATUS:
+        raise Hl7Fault(f"result status {status!r} is not in HL7 table 0085", segment="OBX", sequence=seq,
+                       field=11, condition=TABLE_VALUE_NOT_FOUND)
+    when = _get(obx, 14)
+    effective = _timestamp(when, "OBX", seq, 14) if when else obr_time
+    if not effective:
+        raise Hl7Fault("OBX-14 (or OBR-7) observation date/time is required", segment="OBX", sequence=seq,
+                       field=14, condition=REQUIRED_FIELD_MISSING)
+    coding = {"system": system, "code": code, **({"display": display} if display else {})}
+    obs = {"resourceType": "Observation", "identifier": [ident], "status": _STATUS[status],
+           "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                     "code": "laboratory"}]}],
+           "code": {"coding": [coding], **({"text": display} if display else {})},
+           "subject": {"reference": subject}, "effectiveDateTime": effective}
+    raw = _get(obx, 5)
+    if status in ("X", "W") and not raw:
+        return obs
+    if vtype == "NM":
+        try:
+            value = Decimal(raw.strip())
+            if not value.is_finite():
+                raise InvalidOperation
+        except InvalidOperation:
+            raise Hl7Fault(f"OBX-5 {raw!r} is not a number (OBX-2 says NM)", segment="OBX", sequence=seq,
+                           field=5, condition=DATA_TYPE_ERROR) from None
+        unit, unit_text, unit_sys = _get(obx, 6, 1), _get(obx, 6, 2), _get(obx, 6, 3)
+        qty = {"value": int(value) if value == value.to_integral_value() and "." not in raw else float(value)}
+        if unit:
+            qty["unit"] = unit_text or unit
+            if naming.uri(unit_sys or "UCUM") == "http://unitsofmeasure.org":
+                qty.update(system="http://unitsofmeasure.org", code=unit)
+            else:
+                qty["unit"] = unit
+        obs["valueQuantity"] = qty
+    elif vtype in ("ST", "TX", "FT"):
+        obs["valueString"] = raw
+    else:
+        raise Hl7Fault(f"value type {vtype!r} is not taken here (NM, ST, TX, FT)", segment="OBX", sequence=seq,
+                       field=2, condition=TABLE_VALUE_NOT_FOUND)
+    return obs
+
+
+def to_bundle(msg: hl7.Message, naming: Naming, find_patient: Callable[[dict], dict | None]) -> Mapped:
+    """Map a parsed message to one transaction Bundle.
+
+    Parameters
+    ----------
+    msg : hl7.Message
+    naming : Naming
+    find_patient : callable
+        ``identifier dict -> Patient or None``: the stored participant with that identifier.
+
+    Raises
+    ------
+    Hl7Fault
+        Naming the segment and field at fault.
+    """
+    kind, event = message_type(msg)
+    msh = msg.segment("MSH")
+    control_id = _get(msh, 10)
+    facility = _get(msh, 4) or _get(msh, 3) or "unknown"
+    try:
+        pid = msg.segment("PID")
+    except KeyError:
+        raise Hl7Fault(f"{kind}^{event} needs a PID segment", segment="PID", condition=REQUIRED_FIELD_MISSING,
+                       ack_code="AE") from None
+    ident = _identifier(pid, naming)
+    existing = find_patient(ident)
+    if kind == "ADT":
+        patient = _patient_from_pid(pid, naming, existing)
+        if existing:
+            entry = {"resource": patient, "request": {"method": "PUT", "url": f"Patient/{existing['id']}"}}
+        else:
+            entry = {"resource": patient, "request": {"method": "POST", "url": "Patient",
+                                                      "ifNoneExist": f"identifier={ident['system']}|{ident['value']}"}}
+        return Mapped({"resourceType": "Bundle", "type": "transaction", "entry": [entry]}, [("PID", 1)],
+                      control_id, kind)
+    if existing is None:
+        raise Hl7Fault(f"no participant has identifier {ident['system']}|{ident['value']} (send ADT^A04 first)",
+                       segment="PID", field=3, condition=UNKNOWN_KEY)
+    subject = f"Patient/{existing['id']}"
+    entries, sources = [], []
+    obr_time, obr_seq = "", 0
+    counters: dict[str, itertools.count] = {}
+    for segment in msg:
+        name = str(segment[0])
+        seq = next(counters.setdefault(name, itertools.count(1)))
+        if name == "OBR":
+            obr_seq = seq
+            obr_time = _timestamp(_get(segment, 7), "OBR", seq, 7) if _get(segment, 7) else ""
+        elif name == "OBX":
+            # a resent message (same sending facility and MSH-10) matches what it stored the first time
+            ident_obs = {"system": IDENTIFIER_SYSTEM_BASE + quote(facility, safe=""),
+                         "value": f"{control_id}-{obr_seq}-{_get(segment, 1) or seq}"}
+            obs = _observation(segment, seq, subject, obr_time, ident_obs, naming)
+            entries.append({"resource": obs, "request": {
+                "method": "POST", "url": "Observation",
+                "ifNoneExist": f"identifier={ident_obs['system']}|{ident_obs['value']}"}})
+            sources.append(("OBX", seq))
+    if not entries:
+        raise Hl7Fault("ORU^R01 carries no OBX segment", segment="OBX", condition=REQUIRED_FIELD_MISSING)
+    return Mapped({"resourceType": "Bundle", "type": "transaction", "entry": entries}, sources, control_id, kind)
+
+
+# -- acknowledgements ------------------------------------------------------------------------------
+def _escape(text: str) -> str:
+    out = text.replace("\\", "\\E\\")
+    for ch, esc in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"), ("\r", " "), ("\n", " ")):
+        out = out.replace(ch, esc)
+    return out
+
+
+def ack(msg: hl7.Message | None, code: str, ack_id: str, fault: Hl7Fault | None = None,
+        text: str | None = None) -> str:
+    """The ACK (MSH, MSA and, for AE/AR, ERR) answering ``msg``; segments joined by CR.
+
+    ``msg`` None (MSH unreadable) gives an ACK whose MSA-2 is empty.
+    """
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+    if msg is not None:
+        msh = msg.segment("MSH")
+        sender = (_get(msh, 3), _get(msh, 4))
+        receiver = (_get(msh, 5), _get(msh, 6))
+        event, version, control = _get(msh, 9, 2), _get(msh, 12) or "2.5.1", _get(msh, 10)
+        processing = _get(msh, 11) or "P"
+    else:
+        sender, receiver, event, version, control, processing = ("", ""), ("TRIALTWIN", ""), "", "2.5.1", "", "P"
+    message = text or (fault.text if fault else "")
+    lines = [f"MSH|^~\\&|{_escape(receiver[0] or 'TRIALTWIN')}|{_escape(receiver[1])}|{_escape(sender[0])}|"
+             f"{_escape(sender[1])}|{now}||ACK^{_escape(event)}^ACK|{_escape(ack_id)}|{_escape(processing)}|"
+             f"{_escape(version)}",
+             f"MSA|{code}|{_escape(control)}" + (f"|{_escape(message[:80])}" if message else "")]
+    if fault is not None:
+        location = f"{fault.segment}^{fault.sequence}" + (f"^{fault.field}" if fault.field else "")
+        lines.append(f"ERR||{location}|{fault.condition[0]}^{_escape(fault.condition[1])}^HL70357|E||||"
+                     f"{_escape(fault.text)}")
+    return "\r".join(lines)
+
+
+__all__ = ["Hl7Fault", "Mapped", "Naming", "SUPPORTED", "ack", "message_type", "parse", "to_bundle"]

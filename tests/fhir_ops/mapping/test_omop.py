@@ -1,0 +1,132 @@
+"""OMOP CDM v5.4 import: a generated data set in the CDM CSV layout, loaded by the CLI into a real store."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fhir_ops.cli import main
+from fhir_ops.mapping import omop
+from fhir_ops.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.api
+UNMAPPED_CONDITION, UNMAPPED_DRUG, UNMAPPED_MEASUREMENT, UNMAPPED_UNIT = "4329847", "19078461", "3012888", "8876"
+
+
+def generate(n: int, seed: int = 3) -> dict[str, list[dict]]:
+    """A small OMOP data set: persons with a period, visits, T2D, metformin and lab results."""
+    rng = random.Random(seed)
+    t = {k: [] for k in omop.TABLES}
+    ids = {k: 0 for k in omop.TABLES}
+
+    def nid(table):
+        ids[table] += 1
+        return str(ids[table])
+
+    for p in range(1, n + 1):
+        pid = str(p)
+        t["person"].append({"person_id": pid, "gender_concept_id": rng.choice(["8507", "8532"]),
+                            "year_of_birth": str(rng.randint(1940, 1990)), "month_of_birth": str(rng.randint(1, 12)),
+                            "day_of_birth": str(rng.randint(1, 28)), "birth_datetime": "",
+                            "race_concept_id": "0", "ethnicity_concept_id": "0"})
+        t["observation_period"].append({"observation_period_id": nid("observation_period"), "person_id": pid,
+                                        "observation_period_start_date": "2024-01-01",
+                                        "observation_period_end_date": "2026-06-30",
+                                        "period_type_concept_id": "32817"})
+        visits = []
+        for k in range(3):
+            vid = nid("visit_occurrence")
+            visits.append(vid)
+            day = f"2025-{k * 3 + 2:02d}-{rng.randint(1, 28):02d}"
+            t["visit_occurrence"].append({"visit_occurrence_id": vid, "person_id": pid,
+                                          "visit_concept_id": rng.choice(["9202", "9202", "9201", "9203"]),
+                                          "visit_start_date": day, "visit_start_datetime": f"{day} 09:00:00",
+                                          "visit_end_date": day, "visit_end_datetime": f"{day} 10:00:00",
+                                          "visit_type_concept_id": "32817"})
+        cond = "201826" if p % 5 else UNMAPPED_CONDITION
+        t["condition_occurrence"].append({"condition_occurrence_id": nid("condition_occurrence"), "person_id": pid,
+                                          "condition_concept_id": cond, "condition_start_date": "2024-03-01",
+                                          "condition_start_datetime": "", "condition_end_date": "",
+                                          "condition_end_datetime": "", "visit_occurrence_id": visits[0],
+                                          "condition_source_value": "E11.9" if cond == "201826" else "I21"})
+        for drug in ("1503297", UNMAPPED_DRUG if p % 4 == 0 else "1503297"):
+            t["drug_exposure"].append({"drug_exposure_id": nid("drug_exposure"), "person_id": pid,
+                                       "drug_concept_id": drug, "drug_exposure_start_date": "2025-01-10",
+                                       "drug_exposure_start_datetime": "", "drug_exposure_end_date": "2025-04-10",
+                                       "drug_exposure_end_datetime": "", "quantity": "90",
+                                       "visit_occurrence_id": visits[0], "drug_source_value": "metformin 500 mg"})
+        for vid in visits:
+            for concept, unit, value in (("3004410", "8554", rng.uniform(6, 9)), ("3037110", "8840", rng.uniform(90, 180)),
+                                         ("3025315", "9529", rng.uniform(60, 110)),
+                                         (UNMAPPED_MEASUREMENT, UNMAPPED_UNIT, rng.uniform(70, 90))):
+                t["measurement"].append({"measurement_id": nid("measurement"), "person_id": pid,
+                                         "measurement_concept_id": concept, "measurement_date": "2025-05-01",
+                                         "measurement_datetime": "2025-05-01 08:30:00",
+                                         "value_as_number": f"{value:.2f}", "value_as_concept_id": "",
+                                         "unit_concept_id": unit, "visit_occurrence_id": vid,
+                                         "measurement_source_value": concept, "unit_source_value": "mmHg"})
+    return t
+
+
+def load(tmp_path, directory, capsys):
+    code = main(["load", "--format", "omop", str(directory), "--data-dir", str(tmp_path / "data")])
+    return code, capsys.readouterr()
+
+
+def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_path, capsys):
+    tables = generate(25)
+    omop.write_tables(str(tmp_path / "cdm"), tables)
+    code, out = load(tmp_path, tmp_path / "cdm", capsys)
+    assert code == 0, out.err
+    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
+    try:
+        for table, rows in tables.items():
+            rtype = omop.TABLES[table][0]
+            assert store.search(rtype, [("_summary", "count")]).total == len(rows), table
+            assert f"{table}: {len(rows)} rows -> {len(rows)} {rtype}" in out.out
+        # codes mapped as far as the vocabulary reaches
+        a1c = store.search("Observation", [("code", "http://loinc.org|4548-4"), ("_count", "1")]).matches[0]
+        assert a1c["valueQuantity"]["code"] == "%" and a1c["subject"]["reference"].startswith("Patient/omop-person-")
+        assert store.search("Condition", [("code", "http://snomed.info/sct|44054006"), ("_summary", "count")]).total == 20
+        rx = [m for m in store.search_all("MedicationStatement", [])
+              if {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "6809", "display": "metformin"}
+              in m["medicationCodeableConcept"]["coding"]]
+        assert len(rx) == 44  # 50 exposures, 6 of an unmapped drug
+        # ... and the rest kept as OMOP codings and reported
+        other = store.search("Condition", [("code", f"{omop.OMOP_SYSTEM}|{UNMAPPED_CONDITION}")]).matches
+        assert len(other) == 5 and other[0]["code"]["coding"] == [{"system": omop.OMOP_SYSTEM, "code": UNMAPPED_CONDITION}]
+        for line in (f"condition_occurrence.condition_concept_id = {UNMAPPED_CONDITION}: 5 row(s)",
+                     f"drug_exposure.drug_concept_id = {UNMAPPED_DRUG}: 6 row(s)",
+                     f"measurement.measurement_concept_id = {UNMAPPED_MEASUREMENT}: 75 row(s)",
+                     f"measurement.unit_concept_id = {UNMAPPED_UNIT}: 75 row(s)"):
+            assert line in out.err
+        visit = store.read("Encounter", "omop-visit-1")
+        assert visit["class"]["system"].endswith("v3-ActCode") and visit["period"]["start"].endswith("T09:00:00Z")
+    finally:
+        store.close()
+    # loading again writes the same resources, not new ones
+    code, _ = load(tmp_path, tmp_path / "cdm", capsys)
+    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
+    try:
+        assert code == 0 and store.search("Observation", [("_summary", "count")]).total == len(tables["measurement"])
+    finally:
+        store.close()
+
+
+def test_rows_of_an_unknown_person_load_nothing(tmp_path, capsys):
+    tables = generate(3)
+    tables["measurement"][0]["person_id"] = "99"
+    omop.write_tables(str(tmp_path / "cdm"), tables)
+    code, out = load(tmp_path, tmp_path / "cdm", capsys)
+    assert code == 1 and "person_id 99 that person.csv lacks" in out.err
+    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
+    try:
+        assert store.search("Patient", [("_summary", "count")]).total == 0
+    finally:
+        store.close()
+
+
+def test_a_directory_without_person_table_is_refused(tmp_path, capsys):
+    (tmp_path / "cdm").mkdir()
+    code, out = load(tmp_path, tmp_path / "cdm", capsys)
+    assert code == 1 and "no person.csv" in out.err
