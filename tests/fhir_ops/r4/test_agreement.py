@@ -61,6 +61,8 @@ def _excluded(issue) -> str | None:
         return "json-kind"
     if message.endswith(("not a valid uri", "not a valid url", "not a valid canonical")):
         return "uri-whitespace"
+    if message.endswith("is not a valid base64Binary"):
+        return "base64-lenient"  # R4B decodes '2024-13-01' to bytes (it drops characters outside the alphabet)
     if message.endswith("is not a valid code") and any(c in message for c in ("\\t", "\\n", "\\r", "  ")):
         return "code-whitespace"
     return None
@@ -117,7 +119,7 @@ def test_verdicts_agree_with_the_r4b_reference():
         (strict_agreements, rejected_by_both, accepted_by_both)
     assert complete_enums.get(True, 0) > complete_enums.get(False, 0)
     assert set(excluded) <= {"binding-open-in-r4b", "invariant", "json-empty", "json-kind", "uri-whitespace",
-                             "code-whitespace"}
+                             "code-whitespace", "base64-lenient"}
 
 
 def test_corpus_covers_every_rule():
