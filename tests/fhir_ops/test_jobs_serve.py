@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from fhir_ops.mapping import model_definition as fm
+from inference.model_definition import shipped_definition
 from tests.fhir_ops.operations.twin_client import HEADERS, entries, params
 
 pytestmark = [pytest.mark.api, pytest.mark.slow]
@@ -25,8 +27,10 @@ distributed = pytest.importorskip("distributed", reason="the 'dask' extra is par
 
 ROOT = Path(__file__).resolve().parents[2]
 ASYNC = {**HEADERS, "Prefer": "respond-async"}
-STUDY = {"resourceType": "ResearchStudy", "id": "shared", "status": "active",
-         "arm": [{"name": "placebo"}, {"name": "100 mg"}]}
+MODEL = fm.compile_definition(shipped_definition("tt201"))
+LIBRARY = fm.definition_library(MODEL)
+STUDY = fm.with_study_model({"resourceType": "ResearchStudy", "id": "shared", "status": "active",
+         "arm": [{"name": "placebo"}, {"name": "100 mg"}]}, MODEL.canonical)
 
 
 def _free_port() -> int:
@@ -98,6 +102,8 @@ def test_two_serve_processes_share_jobs_and_a_restart_keeps_results(servers):
         b = servers()
         assert any("Dask scheduler " + idle.scheduler_address in line and "0 workers" in line for line in a.banner)
         assert any("cohort simulations run" in line and "in process" in line for line in b.banner)
+        assert requests.put(f"{b.base}/Library/{LIBRARY['id']}", json=LIBRARY, headers=HEADERS,
+                            timeout=30).status_code in (200, 201)
         assert requests.put(f"{b.base}/ResearchStudy/shared", json=STUDY, headers=HEADERS,
                             timeout=30).status_code in (200, 201)
         small = params(virtualParticipants=300, horizonDays=28, seed=3)
