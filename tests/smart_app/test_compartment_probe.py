@@ -120,7 +120,9 @@ def test_a_patient_token_gets_nothing_of_another_patient(combined, admin):
     probe("GET", "Group", params={"member": f"Patient/{P2}"})
     probe("GET", "Group", params={"_summary": "count"})
     probe("POST", f"Group/{group['id']}/$simulate", json={"resourceType": "Parameters", "parameter": []})
-    for op in ("$simulate", "$predict-dropout", "$estimate-effect", "$forecast-enrollment", "$fit-population"):
+    probe("POST", f"Group/{group['id']}/$stratify", json={"resourceType": "Parameters", "parameter": []})
+    for op in ("$simulate", "$predict-dropout", "$estimate-effect", "$forecast-enrollment", "$fit-population",
+               "$stratify", "$safety-signal"):
         probe("POST", f"ResearchStudy/tt-201/{op}", json={"resourceType": "Parameters", "parameter": []})
     # operations on the other patient
     for op in ("$simulate", "$calibrate", "$predict-dropout"):
