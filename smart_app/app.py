@@ -20,6 +20,7 @@ from .clinician import (FhirApi, FhirCallError, Problem, latest_risk, load_cohor
 from .jwks import persistent_secret
 from .plots import cohort_panels, enrollment_panel, forecast_panels
 from .study_results import MAX_TARGET, load_effect_reports, load_enrollment
+from .study_safety import load_safety, load_strata
 
 CLIENT_ID = "trialtwin-clinician"
 #: What the app asks for. Patient data stays in the launch patient's compartment (patient/ scopes); the
@@ -27,7 +28,8 @@ CLIENT_ID = "trialtwin-clinician"
 #: study-level resources an EDC launch needs are not patient data and come with user/ scopes.
 SCOPES = ("launch openid fhirUser patient/*.rs patient/Observation.cu patient/Basic.cu patient/Provenance.cu "
           "patient/RiskAssessment.cu patient/Task.cu user/ResearchStudy.rs user/ResearchSubject.rs user/Group.rs "
-          "user/Organization.rs user/Location.rs user/RiskAssessment.rs user/DocumentReference.rs")
+          "user/Organization.rs user/Location.rs user/RiskAssessment.rs user/DocumentReference.rs "
+          "user/MeasureReport.rs user/DetectedIssue.rs")
 STANDALONE_SCOPES = SCOPES.replace("launch ", "launch/patient ", 1)
 
 #: The only texts a link may put in the page's notice: ``?notice=<key>`` (never free text from the query string,
@@ -281,10 +283,11 @@ def study_view(study_id):
     cohort = load_cohort(api, study_id, problems, threshold=current_app.config["RISK_THRESHOLD"])
     enrollment = None if errors else load_enrollment(api, study_id, cohort.study, cohort.subjects, target, problems)
     reports = load_effect_reports(api, study_id, problems)
+    strata, safety = load_strata(api, study_id, problems), load_safety(api, study_id, problems)
     return render_template("app/study.html", cohort=cohort, panels=cohort_panels(cohort), problems=problems,
                            grant=grant, errors=errors, form=request.args, enrollment=enrollment,
                            enrollment_svg=enrollment_panel(enrollment) if enrollment and enrollment.forecast else None,
-                           reports=reports)
+                           reports=reports, strata=strata, safety=safety)
 
 
 def calendar_date(value) -> str:

@@ -3,7 +3,7 @@
 A stratum Group lists its members (``member.entity``), states its readable rule and how well the rule
 picks the members, the stability of the stratification, each feature's mean, and the simulated
 response under each arm (``characteristic`` entries coded in the TrialTwin code system; the arm of a
-response is the ``stratum-arm`` extension). Every stratum of one stratification shares the
+response is the ``study-arm`` extension). Every stratum of one stratification shares the
 ``identifier`` value ``key`` (system :data:`STRATIFICATION_SID`), which is how re-runs find them.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fhir_ops.mapping.participant import versioned
 CANONICAL = "https://trialtwin.org/fhir"
 TRIALTWIN_CS = f"{CANONICAL}/CodeSystem/trialtwin"
 STRATUM_PROFILE = f"{CANONICAL}/StructureDefinition/stratum"
-EXT_STRATUM_ARM = f"{CANONICAL}/StructureDefinition/stratum-arm"
+EXT_STRATUM_ARM = f"{CANONICAL}/StructureDefinition/study-arm"
 STRATIFICATION_SID = f"{CANONICAL}/sid/stratification"
 UCUM = "http://unitsofmeasure.org"
 
@@ -107,7 +107,7 @@ def build_stratum(*, key: str, index: int, k: int, source: str, member_ids: list
     for r in responses:
         chars.append(_char("stratum-response", "Simulated response (median over members)",
                            {"valueQuantity": _quantity(r["median"], response_unit)},
-                           text=f"{r['arm']} ({r['doseMg']:g} mg)", arm=r["arm"]))
+                           text=f"Simulated response under {r['arm']} ({r['doseMg']:g} mg once daily)", arm=r["arm"]))
     return {
         "resourceType": "Group", "id": f"stratum-{key}-{index + 1}", "meta": {"profile": [STRATUM_PROFILE]},
         "identifier": [{"system": STRATIFICATION_SID, "value": key}],
