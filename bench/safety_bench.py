@@ -99,7 +99,8 @@ def main() -> None:
         t0 = time.perf_counter()
         b_counts, b_probs, b_slopes = baseline(arm, years, auc, who, what)
         t_baseline = time.perf_counter() - t0
-    mc_se = np.sqrt(np.clip(b_probs * (1 - b_probs), 1e-12, None) / 100_000)
+    # the Monte Carlo standard error at the exact probability (floored at one draw in 10^5)
+    mc_se = np.sqrt(np.maximum(probs * (1 - probs), 1 / 100_000) / 100_000)
     result = {
         "machine": describe(["numpy", "scipy", "statsmodels"], threads=1),
         "workload": {"participants": PARTICIPANTS, "adverse_event_records": RECORDS, "terms": TERMS, "arms": ARMS},
