@@ -179,23 +179,5 @@ def build_task(task_id: str, issue_id: str, row: dict, reviewer: dict | None, no
     return task
 
 
-def read_report(report: dict) -> dict:
-    """Plain summary of a stored safety report (for the study view)."""
-    rates, forecasts = [], []
-    for g in report.get("group", []):
-        codes = [c.get("code") for c in g.get("code", {}).get("coding", [])]
-        ext = {e.get("url"): next((v for k, v in e.items() if k.startswith("value")), None)
-               for e in g.get("extension", [])}
-        if "forecast-events" in codes:
-            forecasts.append({"text": g["code"].get("text", ""), "expected": g.get("measureScore", {}).get("value")})
-            continue
-        pops = {p["code"]["coding"][0]["code"]: p.get("count") for p in g.get("population", [])}
-        rates.append({"arm": ext.get(EXT_ARM), "term": g["code"].get("text", ""),
-                      "events": pops.get("numerator"), "participants": pops.get("denominator"),
-                      "rate": g.get("measureScore", {}).get("value"), "probability": ext.get(EXT_PROBABILITY)})
-    return {"id": report.get("id"), "date": report.get("date"), "cut": (report.get("period") or {}).get("end"),
-            "rates": rates, "forecasts": forecasts}
-
-
 __all__ = ["SafetyData", "Participant", "load_safety_data", "term_of", "person_years", "on_study", "digest",
-           "build_report", "build_issue", "build_task", "read_report"]
+           "build_report", "build_issue", "build_task"]

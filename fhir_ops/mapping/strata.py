@@ -128,28 +128,5 @@ def same_content(a: dict | None, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
-def read_strata(groups: list[dict]) -> list[dict]:
-    """Plain summaries of stored stratum Groups (for the study view): name, size, rule, responses."""
-    out = []
-    for g in groups:
-        row = {"id": g["id"], "name": g.get("name", g["id"]), "size": g.get("quantity", len(g.get("member", []))),
-               "responses": [], "active": g.get("active", True)}
-        for ch in g.get("characteristic", []):
-            code = next((c.get("code") for c in ch.get("code", {}).get("coding", [])), None)
-            if code == "stratum-rule":
-                row["rule"] = ch.get("valueCodeableConcept", {}).get("text", "")
-            elif code in ("stratum-rule-precision", "stratum-rule-recall", "stratification-stability"):
-                row[code] = ch.get("valueQuantity", {}).get("value")
-            elif code == "stratified-from":
-                row["source"] = ch.get("valueReference", {}).get("reference")
-            elif code == "stratum-response":
-                arm = next((e.get("valueString") for e in ch.get("extension", []) if e.get("url") == EXT_STRATUM_ARM),
-                           ch["code"].get("text"))
-                q = ch.get("valueQuantity", {})
-                row["responses"].append({"arm": arm, "value": q.get("value"), "unit": q.get("unit")})
-        out.append(row)
-    return out
-
-
 def bad_parameter(name: str, message: str, error_id: str) -> InvalidRequest:
     return InvalidRequest(message, error_id=error_id, expression=[f"Parameters.parameter:{name}"])

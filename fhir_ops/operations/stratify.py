@@ -181,9 +181,8 @@ def _persist(ctx: OperationContext, key: str, inputs: list[str], groups: list[di
     prov_id = fs.run_id(key, inputs)
     refs = [f"Group/{g['id']}" for g in groups]
     try:
-        prov = store.read("Provenance", prov_id)
-        return {"groups": refs, "provenance": f"Provenance/{prov_id}", "written": 0,
-                "_targets": [t["reference"] for t in prov.get("target", [])]}
+        store.read("Provenance", prov_id)
+        return {"groups": refs, "provenance": f"Provenance/{prov_id}", "written": 0}
     except NotFound:
         pass
     existing = {g["id"]: g for g in store.search_all("Group", [("identifier", f"{fs.STRATIFICATION_SID}|{key}")])}
