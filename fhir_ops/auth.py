@@ -290,13 +290,17 @@ def _check_system_history(access):
                          "system/*.r", "history-needs-broad-scope")
 
 
-def _chained_targets(resource_type: str) -> list[str]:
-    """The resource types a chained search parameter of this request (``subject:Patient.gender``) searches."""
-    from fhir_ops.search.registry import search_parameter
-
+def _request_param_names() -> list[str]:
     names = list(request.args)
     if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
         names += list(request.form)  # POST _search carries its parameters in the body
+    return names
+
+
+def _chained_targets(resource_type: str, names: list[str]) -> list[str]:
+    """The resource types chained search parameters among ``names`` (``subject:Patient.gender``) search."""
+    from fhir_ops.search.registry import search_parameter
+
     targets: list[str] = []
     for name in names:
         if "." not in name:
@@ -312,7 +316,7 @@ def _chained_targets(resource_type: str) -> list[str]:
 
 def _check_search(access, resource_type):
     patient = access.require("search", resource_type)
-    chained = _chained_targets(resource_type)
+    chained = _chained_targets(resource_type, _request_param_names())
     if chained and patient:
         # A chain evaluates conditions on resources the compartment filter never sees (the performer,
         # another Patient): each answer would leak a bit about them.
@@ -425,6 +429,10 @@ def _check_bundle(access):
         else:
             interaction = _BUNDLE_METHODS[e.method]
         patient = access.require(interaction, e.resource_type)
+        if interaction == "search":
+            # a chain inside a batch searches its target types exactly as it would at the type endpoint
+            for target in _chained_targets(e.resource_type, [name for name, _ in e.query or []]):
+                access.require("search", target)
         if not patient:
             continue
         if interaction in ("read", "search", "delete") or e.resource is None or not in_compartment(e.resource, patient):

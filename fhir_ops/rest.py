@@ -433,6 +433,8 @@ def _history_bundle(resource_type: str | None, resource_id: str | None) -> dict:
     """One page of history (``_count``, ``_offset``) with the total and self/first/previous/next/last links."""
     base = _base()
     count, offset = _count_arg(), _offset_arg()
+    # pages like a search: without _count the default page, never more than MAX_COUNT versions at once
+    count = min(DEFAULT_COUNT if count is None else count, MAX_COUNT)
     store = get_store()
     versions = store.history(resource_type, resource_id, count=count, offset=offset)
     total = store.history_total(resource_type, resource_id)

@@ -102,6 +102,19 @@ def test_history_pages_with_next_links_and_the_full_total(fhir, level):
     assert "next" not in {link["relation"] for link in last["link"]} or expected > 15
 
 
+def test_history_without_count_is_one_default_page_not_every_version(fhir):
+    from fhir_ops.search.query import DEFAULT_COUNT, MAX_COUNT
+
+    a = fhir.post("Patient", patient("A")).json()
+    for i in range(DEFAULT_COUNT + 4):
+        fhir.put(f"Patient/{a['id']}", {**a, "gender": ("male", "female")[i % 2]})
+    page = fhir.get(f"Patient/{a['id']}/_history").json()
+    assert page["total"] == DEFAULT_COUNT + 5 and len(page["entry"]) == DEFAULT_COUNT
+    assert any(link["relation"] == "next" for link in page["link"])
+    huge = fhir.get(f"Patient/{a['id']}/_history?_count={MAX_COUNT * 10}").json()
+    assert len(huge["entry"]) == DEFAULT_COUNT + 5  # capped at MAX_COUNT, and here all fit
+
+
 @pytest.mark.parametrize("query", ["_count=-1", "_offset=-5", "_offset=x"])
 def test_history_paging_parameters_are_checked(fhir, query):
     bad = fhir.get(f"_history?{query}")

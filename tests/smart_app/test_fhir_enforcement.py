@@ -164,6 +164,23 @@ def test_chained_search_needs_a_broad_scope_on_every_type_it_searches(combined, 
     assert outside.status_code == 403 and outcome_id(outside) == "insufficient-scope"
 
 
+def test_a_chain_inside_a_batch_needs_the_same_scopes_as_at_the_type_endpoint(combined, system_read, system_write):
+    # system/Observation + system/Patient only: a chain to Practitioner is refused in a batch entry too,
+    # as the whole request (it would reveal which practitioners' names match)
+    chained = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation?performer:Practitioner.name=x"}}]}
+    outside = call("POST", f"{combined.fhir}/", system_write, json=chained)
+    assert outside.status_code == 403 and outcome_id(outside) == "insufficient-scope"
+    allowed = call("POST", f"{combined.fhir}/", system_read, json=chained)
+    assert allowed.status_code == 200
+    assert allowed.json()["entry"][0]["response"]["status"].startswith("200")
+    # a chain to a type the token may search is answered
+    to_patient = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation?subject:Patient.gender=female&_summary=count"}}]}
+    answered = call("POST", f"{combined.fhir}/", system_write, json=to_patient)
+    assert answered.status_code == 200 and answered.json()["entry"][0]["resource"]["total"] > 0
+
+
 def test_system_history_needs_read_on_every_type_broadly(combined, p1_read, system_read, system_write):
     for token in (p1_read, system_write):  # a patient's compartment; or system scopes on a few types only
         refused = call("GET", f"{combined.fhir}/_history", token, params={"_count": 5})
