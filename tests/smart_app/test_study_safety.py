@@ -11,6 +11,7 @@ import pytest
 from smart_app.study_safety import safety_of
 
 from .conftest import combined_server
+from .test_browser import ARTIFACTS, browser, launch_from_simulator  # noqa: F401
 from .test_study_results import Loader, _section, _study_page
 
 pytestmark = pytest.mark.api
@@ -76,3 +77,19 @@ def test_a_study_without_results_says_so_in_words(served):
     assert "HTTP" not in _section(html, "safety-h")
     # the safety report reader copes with a report without groups
     assert safety_of({"period": {"end": "2026-11-20"}}).rates == []
+
+
+@pytest.mark.browser
+def test_the_strata_and_safety_panels_render_at_400_px(browser, served):  # noqa: F811
+    combined, *_ = served
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    page = context.new_page()
+    try:
+        launch_from_simulator(page, combined, study="tt-201")
+        assert page.locator("#strata-table tbody tr").count() >= 1
+        assert page.locator("#safety-rates tbody tr").count() >= 3
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400  # no sideways scroll
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#safety").screenshot(path=str(ARTIFACTS / "study-safety-400.png"))
+    finally:
+        context.close()

@@ -112,3 +112,24 @@ def test_unknown_target_too_few_participants_and_get_are_refused(twin_server):
     assert r.status_code == 422 and error_id(r) == "no-participants"
     r = requests.get(f"{base}/ResearchStudy/tt-201/$stratify", timeout=30)
     assert r.status_code == 405
+
+
+def test_asynchronous_stratification_answers_the_same_as_a_synchronous_one(twin_server):
+    import time
+
+    base, _ = twin_server
+    body = params(bootstrap=2, seed=3, persist=False)
+    sync = _stratify(base, "ResearchStudy/tt-201", body)
+    assert sync.status_code == 200
+    resp = requests.post(f"{base}/ResearchStudy/tt-201/$stratify", json=body,
+                         headers={**HEADERS, "Prefer": "respond-async"}, timeout=60)
+    assert resp.status_code == 202, resp.text[:400]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        poll = requests.get(resp.headers["Content-Location"], timeout=30)
+        if poll.status_code != 202:
+            break
+        time.sleep(0.1)
+    assert poll.status_code == 200, poll.text[:400]
+    assert entries(poll.json(), "bic") == entries(sync.json(), "bic")
+    assert single(poll.json(), "strata") == single(sync.json(), "strata")
