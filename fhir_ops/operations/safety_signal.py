@@ -121,7 +121,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     if not data.events:
         raise Unprocessable(f"{study_ref} has no actual AdverseEvent of its participants to monitor",
                             error_id="no-adverse-events")
-    arms = sorted({p.arm for p in data.participants if p.arm})
+    # by stated dose (placebo first), arms without one after them by name
+    arms = sorted({p.arm for p in data.participants if p.arm},
+                  key=lambda a: (arm_dose(a) is None, arm_dose(a) or 0.0, a))
     if len(arms) < 2:
         raise Unprocessable(f"{study_ref} has participants in {len(arms)} arm(s); safety monitoring compares an arm "
                             "with a control arm", error_id="single-arm")
