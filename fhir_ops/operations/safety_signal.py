@@ -27,11 +27,13 @@ from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
 from inference import safety as engine
 from inference import twin
+from inference.cohort import TT201Population
 from terminology.catalog import default_catalog
 
 ACTIVITY = "$safety-signal"
 METHOD_DEVICE = ("trialtwin-safety", "0.1.0")
 _PARAM_NAMES = [n for n, _, _ in twin.PARAMETERS]
+_BIOAVAILABILITY = TT201Population().f  # the built-in twin's oral bioavailability
 
 
 def _bad(name: str, message: str, error_id: str) -> InvalidRequest:
@@ -102,7 +104,7 @@ def _exposure(store, pid: str, dose: float, metric: str, issues_count: list) -> 
         inputs = []
         issues_count.append(pid)
     cl, v, ka = (float(np.exp(mean[_PARAM_NAMES.index(n)])) for n in ("CL", "V", "ka"))
-    auc, cmax = engine.steady_state_exposure(cl, v, ka, dose, bioavailability=twin._POPULATION.f)
+    auc, cmax = engine.steady_state_exposure(cl, v, ka, dose, bioavailability=_BIOAVAILABILITY)
     return float(auc if metric == "auc" else cmax), inputs
 
 

@@ -21,13 +21,15 @@ from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
 from inference import stratify as engine
 from inference import twin
+from inference.cohort import TT201Population
 
 ACTIVITY = "$stratify"
 PARAMETER_SCALE = {name: scale for name, scale, _ in twin.PARAMETERS}
 DEFAULT_FEATURES = ("Emax", "EC50")
 COVARIATES = ("age", "female", "weight", "egfr")
 RESPONSE = "response"
-RESPONSE_UNIT = "mg/dL"  # the TT-201 twin's Emax acts on fasting glucose
+BIOAVAILABILITY = TT201Population().f  # the built-in twin's oral bioavailability
+RESPONSE_UNIT = {name: unit for name, _, unit in twin.PARAMETERS}["Emax"]  # the response is in Emax's unit
 
 
 def _settings(params: dict) -> dict:
@@ -94,7 +96,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         row = []
         for f in s["features"]:
             if f == RESPONSE:
-                r = engine.steady_state_response(values["Emax"], values["EC50"], values["CL"], s["scenarioDose"])
+                r = engine.steady_state_response(values["Emax"], values["EC50"], values["CL"], s["scenarioDose"],
+                                                 bioavailability=BIOAVAILABILITY)
                 row.append(float(np.log(max(float(r), 1e-9))))
             else:
                 row.append(float(mean[[n for n, _, _ in twin.PARAMETERS].index(f)]))
@@ -142,7 +145,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         for arm, dose in arm_doses.items():
             if dose is None:
                 continue
-            r = engine.steady_state_response(emax[mask], ec50[mask], cl[mask], dose)
+            r = engine.steady_state_response(emax[mask], ec50[mask], cl[mask], dose, bioavailability=BIOAVAILABILITY)
             lo, med, hi = np.quantile(r, [0.1, 0.5, 0.9])
             responses.append({"arm": arm, "doseMg": float(dose), "median": float(med), "low": float(lo),
                               "high": float(hi), "unit": RESPONSE_UNIT})
