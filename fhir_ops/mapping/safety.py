@@ -57,14 +57,19 @@ class SafetyData:
         return max(dates) if dates else None
 
 
-def term_of(event: dict) -> dict | None:
-    """The coding that names an AdverseEvent's term: SNOMED CT when present, else the first one."""
+def term_of(event: dict, translate=None) -> dict | None:
+    """The coding that names an AdverseEvent's term: SNOMED CT when present, else the SNOMED CT target of
+    a local coding through ``translate(system, code)`` (the terminology maps), else the first coding."""
     codings = [c for c in (event.get("event") or {}).get("coding", []) if c.get("system") and c.get("code")]
-    return next((c for c in codings if c["system"] == SNOMED), codings[0] if codings else None)
+    snomed = next((c for c in codings if c["system"] == SNOMED), None)
+    if snomed is None and translate is not None:
+        snomed = next((t for c in codings for t in [translate(c["system"], c["code"])] if t), None)
+    return snomed or (codings[0] if codings else None)
 
 
-def load_safety_data(store, study_id: str) -> SafetyData:
-    """The study, its participants (arm, time on study) and their adverse events (404 for an unknown study)."""
+def load_safety_data(store, study_id: str, translate=None) -> SafetyData:
+    """The study, its participants (arm, time on study) and their adverse events (404 for an unknown study);
+    ``translate(system, code)`` gives the SNOMED CT coding of a local code, or None."""
     ref = f"ResearchStudy/{study_id}"
     try:
         study = store.read("ResearchStudy", study_id)
@@ -88,7 +93,7 @@ def load_safety_data(store, study_id: str) -> SafetyData:
             not_actual += 1
             continue
         pid = (ae.get("subject") or {}).get("reference", "").removeprefix("Patient/")
-        coding = term_of(ae)
+        coding = term_of(ae, translate)
         if pid not in participants or coding is None or not ae.get("date"):
             continue
         token = f"{coding['system']}|{coding['code']}"

@@ -28,7 +28,8 @@ from fhir_ops.store.bundle import put_entry
 from inference import safety as engine
 from inference import twin
 from inference.cohort import TT201Population
-from terminology.catalog import default_catalog
+from terminology.catalog import SNOMED, default_catalog
+from terminology.workflow import active_harmonizer
 
 ACTIVITY = "$safety-signal"
 METHOD_DEVICE = ("trialtwin-safety", "0.1.0")
@@ -116,7 +117,13 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     store = ctx.store
     study_ref = f"ResearchStudy/{ctx.resource_id}"
     ctx.progress(0.05, "reading adverse events")
-    data = fs.load_safety_data(store, ctx.resource_id)
+    harmonizer = active_harmonizer(store)
+
+    def translate(system: str, code: str) -> dict | None:
+        """The SNOMED CT coding a local adverse-event code maps to (equal/equivalent) in the active maps."""
+        return next((t for t in harmonizer.targets.get((system, code), []) if t.get("system") == SNOMED), None)
+
+    data = fs.load_safety_data(store, ctx.resource_id, translate)
     issues: list[dict] = []
     if not data.participants:
         raise Unprocessable(f"{study_ref} has no participants (ResearchSubjects)", error_id="no-participants")
@@ -133,8 +140,16 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     cut = parse_datetime(s["asOf"]) if s["asOf"] else data.latest()
     terms = sorted({e[1] for e in data.events})
     catalog = default_catalog()
+    requested = []
     for t in s["terms"]:
         system, _, code = t.partition("|")
+        mapped = translate(system, code) if system != SNOMED else None
+        if mapped:
+            issues.append(outcome("information", "informational", f"Term {t} is monitored as "
+                                  f"{SNOMED}|{mapped['code']} ({mapped.get('display', '')}) through the terminology "
+                                  "maps", error_id="term-translated"))
+            t, system, code = f"{SNOMED}|{mapped['code']}", SNOMED, mapped["code"]
+        requested.append(t)
         known_system = catalog.code_system(system) is not None
         if t not in terms and (not known_system or catalog.concept(system, code) is None):
             raise _bad("term", f"Unknown adverse-event term {t!r}: not a code of {system} known to this server and "
@@ -143,8 +158,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
             concept = catalog.concept(system, code) or {}
             data.codings[t] = {"system": system, "code": code, "display": concept.get("display", code)}
             data.displays[t] = concept.get("display", code)
-    if s["terms"]:
-        terms = list(dict.fromkeys(s["terms"]))
+    if requested:
+        terms = list(dict.fromkeys(requested))
     term_index = {t: i for i, t in enumerate(terms)}
     arm_index = {a: i for i, a in enumerate(arms)}
     pid_index = {p.patient_id: i for i, p in enumerate(data.participants)}

@@ -202,3 +202,24 @@ def test_a_study_without_adverse_events_or_with_one_arm_is_refused(twin_server):
     assert r.status_code == 422 and error_id(r) == "single-arm"
     assert _signal(base, "nope").status_code == 404
     assert requests.get(f"{base}/ResearchStudy/tt-201/$safety-signal", timeout=30).status_code == 405
+
+
+def test_local_edc_codes_are_monitored_as_snomed_through_the_terminology_maps(twin_server):
+    base, _ = twin_server
+    before = _rates(_signal(base, body=_params(persist=False, term=NAUSEA)).json())
+    # an EDC adverse event with only its local code: the shipped map (edc-ae -> SNOMED CT) adds Nausea on ingest
+    subject = next(s for s in _all(base, "ResearchSubject", study="ResearchStudy/tt-201") if s["assignedArm"] == "placebo")
+    ae = {"resourceType": "AdverseEvent", "id": "edc-local-nausea", "actuality": "actual",
+          "event": {"coding": [{"system": "https://trialtwin.org/fhir/CodeSystem/edc-ae", "code": "AE-NAUSEA"}]},
+          "subject": subject["individual"], "date": subject["period"]["start"] + "T12:00:00Z",
+          "study": [{"reference": "ResearchStudy/tt-201"}]}
+    assert requests.put(f"{base}/AdverseEvent/edc-local-nausea", json=ae, headers=HEADERS,
+                        timeout=30).status_code in (200, 201)
+    # ... and a term asked for by its local code is the same SNOMED CT term
+    r = _signal(base, body=_params(persist=False, term="https://trialtwin.org/fhir/CodeSystem/edc-ae|AE-NAUSEA"))
+    assert r.status_code == 200, r.text[:400]
+    after = _rates(r.json())
+    assert set(after) == set(before) == {(a, NAUSEA) for a in ("placebo", "50 mg", "100 mg")}
+    assert after[("placebo", NAUSEA)]["events"] == before[("placebo", NAUSEA)]["events"] + 1
+    notes = next(p["resource"] for p in r.json()["parameter"] if p["name"] == "issues")["issue"]
+    assert any(i["details"]["coding"][0]["code"] == "term-translated" for i in notes)
