@@ -34,7 +34,6 @@ from fhir_ops.mapping.participant import load_participant  # noqa: E402
 from fhir_ops.operations import twin_common  # noqa: E402
 from fhir_ops.store.sqlite import SQLiteStore  # noqa: E402
 from inference import twin  # noqa: E402
-from inference.cohort import ADAG_SLOPE, TT201Population  # noqa: E402
 from inference.estimation import find_modes  # noqa: E402
 
 SERVER = (
@@ -88,22 +87,23 @@ def solve_ivp_forecast(pt, scenario: twin.TwinScenario, times_h: np.ndarray, sam
     """
     from inference.calibration import sample_posterior
 
-    pop = TT201Population()
+    model = pt.model
     rng = np.random.default_rng(seed)
     phi = sample_posterior(pt.posterior, samples, rng)
     hist_t = np.asarray(pt.posterior.data.context["dose_times_h"])
-    hist_d = np.asarray(pt.posterior.data.context["dose_mg"])
+    hist_d = np.asarray(pt.posterior.data.context["doses"])
     keep = hist_t < scenario.start_h
     dose_t = np.concatenate([hist_t[keep], scenario.dose_times_h()])
-    dose_d = np.concatenate([hist_d[keep], np.full(scenario.dose_times_h().size, scenario.dose_mg)])
+    dose_d = np.concatenate([hist_d[keep], np.full(scenario.dose_times_h().size, scenario.dose)])
     out_t = scenario.start_h + times_h
     n_days = int(out_t.max() // 24) + 1
     conc, fpg, hba1c = [], [], []
     for row in phi:
-        p = twin._natural(row[None, :])
+        p = model.natural(row[None, :])
         cl, v, ka = float(p["cl"][0]), float(p["v"][0]), float(p["ka"][0])
+        tlag, f = float(p["tlag"][0]), float(p["f"][0])
         k = cl / v
-        events = sorted(zip(dose_t + pop.tlag, dose_d))
+        events = sorted(zip(dose_t + tlag, dose_d))
         grid = np.unique(np.concatenate([out_t, 24.0 * np.arange(n_days + 1)]))
         state = np.zeros(3)
         values = {}
@@ -123,20 +123,21 @@ def solve_ivp_forecast(pt, scenario: twin.TwinScenario, times_h: np.ndarray, sam
                 values[t0] = state.copy()
             t0 = stop
             if when <= grid.max():
-                state[0] += pop.f * amount
-        conc.append([1000.0 * values[t][1] / v for t in out_t])
+                state[0] += f * amount
+        conc.append([model.output_scale[0] * values[t][1] / v for t in out_t])
         auc = np.array([values[24.0 * d][2] for d in range(n_days + 1)])
         cavg = np.diff(auc) / 24.0
         act = cavg / (p["ec50"][0] + cavg)
-        drift = pop.hba1c_drift_per_year / 365.25
         day = (out_t // 24).astype(int)
-        fpg.append((p["fpg0"][0] + ADAG_SLOPE * drift * np.arange(n_days) - p["emax"][0] * act)[day])
-        a = 1.0 - np.exp(-1.0 / pop.hba1c_delay_days)
+        effect = p["sign"] * p["emax"][0]
+        fpg.append((p["e0"][0] + p["e0_slope"][0] * np.arange(n_days) + effect * act)[day])
+        a = 1.0 - np.exp(-p["k_onset"][0])
         offset, d_series = 0.0, []
         for e in act:
             offset = offset * (1 - a) + a * e
             d_series.append(offset)
-        hba1c.append((p["hba1c0"][0] + drift * np.arange(n_days) - p["emax"][0] / ADAG_SLOPE * np.array(d_series))[day])
+        hba1c.append((p["base"][0] + p["slope"][0] * np.arange(n_days)
+                      + p["effscale"][0] * effect * np.array(d_series))[day])
     return {"concentration": np.median(conc, axis=0), "fpg": np.median(fpg, axis=0), "hba1c": np.median(hba1c, axis=0)}
 
 
@@ -204,11 +205,12 @@ def main() -> None:
     for i in range(min(args.warm_calls, 100)):
         pid = warm_ids[i % len(warm_ids)]
         t = time.perf_counter()
-        pt = twin_common.participant_twin(store, pid)
+        pt = twin_common.participant_twin(store, pid, twin_common.participant_model(store, pid))
         start_h, _ = twin_fhir.forecast_start(pt.record)
-        scenario = twin.TwinScenario(dose_mg=twin_fhir.current_dose(pt.record), start_h=start_h, horizon_days=28)
+        scenario = twin.TwinScenario(dose=twin_fhir.current_dose(pt.record, pt.model), start_h=start_h,
+                                     horizon_days=28)
         t1 = time.perf_counter()
-        fc = twin.forecast(pt.posterior, scenario, twin_fhir.forecast_times(28, 24), samples=200, seed=1)
+        fc = twin.forecast(pt.model, pt.posterior, scenario, twin_fhir.forecast_times(28, 24), samples=200, seed=1)
         t2 = time.perf_counter()
         assert pt.reused
         in_process.append(1000 * (t2 - t))
@@ -217,41 +219,43 @@ def main() -> None:
     # where a cold call's time goes, in-process: store reads + mapping, calibration, forecast
     stages = {"load_and_map": [], "calibrate": [], "forecast": []}
     iterations = []
+    model = twin_common.participant_model(store, warm_ids[0]).regimen
     for pid in cold_ids:
         t0 = time.perf_counter()
         record = load_participant(store, pid)
-        pdata = twin_fhir.participant_data(record)
+        pdata = twin_fhir.participant_data(record, model)
         t1 = time.perf_counter()
-        posterior = twin.calibrate_participant(pdata)
+        posterior = twin.calibrate_participant(model, pdata)
         t2 = time.perf_counter()
         start_h, _ = twin_fhir.forecast_start(record)
-        scenario = twin.TwinScenario(dose_mg=twin_fhir.current_dose(record), start_h=start_h, horizon_days=28)
-        twin.forecast(posterior, scenario, twin_fhir.forecast_times(28, 24), samples=200, seed=1)
+        scenario = twin.TwinScenario(dose=twin_fhir.current_dose(record, model), start_h=start_h, horizon_days=28)
+        twin.forecast(model, posterior, scenario, twin_fhir.forecast_times(28, 24), samples=200, seed=1)
         t3 = time.perf_counter()
         for name, ms in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
             stages[name].append(1000 * ms)
         od = pdata.observation_data()
-        iterations.append(find_modes(twin.population_model(), twin.structural, od,
-                                     prior_mean=np.zeros(7), eta0=np.zeros(7)).n_iterations)
+        q = model.population.n_random_effects
+        iterations.append(find_modes(model.population, model.structural, od,
+                                     prior_mean=np.zeros(q), eta0=np.zeros(q)).n_iterations)
 
     # baseline (b): per-sample solve_ivp of the same scenario (agreement checked on the same draws)
-    pt = twin_common.participant_twin(store, warm_ids[0])
+    pt = twin_common.participant_twin(store, warm_ids[0], twin_common.participant_model(store, warm_ids[0]))
     start_h, _ = twin_fhir.forecast_start(pt.record)
-    scenario = twin.TwinScenario(dose_mg=twin_fhir.current_dose(pt.record), start_h=start_h, horizon_days=28)
+    scenario = twin.TwinScenario(dose=twin_fhir.current_dose(pt.record, pt.model), start_h=start_h, horizon_days=28)
     times = twin_fhir.forecast_times(28, 24)
     t = time.perf_counter()
     ivp = solve_ivp_forecast(pt, scenario, times, args.ivp_samples, seed=3)
     ivp_ms = 1000 * (time.perf_counter() - t) * 200 / args.ivp_samples
-    ours = twin._predict_grid(
+    ours = pt.model.predict_grid(
         __import__("inference.calibration", fromlist=["sample_posterior"]).sample_posterior(
             pt.posterior, args.ivp_samples, np.random.default_rng(3)),
         np.concatenate([pt.posterior.data.context["dose_times_h"][pt.posterior.data.context["dose_times_h"] < start_h],
                         scenario.dose_times_h()]),
-        np.concatenate([pt.posterior.data.context["dose_mg"][pt.posterior.data.context["dose_times_h"] < start_h],
-                        np.full(scenario.dose_times_h().size, scenario.dose_mg)]),
+        np.concatenate([pt.posterior.data.context["doses"][pt.posterior.data.context["dose_times_h"] < start_h],
+                        np.full(scenario.dose_times_h().size, scenario.dose)]),
         {0: start_h + times, 1: start_h + times, 2: start_h + times})
     agreement = {name: float(np.max(np.abs(np.median(ours[k], axis=0) - ivp[name]) / np.maximum(np.abs(ivp[name]), 1e-9)))
-                 for k, name in enumerate(twin.OUTPUTS)}
+                 for k, name in enumerate(pt.model.outputs)}
     store.close()
 
     results = {

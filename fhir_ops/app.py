@@ -131,7 +131,11 @@ def create_app(test_config: dict | None = None) -> Flask:
         still-running store read is stopped with a 503; writes are never cut; default 30, 0 for none), ``BASE_URL`` (external base for links, e.g.
         ``https://host/fhir``), ``FHIR_PREFIX`` (URL prefix of the FHIR routes, default ``/fhir``), ``AUTH_MODE`` ("smart", the
         default, or "open") with the SMART keys of :func:`fhir_ops.auth.init_app` (``SMART_ISSUER``,
-        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``).
+        ``FHIR_BASE_URL``, ``SMART_KEYS_FILE`` | ``SMART_JWKS_URI`` | ``SMART_INTROSPECTION_ENDPOINT``),
+        ``DASK_SCHEDULER`` (``tcp://HOST:PORT`` of a Dask scheduler that runs cohort simulations) or
+        ``EXECUTOR`` (a ready ``dask.distributed.Client``; see :mod:`fhir_ops.executor`),
+        ``AUDIT`` ("auto", the default, "on" or "off"; see :func:`fhir_ops.audit.recorder.init_app`),
+        ``STUDY_WIDE_ROLES`` (PractitionerRole codes that see every site; see docs/audit.md).
         Without ``test_config``, ``TRIALTWIN_*`` environment variables are read (``TRIALTWIN_DATA_DIR``).
 
     Returns
@@ -171,6 +175,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     from fhir_ops.operations import registry
 
     registry.init_app(app)  # async job polling/cancel and the shipped OperationDefinitions
+    from fhir_ops.audit import recorder
+
+    # before auth: its hooks run first before each request and last after it (refusals are recorded too)
+    recorder.init_app(app)
     from fhir_ops import auth
 
     auth.init_app(app)  # SMART enforcement (AUTH_MODE smart) or none (open)
@@ -179,5 +187,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Browser SMART apps on other origins read discovery, /metadata and every FHIR route (CORS_ORIGINS)
     prefix = re.escape((app.config["FHIR_PREFIX"] or "").rstrip("/"))
     cors.init_app(app, [rf"{prefix}(/.*)?\Z" if prefix else r"/.*"])
+    from fhir_ops import executor
+
+    executor.init_app(app)  # cohort work in process, or on the Dask cluster of EXECUTOR / DASK_SCHEDULER
     rest.capability_statement(app)  # at start-up, once configured; not on the first GET /metadata
     return app

@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import replace
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, g, has_request_context, request
 
 from fhir_ops.errors import FhirError, Forbidden, Gone, NotFound
 from smart_app.scopes import interaction_code
@@ -143,6 +143,182 @@ def in_compartment(resource: dict, patient: str) -> bool:
     return False
 
 
+def compartment_patients(resource: dict) -> set[str]:
+    """The ids of the patients in whose compartments ``resource`` lies (a Patient: itself).
+
+    Examples
+    --------
+    >>> sorted(compartment_patients({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}))
+    ['p1']
+    >>> compartment_patients({"resourceType": "Patient", "id": "p2"})
+    {'p2'}
+    """
+    from smart_app.resource_server import _values, compartment_paths
+
+    rtype = resource.get("resourceType")
+    out = set()
+    if rtype == "Patient" and isinstance(resource.get("id"), str):
+        out.add(resource["id"])
+    for path in (*compartment_paths(rtype), *EXTRA_COMPARTMENT.get(rtype, ())):
+        for ref in _values(resource, path.split(".")):
+            if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+                parts = ref["reference"].split("/")
+                if "_history" in parts:
+                    parts = parts[: parts.index("_history")]
+                if len(parts) >= 2 and parts[-2] == "Patient":
+                    out.add(parts[-1])
+    return out
+
+
+# --- the audit trail ---------------------------------------------------------------------------------
+
+#: AuditEvents are readable only with a user/ or system/ scope that names AuditEvent itself (the "audit
+#: scope", e.g. ``system/AuditEvent.rs``): a wildcard ``*`` scope, and any patient/ scope, never reads them.
+AUDIT_TYPE = "AuditEvent"
+#: operations on the audit trail itself: they need the audit scope and nothing else
+AUDIT_OPERATIONS = ("$verify-audit",)
+
+
+def has_audit_scope(access, interaction: str = "read") -> bool:
+    """Whether the token holds the audit scope for ``interaction`` (read or search) on AuditEvent."""
+    return any(s.context in ("user", "system") and s.resource_type == AUDIT_TYPE and s.allows(interaction, AUDIT_TYPE)
+               for s in access.scopes.resources)
+
+
+def require_audit_scope(access, interaction: str = "read") -> None:
+    """Raise 403 unless the token holds the audit scope (see :func:`has_audit_scope`)."""
+    if not has_audit_scope(access, interaction):
+        code = interaction_code(interaction)
+        raise Forbidden(f"the audit trail is readable only with an audit scope (user/AuditEvent.{code} or "
+                        f"system/AuditEvent.{code}); wildcard and patient scopes do not grant it",
+                        error_id="audit-scope-required")
+
+
+# --- site-level access ---------------------------------------------------------------------------------
+
+#: PractitionerRole.code (any system) of the roles that see the whole study; every other role sees the
+#: participants of its own site(s) only. Overridable with the app config ``STUDY_WIDE_ROLES``.
+STUDY_WIDE_ROLES = ("monitor", "sponsor")
+
+
+class SiteScope:
+    """What a practitioner limited to some sites may see: the sites' organizations and their participants.
+
+    A participant belongs to a site through ``Patient.managingOrganization`` (the demo's and the loader's
+    convention); a PractitionerRole names its site by ``organization`` or by ``location`` (whose
+    ``managingOrganization`` is the site).
+    """
+
+    def __init__(self, organizations: frozenset[str], patients: frozenset[str]):
+        self.organizations, self.patients = organizations, patients
+
+    def allows_patient(self, patient: str) -> bool:
+        return patient in self.patients
+
+    def allows(self, resource: dict) -> bool:
+        """Whether ``resource`` may be seen (or written) by this practitioner.
+
+        A Patient: one of the sites' participants, or a new one managed by one of the sites. Anything in
+        a patient compartment: every patient it belongs to is one of the sites' participants. Anything
+        else (study, sites, practitioners, code systems) is not participant data.
+        """
+        rtype = resource.get("resourceType")
+        if rtype == "Patient":
+            if resource.get("id") in self.patients:
+                return True
+            org = ((resource.get("managingOrganization") or {}).get("reference") or "").split("/")
+            return len(org) >= 2 and org[-2] == "Organization" and org[-1] in self.organizations
+        if rtype == "Group":
+            return True  # visible, with its members cut to the sites' participants (_redact)
+        if not in_compartment_type(rtype):
+            return True
+        return compartment_patients(resource) <= self.patients
+
+    def search_restriction(self, resource_type: str) -> tuple[str, str] | None:
+        """The search parameter pair that limits a search of ``resource_type`` to the sites' participants."""
+        param = _compartment_search_param(resource_type)
+        if param is None:
+            return None
+        # no participant at all: a value that matches nothing, so the search answers empty, not everything
+        ids = sorted(self.patients) or ["-no-participant-"]
+        return (param, ",".join(ids if param == "_id" else (f"Patient/{p}" for p in ids)))
+
+
+def site_scope(access) -> SiteScope | None:
+    """The sites a token's user is limited to; None when it sees the whole study.
+
+    Limited: a user whose ``fhirUser`` is a Practitioner or PractitionerRole, unless one of its active
+    PractitionerRoles has a study-wide role code (``STUDY_WIDE_ROLES``). Such a user without any active
+    role at a site sees no participant at all (deny by default). Backend services (no user) act for the
+    sponsor's systems and patient users are bounded by their compartment; neither has a site limit.
+    Computed once per request.
+    """
+    if access is None:
+        return None
+    if not has_request_context():  # e.g. an export job's thread: no request to cache on
+        return _resolve_sites(access.user)
+    cached = g.get("trialtwin_site_scope", False)
+    if cached is not False:
+        return cached
+    g.trialtwin_site_scope = scope = _resolve_sites(access.user)
+    return scope
+
+
+def _resolve_sites(user: str | None) -> SiteScope | None:
+    from fhir_ops.app import get_store
+
+    if not user or user.split("/")[0] not in ("Practitioner", "PractitionerRole"):
+        return None
+    store = get_store()
+    kind, _, uid = user.partition("/")
+    if kind == "PractitionerRole":
+        role = _read_existing("PractitionerRole", uid)
+        roles = [role] if role else []
+    else:
+        roles = store.search_all("PractitionerRole", [("practitioner", user)])
+    roles = [r for r in roles if r.get("active", True) is not False]
+    wide = set(current_app.config.get("STUDY_WIDE_ROLES") or STUDY_WIDE_ROLES)
+    if any(c.get("code") in wide for r in roles for cc in r.get("code") or [] for c in cc.get("coding") or []):
+        return None
+    orgs: set[str] = set()
+    for r in roles:
+        org = ((r.get("organization") or {}).get("reference") or "").split("/")
+        if len(org) == 2 and org[0] == "Organization":
+            orgs.add(org[1])
+        for loc in r.get("location") or []:
+            parts = ((loc or {}).get("reference") or "").split("/")
+            location = _read_existing("Location", parts[1]) if len(parts) == 2 and parts[0] == "Location" else None
+            managing = (((location or {}).get("managingOrganization") or {}).get("reference") or "").split("/")
+            if len(managing) == 2 and managing[0] == "Organization":
+                orgs.add(managing[1])
+    patients: frozenset[str] = frozenset()
+    if orgs:
+        found = store.search_all("Patient", [("organization", ",".join(f"Organization/{o}" for o in sorted(orgs)))])
+        patients = frozenset(p["id"] for p in found)
+    return SiteScope(frozenset(orgs), patients)
+
+
+def _require_site(access, resource_type: str, resource_id: str, *, missing_ok: bool = False) -> None:
+    """403 unless the stored resource is one the token's sites may see (one answer whether it is another
+    site's or does not exist, so ids at other sites are not revealed)."""
+    sites = site_scope(access)
+    if sites is None or not in_compartment_type(resource_type) or resource_type == "Group":
+        return
+    existing = _read_existing(resource_type, resource_id)
+    if existing is None and missing_ok:
+        return
+    if existing is None or not sites.allows(existing):
+        raise _forbidden(f"{resource_type}/{resource_id} is not data of a participant at this user's site(s)",
+                         "outside-site")
+
+
+def _require_site_body(access, resource: dict | None) -> None:
+    sites = site_scope(access)
+    if sites is not None and isinstance(resource, dict) and not sites.allows(resource):
+        raise _forbidden(f"the {resource.get('resourceType')} does not belong to a participant at this user's "
+                         "site(s)", "outside-site")
+
+
 def _compartment_search_param(resource_type: str) -> str | None:
     """The search parameter that restricts a search to one patient (None: results are filtered instead)."""
     from fhir_ops.search.registry import search_parameters_for
@@ -243,16 +419,35 @@ def _body() -> dict | None:
 
 
 def _check_read(access, resource_type, resource_id):
+    if resource_type == AUDIT_TYPE:
+        require_audit_scope(access, "read")
     patient = access.require("read", resource_type)
     if patient:
         _require_in_compartment(access, resource_type, resource_id, patient)
+    _require_site(access, resource_type, resource_id)
 
 
 def _check_vread(access, resource_type, resource_id, version_id):
     # The current version being the patient's says nothing about an older one (a resource can be
     # moved between compartments by an update): the version asked for must be the patient's too.
+    if resource_type == AUDIT_TYPE:
+        require_audit_scope(access, "read")
     patient = access.require("read", resource_type)
+    _require_site(access, resource_type, resource_id)
     if not patient:
+        sites = site_scope(access)
+        if sites is None or not in_compartment_type(resource_type):
+            return
+        # a version from before a move between sites must be the user's sites' too
+        from fhir_ops.app import get_store
+
+        try:
+            version = get_store().vread(resource_type, resource_id, version_id)
+        except (NotFound, Gone):
+            return
+        if not sites.allows(version):
+            raise _forbidden(f"version {version_id} of {resource_type}/{resource_id} is not data of a participant "
+                             "at this user's site(s)", "outside-site")
         return
     _require_in_compartment(access, resource_type, resource_id, patient)
     if resource_type == "Patient" and resource_id == patient:
@@ -273,7 +468,10 @@ def _check_instance_history(access, resource_type, resource_id):
 
 
 def _check_type_history(access, resource_type):
+    if resource_type == AUDIT_TYPE:
+        require_audit_scope(access, "read")
     patient = access.require("read", resource_type)
+    _refuse_site_limited(access, f"type-level history of {resource_type}")
     if patient:
         raise _forbidden(f"type-level history of {resource_type} spans every patient; it needs a user/ or system/ "
                          "scope", "history-needs-broad-scope")
@@ -288,6 +486,13 @@ def _check_system_history(access):
     if hidden:
         raise _forbidden("system-level history spans every resource type and patient; it needs user/*.r or "
                          "system/*.r", "history-needs-broad-scope")
+    _refuse_site_limited(access, "system-level history")
+
+
+def _refuse_site_limited(access, what: str) -> None:
+    if site_scope(access) is not None:
+        raise _forbidden(f"{what} spans every site; a user limited to their site(s) needs a study-wide role "
+                         "(monitor, sponsor)", "needs-study-role")
 
 
 def _request_param_names() -> list[str]:
@@ -315,7 +520,22 @@ def _chained_targets(resource_type: str, names: list[str]) -> list[str]:
 
 
 def _check_search(access, resource_type):
+    if resource_type == AUDIT_TYPE:
+        require_audit_scope(access, "search")
     patient = access.require("search", resource_type)
+    sites = site_scope(access)
+    if sites is not None and in_compartment_type(resource_type):
+        restriction = sites.search_restriction(resource_type)
+        if restriction is None:
+            # filtered after the search (visible), so the store's count may include other sites: none given
+            if any(k in ("_summary", "_total") and v not in ("false", "none") for k, v in request.args.items(multi=True)):
+                raise _forbidden(f"{resource_type} cannot be counted within a user's sites", "count-needs-study-role")
+            g.trialtwin_strip_total = True
+        else:
+            from werkzeug.datastructures import ImmutableMultiDict
+
+            # AND-ed with the client's own parameters: the answer (and its count) shrinks to the sites
+            request.args = ImmutableMultiDict([*request.args.items(multi=True), restriction])
     chained = _chained_targets(resource_type, _request_param_names())
     if chained and patient:
         # A chain evaluates conditions on resources the compartment filter never sees (the performer,
@@ -345,6 +565,8 @@ def _check_search(access, resource_type):
 
 def _check_create(access, resource_type):
     patient = access.require("create", resource_type)
+    new = _body()
+    _require_site_body(access, new if (new or {}).get("resourceType") == resource_type else None)
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         body = _body()
@@ -357,6 +579,9 @@ def _check_create(access, resource_type):
 
 def _check_update(access, resource_type, resource_id):
     patient = access.require("update", resource_type)
+    _require_site(access, resource_type, resource_id, missing_ok=True)
+    new = _body()
+    _require_site_body(access, new if (new or {}).get("resourceType") == resource_type else None)
     if patient:
         _check_type_allowed_for_patient(resource_type, patient)
         existing = _read_existing(resource_type, resource_id)
@@ -371,6 +596,7 @@ def _check_update(access, resource_type, resource_id):
 
 def _check_delete(access, resource_type, resource_id):
     patient = access.require("delete", resource_type)
+    _require_site(access, resource_type, resource_id, missing_ok=True)
     if patient:
         _require_in_compartment(access, resource_type, resource_id, patient)
 
@@ -392,6 +618,13 @@ def restrict_condition(resource_type: str, pairs) -> list[tuple[str, str]]:
     """
     pairs = list(pairs)
     access = current_access()
+    sites = site_scope(access)
+    if sites is not None and in_compartment_type(resource_type):
+        restriction = sites.search_restriction(resource_type)
+        if restriction is None:
+            raise _forbidden(f"a conditional request on {resource_type} cannot be limited to a user's sites",
+                             "condition-needs-study-role")
+        pairs = [*pairs, restriction]
     if access is None or access.scopes.allows("search", resource_type, ("user", "system")):
         return pairs
     patient = access.patient
@@ -429,6 +662,15 @@ def _check_bundle(access):
         else:
             interaction = _BUNDLE_METHODS[e.method]
         patient = access.require(interaction, e.resource_type)
+        if e.resource_type == AUDIT_TYPE and interaction in ("read", "search"):
+            require_audit_scope(access, interaction)
+        if site_scope(access) is not None:
+            try:
+                if e.resource_id and interaction != "search":
+                    _require_site(access, e.resource_type, e.resource_id, missing_ok=interaction != "read")
+                _require_site_body(access, e.resource)
+            except Forbidden as exc:
+                raise _forbidden(f"{e.where} ({e.method} {e.url}): {exc.message}", "bundle-entry-refused") from None
         if interaction == "search":
             # a chain inside a batch searches its target types exactly as it would at the type endpoint
             for target in _chained_targets(e.resource_type, [name for name, _ in e.query or []]):
@@ -483,6 +725,9 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
             if patient:
                 _require_in_compartment(access, resource_type, resource_id, patient)
         return
+    if op.name in AUDIT_OPERATIONS:
+        require_audit_scope(access, "read")  # the audit scope alone: an auditor needs no access to patient data
+        return
     target = resource_type or "*"
     patient = access.require("read", target) if level != "system" else _require_system(access, op.name)
     needs: list[tuple[str, str]] = []
@@ -494,6 +739,13 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
         needs = [("update", resource_type)]
     for interaction, written in needs:
         access.require(interaction, written)
+    sites = site_scope(access)
+    if sites is not None:
+        if resource_type in COHORT_TYPES:
+            raise _forbidden(f"{op.name} on {resource_type} concerns participants of every site; a user limited to "
+                             "their site(s) needs a study-wide role (monitor, sponsor)", "needs-study-role")
+        if level == "instance":
+            _require_site(access, resource_type, resource_id)
     if resource_type in COHORT_TYPES:
         # A cohort's result aggregates (and may write for) many participants: every permission it uses
         # must come from user/ or system/ scopes, never from one patient's compartment.
@@ -508,6 +760,9 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
             raise _forbidden(f"{op.name} at {level} level is not limited to one patient; a token limited to "
                              f"Patient/{patient} may run operations on that patient only")
         _require_in_compartment(access, resource_type, resource_id, patient)
+        if op.cross_patient:  # after the compartment check: another patient's id stays "outside-compartment"
+            raise _forbidden(f"{op.name} {op.cross_patient}; a token limited to Patient/{patient} cannot run it",
+                             "cross-patient-operation")
 
 
 def _require_system(access, name: str) -> None:
@@ -573,14 +828,27 @@ _CHECKS = {
 
 # --- response filter -----------------------------------------------------------------------------------
 
-def _visible(access, resource: dict) -> bool:
+def visible(access, resource: dict) -> bool:
+    """Whether a resource may be shown to this token: scopes, compartment, audit scope and site.
+
+    The one test every answer passes (search matches, _include/_revinclude, history, Bundle entries);
+    code paths that hand out stored data outside these routes (exports) call it too.
+    """
     rtype = resource.get("resourceType")
     if not rtype or rtype == "OperationOutcome":
         return True
     if not access.can("read", rtype):
         return False
+    if rtype == AUDIT_TYPE and not has_audit_scope(access, "read"):
+        return False
     patient = access.compartment_patient("read", rtype)
-    return patient is None or in_compartment(resource, patient)
+    if patient is not None and not in_compartment(resource, patient):
+        return False
+    sites = site_scope(access)
+    return sites is None or sites.allows(resource)
+
+
+_visible = visible
 
 
 def _redact(access, resource: dict) -> dict:
@@ -591,6 +859,15 @@ def _redact(access, resource: dict) -> dict:
     if resource.get("resourceType") != "Group":
         return resource
     patient = access.compartment_patient("read", "Group")
+    sites = site_scope(access)
+    if patient is None and sites is not None:
+        # a site user sees a cohort's members at their own sites only, and not its size
+        out = {k: v for k, v in resource.items() if k not in ("quantity", "member")}
+        members = [m for m in resource.get("member") or [] if isinstance(m, dict)
+                   and (compartment_patients({"resourceType": "Group", "member": [m]}) or {"?"}) <= sites.patients]
+        if members:
+            out["member"] = members
+        return out if out != resource else resource
     if patient is None:
         return resource
     from smart_app.resource_server import _points_to_patient

@@ -11,9 +11,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from fhir_ops.mapping import model_definition as fm
 from inference.behaviour import VisitSchedule
-from inference.cohort import CovariateModel, Scenario, TT201Population, sample_covariates, simulate_cohort
+from inference.cohort import Scenario, sample_covariates, simulate_cohort
 from inference.dosing import DoseRecord
+from inference.model_definition import shipped_definition
 from inference.pk import OneCompartment, concentration
 
 # ----------------------------------------------------------------------------- study design
@@ -24,8 +26,12 @@ STUDY_START = dt.date(2026, 5, 4)
 DATA_CUTOFF_DAY = 200  # study day of the data cut (2026-11-20): later enrollees are still on study
 ENROLLMENT_DAYS = 112  # participants are randomized over the first 16 weeks
 N_DAYS = 169  # day 0 = randomization; daily dosing on days 0..168, the last one on the week-24 visit day
+#: the twin model that generates the data: the shipped TT-201 definition (parameters, variability,
+#: covariate distribution, arms); the ResearchStudy references it, so every twin of the study uses it
+MODEL_DEFINITION = fm.compile_definition(shipped_definition("tt201"), "the TT-201 definition")
+MODEL = MODEL_DEFINITION.regimen
 ARMS = ("placebo", "50 mg", "100 mg")
-ARM_DOSE_MG = (0.0, 50.0, 100.0)
+ARM_DOSE_MG = tuple(MODEL.arms[a] for a in ARMS)
 VISIT_DAYS = (0, 28, 56, 84, 112, 140, 168)  # day 0 is the baseline visit
 VISIT_REMOTE = (False, True, True, False, True, True, False)
 HOME_DAYS = tuple(range(7, 169, 7))
@@ -41,9 +47,19 @@ AE_TERM_P = (0.35, 0.25, 0.20, 0.20)
 AE_SEVERITY = ("mild", "moderate", "severe")
 AE_SEVERITY_P = (0.65, 0.30, 0.05)
 
-#: the twin model that generates the data: the engine's TT-201 population, covariates and behaviour
-POPULATION = TT201Population()
-COVARIATES = CovariateModel.tt201()
+COVARIATES = MODEL.covariate_model
+_TYPICAL = MODEL.natural(np.asarray(MODEL.population.theta)[None, :])
+#: the protocol's visit plan (PlanDefinition tt201-visit-plan, read by $optimize-schedule): a window of
+#: +-7 days around each visit after baseline; PK sampling at week 12 and the end-of-treatment visit
+#: (week 24) must be done at the site; site staff hours per visit in person / remotely; per site and day
+#: SITE_CAPACITY_HOURS staff hours; MIN_SPACING_DAYS between two visits of one participant
+PLAN_ID = "tt201-visit-plan"
+VISIT_WINDOW_DAYS = 7
+ON_SITE_VISITS = (3, 6)
+SITE_HOURS = (1.5, 0.5)
+SITE_CAPACITY_HOURS = 6.0
+MIN_SPACING_DAYS = 14
+
 SCHEDULE = VisitSchedule(days=np.asarray(VISIT_DAYS[1:]), remote=np.asarray(VISIT_REMOTE[1:]))
 # observation model on top of the twin: assay and device noise
 PK_PROP_ERROR = 0.15
@@ -114,7 +130,7 @@ def _block_randomize(rng: np.random.Generator, n: int) -> np.ndarray:
 def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     """Simulate the TT-201 demo study with the twin engine (pure: same seed, same arrays).
 
-    Covariates come from the engine's TT-201 covariate model; each arm is a cohort twin
+    Covariates come from the TT-201 definition's virtual population; each arm is a cohort twin
     (``inference.cohort.simulate_cohort``: PK -> Emax on fasting glucose -> HbA1c, with adherence,
     adverse events, attendance and dropout); assay noise, sparse PK sampling, home readings and the
     data cut are added here.
@@ -154,14 +170,14 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
     a1c_true = np.zeros((n, N_DAYS))
     attended = np.ones((n, len(VISIT_DAYS)), dtype=bool)  # the baseline visit randomizes: attended
     dropout = np.zeros(n, dtype=np.int64)
-    pk_params = {k: np.zeros(n) for k in ("cl", "v", "ka")}
+    pk_params = {k: np.zeros(n) for k in ("CL", "V", "KA")}
     arm_seeds = np.random.SeedSequence(seed).generate_state(len(ARMS))
     for a, arm_dose in enumerate(ARM_DOSE_MG):
         idx = np.flatnonzero(arm == a)
         if idx.size == 0:
             continue
         twin = simulate_cohort(Scenario(dose_mg=arm_dose, n_days=N_DAYS, schedule=SCHEDULE, name=ARMS[a]),
-                               covariates=cov.take(idx), seed=int(arm_seeds[a]), population=POPULATION,
+                               covariates=cov.take(idx), seed=int(arm_seeds[a]), model=MODEL,
                                trajectories=True)
         traj = twin.trajectories
         taken[idx], ae[idx] = traj["taken"], traj["ae"]
@@ -183,8 +199,8 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
 
     # sparse PK at visits: concentration some hours after that morning's dose
     pk_hours = rng.uniform(1.0, 10.0, (n, vd.size))
-    one_cpt = OneCompartment(cl=pk_params["cl"], v=pk_params["v"], ka=pk_params["ka"],
-                             tlag=POPULATION.tlag, f=POPULATION.f)
+    one_cpt = OneCompartment(cl=pk_params["CL"], v=pk_params["V"], ka=pk_params["KA"],
+                             tlag=float(_TYPICAL["tlag"][0]), f=float(_TYPICAL["f"][0]))
     doses = DoseRecord(times=24.0 * np.arange(N_DAYS), amounts=np.where(taken, dose[:, None], 0.0))
     pk_mg_l = concentration(one_cpt, doses, 24.0 * vd[None, :] + pk_hours)
     pk_ng_ml = 1000.0 * pk_mg_l * np.exp(rng.normal(0.0, PK_PROP_ERROR, pk_mg_l.shape))
@@ -277,9 +293,36 @@ def _organizations_and_locations() -> list[dict]:
     return resources
 
 
+#: The demo's clinical users (smart_app.authz's development users) and what they may see: Dr. Chen
+#: monitors the study (every site), Dr. Okafor is an investigator at one site and sees its participants only.
+STAFF = (
+    ("dr-chen", "Chen", "Mei", "monitor", "Clinical research monitor", None),
+    ("dr-okafor", "Okafor", "Ada", "site-investigator", "Site investigator", "north"),
+)
+
+
+def _staff() -> list[dict]:
+    """Practitioner and PractitionerRole per user: the role's code and site drive site-level access."""
+    resources = []
+    for pid, family, given, code, display, site in STAFF:
+        resources.append({"resourceType": "Practitioner", "id": pid, "meta": _meta(), "active": True,
+                          "name": [{"family": family, "given": [given], "prefix": ["Dr."]}]})
+        role = {"resourceType": "PractitionerRole", "id": f"tt201-role-{pid}", "meta": _meta(), "active": True,
+                "practitioner": _ref("Practitioner", pid),
+                "code": [_cc(CS + "trial-role", code, display)]}
+        if site is None:
+            role["organization"] = _ref("Organization", "tt201-sponsor")
+        else:
+            role["organization"] = _ref("Organization", f"tt201-site-{site}")
+            role["location"] = [_ref("Location", f"tt201-loc-{site}")]
+        resources.append(role)
+    return resources
+
+
 def _study(rec: DemoRecords) -> dict:
     return {
         "resourceType": "ResearchStudy", "id": STUDY_ID, "meta": _meta(),
+        "extension": [{"url": fm.STUDY_MODEL_EXTENSION, "valueCanonical": MODEL_DEFINITION.canonical}],
         "identifier": [{"system": "https://trialtwin.org/fhir/sid/study", "value": STUDY_IDENTIFIER}],
         "title": "TT-201: TTX-101 once daily in type 2 diabetes, a decentralized Phase II study",
         "status": "active",
@@ -290,6 +333,7 @@ def _study(rec: DemoRecords) -> dict:
         "period": {"start": STUDY_START.isoformat()},
         "sponsor": _ref("Organization", "tt201-sponsor"),
         "site": [_ref("Location", f"tt201-loc-{key}") for key, *_ in SITES],
+        "protocol": [_ref("PlanDefinition", PLAN_ID)],
         "description": (f"Synthetic demo study: {rec.n} participants randomized 1:1:1 to placebo, 50 mg or "
                         f"100 mg TTX-101 once daily for 24 weeks; monthly visits in person or virtual; "
                         f"home scale, wearable and home blood-pressure readings. Simulated by the TrialTwin "
@@ -300,6 +344,52 @@ def _study(rec: DemoRecords) -> dict:
                  "description": "Matching placebo once daily" if i == 0 else f"TTX-101 {name} orally once daily"}
                 for i, name in enumerate(ARMS)],
     }
+
+
+def _visit_plan() -> dict:
+    """The protocol's visit plan as a PlanDefinition (profiles: visit-scheduling, visit-plan-constraints)."""
+    sd = "https://trialtwin.org/fhir/StructureDefinition/"
+    modality = CS + "visit-modality"
+    days = {"unit": "d", "system": UCUM, "code": "d"}
+    hours = {"unit": "h", "system": UCUM, "code": "h"}
+    actions = []
+    for v, day in enumerate(VISIT_DAYS):
+        if v == 0:
+            continue  # the baseline visit randomizes: it is never rescheduled
+        on_site = v in ON_SITE_VISITS
+        allowed = ("in-person",) if on_site else ("in-person", "virtual")
+        assessments = [{"id": f"v{v}-hba1c", "title": "HbA1c and fasting glucose (home kit or site lab)",
+                        "code": [_cc(LOINC, "4548-4", MEASURES["hba1c"][1])]}]
+        if on_site:
+            assessments.append({
+                "id": f"v{v}-pk", "title": "TTX-101 plasma concentration (site draw, timed after the dose)",
+                "code": [_cc(CS + "assay", "TTX101-PK", "TTX-101 plasma concentration")],
+                "extension": [{"url": sd + "on-site-required", "valueBoolean": True}]})
+        actions.append({
+            "id": f"v{v}", "title": f"Visit {v} (week {day // 7})",
+            "extension": [{"url": sd + "visit-scheduling", "extension": [
+                {"url": "targetDay", "valueDuration": {"value": day, **days}},
+                *({"url": "modality", "valueCoding": {"system": modality, "code": m}} for m in allowed),
+                {"url": "defaultModality", "valueCoding": {
+                    "system": modality, "code": "virtual" if VISIT_REMOTE[v] else "in-person"}},
+                {"url": "siteHours", "valueQuantity": {"value": SITE_HOURS[0], **hours}},
+                {"url": "remoteSiteHours", "valueQuantity": {"value": SITE_HOURS[1], **hours}}]}],
+            "timingRange": {"low": {"value": max(day - VISIT_WINDOW_DAYS, 0), **days},
+                            "high": {"value": day + VISIT_WINDOW_DAYS, **days}},
+            "action": assessments})
+    return {
+        "resourceType": "PlanDefinition", "id": PLAN_ID, "meta": _meta(),
+        "url": f"https://trialtwin.org/fhir/PlanDefinition/{PLAN_ID}", "version": "1",
+        "name": "TT201VisitPlan", "title": "TT-201 visit schedule", "status": "active",
+        "type": _cc("http://terminology.hl7.org/CodeSystem/plan-definition-type", "clinical-protocol",
+                    "Clinical Protocol"),
+        "extension": [{"url": sd + "visit-plan-constraints", "extension": [
+            {"url": "siteCapacity", "valueQuantity": {"value": SITE_CAPACITY_HOURS, "unit": "h/d", "system": UCUM,
+                                                      "code": "h/d"}},
+            {"url": "minSpacing", "valueDuration": {"value": MIN_SPACING_DAYS, **days}}]}],
+        "description": "Monthly visits for 24 weeks after the baseline visit; each may move within its window "
+                       "and, unless an on-site assessment is due, be done remotely.",
+        "action": actions}
 
 
 def _observation(oid: str, key: str, patient: str, when: str, quantity: dict, *,
@@ -327,7 +417,10 @@ def iter_demo_resources(rec: DemoRecords) -> Iterator[dict]:
     Ids are derived from the participant and day, so the same records always give the same
     resources (and loading them with PUT twice changes nothing but versions).
     """
+    yield fm.definition_library(MODEL_DEFINITION)
     yield from _organizations_and_locations()
+    yield _visit_plan()
+    yield from _staff()
     product = _cc(CS + "investigational-product", "TTX-101", "TTX-101")
     placebo = _cc(CS + "investigational-product", "TTX-101-PBO", "TTX-101 matching placebo")
     oral = _cc(SNOMED, "26643006", "Oral route")
@@ -492,6 +585,21 @@ def demo_study_exists(store) -> bool:
     return True
 
 
+def _ensure_demo_model(store) -> int:
+    """A demo study loaded before its model became a definition gets the definition Library and the
+    ResearchStudy extension that references it (there is no built-in twin any more). Returns the
+    number of resources written (0 when the study already references the definition)."""
+    study = store.read("ResearchStudy", STUDY_ID)
+    if fm.study_model_canonical(study) == MODEL_DEFINITION.canonical:
+        return 0
+    library = fm.definition_library(MODEL_DEFINITION)
+    entries = [{"resource": library, "request": {"method": "PUT", "url": f"Library/{library['id']}"}},
+               {"resource": fm.with_study_model(study, MODEL_DEFINITION.canonical),
+                "request": {"method": "PUT", "url": f"ResearchStudy/{STUDY_ID}"}}]
+    store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    return len(entries)
+
+
 def ensure_demo_study(store, participants: int = 200, seed: int = 7, batch_size: int = 2000,
                       progress: Callable[[int, int], None] | None = None) -> int:
     """Simulate and load TT-201 into ``store`` unless it is already there.
@@ -510,10 +618,11 @@ def ensure_demo_study(store, participants: int = 200, seed: int = 7, batch_size:
     Returns
     -------
     int
-        Number of resources loaded; 0 when the study was already present.
+        Number of resources loaded; 0 when the study was already present (2 when an existing demo
+        study only needed its model definition).
     """
     if demo_study_exists(store):
-        return 0
+        return _ensure_demo_model(store)
     resources = build_demo_resources(simulate_demo_records(seed=seed, n=participants))
     loaded = 0
     for bundle in demo_transactions(resources, batch_size):

@@ -239,7 +239,9 @@ class JobManager:
 
     def __init__(self, app, max_workers: int = 4, retention_s: float = 3600.0, max_pending: int = 100,
                  path: str | None = None) -> None:
-        self.app = app
+        # the app itself, never flask's current_app proxy: job threads run outside any app context, so
+        # a manager first made while answering a poll (manager(current_app)) could run no job at all
+        self.app = app._get_current_object() if hasattr(app, "_get_current_object") else app
         self.retention_s = retention_s
         self.max_pending = max_pending
         if path is None:

@@ -12,12 +12,12 @@ from email.utils import format_datetime
 from functools import lru_cache
 from urllib.parse import urlencode
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.routing import BaseConverter
 
 from fhir_ops import auth, limits, shipped
 from fhir_ops.app import fhir_response, get_store, request_base
-from fhir_ops.errors import FhirError, InvalidRequest, NotFound, UnsupportedMediaType
+from fhir_ops.errors import FhirError, InvalidRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
 from fhir_ops.search.query import DEFAULT_COUNT, MAX_COUNT
 from fhir_ops.search.registry import search_parameters_for
 from fhir_ops.store.bundle import DELETED_TAG, canonical_bundle
@@ -77,6 +77,19 @@ def _json_body() -> dict:
 def _check_type(resource_type: str) -> None:
     if not is_resource_type(resource_type):
         raise NotFound(f"unknown resource type {resource_type!r}", error_id="unknown-resource-type")
+
+
+def _refuse_audit_write(resource_type: str) -> None:
+    """AuditEvents are append-only and written by the server itself (fhir_ops.audit), never through the API."""
+    if resource_type == "AuditEvent":
+        raise MethodNotAllowed("AuditEvent is written by the server only: the audit trail cannot be created, "
+                               "changed or deleted through the API", error_id="audit-read-only",
+                               headers={"Allow": "GET"})
+
+
+def _disclosed(resources) -> None:
+    """Note the stored resources this answer carries: the audit record names their patients."""
+    g.trialtwin_disclosed = resources
 
 
 def _http_date(instant: str | None) -> str | None:
@@ -273,6 +286,8 @@ def system_bundle():
                              error_id="invalid-bundle", expression=["resourceType"])
     store = get_store()
     kind = bundle.get("type")
+    if kind in ("transaction", "batch"):
+        g.trialtwin_bundle_type = kind
     if kind not in ("transaction", "batch"):
         raise InvalidRequest(f"Bundle.type must be transaction or batch, got {str(kind)[:100]!r}",
                              error_id="invalid-bundle", expression=["Bundle.type"])
@@ -297,6 +312,14 @@ def system_bundle():
     if harmonizer is not None:
         bundle, warnings = harmonize_bundle(bundle, harmonizer=harmonizer)
     result = store.transaction(bundle) if kind == "transaction" else store.batch(bundle)
+    disclosed = []
+    for entry in result.get("entry") or []:
+        res = (entry or {}).get("resource")
+        if isinstance(res, dict):
+            # a searchset answered inside the Bundle discloses its entries
+            disclosed += [x["resource"] for x in res.get("entry") or [] if isinstance(x.get("resource"), dict)] \
+                if res.get("resourceType") == "Bundle" else [res]
+    _disclosed(disclosed)
     attach_outcomes(result, warnings)
     base = _base()
     for entry in result.get("entry") or []:
@@ -314,6 +337,8 @@ def _refuse_shipped_writes(bundle: dict) -> None:
         parts = str(req.get("url") or "").split("?")[0].strip("/").split("/")
         if req.get("method") in ("PUT", "DELETE", "PATCH") and len(parts) == 2:
             shipped.refuse_write(parts[0], parts[1])
+        if req.get("method") in ("POST", "PUT", "DELETE", "PATCH") and parts and parts[0] == "AuditEvent":
+            _refuse_audit_write("AuditEvent")
         if isinstance(entry.get("resource"), dict):
             shipped.refuse_duplicate(entry["resource"])
 
@@ -323,6 +348,7 @@ def _refuse_shipped_writes(bundle: dict) -> None:
 def create(resource_type):
     _check_format()
     _check_type(resource_type)
+    _refuse_audit_write(resource_type)
     body = _json_body()
     if body.get("resourceType") != resource_type:
         raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
@@ -382,6 +408,7 @@ def search(resource_type):
         if result.total is not None:
             links.append(link("last", max(0, (result.total - 1) // result.count * result.count)))
     bundle["link"] = links
+    _disclosed([*result.matches, *result.included])
     entries = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
                for r in result.matches]
     entries += [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
@@ -437,6 +464,7 @@ def _history_bundle(resource_type: str | None, resource_id: str | None) -> dict:
     count = min(DEFAULT_COUNT if count is None else count, MAX_COUNT)
     store = get_store()
     versions = store.history(resource_type, resource_id, count=count, offset=offset)
+    _disclosed(versions)
     total = store.history_total(resource_type, resource_id)
     entries = []
     for v in versions:
@@ -515,6 +543,7 @@ def read(resource_type, resource_id):
     _check_format()
     _check_type(resource_type)
     resource = shipped.read(resource_type, resource_id) or get_store().read(resource_type, resource_id)
+    _disclosed([resource])
     return fhir_response(resource, 200, _version_headers(resource))
 
 
@@ -522,6 +551,7 @@ def read(resource_type, resource_id):
 def update(resource_type, resource_id):
     _check_format()
     _check_type(resource_type)
+    _refuse_audit_write(resource_type)
     body = _json_body()
     if body.get("resourceType") != resource_type:
         raise InvalidRequest(f"body resourceType {body.get('resourceType')!r} does not match URL type "
@@ -541,6 +571,7 @@ def update(resource_type, resource_id):
 @bp.delete("/<resource_type>/<resource_id>")
 def delete(resource_type, resource_id):
     _check_type(resource_type)
+    _refuse_audit_write(resource_type)
     shipped.refuse_write(resource_type, resource_id)
     get_store().delete(resource_type, resource_id)
     return fhir_response(None, 204)
@@ -564,6 +595,7 @@ def vread(resource_type, resource_id, version_id):
                            error_id="unknown-version")
         return fhir_response(served, 200, _version_headers(served))
     resource = get_store().vread(resource_type, resource_id, version_id)
+    _disclosed([resource])
     return fhir_response(resource, 200, _version_headers(resource))
 
 

@@ -1,24 +1,17 @@
-"""Virtual populations and vectorized cohort simulation of the TT-201 twin model.
+"""Virtual populations and vectorized cohort simulation of a daily-regimen twin model.
 
 Covariates are sampled from a cohort's distribution, parameters get log-normal variability and
-covariate effects, and ``simulate_cohort`` runs PK -> PD -> HbA1c + behaviour for up to 10^6
+covariate effects, and ``simulate_cohort`` runs PK -> PD -> disease + behaviour for up to 10^6
 participants in one call, chunked to bound memory, seeded and independent of the chunk size.
 
-The TT-201 model (docs/ARCHITECTURE.md, "The demo study"):
-
-* PK: 1-compartment, first-order oral absorption with lag; ``CL = CL_typ * (WT/70)^0.75 *
-  (eGFR/90)^theta_egfr * exp(eta_CL)``, ``V = V_typ * (WT/70) * exp(eta_V)``, ``ka`` with IIV;
-  once-daily doses at the start of each day, taken according to the behaviour model;
-* PD: Emax effect of the daily average concentration on fasting plasma glucose (FPG);
-* disease: HbA1c with linear natural drift; the drug acts as an offset equal to the FPG reduction
-  divided by 28.7 mg/dL per % (the ADAG relation eAG = 28.7 * HbA1c - 46.7, Nathan et al. 2008,
-  Diabetes Care 31:1473), reached with a first-order delay of ``hba1c_delay_days``;
-* behaviour: :mod:`inference.behaviour` (adherence, adverse events driven by concentration,
-  attendance, dropout).
-
-The population layer here is deliberately small and self-contained (typical values, log-normal
-IIV, fixed covariate effects); estimation of population parameters lives in
-``inference.population``.
+The model is data: a definition of the daily-regimen family compiled by
+:class:`inference.regimen.DailyRegimen` (typical values, variability, covariate effects, the
+virtual population). Its structure: 1-compartment first-order oral PK with lag; once-daily doses at
+the start of each day, taken according to the behaviour model; an Emax effect of the daily average
+concentration on a biomarker (the PD output); a disease marker with linear natural drift whose drug
+offset is the biomarker change times a scale, reached with a first-order onset
+(:class:`inference.disease.DiseaseProgression`); behaviour from :mod:`inference.behaviour`
+(adherence, adverse events driven by concentration, attendance, dropout).
 """
 from __future__ import annotations
 
@@ -38,8 +31,6 @@ __all__ = [
     "CovariateModel",
     "fit_covariate_model",
     "sample_covariates",
-    "TT201Population",
-    "sample_parameters",
     "Scenario",
     "CohortResult",
     "simulate_cohort",
@@ -51,9 +42,6 @@ __all__ = [
 #: participants per random-number block; results are identical for any chunk size that is a
 #: multiple of it because every block draws from its own stream
 BLOCK_SIZE = 1000
-
-ADAG_SLOPE = 28.7  # mg/dL of average glucose per % HbA1c (Nathan et al. 2008)
-ADAG_INTERCEPT = -46.7
 
 _CONTINUOUS = ("weight_kg", "age_y", "egfr", "distance_km")
 _BOUNDS = {"weight_kg": (35.0, 250.0), "age_y": (18.0, 90.0), "egfr": (15.0, 150.0),
@@ -81,7 +69,8 @@ class CovariateModel:
 
     Examples
     --------
-    >>> cm = CovariateModel.tt201()
+    >>> cm = CovariateModel(p_female=0.45, mean=[[np.log(92.0), 58.0, np.log(82.0), np.log1p(20.0)]] * 2,
+    ...                     cov=[np.diag([0.17, 9.0, 0.25, 0.9]) ** 2] * 2, site_probabilities=[0.6, 0.4])
     >>> cov = sample_covariates(cm, 1000, np.random.default_rng(0))
     >>> 70 < float(np.median(cov.weight_kg)) < 100
     True
@@ -113,20 +102,6 @@ class CovariateModel:
             value.setflags(write=False)
             object.__setattr__(self, name, value)
 
-    @classmethod
-    def tt201(cls) -> "CovariateModel":
-        """Adults with type 2 diabetes in a decentralized trial (3 sites)."""
-        sd = np.array([0.17, 9.0, 0.25, 0.9])
-        corr = np.array([[1.0, -0.15, 0.05, 0.0],
-                         [-0.15, 1.0, -0.45, 0.0],
-                         [0.05, -0.45, 1.0, 0.0],
-                         [0.0, 0.0, 0.0, 1.0]])
-        cov = corr * np.outer(sd, sd)
-        mean_male = np.array([np.log(92.0), 58.0, np.log(82.0), np.log1p(20.0)])
-        mean_female = np.array([np.log(80.0), 59.0, np.log(80.0), np.log1p(20.0)])
-        return cls(p_female=0.45, mean=np.stack([mean_male, mean_female]),
-                   cov=np.stack([cov, cov]), site_probabilities=np.array([0.4, 0.35, 0.25]))
-
     def replace(self, **changes) -> "CovariateModel":
         """Return a validated copy with some fields replaced."""
         return dataclasses.replace(self, **changes)
@@ -137,7 +112,8 @@ def fit_covariate_model(covariates: Covariates, n_sites: int | None = None) -> C
 
     Examples
     --------
-    >>> cm = CovariateModel.tt201()
+    >>> cm = CovariateModel(p_female=0.45, mean=[[np.log(92.0), 58.0, np.log(82.0), np.log1p(20.0)]] * 2,
+    ...                     cov=[np.diag([0.17, 9.0, 0.25, 0.9]) ** 2] * 2, site_probabilities=[0.6, 0.4])
     >>> fitted = fit_covariate_model(sample_covariates(cm, 20000, np.random.default_rng(1)))
     >>> abs(fitted.p_female - 0.45) < 0.02
     True
@@ -162,7 +138,9 @@ def sample_covariates(model: CovariateModel, n: int, rng: np.random.Generator) -
 
     Examples
     --------
-    >>> cov = sample_covariates(CovariateModel.tt201(), 5, np.random.default_rng(0))
+    >>> cm = CovariateModel(p_female=0.45, mean=[[np.log(92.0), 58.0, np.log(82.0), np.log1p(20.0)]] * 2,
+    ...                     cov=[np.diag([0.17, 9.0, 0.25, 0.9]) ** 2] * 2, site_probabilities=[0.6, 0.4])
+    >>> cov = sample_covariates(cm, 5, np.random.default_rng(0))
     >>> cov.n, bool(np.all((cov.egfr >= 15) & (cov.egfr <= 150)))
     (5, True)
     """
@@ -173,96 +151,6 @@ def sample_covariates(model: CovariateModel, n: int, rng: np.random.Generator) -
     latent = model.mean[female] + np.einsum("nij,nj->ni", model._chol[female], z)
     site = rng.choice(model.site_probabilities.size, size=n, p=model.site_probabilities)
     return Covariates(sex_female=female, site=site, **_from_latent(latent))
-
-
-@dataclass(frozen=True)
-class TT201Population:
-    """Typical values, inter-individual variability (SD of log) and covariate effects of TT-201.
-
-    Concentrations are in mg/L, time in hours for PK and days for the disease model.
-
-    Examples
-    --------
-    >>> TT201Population().replace(cl=6.0).cl
-    6.0
-    """
-
-    cl: float = 5.0                 # L/h at 70 kg and eGFR 90
-    v: float = 50.0                 # L at 70 kg
-    ka: float = 1.0                 # 1/h
-    tlag: float = 0.5               # h
-    f: float = 0.8
-    cl_weight_exponent: float = 0.75
-    v_weight_exponent: float = 1.0
-    cl_egfr_exponent: float = 0.5
-    omega_cl: float = 0.3
-    omega_v: float = 0.2
-    omega_ka: float = 0.4
-    fpg_emax: float = 45.0          # mg/dL
-    ec50: float = 0.5               # mg/L
-    omega_fpg_emax: float = 0.25
-    omega_ec50: float = 0.5
-    hba1c_mean: float = 8.2         # %
-    hba1c_sd: float = 0.8
-    fpg_residual_sd: float = 15.0   # mg/dL around the ADAG relation at baseline
-    hba1c_drift_per_year: float = 0.2
-    hba1c_delay_days: float = 40.0
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not np.isfinite(value):
-                raise ValueError(f"{f.name} must be finite")
-        for name in ("cl", "v", "ka", "ec50", "hba1c_delay_days"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        for name in ("omega_cl", "omega_v", "omega_ka", "omega_fpg_emax", "omega_ec50", "hba1c_sd",
-                     "fpg_residual_sd", "tlag"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if not 0 < self.f <= 1:
-            raise ValueError("f must lie in (0, 1]")
-        if self.tlag >= 24:
-            raise ValueError("tlag must be shorter than the 24 h dosing interval")
-
-    def replace(self, **changes) -> "TT201Population":
-        """Return a validated copy with some parameters replaced."""
-        return dataclasses.replace(self, **changes)
-
-
-def sample_parameters(population: TT201Population, covariates: Covariates,
-                      rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    """Individual parameters for ``covariates``: covariate model times log-normal IIV.
-
-    With ``rng=None`` every random effect is 0 (typical individuals for these covariates) and the
-    baseline HbA1c is the population mean.
-
-    Examples
-    --------
-    >>> cov = Covariates(weight_kg=[70.0, 140.0], age_y=[50.0, 50.0], egfr=[90.0, 90.0],
-    ...                  sex_female=[0, 0], distance_km=[1.0, 1.0], site=[0, 0])
-    >>> p = sample_parameters(TT201Population(), cov, None)
-    >>> np.round(p["cl"], 3)   # allometric: 5 * 2 ** 0.75
-    array([5.   , 8.409])
-    """
-    pop = population
-    n = covariates.n
-    eta = np.zeros((6, n)) if rng is None else rng.standard_normal((6, n))
-    wt = covariates.weight_kg / 70.0
-    params = {
-        "cl": pop.cl * wt ** pop.cl_weight_exponent * (covariates.egfr / 90.0) ** pop.cl_egfr_exponent
-        * np.exp(pop.omega_cl * eta[0]),
-        "v": pop.v * wt ** pop.v_weight_exponent * np.exp(pop.omega_v * eta[1]),
-        "ka": pop.ka * np.exp(pop.omega_ka * eta[2]),
-        "tlag": np.full(n, pop.tlag),
-        "f": np.full(n, pop.f),
-        "fpg_emax": pop.fpg_emax * np.exp(pop.omega_fpg_emax * eta[3]),
-        "ec50": pop.ec50 * np.exp(pop.omega_ec50 * eta[4]),
-        "hba1c0": np.clip(pop.hba1c_mean + pop.hba1c_sd * eta[5], 5.5, 13.0),
-    }
-    fpg_noise = np.zeros(n) if rng is None else pop.fpg_residual_sd * rng.standard_normal(n)
-    params["fpg0"] = np.maximum(ADAG_SLOPE * params["hba1c0"] + ADAG_INTERCEPT + fpg_noise, 70.0)
-    return params
 
 
 def _monthly_visits() -> VisitSchedule:
@@ -301,21 +189,17 @@ class Scenario:
         return dataclasses.replace(self, **changes)
 
 
-SUMMARY_COLUMNS = (
-    "weight_kg", "age_y", "egfr", "sex_female", "distance_km", "site",
-    "cl", "v", "ka", "ec50", "fpg_emax", "hba1c0", "fpg0",
-    "adherence", "n_ae", "visits_attended", "visits_missed", "dropout_day",
-    "cavg_on_study", "fpg_last", "hba1c_last", "hba1c_change_last", "hba1c_change_end",
-)
-
-
 @dataclass(frozen=True, eq=False)
 class CohortResult:
     """Per-participant summaries (``summary[name]``, shape ``(n,)``) and optional daily trajectories.
 
-    ``hba1c_change_last`` is the change from baseline on the last day on study (what a trial would
-    observe); ``hba1c_change_end`` is the change at the end of the study period including the
-    washout after dropout (a treatment-policy estimand).
+    Summaries: the covariates; every variable and derived parameter by its definition name; the
+    behaviour (``adherence``, ``n_ae``, ``visits_attended``, ``visits_missed``, ``dropout_day``);
+    ``cavg_on_study``; and, named after the model's outputs (``<pd>`` the biomarker, ``<disease>``
+    the disease marker): ``<pd>_last``, ``<disease>_last``, ``<disease>_change_last`` (change from
+    baseline on the last day on study, what a trial would observe) and ``<disease>_change_end``
+    (at the end of the study period including the washout after dropout, a treatment-policy
+    estimand).
     """
 
     scenario: Scenario
@@ -333,15 +217,14 @@ def _block_generator(seed: int, block: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(block,))))
 
 
-def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, sizes, seed,
-                    keep_trajectories):
+def _simulate_chunk(scenario, model, covariate_model, covariates, blocks, sizes, seed, keep_trajectories):
     n_days = scenario.n_days
     k_draws = n_uniforms(scenario.schedule, n_days)
     # every block draws covariates, then parameters, then behaviour bits from its own stream
     # A partial last block draws as if it were full and keeps its first participants, so that a
     # participant's draws never depend on how many follow (sampled covariates only).
     offsets = np.cumsum([0] + list(sizes))
-    params, cov_parts = {}, []
+    params, named, cov_parts = {}, {}, []
     bits = np.empty((k_draws, int(offsets[-1])), dtype=np.uint32)
     for i, (b, size) in enumerate(zip(blocks, sizes)):
         rng = _block_generator(seed, b)
@@ -352,30 +235,39 @@ def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, s
             block_cov = covariates.take(slice(offsets[i], offsets[i + 1]))
             width = size
         cov_parts.append(block_cov.take(slice(0, size)))
-        for k, v in sample_parameters(population, block_cov, rng).items():
-            params.setdefault(k, []).append(v[:size])
+        drawn = model.sample_parameters(block_cov, rng)
+        for k, v in drawn.pop("named").items():
+            named.setdefault(k, []).append(v[:size])
+        for k, v in drawn.items():
+            if np.ndim(v):
+                params.setdefault(k, []).append(v[:size])
+            else:
+                params[k] = v
         bits[:, offsets[i]:offsets[i + 1]] = draw_random_bits(rng, width, k_draws)[:, :size]
     cov = Covariates(**{k: np.concatenate([c.as_dict()[k] for c in cov_parts])
                         for k in cov_parts[0].as_dict()})
-    params = {k: np.concatenate(v) for k, v in params.items()}
+    params = {k: np.concatenate(v) if isinstance(v, list) else v for k, v in params.items()}
+    named = {k: np.concatenate(v) for k, v in named.items()}
+    pd_name = model.output_of("pd") or "pd"
+    disease_name = model.output_of("disease") or "disease"
 
     pk = DailyOneCompartmentOral(cl=params["cl"], v=params["v"], ka=params["ka"],
                                  tlag=params["tlag"], f=params["f"])
     beh = simulate_behaviour(scenario.behaviour, cov, scenario.schedule, n_days,
                              dose_mg=scenario.dose_mg, exposure=pk, random_bits=bits)
     n = cov.n
-    hba1c_drift = population.hba1c_drift_per_year / 365.25
-    fpg_drift = ADAG_SLOPE * hba1c_drift
-    max_offset = params["fpg_emax"] / ADAG_SLOPE
+    effect = params["sign"] * params["emax"]          # full drug effect on the biomarker
+    base, slope = params.get("base", np.zeros(n)), params.get("slope", np.zeros(n))
+    max_offset = -params.get("effscale", np.ones(n)) * effect
+    # TONSET has no inter-individual variability (a rule of the daily-regimen family): one onset rate
+    k_onset = float(params["k_onset"][0]) if "k_onset" in params else np.inf
     last = np.maximum(np.minimum(beh.dropout_day, n_days) - 1, 0)
     on_days = last + 1
     traj = None
     if keep_trajectories:
         # built before the summaries, which overwrite the concentrations in place
         activity = beh.concentration / (params["ec50"][:, None] + beh.concentration)
-        disease = DiseaseProgression(baseline=params["hba1c0"], slope=hba1c_drift,
-                                     max_offset=max_offset,
-                                     k_onset=1.0 / population.hba1c_delay_days)
+        disease = DiseaseProgression(baseline=base, slope=slope, max_offset=max_offset, k_onset=k_onset)
         # troughs: replay the doses actually taken through the same exact stepper
         trough = np.empty((n_days, n))
         state = pk.start(n)
@@ -384,17 +276,16 @@ def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, s
             state, _ = pk.step(state, taken_dn[t] * scenario.dose_mg)
             trough[t] = pk.trough(state)
         traj = {"concentration": beh.concentration.copy(), "trough": trough.T.copy(),
-                "hba1c": progress(disease, activity),
-                "fpg": params["fpg0"][:, None] + fpg_drift * np.arange(n_days)[None, :]
-                - params["fpg_emax"][:, None] * activity,
+                disease_name: progress(disease, activity),
+                pd_name: params["e0"][:, None] + params["e0_slope"][:, None] * np.arange(n_days)[None, :]
+                + effect[:, None] * activity,
                 "taken": beh.taken.copy(), "ae": beh.ae.copy(), "attended": beh.attended,
                 "visit_days": beh.visit_days}
     conc_dn = beh.concentration.T  # (n_days, n), contiguous
-    act_last, offset_last, offset_end, conc_sum = _exposure_summaries(
-        conc_dn, params["ec50"], 1.0 / population.hba1c_delay_days, last)
-    hba1c_last = params["hba1c0"] + hba1c_drift * last - max_offset * offset_last
+    act_last, offset_last, offset_end, conc_sum = _exposure_summaries(conc_dn, params["ec50"], k_onset, last)
+    disease_last = base + slope * last - max_offset * offset_last
     summary = dict(cov.as_dict())
-    summary.update({k: params[k] for k in ("cl", "v", "ka", "ec50", "fpg_emax", "hba1c0", "fpg0")})
+    summary.update(named)
     summary.update({
         "adherence": beh.adherence,
         "n_ae": beh.ae.sum(axis=1),
@@ -402,16 +293,16 @@ def _simulate_chunk(scenario, population, covariate_model, covariates, blocks, s
         "visits_missed": beh.missed.sum(axis=1),
         "dropout_day": beh.dropout_day,
         "cavg_on_study": conc_sum / on_days,
-        "fpg_last": params["fpg0"] + fpg_drift * last - params["fpg_emax"] * act_last,
-        "hba1c_last": hba1c_last,
-        "hba1c_change_last": hba1c_last - params["hba1c0"],
-        "hba1c_change_end": hba1c_drift * (n_days - 1) - max_offset * offset_end,
+        f"{pd_name}_last": params["e0"] + params["e0_slope"] * last + effect * act_last,
+        f"{disease_name}_last": disease_last,
+        f"{disease_name}_change_last": disease_last - base,
+        f"{disease_name}_change_end": slope * (n_days - 1) - max_offset * offset_end,
     })
     return summary, traj
 
 
 def _exposure_summaries(conc_dn, ec50, k_onset, last):
-    """One pass over the days: Emax activity, delayed HbA1c offset and concentration sum, read on
+    """One pass over the days: Emax activity, delayed disease offset and concentration sum, read on
     each participant's last day on study and at the end. Overwrites ``conc_dn`` with the activity.
 
     The same first-order update as :func:`inference.disease.progress`, kept here as a day loop
@@ -443,13 +334,13 @@ def _exposure_summaries(conc_dn, ec50, k_onset, last):
 
 
 def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
-                    population: TT201Population | None = None,
+                    model,
                     covariate_model: CovariateModel | None = None,
                     covariates: Covariates | None = None,
                     chunk_size: int = 10 * BLOCK_SIZE,
                     trajectories: bool = False,
                     executor=None) -> CohortResult:
-    """Simulate the TT-201 twin model for a virtual cohort in one call.
+    """Simulate a daily-regimen twin model for a virtual cohort in one call.
 
     Parameters
     ----------
@@ -462,10 +353,11 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         Seed; participant ``i`` draws from the stream of block ``i // BLOCK_SIZE``, so the result
         never depends on ``chunk_size``, and (for sampled covariates) participant ``i``'s result
         does not change when ``n`` grows.
-    population : TT201Population, optional
-        Typical values and variability (default ``TT201Population()``).
+    model : inference.regimen.DailyRegimen
+        The compiled model definition: typical values, variability, covariate effects.
     covariate_model : CovariateModel, optional
-        Covariate distribution (default ``CovariateModel.tt201()``).
+        Covariate distribution of virtual participants (default: the definition's
+        ``virtualPopulation``).
     covariates : Covariates, optional
         Observed covariates to simulate instead of sampled ones (a cohort twin).
     chunk_size : int
@@ -473,8 +365,9 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         ``chunk_size * n_days``.
     trajectories : bool
         Also return daily ``(n, n_days)`` arrays: ``concentration`` (average over the day, mg/L),
-        ``trough`` (end of the day, just before the next dose), ``fpg``, ``hba1c``, ``taken``,
-        ``ae``, plus ``attended`` and ``visit_days``; refused above 2 * 10^7 participant-days.
+        ``trough`` (end of the day, just before the next dose), ``taken``,
+        ``ae``, plus ``attended`` and ``visit_days``, and the biomarker and disease marker under their
+        output names; refused above 2 * 10^7 participant-days.
     executor : optional
         Where the chunks run: ``None`` in this process, one after the other; otherwise anything
         with ``submit(fn, *args)`` returning a future with ``result()`` — a
@@ -488,14 +381,17 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
 
     Examples
     --------
-    >>> res = simulate_cohort(Scenario(dose_mg=100.0), n=300, seed=1)
+    >>> from inference.model_definition import example_regimen
+    >>> model = example_regimen()
+    >>> res = simulate_cohort(Scenario(dose_mg=100.0), n=300, seed=1, model=model)
     >>> res.n, res.summary["hba1c_change_last"].shape
     (300, (300,))
     >>> bool(np.mean(res.summary["hba1c_change_last"]) < -0.3)
     True
     """
-    population = TT201Population() if population is None else population
-    covariate_model = CovariateModel.tt201() if covariate_model is None else covariate_model
+    covariate_model = model.covariate_model if covariate_model is None else covariate_model
+    if covariates is None and covariate_model is None:
+        raise ValueError(f"{model.canonical} has no virtual population: give the participants' covariates")
     if covariates is not None:
         if n is not None and n != covariates.n:
             raise ValueError(f"n={n} does not match the {covariates.n} given covariates")
@@ -517,7 +413,7 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
         sizes = [min(BLOCK_SIZE, n - b * BLOCK_SIZE) for b in blocks]
         start, stop = blocks[0] * BLOCK_SIZE, blocks[0] * BLOCK_SIZE + sum(sizes)
         sub_cov = covariates.take(slice(start, stop)) if covariates is not None else None
-        tasks.append((scenario, population, covariate_model, sub_cov, blocks, sizes, int(seed), trajectories))
+        tasks.append((scenario, model, covariate_model, sub_cov, blocks, sizes, int(seed), trajectories))
     if executor is None:
         results = [_simulate_chunk(*task) for task in tasks]
     else:
@@ -536,23 +432,27 @@ def simulate_cohort(scenario: Scenario, n: int | None = None, seed: int = 0, *,
 
 
 def summarize(result: CohortResult) -> dict[str, float]:
-    """Cohort-level figures: mean HbA1c change, dropout and missed-visit rates, AE rate, adherence.
+    """Cohort-level figures: mean disease-marker change, dropout and missed-visit rates, AE rate, adherence.
+
+    The change is reported under the disease output's name (``<disease>_change_last_mean``, ...).
 
     Examples
     --------
-    >>> s = summarize(simulate_cohort(Scenario(dose_mg=0.0), n=200, seed=3))
+    >>> from inference.model_definition import example_regimen
+    >>> s = summarize(simulate_cohort(Scenario(dose_mg=0.0), n=200, seed=3, model=example_regimen()))
     >>> abs(s["hba1c_change_last_mean"]) < 0.2
     True
     """
     s = result.summary
+    change = next(k[:-len("_change_last")] for k in s if k.endswith("_change_last"))
     n_days = result.scenario.n_days
     scheduled = s["visits_attended"] + s["visits_missed"]
     days_on = np.minimum(s["dropout_day"], n_days)
     return {
         "n": float(result.n),
         "dose_mg": float(result.scenario.dose_mg),
-        "hba1c_change_last_mean": float(np.mean(s["hba1c_change_last"])),
-        "hba1c_change_end_mean": float(np.mean(s["hba1c_change_end"])),
+        f"{change}_change_last_mean": float(np.mean(s[f"{change}_change_last"])),
+        f"{change}_change_end_mean": float(np.mean(s[f"{change}_change_end"])),
         "dropout_rate": float(np.mean(s["dropout_day"] < n_days)),
         "missed_visit_rate": float(np.sum(s["visits_missed"]) / max(np.sum(scheduled), 1)),
         "ae_per_participant_year": float(np.sum(s["n_ae"]) / max(np.sum(days_on), 1) * 365.25),
@@ -570,7 +470,8 @@ def sweep(scenario: Scenario, parameter: str, values, n: int, seed: int = 0, **k
 
     Examples
     --------
-    >>> rows = sweep(Scenario(), "dose_mg", [0.0, 100.0], n=200, seed=2)
+    >>> from inference.model_definition import example_regimen
+    >>> rows = sweep(Scenario(), "dose_mg", [0.0, 100.0], n=200, seed=2, model=example_regimen())
     >>> rows[1]["hba1c_change_last_mean"] < rows[0]["hba1c_change_last_mean"]
     True
     """

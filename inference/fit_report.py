@@ -201,7 +201,8 @@ def estimate_document(fit: PopulationFit, diagnostics: FitDiagnostics, *, parame
             entry["natural"] = float(np.exp(value))
         if name in se:
             entry["se"] = se[name]
-            entry["ci95"] = [float(value - 1.959964 * se[name]), float(value + 1.959964 * se[name])]
+            # t quantile with subjects - random effects degrees of freedom (see PopulationFit.degrees_of_freedom)
+            entry["ci95"] = [float(v) for v in fit.confidence_interval(name)]
         fixed.append(entry)
     effects = [{"name": e.name, "parameter": e.parameter, "covariate": e.covariate, "form": e.form,
                 "reference": e.reference, "coefficient": e.coefficient, "estimated": e.estimate,
@@ -221,6 +222,7 @@ def estimate_document(fit: PopulationFit, diagnostics: FitDiagnostics, *, parame
         "method": fit.method, "objective": fit.objective, "aic": fit.aic, "bic": fit.bic,
         "converged": fit.converged, "message": fit.message, "iterations": fit.n_iterations,
         "subjects": len(fit.subject_ids), "observations": fit.n_observations,
+        "ciDegreesOfFreedom": fit.degrees_of_freedom,
         "fixedEffects": fixed, "covariateEffects": effects,
         "omega": {"parameters": list(model.random_effects), "structure": model.omega_structure,
                   "matrix": model.omega.tolist(),

@@ -31,8 +31,9 @@ import numpy as np
 
 from inference.dosing import DoseRecord
 from inference.pd import IndirectResponse, sigmoid_emax, simulate_idr
-from inference.pk import MichaelisMenten, OneCompartment, TwoCompartment, concentration
+from inference.pk import MichaelisMenten, OneCompartment, ThreeCompartment, TwoCompartment, concentration
 from inference.population import CovariateEffect, ObservationData, PopulationModel, ResidualError
+from inference.regimen import DAILY_AVERAGE, DailyRegimen, family_issues, with_derived
 
 __all__ = [
     "FORMAT_VERSION", "DefinitionIssue", "DefinitionError", "ModelDefinition", "Dose", "SubjectRecord",
@@ -48,20 +49,23 @@ UnitFactor = Callable[[str, str], float]
 _PK_ROLES = {
     (1, "linear"): ([{"CL", "V"}, {"CL", "KE"}, {"KE", "V"}], set()),
     (2, "linear"): ([{"CL", "V", "Q", "V2"}], set()),
+    (3, "linear"): ([{"CL", "V", "Q", "V2", "Q3", "V3"}], set()),
     (1, "michaelis-menten"): ([{"VMAX", "KM", "V"}], set()),
 }
 _ABSORPTION_ROLES = ({"KA"}, {"TLAG", "F"})
 _PD_ROLES = {
-    "emax": ({"EMAX", "EC50"}, {"E0"}),
+    "emax": ({"EMAX", "EC50"}, {"E0", "SLOPE"}),
     "sigmoid-emax": ({"EMAX", "EC50", "HILL"}, {"E0"}),
     "effect-compartment": ({"KE0", "EMAX", "EC50"}, {"E0", "HILL"}),
     "indirect-response": ({"KIN", "KOUT", "EMAX", "EC50"}, {"HILL"}),
 }
 _DISEASE_ROLES = {
-    "linear": ({"BASE", "SLOPE"}, {"EFFSCALE"}),
+    "linear": ({"BASE", "SLOPE"}, {"EFFSCALE", "TONSET"}),
     "exponential": ({"BASE", "SLOPE"}, {"EFFSCALE"}),
     "tumour-growth-inhibition": ({"BASE", "KL", "KD", "LAMBDA"}, set()),
 }
+#: roles only the daily-regimen engine (``pd.exposure: daily-average``) implements
+_DAILY_ONLY_ROLES = {"pd": "SLOPE", "disease": "TONSET"}
 #: points of the integration grid of models that need one (effect compartment, IDR, tumour growth)
 _GRID_POINTS = 240
 
@@ -117,6 +121,43 @@ def shipped_definition(name: str) -> dict:
     return json.loads(resources.files("inference").joinpath(f"definitions/{name}.json").read_text("utf-8"))
 
 
+_MASS = {"g": 1.0, "mg": 1e-3, "ug": 1e-6, "ng": 1e-9, "pg": 1e-12}
+_VOLUME = {"L": 1.0, "dL": 0.1, "mL": 1e-3}
+
+
+def mass_concentration_units(a: str, b: str) -> float:
+    """A small unit converter for examples and engine-only use: identical codes, or mass per volume
+    with SI prefixes (``mg/L`` -> ``ng/mL`` is 1000). The FHIR layer passes its UCUM converter instead.
+
+    Examples
+    --------
+    >>> mass_concentration_units("mg/L", "ng/mL"), mass_concentration_units("%", "%")
+    (1000.0, 1.0)
+    """
+    if a == b:
+        return 1.0
+    try:
+        (ma, va), (mb, vb) = (u.split("/") for u in (a, b))
+        return float(round(_MASS[ma] / _VOLUME[va] / (_MASS[mb] / _VOLUME[vb]), 12))
+    except (KeyError, ValueError):
+        raise ValueError(f"unit {a!r} does not convert to {b!r} (mass per volume only)") from None
+
+
+def example_regimen():
+    """The shipped example of the daily-regimen family, compiled (for examples and tests of the engine).
+
+    Examples
+    --------
+    >>> example_regimen().outputs
+    ('concentration', 'fpg', 'hba1c')
+    """
+    for name in shipped_names():
+        raw = shipped_definition(name)
+        if raw.get("pd", {}).get("exposure") == DAILY_AVERAGE:
+            return load_definition(raw, mass_concentration_units).regimen
+    raise LookupError("no shipped daily-regimen definition")
+
+
 def same_unit(a: str, b: str) -> float:
     """The default unit check when no converter is given: identical codes only."""
     if a != b:
@@ -154,7 +195,7 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
     []
     >>> d["pk"]["compartments"] = 7
     >>> [str(i) for i in check_definition(d)]
-    ['$.pk.compartments: 7-compartment models are not supported (use 1 or 2 with linear elimination, 1 with michaelis-menten)']
+    ['$.pk.compartments: 7-compartment models are not supported (use 1, 2 or 3 with linear elimination, 1 with michaelis-menten)']
     """
     import jsonschema
 
@@ -165,13 +206,28 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
     if issues:
         return issues
     add = lambda path, message: issues.append(DefinitionIssue(path, message))  # noqa: E731
-    names = [p["name"] for p in raw["parameters"]]
-    for i, name in enumerate(names):
-        if names.index(name) != i:
+    declared = [p["name"] for p in raw["parameters"]]
+    for i, name in enumerate(declared):
+        if declared.index(name) != i:
             add(f"$.parameters[{i}].name", f"parameter {name!r} is declared twice")
         p = raw["parameters"][i]
         if p["scale"] == "log" and not p["typical"] > 0:
             add(f"$.parameters[{i}].typical", f"a log-scale parameter needs a positive typical value, got {p['typical']}")
+        low, high = p.get("bounds", (None, None))
+        if low is not None and high is not None and not low < high:
+            add(f"$.parameters[{i}].bounds", f"bounds need low < high, got [{low}, {high}]")
+    in_terms: set[str] = set()
+    for i, d in enumerate(raw.get("derived", [])):
+        if d["name"] in declared or d["name"] in [e["name"] for e in raw["derived"][:i]]:
+            add(f"$.derived[{i}].name", f"{d['name']!r} is already a parameter")
+        for j, t in enumerate(d["terms"]):
+            if t["parameter"] not in declared:
+                add(f"$.derived[{i}].terms[{j}].parameter", f"unknown parameter {t['parameter']!r} (a derived "
+                    f"parameter combines declared parameters: {', '.join(declared)})")
+            in_terms.add(t["parameter"])
+        if "min" in d and "max" in d and not d["min"] < d["max"]:
+            add(f"$.derived[{i}]", f"needs min < max, got {d['min']} and {d['max']}")
+    names = declared + [d["name"] for d in raw.get("derived", [])]
     if not any("iiv" in p for p in raw["parameters"]):
         add("$.parameters", "at least one parameter needs inter-individual variability ('iiv') for a population model")
     used: set[str] = set()
@@ -193,7 +249,7 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
         key = (pk["compartments"], pk["elimination"])
         if key not in _PK_ROLES:
             add("$.pk.compartments", f"{pk['compartments']}-compartment models are not supported "
-                "(use 1 or 2 with linear elimination, 1 with michaelis-menten)")
+                "(use 1, 2 or 3 with linear elimination, 1 with michaelis-menten)")
         else:
             required, optional = _PK_ROLES[key]
             absorption = pk.get("absorption", "none")
@@ -229,10 +285,41 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
             add("$.disease", "the tumour-growth-inhibition model is driven by drug exposure: it needs a PK model")
         if disease.get("drugEffect") == "pd-offset" and pd is None:
             add("$.disease.drugEffect", "'pd-offset' needs a PD model")
+    daily = (pd or {}).get("exposure") == DAILY_AVERAGE
+    for section, role in _DAILY_ONLY_ROLES.items():
+        if role in ((raw.get(section) or {}).get("parameters") or {}) and not daily:
+            add(f"$.{section}.parameters.{role}", f"the role {role} is implemented by the daily-regimen engine only "
+                "(pd.exposure 'daily-average')")
+    if not issues:
+        for path, message in family_issues(raw):
+            add(path, message)
+    used |= in_terms
     for i, p in enumerate(raw["parameters"] if not issues else []):
         if p["name"] not in used and not any(e["parameter"] == p["name"] for e in raw.get("covariateEffects", [])):
             add(f"$.parameters[{i}]", f"parameter {p['name']!r} is used by no structural role")
     covariates = {c["name"]: c for c in raw.get("covariates", [])}
+    attributes = [c["participantAttribute"] for c in raw.get("covariates", []) if "participantAttribute" in c]
+    for i, c in enumerate(raw.get("covariates", [])):
+        if "participantAttribute" in c and attributes.count(c["participantAttribute"]) > 1:
+            add(f"$.covariates[{i}].participantAttribute", f"{c['participantAttribute']!r} is named by more than "
+                "one covariate")
+    arm_names = [a["name"] for a in raw.get("arms", [])]
+    for i, name in enumerate(arm_names):
+        if arm_names.index(name) != i:
+            add(f"$.arms[{i}].name", f"arm {name!r} is declared twice")
+    vp = raw.get("virtualPopulation")
+    if vp is not None:
+        corr = np.asarray(vp["correlation"], dtype=float)
+        if not (np.allclose(corr, corr.T) and np.allclose(np.diag(corr), 1.0)
+                and np.linalg.eigvalsh(corr).min() > 0):
+            add("$.virtualPopulation.correlation", "must be a symmetric positive definite correlation matrix "
+                "(ones on the diagonal)")
+        if not sum(vp["siteProbabilities"]) > 0:
+            add("$.virtualPopulation.siteProbabilities", "needs at least one positive probability")
+        for i, e in enumerate(raw.get("covariateEffects", [])):
+            if e["covariate"] in covariates and "participantAttribute" not in covariates[e["covariate"]]:
+                add(f"$.covariateEffects[{i}].covariate", f"virtual participants need covariate {e['covariate']!r} to "
+                    "name its participantAttribute")
     for i, c in enumerate(raw.get("covariates", [])):
         if c["type"] == "categorical" and not c.get("categories"):
             add(f"$.covariates[{i}].categories", "a categorical covariate lists its categories")
@@ -433,6 +520,11 @@ class ModelDefinition:
     def dosing(self) -> tuple[Mapping[str, Any], ...]:
         return tuple(self.document["dosing"])
 
+    def __reduce__(self):
+        # the frozen document (mapping proxies) does not pickle; rebuild it from plain JSON, so a
+        # compiled model travels to worker processes (concurrent.futures, dask)
+        return _rebuild, (self.to_json(), self.output_names, dict(self.output_units), self.output_scale)
+
     def to_json(self) -> dict:
         """The definition as a plain JSON-ready dict."""
         def thaw(v):
@@ -459,7 +551,17 @@ class ModelDefinition:
         out = {}
         for j, p in enumerate(self.document["parameters"]):
             out[p["name"]] = np.exp(phi[:, j]) if p["scale"] == "log" else phi[:, j]
-        return out
+        return with_derived(self.document, out)
+
+    @property
+    def regimen(self):
+        """The compiled :class:`inference.regimen.DailyRegimen` of a daily-average definition, else None."""
+        if self.document.get("pd", {}).get("exposure") != DAILY_AVERAGE:
+            return None
+        cached = _REGIMENS.get(self)
+        if cached is None:
+            cached = _REGIMENS[self] = DailyRegimen.from_definition(self)
+        return cached
 
     def _pk_model(self, nat: Mapping[str, np.ndarray]):
         pk = self.document["pk"]
@@ -474,6 +576,8 @@ class ModelDefinition:
                 r["CL"] = r["KE"] * r["V"]
         if pk["compartments"] == 1:
             return OneCompartment(cl=r["CL"], v=r["V"], **extra)
+        if pk["compartments"] == 3:
+            return ThreeCompartment(cl=r["CL"], v=r["V"], q=r["Q"], v2=r["V2"], q3=r["Q3"], v3=r["V3"], **extra)
         return TwoCompartment(cl=r["CL"], v=r["V"], q=r["Q"], v2=r["V2"], **extra)
 
     def _concentration(self, nat, data: ObservationData, grid: np.ndarray) -> np.ndarray:
@@ -565,6 +669,8 @@ class ModelDefinition:
         [0.0, 6.599]
         """
         phi = np.atleast_2d(np.asarray(phi, dtype=float))
+        if self.regimen is not None:
+            return self.regimen.structural_events(phi, data)
         nat = self._natural(phi)
         layout = _layout(data, self)
         obs, grid, wanted = layout["obs"], layout["grid"], layout["wanted"]
@@ -590,7 +696,13 @@ class ModelDefinition:
         return result
 
 
+def _rebuild(doc: dict, names, units: dict, scale) -> "ModelDefinition":
+    return ModelDefinition(document=_freeze(doc), output_names=tuple(names), output_units=MappingProxyType(units),
+                           output_scale=tuple(scale))
+
+
 _LAYOUTS: "weakref.WeakKeyDictionary[ObservationData, dict]" = weakref.WeakKeyDictionary()
+_REGIMENS: "weakref.WeakKeyDictionary[ModelDefinition, Any]" = weakref.WeakKeyDictionary()
 
 
 def _layout(data: ObservationData, model: "ModelDefinition") -> dict:

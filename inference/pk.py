@@ -1,6 +1,6 @@
-"""Pharmacokinetic models: closed-form 1- and 2-compartment superposition and a Michaelis-Menten ODE path.
+"""Pharmacokinetic models: closed-form 1-, 2- and 3-compartment superposition and a Michaelis-Menten ODE path.
 
-Parameters are in clearance terms (CL, V, Q, V2 in L/h and L; ka in 1/h; tlag in h; F unitless),
+Parameters are in clearance terms (CL, V, Q, V2, Q3, V3 in L/h and L; ka in 1/h; tlag in h; F unitless),
 doses in mg, so concentrations are in mg/L. Every parameter is an array of shape ``(n,)``.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from inference.dosing import DoseRecord
 __all__ = [
     "OneCompartment",
     "TwoCompartment",
+    "ThreeCompartment",
     "MichaelisMenten",
     "DailyOneCompartmentOral",
     "concentration",
@@ -139,6 +140,73 @@ class TwoCompartment(_Model):
 
 
 @dataclass(frozen=True, eq=False)
+class ThreeCompartment(_Model):
+    """Three-compartment mammillary model: two peripheral compartments, elimination from the central one.
+
+    Parameters
+    ----------
+    cl, v : array_like
+        Clearance and central volume.
+    q, v2 : array_like
+        Inter-compartmental clearance and volume of the first peripheral compartment.
+    q3, v3 : array_like
+        The same for the second peripheral compartment (NONMEM ADVAN11 TRANS4: CL, V1, Q2, V2, Q3, V3).
+    ka, tlag, f : array_like, optional
+        Oral absorption rate (1/h), lag time (h), bioavailability.
+
+    Examples
+    --------
+    >>> m = ThreeCompartment(cl=5.0, v=10.0, q=20.0, v2=40.0, q3=1.0, v3=100.0)
+    >>> terms = m.disposition()
+    >>> round(float(sum(c[0] for c, _ in terms) * 10.0), 12)  # C(0) of a unit bolus is 1 / V
+    1.0
+    >>> k10, k21, k31 = 5.0 / 10.0, 20.0 / 40.0, 1.0 / 100.0
+    >>> round(float(np.prod([lam[0] for _, lam in terms]) / (k10 * k21 * k31)), 12)  # det of the rate matrix
+    1.0
+    """
+
+    cl: np.ndarray
+    v: np.ndarray
+    q: np.ndarray
+    v2: np.ndarray
+    q3: np.ndarray
+    v3: np.ndarray
+    ka: np.ndarray = 1.0
+    tlag: np.ndarray = 0.0
+    f: np.ndarray = 1.0
+
+    def __post_init__(self):
+        _params(self, ("cl", "v", "q", "v2", "q3", "v3", "ka", "tlag", "f"),
+                positive=("cl", "v", "q", "v2", "q3", "v3", "ka"), nonneg=("tlag",), unit_interval=("f",))
+
+    def disposition(self):
+        """Unit-impulse response of the central concentration as ``[(coefficient, rate), ...]`` (three modes).
+
+        The rate matrix of the concentrations is symmetric once scaled by the square roots of the
+        volumes (flows between compartments are symmetric in concentration), so its eigenvalues
+        and orthonormal eigenvectors come from a batched ``eigh``: rate ``lambda_r`` with central
+        coefficient ``u_{0r}^2 / V``. Unlike the cubic's trigonometric roots with divided
+        differences of them, this stays accurate when two rates nearly coincide, and every
+        coefficient is non-negative by construction.
+        """
+        n = self.n
+        v = np.stack([self.v, self.v2, self.v3], axis=1)
+        k = np.zeros((n, 3, 3))
+        k[:, 0, 0] = self.cl + self.q + self.q3
+        k[:, 1, 1] = self.q
+        k[:, 2, 2] = self.q3
+        k[:, 0, 1] = k[:, 1, 0] = -self.q
+        k[:, 0, 2] = k[:, 2, 0] = -self.q3
+        root = np.sqrt(v)
+        # S = V^-1/2 K V^-1/2 with K the symmetric clearance matrix: dC/dt = -V^-1 K C
+        s = k / (root[:, :, None] * root[:, None, :])
+        rates, vectors = np.linalg.eigh(s)
+        coef = vectors[:, 0, :] ** 2 / self.v[:, None]
+        # slowest mode last, as the other models list theirs (alpha > beta)
+        return [(coef[:, r], rates[:, r]) for r in (2, 1, 0)]
+
+
+@dataclass(frozen=True, eq=False)
 class MichaelisMenten(_Model):
     """One-compartment model with saturable (Michaelis-Menten) elimination, solved as an ODE.
 
@@ -207,14 +275,14 @@ def _as_2d_times(times, n):
 def concentration(model, doses: DoseRecord, times) -> np.ndarray:
     """Central concentration (mg/L) of ``n`` participants at ``times`` (h) after ``doses``.
 
-    Linear models (:class:`OneCompartment`, :class:`TwoCompartment`) use exact superposition of
-    closed-form single-dose responses; :class:`MichaelisMenten` integrates the stacked ODE of all
+    Linear models (:class:`OneCompartment`, :class:`TwoCompartment`, :class:`ThreeCompartment`) use exact
+    superposition of closed-form single-dose responses; :class:`MichaelisMenten` integrates the stacked ODE of all
     participants with ``scipy.integrate.solve_ivp``. A dose given at time ``t`` is included in
     the concentration at ``t`` (IV bolus).
 
     Parameters
     ----------
-    model : OneCompartment, TwoCompartment or MichaelisMenten
+    model : OneCompartment, TwoCompartment, ThreeCompartment or MichaelisMenten
         Parameters of shape ``(n,)`` (or ``(1,)``, shared).
     doses : DoseRecord
         Doses of one or ``n`` participants.
@@ -244,7 +312,7 @@ def concentration(model, doses: DoseRecord, times) -> np.ndarray:
         vmax, km, v, ka, tlag, f = (np.broadcast_to(p, (n,)) for p in
                                     (model.vmax, model.km, model.v, model.ka, model.tlag, model.f))
         return pk_events.michaelis_menten_concentration(vmax, km, v, ka, tlag, f, doses, t)
-    if not isinstance(model, (OneCompartment, TwoCompartment)):
+    if not isinstance(model, (OneCompartment, TwoCompartment, ThreeCompartment)):
         raise ValueError(f"unsupported model type {type(model).__name__}")
     coef, rate = zip(*((np.broadcast_to(c, (n,)), np.broadcast_to(lam, (n,)))
                        for c, lam in model.disposition()))

@@ -565,6 +565,31 @@ class PopulationModel:
         return dataclasses.replace(self, **changes)
 
 
+def _unchecked_replace(model: PopulationModel, **changes: Any) -> PopulationModel:
+    """A copy with ``changes`` that skips ``__post_init__``'s validation (eigenvalues, symmetry, names).
+
+    Only for callers whose changes are valid by construction: the estimator's unconstrained
+    parameterization (log SDs or a Cholesky factor for ``omega``, log residual parameters) is
+    evaluated hundreds of times per fit, and re-validating every point cost a sixth of a fit. Arrays
+    are frozen as the validated constructor does; non-finite values still raise ``ValueError``.
+    """
+    out = object.__new__(PopulationModel)
+    for f in dataclasses.fields(PopulationModel):
+        value = changes.get(f.name, getattr(model, f.name))
+        if f.name in ("theta", "omega") and f.name in changes:
+            value = np.array(value, dtype=float)
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{f.name} must be finite")
+            if f.name == "omega" and value.size:
+                try:  # a Cholesky factor is cheaper than the eigenvalues and says the same
+                    np.linalg.cholesky(value)
+                except np.linalg.LinAlgError:
+                    raise ValueError("omega must be positive definite") from None
+            value.setflags(write=False)
+        object.__setattr__(out, f.name, value)
+    return out
+
+
 def typical_parameters(model: PopulationModel, data: ObservationData) -> np.ndarray:
     """Typical log-scale parameters of each subject (``theta`` plus covariate shifts).
 

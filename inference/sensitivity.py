@@ -1,4 +1,5 @@
-"""Global sensitivity analysis: Sobol indices of any vectorized model, and the TT-201 ranking.
+"""Global sensitivity analysis: Sobol indices of any vectorized model, and of a daily-regimen
+definition's drug effect over its variable parameters and adherence.
 
 Sampling (Sobol sequence, Saltelli scheme) and estimation are SALib's; this module adapts models.
 """
@@ -10,19 +11,22 @@ from typing import Callable, Sequence
 import numpy as np
 
 from inference.pk import DailyOneCompartmentOral
+from inference.regimen import with_derived
 
 __all__ = [
     "sobol_indices",
-    "TT201_FACTORS",
-    "tt201_week24_change",
-    "tt201_sensitivity",
+    "regimen_factors",
+    "regimen_drug_effect",
+    "regimen_sensitivity",
     "plot_sensitivity",
 ]
+#: z of the 5th and 95th percentiles: the factor ranges span the middle 90 % of the population prior
+_Z90 = 1.6448536269514722
 
 
 def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tuple[float, float]],
                   names: Sequence[str] | None = None, n_base: int = 2 ** 12, seed: int = 0,
-                  num_resamples: int = 100) -> list[dict]:
+                  num_resamples: int = 100, executor=None, chunk_size: int = 8192) -> list[dict]:
     """First-order and total Sobol indices of ``model`` over independent uniform inputs.
 
     Parameters
@@ -37,6 +41,17 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tu
         Base sample size, a power of 2; the model is evaluated ``n_base * (d + 2)`` times.
     seed : int
         Seed of the scrambled Sobol sequence and of the bootstrap confidence intervals.
+    num_resamples : int
+        Bootstrap resamples of the confidence intervals.
+    executor : optional
+        Where the model runs: None in this process, in one call; otherwise anything with
+        ``submit(fn, *args)`` (a ``dask.distributed.Client``, a ``concurrent.futures`` executor)
+        gets the sample in row chunks of ``chunk_size``. The indices are identical to the
+        in-process run when ``model`` treats rows independently (as a vectorized model does);
+        on a cluster of processes ``model`` must pickle (a module-level function, or a closure
+        that cloudpickle can send).
+    chunk_size : int
+        Rows per chunk sent to ``executor``.
 
     Returns
     -------
@@ -66,7 +81,13 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tu
         raise ValueError("n_base must be a power of 2")
     problem = {"num_vars": d, "names": names, "bounds": [list(b) for b in bounds]}
     x = sobol_sample.sample(problem, n_base, calc_second_order=False, seed=seed)
-    y = np.asarray(model(x), dtype=float)
+    if executor is None:
+        y = np.asarray(model(x), dtype=float)
+    else:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        futures = [executor.submit(model, x[i:i + chunk_size]) for i in range(0, x.shape[0], chunk_size)]
+        y = np.concatenate([np.atleast_1d(np.asarray(f.result(), dtype=float)) for f in futures])
     if y.shape != (x.shape[0],):
         raise ValueError(f"model must return shape ({x.shape[0]},), got {y.shape}")
     if not np.all(np.isfinite(y)):
@@ -78,60 +99,92 @@ def sobol_indices(model: Callable[[np.ndarray], np.ndarray], bounds: Sequence[tu
     return sorted(rows, key=lambda r: -r["ST"])
 
 
-#: inputs of the TT-201 week-24 HbA1c change and their ranges (about the 5th-95th percentiles
-#: of the population model in :mod:`inference.cohort`, adherence from 60 % to full)
-TT201_FACTORS = {
-    "cl_L_per_h": (2.5, 10.0),
-    "v_L": (30.0, 80.0),
-    "ka_per_h": (0.5, 2.0),
-    "ec50_mg_per_L": (0.2, 1.2),
-    "fpg_emax_mg_per_dL": (30.0, 65.0),
-    "hba1c_delay_days": (25.0, 60.0),
-    "adherence": (0.6, 1.0),
-}
-
-
-def tt201_week24_change(x: np.ndarray, dose_mg: float = 100.0, n_days: int = 168,
-                        tlag_h: float = 0.5, f: float = 0.8) -> np.ndarray:
-    """Drug effect on HbA1c (%, negative = improvement) after ``n_days`` of once-daily dosing.
-
-    Columns of ``x`` follow :data:`TT201_FACTORS`. Adherence scales the expected daily dose
-    (mean behaviour, no randomness), the daily average concentration drives an Emax reduction of
-    fasting glucose, converted to HbA1c by the ADAG slope 28.7 mg/dL per % with a first-order delay,
-    exactly as in :func:`inference.cohort.simulate_cohort` (natural drift excluded).
+def regimen_factors(model, adherence: tuple[float, float] = (0.6, 1.0)) -> dict[str, tuple[float, float]]:
+    """Inputs of :func:`regimen_drug_effect` and their ranges: every parameter with inter-individual
+    variability over the middle 90 % of its population distribution (natural scale, typical covariates),
+    and ``adherence`` (share of doses taken).
 
     Examples
     --------
-    >>> x = np.array([[5.0, 50.0, 1.0, 0.5, 45.0, 40.0, 1.0]])
-    >>> float(np.round(tt201_week24_change(x), 2)[0])
+    >>> from inference.model_definition import example_regimen
+    >>> f = regimen_factors(example_regimen())
+    >>> [round(x, 2) for x in f["CL"]], f["adherence"]
+    ([3.05, 8.19], (0.6, 1.0))
+    """
+    pop = model.population
+    theta, sd = np.asarray(pop.theta, dtype=float), pop.omega_sd
+    scales = {name: scale for name, scale, _ in model.parameters}
+    out = {}
+    for name, j, s in zip(pop.random_effects, pop.random_index, sd):
+        lo, hi = theta[j] - _Z90 * s, theta[j] + _Z90 * s
+        out[name] = (float(np.exp(lo)), float(np.exp(hi))) if scales[name] == "log" else (float(lo), float(hi))
+    out["adherence"] = (float(adherence[0]), float(adherence[1]))
+    return out
+
+
+def regimen_drug_effect(model, x: np.ndarray, names: Sequence[str], dose: float, n_days: int = 168) -> np.ndarray:
+    """Drug effect on the disease output (or, without a disease model, on the PD output) after ``n_days``
+    of once-daily ``dose``: the model's biomarker pathway with natural drift excluded.
+
+    Columns of ``x`` are natural values of the parameters ``names`` (others stay typical, derived ones
+    follow), ``"adherence"`` scales the expected daily dose (mean behaviour, no randomness). The daily
+    average concentration drives the Emax activity, followed with the disease model's first-order onset,
+    exactly as in :func:`inference.cohort.simulate_cohort`.
+
+    Examples
+    --------
+    >>> from inference.model_definition import example_regimen
+    >>> m = example_regimen()
+    >>> x = np.array([[5.0, 50.0, 1.0, 45.0, 0.5, 1.0]])
+    >>> float(np.round(regimen_drug_effect(m, x, ["CL", "V", "KA", "EMAX", "EC50", "adherence"], 100.0), 2)[0])
     -0.88
     """
     x = np.asarray(x, dtype=float)
-    if x.ndim != 2 or x.shape[1] != len(TT201_FACTORS):
-        raise ValueError(f"x must have shape (N, {len(TT201_FACTORS)})")
-    cl, v, ka, ec50, emax_fpg, delay, adherence = x.T
-    pk = DailyOneCompartmentOral(cl=cl, v=v, ka=ka, tlag=tlag_h, f=f)
-    state = pk.start(x.shape[0])
-    dose = dose_mg * adherence
-    a = 1.0 - np.exp(-1.0 / delay)
-    offset = np.zeros(x.shape[0])
+    names = list(names)
+    if x.ndim != 2 or x.shape[1] != len(names):
+        raise ValueError(f"x must have shape (N, {len(names)})")
+    n = x.shape[0]
+    typical = model.named(np.asarray(model.population.theta, dtype=float)[None, :])
+    declared = {p["name"] for p in model.definition.document["parameters"]}
+    values = {k: np.repeat(v, n) for k, v in typical.items() if k in declared}
+    adherence = np.ones(n)
+    for j, name in enumerate(names):
+        if name == "adherence":
+            adherence = x[:, j]
+        elif name in declared:
+            values[name] = x[:, j]
+        else:
+            raise ValueError(f"unknown factor {name!r}")
+    p = model.roles(with_derived(model.definition.document, values), n)
+    pk = DailyOneCompartmentOral(cl=p["cl"], v=p["v"], ka=p["ka"], tlag=p["tlag"], f=p["f"])
+    state = pk.start(n)
+    daily = dose * adherence
+    a = 1.0 - np.exp(-p["k_onset"]) if "k_onset" in p else 1.0
+    offset = np.zeros(n)
     for _ in range(n_days):
-        state, c = pk.step(state, dose)
-        offset += a * (c / (ec50 + c) - offset)
-    return -emax_fpg / 28.7 * offset
+        state, c = pk.step(state, daily)
+        offset += a * (c / (p["ec50"] + c) - offset)
+    effect = p["sign"] * p["emax"]
+    if "base" not in p:
+        return effect * offset  # no disease model: no onset (a = 1), the last day's activity
+    return p["effscale"] * effect * offset
 
 
-def tt201_sensitivity(n_base: int = 2 ** 12, seed: int = 0, dose_mg: float = 100.0) -> list[dict]:
-    """Ranked Sobol table of the TT-201 week-24 HbA1c drug effect over :data:`TT201_FACTORS`.
+def regimen_sensitivity(model, dose: float, n_days: int = 168, n_base: int = 2 ** 12, seed: int = 0) -> list[dict]:
+    """Ranked Sobol table of a daily-regimen model's drug effect over :func:`regimen_factors`.
 
     Examples
     --------
-    >>> rows = tt201_sensitivity(n_base=2 ** 8)
-    >>> sorted(r["name"] for r in rows) == sorted(TT201_FACTORS)
+    >>> from inference.model_definition import example_regimen
+    >>> m = example_regimen()
+    >>> rows = regimen_sensitivity(m, 100.0, n_base=2 ** 8)
+    >>> sorted(r["name"] for r in rows) == sorted(regimen_factors(m))
     True
     """
-    return sobol_indices(lambda x: tt201_week24_change(x, dose_mg=dose_mg),
-                         list(TT201_FACTORS.values()), list(TT201_FACTORS), n_base=n_base, seed=seed)
+    factors = regimen_factors(model)
+    names = list(factors)
+    return sobol_indices(lambda x: regimen_drug_effect(model, x, names, dose, n_days), list(factors.values()), names,
+                         n_base=n_base, seed=seed)
 
 
 def plot_sensitivity(rows: Sequence[dict], path, title: str = "Sobol indices") -> str:

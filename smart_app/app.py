@@ -19,6 +19,7 @@ from .clinician import (FhirApi, FhirCallError, Problem, latest_risk, load_cohor
                         parse_forecast, problem, simulate_parameters, status_words)
 from .jwks import persistent_secret
 from .plots import cohort_panels, enrollment_panel, forecast_panels
+from .schedule_views import load_proposed_visits, load_study_schedule
 from .study_results import MAX_TARGET, load_effect_reports, load_enrollment
 from .study_safety import load_safety, load_strata
 
@@ -244,9 +245,11 @@ def patient_view(patient_id):
     risk = latest_risk(api, patient_id, problems)
     tasks = outreach_tasks(api, patient_id, problems)
     notice = NOTICES.get(request.args.get("notice", ""))
+    proposed, proposed_message = load_proposed_visits(api, patient_id)
     return render_template("app/patient.html", who=who, panels=panels, baseline=baseline, scenario=scenario,
                            scenario_args=scenario_args, horizon=horizon, risk=risk, tasks=tasks, problems=problems,
-                           errors=errors, form=request.args, grant=grant, csrf=_csrf(), notice=notice)
+                           errors=errors, form=request.args, grant=grant, csrf=_csrf(), notice=notice,
+                           proposed=proposed, proposed_message=proposed_message)
 
 
 @bp.post("/patient/<patient_id>/predict-dropout")
@@ -283,11 +286,12 @@ def study_view(study_id):
     cohort = load_cohort(api, study_id, problems, threshold=current_app.config["RISK_THRESHOLD"])
     enrollment = None if errors else load_enrollment(api, study_id, cohort.study, cohort.subjects, target, problems)
     reports = load_effect_reports(api, study_id, problems)
+    schedule = load_study_schedule(api, study_id)
     strata, safety = load_strata(api, study_id, problems), load_safety(api, study_id, problems)
     return render_template("app/study.html", cohort=cohort, panels=cohort_panels(cohort), problems=problems,
                            grant=grant, errors=errors, form=request.args, enrollment=enrollment,
                            enrollment_svg=enrollment_panel(enrollment) if enrollment and enrollment.forecast else None,
-                           reports=reports, strata=strata, safety=safety)
+                           reports=reports, schedule=schedule, strata=strata, safety=safety)
 
 
 def calendar_date(value) -> str:

@@ -40,6 +40,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hapi-url", default=os.environ.get("TRIALTWIN_HAPI_URL"),
                         help="FHIR base of the HAPI server for --store hapi, e.g. http://127.0.0.1:8090/fhir "
                              "(default $TRIALTWIN_HAPI_URL)")
+    parser.add_argument("--dask-scheduler", default=os.environ.get("TRIALTWIN_DASK_SCHEDULER"), metavar="ADDRESS",
+                        help="run cohort and study simulations on an existing Dask cluster, e.g. "
+                             "tcp://10.0.0.5:8786 (default $TRIALTWIN_DASK_SCHEDULER; none: in this process)")
     security = parser.add_argument_group("SMART authorization server (see docs/smart.md, 'Deploying safely')")
     security.add_argument("--registration-token", default=os.environ.get("TRIALTWIN_REGISTRATION_TOKEN"),
                           help="initial access token (RFC 7591 §3) that opens POST /auth/register (default "
@@ -213,6 +216,12 @@ def build_config(args: argparse.Namespace) -> dict:
             raise FhirError("--store hapi needs --hapi-url (or TRIALTWIN_HAPI_URL), the HAPI server's FHIR base",
                             status=400, code="required", error_id="missing-hapi-url")
         config["STORE"] = open_hapi_store(args.hapi_url.rstrip("/"))
+    if getattr(args, "dask_scheduler", None):
+        from fhir_ops import executor
+
+        # one client for the whole process, connected (or refused) before the port is announced
+        config["DASK_SCHEDULER"] = args.dask_scheduler
+        config["EXECUTOR"] = executor.connect(args.dask_scheduler)
     try:
         from smart_app.app import registration
     except ImportError:
@@ -247,10 +256,15 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
 
 def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple[str, str]] = ()) -> int:
     """Compose the WSGI app, print the URLs and serve with waitress until interrupted."""
+    from fhir_ops import executor
     from fhir_ops.wsgi import create_wsgi
 
-    wsgi = create_wsgi(config)
-    server = listen(wsgi, args)
+    try:
+        wsgi = create_wsgi(config)
+        server = listen(wsgi, args)
+    except BaseException:
+        executor.close(config.get("EXECUTOR"))
+        raise
     mode = config.get("AUTH_MODE", "smart")
     print(f"TrialTwin is running (authorization: {mode}"
           f"{'; FHIR requests need a SMART access token' if mode == 'smart' else '; loopback only'}):")
@@ -259,11 +273,13 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
               "dr.okafor, password 'trialtwin'. Never use them on a server others can reach.")
     for label, url in [*urls(args, wsgi), *extra_urls]:
         print(f"  {label:36s} {url}")
+    print(f"  {'cohort simulations run':36s} {executor.describe(config.get('EXECUTOR'))}")
     print("Press Ctrl+C to stop.", flush=True)
     try:
         server.run()
     finally:
         server.close()
+        executor.close(config.get("EXECUTOR"))
     return 0
 
 

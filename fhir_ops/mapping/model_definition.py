@@ -9,8 +9,11 @@ canonical resource, and HAPI and cloud FHIR servers store and search it without 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -105,10 +108,35 @@ def _json_attachment(library: dict, what: str) -> Any:
                         expression=["Library.content"])
 
 
+#: compiled definitions by their content (a JSON schema check and compile cost milliseconds, and every twin
+#: operation reads its study's definition); the compiled model is immutable, so sharing it is safe
+_COMPILED: "OrderedDict[tuple, md.ModelDefinition]" = OrderedDict()
+_COMPILED_MAX = 32
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compiled(library: dict, what: str) -> md.ModelDefinition:
+    datas = tuple(att.get("data", "") for att in library.get("content") or []
+                  if att.get("contentType", "").split(";")[0].strip() == JSON_TYPE)
+    key = (hashlib.sha256("\n".join(datas).encode("utf-8")).hexdigest(),) if datas else None
+    with _COMPILED_LOCK:
+        model = _COMPILED.get(key) if key else None
+        if model is not None:
+            _COMPILED.move_to_end(key)
+            return model
+    model = compile_definition(_json_attachment(library, what), f"the model definition in {what}")
+    if key:
+        with _COMPILED_LOCK:
+            _COMPILED[key] = model
+            while len(_COMPILED) > _COMPILED_MAX:
+                _COMPILED.popitem(last=False)
+    return model
+
+
 def definition_of_library(library: dict) -> md.ModelDefinition:
     """Compile the definition a Library carries; its url and version must be the document's."""
     what = f"Library/{library.get('id', '?')}"
-    model = compile_definition(_json_attachment(library, what), f"the model definition in {what}")
+    model = _compiled(library, what)
     if library.get("url") != model.url or library.get("version") != model.version:
         raise Unprocessable(f"{what}: url|version {library.get('url')}|{library.get('version')} differ from the "
                             f"definition's {model.canonical}", error_id="invalid-model-definition",

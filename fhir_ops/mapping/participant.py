@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from typing import Sequence
 
 import numpy as np
 
@@ -147,9 +148,9 @@ def _convert(value: float, unit: str, canonical: str, where: str, molar_mass: fl
                             error_id="incompatible-unit") from exc
 
 
-def _measurement(observation: dict) -> str | None:
+def _measurement(observation: dict, by_code: dict = _BY_CODE) -> str | None:
     for coding in observation.get("code", {}).get("coding", []):
-        name = _BY_CODE.get((coding.get("system"), coding.get("code")))
+        name = by_code.get((coding.get("system"), coding.get("code")))
         if name:
             return name
     return None
@@ -171,8 +172,12 @@ SIMULATED_TAG = {"system": "https://trialtwin.org/fhir/CodeSystem/trialtwin", "c
 _SIMULATED_TAG_TOKEN = f"{SIMULATED_TAG['system']}|{SIMULATED_TAG['code']}"
 
 
-def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
+def load_participant(store: Store, patient_id: str,
+                     extra_codes: Sequence[tuple[str, str, str, str]] = ()) -> ParticipantRecord:
     """Read a participant's covariates, dosing, observations, visits and adverse events.
+
+    ``extra_codes`` adds measurements this table does not know, as ``(series name, system, code,
+    canonical UCUM unit)``: a model definition's outputs (``fhir_ops.mapping.twin``).
 
     Raises
     ------
@@ -226,15 +231,20 @@ def load_participant(store: Store, patient_id: str) -> ParticipantRecord:
 
     raw: dict[str, list[tuple[float, float, str]]] = {}
     units: dict[str, str] = {}
+    canonical_units = {name: unit for name, (_, _, unit) in MEASUREMENTS.items()}
+    by_code = dict(_BY_CODE)
+    for name, system, code, unit in extra_codes:
+        by_code.setdefault((system, code), name)
+        canonical_units.setdefault(name, unit)
     for obs in observations:
-        name = _measurement(obs)
+        name = _measurement(obs, by_code)
         when = _effective(obs)
         qty = obs.get("valueQuantity")
         if name is None or when is None or qty is None or "value" not in qty:
             continue
         if obs.get("status") in ("entered-in-error", "cancelled", "preliminary"):
             continue  # preliminary = our own simulated forecasts, never data
-        canonical = MEASUREMENTS[name][2]
+        canonical = canonical_units[name]
         value = _convert(float(qty["value"]), qty.get("code") or qty.get("unit") or canonical, canonical,
                          f"Observation/{obs['id']}", MOLAR_MASS.get(name))
         raw.setdefault(name, []).append((hours(when), value, versioned(obs)))

@@ -19,6 +19,8 @@ MODULES = [
     "fhir_ops.operations.fit_population",  # $fit-population: ResearchStudy, Group instance (FOCEI fit of the study's model)
     "fhir_ops.operations.estimate_effect",  # $estimate-effect: ResearchStudy instance (PROCOVA, external and hybrid controls)
     "fhir_ops.operations.forecast_enrollment",  # $forecast-enrollment: ResearchStudy instance (Poisson-gamma recruitment)
+    "fhir_ops.operations.optimize_schedule",  # $optimize-schedule: Patient, ResearchStudy instance (visit days and modality)
+    "fhir_ops.operations.verify_audit",  # $verify-audit: system level (the audit trail's hash chain)
     "fhir_ops.operations.stratify",  # $stratify: ResearchStudy, Group instance (responder strata from twins, stored as Groups)
     "fhir_ops.operations.safety_signal",  # $safety-signal: ResearchStudy instance (Bayesian AE monitoring, exposure-response forecast)
 ]

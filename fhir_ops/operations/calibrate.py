@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fhir_ops.errors import FhirError
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.operations import twin_common as common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
@@ -16,14 +15,11 @@ ACTIVITY = "$calibrate"
 
 @operation("OperationDefinition-calibrate.json", writes=Writes(("Basic", "Provenance")))
 def handle(ctx: OperationContext, params: dict) -> dict:
-    defined = common.defined_twin(ctx.store, ctx.resource_id)
-    if defined is not None:
-        return _calibrate_defined(defined)
-    try:
-        with common.participant_lock(ctx.resource_id):
-            return _calibrate(ctx, params)
-    except FhirError as exc:
-        raise common.without_model_error(ctx.store, ctx.resource_id, exc) from None
+    sm = common.participant_model(ctx.store, ctx.resource_id)
+    if sm.regimen is None:
+        return _calibrate_defined(common.defined_twin(ctx.store, ctx.resource_id, sm))
+    with common.participant_lock(ctx.resource_id):
+        return _calibrate(ctx, params, sm)
 
 
 def _calibrate_defined(pt: common.DefinedTwin, level: float = 0.9) -> dict:
@@ -49,16 +45,18 @@ def _calibrate_defined(pt: common.DefinedTwin, level: float = 0.9) -> dict:
     return out
 
 
-def _calibrate(ctx: OperationContext, params: dict) -> dict:
+def _calibrate(ctx: OperationContext, params: dict, sm: common.StudyModel) -> dict:
     store = ctx.store
-    pt = common.participant_twin(store, ctx.resource_id, force=bool(params.get("force", False)))
+    pt = common.participant_twin(store, ctx.resource_id, sm, force=bool(params.get("force", False)))
     out = {
         "changed": not pt.reused,
         "observationsUsed": pt.data.n_observations,
         "newObservations": pt.new_observations,
-        "parameter": twin_fhir.parameter_parameters(pt.posterior),
-        "modelVersion": twin_fhir.model_version(),
+        "parameter": twin_fhir.parameter_parameters(pt.posterior, pt.model),
+        "modelVersion": twin_fhir.model_version(pt.model),
     }
+    if sm.estimate:
+        out["populationEstimate"] = {"reference": sm.estimate}
     if pt.reused:
         out["twinState"] = {"reference": pt.stored.ref}
         return out

@@ -64,6 +64,9 @@ class Operation:
     handler: Callable[["OperationContext", dict], Any]
     async_allowed: bool = False
     writes: Writes | None = None
+    #: why the operation reads other participants' data even on one Patient (None: it does not); the
+    #: scope check then refuses patient-limited tokens (fhir_ops.auth.check_operation)
+    cross_patient: str | None = None
 
     @property
     def name(self) -> str:
@@ -132,7 +135,8 @@ _LOCK = threading.Lock()
 _loaded = False
 
 
-def operation(definition: str | Mapping, *, async_allowed: bool = False, writes: Writes | None = None):
+def operation(definition: str | Mapping, *, async_allowed: bool = False, writes: Writes | None = None,
+              cross_patient: str | None = None):
     """Declare an operation: decorate its handler with its OperationDefinition.
 
     Parameters
@@ -148,6 +152,9 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False, writes:
         has ``affectsState: false`` but that writes when asked (``$simulate`` with ``persist``)
         answers GET only while the call does not write; scope checks require ``c``/``u`` on
         ``writes.types`` exactly when the call writes.
+    cross_patient : str, optional
+        Why the operation, even on one Patient, reads other participants' data (``$optimize-schedule``
+        weighs the site's capacity against their appointments); a patient-limited token is then refused.
 
     Returns
     -------
@@ -165,7 +172,7 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False, writes:
 
     def register(handler):
         op = Operation(code=resolved["code"], definition=resolved, handler=handler, async_allowed=async_allowed,
-                       writes=writes)
+                       writes=writes, cross_patient=cross_patient)
         with _LOCK:
             existing = _REGISTRY.get(op.code)
             if existing is not None and existing.handler is not handler:

@@ -1,11 +1,15 @@
 """``$simulate`` on a Patient (calibrated twin forecast, optionally persisted with Provenance), a Group
 or a ResearchStudy (one vectorized cohort simulation summarized per arm; may run asynchronously).
+
+The model is the study's definition: outputs, units, parameters, arms' doses and the virtual
+population come from it; arms from ``ResearchStudy.arm`` and ``ResearchSubject.assignedArm``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from fhir_ops.errors import FhirError, InvalidRequest, NotFound, Unprocessable
+from fhir_ops import executor
+from fhir_ops.errors import InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.participant import load_participant
 from fhir_ops.operations import twin_common as common
@@ -18,7 +22,6 @@ ACTIVITY = "$simulate"
 MAX_OUTPUT_TIMES = 1000
 #: participants in one Group/ResearchStudy simulation
 MAX_PARTICIPANTS = 100_000
-TT201_ARMS = ("placebo", "50 mg", "100 mg")
 
 
 @operation("OperationDefinition-simulate.json", async_allowed=True,
@@ -28,27 +31,26 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         if params.get("memberOutputs"):
             raise InvalidRequest("Parameter 'memberOutputs' applies to Group and ResearchStudy, not Patient",
                                  error_id="parameter-not-applicable")
-        # a participant of a study with a model definition gets that model's twin; others the built-in one
-        defined = common.defined_twin(ctx.store, ctx.resource_id)
-        if defined is not None:
-            return _simulate_defined(ctx, params, defined)
-        common_checks = _scenario_params(params)
-        try:
-            if params.get("persist"):
-                with common.participant_lock(ctx.resource_id):
-                    return _simulate_patient(ctx, params, common_checks)
-            return _simulate_patient(ctx, params, common_checks)
-        except FhirError as exc:
-            raise common.without_model_error(ctx.store, ctx.resource_id, exc) from None
-    common_checks = _scenario_params(params)
+        if params.get("virtualParticipants") is not None:
+            raise InvalidRequest("Parameter 'virtualParticipants' applies to ResearchStudy, not Patient",
+                                 error_id="parameter-not-applicable")
+        sm = common.participant_model(ctx.store, ctx.resource_id)
+        if sm.regimen is None:
+            return _simulate_defined(ctx, params, common.defined_twin(ctx.store, ctx.resource_id, sm))
+        checks = _scenario_params(params, sm.regimen.outputs, sm.regimen.horizon_limit_days,
+                                  twin_fhir.model_version(sm.regimen))
+        if params.get("persist"):
+            with common.participant_lock(ctx.resource_id):
+                return _simulate_patient(ctx, params, checks, sm)
+        return _simulate_patient(ctx, params, checks, sm)
     if params.get("persist"):
         raise InvalidRequest(f"Parameter 'persist' applies to Patient only; a {ctx.resource_type} simulation "
                              "returns its summaries without storing resources", error_id="parameter-not-applicable")
-    return _simulate_cohort(ctx, params, common_checks)
+    return _simulate_cohort(ctx, params)
 
 
-def _scenario_params(params: dict, known_outputs: tuple[str, ...] = twin.OUTPUTS) -> dict:
-    days = common.horizon(params)
+def _scenario_params(params: dict, known_outputs: tuple[str, ...], limit_days: int, model_name: str) -> dict:
+    days = common.horizon(params, limit_days, model_name)
     step = int(common.number(params, "stepHours", 24, 1, 168))
     n_times = int(24 * days // step) + 1
     if n_times > MAX_OUTPUT_TIMES:
@@ -78,24 +80,27 @@ def _scenario_params(params: dict, known_outputs: tuple[str, ...] = twin.OUTPUTS
 
 # -------------------------------------------------------------------------------------- Patient
 
-def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
+def _simulate_patient(ctx: OperationContext, params: dict, s: dict, sm: common.StudyModel) -> dict:
     store = ctx.store
-    pt = common.participant_twin(store, ctx.resource_id)
+    pt = common.participant_twin(store, ctx.resource_id, sm)
+    model = pt.model
     start_h, start = twin_fhir.forecast_start(pt.record)
+    dose = twin_fhir.current_dose(pt.record, model) if s["dose"] is None else s["dose"] * twin_fhir.dose_factor(model)
     scenario = twin.TwinScenario(
-        dose_mg=twin_fhir.current_dose(pt.record) if s["dose"] is None else s["dose"], start_h=start_h,
-        interval_h=s["interval"], horizon_days=s["horizon_days"], missed_dose_days=s["missed"],
-        adherence=s["adherence"])
-    fc = twin.forecast(pt.posterior, scenario, twin_fhir.forecast_times(s["horizon_days"], s["step_hours"]),
+        dose=dose, start_h=start_h, interval_h=s["interval"], horizon_days=s["horizon_days"],
+        missed_dose_days=s["missed"], adherence=s["adherence"])
+    fc = twin.forecast(model, pt.posterior, scenario, twin_fhir.forecast_times(s["horizon_days"], s["step_hours"]),
                        samples=s["samples"], seed=s["seed"], level=s["level"], outputs=s["outputs"])
     out = {
-        "forecast": twin_fhir.forecast_parameters(fc, start),
-        "observed": twin_fhir.observed_parameters(pt.record, s["outputs"]),
-        "summary": twin_fhir.summary_parameters(fc) + [
-            {"name": "dose", "value": scenario.dose_mg, "unit": "mg"},
+        "forecast": twin_fhir.forecast_parameters(fc, start, model),
+        "observed": twin_fhir.observed_parameters(pt.record, s["outputs"], model),
+        "summary": twin_fhir.summary_parameters(fc, model) + [
+            {"name": "dose", "value": scenario.dose, "unit": model.dose_unit},
             {"name": "twin-reused", "value": 1 if pt.reused else 0}],
-        "modelVersion": twin_fhir.model_version(),
+        "modelVersion": twin_fhir.model_version(model),
     }
+    if sm.estimate:
+        out["populationEstimate"] = {"reference": sm.estimate}
     if pt.reused:
         out["twinState"] = {"reference": pt.stored.ref}
     if not pt.posterior.converged:
@@ -113,7 +118,7 @@ def _simulate_patient(ctx: OperationContext, params: dict, s: dict) -> dict:
             entry, state_ref = common.state_entry(pt, now)
             entries.append(entry)
             targets.append(state_ref)
-        observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, state_ref, now)
+        observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, state_ref, now, model)
         entries += [put_entry(o) for o in observations]
         obs_refs = [f"Observation/{o['id']}/_history/1" for o in observations]
         provenance = common.commit(store, entries, targets + obs_refs, inputs, pt.device, ctx.headers, ACTIVITY,
@@ -130,7 +135,8 @@ def _simulate_defined(ctx: OperationContext, params: dict, pt: common.DefinedTwi
     from inference import model_definition as md
 
     model = pt.model
-    s = _scenario_params(params, model.output_names)
+    s = _scenario_params(params, model.output_names, int(model.document.get("horizonLimitDays", 365)),
+                         model.canonical)
     if params.get("persist"):
         raise InvalidRequest("persist=true is not yet supported for twins of a model definition: the forecast is "
                              "returned without storing it", error_id="parameter-not-supported")
@@ -199,24 +205,38 @@ def _agent_default():
 
 # ------------------------------------------------------------------------------ Group, ResearchStudy
 
-def _simulate_cohort(ctx: OperationContext, params: dict, s: dict) -> dict:
+def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
     store = ctx.store
     warnings: list[str] = []
+    if ctx.resource_type == "Group":
+        if params.get("virtualParticipants") is not None:
+            raise InvalidRequest("Parameter 'virtualParticipants' applies to ResearchStudy; a Group of virtual "
+                                 "participants says how many with Group.actual=false and Group.quantity",
+                                 error_id="parameter-not-applicable")
+        sm, arms, member_arm, records, subjects = _group_members(ctx, store, warnings)
+    elif ctx.resource_type == "ResearchStudy" and params.get("virtualParticipants") is not None:
+        sm, arms, member_arm, records, subjects = _study_virtual(ctx, store, params)
+    elif ctx.resource_type == "ResearchStudy":
+        sm, arms, member_arm, records, subjects = _study_members(ctx, store, warnings)
+    else:  # the registry only routes the definition's resource types here
+        raise InvalidRequest(f"$simulate does not apply to {ctx.resource_type}", error_id="operation-not-supported-here")
+    model = sm.regimen
+    s = _scenario_params(params, model.outputs, model.horizon_limit_days, twin_fhir.model_version(model))
     if s["adherence"] != 1.0 or s["missed"] or params.get("intervalHours") is not None:
         warnings.append("adherence, missedDoseDay and intervalHours shape Patient forecasts; cohort simulations "
                         "dose once daily with the behaviour model's adherence")
-    if ctx.resource_type == "Group":
-        arms, member_arm, covariates, subjects = _group_members(ctx, store, warnings)
-    elif ctx.resource_type == "ResearchStudy":
-        arms, member_arm, covariates, subjects = _study_members(ctx, store, warnings)
-    else:  # the registry only routes the definition's resource types here
-        raise InvalidRequest(f"$simulate does not apply to {ctx.resource_type}", error_id="operation-not-supported-here")
+    covariates = twin_fhir.member_covariates(records, model) if records is not None else None
     doses = []
-    for arm in arms:
-        dose = s["dose"] if s["dose"] is not None else twin_fhir.arm_dose(arm)
+    used = set(np.unique(member_arm).tolist())
+    for a, arm in enumerate(arms):
+        if a not in used:  # an arm nobody is in (e.g. listed by the study, not yet randomized to)
+            doses.append(0.0)
+            continue
+        dose = s["dose"] * twin_fhir.dose_factor(model) if s["dose"] is not None else _arm_dose(sm, arm)
         if dose is None:
-            raise Unprocessable(f"Arm {arm!r} does not state a dose in mg (e.g. '50 mg' or 'placebo'); "
-                                "give the scenario dose with the 'dose' parameter", error_id="arm-without-dose")
+            raise Unprocessable(f"Arm {arm!r} has no dose: {model.canonical} lists no arm of that name and the "
+                                "study's arm does not state one in mg (e.g. '50 mg' or 'placebo'); give the "
+                                "scenario dose with the 'dose' parameter", error_id="arm-without-dose")
         doses.append(dose)
     ctx.progress(0.5 if ctx.resource_type == "ResearchStudy" or covariates is not None else 0.0,
                  f"simulating {len(member_arm)} participants")
@@ -226,26 +246,57 @@ def _simulate_cohort(ctx: OperationContext, params: dict, s: dict) -> dict:
         ctx.progress(base + (1.0 - base) * done / total, f"simulated {done}/{total} chunks")
         return not ctx.cancelled()
 
-    result = twin.simulate_population(doses, member_arm, horizon_days=s["horizon_days"], covariates=covariates,
+    result = twin.simulate_population(model, doses, member_arm, horizon_days=s["horizon_days"], covariates=covariates,
                                       seed=s["seed"], level=s["level"], step_days=max(1, s["step_hours"] // 24),
-                                      arm_names=arms, on_chunk=on_chunk)
-    out = {"armSummary": twin_fhir.arm_summary_parameters(result),
+                                      arm_names=arms, on_chunk=on_chunk, executor=executor.get_executor())
+    out = {"armSummary": twin_fhir.arm_summary_parameters(result, model),
            "summary": [{"name": "participants", "value": int(sum(result.participants))},
                        {"name": "arms", "value": len([n for n in result.participants if n])}],
-           "modelVersion": twin_fhir.model_version()}
+           "modelVersion": twin_fhir.model_version(model)}
+    if sm.estimate:
+        out["populationEstimate"] = {"reference": sm.estimate}
+    # the change over the horizon of the disease marker (else of the last output), per arm
+    marker = model.output_of("disease") or model.outputs[-1]
     for a, arm in enumerate(arms):
         if result.participants[a]:
-            end = result.median[a]["hba1c"][-1] - result.median[a]["hba1c"][0]
-            out["summary"].append({"name": f"hba1c-change-median:{arm.replace(' ', '')}", "value": round(float(end), 6),
-                                   "unit": "%"})
+            end = result.median[a][marker][-1] - result.median[a][marker][0]
+            out["summary"].append({"name": f"{marker}-change-median:{arm.replace(' ', '')}",
+                                   "value": round(float(end), 6), "unit": model.output_units[marker]})
     if params.get("memberOutputs"):
-        out["member"] = twin_fhir.member_parameters(result, subjects)
+        out["member"] = twin_fhir.member_parameters(result, subjects, model)
     if not result.completed:
         warnings.append("the simulation was cancelled before all participants were simulated")
     if warnings:
         out["information"] = {"resourceType": "OperationOutcome", "issue": [
             {"severity": "warning", "code": "informational", "diagnostics": w} for w in warnings]}
     return out
+
+
+
+
+def _arm_dose(sm: common.StudyModel, arm: str) -> float | None:
+    """An arm's daily dose in the model's dose unit: the definition's arm of that name, else what the
+    study's arm (name, then description) states in mg."""
+    model = sm.regimen
+    if arm in model.arms:
+        return model.arms[arm]
+    for study_arm in sm.study.get("arm", []):
+        if study_arm.get("name") == arm:
+            for text in (arm, study_arm.get("description") or ""):
+                mg = twin_fhir.arm_dose(text)
+                if mg is not None:
+                    return mg * twin_fhir.dose_factor(model)
+    mg = twin_fhir.arm_dose(arm)
+    return None if mg is None else mg * twin_fhir.dose_factor(model)
+
+
+def _cohort_model(sm: common.StudyModel, what: str) -> common.StudyModel:
+    if sm.regimen is None:
+        raise Unprocessable(f"{what}: the model of ResearchStudy/{sm.study.get('id')}, {sm.definition.canonical}, is "
+                            "simulated per participant (Patient/{id}/$simulate); cohort simulation needs a "
+                            "daily-regimen definition (pd.exposure 'daily-average')",
+                            error_id="model-without-cohort-simulation")
+    return sm
 
 
 def _load_members(ctx: OperationContext, store, patient_ids: list[str], warnings: list[str]):
@@ -262,6 +313,29 @@ def _load_members(ctx: OperationContext, store, patient_ids: list[str], warnings
     return records
 
 
+def _group_study(ctx: OperationContext, store, group: dict, patient_ids: list[str]) -> dict:
+    """The ResearchStudy a Group is simulated under: its ``research-study`` characteristic, else the study
+    of its first member; 422 when it has neither."""
+    ref = twin_fhir.group_study(group)
+    if ref:
+        kind, _, rid = ref.partition("/")
+        if kind != "ResearchStudy" or not rid:
+            raise Unprocessable(f"Group/{ctx.resource_id}: its research-study characteristic refers to {ref!r}, not a "
+                                "ResearchStudy", error_id="group-without-study")
+        try:
+            return store.read("ResearchStudy", rid)
+        except NotFound:
+            raise Unprocessable(f"Group/{ctx.resource_id} names {ref}, which does not exist",
+                                error_id="group-without-study") from None
+    for pid in patient_ids[:1]:
+        study = common.study_of_patient(store, pid)
+        if study is not None:
+            return study
+    raise Unprocessable(f"Group/{ctx.resource_id} names no ResearchStudy (a characteristic coded "
+                        f"{twin_fhir.TRIALTWIN_CS}|{twin_fhir.STUDY_CHARACTERISTIC} with valueReference) and has no "
+                        "member enrolled in one: its twin model is unknown", error_id="group-without-study")
+
+
 def _group_members(ctx: OperationContext, store, warnings: list[str]):
     group = store.read("Group", ctx.resource_id)
     arm = twin_fhir.group_arm(group)
@@ -273,9 +347,13 @@ def _group_members(ctx: OperationContext, store, warnings: list[str]):
         if quantity > MAX_PARTICIPANTS:
             raise Unprocessable(f"Group/{ctx.resource_id} asks for {quantity} participants; at most "
                                 f"{MAX_PARTICIPANTS} are simulated in one call", error_id="too-many-participants")
-        arms = (arm,) if arm else TT201_ARMS
+        sm = _cohort_model(common.study_model_of(store, _group_study(ctx, store, group, [])), f"Group/{ctx.resource_id}")
+        if sm.regimen.covariate_model is None:
+            raise Unprocessable(f"Group/{ctx.resource_id} asks for virtual participants, but {sm.definition.canonical} "
+                                "has no virtualPopulation to draw them from", error_id="model-without-virtual-population")
+        arms = (arm,) if arm else _study_arm_names(sm)
         # virtual participants are randomized 1:1:... in order, as a block randomization would
-        return arms, np.arange(quantity) % len(arms), None, [None] * quantity
+        return sm, arms, np.arange(quantity) % len(arms), None, [None] * quantity
     references = [m.get("entity", {}).get("reference", "") for m in group.get("member", [])
                   if not m.get("inactive", False)]
     patient_ids = []
@@ -288,17 +366,43 @@ def _group_members(ctx: OperationContext, store, warnings: list[str]):
             patient_ids.append(subject.get("individual", {}).get("reference", "").partition("/")[2])
         else:
             warnings.append(f"member {ref!r} skipped: only Patient and ResearchSubject members are simulated")
-    records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
-    return _arms_of(records, arm, warnings, f"Group/{ctx.resource_id}")
+    patient_ids = [p for p in patient_ids if p]
+    sm = _cohort_model(common.study_model_of(store, _group_study(ctx, store, group, patient_ids)),
+                       f"Group/{ctx.resource_id}")
+    records = _load_members(ctx, store, patient_ids, warnings)
+    return (sm,) + _arms_of(records, arm, warnings, f"Group/{ctx.resource_id}")
+
+
+def _study_arm_names(sm: common.StudyModel) -> tuple[str, ...]:
+    """The arms of the study (``ResearchStudy.arm``), else of the model definition."""
+    arms = tuple(a.get("name") for a in sm.study.get("arm", []) if a.get("name")) or tuple(sm.regimen.arms)
+    if not arms:
+        raise Unprocessable(f"ResearchStudy/{sm.study.get('id')} has no arms and {sm.definition.canonical} lists "
+                            "none: say which arm to simulate (a Group characteristic 'study-arm')",
+                            error_id="study-without-arms")
+    return arms
 
 
 def _study_members(ctx: OperationContext, store, warnings: list[str]):
     study = store.read("ResearchStudy", ctx.resource_id)
+    sm = _cohort_model(common.study_model_of(store, study), f"ResearchStudy/{ctx.resource_id}")
     subjects = store.search_all("ResearchSubject", [("study", f"ResearchStudy/{ctx.resource_id}")])
     patient_ids = [s.get("individual", {}).get("reference", "").partition("/")[2] for s in subjects]
     records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
     arms = [a.get("name") for a in study.get("arm", []) if a.get("name")]
-    return _arms_of(records, None, warnings, f"ResearchStudy/{ctx.resource_id}", arms)
+    return (sm,) + _arms_of(records, None, warnings, f"ResearchStudy/{ctx.resource_id}", arms)
+
+
+def _study_virtual(ctx: OperationContext, store, params: dict):
+    """Virtual participants of a study: its arms, randomized in turn, covariates sampled by the engine."""
+    quantity = int(common.number(params, "virtualParticipants", None, 1, MAX_PARTICIPANTS))
+    study = store.read("ResearchStudy", ctx.resource_id)
+    sm = _cohort_model(common.study_model_of(store, study), f"ResearchStudy/{ctx.resource_id}")
+    arms = tuple(a.get("name") for a in study.get("arm", []) if a.get("name"))
+    if not arms:
+        raise Unprocessable(f"ResearchStudy/{ctx.resource_id} names no arms (ResearchStudy.arm.name) to randomize "
+                            "virtual participants to", error_id="study-without-arms")
+    return sm, arms, np.arange(quantity) % len(arms), None, [None] * quantity
 
 
 def _arms_of(records, fixed_arm, warnings, what, study_arms=None):
@@ -315,5 +419,4 @@ def _arms_of(records, fixed_arm, warnings, what, study_arms=None):
         member_arm.append(arms.index(arm))
     if not kept:
         raise Unprocessable(f"{what} has no members with an assigned arm to simulate", error_id="no-members")
-    return (tuple(arms), np.asarray(member_arm), twin_fhir.member_covariates(kept),
-            [f"Patient/{r.patient_id}" for r in kept])
+    return tuple(arms), np.asarray(member_arm), kept, [f"Patient/{r.patient_id}" for r in kept]

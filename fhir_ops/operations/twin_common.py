@@ -1,5 +1,11 @@
-"""What ``$simulate`` and ``$calibrate`` share: the model Device, the participant's twin (stored or
-freshly calibrated), range checks that name the parameter, and the one-transaction write with Provenance.
+"""What ``$simulate`` and ``$calibrate`` share: the study's twin model (its definition and prior), the
+model Device, the participant's twin (stored or freshly calibrated), range checks that name the
+parameter, and the one-transaction write with Provenance.
+
+Every twin is the twin of a study's model definition. A definition of the daily-regimen family
+(``pd.exposure: daily-average``) runs on the fast engine with stored, versioned twin states; any other
+definition on the generic event engine (``inference.model_definition``). A participant whose study
+references no definition has no twin: a 422 OperationOutcome says how to give it one.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from datetime import datetime, timezone
 
-from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Unprocessable
+from fhir_ops.errors import Gone, InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import ParticipantRecord, load_participant, versioned
@@ -18,22 +24,26 @@ from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.store.bundle import put_entry
 from inference import twin
 from inference.calibration import Posterior
+from inference.population import PopulationModel
+from inference.regimen import DailyRegimen
 
 # one conditional create per store, not one per call: the warm $simulate path stays a few reads
 _DEVICES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _DEVICE_LOCK = threading.Lock()
 
 
-def model_device(store) -> dict:
-    """The stored Device of the twin model (created once per store; cached per store object)."""
-    device = _DEVICES.get(store)
+def model_device(store, model: DailyRegimen) -> dict:
+    """The stored Device of a twin model (created once per store and model; cached per store object)."""
+    devices = _DEVICES.get(store)
+    device = devices.get(model.canonical) if devices is not None else None
     if device is None:
         with _DEVICE_LOCK:
-            device = _DEVICES.get(store)
+            devices = _DEVICES.setdefault(store, {})
+            device = devices.get(model.canonical)
             if device is None:
-                device = ensure_model_device(store, twin.MODEL_NAME, twin.MODEL_VERSION,
-                                             description=twin_fhir.MODEL_DESCRIPTION)
-                _DEVICES[store] = device
+                device = ensure_model_device(store, model.name, model.version,
+                                             description=twin_fhir.model_description(model))
+                devices[model.canonical] = device
     return device
 
 
@@ -48,21 +58,64 @@ def number(params: dict, name: str, default, low, high, why: str = "") -> float:
     return value
 
 
-def horizon(params: dict) -> int:
+def horizon(params: dict, limit_days: int, model_name: str) -> int:
     """``horizonDays`` (default 28), refused beyond the model's validated limit."""
     value = params.get("horizonDays", 28)
-    if value > twin.HORIZON_LIMIT_DAYS:
+    if value > limit_days:
         raise InvalidRequest(
-            f"Parameter 'horizonDays' is {value} days, beyond the limit of the twin model {twin_fhir.model_version()} "
-            f"({twin.HORIZON_LIMIT_DAYS} days: it is not validated for longer forecasts)",
+            f"Parameter 'horizonDays' is {value} days, beyond the limit of the twin model {model_name} "
+            f"({limit_days} days: it is not validated for longer forecasts)",
             error_id="horizon-beyond-model-limit", expression=["Parameters.parameter.where(name='horizonDays')"])
-    return int(number(params, "horizonDays", 28, 1, twin.HORIZON_LIMIT_DAYS))
+    return int(number(params, "horizonDays", 28, 1, limit_days))
+
+
+@dataclass
+class StudyModel:
+    """A study's twin model: the study, its definition Library, the compiled definition, and the prior
+    of its twins (the study's population estimate, referenced by ``estimate``, else the definition's)."""
+
+    study: dict
+    library: dict
+    definition: Any
+    prior: PopulationModel
+    estimate: str | None
+
+    @property
+    def regimen(self) -> DailyRegimen | None:
+        return self.definition.regimen
+
+    @property
+    def inputs(self) -> list[str]:
+        """Versioned references of the model and its prior (inputs of every twin of the study)."""
+        return [versioned_reference(self.library)] + ([self.estimate] if self.estimate else [])
+
+
+def study_model_of(store, study: dict) -> StudyModel:
+    """The twin model a ResearchStudy references; 422 ``study-without-model`` when it references none."""
+    from fhir_ops.mapping import model_definition as fm
+
+    library, definition = fm.study_model(store, study)
+    prior, estimate = population_prior(store, study, definition)
+    return StudyModel(study, library, definition, prior, estimate)
+
+
+def participant_model(store, patient_id: str) -> StudyModel:
+    """The twin model of a participant's study (404 for an unknown Patient; 422 when there is none)."""
+    store.read("Patient", patient_id)
+    study = study_of_patient(store, patient_id)
+    if study is None:
+        raise Unprocessable(f"Patient/{patient_id} is not a participant of any ResearchStudy (no ResearchSubject), "
+                            "so no twin model applies; enrol them in a study that references a model definition",
+                            error_id="participant-without-study")
+    return study_model_of(store, study)
 
 
 @dataclass
 class ParticipantTwin:
     """A participant's data and twin: the posterior, whether it came from the stored state, inputs read."""
 
+    model: DailyRegimen
+    study_model: StudyModel
     record: ParticipantRecord
     data: twin.ParticipantData
     inputs: list[str]
@@ -77,8 +130,7 @@ class ParticipantTwin:
     def new_observations(self) -> int:
         """Outcome observations (exact versions) not among those the stored state was calibrated on."""
         known = set(self.stored.inputs) if self.stored else set()
-        outcome = [ref for name in twin.OUTPUTS for ref in self.record.series_sources.get(name, ())]
-        return sum(ref not in known for ref in outcome)
+        return sum(ref not in known for ref in twin_fhir.output_sources(self.record, self.model))
 
 
 def read_state(store, patient_id: str) -> tuple[dict | None, int]:
@@ -95,27 +147,30 @@ def read_state(store, patient_id: str) -> tuple[dict | None, int]:
         return None, int(latest[0]["meta"]["versionId"]) if latest else 0
 
 
-def participant_twin(store, patient_id: str, *, force: bool = False) -> ParticipantTwin:
-    """Load the participant and give their twin: the stored posterior when it was calibrated on exactly
-    the data and model there are now, otherwise a fresh calibration (not yet stored)."""
-    record = load_participant(store, patient_id)
-    data = twin_fhir.participant_data(record)
-    inputs = twin_fhir.calibration_inputs(record)
-    device = model_device(store)
+def participant_twin(store, patient_id: str, sm: StudyModel, *, force: bool = False) -> ParticipantTwin:
+    """Load the participant and give their twin under the study's daily-regimen model: the stored
+    posterior when it was calibrated on exactly the data, model and prior there are now, otherwise a
+    fresh calibration (not yet stored)."""
+    model = sm.regimen
+    record = load_participant(store, patient_id, twin_fhir.output_codes(model))
+    data = twin_fhir.participant_data(record, model)
+    inputs = sm.inputs + twin_fhir.calibration_inputs(record, model)
+    device = model_device(store, model)
     existing, latest_version = read_state(store, patient_id)
     stored = twin_fhir.read_twin_state(existing) if existing else None
     reuse = (not force and stored is not None and stored.model == versioned(device)
              and set(stored.inputs) == set(inputs))
     if reuse:
-        posterior = twin_fhir.posterior_of(stored, data)
+        posterior = twin_fhir.posterior_of(stored, data, model, sm.prior)
     else:
         try:
-            posterior = twin.calibrate_participant(data)
+            posterior = twin.calibrate_participant(model, data, sm.prior)
         except ValueError as exc:  # e.g. no observed value after all
             raise InvalidRequest(f"Patient/{patient_id} cannot be calibrated: {exc}",
                                  error_id="participant-without-data", code="processing", status=422) from None
-    return ParticipantTwin(record=record, data=data, inputs=inputs, device=device, existing=existing,
-                           latest_version=latest_version, stored=stored, posterior=posterior, reused=reuse)
+    return ParticipantTwin(model=model, study_model=sm, record=record, data=data, inputs=inputs, device=device,
+                           existing=existing, latest_version=latest_version, stored=stored, posterior=posterior,
+                           reused=reuse)
 
 
 _PARTICIPANT_LOCKS: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
@@ -153,7 +208,7 @@ def participant_lock(patient_id: str) -> _Lock:
 
 def state_entry(pt: ParticipantTwin, now: datetime) -> tuple[dict, str]:
     """The transaction entry writing a new twin-state version, and that version's reference."""
-    state = twin_fhir.build_twin_state(pt.record, pt.posterior, pt.device, pt.inputs, now, pt.existing)
+    state = twin_fhir.build_twin_state(pt.record, pt.posterior, pt.device, pt.inputs, now, pt.model, pt.existing)
     if pt.existing:
         current = pt.existing["meta"]["versionId"]
         return put_entry(state, if_match=f'W/"{current}"'), f"Basic/{state['id']}/_history/{int(current) + 1}"
@@ -235,42 +290,24 @@ def population_prior(store, study: dict, model) -> tuple[Any, str | None]:
         raise Unprocessable(f"{ref}: {exc}", error_id="estimate-model-mismatch") from None
 
 
-def defined_twin(store, patient_id: str) -> DefinedTwin | None:
-    """The participant's twin under their study's model definition, calibrated now; None when the
-    participant's study references no definition (the engine's built-in twin then applies)."""
+def defined_twin(store, patient_id: str, sm: StudyModel) -> DefinedTwin:
+    """The participant's twin under their study's (generic, event-based) model definition, calibrated now."""
     from fhir_ops.mapping import model_definition as fm
     from inference import model_definition as md
 
-    store.read("Patient", patient_id)  # 404 for an unknown participant
-    study = study_of_patient(store, patient_id)
-    if study is None or not fm.study_model_canonical(study):
-        return None
-    library, model = fm.study_model(store, study)
-    population, estimate = population_prior(store, study, model)
+    model = sm.definition
     record, origin, inputs = fm.subject_record(store, patient_id, model)
     try:
-        posterior = md.calibrate_subject(model, population, record)
+        posterior = md.calibrate_subject(model, sm.prior, record)
     except ValueError as exc:
         raise Unprocessable(f"Patient/{patient_id} cannot be calibrated with {model.canonical}: {exc}",
                             error_id="participant-without-data") from None
-    inputs = [versioned_reference(library), versioned_reference(study)] + inputs + ([estimate] if estimate else [])
-    return DefinedTwin(patient_id, study, model, estimate, population, record, origin, inputs, posterior)
+    inputs = [versioned_reference(sm.library), versioned_reference(sm.study)] + inputs + \
+        ([sm.estimate] if sm.estimate else [])
+    return DefinedTwin(patient_id, sm.study, model, sm.estimate, sm.prior, record, origin, inputs, posterior)
 
 
 def versioned_reference(resource: dict) -> str:
     version = (resource.get("meta") or {}).get("versionId")
     ref = f"{resource['resourceType']}/{resource['id']}"
     return f"{ref}/_history/{version}" if version else ref
-
-
-def without_model_error(store, patient_id: str, exc: FhirError) -> FhirError:
-    """A clearer error when the built-in twin cannot use a participant whose study has no model."""
-    from fhir_ops.mapping import model_definition as fm
-
-    study = study_of_patient(store, patient_id)
-    if study is not None and not fm.study_model_canonical(study) and exc.status in (400, 422):
-        return Unprocessable(f"Patient/{patient_id} is a participant of ResearchStudy/{study.get('id')}, which "
-                             f"references no twin model definition, and the built-in twin cannot use their data "
-                             f"({exc.message}); publish a definition with 'trialtwin model publish FILE --study "
-                             f"{study.get('id')}'", error_id="study-without-model")
-    return exc

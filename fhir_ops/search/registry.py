@@ -93,6 +93,17 @@ _REGISTRY: dict[str, tuple[SearchParamDef, ...]] = {
         _p("organization", "reference", "managingOrganization", "Custodian organization", "Organization"),
         _p("link", "reference", "link.other", "Linked patient or related person", "Patient,RelatedPerson"),
     ),
+    "PractitionerRole": (
+        # site-level access (fhir_ops.auth): a user's roles are found by practitioner
+        _p("practitioner", "reference", "practitioner", "Practitioner that is able to provide the defined services",
+           "Practitioner"),
+        _p("organization", "reference", "organization", "The organization where the roles are available",
+           "Organization"),
+        _p("location", "reference", "location", "One of the locations at which this role provides care", "Location"),
+        _p("role", "token", "code", "The practitioner can perform this role for the organization"),
+        _p("active", "token", "active", "Whether this practitioner role record is in active use"),
+        _p("identifier", "token", "identifier", "A practitioner role's identifier"),
+    ),
     "Practitioner": (
         _p("identifier", "token", "identifier", "A practitioner identifier"),
         _p("name", "string", "name", "Any part of a name"),

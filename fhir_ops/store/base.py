@@ -6,7 +6,15 @@ tests in ``tests/fhir_ops/store`` (and the HAPI tier) run against every implemen
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Callable
+
+#: Set by the audit layer (fhir_ops.audit) for the duration of one request: a store that keeps an audit
+#: journal calls it inside each write transaction with what the transaction wrote (``(type, id, version,
+#: resource or None)``) and stores the ``(request id, JSON text)`` it returns in the same transaction, so
+#: a committed write is never without its audit record.
+WRITE_AUDIT: ContextVar[Callable[[list], tuple[str, str]] | None] = ContextVar("trialtwin_write_audit", default=None)
 
 
 @dataclass(frozen=True)

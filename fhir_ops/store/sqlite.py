@@ -25,7 +25,8 @@ from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Precondit
 from fhir_ops.json_codec import dumps as _dumps
 from fhir_ops.search.extract import index_rows_many
 from fhir_ops.search.query import compile_search, match_sql
-from fhir_ops.store.base import SearchResult, Store, WriteResult
+from fhir_ops.audit.chain import GENESIS, canonical, link
+from fhir_ops.store.base import WRITE_AUDIT, SearchResult, Store, WriteResult
 from fhir_ops.store.bundle import DELETED_TAG, METHOD_ORDER, EntryRequest, parse_entries, response_entry, rewrite_references
 from fhir_ops.validation import ID_PATTERN, is_resource_type, validate_resource
 
@@ -63,6 +64,11 @@ CREATE INDEX IF NOT EXISTS idx_number_r ON idx_number(rid, param);
 CREATE TABLE IF NOT EXISTS idx_uri (rid INTEGER NOT NULL, param TEXT NOT NULL, value TEXT);
 CREATE INDEX IF NOT EXISTS idx_uri_q ON idx_uri(param, value, rid);
 CREATE INDEX IF NOT EXISTS idx_uri_r ON idx_uri(rid, param);
+CREATE TABLE IF NOT EXISTS audit_log (seq INTEGER PRIMARY KEY, content TEXT NOT NULL, prev TEXT NOT NULL,
+    hash TEXT NOT NULL, drained INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS audit_log_undrained ON audit_log(seq) WHERE drained = 0;
+CREATE TABLE IF NOT EXISTS audit_pending (request TEXT NOT NULL, written TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_pending_request ON audit_pending(request);
 CREATE TABLE IF NOT EXISTS load_journal (batch TEXT PRIMARY KEY, source TEXT NOT NULL, first_line INTEGER,
     last_line INTEGER, resources INTEGER NOT NULL, committed TEXT NOT NULL);
 """
@@ -130,6 +136,7 @@ class _Tx:
         self.pending_updates: list[tuple] = []  # new current version of a retired rid
         self.pending_indexed: list[tuple[int, dict]] = []  # (rid, stored resource) to index
         self.touched: set[tuple[str, str]] = set()  # keys whose rows are still buffered
+        self.written: list[tuple] = []  # (type, id, version, stored resource or None) for the audit record
 
     def flush(self) -> None:
         conn = self.conn
@@ -176,6 +183,7 @@ class _Tx:
         self.pending_resources.append((rowid, stored["resourceType"], rid, 1, self.lu, self.lu_ts, _dumps(stored)))
         self.touched.add((stored["resourceType"], rid))
         self.pending_indexed.append((rowid, stored))
+        self.written.append((stored["resourceType"], rid, 1, stored))
         return stored
 
     def replace(self, row, resource: dict, rid: str) -> dict:
@@ -185,6 +193,7 @@ class _Tx:
         self.pending_updates.append((version + 1, self.lu, self.lu_ts, 0, _dumps(stored), rowid))
         self.touched.add((stored["resourceType"], rid))
         self.pending_indexed.append((rowid, stored))
+        self.written.append((stored["resourceType"], rid, version + 1, stored))
         return stored
 
     def delete(self, row, rtype: str, rid: str) -> None:
@@ -192,6 +201,7 @@ class _Tx:
         self.pending_retire.append((rowid,))
         self.pending_updates.append((version + 1, self.lu, self.lu_ts, 1, None, rowid))
         self.touched.add((rtype, rid))
+        self.written.append((rtype, rid, version + 1, None))
 
     def search_ids(self, rtype: str, query: str) -> list[str]:
         """Ids of current resources matching a conditional query (inside this transaction)."""
@@ -290,7 +300,8 @@ class SQLiteStore(Store):
             self._pool.put(conn)
 
     @contextmanager
-    def _write(self):
+    def _write(self, *, audited: bool = True):
+        """One write transaction; ``audited``: the request's audit hook (``WRITE_AUDIT``) records what it wrote."""
         with self._writer_turn(), self._conn() as conn:
             # A write, once begun, runs to its end: the time budget stops runaway reads, whereas a
             # write's size is bounded by the body limit, and a long operation's final store must not fail.
@@ -300,6 +311,11 @@ class SQLiteStore(Store):
                 try:
                     yield tx
                     tx.flush()
+                    hook = WRITE_AUDIT.get() if audited and tx.written else None
+                    if hook is not None:
+                        request_id, written = hook(tx.written)
+                        conn.execute("INSERT INTO audit_pending(request, written, at) VALUES (?,?,?)",
+                                     (request_id, written, tx.lu_ts))
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -532,6 +548,85 @@ class SQLiteStore(Store):
                     seen.add((rtype, rid))
                     out.append(json.loads(text))
         return out
+
+    # -- audit journal (fhir_ops.audit) ---------------------------------------------------------------
+    def append_audit(self, events: list[dict], *, settle: str | None = None) -> list[int]:
+        """Append AuditEvent records to the hash-chained journal, in one transaction; their sequence numbers.
+
+        ``settle``: a request id whose pending write records (``audit_pending``) these events replace;
+        they are removed in the same transaction.
+        """
+        with self._write(audited=False) as tx:
+            row = tx.conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+            rows, out = [], []
+            for event in events:
+                text = canonical(event)
+                digest = link(prev, text)
+                seq += 1
+                rows.append((seq, text, prev, digest))
+                out.append(seq)
+                prev = digest
+            tx.conn.executemany("INSERT INTO audit_log(seq, content, prev, hash) VALUES (?,?,?,?)", rows)
+            if settle is not None:
+                tx.conn.execute("DELETE FROM audit_pending WHERE request = ?", (settle,))
+        return out
+
+    def audit_pending(self, request_id: str) -> list[str]:
+        """The JSON texts the write transactions of one request recorded (see ``WRITE_AUDIT``)."""
+        with self._conn() as conn:
+            return [r[0] for r in conn.execute("SELECT written FROM audit_pending WHERE request = ? ORDER BY rowid",
+                                               (request_id,))]
+
+    def audit_orphans(self, before: float) -> dict[str, list[str]]:
+        """Pending write records older than ``before`` (epoch s) whose request never wrote its AuditEvent."""
+        out: dict[str, list[str]] = {}
+        with self._conn() as conn:
+            for request_id, written in conn.execute("SELECT request, written FROM audit_pending WHERE at < ? "
+                                                    "ORDER BY rowid", (before,)):
+                out.setdefault(request_id, []).append(written)
+        return out
+
+    def audit_journal(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, str, str, int]]:
+        """Journal rows ``(seq, content, prev, hash, drained)`` with ``seq > after``, in order."""
+        with self._read() as conn:
+            return conn.execute("SELECT seq, content, prev, hash, drained FROM audit_log WHERE seq > ? ORDER BY seq "
+                                "LIMIT ?", (after, limit)).fetchall()
+
+    def audit_resources(self, ids: list[str]) -> dict[str, str | None]:
+        """The stored JSON text of AuditEvents by id (None for a deleted one; absent when missing)."""
+        out: dict[str, str | None] = {}
+        with self._read() as conn:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                rows = conn.execute(f"SELECT id, deleted, json FROM resources WHERE type = 'AuditEvent' AND id IN "
+                                    f"({','.join('?' * len(chunk))})", chunk)
+                out.update({rid: None if deleted else text for rid, deleted, text in rows})
+        return out
+
+    def audit_backlog(self) -> int:
+        """How many journal records are not yet searchable as AuditEvent resources."""
+        with self._conn() as conn:
+            return conn.execute("SELECT count(*) FROM audit_log WHERE drained = 0").fetchone()[0]
+
+    def drain_audit(self, materialize, limit: int = 2000) -> int:
+        """Turn journal records into AuditEvent resources (``materialize(seq, content, prev, hash)`` builds
+        each), in one transaction per call; returns how many were drained.
+
+        Serialized with every other writer, so two drains never store the same record twice.
+        """
+        with self._write(audited=False) as tx:
+            rows = tx.conn.execute("SELECT seq, content, prev, hash FROM audit_log WHERE drained = 0 ORDER BY seq "
+                                   "LIMIT ?", (limit,)).fetchall()
+            for seq, text, prev, digest in rows:
+                resource = materialize(seq, json.loads(text), prev, digest)
+                row = tx.current("AuditEvent", resource["id"])
+                if row is None:
+                    tx.insert(resource, resource["id"])
+                else:  # a resource of that id already there (never by the API: AuditEvent writes are refused)
+                    tx.replace(row, resource, resource["id"])
+            tx.conn.executemany("UPDATE audit_log SET drained = 1 WHERE seq = ?", [(r[0],) for r in rows])
+        return len(rows)
 
     # -- bundles ---------------------------------------------------------------------------------------
     def _validate_entries(self, entries: list[EntryRequest]) -> None:

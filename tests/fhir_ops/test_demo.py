@@ -156,3 +156,38 @@ def test_transactions_are_puts_with_the_study_last(resources):
     entries = [e for b in bundles for e in b["entry"]]
     assert len(entries) == len(resources)
     assert entries[-1]["request"] == {"method": "PUT", "url": "ResearchStudy/tt-201"}
+
+
+def test_the_study_references_its_model_definition_which_comes_first(resources):
+    from fhir_ops.mapping import model_definition as fm
+
+    study = by_type(resources, "ResearchStudy")[0]
+    assert fm.study_model_canonical(study) == demo.MODEL_DEFINITION.canonical
+    library = resources[0]
+    assert library["resourceType"] == "Library" and fm.is_definition_library(library)
+    assert fm.definition_of_library(library).canonical == demo.MODEL_DEFINITION.canonical
+    # the data are simulated from that definition: its arms' doses are the demo's
+    assert demo.ARM_DOSE_MG == tuple(demo.MODEL.arms[a] for a in demo.ARMS) == (0.0, 50.0, 100.0)
+
+
+def test_a_demo_loaded_before_the_definition_gets_it(tmp_path):
+    """A ./data made by an earlier version holds the study without its model reference: ensure_demo_study
+    adds the Library and the reference (twins need it), and touches nothing else."""
+    from fhir_ops.mapping import model_definition as fm
+    from fhir_ops.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "old.sqlite"))
+    try:
+        old = [r for r in demo.build_demo_resources(demo.simulate_demo_records(seed=1, n=3))
+               if r["resourceType"] != "Library"]
+        old[-1] = {k: v for k, v in old[-1].items() if k != "extension"}
+        for bundle in demo.demo_transactions(old):
+            store.transaction(bundle)
+        assert fm.study_model_canonical(store.read("ResearchStudy", demo.STUDY_ID)) is None
+        assert demo.ensure_demo_study(store, participants=3, seed=1) == 2
+        study = store.read("ResearchStudy", demo.STUDY_ID)
+        assert fm.study_model_canonical(study) == demo.MODEL_DEFINITION.canonical
+        assert fm.study_model(store, study)[1].canonical == demo.MODEL_DEFINITION.canonical
+        assert demo.ensure_demo_study(store, participants=3, seed=1) == 0
+    finally:
+        store.close()

@@ -51,3 +51,16 @@ def design(times: list[float], n_subjects: int, dose: float = 4.0) -> Observatio
 @pytest.fixture
 def make_design():
     return design
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real dask.distributed cluster of 2 worker processes (one thread each), shared by the session.
+
+    Processes, not threads: work travels pickled to other interpreters, as on a real cluster.
+    """
+    distributed = pytest.importorskip("distributed", reason="the 'dask' extra is part of the test install")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  death_timeout=120) as cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        yield client

@@ -4,13 +4,26 @@ import numpy as np
 import pytest
 
 from inference.behaviour import BehaviourModel, VisitSchedule
-from inference.cohort import (BLOCK_SIZE, CovariateModel, Scenario, TT201Population, fit_covariate_model,
-                              sample_covariates, simulate_cohort, summarize, sweep)
+from inference.cohort import (BLOCK_SIZE, Scenario, fit_covariate_model, sample_covariates, summarize)
+from inference.cohort import simulate_cohort as _simulate_cohort
+from inference.cohort import sweep as _sweep
+from inference.model_definition import example_regimen
 from inference.dosing import DoseRecord
 from inference.pk import OneCompartment, concentration
 from tests.inference.virtual_participants import make_covariates
 
 pytestmark = pytest.mark.unit
+
+#: the shipped daily-regimen example definition, compiled
+MODEL = example_regimen()
+
+
+def simulate_cohort(*args, **kwargs):
+    return _simulate_cohort(*args, model=MODEL, **kwargs)
+
+
+def sweep(*args, **kwargs):
+    return _sweep(*args, model=MODEL, **kwargs)
 
 
 def test_same_seed_same_cohort_other_seed_differs():
@@ -19,7 +32,7 @@ def test_same_seed_same_cohort_other_seed_differs():
     c = simulate_cohort(Scenario(), n=1500, seed=6)
     for k in a.summary:
         np.testing.assert_array_equal(a.summary[k], b.summary[k], err_msg=k)
-    assert not np.array_equal(a.summary["hba1c0"], c.summary["hba1c0"])
+    assert not np.array_equal(a.summary["HBA1C0"], c.summary["HBA1C0"])
 
 
 def test_result_does_not_depend_on_chunk_size():
@@ -40,7 +53,7 @@ def test_summaries_agree_with_trajectories():
     last = np.minimum(s["dropout_day"], res.scenario.n_days) - 1
     rows = np.arange(res.n)
     np.testing.assert_allclose(tr["hba1c"][rows, last], s["hba1c_last"], rtol=1e-12)
-    np.testing.assert_allclose(tr["hba1c"][:, -1] - s["hba1c0"], s["hba1c_change_end"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(tr["hba1c"][:, -1] - s["HBA1C0"], s["hba1c_change_end"], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(tr["fpg"][rows, last], s["fpg_last"], rtol=1e-12)
     mask = np.arange(res.scenario.n_days)[None, :] <= last[:, None]
     np.testing.assert_allclose((tr["concentration"] * mask).sum(1) / (last + 1), s["cavg_on_study"], rtol=1e-12)
@@ -49,7 +62,7 @@ def test_summaries_agree_with_trajectories():
     i = 7
     days = np.flatnonzero(tr["taken"][i])
     doses = DoseRecord(times=24.0 * days, amounts=np.full(days.size, 100.0))
-    model = OneCompartment(cl=s["cl"][i], v=s["v"][i], ka=s["ka"][i], tlag=0.5, f=0.8)
+    model = OneCompartment(cl=s["CL"][i], v=s["V"][i], ka=s["KA"][i], tlag=0.5, f=0.8)
     check = np.array([20, 90, 160])
     np.testing.assert_allclose(tr["trough"][i, check], concentration(model, doses, 24.0 * (check + 1))[0],
                                rtol=1e-9)
@@ -63,10 +76,10 @@ def test_exposure_and_placebo_match_closed_form():
     s = res.summary
     # steady-state average concentration F * dose / (24 h * CL); the first day's build-up shifts
     # the 169-day average by well under 1 %
-    expected = 0.8 * 100.0 / (24.0 * s["cl"])
+    expected = 0.8 * 100.0 / (24.0 * s["CL"])
     np.testing.assert_allclose(s["cavg_on_study"], expected, rtol=0.01)
     placebo = simulate_cohort(Scenario(dose_mg=0.0), n=1000, seed=4)
-    drift = TT201Population().hba1c_drift_per_year / 365.25 * 168
+    drift = 24.0 * MODEL.named(np.asarray(MODEL.population.theta)[None, :])["DRIFT"][0] * 168
     np.testing.assert_allclose(placebo.summary["hba1c_change_end"], drift, rtol=1e-12)
 
 
@@ -109,4 +122,4 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="dose_mg"):
         Scenario(dose_mg=-5.0)
     with pytest.raises(ValueError, match="positive definite"):
-        CovariateModel.tt201().replace(cov=np.zeros((2, 4, 4)))
+        MODEL.covariate_model.replace(cov=np.zeros((2, 4, 4)))

@@ -2,20 +2,29 @@
 import numpy as np
 import pytest
 
-from inference.cohort import Scenario, simulate_cohort, sweep
+from inference.cohort import Scenario
+from inference.cohort import simulate_cohort as _simulate_cohort
+from inference.cohort import sweep as _sweep
+from inference.model_definition import example_regimen
+
+MODEL = example_regimen()
+
+
+def simulate_cohort(*args, **kwargs):
+    return _simulate_cohort(*args, model=MODEL, **kwargs)
+
+
+def sweep(*args, **kwargs):
+    return _sweep(*args, model=MODEL, **kwargs)
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
 distributed = pytest.importorskip("distributed", reason="the 'dask' extra is part of the test install")
 
 
-@pytest.fixture(scope="module")
-def client():
-    # processes, not threads: chunks travel pickled to other interpreters, as on a real cluster
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  death_timeout=120) as cluster, distributed.Client(cluster) as c:
-        c.wait_for_workers(2, timeout=120)
-        yield c
+@pytest.fixture
+def client(dask_client):
+    return dask_client
 
 
 def test_twenty_thousand_participants_identical_to_in_process(client):

@@ -57,6 +57,23 @@ def test_theoph_standard_errors_match_nlme(theoph_fit):
     assert set(theoph_fit.standard_errors) == {"lKe", "lKa", "lCl", "omega_sd(lKa)", "omega_sd(lCl)", "sigma_additive"}
 
 
+def test_theoph_confidence_intervals_are_t_intervals_with_subjects_minus_random_effects(theoph_fit):
+    from scipy import stats
+
+    # SAS PROC NLMIXED's default DF: 12 subjects - 2 random effects; t(10) = 2.228 (tables), not 1.96
+    assert theoph_fit.degrees_of_freedom == 10
+    quantile = stats.t.ppf(0.975, 10)
+    assert quantile == pytest.approx(2.228139, abs=1e-6)
+    for name in ("lKe", "lKa", "lCl"):
+        low, high = theoph_fit.confidence_interval(name)
+        estimate, se = theoph_fit.estimates[name], theoph_fit.standard_errors[name]
+        assert (low, high) == pytest.approx((estimate - quantile * se, estimate + quantile * se), rel=1e-12)
+    low90, high90 = theoph_fit.confidence_interval("lCl", level=0.9)
+    assert high90 - low90 == pytest.approx(2 * stats.t.ppf(0.95, 10) * theoph_fit.standard_errors["lCl"], rel=1e-12)
+    with pytest.raises(KeyError):
+        theoph_fit.confidence_interval("lVmax")
+
+
 def test_theoph_fit_is_an_optimum_and_reports_individuals(theoph_fit, theoph):
     # moving any parameter away from the estimate must not lower -2LL
     from inference.estimation import objective_function

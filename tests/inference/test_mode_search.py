@@ -7,12 +7,15 @@ import pytest
 from scipy import optimize
 
 from inference import twin
+from inference.model_definition import example_regimen
 from inference.datasets import ssfol
 from inference.estimation import _Stacked, find_modes
 from inference.population import (PopulationModel, ResidualError, predict, residual_log_likelihood,
                                   typical_parameters)
 
 pytestmark = pytest.mark.unit
+
+MODEL = example_regimen()
 
 THEOPH_MODEL = PopulationModel(("lKe", "lKa", "lCl"), [-2.45, 0.47, -3.23], ("lKa", "lCl"),
                                np.diag([0.64, 0.17]) ** 2, ResidualError("combined", additive=0.3, proportional=0.1))
@@ -33,14 +36,15 @@ class Counting:
 def _tt201_participant(shift, seed=5, days=112, visit_days=(0, 28, 56, 84, 112)):
     """A participant simulated from the twin at the typical values shifted by ``shift`` (with assay noise)."""
     rng = np.random.default_rng(seed)
-    truth = np.asarray(twin.population_model().theta) + np.asarray(shift)
+    truth = np.array(MODEL.population.theta, dtype=float)
+    truth[MODEL.population.random_index] += np.asarray(shift)
     outputs, times = [], []
     for d in visit_days:
         outputs += [0, 1, 2]
         times += [24.0 * d + rng.uniform(1.0, 10.0), 24.0 * d + 2.0, 24.0 * d + 2.0]
     data = twin.ParticipantData(24.0 * np.arange(days), np.full(days, 100.0), outputs, times,
-                                np.full(len(times), np.nan), 85.0, 80.0)
-    f = twin.structural(truth[None, :], data.observation_data())
+                                np.full(len(times), np.nan), {"WT": 85.0, "EGFR": 80.0})
+    f = MODEL.structural(truth[None, :], data.observation_data())
     out = np.asarray(outputs)
     sd = np.sqrt(np.where(out == 0, 1.0 + (0.15 * f) ** 2, np.where(out == 1, 64.0, 0.0144)))
     return data.replace(obs_values=f + sd * rng.standard_normal(f.shape))
@@ -55,10 +59,10 @@ def test_stacked_points_equal_separate_calls(theoph):
         assert np.array_equal(together, predict(ssfol, alone, theoph))
 
     data = _tt201_participant(np.zeros(7)).observation_data()
-    phi = np.asarray(twin.population_model().theta)[None, :]
+    phi = np.asarray(MODEL.population.theta)[None, :]
     points = [phi + rng.normal(0, 0.05, phi.shape) for _ in range(9)]
-    for together, alone in zip(_Stacked(twin.structural, data)(points), points):
-        assert np.allclose(together, twin.structural(alone, data), rtol=1e-12, atol=0)
+    for together, alone in zip(_Stacked(MODEL.structural, data)(points), points):
+        assert np.allclose(together, MODEL.structural(alone, data), rtol=1e-12, atol=0)
 
 
 def test_stacked_calls_are_split_beyond_the_row_budget(theoph):
@@ -90,7 +94,7 @@ def _neg_log_posterior(model, data, eta):
     typical = typical_parameters(model, data)
     phi = typical.copy()
     phi[:, model.random_index] += eta
-    f = predict(twin.structural, phi, data)
+    f = predict(MODEL.structural, phi, data)
     loglik = residual_log_likelihood(model.error, data.value, f, data.design["output"]).sum()
     return -2.0 * loglik + eta @ np.linalg.solve(model.omega, eta)
 
@@ -100,7 +104,7 @@ def test_a_far_glucose_offset_is_reached_in_a_few_iterations():
     limit in prior SDs for linear-scale effects the search takes a handful of iterations; an
     absolute limit of 2 (right for log-scale effects) made it walk there in 2 mg/dL steps (24)."""
     data = _tt201_participant([0, 0, 0, 0, 0, 0, 35.0]).observation_data()
-    modes = find_modes(twin.population_model(), twin.structural, data)
+    modes = find_modes(MODEL.population, MODEL.structural, data)
     assert modes.converged.all()
     assert modes.eta[0, 6] > 20.0
     assert modes.n_iterations <= 10
@@ -109,9 +113,9 @@ def test_a_far_glucose_offset_is_reached_in_a_few_iterations():
 def test_tt201_mode_is_the_optimum_scipy_finds():
     """The mode search (stacked derivatives, exact-Hessian steps) lands where scipy's BFGS on the same
     log posterior lands: an independent optimizer, started from the prior."""
-    model = twin.population_model()
+    model = MODEL.population
     data = _tt201_participant([0.2, -0.1, 0.1, 0.1, -0.3, 0.5, 35.0]).observation_data()
-    modes = find_modes(model, twin.structural, data)
+    modes = find_modes(model, MODEL.structural, data)
     assert modes.converged.all()
     eta = modes.eta[0]
     scale = np.sqrt(np.diag(model.omega))

@@ -51,7 +51,7 @@ def test_shipped_definitions_validate_and_compile(name):
 
 def test_unknown_compartment_count_is_named_by_path():
     raw = md.shipped_definition("theophylline")
-    raw["pk"]["compartments"] = 3
+    raw["pk"]["compartments"] = 4
     assert paths(raw) == ["$.pk.compartments"]
     with pytest.raises(md.DefinitionError, match=r"\$\.pk\.compartments"):
         md.load_definition(raw, ucum)
@@ -164,6 +164,41 @@ def test_two_compartment_bolus_and_infusion_closed_forms():
     given = np.minimum(tau, 2.0)
     inf = sum(rate * c / lam * (np.exp(-lam * (tau - given)) - np.exp(-lam * tau)) for c, lam in ((a, alpha), (b, beta)))
     np.testing.assert_allclose(got, bolus + inf, rtol=1e-10)
+
+
+THREE_CMT_ORAL = {
+    "parameters": [{"name": n, "typical": v, "scale": "log", "iiv": 0.2} for n, v in
+                   (("CL", 5.0), ("V", 10.0), ("Q", 20.0), ("V2", 40.0), ("Q3", 1.5), ("V3", 150.0), ("KA", 0.9))],
+    "pk": {"compartments": 3, "absorption": "first-order", "elimination": "linear",
+           "parameters": {"CL": "CL", "V": "V", "Q": "Q", "V2": "V2", "Q3": "Q3", "V3": "V3", "KA": "KA"},
+           "amountUnit": "mg", "volumeUnit": "L"},
+    "covariates": [], "covariateEffects": [],
+}
+
+
+def test_three_compartment_definition_predicts_the_triexponential_closed_form():
+    # oral dose: C(t) = F D ka sum_r c_r (exp(-l_r t) - exp(-ka t)) / (ka - l_r), the convolution of the
+    # first-order input with the triexponential bolus response (tests/inference/test_pk.py checks that
+    # response against the published cubic-root formulas and an ODE)
+    from inference.pk import ThreeCompartment
+
+    times = [0.25, 1.0, 3.0, 8.0, 24.0, 72.0]
+    model, data = _single(THREE_CMT_ORAL, [md.Dose(0.0, 100.0)], times)
+    phi = np.log([[5.0, 10.0, 20.0, 40.0, 1.5, 150.0, 0.9]])
+    got = model.structural(phi, data)[data.design["evid"] == 0]
+    t = np.array(times)
+    want = sum(100.0 * 0.9 * c * (np.exp(-lam * t) - np.exp(-0.9 * t)) / (0.9 - lam)
+               for c, lam in ThreeCompartment(cl=5.0, v=10.0, q=20.0, v2=40.0, q3=1.5, v3=150.0).disposition())
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_three_compartment_needs_all_six_roles():
+    raw = md.shipped_definition("theophylline")
+    raw.update(copy.deepcopy(THREE_CMT_ORAL))
+    del raw["pk"]["parameters"]["Q3"]
+    raw["parameters"] = [p for p in raw["parameters"] if p["name"] != "Q3"]
+    assert paths(raw) == ["$.pk.parameters"]
+    assert "Q3" in str(md.check_definition(raw, ucum)[0])
 
 
 def test_effect_compartment_reaches_the_closed_form():

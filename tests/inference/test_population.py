@@ -160,3 +160,22 @@ def test_each_output_uses_its_own_residual_error():
         residual_variance(errors, F, output=[0, 1, 2, 0, 0])
     model = PopulationModel(("a",), [0.0], ("a",), [[0.1]], list(errors))
     assert model.errors == errors and model.error == errors
+
+
+def test_unchecked_replace_equals_the_validated_copy_and_still_refuses_what_would_break_a_fit():
+    from inference.population import _unchecked_replace
+
+    model = PopulationModel(("a", "b"), [0.0, 1.0], ("a", "b"), np.diag([0.1, 0.2]),
+                            ResidualError("additive", additive=1.0), omega_structure="full")
+    fast = _unchecked_replace(model, theta=[0.5, 1.5], omega=[[0.2, 0.05], [0.05, 0.3]])
+    slow = model.replace(theta=[0.5, 1.5], omega=[[0.2, 0.05], [0.05, 0.3]])
+    for field in ("parameters", "random_effects", "error", "covariate_effects", "omega_structure"):
+        assert getattr(fast, field) == getattr(slow, field)
+    np.testing.assert_array_equal(fast.theta, slow.theta)
+    np.testing.assert_array_equal(fast.omega, slow.omega)
+    assert not fast.theta.flags.writeable and not fast.omega.flags.writeable
+    # the optimizer's overflowing or non-positive-definite trial points are errors, as in the constructor
+    with pytest.raises(ValueError, match="theta must be finite"):
+        _unchecked_replace(model, theta=[np.inf, 0.0])
+    with pytest.raises(ValueError, match="positive definite"):
+        _unchecked_replace(model, omega=[[0.1, 0.2], [0.2, 0.1]])

@@ -1,4 +1,5 @@
-"""Sobol indices against the analytic Ishigami values, and the TT-201 sensitivity ranking.
+"""Sobol indices against the analytic Ishigami values, and the sensitivity ranking of a daily-regimen
+definition (the shipped example).
 
 Ishigami function f = sin x1 + a sin^2 x2 + b x3^4 sin x1 on [-pi, pi]^3 (Ishigami & Homma 1990;
 analytic variances in Saltelli et al. 2008, Global Sensitivity Analysis: The Primer, sec. 4.9 and
@@ -12,8 +13,9 @@ Tolerance 0.02 on every index.
 import numpy as np
 import pytest
 
-from inference.sensitivity import (TT201_FACTORS, plot_sensitivity, sobol_indices, tt201_sensitivity,
-                                   tt201_week24_change)
+from inference.model_definition import example_regimen
+from inference.sensitivity import (plot_sensitivity, regimen_drug_effect, regimen_factors, regimen_sensitivity,
+                                   sobol_indices)
 
 pytestmark = pytest.mark.unit
 
@@ -46,25 +48,35 @@ def test_ishigami_matches_analytic_indices():
     assert [r["name"] for r in rows] == ["x1", "x2", "x3"]  # ranked by total index
 
 
-def test_tt201_ranking_reflects_steady_state_pharmacology(tmp_path):
-    rows = tt201_sensitivity(n_base=2 ** 10, seed=3)
+MODEL = example_regimen()
+
+
+def test_regimen_ranking_reflects_steady_state_pharmacology(tmp_path):
+    rows = regimen_sensitivity(MODEL, 100.0, n_base=2 ** 10, seed=3)
     st = {r["name"]: r["ST"] for r in rows}
     # the daily average concentration is F * dose / (24 CL) whatever V and ka are, so once
-    # steady state is reached they cannot matter; CL, EC50 and Emax must
-    assert st["v_L"] < 0.01 and st["ka_per_h"] < 0.01
-    for name in ("cl_L_per_h", "ec50_mg_per_L", "fpg_emax_mg_per_dL"):
+    # steady state is reached they cannot matter; CL, EC50 and Emax must; baselines never do
+    assert st["V"] < 0.01 and st["KA"] < 0.01
+    assert st["HBA1C0"] < 0.01 and st["FPG0DEV"] < 0.01
+    for name in ("CL", "EC50", "EMAX"):
         assert st[name] > 0.1
-    png = plot_sensitivity(rows, tmp_path / "tt201.png")
-    assert (tmp_path / "tt201.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.endswith("tt201.png")
+    png = plot_sensitivity(rows, tmp_path / "regimen.png")
+    assert (tmp_path / "regimen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.endswith("regimen.png")
 
 
-def test_week24_change_matches_steady_state_emax():
-    # at steady state, fully adherent, no delay left: effect = -Emax/28.7 * Cavg/(EC50 + Cavg)
-    x = np.array([[5.0, 50.0, 1.0, 0.5, 45.0, 5.0, 1.0]])
+def test_drug_effect_matches_steady_state_emax():
+    # at steady state, fully adherent, onset complete (TONSET 5 days over 24 weeks):
+    # effect = -EMAX * EFFSCALE * Cavg / (EC50 + Cavg), Cavg = F dose / (CL tau) (closed form)
+    names = ["CL", "V", "KA", "EMAX", "EC50", "TONSET", "adherence"]
+    x = np.array([[5.0, 50.0, 1.0, 45.0, 0.5, 120.0, 1.0]])
     cavg = 0.8 * 100.0 / (5.0 * 24.0)
     expected = -45.0 / 28.7 * cavg / (0.5 + cavg)
-    assert tt201_week24_change(x)[0] == pytest.approx(expected, rel=1e-6)
+    assert regimen_drug_effect(MODEL, x, names, 100.0)[0] == pytest.approx(expected, rel=1e-6)
+    # half the doses taken: half the average concentration
+    x[0, -1] = 0.5
+    assert regimen_drug_effect(MODEL, x, names, 100.0)[0] == pytest.approx(
+        -45.0 / 28.7 * (cavg / 2) / (0.5 + cavg / 2), rel=1e-6)
 
 
 def test_bad_input_is_refused():
@@ -74,4 +86,6 @@ def test_bad_input_is_refused():
         sobol_indices(ishigami, [(1, -1)] * 3)
     with pytest.raises(ValueError, match="shape"):
         sobol_indices(lambda x: x, [(0, 1)] * 3, n_base=8)
-    assert len(TT201_FACTORS) == 7
+    with pytest.raises(ValueError, match="unknown factor"):
+        regimen_drug_effect(MODEL, np.ones((1, 1)), ["NOPE"], 100.0)
+    assert len(regimen_factors(MODEL)) == MODEL.population.n_random_effects + 1  # and adherence

@@ -55,6 +55,10 @@ GENERATED = [
     ("Provenance", SD + "twin-provenance", "$forecast-enrollment"),
     ("Library", SD + "twin-model-definition", "model publish"),
     ("Library", SD + "population-estimate", "$fit-population"),
+    ("PlanDefinition", None, "demo visit plan"),
+    ("Appointment", None, "$optimize-schedule"),
+    ("CarePlan", None, "$optimize-schedule"),
+    ("Provenance", SD + "twin-provenance", "$optimize-schedule"),
     ("Group", SD + "stratum", "$stratify"),
     ("Provenance", SD + "twin-provenance", "$stratify"),
     ("MeasureReport", SD + "safety-signal-report", "$safety-signal"),
@@ -180,6 +184,18 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         assert fitted.status_code == 200, fitted.text[:500]
         out[_key(GENERATED[18])] = _get(client, _value(fitted.json(), "estimate")["reference"])
 
+        # the demo's visit plan (its extensions checked against their definitions) and a schedule proposal;
+        # at the study's start every visit of the participants on study is still to come
+        from fhir_ops.demo import STUDY_START
+        out[_key(GENERATED[19])] = next(r for r in study if r["resourceType"] == "PlanDefinition")
+        scheduled = client.post("ResearchStudy/tt-201/$optimize-schedule", {"resourceType": "Parameters", "parameter": [
+            {"name": "asOf", "valueDateTime": STUDY_START.isoformat()}, {"name": "replicates", "valueInteger": 20}]})
+        assert scheduled.status_code == 200, scheduled.text[:500]
+        careplan = _get(client, _value(scheduled.json(), "carePlan")["reference"])
+        out[_key(GENERATED[20])] = _get(client, careplan["activity"][0]["reference"]["reference"])
+        out[_key(GENERATED[21])] = careplan
+        out[_key(GENERATED[22])] = _get(client, _value(scheduled.json(), "provenance")["reference"])
+
         # $stratify on the demo study (its twins: 12, as stratification needs at least 10), $safety-signal with
         # a planted adverse event so a DetectedIssue and its review Task exist
         study = build_demo_resources(simulate_demo_records(seed=7, n=12))
@@ -190,8 +206,8 @@ def generated(tmp_path_factory) -> dict[str, dict]:
             {"name": "bootstrap", "valueInteger": 2}]})
         assert strata.status_code == 200, strata.text[:500]
         first = next(p for p in strata.json()["parameter"] if p["name"] == "stratum")
-        out[_key(GENERATED[19])] = _get(client, _value(first, "group")["reference"])
-        out[_key(GENERATED[20])] = _get(client, _value(strata.json(), "provenance")["reference"])
+        out[_key(GENERATED[23])] = _get(client, _value(first, "group")["reference"])
+        out[_key(GENERATED[24])] = _get(client, _value(strata.json(), "provenance")["reference"])
         subjects = [r for r in study if r["resourceType"] == "ResearchSubject" and r["assignedArm"] == "100 mg"]
         planted = [{"resource": {"resourceType": "AdverseEvent", "id": f"hapi-planted-{i}-{j}", "actuality": "actual",
                                  "event": {"coding": [{"system": "http://snomed.info/sct", "code": "25064002",
@@ -204,10 +220,10 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         safety = client.post("ResearchStudy/tt-201/$safety-signal", {"resourceType": "Parameters", "parameter": [
             {"name": "term", "valueString": "http://snomed.info/sct|25064002"}]})
         assert safety.status_code == 200, safety.text[:500]
-        out[_key(GENERATED[21])] = _get(client, _value(safety.json(), "measureReport")["reference"])
-        out[_key(GENERATED[22])] = _get(client, _value(safety.json(), "detectedIssue")["reference"])
-        out[_key(GENERATED[23])] = _get(client, _value(safety.json(), "task")["reference"])
-        out[_key(GENERATED[24])] = _get(client, _value(safety.json(), "provenance")["reference"])
+        out[_key(GENERATED[25])] = _get(client, _value(safety.json(), "measureReport")["reference"])
+        out[_key(GENERATED[26])] = _get(client, _value(safety.json(), "detectedIssue")["reference"])
+        out[_key(GENERATED[27])] = _get(client, _value(safety.json(), "task")["reference"])
+        out[_key(GENERATED[28])] = _get(client, _value(safety.json(), "provenance")["reference"])
         client.http.close()
     app.extensions["trialtwin.store"].close()
     return out
@@ -263,3 +279,17 @@ def test_the_same_check_catches_an_instance_that_breaks_its_profile(item, drop, 
                             timeout=180).json()
     errors = [i["diagnostics"] for i in outcome["issue"] if i["severity"] in ("error", "fatal")]
     assert errors and all(profile in e or drop in e for e in errors), errors
+
+
+def test_hapi_checks_the_visit_plan_extensions_against_their_definitions(generated, profiles_on_hapi):
+    import copy
+
+    plan = copy.deepcopy(generated[_key(GENERATED[19])])
+    scheduling = plan["action"][0]["extension"][0]["extension"]
+    target = next(e for e in scheduling if e["url"] == "targetDay")
+    target.pop("valueDuration")
+    target["valueString"] = "day 28"  # the profile allows a Duration only
+    outcome = requests.post(f"{profiles_on_hapi}/PlanDefinition/$validate", data=json.dumps(plan),
+                            headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=180).json()
+    errors = [i["diagnostics"] for i in outcome["issue"] if i["severity"] in ("error", "fatal")]
+    assert errors and all("visit-scheduling" in e and "Duration" in e for e in errors), errors

@@ -30,7 +30,7 @@ PARAMS = ["_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "
           "subject", "patient", "code", "date", "value-quantity", "identifier", "name", "birthdate", "status",
           "member", "_format", "code:not", "name:contains", "subject:Patient", "date:missing", "unknown"]
 OPERATIONS = ["$simulate", "$calibrate", "$predict-dropout", "$validate", "$lookup", "$validate-code",
-              "$translate", "$import-map", "$estimate-effect", "$forecast-enrollment", "$nope"]
+              "$translate", "$import-map", "$estimate-effect", "$forecast-enrollment", "$optimize-schedule", "$nope"]
 
 
 def _weird_scalar(rnd: random.Random):

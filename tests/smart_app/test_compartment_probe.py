@@ -122,10 +122,13 @@ def test_a_patient_token_gets_nothing_of_another_patient(combined, admin):
     probe("POST", f"Group/{group['id']}/$simulate", json={"resourceType": "Parameters", "parameter": []})
     probe("POST", f"Group/{group['id']}/$stratify", json={"resourceType": "Parameters", "parameter": []})
     for op in ("$simulate", "$predict-dropout", "$estimate-effect", "$forecast-enrollment", "$fit-population",
-               "$stratify", "$safety-signal"):
+               "$optimize-schedule", "$stratify", "$safety-signal"):
         probe("POST", f"ResearchStudy/tt-201/{op}", json={"resourceType": "Parameters", "parameter": []})
+    # a study-wide what-if of virtual participants reads no participant, but is still a cohort operation
+    assert probe("POST", "ResearchStudy/tt-201/$simulate", json={"resourceType": "Parameters", "parameter": [
+        {"name": "virtualParticipants", "valueInteger": 30}]}).status_code == 403
     # operations on the other patient
-    for op in ("$simulate", "$calibrate", "$predict-dropout"):
+    for op in ("$simulate", "$calibrate", "$predict-dropout", "$optimize-schedule"):
         probe("POST", f"Patient/{P2}/{op}", json={"resourceType": "Parameters", "parameter": []})
         probe("GET", f"Patient/{P2}/{op}")
     probe("GET", f"Observation/{obs}/$validate")

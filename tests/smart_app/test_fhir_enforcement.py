@@ -243,6 +243,27 @@ def test_operations_on_other_patients_are_refused(combined, p1_read):
     assert asked.status_code != 403, asked.text
 
 
+def test_schedule_optimisation_is_held_to_the_compartment_and_write_scopes(combined, p1_read):
+    url = f"{combined.fhir}/Patient/{{}}/$optimize-schedule"
+    dry_run = {"resourceType": "Parameters", "parameter": [{"name": "persist", "valueBoolean": False},
+                                                           {"name": "replicates", "valueInteger": 20}]}
+    other = call("POST", url.format(P2), p1_read, json=dry_run)
+    assert other.status_code == 403 and outcome_id(other) == "outside-compartment"
+    study = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$optimize-schedule", p1_read, json=dry_run)
+    assert study.status_code == 403
+    # proposals are Appointments, CarePlans and a Provenance: a read-only token may not store them
+    persisting = call("POST", url.format(P1), p1_read, json=EMPTY)
+    assert persisting.status_code == 403 and outcome_id(persisting) == "insufficient-scope"
+    # even on its own Patient the schedule weighs other participants' appointments against the site's
+    # capacity: nothing a patient-limited token may see, so it is refused with persist=false too
+    own = call("POST", url.format(P1), p1_read, json=dry_run)
+    assert own.status_code == 403 and outcome_id(own) == "cross-patient-operation"
+    assert "capacity" in own.json()["issue"][0]["diagnostics"]
+    clinician = combined.user_token("user/*.rs", patient=P1)["access_token"]
+    asked = call("POST", url.format(P1), clinician, json=dry_run)
+    assert asked.status_code != 403, asked.text
+
+
 def test_outreach_task_is_visible_to_its_patients_token(combined, p1_read, system_write):
     task = {"resourceType": "Task", "status": "requested", "intent": "proposal", "description": "Call about visit 3",
             "for": {"reference": f"Patient/{P1}"}}

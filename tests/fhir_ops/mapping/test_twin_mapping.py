@@ -34,13 +34,13 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generated(store):
     """A participant's twin state, forecast Observations and Provenance, as $simulate builds them."""
-    pt = twin_common.participant_twin(store, "tt201-p002")
+    pt = twin_common.participant_twin(store, "tt201-p002", twin_common.participant_model(store, "tt201-p002"))
     _, state_ref = twin_common.state_entry(pt, NOW)
-    state = twin_fhir.build_twin_state(pt.record, pt.posterior, pt.device, pt.inputs, NOW)
+    state = twin_fhir.build_twin_state(pt.record, pt.posterior, pt.device, pt.inputs, NOW, pt.model)
     start_h, start = twin_fhir.forecast_start(pt.record)
-    fc = twin.forecast(pt.posterior, twin.TwinScenario(dose_mg=100.0, start_h=start_h, horizon_days=3),
+    fc = twin.forecast(pt.model, pt.posterior, twin.TwinScenario(dose=100.0, start_h=start_h, horizon_days=3),
                        twin_fhir.forecast_times(3, 24), seed=1)
-    observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, state_ref, NOW)
+    observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, state_ref, NOW, pt.model)
     provenance = build_provenance([state_ref] + [f"Observation/{o['id']}/_history/1" for o in observations],
                                   pt.inputs, pt.device, None, "$simulate", recorded=NOW)
     return pt, state, observations, provenance
@@ -66,12 +66,12 @@ def test_conformance_check_catches_a_broken_forecast(generated):
 def test_twin_state_reads_back_as_its_posterior(generated):
     pt, state, _, _ = generated
     stored = twin_fhir.read_twin_state({**state, "meta": {**state["meta"], "versionId": "1"}})
-    assert stored.names == tuple(name for name, _, _ in twin.PARAMETERS)
+    assert stored.names == tuple(name for name, _, _ in pt.model.parameters)
     np.testing.assert_allclose(stored.mean, pt.posterior.mean, rtol=1e-11)
     np.testing.assert_allclose(stored.cov, pt.posterior.cov, rtol=1e-10, atol=1e-14)
     assert set(stored.inputs) == set(pt.inputs)
     assert stored.model == f"Device/{pt.device['id']}/_history/{pt.device['meta']['versionId']}"
-    rebuilt = twin_fhir.posterior_of(stored, pt.data)
+    rebuilt = twin_fhir.posterior_of(stored, pt.data, pt.model)
     np.testing.assert_allclose(rebuilt.sd, pt.posterior.sd, rtol=1e-9)
 
 
@@ -89,10 +89,11 @@ def test_forecast_observation_is_marked_simulated_with_its_interval(generated):
 
 def test_calibration_inputs_are_the_data_the_twin_reads(store):
     record = load_participant(store, "tt201-p003")
-    inputs = twin_fhir.calibration_inputs(record)
+    model = twin_common.participant_model(store, "tt201-p003").regimen
+    inputs = twin_fhir.calibration_inputs(record, model)
     assert all("/_history/" in ref for ref in inputs)
     assert len([r for r in inputs if r.startswith("MedicationAdministration/")]) == len(record.dose_records)
-    outcome = sum(len(record.series_sources.get(o, ())) for o in twin.OUTPUTS)
+    outcome = sum(len(record.series_sources.get(o, ())) for o in model.outputs)
     assert outcome == record.n_observations
     # home heart-rate and blood-pressure readings do not move the twin
     assert not any("-hr-" in r or "-sbp-" in r for r in inputs)
@@ -100,8 +101,9 @@ def test_calibration_inputs_are_the_data_the_twin_reads(store):
 
 def test_participant_without_outcomes_is_unprocessable(store):
     lonely = store.create({"resourceType": "Patient", "gender": "male"}).resource
+    model = twin_common.participant_model(store, "tt201-p003").regimen
     with pytest.raises(Unprocessable) as err:
-        twin_fhir.participant_data(load_participant(store, lonely["id"]))
+        twin_fhir.participant_data(load_participant(store, lonely["id"]), model)
     assert err.value.error_id == "participant-without-data"
 
 
@@ -138,11 +140,12 @@ def test_stored_forecasts_are_not_read_back_as_data(store):
     Observation without the tag is still read but, as before, is not data."""
     pid = "tt201-p003"
     before = load_participant(store, pid)
-    pt = twin_common.participant_twin(store, pid)
+    pt = twin_common.participant_twin(store, pid, twin_common.participant_model(store, pid))
     start_h, start = twin_fhir.forecast_start(pt.record)
-    fc = twin.forecast(pt.posterior, twin.TwinScenario(dose_mg=100.0, start_h=start_h, horizon_days=5),
+    fc = twin.forecast(pt.model, pt.posterior, twin.TwinScenario(dose=100.0, start_h=start_h, horizon_days=5),
                        twin_fhir.forecast_times(5, 24), seed=3)
-    observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, "Basic/x/_history/1", NOW)
+    observations = twin_fhir.forecast_observations(pt.record, fc, start, pt.device, "Basic/x/_history/1", NOW,
+                                                   pt.model)
     for obs in observations:
         store.update("Observation", obs["id"], obs)
     # no meta at all (an empty "meta": {} is not valid R4 JSON)
@@ -155,6 +158,6 @@ def test_stored_forecasts_are_not_read_back_as_data(store):
     assert not any(ref.rsplit("/_history", 1)[0] in forecast_refs for ref in after.source_times)
     assert any(ref.startswith("Observation/untagged-preliminary/") for ref in after.source_times)
     assert after.last_data_time == before.last_data_time
-    assert twin_fhir.calibration_inputs(after) == twin_fhir.calibration_inputs(before)
+    assert twin_fhir.calibration_inputs(after, pt.model) == twin_fhir.calibration_inputs(before, pt.model)
     for name, series in before.series.items():
         assert np.array_equal(after.series[name].values, series.values)

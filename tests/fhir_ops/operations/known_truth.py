@@ -63,7 +63,8 @@ def replicate_csv(name: str, seed: int) -> tuple[str, dict]:
 
 
 def fit_replicate(name: str, seed: int) -> dict:
-    """In-process fit of one replicate: {parameter: (estimate, se)} on the log scale."""
+    """In-process fit of one replicate: {parameter: (estimate, se, (low, high))} on the log scale, the
+    interval being the 95 % confidence interval the fit reports (``PopulationFit.confidence_interval``)."""
     from fhir_ops.mapping import model_definition as fm
     from fhir_ops.mapping import nonmem
     from inference import model_definition as md
@@ -73,5 +74,6 @@ def fit_replicate(name: str, seed: int) -> dict:
     start = md.load_definition(start_definition(name), fm.ucum_factor)
     data = md.event_data(start, nonmem.subject_records(nonmem.parse(text, mapping), mapping, start))
     fit = fit_population(start.population_model(), start.structural, data)
-    return {p: (float(fit.model.theta[k]), fit.standard_errors.get(p, float("nan")))
+    return {p: (float(fit.model.theta[k]), fit.standard_errors.get(p, float("nan")),
+                tuple(fit.confidence_interval(p)) if p in fit.standard_errors else (float("nan"),) * 2)
             for k, p in enumerate(start.parameter_names)} | {"_converged": fit.converged}

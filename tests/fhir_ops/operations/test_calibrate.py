@@ -78,10 +78,10 @@ def test_new_observations_give_a_new_twin_version_with_a_narrower_forecast(twin_
     v1 = single(body, "twinState")["reference"]
     assert v1 == f"Basic/twin-{PARTICIPANT}/_history/1"
     assert single(body, "newObservations") == single(body, "observationsUsed") > 0
-    assert single(body, "modelVersion") == "tt201-twin 1.0.0"
+    assert single(body, "modelVersion") == "https://trialtwin.org/fhir/Library/tt201-twin|1.1.0"
     names = [p["name"] for p in entries(body, "parameter")]
-    assert names == ["CL", "V", "ka", "Emax", "EC50", "HbA1c0", "FPG0dev"]
-    assert all(p["low"] < p["mean"] < p["high"] for p in entries(body, "parameter") if p["name"] != "FPG0dev")
+    assert names == ["CL", "V", "KA", "EMAX", "EC50", "HBA1C0", "FPG0DEV"]  # the definition's variable parameters
+    assert all(p["low"] < p["mean"] < p["high"] for p in entries(body, "parameter") if p["name"] != "FPG0DEV")
 
     before = simulate(base, f"Patient/{PARTICIPANT}", params(horizonDays=28, samples=2000, seed=1)).json()
     assert single(before, "twinState")["reference"] == v1  # the stored state is reused
@@ -144,7 +144,7 @@ def test_calibrate_errors(twin_server):
     assert 400 <= resp.status_code < 500 and "$calibrate" in issue_text(resp)
     patient = requests.post(f"{base}/Patient", json={"resourceType": "Patient"}, headers=HEADERS, timeout=30).json()
     resp = calibrate(base, patient["id"])
-    assert resp.status_code == 422 and error_id(resp) == "participant-without-data"
+    assert resp.status_code == 422 and error_id(resp) == "participant-without-study"
 
 
 def test_concurrent_first_calibrations_write_one_consistent_history(twin_server):

@@ -33,7 +33,7 @@ def test_patient_forecast_carries_90_percent_prediction_intervals(twin_server):
     assert any(r["high"] > r["low"] for r in rows if r["output"] == "hba1c")
     summary = {s["name"]: s["value"] for s in entries(body, "summary")}
     assert summary["interval-level"] == pytest.approx(0.9)
-    assert single(body, "modelVersion") == "tt201-twin 1.0.0"
+    assert single(body, "modelVersion") == "https://trialtwin.org/fhir/Library/tt201-twin|1.1.0"
     observed = entries(body, "observed")
     assert observed and {o["output"] for o in observed} <= {"concentration", "fpg", "hba1c"}
     # the forecast starts after the last observation it was calibrated on
@@ -115,7 +115,7 @@ def test_persisted_forecast_links_through_provenance_to_exact_inputs_and_model(t
     agents = {a["type"]["coding"][0]["code"]: a["who"] for a in provenance["agent"]}
     device = _get(base, agents["assembler"]["reference"])
     assert conformance.check(device) == []
-    assert device["deviceName"][0]["name"] == "tt201-twin" and device["version"][0]["value"] == "1.0.0"
+    assert device["deviceName"][0]["name"] == "tt201-twin" and device["version"][0]["value"] == "1.1.0"
     assert agents["author"]["reference"] == "Practitioner/dr-who"
 
     # inputs: exact versions of every Observation and dose the twin used, each readable by vread
@@ -208,21 +208,28 @@ def test_actual_group_uses_members_and_virtual_group_samples_participants(twin_s
         "resourceType": "Group", "type": "person", "actual": False, "quantity": 600,
         "characteristic": [{"code": {"coding": [{"system": "https://trialtwin.org/fhir/CodeSystem/trialtwin",
                                                  "code": "study-arm"}], "text": "arm"},
-                            "valueCodeableConcept": {"text": "50 mg"}, "exclude": False}]},
+                            "valueCodeableConcept": {"text": "50 mg"}, "exclude": False}, STUDY_CHARACTERISTIC]},
         headers=HEADERS, timeout=30).json()
     body = simulate(base, f"Group/{virtual['id']}", params(horizonDays=28, seed=4)).json()
     arms = entries(body, "armSummary")
     assert {a["arm"] for a in arms} == {"50 mg"} and arms[0]["participants"] == 600
     conc = [a for a in arms if a["output"] == "concentration" and a["day"] == 27][0]
     assert 0 < conc["low"] < conc["median"] < conc["high"]
-    assert single(body, "modelVersion") == "tt201-twin 1.0.0"
+    assert single(body, "modelVersion") == "https://trialtwin.org/fhir/Library/tt201-twin|1.1.0"
 
 
 # -------------------------------------------------------------------------- acceptance 5: async
 
+#: a virtual Group is simulated under the twin model of the study it names
+STUDY_CHARACTERISTIC = {"code": {"coding": [{"system": "https://trialtwin.org/fhir/CodeSystem/trialtwin",
+                                             "code": "research-study"}], "text": "study"},
+                        "valueReference": {"reference": "ResearchStudy/tt-201"}, "exclude": False}
+
+
 def _virtual_group(base: str, quantity: int) -> str:
     group = requests.post(f"{base}/Group", json={"resourceType": "Group", "type": "person", "actual": False,
-                                                 "quantity": quantity}, headers=HEADERS, timeout=30).json()
+                                                 "quantity": quantity, "characteristic": [STUDY_CHARACTERISTIC]},
+                          headers=HEADERS, timeout=30).json()
     return group["id"]
 
 
@@ -322,9 +329,19 @@ def test_participant_without_data_is_unprocessable(twin_server):
     base, _ = twin_server
     patient = requests.post(f"{base}/Patient", json={"resourceType": "Patient", "gender": "female"},
                             headers=HEADERS, timeout=30).json()
+    # not in any study: no twin model applies
+    resp = simulate(base, f"Patient/{patient['id']}")
+    assert resp.status_code == 422 and error_id(resp) == "participant-without-study"
+    assert f"Patient/{patient['id']}" in issue_text(resp)
+    # enrolled, but nothing of the model's outputs observed yet
+    requests.post(f"{base}/ResearchSubject", json={
+        "resourceType": "ResearchSubject", "status": "on-study", "study": {"reference": "ResearchStudy/tt-201"},
+        "individual": {"reference": f"Patient/{patient['id']}"}, "assignedArm": "50 mg",
+        "period": {"start": "2026-11-01T00:00:00Z"}},
+        headers=HEADERS, timeout=30).raise_for_status()
     resp = simulate(base, f"Patient/{patient['id']}")
     assert resp.status_code == 422 and error_id(resp) == "participant-without-data"
-    assert f"Patient/{patient['id']}" in issue_text(resp)
+    assert f"Patient/{patient['id']}" in issue_text(resp) and "Hemoglobin A1c" in issue_text(resp)
     missing = simulate(base, "Patient/no-such-patient")
     assert missing.status_code == 404
 

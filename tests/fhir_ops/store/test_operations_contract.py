@@ -235,13 +235,20 @@ def test_predict_dropout_study_level_and_persist_false(client, store, expected_p
 
 def _load_demo(client, tag: str, participants: int = 3) -> str:
     """A small seeded TT-201 study under ids unique to one test; returns an on-study participant's id."""
-    from fhir_ops.demo import build_demo_resources, simulate_demo_records
+    from fhir_ops.demo import MODEL_DEFINITION, build_demo_resources, simulate_demo_records
+    from fhir_ops.mapping import model_definition as fm
 
-    text = json.dumps(build_demo_resources(simulate_demo_records(seed=7, n=participants)))
+    built = build_demo_resources(simulate_demo_records(seed=7, n=participants))
+    # the model definition Library is shared by every copy of the study: its ids and URL stay as they are
+    library = [r for r in built if r["resourceType"] == "Library"]
+    text = json.dumps([r for r in built if r["resourceType"] != "Library"])
     text = text.replace('"tt201-', f'"{tag}-').replace("/tt201-", f"/{tag}-")
     text = text.replace('"id": "tt-201"', f'"id": "{tag}-study"').replace('"ResearchStudy/tt-201"',
                                                                           f'"ResearchStudy/{tag}-study"')
-    resources = json.loads(text)
+    resources = library + json.loads(text)
+    for r in resources:
+        if r["resourceType"] == "ResearchStudy":
+            r.update(fm.with_study_model(r, MODEL_DEFINITION.canonical))
     answer = client.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
                                  for r in resources])
     assert answer.status_code == 200, answer.text
