@@ -202,7 +202,8 @@ def _enrollment(d):
 
 def _stratify(d):
     p, b = d["product"], d["baseline_kmeans_silhouette"]
-    return (f"{p['seconds']:.0f} s (BIC over k = 1..4, bootstrap, rules), ARI {p['ari_vs_truth']:.2f} vs planted strata",
+    return (f"{p['seconds']:.0f} s (BIC over k = 1..4, bootstrap, rules), "
+            f"ARI {p['ari_vs_truth']:.2f} vs planted strata",
             f"k-means + silhouette: ~{b['extrapolated_seconds_at_1e5']:.0f} s extrapolated "
             f"({ratio(d['ratio_baseline_over_product'])}), same ARI")
 

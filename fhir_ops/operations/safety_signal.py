@@ -4,9 +4,11 @@ Reads the study's AdverseEvents and each participant's time on study through
 :mod:`fhir_ops.mapping.safety`; per arm and term the exposure-adjusted incidence and the conjugate
 Poisson–gamma posterior give ``P(rate_arm > rate_control + margin)`` (:mod:`inference.safety`). The
 twins' simulated steady-state exposure (AUC or Cmax from each participant's posterior clearance,
-volume and absorption rate) drives a Poisson exposure–response regression per term, which forecasts
-the events of the next period among the participants still on study. A run is stored as a
-MeasureReport whose id is derived from its inputs and settings, so an unchanged re-run writes
+volume, absorption rate and bioavailability, read by pk role from the study's daily-regimen model
+definition; any other model is refused with 422 ``model-not-daily-regimen``) drives a Poisson
+exposure–response regression per term, which forecasts the events of the next period among the
+participants still on study. A run is stored as a MeasureReport whose id is derived from its inputs
+and settings, so an unchanged re-run writes
 nothing; above the threshold a DetectedIssue (one per arm and term, updated as data arrive) and a
 Task for the safety reviewer (created once) are written; a Provenance names every input version.
 """
@@ -20,21 +22,17 @@ from fhir_ops.errors import FhirError, InvalidRequest, NotFound, Unprocessable, 
 from fhir_ops.mapping import safety as fs
 from fhir_ops.mapping.participant import parse_datetime
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
-from fhir_ops.mapping.twin import arm_dose
+from fhir_ops.mapping.twin import arm_dose, dose_factor
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.operations import twin_common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
 from inference import safety as engine
-from inference import twin
-from inference.cohort import TT201Population
 from terminology.catalog import SNOMED, default_catalog
 from terminology.workflow import active_harmonizer
 
 ACTIVITY = "$safety-signal"
 METHOD_DEVICE = ("trialtwin-safety", "0.1.0")
-_PARAM_NAMES = [n for n, _, _ in twin.PARAMETERS]
-_BIOAVAILABILITY = TT201Population().f  # the built-in twin's oral bioavailability
 
 
 def _bad(name: str, message: str, error_id: str) -> InvalidRequest:
@@ -90,22 +88,27 @@ def _control_arm(study: dict, arms: list[str], given: str | None) -> str:
                "missing-parameter")
 
 
-def _exposure(store, pid: str, dose: float, metric: str, issues_count: list) -> tuple[float, list[str]]:
-    """Steady-state exposure of a participant from their twin (population typical values without one)."""
+def _exposure(store, pid: str, sm: twin_common.StudyModel, dose: float, metric: str,
+              issues_count: list) -> tuple[float, list[str]]:
+    """Steady-state exposure of a participant from their twin under the study's daily-regimen model:
+    clearance, volume, absorption rate and bioavailability by structural role (pk CL, V, KA, F) at the
+    posterior mode; the prior's typical values for a participant without a twin."""
     if dose <= 0:
         return 0.0, []
+    model = sm.regimen
     try:
-        pt = twin_common.participant_twin(store, pid)
-        mean = np.asarray(pt.posterior.mean, dtype=float)
+        pt = twin_common.participant_twin(store, pid, sm)
+        phi = np.asarray(pt.posterior.parameters, dtype=float)
         inputs = [pt.stored.ref] if pt.reused and pt.stored else list(pt.inputs)
     except (NotFound, FhirError) as exc:
         if isinstance(exc, FhirError) and exc.status not in (400, 404, 422):
             raise
-        mean = np.asarray(twin.population_model().theta, dtype=float)
+        phi = np.asarray(sm.prior.theta, dtype=float)
         inputs = []
         issues_count.append(pid)
-    cl, v, ka = (float(np.exp(mean[_PARAM_NAMES.index(n)])) for n in ("CL", "V", "ka"))
-    auc, cmax = engine.steady_state_exposure(cl, v, ka, dose, bioavailability=_BIOAVAILABILITY)
+    p = model.natural(phi[None, :])
+    auc, cmax = engine.steady_state_exposure(float(p["cl"][0]), float(p["v"][0]), float(p["ka"][0]),
+                                             dose * dose_factor(model), bioavailability=float(p["f"][0]))
     return float(auc if metric == "auc" else cmax), inputs
 
 
@@ -198,6 +201,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
             rows.append(row)
 
     # exposure-response: twin exposure per participant, Poisson regression per term, next-period forecast
+    sm = twin_common.study_model_of(store, data.study)  # the twins of the study's model
+    twin_common.daily_regimen(sm, ACTIVITY)
     ctx.progress(0.3, "simulating exposure from the twins")
     exposures = np.zeros(len(data.participants))
     twin_inputs: list[str] = []
@@ -206,7 +211,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         dose = arm_dose(p.arm) if p.arm else None
         if dose is None or years[i] <= 0:
             continue
-        exposures[i], refs = _exposure(store, p.patient_id, dose, s["exposure"], fallback)
+        exposures[i], refs = _exposure(store, p.patient_id, sm, dose, s["exposure"], fallback)
         twin_inputs += refs
         if ctx.cancelled():
             raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
@@ -245,7 +250,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
                  "rate": [_rate_part(r) for r in rows], "forecast": forecasts, "signals": len(signals)}
     if params.get("persist", True):
         ctx.progress(0.9, "storing the report, issues and review tasks")
-        inputs = data.inputs + twin_inputs
+        inputs = data.inputs + sm.inputs + twin_inputs
         out.update(_persist(ctx, study_ref, data, cut, s, rows, forecasts, signals, control, inputs))
     if issues:
         out["issues"] = {"resourceType": "OperationOutcome", "issue": issues}

@@ -133,3 +133,52 @@ def test_asynchronous_stratification_answers_the_same_as_a_synchronous_one(twin_
     assert poll.status_code == 200, poll.text[:400]
     assert entries(poll.json(), "bic") == entries(sync.json(), "bic")
     assert single(poll.json(), "strata") == single(sync.json(), "strata")
+
+
+def test_default_features_are_the_study_models_emax_and_ec50_parameters(twin_server):
+    """The features default to the parameters in the pd roles EMAX and EC50 of the study's definition
+    (TT-201's are named EMAX and EC50); the response is in the EMAX parameter's unit."""
+    base, _ = twin_server
+    r = _stratify(base, "ResearchStudy/tt-201", params(bootstrap=0, persist=False))
+    assert r.status_code == 200, r.text[:400]
+    first = next(p for p in r.json()["parameter"] if p["name"] == "stratum")
+    assert [next(x["valueString"] for x in q["part"] if x["name"] == "feature")
+            for q in first["part"] if q["name"] == "mean"] == ["log EMAX", "log EC50"]
+    units = {x["valueString"] for q in first["part"] if q["name"] == "response"
+             for x in q["part"] if x["name"] == "unit"}
+    assert units == {"mg/dL"}
+    r = _stratify(base, "ResearchStudy/tt-201", params(feature="Emax"))  # the removed built-in twin's name
+    assert r.status_code == 400 and error_id(r) == "unknown-code" and "EMAX" in r.text
+
+
+def test_a_study_whose_model_is_not_a_daily_regimen_is_refused_by_both_operations(twin_server):
+    """Theophylline's definition runs on the event engine: it has no daily-regimen roles to read the
+    twins' clearance, bioavailability, Emax and EC50 from, so $stratify and $safety-signal refuse it (422)."""
+    from fhir_ops.mapping import model_definition as fm
+    from inference.model_definition import shipped_definition
+
+    base, _ = twin_server
+    theoph = fm.compile_definition(shipped_definition("theophylline"))
+    library = fm.definition_library(theoph)
+    puts = [library, fm.with_study_model({"resourceType": "ResearchStudy", "id": "theoph-strat", "status": "active",
+                                          "arm": [{"name": "placebo"}, {"name": "320 mg"}]}, theoph.canonical)]
+    for i in range(12):
+        pid = f"theoph-strat-p{i}"
+        puts += [{"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1960-03-01"},
+                 {"resourceType": "ResearchSubject", "id": f"{pid}-rs", "status": "on-study",
+                  "study": {"reference": "ResearchStudy/theoph-strat"}, "individual": {"reference": f"Patient/{pid}"},
+                  "assignedArm": ("placebo", "320 mg")[i % 2], "period": {"start": "2026-10-01T08:00:00Z"}}]
+    puts.append({"resourceType": "AdverseEvent", "id": "theoph-strat-ae", "actuality": "actual",
+                 "event": {"coding": [{"system": "http://snomed.info/sct", "code": "25064002"}]},
+                 "subject": {"reference": "Patient/theoph-strat-p1"}, "date": "2026-10-05T10:00:00Z",
+                 "study": [{"reference": "ResearchStudy/theoph-strat"}]})
+    for res in puts:
+        resp = requests.put(f"{base}/{res['resourceType']}/{res['id']}", json=res, headers=HEADERS, timeout=30)
+        assert resp.status_code in (200, 201), resp.text[:400]
+    before = _strata_count(base)
+    r = _stratify(base, "ResearchStudy/theoph-strat")
+    assert r.status_code == 422 and error_id(r) == "model-not-daily-regimen", r.text[:400]
+    assert theoph.canonical in r.text
+    r = requests.post(f"{base}/ResearchStudy/theoph-strat/$safety-signal", json=params(), headers=HEADERS, timeout=60)
+    assert r.status_code == 422 and error_id(r) == "model-not-daily-regimen", r.text[:400]
+    assert _strata_count(base) == before
