@@ -200,6 +200,21 @@ def _enrollment(d):
             f"naive per-day simulation: {ratio(d['speedup'])} slower, same median")
 
 
+def _stratify(d):
+    p, b = d["product"], d["baseline_kmeans_silhouette"]
+    return (f"{p['seconds']:.0f} s (BIC over k = 1..4, bootstrap, rules), "
+            f"ARI {p['ari_vs_truth']:.2f} vs planted strata",
+            f"k-means + silhouette: ~{b['extrapolated_seconds_at_1e5']:.0f} s extrapolated "
+            f"({ratio(d['ratio_baseline_over_product'])}), same ARI")
+
+
+def _safety(d):
+    w, a = d["workload"], d["agreement"]
+    return (f"{d['product_seconds']:.1f} s ({w['adverse_event_records']:,} AE records, {w['terms']} terms)",
+            f"dict counts + Monte Carlo + statsmodels GLM: {ratio(d['ratio_baseline_over_product'])} slower, "
+            + ("same counts and slopes" if a["counts_equal"] else "counts differ"))
+
+
 ROWS = [
     ("PK core, 10^4 participants × 365 days, 1-cmt oral once daily, one core", "pk_engine_bench", _pk),
     ("population fit (FOCEI)", "population_bench", _population),
@@ -223,6 +238,8 @@ ROWS = [
     ("`trialtwin --help`", "startup_bench", _help),
     ("R4 validation of the demo study's resources", "validation_bench", _validation),
     ("enrollment forecast, Poisson–gamma Monte Carlo", "enrollment_bench", _enrollment),
+    ("stratification of 10^5 participants, one core", "stratify_bench", _stratify),
+    ("safety monitoring, one core", "safety_bench", _safety),
 ]
 
 

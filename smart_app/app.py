@@ -21,6 +21,7 @@ from .jwks import persistent_secret
 from .plots import cohort_panels, enrollment_panel, forecast_panels
 from .schedule_views import load_proposed_visits, load_study_schedule
 from .study_results import MAX_TARGET, load_effect_reports, load_enrollment
+from .study_safety import load_safety, load_strata
 
 CLIENT_ID = "trialtwin-clinician"
 #: What the app asks for. Patient data stays in the launch patient's compartment (patient/ scopes); the
@@ -28,7 +29,8 @@ CLIENT_ID = "trialtwin-clinician"
 #: study-level resources an EDC launch needs are not patient data and come with user/ scopes.
 SCOPES = ("launch openid fhirUser patient/*.rs patient/Observation.cu patient/Basic.cu patient/Provenance.cu "
           "patient/RiskAssessment.cu patient/Task.cu user/ResearchStudy.rs user/ResearchSubject.rs user/Group.rs "
-          "user/Organization.rs user/Location.rs user/RiskAssessment.rs user/DocumentReference.rs")
+          "user/Organization.rs user/Location.rs user/RiskAssessment.rs user/DocumentReference.rs "
+          "user/MeasureReport.rs user/DetectedIssue.rs")
 STANDALONE_SCOPES = SCOPES.replace("launch ", "launch/patient ", 1)
 
 #: The only texts a link may put in the page's notice: ``?notice=<key>`` (never free text from the query string,
@@ -285,10 +287,11 @@ def study_view(study_id):
     enrollment = None if errors else load_enrollment(api, study_id, cohort.study, cohort.subjects, target, problems)
     reports = load_effect_reports(api, study_id, problems)
     schedule = load_study_schedule(api, study_id)
+    strata, safety = load_strata(api, study_id, problems), load_safety(api, study_id, problems)
     return render_template("app/study.html", cohort=cohort, panels=cohort_panels(cohort), problems=problems,
                            grant=grant, errors=errors, form=request.args, enrollment=enrollment,
                            enrollment_svg=enrollment_panel(enrollment) if enrollment and enrollment.forecast else None,
-                           reports=reports, schedule=schedule)
+                           reports=reports, schedule=schedule, strata=strata, safety=safety)
 
 
 def calendar_date(value) -> str:

@@ -24,6 +24,8 @@ MODULES = [
     "fhir_ops.operations.export",  # $export: system, Patient, Group and ResearchStudy instance (Bulk Data v2 NDJSON)
     "fhir_ops.operations.deidentify",  # $deidentify: Group, ResearchStudy instance (Safe Harbor NDJSON copy)
     "fhir_ops.operations.ingest_readings",  # $ingest-readings: Observation type (device readings, idempotent)
+    "fhir_ops.operations.stratify",  # $stratify: ResearchStudy, Group instance (responder strata from twins, stored as Groups)
+    "fhir_ops.operations.safety_signal",  # $safety-signal: ResearchStudy instance (Bayesian AE monitoring, exposure-response forecast)
 ]
 
 

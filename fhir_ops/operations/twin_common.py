@@ -99,6 +99,24 @@ def study_model_of(store, study: dict) -> StudyModel:
     return StudyModel(study, library, definition, prior, estimate)
 
 
+def daily_regimen(sm: StudyModel, operation: str) -> DailyRegimen:
+    """The study's daily-regimen model, for operations that read twin parameters by structural role
+    (CL, F, EMAX, EC50); 422 ``model-not-daily-regimen`` for any other definition."""
+    if sm.regimen is None:
+        raise Unprocessable(f"{operation}: the model of ResearchStudy/{sm.study.get('id')}, {sm.definition.canonical}, "
+                            "is not a daily-regimen definition (pd.exposure 'daily-average' with a 1-compartment oral "
+                            "PK model and a direct Emax model); this operation reads the twins' clearance, "
+                            "bioavailability, Emax and EC50 from such a model only",
+                            error_id="model-not-daily-regimen")
+    return sm.regimen
+
+
+def role_parameter(model: DailyRegimen, section: str, role: str) -> str | None:
+    """Name of the definition parameter that plays ``role`` in ``section`` (``pk``, ``pd``), None if none."""
+    value = model.definition.document.get(section, {}).get("parameters", {}).get(role)
+    return value if isinstance(value, str) else None
+
+
 def participant_model(store, patient_id: str) -> StudyModel:
     """The twin model of a participant's study (404 for an unknown Patient; 422 when there is none)."""
     store.read("Patient", patient_id)

@@ -136,3 +136,32 @@ def test_differential_follows_base_element_order(profile):
 
     positions = [position(e) for e in profile["differential"]["element"][1:]]
     assert positions == sorted(positions)
+
+
+EXAMPLES = sorted((profiles.PROFILES_DIR / "examples").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_profile_examples_parse_as_r4_and_conform(path):
+    import json
+
+    resource = json.loads(path.read_text(encoding="utf-8"))
+    get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    assert resource["meta"]["profile"][0].startswith(SD)
+    assert conformance.check(resource) == []
+
+
+@pytest.mark.parametrize("example, mutate, expected", [
+    ("Group-stratum", lambda r: r.pop("member"), "Group.member: at least 1"),
+    ("Group-stratum", lambda r: r.update(code={"coding": [{"system": CS, "code": "outreach"}]}), "Group.code"),
+    ("DetectedIssue-safety-signal-issue", lambda r: r.update(status="final"), "must be 'preliminary'"),
+    ("Task-safety-review-task", lambda r: r.pop("focus"), "Task.focus: at least 1"),
+    ("MeasureReport-safety-signal-report", lambda r: r.pop("evaluatedResource"), "evaluatedResource: at least 1"),
+])
+def test_checker_catches_violations_of_the_issue_17_profiles(example, mutate, expected):
+    import json
+
+    resource = json.loads((profiles.PROFILES_DIR / "examples" / f"{example}.json").read_text(encoding="utf-8"))
+    mutate(resource)
+    problems = conformance.check(resource)
+    assert any(expected in p for p in problems), problems

@@ -59,6 +59,12 @@ GENERATED = [
     ("Appointment", None, "$optimize-schedule"),
     ("CarePlan", None, "$optimize-schedule"),
     ("Provenance", SD + "twin-provenance", "$optimize-schedule"),
+    ("Group", SD + "stratum", "$stratify"),
+    ("Provenance", SD + "twin-provenance", "$stratify"),
+    ("MeasureReport", SD + "safety-signal-report", "$safety-signal"),
+    ("DetectedIssue", SD + "safety-signal-issue", "$safety-signal"),
+    ("Task", SD + "safety-review-task", "$safety-signal"),
+    ("Provenance", SD + "twin-provenance", "$safety-signal"),
 ]
 
 
@@ -189,6 +195,35 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         out[_key(GENERATED[20])] = _get(client, careplan["activity"][0]["reference"]["reference"])
         out[_key(GENERATED[21])] = careplan
         out[_key(GENERATED[22])] = _get(client, _value(scheduled.json(), "provenance")["reference"])
+
+        # $stratify on the demo study (its twins: 12, as stratification needs at least 10), $safety-signal with
+        # a planted adverse event so a DetectedIssue and its review Task exist
+        study = build_demo_resources(simulate_demo_records(seed=7, n=12))
+        for i in range(0, len(study), 500):
+            assert client.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                                       for r in study[i:i + 500]]).status_code == 200
+        strata = client.post("ResearchStudy/tt-201/$stratify", {"resourceType": "Parameters", "parameter": [
+            {"name": "bootstrap", "valueInteger": 2}]})
+        assert strata.status_code == 200, strata.text[:500]
+        first = next(p for p in strata.json()["parameter"] if p["name"] == "stratum")
+        out[_key(GENERATED[23])] = _get(client, _value(first, "group")["reference"])
+        out[_key(GENERATED[24])] = _get(client, _value(strata.json(), "provenance")["reference"])
+        subjects = [r for r in study if r["resourceType"] == "ResearchSubject" and r["assignedArm"] == "100 mg"]
+        planted = [{"resource": {"resourceType": "AdverseEvent", "id": f"hapi-planted-{i}-{j}", "actuality": "actual",
+                                 "event": {"coding": [{"system": "http://snomed.info/sct", "code": "25064002",
+                                                       "display": "Headache"}]},
+                                 "subject": s["individual"], "date": s["period"]["start"] + f"T1{j}:00:00Z",
+                                 "study": [{"reference": "ResearchStudy/tt-201"}]},
+                    "request": {"method": "PUT", "url": f"AdverseEvent/hapi-planted-{i}-{j}"}}
+                   for i, s in enumerate(subjects) for j in range(6)]
+        assert client.transaction(planted).status_code == 200
+        safety = client.post("ResearchStudy/tt-201/$safety-signal", {"resourceType": "Parameters", "parameter": [
+            {"name": "term", "valueString": "http://snomed.info/sct|25064002"}]})
+        assert safety.status_code == 200, safety.text[:500]
+        out[_key(GENERATED[25])] = _get(client, _value(safety.json(), "measureReport")["reference"])
+        out[_key(GENERATED[26])] = _get(client, _value(safety.json(), "detectedIssue")["reference"])
+        out[_key(GENERATED[27])] = _get(client, _value(safety.json(), "task")["reference"])
+        out[_key(GENERATED[28])] = _get(client, _value(safety.json(), "provenance")["reference"])
         client.http.close()
     app.extensions["trialtwin.store"].close()
     return out
