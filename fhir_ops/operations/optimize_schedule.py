@@ -27,8 +27,9 @@ from inference.schedule import (IN_PERSON, MODALITIES, PlanError, Schedule, chec
 ACTIVITY = "$optimize-schedule"
 METHOD_DEVICE = ("trialtwin-schedule", "0.1.0")
 SOLVER = "scipy.optimize.milp (HiGHS)"
-#: information value of a visit (inference.schedule.information_weights): HbA1c assay SD (%) and the SD of
-#: the twin's HbA1c drift per sqrt(day), from the TT-201 population's yearly drift
+#: information value of a visit (inference.schedule.information_weights): the marker's assay SD and the SD
+#: of its drift per sqrt(day), the drift taken from the study model's disease slope (_marker_drift_per_year);
+#: the assay SD is still one fixed number here (HbA1c, %), not yet read from the study's definition
 HBA1C_ASSAY_SD = 0.12
 _WRITE_LOCK = threading.Lock()
 
