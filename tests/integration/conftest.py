@@ -5,10 +5,22 @@ version and how many integration tests ran against it, so the CI log shows the t
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
+import requests
 
 from fhir_ops.store.remote import RemoteStore
 from tests.integration.hapi import HapiServer, hapi_server, tally
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("hapi_validate", ROOT / "scripts" / "hapi_validate.py")
+#: scripts/hapi_validate.py, the loader and validator CI uses, importable by the integration tests
+hapi_validate = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("hapi_validate", hapi_validate)  # dataclasses look their module up there
+_spec.loader.exec_module(hapi_validate)
 
 
 def pytest_configure(config) -> None:
@@ -27,3 +39,14 @@ def remote_store(hapi):
     store = RemoteStore(hapi.base_url)
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def profiles_on_hapi(hapi) -> str:
+    """profiles/ loaded into HAPI (the load must report nothing), so resources that claim our profiles
+    can be validated whatever order the tests run in; loading is an idempotent PUT by id."""
+    report = hapi_validate.Report()
+    with requests.Session() as session:
+        hapi_validate.load(hapi.base_url, hapi_validate.find_conformance([ROOT / "profiles"]), report, session)
+    assert report.problems == []
+    return hapi.base_url

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validator")
 
 
 @pytest.mark.parametrize("mode", ["year", "shift"])
-def test_deidentified_demo_resources_are_valid_r4(hapi, mode):
+def test_deidentified_demo_resources_are_valid_r4(hapi, mode, profiles_on_hapi):
     sh = SafeHarbor(b"integration-key-0123456789", mode, date(2026, 12, 1))
     samples = _representatives(build_demo_resources(simulate_demo_records(seed=7, n=24)))
     problems = []

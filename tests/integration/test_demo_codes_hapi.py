@@ -45,7 +45,7 @@ def _representatives(resources: list[dict]) -> list[dict]:
     return list(chosen.values())
 
 
-def test_every_coded_variant_of_the_demo_is_valid_r4(hapi):
+def test_every_coded_variant_of_the_demo_is_valid_r4(hapi, profiles_on_hapi):
     resources = build_demo_resources(simulate_demo_records(seed=7, n=24))
     assert any(r["resourceType"] == "AdverseEvent" for r in resources)  # the seriousness codes are exercised
     samples = _representatives(resources)

@@ -6,9 +6,7 @@ store; profiles/ is loaded into HAPI (as scripts/hapi_validate.py does) and each
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from fhir_ops.app import create_app
 from tests.fhir_ops.conftest import FhirClient
 from tests.fhir_ops.test_predict_dropout import AS_OF, high_risk, low_risk, parameters
 from tests.live_server import serve
+from tests.integration.conftest import hapi_validate
 
 # Both modules upload profiles/ into the one HAPI server; run concurrently (pytest -n), one could
 # validate a definition while the other re-uploads it, and HAPI then fails to build its snapshot.
@@ -29,10 +28,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validator")
 ROOT = Path(__file__).resolve().parents[2]
 SD = "https://trialtwin.org/fhir/StructureDefinition/"
 FHIR_JSON = "application/fhir+json"
-_spec = importlib.util.spec_from_file_location("hapi_validate", ROOT / "scripts" / "hapi_validate.py")
-hapi_validate = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("hapi_validate", hapi_validate)
-_spec.loader.exec_module(hapi_validate)
 
 #: (resource type, profile it must claim or None for base R4, the operation that wrote it)
 GENERATED = [
@@ -227,16 +222,6 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         client.http.close()
     app.extensions["trialtwin.store"].close()
     return out
-
-
-@pytest.fixture(scope="module")
-def profiles_on_hapi(hapi) -> str:
-    """profiles/ loaded into HAPI; the load itself must report nothing (acceptance: profiles load cleanly)."""
-    report = hapi_validate.Report()
-    with requests.Session() as session:
-        hapi_validate.load(hapi.base_url, hapi_validate.find_conformance([ROOT / "profiles"]), report, session)
-    assert report.problems == []
-    return hapi.base_url
 
 
 @pytest.mark.parametrize("item", GENERATED, ids=_key)

@@ -5,14 +5,14 @@ differential-only StructureDefinition really drives validation, before the proje
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.integration.conftest import hapi_validate
 
 # Every module that makes HAPI validate or load conformance resources shares one xdist group: HAPI's
 # validator caches base definitions and builds snapshots on shared objects, and two workers doing it at
@@ -21,10 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hapi-validator")
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
-_spec = importlib.util.spec_from_file_location("hapi_validate", ROOT / "scripts" / "hapi_validate.py")
-hapi_validate = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("hapi_validate", hapi_validate)  # dataclasses look their module up there
-_spec.loader.exec_module(hapi_validate)
 
 PROFILE = "https://trialtwin.org/fhir/test/StructureDefinition/tt-test-timed-observation"
 
