@@ -6,6 +6,7 @@ Connection settings live in a fhirpy ``SyncFHIRClient``; every remote failure is
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -47,6 +48,10 @@ _ERRORS_BY_STATUS: dict[int, type[FhirError]] = {
 
 # Search parameters that steer the search rather than filter it; servers echo them differently in
 # the self link, so they never count as "ignored".
+#: HAPI's code for a lost race between writers of one client-assigned id (the transaction was rolled back)
+_ID_RACE = "HAPI-0825"
+_ID_RACE_RETRIES = 3
+
 _CONTROL_PARAMS = {"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total",
                    "_elements", "_format", "_pretty"}
 
@@ -132,12 +137,18 @@ class RemoteStore(Store):
         if body is not None:
             all_headers["Content-Type"] = FHIR_JSON
         all_headers.update(headers or {})
-        try:
-            response = self._session.request(method, url, params=params, json=body,
-                                             headers=all_headers, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise FhirError(f"remote FHIR server {self.base_url} unreachable: {exc}", status=503,
-                            code="transient", error_id="store-unavailable") from exc
+        for attempt in range(_ID_RACE_RETRIES + 1):
+            try:
+                response = self._session.request(method, url, params=params, json=body,
+                                                 headers=all_headers, timeout=self.timeout)
+            except requests.RequestException as exc:
+                raise FhirError(f"remote FHIR server {self.base_url} unreachable: {exc}", status=503,
+                                code="transient", error_id="store-unavailable") from exc
+            # Two writers creating the same client-assigned id at once: HAPI rolls the loser back whole
+            # and answers 409 HAPI-0825; its maintainers' remedy is to send the same request again.
+            if not (response.status_code == 409 and _ID_RACE in response.text) or attempt == _ID_RACE_RETRIES:
+                break
+            time.sleep(0.5 * (attempt + 1))
         if response.status_code >= 400:
             raise self._error(response, method, url)
         return response

@@ -230,3 +230,26 @@ def test_concurrent_threads_each_get_their_own_connection_pool(remote_store, tag
     assert len(remote_store._sessions) >= 6  # one pool per worker thread (plus the test's own)
     found = remote_store.search("Patient", [("_id", ",".join(ids)), ("_count", "100")])
     assert sorted(r["id"] for r in found.matches) == sorted(ids)
+
+
+def test_concurrent_transactions_creating_one_client_id_all_succeed(remote_store, tag):
+    """Several writers PUT the same new id at once (the demo's shared model Library does under pytest -n):
+    HAPI rejects all but one with 409 HAPI-0825 and rolls them back; the store sends them again, so every
+    writer succeeds and the resource exists once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = f"{tag[:40]}-shared"
+
+    def work(worker: int) -> dict:
+        own = _patient(f"{tag}-{worker}", id=f"{tag[:40]}-{worker}")
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": _patient(f"{tag}-shared", id=shared), "request": {"method": "PUT", "url": f"Patient/{shared}"}},
+            {"resource": own, "request": {"method": "PUT", "url": f"Patient/{own['id']}"}}]}
+        return remote_store.transaction(bundle)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(work, range(6)))
+    assert all(a["type"] == "transaction-response" for a in answers)
+    found = remote_store.search("Patient", [("identifier", f"{SYSTEM}|{tag}-shared")])
+    assert [r["id"] for r in found.matches] == [shared]
+    assert len(remote_store.history("Patient", shared)) >= 1
