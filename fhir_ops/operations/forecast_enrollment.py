@@ -6,7 +6,7 @@ Reads per-site screening through :mod:`fhir_ops.mapping.enrollment`, fits and fo
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
