@@ -22,8 +22,8 @@ from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.reports.effect_report import render_effect_report
 from fhir_ops.store.bundle import latest_version, put_entry
 from inference import evidence
+from terminology.catalog import TRIALTWIN_CS
 
-TRIALTWIN_CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
 PROGNOSTIC_SCORE_PROFILE = "https://trialtwin.org/fhir/StructureDefinition/prognostic-score"
 EFFECT_REPORT_PROFILE = "https://trialtwin.org/fhir/StructureDefinition/effect-report"
 ACTIVITY = "$estimate-effect"
