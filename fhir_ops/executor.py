@@ -81,12 +81,16 @@ def describe(executor) -> str:
     return f"Dask scheduler {executor.scheduler.address} ({len(workers)} workers, {threads} threads now)"
 
 
+#: seconds a shutting-down server waits for the scheduler to acknowledge its client's goodbye
+CLOSE_TIMEOUT = 10
+
+
 def close(executor) -> None:
     """Close a client this server opened (idempotent; the cluster itself keeps running)."""
     if executor is None:
         return
     try:
-        executor.close()
+        executor.close(timeout=CLOSE_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - at shutdown a dead scheduler must not hide the real exit status
         log.warning("closing the Dask client failed: %s", exc)
 

@@ -275,6 +275,19 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
     except BaseException:
         executor.close(config.get("EXECUTOR"))
         raise
+    # from here on a Ctrl+C, even during the banner, closes the listener and the Dask client
+    try:
+        _banner(args, config, wsgi, extra_urls)
+        server.run()
+    finally:
+        server.close()
+        executor.close(config.get("EXECUTOR"))
+    return 0
+
+
+def _banner(args: argparse.Namespace, config: dict, wsgi, extra_urls) -> None:
+    from fhir_ops import executor
+
     mode = config.get("AUTH_MODE", "smart")
     print(f"TrialTwin is running (authorization: {mode}"
           f"{'; FHIR requests need a SMART access token' if mode == 'smart' else '; loopback only'}):")
@@ -285,12 +298,6 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
         print(f"  {label:36s} {url}")
     print(f"  {'cohort simulations run':36s} {executor.describe(config.get('EXECUTOR'))}")
     print("Press Ctrl+C to stop.", flush=True)
-    try:
-        server.run()
-    finally:
-        server.close()
-        executor.close(config.get("EXECUTOR"))
-    return 0
 
 
 def _port_in_use(args: argparse.Namespace, exc: OSError) -> FhirError:
