@@ -24,7 +24,7 @@ def rows(text: str) -> list[dict]:
 
 def test_model_validate_reports_every_problem_with_its_path(tmp_path, capsys):
     assert main(["model", "validate", "theophylline"]) == 0
-    assert "valid model definition https://trialtwin.org/fhir/Library/theophylline-1cmt-oral|1.0.0" in capsys.readouterr().out
+    assert "valid model definition https://trialtwin.org/fhir/Library/theophylline-1cmt-oral|1.1.0" in capsys.readouterr().out
     raw = md.shipped_definition("theophylline")
     raw["pk"]["compartments"] = 4
     raw["outputs"][0]["observation"]["unit"] = "kg"
@@ -75,7 +75,7 @@ def test_load_then_export_round_trips_theoph(tmp_path, capsys):
     assert stored(tmp_path / "d", "Patient").total == 12
     assert stored(tmp_path / "d", "Observation", ("code", "http://loinc.org|4049-3")).total == 132
     study = stored(tmp_path / "d", "ResearchStudy").matches[0]
-    assert study["extension"][0]["valueCanonical"].endswith("theophylline-1cmt-oral|1.0.0")
+    assert study["extension"][0]["valueCanonical"].endswith("theophylline-1cmt-oral|1.1.0")
     out = tmp_path / "out.csv"
     assert main(["export", "--format", "nonmem", "--mapping", mapping, "--data-dir", str(tmp_path / "d"),
                  "-o", str(out)]) == 0

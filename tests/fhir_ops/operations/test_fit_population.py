@@ -111,7 +111,7 @@ def test_theoph_fit_over_http_gives_fm3theo_and_the_in_process_fit(fhir):
     # Provenance pins the model, the study and every dose and observation read, each by version
     provenance = fhir.get(out["provenance"]["reference"]).json()
     pinned = [e["what"]["reference"] for e in provenance["entity"]]
-    assert "Library/theophylline-1cmt-oral-1.0.0/_history/1" in pinned
+    assert "Library/theophylline-1cmt-oral-1.1.0/_history/1" in pinned
     assert "ResearchStudy/theoph/_history/1" in pinned
     assert sum(r.startswith("Observation/") for r in pinned) == 132 + 12  # concentrations + weights
     assert all("/_history/" in r for r in pinned)
@@ -172,11 +172,12 @@ def test_a_definition_with_an_error_is_refused_naming_the_path(fhir):
 def test_definitions_are_read_by_canonical_url_and_version(fhir):
     assert main(["model", "publish", "theophylline", "--url", fhir.base]) == 0
     raw = md.shipped_definition("theophylline")
-    raw["version"] = "1.1.0"
+    shipped = raw["version"]
+    raw["version"] = "2.0.0"
     library = fm.definition_library(fm.compile_definition(raw))
     assert fhir.put(f"Library/{library['id']}", library).status_code == 201
-    found = fhir.get(f"Library?url={raw['url']}&version=1.0.0").json()
-    assert [e["resource"]["version"] for e in found["entry"]] == ["1.0.0"]
+    found = fhir.get(f"Library?url={raw['url']}&version={shipped}").json()
+    assert [e["resource"]["version"] for e in found["entry"]] == [shipped]
     assert fhir.get(f"Library?url={raw['url']}").json()["total"] == 2
 
 
