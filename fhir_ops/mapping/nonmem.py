@@ -301,13 +301,15 @@ def subject_bundle(subject: SubjectRows, mapping: dict) -> dict:
     start = _start(mapping)
     pid = f"{study_id}-{subject.id}"[:64]
     ref = f"Patient/{pid}"
+    at = lambda hours: start + timedelta(hours=hours)  # noqa: E731
+    first = min([d[0] for d in subject.doses] + [o[0] for o in subject.observations])
     resources = [
         {"resourceType": "Patient", "id": pid, "identifier": [{"system": f"{ID_SYSTEM}/{study_id}", "value": subject.id}]},
-        {"resourceType": "ResearchSubject", "id": pid, "status": "on-study",
+        # the subject's record starts at their first event (TIME 0 is usually randomization or the first dose)
+        {"resourceType": "ResearchSubject", "id": pid, "status": "on-study", "period": {"start": _iso(at(first))},
          "study": {"reference": f"ResearchStudy/{study_id}"}, "individual": {"reference": ref},
          **({"assignedArm": subject.arm} if subject.arm else {})},
     ]
-    at = lambda hours: start + timedelta(hours=hours)  # noqa: E731
     for k, (hours, amt, duration, entry, _line) in enumerate(sorted(subject.doses, key=lambda d: d[0])):
         ma = {"resourceType": "MedicationAdministration", "id": f"{pid}-dose-{k + 1}", "status": "completed",
               "medicationCodeableConcept": {"coding": [dict(entry["medication"])]},
@@ -322,7 +324,6 @@ def subject_bundle(subject: SubjectRows, mapping: dict) -> dict:
         resources.append({"resourceType": "Observation", "id": f"{pid}-obs-{k + 1}", "status": "final",
                           "code": {"coding": [dict(entry["code"])]}, "subject": {"reference": ref},
                           "effectiveDateTime": _iso(at(hours)), "valueQuantity": _quantity(dv, entry["unit"])})
-    first = min([d[0] for d in subject.doses] + [o[0] for o in subject.observations])
     for c in mapping.get("covariates") or []:
         value = subject.covariates.get(c["column"].upper())
         if value is None:

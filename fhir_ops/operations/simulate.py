@@ -158,7 +158,10 @@ def _simulate_defined(ctx: OperationContext, params: dict, pt: common.DefinedTwi
         except ValueError as exc:
             raise InvalidRequest(f"Parameter 'dose' is in mg, which does not convert to the model's dose unit "
                                  f"{entry['unit']}: {exc}", error_id="parameter-unit") from None
-    interval = s["interval"] * per_hour
+    # the scenario repeats doses every intervalHours, else at the definition's cohort interval, else daily
+    cohort_interval = model.document.get("cohort", {}).get("interval")
+    interval = (s["interval"] * per_hour if params.get("intervalHours") is not None or cohort_interval is None
+                else float(cohort_interval))
     horizon = 24.0 * s["horizon_days"] * per_hour
     duration = previous.duration if previous is not None and previous.route == entry["route"] else 0.0
     starts = last + interval * np.arange(int(np.floor(horizon / interval)) + 1)
@@ -171,10 +174,12 @@ def _simulate_defined(ctx: OperationContext, params: dict, pt: common.DefinedTwi
     rows = []
     for name in s["outputs"]:
         unit = model.output_units[name]
+        display = model.outputs[model.output_index(name)].get("display", name)
         for t, mid, lo, hi in zip(fc.times[name], fc.median[name], fc.low[name], fc.high[name]):
             rows.append({"output": name, "time": fm.hours_to_datetime(pt.origin, float(t), model.time_unit),
                          "day": round(float(t - last) / (24.0 * per_hour), 6), "median": round(float(mid), 6),
-                         "low": round(float(lo), 6), "high": round(float(hi), 6), "unit": unit})
+                         "low": round(float(lo), 6), "high": round(float(hi), 6), "unit": unit,
+                         "display": display})
     observed = [{"output": name, "time": fm.hours_to_datetime(pt.origin, float(t), model.time_unit),
                  "value": round(float(v), 6)} for t, name, v in record.observations if name in s["outputs"]]
     out = {"forecast": rows, "observed": observed,
