@@ -87,6 +87,41 @@ def check_mapping(mapping: Any) -> list[str]:
     return problems
 
 
+def check_units_against(mapping: dict, model) -> list[str]:
+    """Units of the mapping that contradict the study's model definition (``model``, compiled): a dose unit
+    that does not convert to the definition's dose unit, an observation or covariate whose code the
+    definition maps but whose unit does not convert to the definition's. One line per problem."""
+    from fhir_ops.mapping.model_definition import ucum_factor
+
+    problems = []
+
+    def same(a: dict, b: dict) -> bool:
+        return a.get("system") == b.get("system") and a.get("code") == b.get("code")
+
+    def check(where: str, unit: str, wanted: str, what: str) -> None:
+        try:
+            ucum_factor(unit, wanted)
+        except ValueError as exc:
+            problems.append(f"mapping: {where}.unit {unit!r} does not convert to {wanted!r}, the unit of {what} in "
+                            f"{model.canonical}: {exc}")
+
+    for i, d in enumerate(mapping.get("doses") or []):
+        for entry in model.dosing:
+            if same(d.get("medication") or {}, entry["medication"]):
+                check(f"doses[{i}]", d.get("unit", ""), entry["unit"], f"the dose of {entry['medication']['code']}")
+    for i, o in enumerate(mapping.get("observations") or []):
+        for out in model.outputs:
+            if any(same(o.get("code") or {}, c) for c in out["observation"]["codes"]):
+                check(f"observations[{i}]", o.get("unit", ""), out["observation"]["unit"], f"output {out['name']!r}")
+    for i, c in enumerate(mapping.get("covariates") or []):
+        for cov in model.covariates:
+            if "observation" in cov and cov["type"] != "categorical" and \
+                    any(same(c.get("code") or {}, x) for x in cov["observation"]["codes"]):
+                check(f"covariates[{i}]", c.get("unit", "1"), cov.get("unit") or cov["observation"]["unit"],
+                      f"covariate {cov['name']!r}")
+    return problems
+
+
 def _start(mapping: dict) -> datetime:
     text = mapping.get("start", "2025-01-06T08:00:00Z")
     try:
