@@ -38,7 +38,7 @@ from inference.regimen import DAILY_AVERAGE, DailyRegimen, family_issues, with_d
 __all__ = [
     "FORMAT_VERSION", "DefinitionIssue", "DefinitionError", "ModelDefinition", "Dose", "SubjectRecord",
     "schema", "check_definition", "load_definition", "shipped_definition", "shipped_names", "event_data",
-    "SubjectForecast", "calibrate_subject", "forecast_subject",
+    "SubjectForecast", "calibrate_subject", "forecast_subject", "simulate_arms", "MarkerNoise", "marker_noise",
 ]
 
 FORMAT_VERSION = "1"
@@ -68,6 +68,10 @@ _DISEASE_ROLES = {
 _DAILY_ONLY_ROLES = {"pd": "SLOPE", "disease": "TONSET"}
 #: points of the integration grid of models that need one (effect compartment, IDR, tumour growth)
 _GRID_POINTS = 240
+#: participants per chunk of a cohort simulation (event rows are built per chunk)
+COHORT_BLOCK = 1000
+#: length of each time unit in days
+DAYS_PER_UNIT = {"h": 1.0 / 24.0, "d": 1.0, "wk": 7.0}
 
 
 @dataclass(frozen=True)
@@ -382,6 +386,12 @@ def check_definition(raw: Any, unit_factor: UnitFactor | None = None) -> list[De
             if cmt is not None and (where, cmt) in seen_cmt:
                 add(f"$.{where}[{i}].nonmemCmt", f"CMT {cmt} is already used by $.{where}[{seen_cmt[(where, cmt)]}]")
             seen_cmt[(where, cmt)] = i
+    cohort = raw.get("cohort", {})
+    if cohort.get("duration", 0) > 0 and raw["dosing"][0]["route"] != "iv":
+        add("$.cohort.duration", f"an infusion duration needs an IV dose; $.dosing[0].route is {raw['dosing'][0]['route']!r}")
+    if "interval" in cohort and cohort.get("duration", 0) > cohort["interval"]:
+        add("$.cohort.duration", f"an infusion of {cohort['duration']} {raw['timeUnit']} does not end before the next "
+            f"dose ({cohort['interval']} {raw['timeUnit']} later)")
     if not issues:
         try:
             _population_model(raw)
@@ -473,7 +483,7 @@ class ModelDefinition:
     --------
     >>> m = load_definition(shipped_definition("theophylline"))
     >>> m.canonical, m.output_names
-    ('https://trialtwin.org/fhir/Library/theophylline-1cmt-oral|1.0.0', ('concentration',))
+    ('https://trialtwin.org/fhir/Library/theophylline-1cmt-oral|1.1.0', ('concentration',))
     >>> m.population_model().parameters
     ('KE', 'KA', 'CL')
     """
@@ -911,3 +921,147 @@ def forecast_subject(model: ModelDefinition, posterior, record: SubjectRecord, f
         med[name], lo[name], hi[name] = values
     return SubjectForecast(times=out_t, median=med, low=lo, high=hi, level=float(level), samples=int(samples),
                            seed=int(seed))
+
+
+def simulate_arms(model: ModelDefinition, population: PopulationModel, arm_doses: Sequence[Sequence[Dose]],
+                  member_arm, covariates: Sequence[Mapping[str, Any]], times: Sequence[float], *, seed: int = 0,
+                  level: float = 0.9, arm_names: Sequence[str] | None = None,
+                  on_chunk: Callable[[int, int], bool] | None = None):
+    """Cohort simulation of an event-engine definition: every participant from randomization (time 0)
+    under their arm's doses, with per-arm quantiles across participants.
+
+    Each participant's parameters are drawn from ``population`` (its variability and covariate
+    effects, the covariates of ``covariates[i]`` or their declared defaults); the outputs are the
+    model's predictions at ``times`` (the definition's time unit) without residual error, i.e. the
+    spread between participants, as the daily-regimen cohort (``inference.twin.simulate_population``).
+    Chunk ``c`` (at most ``COHORT_BLOCK`` participants of one arm) draws from its own seed stream.
+
+    Returns
+    -------
+    inference.twin.PopulationResult
+        ``days`` are ``times`` in days.
+
+    Raises
+    ------
+    ValueError
+        A participant lacks a covariate the definition gives no default for, or bad arguments.
+
+    Examples
+    --------
+    >>> m = load_definition(shipped_definition("theophylline"))
+    >>> res = simulate_arms(m, m.population_model(), [[Dose(0.0, 320.0)]], np.zeros(400, int), [{"WT": 70.0}] * 400,
+    ...                     [0.0, 2.0, 24.0], seed=1)
+    >>> res.participants, [round(float(d), 3) for d in res.days]
+    ((400,), [0.0, 0.083, 1.0])
+    >>> med = res.median[0]["concentration"]
+    >>> float(med[0]), bool(med[1] > 5.0 > med[2])
+    (0.0, True)
+    """
+    from inference.population import individual_parameters, sample_random_effects
+    from inference.twin import PopulationResult
+
+    if not 0.5 <= level <= 0.99:
+        raise ValueError(f"level must lie in [0.5, 0.99], got {level}")
+    member_arm = np.asarray(member_arm, dtype=np.int64)
+    n = member_arm.size
+    if n == 0 or member_arm.min() < 0 or member_arm.max() >= len(arm_doses):
+        raise ValueError("member_arm must index arm_doses and hold at least one participant")
+    if len(covariates) != n:
+        raise ValueError(f"{len(covariates)} covariate sets for {n} participants")
+    times = np.asarray(times, dtype=float)
+    if times.ndim != 1 or times.size == 0 or np.any(times < 0):
+        raise ValueError("times must be a non-empty list of times >= 0")
+    names = tuple(arm_names) if arm_names is not None else tuple(f"arm{i}" for i in range(len(arm_doses)))
+    outputs = model.output_names
+    observations = tuple((float(t), o, np.nan) for o in outputs for t in times)
+    per_arm = {o: [[] for _ in arm_doses] for o in outputs}
+    member_end = {o: np.full(n, np.nan) for o in outputs}
+    chunks = [(a, idx[i:i + COHORT_BLOCK]) for a in range(len(arm_doses))
+              for idx in [np.flatnonzero(member_arm == a)] for i in range(0, idx.size, COHORT_BLOCK)]
+    chunk_seeds = np.random.SeedSequence([seed, 2]).generate_state(max(len(chunks), 1))
+    completed = True
+    for c, (a, idx) in enumerate(chunks):
+        doses = tuple(arm_doses[a])
+        records = [SubjectRecord(str(i), doses, observations, covariates[i]) for i in idx]
+        data = event_data(model, records)
+        eta = sample_random_effects(population, idx.size, np.random.default_rng(int(chunk_seeds[c])))
+        f = model.structural(individual_parameters(population, eta, data), data)
+        # event_data lays out each subject's observation rows in the order given: outputs x times
+        values = f[data.design["evid"] == 0].reshape(idx.size, len(outputs), times.size)
+        for k, o in enumerate(outputs):
+            v = values[:, k, :]
+            if model.outputs[k]["source"] == "pk":
+                v = np.maximum(v, 0.0)
+            per_arm[o][a].append(v)
+            member_end[o][idx] = v[:, -1]
+        if on_chunk is not None and on_chunk(c + 1, len(chunks)) is False:
+            completed = False
+            break
+    tail = (1.0 - level) / 2.0
+    medians, lows, highs, sizes = [], [], [], []
+    for a in range(len(arm_doses)):
+        med, lo, hi = {}, {}, {}
+        for o in outputs:
+            if per_arm[o][a]:
+                lo[o], med[o], hi[o] = np.quantile(np.concatenate(per_arm[o][a]), [tail, 0.5, 1.0 - tail], axis=0)
+            else:
+                lo[o] = med[o] = hi[o] = np.full(times.size, np.nan)
+        sizes.append(int(sum(part.shape[0] for part in per_arm[outputs[0]][a])))
+        medians.append(med)
+        lows.append(lo)
+        highs.append(hi)
+    return PopulationResult(arms=names, participants=tuple(sizes), days=times * DAYS_PER_UNIT[model.time_unit],
+                            median=tuple(medians), low=tuple(lows), high=tuple(highs), member_arm=member_arm,
+                            member_end=member_end, level=float(level), completed=completed)
+
+
+@dataclass(frozen=True)
+class MarkerNoise:
+    """How a typical participant's disease marker scatters and drifts: ``output`` (its name),
+    ``unit``, ``assay_sd`` (residual error SD at the typical baseline, output unit) and
+    ``drift_per_day`` (absolute drift of the untreated marker per day, output unit)."""
+
+    output: str
+    unit: str
+    assay_sd: float
+    drift_per_day: float
+
+
+def marker_noise(model: ModelDefinition, population: PopulationModel | None = None) -> MarkerNoise | None:
+    """The disease marker's residual error and natural drift for a typical participant, read from the
+    definition's first ``disease`` output, its residual error model and the disease model's typical
+    parameters (``population``: a fitted estimate; default the definition's own). None without one.
+
+    Drift: ``|SLOPE|`` (linear), ``|SLOPE| BASE`` (exponential) or ``KL BASE`` (tumour growth
+    inhibition, untreated) at time 0; the residual SD is that of the error model at ``BASE``.
+
+    Examples
+    --------
+    >>> m = load_definition(shipped_definition("tumour-growth"))
+    >>> n = marker_noise(m)
+    >>> n.output, round(n.assay_sd, 4), round(n.drift_per_day, 4)   # sqrt(2^2 + (0.05 * 70)^2); 0.02 * 70 / 7
+    ('sld', 4.0311, 0.2)
+    >>> marker_noise(load_definition(shipped_definition("theophylline"))) is None
+    True
+    """
+    k = next((i for i, o in enumerate(model.outputs) if o["source"] == "disease"), None)
+    if k is None:
+        return None
+    population = model.population_model() if population is None else population
+    by_name = dict(zip(population.parameters, np.asarray(population.theta, dtype=float)))
+    phi = np.array([[by_name.get(p["name"], np.log(p["typical"]) if p["scale"] == "log" else p["typical"])
+                     for p in model.document["parameters"]]])
+    nat = {name: float(np.asarray(v).ravel()[0]) for name, v in model._natural(phi).items()}
+    disease = model.document["disease"]
+    r = {role: nat[name] for role, name in disease["parameters"].items() if isinstance(name, str) and name in nat}
+    base = r.get("BASE", 0.0)
+    if disease["model"] == "linear":
+        drift = abs(r["SLOPE"])
+    elif disease["model"] == "exponential":
+        drift = abs(r["SLOPE"] * base)
+    else:  # tumour-growth-inhibition: growth of the untreated tumour at baseline
+        drift = abs(r["KL"] * base)
+    error = population.errors[k] if len(population.errors) > k else population.errors[0]
+    sd = float(np.hypot(error.additive, error.proportional * base))
+    return MarkerNoise(model.output_names[k], model.output_units[model.output_names[k]], sd,
+                       drift / DAYS_PER_UNIT[model.time_unit])

@@ -395,10 +395,11 @@ class Cohort:
     arms: list = field(default_factory=list)                   # names in the study's order
     enrolment: Counter = field(default_factory=Counter)        # arm -> participants
     status_counts: Counter = field(default_factory=Counter)    # ResearchSubject.status -> count
-    arm_series: dict = field(default_factory=dict)             # output -> arm -> {"day","median","low","high"}
+    arm_series: dict = field(default_factory=dict)             # output -> arm -> {"day","time","median","low","high"}
     units: dict = field(default_factory=dict)                  # output -> UCUM unit (from the server)
     labels: dict = field(default_factory=dict)                 # output -> display name (from the server)
-    horizon: int = 28                                          # days simulated from randomization
+    horizon: float | None = None                               # days simulated from randomization (the server's)
+    day0: dt.datetime | None = None                            # calendar date of day 0 on the time axis
     level: float = 0.9                                         # coverage of the across-participant band
     randomized: tuple | None = None                            # (first, last) ResearchSubject.period.start
     flagged: list = field(default_factory=list)                # (patient id, label, probability)
@@ -407,9 +408,14 @@ class Cohort:
     subjects: list | None = None                               # its ResearchSubjects (None: not readable)
 
 
-def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: int = 28,
+def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: int | None = None,
                 threshold: float = 0.8) -> Cohort:
-    """Study, enrolment per arm, status counts, per-arm forecast and the participants flagged for outreach."""
+    """Study, enrolment per arm, status counts, per-arm forecast and the participants flagged for outreach.
+
+    ``horizon`` (days) is asked of ``$simulate`` when given; by default the server's (the study model's)
+    default horizon and step apply, so a single-dose PK study is summarized over hours and a tumour model
+    over weeks. Day 0 of the time axis is the first randomization (else the study's start, else today).
+    """
     cohort = Cohort(study_id, horizon=horizon)
     members: set[str] = set()
     try:
@@ -423,6 +429,8 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
                                                                     "_count": 5000})
         starts = sorted(d for d in ((rs.get("period") or {}).get("start") for rs in subjects) if d)
         cohort.randomized = (starts[0], starts[-1]) if starts else None
+        if starts:
+            cohort.day0 = _parse_time(starts[0])
         for rs in subjects:
             cohort.enrolment[rs.get("actualArm") or rs.get("assignedArm") or "(unassigned)"] += 1
             cohort.status_counts[rs.get("status") or "unknown"] += 1
@@ -430,14 +438,19 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
     except FhirCallError as err:
         problems.append(problem("Enrolment", err))
     try:
+        if cohort.day0 is None:
+            cohort.day0 = (_parse_time(((cohort.study or {}).get("period") or {}).get("start"))
+                           or dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
+        asked = [{"name": "horizonDays", "valueInteger": horizon}] if horizon is not None else []
         result = api.operation(f"ResearchStudy/{study_id}/$simulate",
-                               [{"name": "horizonDays", "valueInteger": horizon}, {"name": "seed", "valueInteger": 20240},
-                                {"name": "level", "valueDecimal": cohort.level}])
+                               asked + [{"name": "seed", "valueInteger": 20240},
+                                        {"name": "level", "valueDecimal": cohort.level}])
         for row in parameter_rows(result, "armSummary"):
             s = cohort.arm_series.setdefault(row["output"], {}).setdefault(
                 row["arm"], {"day": [], "median": [], "low": [], "high": []})
             for key in s:
                 s[key].append(float(row[key]))
+            cohort.horizon = max(cohort.horizon or 0.0, float(row["day"]))
             cohort.units.setdefault(row["output"], row.get("unit") or "")
             cohort.labels.setdefault(row["output"], row.get("display") or row["output"])
         for arms in cohort.arm_series.values():
@@ -445,6 +458,7 @@ def load_cohort(api: FhirApi, study_id: str, problems: list[Problem], horizon: i
                 order = sorted(range(len(s["day"])), key=s["day"].__getitem__)
                 for key in s:
                     s[key] = [s[key][i] for i in order]
+                s["time"] = [cohort.day0 + dt.timedelta(days=d) for d in s["day"]]
     except FhirCallError as err:
         problems.append(problem("Per-arm forecast", err, "$simulate on ResearchStudy"))
     try:

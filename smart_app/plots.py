@@ -1,13 +1,15 @@
 """Server-side SVG plots for the clinician app (matplotlib, no browser scripts, no external assets).
 
 One small figure per output, so the page can wrap them on a narrow screen: forecast bands on calendar dates with
-the observed points and a what-if overlay; per-arm bands of a study simulation from randomization.
+the observed points and a what-if overlay; per-arm bands of a study simulation from randomization, on the calendar
+dates of the first randomization.
 """
 from __future__ import annotations
 
 import io
 import re
 import threading
+from datetime import timedelta
 from html import escape
 
 import matplotlib
@@ -52,8 +54,15 @@ def axis_label(label: str, unit: str | None) -> str:
 
 
 def _date_axis(ax, first, last) -> None:
-    """Calendar dates as ``20 Oct``, at most five ticks; the year(s) go in the axis label, not in a tick."""
+    """Calendar dates as ``20 Oct``, at most five ticks; the year(s) go in the axis label, not in a tick.
+    A span of under three days is labelled by the hour (``06:00``), its date(s) in the axis label."""
     ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=5))
+    if last - first < timedelta(days=3):
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        days = (f"{first.day} {first:%b %Y}" if first.date() == last.date()
+                else f"{first.day} {first:%b} – {last.day} {last:%b %Y}")
+        ax.set_xlabel(f"time ({days}, UTC)")
+        return
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%-d %b"))
     years = f"{first.year}" if first.year == last.year else f"{first.year}–{last.year}"
     ax.set_xlabel(f"date ({years}, UTC)")
@@ -128,7 +137,8 @@ def cohort_panels(cohort) -> list[dict]:
     Parameters
     ----------
     cohort : smart_app.clinician.Cohort
-        ``arm_series``, ``labels``, ``units``, ``arms`` (the study's order), ``level``.
+        ``arm_series`` (each arm's ``time``: calendar datetimes), ``labels``, ``units``, ``arms`` (the study's
+        order), ``level``.
 
     Returns
     -------
@@ -144,17 +154,19 @@ def cohort_panels(cohort) -> list[dict]:
             fig, ax = plt.subplots(figsize=PANEL)
             for i, (arm, s) in enumerate(arms):
                 colour = ARM_COLOURS[i % len(ARM_COLOURS)]
-                band = ax.fill_between(s["day"], s["low"], s["high"], color=colour, alpha=0.15, linewidth=0)
+                band = ax.fill_between(s["time"], s["low"], s["high"], color=colour, alpha=0.15, linewidth=0)
                 band.set_gid(f"arm-band-{out}-{i}")
-                ax.plot(s["day"], s["median"], color=colour, linewidth=1.6, label=arm)
+                ax.plot(s["time"], s["median"], color=colour, linewidth=1.6, label=arm)
+            first = min(s["time"][0] for _, s in arms)
+            last = max(s["time"][-1] for _, s in arms)
+            _date_axis(ax, first, last)
             ax.set_title(label, loc="left")
             ax.set_ylabel(unit if unit and unit != "1" else "value")
-            ax.set_xlabel("days since randomization")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(3, len(arms)), frameon=False)
             fig.tight_layout()
             panels.append({"output": out, "label": label, "unit": unit, "svg": _svg(
-                fig, f"Simulated {axis_label(label, unit)} by arm over days since randomization: median and the "
-                     f"{cohort.level:.0%} range across participants")})
+                fig, f"Simulated {axis_label(label, unit)} by arm and date from randomization on "
+                     f"{first.day} {first:%b %Y}: median and the {cohort.level:.0%} range across participants")})
     return panels
 
 

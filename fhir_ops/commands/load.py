@@ -524,6 +524,11 @@ def load_nonmem(target, path: str, mapping: dict) -> FileReport:
         return report
     try:
         subjects = nonmem.parse(text, mapping)
+        model = _mapping_model(target, mapping)
+        if model is not None:
+            unit_problems = nonmem.check_units_against(mapping, model)
+            if unit_problems:
+                raise nonmem.NonmemError(unit_problems)
     except nonmem.NonmemError as exc:
         report.error = "nothing loaded:\n  " + "\n  ".join(exc.problems)
         return report
@@ -543,6 +548,30 @@ def load_nonmem(target, path: str, mapping: dict) -> FileReport:
             return report
         report.loaded += len(bundle["entry"])
     return report
+
+
+def _mapping_model(target, mapping: dict):
+    """The compiled definition the mapping's study names, when the loader can resolve it: stored in the
+    target's embedded store, else a shipped example of that canonical; None otherwise (a remote server's
+    Library is checked when the model is used)."""
+    from fhir_ops.errors import FhirError as _FhirError
+    from fhir_ops.mapping import model_definition as fm
+    from inference import model_definition as md
+
+    canonical = (mapping.get("study") or {}).get("model")
+    if not canonical:
+        return None
+    store = getattr(target, "store", None)
+    if store is not None:
+        try:
+            return fm.definition_of_library(fm.find_library(store, canonical))
+        except _FhirError:
+            pass
+    for name in md.shipped_names():
+        model = fm.compile_definition(md.shipped_definition(name))
+        if model.canonical == canonical or (model.url == canonical and "|" not in canonical):
+            return model
+    return None
 
 
 def load_omop(target, directory: str) -> FileReport:

@@ -87,6 +87,41 @@ def check_mapping(mapping: Any) -> list[str]:
     return problems
 
 
+def check_units_against(mapping: dict, model) -> list[str]:
+    """Units of the mapping that contradict the study's model definition (``model``, compiled): a dose unit
+    that does not convert to the definition's dose unit, an observation or covariate whose code the
+    definition maps but whose unit does not convert to the definition's. One line per problem."""
+    from fhir_ops.mapping.model_definition import ucum_factor
+
+    problems = []
+
+    def same(a: dict, b: dict) -> bool:
+        return a.get("system") == b.get("system") and a.get("code") == b.get("code")
+
+    def check(where: str, unit: str, wanted: str, what: str) -> None:
+        try:
+            ucum_factor(unit, wanted)
+        except ValueError as exc:
+            problems.append(f"mapping: {where}.unit {unit!r} does not convert to {wanted!r}, the unit of {what} in "
+                            f"{model.canonical}: {exc}")
+
+    for i, d in enumerate(mapping.get("doses") or []):
+        for entry in model.dosing:
+            if same(d.get("medication") or {}, entry["medication"]):
+                check(f"doses[{i}]", d.get("unit", ""), entry["unit"], f"the dose of {entry['medication']['code']}")
+    for i, o in enumerate(mapping.get("observations") or []):
+        for out in model.outputs:
+            if any(same(o.get("code") or {}, c) for c in out["observation"]["codes"]):
+                check(f"observations[{i}]", o.get("unit", ""), out["observation"]["unit"], f"output {out['name']!r}")
+    for i, c in enumerate(mapping.get("covariates") or []):
+        for cov in model.covariates:
+            if "observation" in cov and cov["type"] != "categorical" and \
+                    any(same(c.get("code") or {}, x) for x in cov["observation"]["codes"]):
+                check(f"covariates[{i}]", c.get("unit", "1"), cov.get("unit") or cov["observation"]["unit"],
+                      f"covariate {cov['name']!r}")
+    return problems
+
+
 def _start(mapping: dict) -> datetime:
     text = mapping.get("start", "2025-01-06T08:00:00Z")
     try:
@@ -301,13 +336,15 @@ def subject_bundle(subject: SubjectRows, mapping: dict) -> dict:
     start = _start(mapping)
     pid = f"{study_id}-{subject.id}"[:64]
     ref = f"Patient/{pid}"
+    at = lambda hours: start + timedelta(hours=hours)  # noqa: E731
+    first = min([d[0] for d in subject.doses] + [o[0] for o in subject.observations])
     resources = [
         {"resourceType": "Patient", "id": pid, "identifier": [{"system": f"{ID_SYSTEM}/{study_id}", "value": subject.id}]},
-        {"resourceType": "ResearchSubject", "id": pid, "status": "on-study",
+        # the subject's record starts at their first event (TIME 0 is usually randomization or the first dose)
+        {"resourceType": "ResearchSubject", "id": pid, "status": "on-study", "period": {"start": _iso(at(first))},
          "study": {"reference": f"ResearchStudy/{study_id}"}, "individual": {"reference": ref},
          **({"assignedArm": subject.arm} if subject.arm else {})},
     ]
-    at = lambda hours: start + timedelta(hours=hours)  # noqa: E731
     for k, (hours, amt, duration, entry, _line) in enumerate(sorted(subject.doses, key=lambda d: d[0])):
         ma = {"resourceType": "MedicationAdministration", "id": f"{pid}-dose-{k + 1}", "status": "completed",
               "medicationCodeableConcept": {"coding": [dict(entry["medication"])]},
@@ -322,7 +359,6 @@ def subject_bundle(subject: SubjectRows, mapping: dict) -> dict:
         resources.append({"resourceType": "Observation", "id": f"{pid}-obs-{k + 1}", "status": "final",
                           "code": {"coding": [dict(entry["code"])]}, "subject": {"reference": ref},
                           "effectiveDateTime": _iso(at(hours)), "valueQuantity": _quantity(dv, entry["unit"])})
-    first = min([d[0] for d in subject.doses] + [o[0] for o in subject.observations])
     for c in mapping.get("covariates") or []:
         value = subject.covariates.get(c["column"].upper())
         if value is None:

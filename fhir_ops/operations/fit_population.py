@@ -68,6 +68,11 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         try:
             record, _origin, read = fm.subject_record(store, pid, model)
         except Unprocessable as exc:
+            if exc.error_id == "observation-unit":
+                # a measurement in a unit the model cannot read is a data error, not a participant without
+                # data: fitting without it would silently bias the estimate
+                raise Unprocessable(f"{owner} cannot be fitted: {exc.message}; correct or remove that "
+                                    "Observation", error_id="observation-unit") from None
             warnings.append(f"Patient/{pid} skipped: {exc.message}")
             continue
         if not any(np.isfinite(v) for _, _, v in record.observations):

@@ -27,10 +27,6 @@ from inference.schedule import (IN_PERSON, MODALITIES, PlanError, Schedule, chec
 ACTIVITY = "$optimize-schedule"
 METHOD_DEVICE = ("trialtwin-schedule", "0.1.0")
 SOLVER = "scipy.optimize.milp (HiGHS)"
-#: information value of a visit (inference.schedule.information_weights): the marker's assay SD and the SD
-#: of its drift per sqrt(day), the drift taken from the study model's disease slope (_marker_drift_per_year);
-#: the assay SD is still one fixed number here (HbA1c, %), not yet read from the study's definition
-HBA1C_ASSAY_SD = 0.12
 _WRITE_LOCK = threading.Lock()
 
 
@@ -120,7 +116,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
                             ": nothing to schedule", error_id="nothing-to-schedule",
                             expression=["Parameters.parameter:asOf"])
     used = capacity_in_use(store, enrolled, plan)
-    info = information_weights(plan.plan, HBA1C_ASSAY_SD, _marker_drift_per_year(store, study_id) / np.sqrt(365.25))
+    info = information_weights(plan.plan, *_marker_noise(store, study_id))
     model = BehaviourModel()
     try:
         solution = optimize_schedule(plan.plan, people, model, information=info,
@@ -289,17 +285,19 @@ def _persist(ctx: OperationContext, plan: StudyPlan, enrolled: Enrolled, schedul
     return out
 
 
-def _marker_drift_per_year(store, study_id: str) -> float:
-    """The typical yearly drift of the study model's disease marker (what a missed visit leaves unseen);
-    0 when the study has no daily-regimen model with a disease part (information weights then flat)."""
+def _marker_noise(store, study_id: str) -> tuple[float, float]:
+    """``(sigma, tau per sqrt(day))`` of the information value of a visit (``inference.schedule.information_weights``),
+    both from the study's model definition: its disease marker's residual error (the fitted estimate's when the
+    study has one) and its typical yearly drift, taken as the random-walk SD per sqrt(year) a missed visit leaves
+    unseen. A study without a model, or whose model has no disease marker, weighs every visit alike (tau 0)."""
     from fhir_ops.operations import twin_common as common
+    from inference.model_definition import marker_noise
 
     try:
         sm = common.study_model_of(store, store.read("ResearchStudy", study_id))
     except FhirError:
-        return 0.0
-    model = sm.regimen
-    if model is None:
-        return 0.0
-    typical = model.natural(np.asarray(model.population.theta, dtype=float)[None, :])
-    return float(abs(typical.get("slope", np.zeros(1))[0])) * 365.25
+        return 1.0, 0.0
+    noise = marker_noise(sm.definition, sm.prior)
+    if noise is None or not noise.assay_sd > 0:
+        return 1.0, 0.0
+    return noise.assay_sd, noise.drift_per_day * 365.25 / np.sqrt(365.25)

@@ -6,6 +6,8 @@ population come from it; arms from ``ResearchStudy.arm`` and ``ResearchSubject.a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fhir_ops import executor
@@ -156,7 +158,10 @@ def _simulate_defined(ctx: OperationContext, params: dict, pt: common.DefinedTwi
         except ValueError as exc:
             raise InvalidRequest(f"Parameter 'dose' is in mg, which does not convert to the model's dose unit "
                                  f"{entry['unit']}: {exc}", error_id="parameter-unit") from None
-    interval = s["interval"] * per_hour
+    # the scenario repeats doses every intervalHours, else at the definition's cohort interval, else daily
+    cohort_interval = model.document.get("cohort", {}).get("interval")
+    interval = (s["interval"] * per_hour if params.get("intervalHours") is not None or cohort_interval is None
+                else float(cohort_interval))
     horizon = 24.0 * s["horizon_days"] * per_hour
     duration = previous.duration if previous is not None and previous.route == entry["route"] else 0.0
     starts = last + interval * np.arange(int(np.floor(horizon / interval)) + 1)
@@ -169,10 +174,12 @@ def _simulate_defined(ctx: OperationContext, params: dict, pt: common.DefinedTwi
     rows = []
     for name in s["outputs"]:
         unit = model.output_units[name]
+        display = model.outputs[model.output_index(name)].get("display", name)
         for t, mid, lo, hi in zip(fc.times[name], fc.median[name], fc.low[name], fc.high[name]):
             rows.append({"output": name, "time": fm.hours_to_datetime(pt.origin, float(t), model.time_unit),
                          "day": round(float(t - last) / (24.0 * per_hour), 6), "median": round(float(mid), 6),
-                         "low": round(float(lo), 6), "high": round(float(hi), 6), "unit": unit})
+                         "low": round(float(lo), 6), "high": round(float(hi), 6), "unit": unit,
+                         "display": display})
     observed = [{"output": name, "time": fm.hours_to_datetime(pt.origin, float(t), model.time_unit),
                  "value": round(float(v), 6)} for t, name, v in record.observations if name in s["outputs"]]
     out = {"forecast": rows, "observed": observed,
@@ -220,6 +227,8 @@ def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
         sm, arms, member_arm, records, subjects = _study_members(ctx, store, warnings)
     else:  # the registry only routes the definition's resource types here
         raise InvalidRequest(f"$simulate does not apply to {ctx.resource_type}", error_id="operation-not-supported-here")
+    if sm.regimen is None:
+        return _simulate_defined_cohort(ctx, params, sm, arms, member_arm, records, subjects, warnings)
     model = sm.regimen
     s = _scenario_params(params, model.outputs, model.horizon_limit_days, twin_fhir.model_version(model))
     if s["adherence"] != 1.0 or s["missed"] or params.get("intervalHours") is not None:
@@ -274,6 +283,177 @@ def _simulate_cohort(ctx: OperationContext, params: dict) -> dict:
 
 
 
+@dataclass(frozen=True)
+class _Member:
+    """A member of a cohort of an event-engine definition: their arm and baseline covariates."""
+
+    patient_id: str
+    arm: str | None
+    covariates: dict
+
+
+def _defined_member(store, patient_id: str, sm: common.StudyModel) -> _Member:
+    from fhir_ops.mapping import model_definition as fm
+
+    store.read("Patient", patient_id)  # 404 / 410 -> skipped with a warning
+    study_ref = f"ResearchStudy/{sm.study.get('id')}"
+    subjects = store.search_all("ResearchSubject", [("individual", f"Patient/{patient_id}")])
+    mine = [s for s in subjects if (s.get("study") or {}).get("reference") == study_ref] or subjects
+    arm = next((s.get("assignedArm") for s in mine if s.get("assignedArm")), None)
+    # covariates as of now (the latest value); origin given, so a member without data is no error
+    record, _, _ = fm.subject_record(store, patient_id, sm.definition, origin=common.utcnow())
+    return _Member(patient_id, arm, dict(record.covariates))
+
+
+def _defined_arm_dose(sm: common.StudyModel, arm: str, dose_unit: str) -> float | None:
+    """An arm's dose per administration in the definition's dose unit: the definition's arm of that name,
+    else what the study's arm (name, then description) states in mg."""
+    from fhir_ops.mapping import model_definition as fm
+
+    for a in sm.definition.document.get("arms", ()):
+        if a["name"] == arm:
+            return float(a["dose"])
+    texts = [arm] + [a.get("description") or "" for a in sm.study.get("arm", []) if a.get("name") == arm]
+    for text in texts:
+        mg = twin_fhir.arm_dose(text)
+        if mg is not None:
+            return mg * fm.ucum_factor("mg", dose_unit)
+    return None
+
+
+def _simulate_defined_cohort(ctx: OperationContext, params: dict, sm: common.StudyModel, arms, member_arm, records,
+                             subjects, warnings: list[str]) -> dict:
+    """A cohort of an event-engine definition: each member from randomization under their arm's doses
+    (``cohort`` section of the definition: dosing interval, infusion duration, summary defaults)."""
+    from fhir_ops.mapping import model_definition as fm
+    from inference import model_definition as md
+
+    model = sm.definition
+    cohort = model.document.get("cohort", {})
+    given = dict(params)
+    given.setdefault("horizonDays", cohort.get("horizonDays", 28))
+    given.setdefault("stepHours", cohort.get("stepHours", 24))
+    s = _scenario_params(given, model.output_names, int(model.document.get("horizonLimitDays", 365)),
+                         model.canonical)
+    if s["adherence"] != 1.0 or s["missed"]:
+        warnings.append("adherence and missedDoseDay shape Patient forecasts; this cohort takes every dose")
+    entry = model.dosing[0]
+    per_hour = 1.0 / (24.0 * md.DAYS_PER_UNIT[model.time_unit])
+    horizon = 24.0 * s["horizon_days"] * per_hour
+    interval = s["interval"] * per_hour if params.get("intervalHours") is not None else cohort.get("interval")
+    duration = float(cohort.get("duration", 0.0))
+    if interval is not None and duration > interval:
+        raise InvalidRequest(f"Parameter 'intervalHours' ({params.get('intervalHours')} h) is shorter than the "
+                             f"infusion of {model.canonical} ({duration} {model.time_unit})",
+                             error_id="parameter-out-of-range")
+    starts = [0.0] if interval is None else list(interval * np.arange(int(np.floor(horizon / interval + 1e-9)) + 1))
+    used = set(np.unique(member_arm).tolist())
+    arm_doses = []
+    for a, arm in enumerate(arms):
+        if a not in used:
+            arm_doses.append(())
+            continue
+        if s["dose"] is not None:
+            try:
+                amount = s["dose"] * fm.ucum_factor("mg", entry["unit"])
+            except ValueError as exc:
+                raise InvalidRequest(f"Parameter 'dose' is in mg, which does not convert to the model's dose unit "
+                                     f"{entry['unit']}: {exc}", error_id="parameter-unit") from None
+        else:
+            amount = _defined_arm_dose(sm, arm, entry["unit"])
+        if amount is None:
+            raise Unprocessable(f"Arm {arm!r} has no dose: {model.canonical} lists no arm of that name and the "
+                                "study's arm does not state one in mg (e.g. '320 mg' or 'placebo'); give the "
+                                "scenario dose with the 'dose' parameter", error_id="arm-without-dose")
+        arm_doses.append(tuple(md.Dose(float(t), amount, duration, entry["route"]) for t in starts))
+    if records is None:
+        covariates = [{}] * len(member_arm)  # virtual participants: each covariate at its declared default
+        lacking = [c["name"] for c in model.covariates if c.get("default") is None]
+        if lacking:
+            raise Unprocessable(f"{ctx.resource_type}/{ctx.resource_id} asks for virtual participants, but "
+                                f"{model.canonical} gives no default for covariate(s) {', '.join(lacking)} and has "
+                                "no virtual population to draw them from; simulate the study's actual members, or "
+                                "give the covariates a 'default' in the definition",
+                                error_id="model-without-virtual-population")
+    else:
+        covariates = _filled_covariates(records, model, warnings)
+    times = np.arange(0.0, horizon + 1e-9, s["step_hours"] * per_hour)
+    ctx.progress(0.5 if records is not None else 0.0, f"simulating {len(member_arm)} participants")
+    base = 0.5 if records is not None else 0.0
+
+    def on_chunk(done: int, total: int) -> bool:
+        ctx.progress(base + (1.0 - base) * done / total, f"simulated {done}/{total} chunks")
+        return not ctx.cancelled()
+
+    result = md.simulate_arms(model, sm.prior, arm_doses, member_arm, covariates, times, seed=s["seed"],
+                              level=s["level"], arm_names=arms, on_chunk=on_chunk)
+    rows = []
+    for a, arm in enumerate(result.arms):
+        if not result.participants[a]:
+            continue
+        for k, name in enumerate(model.output_names):
+            for i, day in enumerate(result.days):
+                rows.append({"arm": arm, "participants": result.participants[a], "output": name,
+                             "day": round(float(day), 6), "median": round(float(result.median[a][name][i]), 6),
+                             "low": round(float(result.low[a][name][i]), 6),
+                             "high": round(float(result.high[a][name][i]), 6),
+                             "unit": model.output_units[name], "display": model.outputs[k].get("display", name)})
+    out = {"armSummary": rows,
+           "summary": [{"name": "participants", "value": int(sum(result.participants))},
+                       {"name": "arms", "value": len([n for n in result.participants if n])}],
+           "modelVersion": model.canonical}
+    if sm.estimate:
+        out["populationEstimate"] = {"reference": sm.estimate}
+    marker = next((o["name"] for o in model.outputs if o["source"] == "disease"), model.output_names[-1])
+    for a, arm in enumerate(arms):
+        if result.participants[a]:
+            change = result.median[a][marker][-1] - result.median[a][marker][0]
+            out["summary"].append({"name": f"{marker}-change-median:{arm.replace(' ', '')}",
+                                   "value": round(float(change), 6), "unit": model.output_units[marker]})
+    if params.get("memberOutputs"):
+        out["member"] = [dict({"index": i, "arm": result.arms[a], "output": name,
+                               "value": round(float(result.member_end[name][i]), 6)},
+                              **({"subject": {"reference": subjects[i]}} if subjects[i] else {}))
+                         for i, a in enumerate(result.member_arm) if not np.isnan(result.member_end[marker][i])
+                         for name in model.output_names]
+    if not result.completed:
+        warnings.append("the simulation was cancelled before all participants were simulated")
+    if warnings:
+        out["information"] = {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "informational", "diagnostics": w} for w in warnings]}
+    return out
+
+
+def _filled_covariates(records: list[_Member], model, warnings: list[str]) -> list[dict]:
+    """Members' covariates; a missing one takes its declared default, else the median (numeric) or most
+    frequent (categorical) value of the other members; 422 when no member has it and there is no default."""
+    from collections import Counter
+
+    filled = [dict(r.covariates) for r in records]
+    for c in model.covariates:
+        name = c["name"]
+        known = [r.covariates[name] for r in records if r.covariates.get(name) is not None]
+        missing = [r.patient_id for r in records if r.covariates.get(name) is None]
+        if not missing:
+            continue
+        if c.get("default") is not None:
+            value = c["default"]
+        elif known and c["type"] == "categorical":
+            value = Counter(map(str, known)).most_common(1)[0][0]
+        elif known:
+            value = float(np.median(np.asarray(known, dtype=float)))
+        else:
+            raise Unprocessable(f"no member has a value of covariate {name!r} (an Observation coded "
+                                f"{c.get('observation', {}).get('codes', [{}])[0].get('code')}) and {model.canonical} "
+                                "gives no default: the cohort simulation needs it", error_id="participant-without-data")
+        for f, r in zip(filled, records):
+            if r.covariates.get(name) is None:
+                f[name] = value
+        warnings.append(f"{len(missing)} member(s) without {name} simulated at {value} "
+                        f"({'the definition default' if c.get('default') is not None else 'the median of the others'})")
+    return filled
+
+
 def _arm_dose(sm: common.StudyModel, arm: str) -> float | None:
     """An arm's daily dose in the model's dose unit: the definition's arm of that name, else what the
     study's arm (name, then description) states in mg."""
@@ -291,21 +471,22 @@ def _arm_dose(sm: common.StudyModel, arm: str) -> float | None:
 
 
 def _cohort_model(sm: common.StudyModel, what: str) -> common.StudyModel:
-    if sm.regimen is None:
-        raise Unprocessable(f"{what}: the model of ResearchStudy/{sm.study.get('id')}, {sm.definition.canonical}, is "
-                            "simulated per participant (Patient/{id}/$simulate); cohort simulation needs a "
-                            "daily-regimen definition (pd.exposure 'daily-average')",
-                            error_id="model-without-cohort-simulation")
+    """The study model a cohort runs under: a daily-regimen definition on the fast cohort engine, any
+    other on the event engine (``inference.model_definition.simulate_arms``)."""
     return sm
 
 
-def _load_members(ctx: OperationContext, store, patient_ids: list[str], warnings: list[str]):
+def _load_members(ctx: OperationContext, store, patient_ids: list[str], warnings: list[str],
+                  sm: common.StudyModel | None = None):
     records = []
     for i, pid in enumerate(patient_ids):
         if ctx.cancelled():
             break
         try:
-            records.append(load_participant(store, pid))
+            if sm is not None and sm.regimen is None:
+                records.append(_defined_member(store, pid, sm))
+            else:
+                records.append(load_participant(store, pid))
         except (NotFound, Unprocessable) as exc:
             warnings.append(f"Patient/{pid} skipped: {exc.message}")
         if i % 10 == 9:
@@ -348,7 +529,7 @@ def _group_members(ctx: OperationContext, store, warnings: list[str]):
             raise Unprocessable(f"Group/{ctx.resource_id} asks for {quantity} participants; at most "
                                 f"{MAX_PARTICIPANTS} are simulated in one call", error_id="too-many-participants")
         sm = _cohort_model(common.study_model_of(store, _group_study(ctx, store, group, [])), f"Group/{ctx.resource_id}")
-        if sm.regimen.covariate_model is None:
+        if sm.regimen is not None and sm.regimen.covariate_model is None:
             raise Unprocessable(f"Group/{ctx.resource_id} asks for virtual participants, but {sm.definition.canonical} "
                                 "has no virtualPopulation to draw them from", error_id="model-without-virtual-population")
         arms = (arm,) if arm else _study_arm_names(sm)
@@ -369,13 +550,14 @@ def _group_members(ctx: OperationContext, store, warnings: list[str]):
     patient_ids = [p for p in patient_ids if p]
     sm = _cohort_model(common.study_model_of(store, _group_study(ctx, store, group, patient_ids)),
                        f"Group/{ctx.resource_id}")
-    records = _load_members(ctx, store, patient_ids, warnings)
+    records = _load_members(ctx, store, patient_ids, warnings, sm)
     return (sm,) + _arms_of(records, arm, warnings, f"Group/{ctx.resource_id}")
 
 
 def _study_arm_names(sm: common.StudyModel) -> tuple[str, ...]:
     """The arms of the study (``ResearchStudy.arm``), else of the model definition."""
-    arms = tuple(a.get("name") for a in sm.study.get("arm", []) if a.get("name")) or tuple(sm.regimen.arms)
+    arms = tuple(a.get("name") for a in sm.study.get("arm", []) if a.get("name")) or \
+        tuple(a["name"] for a in sm.definition.document.get("arms", ()))
     if not arms:
         raise Unprocessable(f"ResearchStudy/{sm.study.get('id')} has no arms and {sm.definition.canonical} lists "
                             "none: say which arm to simulate (a Group characteristic 'study-arm')",
@@ -388,7 +570,7 @@ def _study_members(ctx: OperationContext, store, warnings: list[str]):
     sm = _cohort_model(common.study_model_of(store, study), f"ResearchStudy/{ctx.resource_id}")
     subjects = store.search_all("ResearchSubject", [("study", f"ResearchStudy/{ctx.resource_id}")])
     patient_ids = [s.get("individual", {}).get("reference", "").partition("/")[2] for s in subjects]
-    records = _load_members(ctx, store, [p for p in patient_ids if p], warnings)
+    records = _load_members(ctx, store, [p for p in patient_ids if p], warnings, sm)
     arms = [a.get("name") for a in study.get("arm", []) if a.get("name")]
     return (sm,) + _arms_of(records, None, warnings, f"ResearchStudy/{ctx.resource_id}", arms)
 

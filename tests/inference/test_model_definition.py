@@ -268,3 +268,60 @@ def test_theophylline_definition_fits_fm3theo():
     for name, want in NLME_FIXED.items():
         assert abs(fit.model.theta[model.parameter_names.index(name)] - want) < 0.05, name
     assert abs(fit.model.errors[0].additive - NLME_SIGMA) < 0.05
+
+
+# ------------------------------------------------------------------ cohort simulation (simulate_arms)
+
+def _without_variability(population):
+    return population.replace(omega=np.eye(population.n_random_effects) * 1e-14)
+
+
+def test_cohort_of_typical_participants_is_the_closed_form():
+    """Without variability every participant is the typical one: the one-compartment oral closed form
+    C(t) = D ka / (V (ka - ke)) (e^(-ke t) - e^(-ka t)), V = CL WT / KE, at 320 mg, 70 kg; and the
+    disease model without drug is BASE e^(KL t) (tumour growth, Claret et al. 2009)."""
+    m = md.load_definition(md.shipped_definition("theophylline"), ucum)
+    t = np.array([0.0, 0.5, 1.0, 2.0, 6.0, 12.0, 24.0])
+    res = md.simulate_arms(m, _without_variability(m.population_model()), [[md.Dose(0.0, 320.0)]], np.zeros(5, int),
+                           [{"WT": 70.0}] * 5, t, seed=3)
+    ke, ka, v = 0.08, 1.5, 0.05 * 70.0 / 0.08
+    exact = 320.0 * ka / (v * (ka - ke)) * (np.exp(-ke * t) - np.exp(-ka * t))
+    np.testing.assert_allclose(res.median[0]["concentration"], exact, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(res.low[0]["concentration"], exact, rtol=1e-6, atol=1e-9)
+
+    tgi = md.load_definition(md.shipped_definition("tumour-growth"), ucum)
+    weeks = np.arange(0.0, 13.0)
+    res = md.simulate_arms(tgi, _without_variability(tgi.population_model()), [[]], np.zeros(3, int), [{}] * 3, weeks)
+    np.testing.assert_allclose(res.median[0]["sld"], 70.0 * np.exp(0.02 * weeks), rtol=1e-6)
+    assert np.all(res.median[0]["concentration"] == 0.0) and res.days.tolist() == (7.0 * weeks).tolist()
+
+
+def test_cohort_spread_is_seeded_and_follows_the_arms():
+    m = md.load_definition(md.shipped_definition("theophylline"), ucum)
+    doses = [[md.Dose(0.0, 320.0)], [md.Dose(0.0, 160.0)]]
+    arms = np.repeat([0, 1], 1500)
+    cov = [{"WT": 70.0}] * arms.size
+    a = md.simulate_arms(m, m.population_model(), doses, arms, cov, [1.0, 4.0, 12.0], seed=5, level=0.9)
+    b = md.simulate_arms(m, m.population_model(), doses, arms, cov, [1.0, 4.0, 12.0], seed=5, level=0.9)
+    assert a.participants == (1500, 1500)
+    for k in ("median", "low", "high"):
+        np.testing.assert_array_equal(getattr(a, k)[0]["concentration"], getattr(b, k)[0]["concentration"])
+    c = a.median[0]["concentration"]
+    assert np.all(a.low[0]["concentration"] < c) and np.all(c < a.high[0]["concentration"])
+    # the arms draw their own streams, so 160 mg is about (not exactly) half of 320 mg across 1500 participants
+    np.testing.assert_allclose(a.median[1]["concentration"], c / 2, rtol=0.08)
+    # each member's end-of-horizon value is reported in input order
+    assert np.isfinite(a.member_end["concentration"]).all() and a.member_end["concentration"].shape == (3000,)
+    with pytest.raises(ValueError, match="WT"):
+        md.simulate_arms(m, m.population_model(), doses, arms[:2], [{}, {}], [1.0])
+
+
+def test_cohort_section_is_checked():
+    d = md.shipped_definition("theophylline")
+    d["cohort"] = {"interval": 12, "duration": 1}
+    assert [i.path for i in md.check_definition(d)] == ["$.cohort.duration"]  # an infusion of an oral dose
+    t = md.shipped_definition("tumour-growth")
+    t["cohort"]["duration"] = 4
+    assert [i.path for i in md.check_definition(t)] == ["$.cohort.duration"]  # infusion longer than the interval
+    t["cohort"] = {"stepHours": 500}
+    assert [i.path for i in md.check_definition(t)] == ["$.cohort.stepHours"]

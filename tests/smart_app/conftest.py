@@ -202,6 +202,7 @@ class Combined:
     base: str
     config: dict
     stack: Stack
+    store: object = None  # the server's own store, for fixtures that add data next to the demo
 
     @property
     def fhir(self) -> str:
@@ -269,5 +270,5 @@ def combined_server(tmp_path_factory, **overrides):
         create_demo(config, DEMO_PARTICIPANTS, 5)
         holder["app"] = wsgi = create_wsgi(config)
         yield Combined(base, config, Stack(base=base, auth=base + "/auth", fhir=base + "/fhir",
-                                           auth_app=wsgi.mounts["/auth"]))
+                                           auth_app=wsgi.mounts["/auth"]), wsgi.app.extensions["trialtwin.store"])
         wsgi.app.extensions["trialtwin.store"].close()

@@ -141,3 +141,71 @@ def _assert_fits_and_readable(page, selector: str, count: int) -> None:
             "svg => Math.min(...Array.from(svg.querySelectorAll('text')).map(t => t.getBoundingClientRect().height)"
             ".filter(h => h > 0))")
         assert smallest >= 8, smallest
+
+
+@pytest.fixture(scope="module")
+def tumour_study(combined):
+    """A study of the shipped disease-progression definition (tumour growth inhibition, outputs concentration
+    and SLD, time unit weeks) next to the demo: simulated NONMEM rows with an arm column, loaded through the
+    NONMEM mapping into the server's store."""
+    import json as _json
+
+    from fhir_ops.mapping import model_definition as fm
+    from fhir_ops.mapping import nonmem
+    from fhir_ops.store.bundle import put_entry
+    from inference import model_definition as md
+    from tests.fhir_ops.operations.model_studies import example_design, mapping_for, simulated_nonmem
+
+    model = fm.compile_definition(md.shipped_definition("tumour-growth"))
+    doses, times, covariates = example_design("tumour-growth")
+    text, _ = simulated_nonmem(model, 6, doses, times, seed=3, covariates=covariates)
+    lines = text.splitlines()
+    text = "\n".join([lines[0] + ",ARM"] + [f"{line},{'500 mg' if int(line.split(',')[0]) % 2 else 'placebo'}"
+                                            for line in lines[1:]]) + "\n"
+    mapping = _json.loads(_json.dumps(mapping_for(model, "tgi-browser")))
+    mapping["study"].update(armColumn="ARM", title="Tumour growth inhibition study")
+    subjects = nonmem.parse(text, mapping)
+    store = combined.store
+    store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+        put_entry(fm.definition_library(model)),
+        put_entry(nonmem.study_resource(mapping, [s.arm for s in subjects if s.arm]))]})
+    for s in subjects:
+        store.transaction(nonmem.subject_bundle(s, mapping))
+    return "tgi-browser"
+
+
+def test_a_study_of_another_model_shows_its_outputs_on_calendar_dates(browser, combined, tumour_study):
+    """The study view and the participant view of a non-TT-201 study (tumour growth, weekly model): one chart
+    per output the study's model has (names and units from the server), calendar dates on every time axis."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    try:
+        launch_from_simulator(page, combined, study=tumour_study)
+        assert page.url == f"{combined.base}/app/study/{tumour_study}"
+        charts = page.locator("#cohort-plot svg")
+        assert charts.count() == 2  # concentration and SLD: the definition's outputs, nothing of TT-201
+        assert page.locator("#cohort-plot #arm-band-sld-0").count() == 1
+        labels = [charts.nth(i).get_attribute("aria-label") for i in range(2)]
+        assert any(label.startswith("Simulated Sum of longest diameters (RECIST target lesions) (mm) by arm and "
+                                    "date from randomization on 3 Mar 2025") for label in labels), labels
+        for i in range(2):
+            text = charts.nth(i).evaluate(
+                "svg => Array.from(svg.querySelectorAll('text')).map(t => t.textContent).join(' | ')")
+            assert "date (2025, UTC)" in text and "days since" not in text
+            assert any(month in text for month in ("Mar", "Apr", "May", "Jun")), text
+        assert "randomized on 3 Mar 2025" in page.locator("#arm-h + div + p").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "smart-app-tumour-study.png"), full_page=True)
+
+        launch_from_simulator(page, combined, patient=f"{tumour_study}-1")
+        plot = page.locator("#forecast-plot")
+        assert plot.locator("svg").count() == 2
+        assert plot.locator("#forecast-band-sld").count() == 1 and plot.locator("#observed-sld").count() == 1
+        text = plot.evaluate("p => Array.from(p.querySelectorAll('svg text')).map(t => t.textContent).join(' | ')")
+        assert "date (2025, UTC)" in text or "date (2025–2026, UTC)" in text, text
+        assert "mm" in text and "hba1c" not in text.lower()
+        # names from the definition (via the server), and the forecast doses every 3 weeks as the definition says
+        assert "Sum of longest diameters" in text and "Plasma concentration" in text
+        page.screenshot(path=str(ARTIFACTS / "smart-app-tumour-participant.png"), full_page=True)
+    finally:
+        context.close()

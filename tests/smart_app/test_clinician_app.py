@@ -138,12 +138,13 @@ def test_edc_launch_shows_the_study_view(combined):
         assert "does not offer $simulate on ResearchStudy yet" in html
     else:
         assert 'id="arm-band-hba1c-0"' in html
-        assert "Simulated course by arm, first 28 days after randomization" in html
+        assert "Simulated course by arm from randomization" in html
         for label, unit in (("Hemoglobin A1c", "%"), ("Fasting glucose", "mg/dL")):  # units from the server
             figure = html[html.index(f"<svg role=\"img\" aria-label=\"Simulated {label} ({unit})"):]
             assert f">{unit}<" in figure[:figure.index("</svg>")]  # the y-axis label
-        assert "days since randomization" in html
-        assert re.search(r"randomized between \d{1,2} \w{3} 2026 and \d{1,2} \w{3} 2026", html)
+        assert "days since randomization" not in html and "date (2026, UTC)" in html  # calendar dates
+        assert re.search(r"the first participant, randomized on \d{1,2} \w{3} 2026 \(the participants were "
+                         r"randomized between \d{1,2} \w{3} 2026 and \d{1,2} \w{3} 2026", html)
     assert "None of the 1 assessed" not in html
 
 

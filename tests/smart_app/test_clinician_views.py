@@ -93,16 +93,34 @@ def test_last_dose_is_marked_for_a_participant_without_further_doses():
     assert "last dose" in marked and "last dose" not in forecast_panels(baseline)[0]["svg"]
 
 
-def test_cohort_panels_one_band_per_arm_with_units_and_randomization_days():
+def test_cohort_panels_one_band_per_arm_with_units_on_calendar_dates():
     cohort = Cohort("s1", arms=["control", "low", "high"], labels={"size": "Tumour size"}, units={"size": "mm"})
-    cohort.arm_series = {"size": {arm: {"day": [0.0, 7.0, 14.0], "median": [8, 7.8, 7.6], "low": [7, 6.9, 6.8],
-                                        "high": [9, 8.7, 8.4]} for arm in ("high", "control", "low")}}
+    day0 = dt.datetime(2026, 3, 2, 8, tzinfo=dt.timezone.utc)
+    days = [0.0, 21.0, 42.0, 63.0, 84.0]
+    cohort.arm_series = {"size": {arm: {"day": days, "time": [day0 + dt.timedelta(days=d) for d in days],
+                                        "median": [8, 7.8, 7.6, 7.5, 7.4], "low": [7, 6.9, 6.8, 6.7, 6.6],
+                                        "high": [9, 8.7, 8.4, 8.3, 8.2]} for arm in ("high", "control", "low")}}
     [panel] = cohort_panels(cohort)
     svg = panel["svg"]
     assert all(f'id="arm-band-size-{i}"' in svg for i in range(3))
     text = " ".join(t.text or "" for t in _root(svg).iter() if t.tag.endswith("text"))
-    assert "Tumour size" in text and "mm" in text and "days since randomization" in text
+    assert "Tumour size" in text and "mm" in text and "date (2026, UTC)" in text
+    assert "days since randomization" not in text
+    assert re.search(r"\b\d{1,2} (Mar|Apr|May)\b", text)  # calendar ticks such as '16 Mar'
     assert text.index("control") < text.index("low") < text.index("high")  # the study's arm order
+    assert 'aria-label="Simulated Tumour size (mm) by arm and date from randomization on 2 Mar 2026' in svg
+
+
+def test_cohort_panels_of_a_day_long_simulation_are_labelled_by_the_hour():
+    cohort = Cohort("pk", arms=["320 mg"], labels={"c": "Theophylline"}, units={"c": "mg/L"})
+    day0 = dt.datetime(2025, 3, 3, 8, tzinfo=dt.timezone.utc)
+    hours = list(range(0, 25, 2))
+    cohort.arm_series = {"c": {"320 mg": {"day": [h / 24 for h in hours],
+                                          "time": [day0 + dt.timedelta(hours=h) for h in hours],
+                                          "median": [0.0] + [5.0] * 12, "low": [0.0] + [3.0] * 12,
+                                          "high": [0.0] + [7.0] * 12}}}
+    text = " ".join(t.text or "" for t in _root(cohort_panels(cohort)[0]["svg"]).iter() if t.tag.endswith("text"))
+    assert "time (3 Mar – 4 Mar 2025, UTC)" in text and re.search(r"\b(12|16|20):00\b", text)
 
 
 def _driver(feature, value, contribution, **words):

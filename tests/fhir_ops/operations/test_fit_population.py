@@ -110,7 +110,7 @@ def test_theoph_fit_over_http_gives_fm3theo_and_the_in_process_fit(fhir):
     # Provenance pins the model, the study and every dose and observation read, each by version
     provenance = fhir.get(out["provenance"]["reference"]).json()
     pinned = [e["what"]["reference"] for e in provenance["entity"]]
-    assert "Library/theophylline-1cmt-oral-1.0.0/_history/1" in pinned
+    assert "Library/theophylline-1cmt-oral-1.1.0/_history/1" in pinned
     assert "ResearchStudy/theoph/_history/1" in pinned
     assert sum(r.startswith("Observation/") for r in pinned) == 132 + 12  # concentrations + weights
     assert all("/_history/" in r for r in pinned)
@@ -168,14 +168,46 @@ def test_a_definition_with_an_error_is_refused_naming_the_path(fhir):
     assert fhir.get(f"Library/{library['id']}").status_code == 404
 
 
+def test_a_definition_with_inconsistent_units_is_refused_naming_the_path(fhir):
+    raw = md.shipped_definition("theophylline")
+    library = fm.definition_library(fm.compile_definition(raw))
+    raw["outputs"][0]["unit"] = "mmol/L"  # a molar concentration of a PK model in mg and L: needs a molar mass
+    raw["dosing"][0]["unit"] = "mg"
+    library["content"][0]["data"] = base64.b64encode(json.dumps(raw).encode()).decode()
+    resp = fhir.put(f"Library/{library['id']}", library)
+    assert resp.status_code == 422 and error_id(resp) == "invalid-model-definition"
+    assert "$.outputs[0].unit" in [e for i in resp.json()["issue"] for e in i.get("expression", [])]
+    assert fhir.get(f"Library/{library['id']}").status_code == 404
+
+
+def test_an_observation_in_a_unit_that_does_not_convert_is_refused(fhir):
+    """A stored concentration in kg (the definition's output is mg/L): calibrating that participant and
+    fitting their study are refused naming the Observation; the fit stores nothing."""
+    load_theoph(fhir.base)
+    obs = {"resourceType": "Observation", "id": "theoph-2-kg", "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": "4049-3"}]},
+           "subject": {"reference": "Patient/theoph-2"}, "effectiveDateTime": "2025-01-06T20:00:00Z",
+           "valueQuantity": {"value": 3.1, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}}
+    assert fhir.put("Observation/theoph-2-kg", obs).status_code == 201
+    resp = fhir.post("Patient/theoph-2/$calibrate", {"resourceType": "Parameters"})
+    assert resp.status_code == 422 and error_id(resp) == "observation-unit"
+    assert "Observation/theoph-2-kg" in resp.json()["issue"][0]["diagnostics"]
+    resp = fhir.post("ResearchStudy/theoph/$fit-population", {"resourceType": "Parameters", "parameter": [
+        {"name": "vpcReplicates", "valueInteger": 0}, {"name": "standardErrors", "valueBoolean": False}]})
+    assert resp.status_code == 422 and error_id(resp) == "observation-unit"
+    assert fhir.get("Library?type=asset-collection").json().get("total", 0) == 0
+    assert fhir.get("Provenance").json().get("total", 0) == 0
+
+
 def test_definitions_are_read_by_canonical_url_and_version(fhir):
     assert main(["model", "publish", "theophylline", "--url", fhir.base]) == 0
     raw = md.shipped_definition("theophylline")
-    raw["version"] = "1.1.0"
+    shipped = raw["version"]
+    raw["version"] = "2.0.0"
     library = fm.definition_library(fm.compile_definition(raw))
     assert fhir.put(f"Library/{library['id']}", library).status_code == 201
-    found = fhir.get(f"Library?url={raw['url']}&version=1.0.0").json()
-    assert [e["resource"]["version"] for e in found["entry"]] == ["1.0.0"]
+    found = fhir.get(f"Library?url={raw['url']}&version={shipped}").json()
+    assert [e["resource"]["version"] for e in found["entry"]] == [shipped]
     assert fhir.get(f"Library?url={raw['url']}").json()["total"] == 2
 
 

@@ -213,3 +213,41 @@ def test_a_later_cut_cancels_proposals_it_no_longer_makes(study):
         assert study.get(ref).json()["status"] == ("proposed" if visit in kept else "cancelled")
     careplan = study.get(_one(later.json(), "carePlan")["valueReference"]["reference"]).json()
     assert {a["reference"]["reference"] for a in careplan["activity"]} == {first[v] for v in kept}
+
+
+def test_visit_information_comes_from_the_study_models_marker(app):
+    """The information value of a visit weighs the marker's residual SD against its drift, both read from
+    the study's model definition (no assay constant in the operation): TT-201's HbA1c (SD 0.12 %, drift
+    0.2 %/year), another definition's own residual error, flat weights for a model without a disease marker."""
+    import copy
+
+    import numpy as np
+
+    from fhir_ops.mapping import model_definition as fm
+    from fhir_ops.operations.optimize_schedule import _marker_noise
+    from inference.model_definition import shipped_definition
+    from tests.fhir_ops.operations.conftest import get_store_of
+
+    store = get_store_of(app)
+
+    def study(sid: str, raw: dict) -> None:
+        model = fm.compile_definition(raw)
+        library = fm.definition_library(model)
+        store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [_put(library), _put({
+            "resourceType": "ResearchStudy", "id": sid, "status": "active",
+            "extension": [{"url": fm.STUDY_MODEL_EXTENSION, "valueCanonical": model.canonical}]})]})
+
+    study("s-tt201", shipped_definition("tt201"))
+    sigma, tau = _marker_noise(store, "s-tt201")
+    assert sigma == pytest.approx(0.12) and tau == pytest.approx(0.2 / np.sqrt(365.25))
+    noisier = copy.deepcopy(shipped_definition("tt201"))
+    noisier.update(url="https://example.org/fhir/Library/noisier-assay", name="noisier")
+    noisier["outputs"][2]["error"]["additive"] = 0.3
+    study("s-noisier", noisier)
+    assert _marker_noise(store, "s-noisier")[0] == pytest.approx(0.3)
+    study("s-tgi", shipped_definition("tumour-growth"))  # SLD: combined error at the 70 mm baseline, KL x BASE
+    sigma, tau = _marker_noise(store, "s-tgi")
+    assert sigma == pytest.approx(np.hypot(2.0, 0.05 * 70.0)) and tau == pytest.approx(0.02 * 70 / 7 * np.sqrt(365.25))
+    study("s-theoph", shipped_definition("theophylline"))  # PK only: every visit weighs the same
+    assert _marker_noise(store, "s-theoph")[1] == 0.0
+    assert _marker_noise(store, "no-such-study") == (1.0, 0.0)

@@ -201,20 +201,115 @@ def test_without_a_model_there_is_no_twin(server):
     assert resp.status_code == 422 and error_id(resp) == "study-model-missing"
 
 
-def test_group_without_a_study_and_a_model_without_a_cohort_engine(server):
+def test_group_without_a_study(server):
     base, _ = server
     group = requests.post(f"{base}/Group", json={"resourceType": "Group", "type": "person", "actual": False,
                                                  "quantity": 10}, headers=HEADERS, timeout=30).json()
     resp = simulate(base, f"Group/{group['id']}", params(horizonDays=7))
     assert resp.status_code == 422 and error_id(resp) == "group-without-study"
-    # the theophylline definition runs per participant (event engine), not as a cohort
-    theoph = fm.compile_definition(shipped_definition("theophylline"))
-    library = fm.definition_library(theoph)
+
+
+def _publish(base: str, name: str):
+    model = fm.compile_definition(shipped_definition(name))
+    library = fm.definition_library(model)
     post(base, f"Library/{library['id']}", library)
-    _study(base, "theoph-cohort", [{"name": "320 mg"}], model=theoph.canonical)
-    _participant(base, "theoph-p0", "theoph-cohort", "320 mg", 70.0)
-    resp = simulate(base, "ResearchStudy/theoph-cohort", params(horizonDays=1))
-    assert resp.status_code == 422 and error_id(resp) == "model-without-cohort-simulation"
+    return model
+
+
+def _group(base: str, body: dict) -> str:
+    resp = requests.post(f"{base}/Group", json={"resourceType": "Group", "type": "person", **body}, headers=HEADERS,
+                         timeout=30)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def _study_characteristic(sid: str) -> dict:
+    return {**STUDY_CHARACTERISTIC, "valueReference": {"reference": f"ResearchStudy/{sid}"}}
+
+
+def test_cohort_of_the_pk_only_theophylline_model(server):
+    """The theophylline definition (event engine, single oral dose) simulates as a cohort: the study's
+    members in their arms, doses from the arms' text, the definition's summary defaults (24 h, hourly);
+    linear PK, so the same members at half the dose give exactly half the concentrations."""
+    base, _ = server
+    theoph = _publish(base, "theophylline")
+    _study(base, "theoph-cohort", [{"name": "high", "description": "theophylline 320 mg once"},
+                                   {"name": "low", "description": "theophylline 160 mg once"}, {"name": "placebo"}],
+           model=theoph.canonical)
+    for i, (arm, weight) in enumerate([("high", 60.0), ("high", 90.0), ("low", 70.0), ("placebo", 75.0)]):
+        _participant(base, f"theoph-p{i}", "theoph-cohort", arm, weight)
+    resp = simulate(base, "ResearchStudy/theoph-cohort", params(seed=4, memberOutputs=True))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert single(body, "modelVersion") == theoph.canonical
+    rows = entries(body, "armSummary")
+    assert {r["arm"]: r["participants"] for r in rows} == {"high": 2, "low": 1, "placebo": 1}
+    assert {(r["output"], r["unit"]) for r in rows} == {("concentration", "mg/L")}
+    high = [r for r in rows if r["arm"] == "high"]
+    assert [r["day"] for r in high] == [round(h / 24, 6) for h in range(25)]  # the definition's 1 day, hourly
+    assert high[0]["median"] == 0.0 and 2.0 < max(r["median"] for r in high) < 20.0  # mg/L after 320 mg, 60-90 kg
+    assert all(r["low"] <= r["median"] <= r["high"] for r in rows)
+    assert all(r["median"] == 0.0 for r in rows if r["arm"] == "placebo")
+    members = {m["subject"]["reference"]: m for m in entries(body, "member")}
+    assert set(members) == {f"Patient/theoph-p{i}" for i in range(4)} and members["Patient/theoph-p0"]["arm"] == "high"
+    full = simulate(base, "ResearchStudy/theoph-cohort", params(seed=4, dose=320.0)).json()
+    half = simulate(base, "ResearchStudy/theoph-cohort", params(seed=4, dose=160.0)).json()
+    for a, b in zip(entries(full, "armSummary"), entries(half, "armSummary")):
+        assert b["median"] == pytest.approx(a["median"] / 2, abs=2e-6) and b["high"] == pytest.approx(a["high"] / 2,
+                                                                                                    abs=2e-6)
+    # the "low" arm ran at the 160 mg its description states: the same as everyone at 160 mg
+    assert [r for r in entries(half, "armSummary") if r["arm"] == "low"] == [r for r in rows if r["arm"] == "low"]
+    # a Group of the study's members runs the same engine, one arm when the Group names it
+    gid = _group(base, {"actual": True, "member": [{"entity": {"reference": f"Patient/theoph-p{i}"}} for i in range(4)],
+                        "characteristic": [_study_characteristic("theoph-cohort")]})
+    group = simulate(base, f"Group/{gid}", params(seed=4))
+    assert group.status_code == 200, group.text
+    assert {r["arm"] for r in entries(group.json(), "armSummary")} == {"high", "low", "placebo"}
+
+
+def test_theophylline_virtual_participants_need_their_covariate(server):
+    """Virtual participants of a definition without a virtual population take each covariate's default;
+    the theophylline definition has none for body weight, so the answer names it."""
+    base, _ = server
+    theoph = _publish(base, "theophylline")
+    _study(base, "theoph-virtual", [{"name": "320 mg"}], model=theoph.canonical)
+    resp = simulate(base, "ResearchStudy/theoph-virtual", params(virtualParticipants=100))
+    assert resp.status_code == 422 and error_id(resp) == "model-without-virtual-population"
+    assert "WT" in issue_text(resp) and "default" in issue_text(resp)
+    gid = _group(base, {"actual": False, "quantity": 50, "characteristic": [_study_characteristic("theoph-virtual")]})
+    resp = simulate(base, f"Group/{gid}", params())
+    assert resp.status_code == 422 and error_id(resp) == "model-without-virtual-population"
+
+
+def test_cohort_of_the_tumour_growth_model(server):
+    """The disease-progression definition (IV infusion every 3 weeks, tumour growth inhibition): virtual
+    participants of a study, weekly summaries over the definition's 12 weeks; untreated tumours grow as
+    BASE e^(KL t), treated ones hardly change."""
+    base, _ = server
+    tgi = _publish(base, "tumour-growth")
+    _study(base, "tgi-cohort", [{"name": "500 mg", "description": "TGI-CYTO 500 mg every 3 weeks"},
+                                {"name": "placebo"}], model=tgi.canonical)
+    resp = simulate(base, "ResearchStudy/tgi-cohort", params(virtualParticipants=2000, seed=8))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    rows = entries(body, "armSummary")
+    assert {r["arm"]: r["participants"] for r in rows} == {"500 mg": 1000, "placebo": 1000}
+    sld = {arm: [r for r in rows if r["arm"] == arm and r["output"] == "sld"] for arm in ("500 mg", "placebo")}
+    assert [r["day"] for r in sld["placebo"]] == [7.0 * w for w in range(13)] and sld["placebo"][0]["unit"] == "mm"
+    # no drug: log SLD = log BASE + KL t with log-normal BASE and KL; the median of BASE e^(KL t) at 12 weeks
+    # lies within a few % of 70 e^(0.02 * 12) = 88.98 mm (1000 draws: SE of the median ~2 %)
+    assert sld["placebo"][-1]["median"] == pytest.approx(70.0 * np.exp(0.24), rel=0.06)
+    # four 500 mg infusions take about as much off log SLD (KD x AUC = 0.1 x 500/840 each) as 12 weeks of growth add
+    assert sld["500 mg"][-1]["median"] == pytest.approx(sld["500 mg"][0]["median"], rel=0.08)
+    assert sld["500 mg"][-1]["median"] < 0.85 * sld["placebo"][-1]["median"]
+    change = {s["name"]: s["value"] for s in entries(body, "summary")}
+    assert change["sld-change-median:placebo"] > 10.0 > abs(change["sld-change-median:500mg"])
+    conc = [r for r in rows if r["arm"] == "500 mg" and r["output"] == "concentration"]
+    assert conc[0]["median"] == 0.0 and all(r["median"] >= 0 for r in conc)
+    assert all(r["median"] == 0.0 for r in rows if r["arm"] == "placebo" and r["output"] == "concentration")
+    # seeded: the same call gives the same numbers
+    again = simulate(base, "ResearchStudy/tgi-cohort", params(virtualParticipants=2000, seed=8)).json()
+    assert entries(again, "armSummary") == rows
 
 
 def test_study_simulation_runs_on_the_apps_executor(server):
