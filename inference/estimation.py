@@ -569,7 +569,8 @@ def _phi_derivatives(structural: Structural, data: ObservationData, phi: np.ndar
 
 
 def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: PopulationModel, modes: ModeEstimate,
-                        structural: Structural, data: ObservationData, stacked: _Stacked) -> np.ndarray:
+                        structural: Structural, data: ObservationData, stacked: _Stacked
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Gradient of the FOCE(I) ``-2 log L`` in the optimizer's parameters, analytically from one set of modes.
 
     With ``Q_i = -2 log p(y_i | eta) + eta' Omega^-1 eta`` and ``H_i`` the expected-information
@@ -580,6 +581,9 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
     in ``phi`` only, taken by central differences in one stacked call of the structural model, so
     a gradient costs about one mode search instead of the ``2 len(x)`` of central differences of
     the objective.
+
+    Returns the gradient and the modes' sensitivity ``d eta_i / d x`` (shape ``(n, q, len(x))``),
+    from which the next point's mode search starts (a first-order prediction of its modes).
     """
     n, q = data.n_subjects, model.n_random_effects
     ridx = model.random_index
@@ -620,20 +624,28 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
     rows_phi = (2 * dl[:, None] * F + trace_dh - (mask * vj * w_obs)[:, None] * F
                 - dl[:, None] * np.einsum("ra,raj->rj", vrow, S))
     g_phi = _subject_sums(subject, rows_phi, n)
+    # d(grad Q / 2)/dx per subject, for the modes' sensitivity
+    cross = np.zeros((n, q, x.size))
+    cross_phi = _subject_sums(subject, (mask * w_obs)[:, None, None] * J[:, :, None] * F[:, None, :]
+                              + dl[:, None, None] * S, n)
     p = model.n_parameters
     grad = np.zeros(x.size)
     grad[:p] = g_phi.sum(axis=0)
+    cross[:, :, :p] = cross_phi
     k = p
     for i in param.estimated_effects:
         effect = model.covariate_effects[i]
         slope = _shift_slope(effect, data.covariates[effect.covariate])
-        grad[k] = float(np.sum(g_phi[:, model.parameters.index(effect.parameter)] * slope))
+        column = model.parameters.index(effect.parameter)
+        grad[k] = float(np.sum(g_phi[:, column] * slope))
+        cross[:, :, k] = cross_phi[:, :, column] * slope[:, None]
         k += 1
     # Omega enters through its inverse (prior term, H, the mode) and log det Omega
     G = np.einsum("na,nb->ab", eta, eta) + M.sum(axis=0) - np.einsum("na,nb->ab", vvec, eta)
     for d_omega in param.omega_slopes(model):
         d_precision = -precision @ d_omega @ precision
         grad[k] = float(np.sum(G * d_precision) + n * np.trace(precision @ d_omega))
+        cross[:, :, k] = eta @ d_precision
         k += 1
     # residual parameters (log scale), each acting on the rows of its output
     rows_of = np.zeros(f.size, dtype=np.int64) if output is None else np.asarray(output).astype(np.int64)
@@ -650,8 +662,9 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
             d_dl = (r * d_v / v**2 + 0.5 * (d_dv / v - dv * d_v / v**2) * (1.0 - r**2 / v)
                     + 0.5 * (dv / v) * r**2 * d_v / v**2)
             grad[k] = float(np.sum(on * (dq + d_w * jmj - d_dl * vj)))
+            cross[:, :, k] = _subject_sums(subject, (on * d_dl)[:, None] * J, n)
             k += 1
-    return grad
+    return grad, -np.linalg.solve(K, cross)
 
 
 def _subject_sums(subject: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
@@ -872,19 +885,6 @@ def fit_population(
             # one bad point (e.g. a singular Hessian) must not cost the others: one by one
             return np.array([evaluate(x, eta0)[0] for x in xs])
 
-    def fun(x: np.ndarray) -> float:
-        value, modes = evaluate(x, state["eta"])
-        if modes is not None and np.isfinite(value):
-            state["eta"] = modes.eta
-        return value if np.isfinite(value) else 1e300
-
-    def grad(x: np.ndarray, step: float = 1e-3) -> np.ndarray:
-        # modes are converged to ~1e-9, which leaves ~1e-8 of noise in -2LL; a 1e-3 step keeps
-        # the gradient's noise near 1e-5 while its truncation error stays ~1e-6
-        # every perturbed evaluation starts from the same modes, so the difference is smooth
-        # all 2 * len(x) points go through one stacked mode search
-        return _central_gradients([x], step)[0]
-
     def _central_gradients(xs: list[np.ndarray], step: float) -> list[np.ndarray]:
         base_eta = state["eta"]
         eye = np.eye(xs[0].size) * step
@@ -894,22 +894,37 @@ def fit_population(
         ok = np.isfinite(up) & np.isfinite(down)
         return list(np.where(ok, (up - down) / (2 * step), 0.0))
 
-    def value_and_gradient(x: np.ndarray, eta0: np.ndarray) -> tuple[float, np.ndarray, ModeEstimate | None]:
-        """``-2 log L`` and its analytical gradient from one mode search (see _objective_gradient);
-        central differences of the objective where the analytical form is not finite."""
-        value, modes = evaluate(x, eta0)
-        if modes is None or not np.isfinite(value):
+    stacked = _Stacked(structural, data)
+
+    def value_and_gradient(x: np.ndarray) -> tuple[float, np.ndarray, ModeEstimate | None]:
+        """``-2 log L`` and its analytical gradient from one mode search (see _objective_gradient),
+        started from the modes predicted by the last point's sensitivity; central differences of
+        the objective where the analytical form is not finite."""
+        x_last, eta_last, sensitivity = state["anchor"]
+        # a first-order prediction of the new modes saves one or two Newton iterations; it is
+        # capped at 1 (log scale) per effect so that a far trial point cannot throw the start away
+        eta0 = eta_last if sensitivity is None else eta_last + np.clip(sensitivity @ (x - x_last), -1.0, 1.0)
+        state["evaluations"] += 1
+        try:
+            candidate = param.unpack(x, checked=False)
+            modes = find_modes(candidate, structural, data, eta0=eta0)
+            value = objective_function(candidate, modes)
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+            return np.inf, np.zeros(x.size), None
+        if not np.isfinite(value):
             return np.inf, np.zeros(x.size), None
         try:
-            gradient = _objective_gradient(param, x, param.unpack(x, checked=False), modes, structural, data,
-                                           stacked)
+            gradient, sensitivity = _objective_gradient(param, x, candidate, modes, structural, data, stacked)
         except (ValueError, np.linalg.LinAlgError, FloatingPointError):
-            gradient = np.full(x.size, np.nan)
-        if not np.all(np.isfinite(gradient)):
-            gradient = _central_gradients([x], 1e-3)[0]
+            gradient, sensitivity = np.full(x.size, np.nan), None
+        if sensitivity is None or not (np.all(np.isfinite(gradient)) and np.all(np.isfinite(sensitivity))):
+            state["eta"] = modes.eta
+            gradient, sensitivity = _central_gradients([x], 1e-3)[0], None
+        state["anchor"] = (x.copy(), modes.eta, sensitivity)
+        state["eta"] = modes.eta
         return value, gradient, modes
 
-    stacked = _Stacked(structural, data)
+    state["anchor"] = (x0.copy(), state["eta"], None)
     iterations = [0]
 
     def on_iteration(xk: np.ndarray) -> None:
@@ -918,9 +933,7 @@ def fit_population(
             raise FitCancelled(f"stopped after {iterations[0]} iterations")
 
     def fun_tracked(x: np.ndarray) -> tuple[float, np.ndarray]:
-        value, gradient, modes = value_and_gradient(x, state["eta"])
-        if modes is not None:
-            state["eta"] = modes.eta
+        value, gradient, _ = value_and_gradient(x)
         state["last"] = value
         return (value if np.isfinite(value) else 1e300), gradient
 
@@ -930,15 +943,22 @@ def fit_population(
             raise FitCancelled(f"stopped after {iterations[0]} iterations")
         x = result.x
         fitted = param.unpack(x)
-        modes = find_modes(fitted, structural, data, eta0=state["eta"])
-        objective = objective_function(fitted, modes)
-        _, final_grad, _ = value_and_gradient(x, modes.eta)
+        objective, final_grad, modes = value_and_gradient(x)
+        if modes is None:  # cannot happen at a point BFGS accepted, but fail loudly rather than oddly
+            raise ValueError("the objective is not finite at the estimates")
+        anchor = state["anchor"]
         covariance = None
         ses: dict[str, float] = {}
         if standard_errors:
             h = 1e-3
-            # central differences of the analytical gradient: 2 len(x) mode searches from the optimum's modes
-            grads = [value_and_gradient(x + s * h * e, modes.eta)[1] for e in np.eye(x.size) for s in (1.0, -1.0)]
+            # central differences of the analytical gradient: 2 len(x) mode searches, each started
+            # from the optimum's modes moved by their sensitivity
+            grads = []
+            for e in np.eye(x.size):
+                for sign in (1.0, -1.0):
+                    state["anchor"] = anchor
+                    grads.append(value_and_gradient(x + sign * h * e)[1])
+            state["anchor"] = anchor
             hess = np.array([(grads[2 * i] - grads[2 * i + 1]) / (2 * h) for i in range(x.size)])
             hess = 0.5 * (hess + hess.T)
             try:
