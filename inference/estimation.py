@@ -589,72 +589,53 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
     n, q = data.n_subjects, model.n_random_effects
     ridx = model.random_index
     subject = data.subject
-    mask = data.observed.astype(float)
-    y = np.where(data.observed, data.value, 0.0)
+    observed = data.observed
+    mask = observed.astype(float)
+    y = np.where(observed, data.value, 0.0)
     output = output_index(data)
     eta = modes.eta
     phi = typical_parameters(model, data)
     phi[:, ridx] += eta
     f, F, S = _phi_derivatives(structural, data, phi, ridx, stacked)
     J = F[:, ridx]
-    v_raw_a, v_raw_b = _error_rows(model.error, output, f.size)
-    v = np.maximum(v_raw_a**2 + (v_raw_b * f) ** 2, _MIN_VARIANCE)
-    live = mask * (v > _MIN_VARIANCE)  # where the variance floor holds, V does not move with its parameters
-    dv = 2.0 * v_raw_b**2 * f
-    d2v = 2.0 * v_raw_b**2
+    a_rows, b_rows = _error_rows(model.error, output, f.size)
+    v = np.maximum(a_rows**2 + (b_rows * f) ** 2, _MIN_VARIANCE)
     r = y - f
-    dl = mask * (-r / v + 0.5 * dv / v * (1.0 - r**2 / v))  # half d/df of r^2/V + log V
-    w = 1.0 / v + 0.5 * (dv / v) ** 2  # expected information per row
-    w_obs = (1.0 / v + 2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
-             + 0.5 * d2v / v - 0.5 * dv**2 / v**2)
-    dw = -dv / v**2 + (dv / v) * (d2v / v - dv**2 / v**2)
+    interaction = bool(np.any(b_rows))
+    if interaction:
+        dv = 2.0 * b_rows**2 * f
+        d2v = 2.0 * b_rows**2
+        dl = mask * (-r / v + 0.5 * dv / v * (1.0 - r**2 / v))  # half d/df of r^2/V + log V
+        w = 1.0 / v + 0.5 * (dv / v) ** 2  # expected information per row
+        w_obs = (1.0 / v + 2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
+                 + 0.5 * d2v / v - 0.5 * dv**2 / v**2)
+        dw = -dv / v**2 + (dv / v) * (d2v / v - dv**2 / v**2)
+    else:  # additive errors: the interaction terms vanish
+        dv = np.zeros_like(f)
+        dl = mask * (-r / v)
+        w = w_obs = 1.0 / v
+        dw = None
     precision = np.linalg.inv(model.omega)
     M = np.linalg.inv(modes.hessian)
-    # K: half the exact Hessian of Q in eta (residual curvature included), as the mode search's Newton steps
-    K = _subject_sums(subject, np.einsum("r,ra,rb->rab", w_obs * mask, J, J) + dl[:, None, None] * S[:, :, ridx], n)
-    K += precision
     MJ = np.einsum("rab,rb->ra", M[subject], J)
     jmj = np.einsum("ra,ra->r", J, MJ)
-    # per row, tr(M dH/dphi_j) for every column j of phi (H's prior part does not depend on phi)
-    trace_dh = mask[:, None] * (2 * w[:, None] * np.einsum("ra,raj->rj", MJ, S) + dw[:, None] * F * jmj[:, None])
-    u = _subject_sums(subject, trace_dh[:, ridx], n)  # d log det H / d eta
-    vvec = np.linalg.solve(K, u[..., None])[..., 0]
-    vrow = vvec[subject]
-    vj = np.einsum("ra,ra->r", vrow, J)
-    # d Q/d phi + tr(M dH/dphi) - v' d(grad Q / 2)/d phi, per row
-    rows_phi = (2 * dl[:, None] * F + trace_dh - (mask * vj * w_obs)[:, None] * F
-                - dl[:, None] * np.einsum("ra,raj->rj", vrow, S))
-    g_phi = _subject_sums(subject, rows_phi, n)
-    # d(grad Q / 2)/dx per subject, for the modes' sensitivity
-    cross = np.zeros((n, q, x.size))
-    cross_phi = _subject_sums(subject, (mask * w_obs)[:, None, None] * J[:, :, None] * F[:, None, :]
-                              + dl[:, None, None] * S, n)
-    p = model.n_parameters
-    grad = np.zeros(x.size)
-    grad[:p] = g_phi.sum(axis=0)
-    cross[:, :, :p] = cross_phi
-    k = p
-    for i in param.estimated_effects:
-        effect = model.covariate_effects[i]
-        slope = _shift_slope(effect, data.covariates[effect.covariate])
-        column = model.parameters.index(effect.parameter)
-        grad[k] = float(np.sum(g_phi[:, column] * slope))
-        cross[:, :, k] = cross_phi[:, :, column] * slope[:, None]
-        k += 1
-    # Omega enters through its inverse (prior term, H, the mode) and log det Omega
-    G = np.einsum("na,nb->ab", eta, eta) + M.sum(axis=0) - np.einsum("na,nb->ab", vvec, eta)
-    for d_omega in param.omega_slopes(model):
-        d_precision = -precision @ d_omega @ precision
-        grad[k] = float(np.sum(G * d_precision) + n * np.trace(precision @ d_omega))
-        cross[:, :, k] = eta @ d_precision
-        k += 1
-    # residual parameters (log scale), each acting on the rows of its output
+    # per row: tr(M dH/dphi_j) for every column j of phi (H's prior part does not depend on phi)
+    trace_dh = 2 * (mask * w)[:, None] * np.einsum("ra,raj->rj", MJ, S)
+    if dw is not None:
+        trace_dh += (mask * dw * jmj)[:, None] * F
+    # d(grad Q / 2)/dphi per row; its random-effect columns are the data part of K, half the exact
+    # Hessian of Q in eta (residual curvature included) that the mode search's Newton steps use
+    cross_rows = (mask * w_obs)[:, None, None] * J[:, :, None] * F[:, None, :] + dl[:, None, None] * S
+    # residual parameters (log scale), each acting on the rows of its output: direct terms
+    # d Q/ds + tr(M dH/ds) and d(grad Q / 2)/ds per row
+    live = mask * (v > _MIN_VARIANCE)  # where the variance floor holds, V does not move with its parameters
     rows_of = np.zeros(f.size, dtype=np.int64) if output is None else np.asarray(output).astype(np.int64)
+    residual_direct, residual_cross = [], []
     for o, error in enumerate(model.errors):
         on = live * (rows_of == o)
         slots = []
         if error.kind in ("additive", "combined"):
-            slots.append((2 * error.additive**2 * np.ones_like(f), np.zeros_like(f)))
+            slots.append((2 * error.additive**2, 0.0))
         if error.kind in ("proportional", "combined"):
             slots.append((2 * error.proportional**2 * f**2, 2 * dv))
         for d_v, d_dv in slots:
@@ -662,9 +643,44 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
             d_w = -d_v / v**2 + (dv / v) * (d_dv / v - dv * d_v / v**2)
             d_dl = (r * d_v / v**2 + 0.5 * (d_dv / v - dv * d_v / v**2) * (1.0 - r**2 / v)
                     + 0.5 * (dv / v) * r**2 * d_v / v**2)
-            grad[k] = float(np.sum(on * (dq + d_w * jmj - d_dl * vj)))
-            cross[:, :, k] = _subject_sums(subject, (on * d_dl)[:, None] * J, n)
-            k += 1
+            residual_direct.append(on * (dq + d_w * jmj))
+            residual_cross.append((on * d_dl)[:, None] * J)
+    p, m_res = model.n_parameters, len(residual_direct)
+    # every per-subject sum in one bincount: direct phi terms, d log det H / d eta, the cross
+    # derivatives, the residual parameters' direct and cross terms
+    blocks = [2 * dl[:, None] * F + trace_dh, trace_dh[:, ridx], cross_rows.reshape(f.size, q * p)]
+    if m_res:
+        blocks += [np.stack(residual_direct, axis=1), np.stack(residual_cross, axis=2).reshape(f.size, q * m_res)]
+    sums = _subject_sums(subject, np.concatenate(blocks, axis=1), n)
+    direct_phi, u = sums[:, :p], sums[:, p : p + q]
+    cross_phi = sums[:, p + q : p + q + q * p].reshape(n, q, p)
+    K = cross_phi[:, :, ridx] + precision
+    # the mode moves with x by -K^-1 d(grad Q / 2)/dx; log det H sees that move through u
+    vvec = np.linalg.solve(K, u[..., None])[..., 0]
+    direct = np.zeros(x.size)
+    cross = np.zeros((n, q, x.size))
+    direct[:p] = direct_phi.sum(axis=0)
+    cross[:, :, :p] = cross_phi
+    k = p
+    for i in param.estimated_effects:
+        effect = model.covariate_effects[i]
+        slope = _shift_slope(effect, data.covariates[effect.covariate])
+        column = model.parameters.index(effect.parameter)
+        direct[k] = float(direct_phi[:, column] @ slope)
+        cross[:, :, k] = cross_phi[:, :, column] * slope[:, None]
+        k += 1
+    # Omega enters through its inverse (prior term, H, the mode) and log det Omega
+    G = eta.T @ eta + M.sum(axis=0)
+    for d_omega in param.omega_slopes(model):
+        d_precision = -precision @ d_omega @ precision
+        direct[k] = float(np.sum(G * d_precision) + n * np.trace(precision @ d_omega))
+        cross[:, :, k] = eta @ d_precision
+        k += 1
+    if m_res:
+        start = p + q + q * p
+        direct[k:] = sums[:, start : start + m_res].sum(axis=0)
+        cross[:, :, k:] = sums[:, start + m_res :].reshape(n, q, m_res)
+    grad = direct - np.einsum("na,nak->k", vvec, cross)
     return grad, -np.linalg.solve(K, cross)
 
 
