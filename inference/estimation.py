@@ -419,7 +419,9 @@ def _batched_objectives(models: list[PopulationModel], structural: Structural, d
     typical = np.concatenate([typical_parameters(mdl, data) for mdl in models])
     omega_inv = [np.linalg.inv(mdl.omega) for mdl in models]
     precision = np.concatenate([np.broadcast_to(w, (n, q, q)) for w in omega_inv])
-    eta = np.tile(np.asarray(eta0, float).reshape(n, q), (k, 1))
+    eta0 = np.asarray(eta0, float)
+    # one start for every block, or each block's own (k * n rows)
+    eta = eta0.reshape(k * n, q).copy() if eta0.size == k * n * q else np.tile(eta0.reshape(n, q), (k, 1))
     modes = _find_modes(ridx, typical, errors, output, np.zeros((k * n, q)), precision, eta, structural,
                         tiled, max_iter=max_iter, tol=tol)
     sign, logdet_h = np.linalg.slogdet(modes.hessian)
@@ -1016,6 +1018,31 @@ def fit_population(
         return value, gradient, modes
 
     state["anchor"] = (x0.copy(), state["eta"], None)
+
+    def _gradients_at(points: np.ndarray, anchor: tuple) -> list[np.ndarray] | None:
+        """Analytical gradients at several points from one stacked mode search (the standard
+        errors' Hessian): each point a block of subject copies started from its predicted modes."""
+        x_last, eta_last, sensitivity = anchor
+        n = data.n_subjects
+        try:
+            models = [param.unpack(point, checked=False) for point in points]
+            starts = [eta_last if sensitivity is None else eta_last + np.clip(sensitivity @ (point - x_last), -1.0, 1.0)
+                      for point in points]
+            values, together = _batched_objectives(models, structural, data, np.concatenate(starts))
+            state["evaluations"] += len(points)
+            grads = []
+            for b, (point, mdl) in enumerate(zip(points, models)):
+                block = slice(b * n, (b + 1) * n)
+                modes = ModeEstimate(eta=together.eta[block], hessian=together.hessian[block],
+                                     data_term=together.data_term[block], prior_term=together.prior_term[block],
+                                     converged=together.converged[block], n_iterations=together.n_iterations,
+                                     observed_hessian=together.observed_hessian[block])
+                grads.append(_objective_gradient(param, point, mdl, modes, structural, data, stacked)[0])
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+            return None
+        if not (np.all(np.isfinite(values)) and np.all(np.isfinite(grads))):
+            return None
+        return grads
     iterations = [0]
 
     def on_iteration(xk: np.ndarray) -> None:
@@ -1066,10 +1093,12 @@ def fit_population(
             # truncation error of ~1e-4 relative in the Hessian and noise far below it; central
             # differences would double the cost for accuracy no standard error needs.
             h = 1e-4
-            grads = []
-            for e in np.eye(x.size):
-                state["anchor"] = anchor
-                grads.append(value_and_gradient(x + h * e)[1])
+            grads = _gradients_at(x + h * np.eye(x.size), anchor)
+            if grads is None:  # a point the stacked search could not take: one by one
+                grads = []
+                for e in np.eye(x.size):
+                    state["anchor"] = anchor
+                    grads.append(value_and_gradient(x + h * e)[1])
             state["anchor"] = anchor
             hess = np.array([(grads[i] - final_grad) / h for i in range(x.size)])
             hess = 0.5 * (hess + hess.T)
