@@ -1069,11 +1069,11 @@ def fit_population(
                     inverse0 = None
             except (ValueError, np.linalg.LinAlgError, FloatingPointError):
                 inverse0 = None
-        # a diagonal Omega's SD below 1 % of its scale that BFGS still pushes down is tried at a tenth of
+        # a diagonal Omega's SD below 3 % of its scale that BFGS still pushes down is tried at a tenth of
         # the boundary threshold (the likelihood is flat there; it is then reported as at the boundary)
         sds = [i for i, name in enumerate(param.names) if name.startswith("omega_log_sd(")]
         scale = np.maximum(np.abs(model.theta[model.random_index]), 1.0)
-        boundary = (np.array(sds, dtype=np.int64), np.log(1e-2 * scale), np.log(0.1 * _BOUNDARY_SD * scale)) if sds else None
+        boundary = (np.array(sds, dtype=np.int64), np.log(0.03 * scale), np.log(0.1 * _BOUNDARY_SD * scale)) if sds else None
         result = _bfgs(fun_tracked, x0, gtol=gtol, max_iter=max_iter, callback=on_iteration, start=first,
                        inverse0=inverse0, boundary=boundary)
         if callback is not None and callback(iterations[0], float(result.fun)) is False:
