@@ -170,15 +170,15 @@ def numpy_floor(n: int, days: int, repeats: int) -> float:
 
     def loop():
         for j in range(days):
-            mode *= e
+            np.multiply(mode, e, out=mode)
             np.multiply(g, depot, out=tmp)
-            mode += tmp
-            depot *= ea
-            depot += 100.0
+            np.add(mode, tmp, out=mode)
+            np.multiply(depot, ea, out=depot)
+            np.add(depot, 100.0, out=depot)
             row = out[j]
             np.multiply(er, mode, out=row)
             np.multiply(gr, depot, out=tmp)
-            row += tmp
+            np.add(row, tmp, out=row)
     return best_of(loop, repeats)[0]
 
 
