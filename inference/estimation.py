@@ -9,8 +9,9 @@ Hessian ``H_i = J' W J + Omega^-1`` (``W = 1/V + (V'/V)^2 / 2``). With an additi
 FOCE and coincides with the linearization of nlme (Lindstrom-Bates) at ML; with a
 prediction-dependent error it is FOCE with interaction (FOCEI). The outer problem over ``theta``,
 covariate coefficients, ``Omega`` (log SDs, Cholesky for a full matrix) and the residual
-parameters (log scale) is solved by BFGS on central-difference gradients; standard errors come
-from a central-difference Hessian of ``-2 log L`` at the optimum.
+parameters (log scale) is solved by BFGS started from the linearized model's expected information,
+on analytical gradients (envelope and implicit function theorems, one mode search per point);
+standard errors come from forward differences of that gradient at the optimum.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from inference.population import (
     ResidualError,
     Structural,
     _unchecked_replace,
-    _variance_slope,
     output_index,
     predict,
     residual_variance,
@@ -342,7 +342,8 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
         # where the exact Hessian is not positive definite, fall back to expected information
         indefinite = np.linalg.eigvalsh(damped)[:, 0] <= 0
         if np.any(indefinite):
-            damped[indefinite] = expected[indefinite] + damping[indefinite, None, None] * diag[indefinite, :, None] * eye
+            damped[indefinite] = (expected[indefinite]
+                                  + damping[indefinite, None, None] * diag[indefinite, :, None] * eye)
         step = -np.linalg.solve(damped, grad[..., None])[..., 0]
         step[converged] = 0.0
         # a log-scale step of more than 2 (a factor e^2 on the parameter) is never trusted; an
@@ -922,10 +923,11 @@ def fit_population(
         BFGS iteration limit.
     gtol : float
         Convergence threshold on the largest gradient component of ``-2 log L`` (BFGS); a
-        fit that stops at the finite-difference noise floor counts as converged when the
+        fit whose line search stops at the objective's rounding counts as converged when the
         largest component is below ``100 * gtol``.
     standard_errors : bool
-        Whether to compute the covariance of the estimates (numerical Hessian).
+        Whether to compute the covariance of the estimates (forward differences of the
+        analytical gradient).
     callback : callable, optional
         ``callback(iteration, objective)`` after every BFGS iteration and before the standard
         errors; returning False stops the fit with :class:`FitCancelled` (job cancel, progress).
@@ -1073,7 +1075,8 @@ def fit_population(
         # the boundary threshold (the likelihood is flat there; it is then reported as at the boundary)
         sds = [i for i, name in enumerate(param.names) if name.startswith("omega_log_sd(")]
         scale = np.maximum(np.abs(model.theta[model.random_index]), 1.0)
-        boundary = (np.array(sds, dtype=np.int64), np.log(0.03 * scale), np.log(0.1 * _BOUNDARY_SD * scale)) if sds else None
+        boundary = ((np.array(sds, dtype=np.int64), np.log(0.03 * scale), np.log(0.1 * _BOUNDARY_SD * scale))
+                    if sds else None)
         result = _bfgs(fun_tracked, x0, gtol=gtol, max_iter=max_iter, callback=on_iteration, start=first,
                        inverse0=inverse0, boundary=boundary)
         if callback is not None and callback(iterations[0], float(result.fun)) is False:
@@ -1107,8 +1110,8 @@ def fit_population(
                 ses = param.natural_standard_errors(x, covariance)
             except np.linalg.LinAlgError:
                 covariance = None
-    # BFGS may stop on "precision loss" at the noise floor of the finite differences; a gradient
-    # below 100 * gtol there moves the estimates by far less than their standard errors
+    # BFGS may stop where no decrease is left above the objective's rounding; a gradient below
+    # 100 * gtol there moves the estimates by far less than their standard errors
     converged = bool(result.success or np.max(np.abs(final_grad)) < 100 * gtol) and bool(modes.converged.all())
     eta_cov = np.linalg.inv(modes.hessian)
     scale = np.maximum(np.abs(fitted.theta[fitted.random_index]), 1.0)
