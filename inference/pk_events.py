@@ -131,15 +131,15 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
         amt_rows = np.empty((n_doses, n))
         for lo in range(0, n, 256):
             amt_rows[:, lo:lo + 256] = amounts[lo:lo + 256].T
-    scale = f if oral else None
-
+    # the depot holds amounts before bioavailability, so a dose is one add (of a scalar when everybody
+    # takes the same amount) and f is folded into the depot's coefficients, computed once
     # propagation coefficients per distinct interval
     gap_values, gap_index = np.unique(gaps, return_inverse=True)
     step = []
     for g in gap_values:
         e = [np.exp(-lam * g) for lam in rate]
         if oral:
-            step.append((e, [c * ka * phi(ka, lam, g) for c, lam in zip(coef, rate)], np.exp(-ka * g)))
+            step.append((e, [f * c * ka * phi(ka, lam, g) for c, lam in zip(coef, rate)], np.exp(-ka * g)))
         else:
             step.append((e, None, None))
 
@@ -158,16 +158,19 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
             arrived = tau >= 0
             tau = np.maximum(tau, 0.0)
             e = [np.where(arrived, np.exp(-lam * tau), 0.0) for lam in rate]
-            g = ([np.where(arrived, c * ka * phi(ka, lam, tau), 0.0) for c, lam in zip(coef, rate)]
+            g = ([np.where(arrived, f * c * ka * phi(ka, lam, tau), 0.0) for c, lam in zip(coef, rate)]
                  if oral else None)
             table[float(o)] = (e, g, arrived)
         return table
 
     now_table = read_coefficients(offset[jstar >= 0])
     late_table = read_coefficients((offset + prev_gap)[maybe_late & (jstar >= 1)])
+    # per dose: the outputs that read its state, with their coefficients looked up once here
+    # rather than per step (the loop below runs once per dose for every participant at once)
     cols = [[] for _ in range(n_doses)]
     for col in np.flatnonzero(jstar >= 0):
-        cols[jstar[col]].append(col)
+        cols[jstar[col]].append((col, now_table[float(offset[col])], bool(maybe_late[col])))
+    keep_prev = [any(late for _, _, late in c) for c in cols]
 
     out = np.empty((m, n))  # time-major: each output is one contiguous row
     out[jstar < 0] = 0.0
@@ -178,7 +181,7 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
     for j in range(n_doses):
         if j:
             e, g, ea = step[gap_index[j - 1]]
-            if any(maybe_late[c] for c in cols[j]):
+            if keep_prev[j]:
                 prev = ([y.copy() for y in modes], depot.copy())
             for r in range(n_modes):
                 modes[r] *= e[r]
@@ -189,17 +192,15 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
                 depot *= ea
         a_j = amt_rows[j]
         if oral:
-            np.multiply(scale, a_j, out=tmp)
-            depot += tmp
+            depot += a_j
         else:
             for r in range(n_modes):
                 np.multiply(coef[r], a_j, out=tmp)
                 modes[r] += tmp
-        for col in cols[j]:
+        for col, (e, g, arrived), late_read in cols[j]:
             row = out[col]
-            e, g, arrived = now_table[float(offset[col])]
             _read(row, modes, depot, e, g, tmp)
-            if maybe_late[col]:
+            if late_read:
                 late = np.zeros(n)
                 if j >= 1:
                     el, gl, _ = late_table[float(offset[col] + prev_gap[col])]

@@ -182,6 +182,11 @@ def test_variance_at_zero_raises_a_boundary_warning(theoph_fit):
     assert fit.boundary == ("lKa",)
     assert fit.model.omega_sd[0] < 1e-3 < fit.model.omega_sd[1]
     assert theoph_fit.boundary == ()
+    # the SD is held near the boundary (the fit probes it there): taking it all the way to ~0 gains
+    # nothing that matters in -2 log L
+    from inference.estimation import objective_function
+    closer = fit.model.replace(omega=np.diag([1e-7, fit.model.omega_sd[1]]) ** 2)
+    assert objective_function(closer, find_modes(closer, ssfol, data)) > fit.objective - 1e-4
 
 
 def test_batched_objectives_equal_separate_searches(theoph):
@@ -199,3 +204,60 @@ def test_batched_objectives_equal_separate_searches(theoph):
     for value, model in zip(values, models):
         alone = objective_function(model, find_modes(model, ssfol, theoph, eta0=eta0))
         assert value == pytest.approx(alone, rel=1e-10)
+
+
+def _pk_biomarker(phi, data):
+    conc = ssfol(phi[:, :3], data)
+    biomarker = 10.0 * (1.0 - conc / (conc + np.exp(phi[data.subject, 3])))
+    return np.where(data.design["output"] == 0, conc, biomarker)
+
+
+_THEOPH_BASE = PopulationModel(("lKe", "lKa", "lCl"), [-2.4, 0.4, -3.1], ("lKa", "lCl"), np.diag([0.6, 0.2]) ** 2,
+                               ResidualError("additive", additive=0.8))
+
+
+@pytest.mark.parametrize("case", ["additive", "combined-full-omega", "covariates-three-effects", "two-outputs"])
+def test_analytical_gradient_matches_central_differences_of_the_objective(theoph, case):
+    """The outer gradient (envelope + implicit function theorem, what BFGS and the standard errors use)
+    equals central differences of -2 log L itself, each point with its own fully converged modes,
+    for every parameter kind: fixed effects, covariate coefficients, Omega (log SDs, Cholesky) and
+    residual parameters of each output (FOCEI interaction included)."""
+    from inference.estimation import _objective_gradient, _Parameterization, _Stacked, objective_function
+    structural, data, model = ssfol, theoph, _THEOPH_BASE
+    if case == "combined-full-omega":
+        model = model.replace(error=ResidualError("combined", additive=0.3, proportional=0.1),
+                              omega=np.array([[0.36, 0.03], [0.03, 0.04]]), omega_structure="full")
+    elif case == "covariates-three-effects":
+        data = theoph.replace(covariates={"wt": np.linspace(60, 90, theoph.n_subjects)})
+        model = model.replace(
+            error=ResidualError("combined", additive=0.4, proportional=0.15),
+            covariate_effects=(CovariateEffect("lCl", "wt", "power", 70.0, 0.5),
+                               CovariateEffect("lKe", "wt", "linear", 70.0, 0.01),
+                               CovariateEffect("lKa", "wt", "exponential", 70.0, -0.01)),
+            random_effects=("lKe", "lKa", "lCl"), omega=np.diag([0.1, 0.6, 0.2]) ** 2)
+    elif case == "two-outputs":
+        truth = PopulationModel(("lKe", "lKa", "lCl", "lEC50"), [-2.3, 0.3, -3.2, 1.5], ("lKa", "lCl", "lEC50"),
+                                np.diag([0.4, 0.25, 0.4]) ** 2,
+                                (ResidualError("proportional", proportional=0.15), ResidualError("additive", additive=0.5)))
+        times, outputs, n = np.array([0.5, 1.0, 3.0, 6.0, 12.0, 2.0, 4.0, 8.0]), np.array([0, 0, 0, 0, 0, 1, 1, 1]), 8
+        design = ObservationData(np.repeat(np.arange(n), times.size), np.tile(times, n), np.full(n * times.size, np.nan),
+                                 design={"dose": np.full(n * times.size, 4.0), "output": np.tile(outputs, n)})
+        data, _ = simulate_observations(truth, _pk_biomarker, design, seed=3)
+        structural = _pk_biomarker
+        model = truth.replace(theta=[-2.2, 0.2, -3.3, 1.3])
+    param = _Parameterization(model)
+    x = param.pack(model)
+
+    def objective(point):
+        at = param.unpack(point)
+        return objective_function(at, find_modes(at, structural, data, tol=1e-12))
+
+    modes = find_modes(model, structural, data, tol=1e-12)
+    gradient, sensitivity = _objective_gradient(param, x, model, modes, structural, data, _Stacked(structural, data))
+    h = 1e-5
+    reference = np.array([(objective(x + h * e) - objective(x - h * e)) / (2 * h) for e in np.eye(x.size)])
+    assert np.allclose(gradient, reference, rtol=1e-5, atol=1e-4), np.c_[gradient, reference]
+    # the modes' sensitivity predicts where a moved point's modes go (first order)
+    step = 1e-3 * np.linspace(-1, 1, x.size)
+    moved = find_modes(param.unpack(x + step), structural, data, tol=1e-12).eta
+    assert np.max(np.abs(modes.eta + sensitivity @ step - moved)) < 1e-5
