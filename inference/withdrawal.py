@@ -140,12 +140,12 @@ def period_rows(landmarks: np.ndarray, horizon_days: float) -> tuple[np.ndarray,
     if landmarks.ndim != 2 or landmarks.shape[1] != N_LANDMARK_FEATURES:
         raise ValueError(f"landmarks must be (n, {N_LANDMARK_FEATURES}), got {landmarks.shape}")
     k = int(math.ceil(horizon_days / PERIOD_DAYS))
-    starts = PERIOD_DAYS * np.arange(k, dtype=np.float32)
+    starts = PERIOD_DAYS * np.arange(k, dtype=np.float64)
     fraction = np.clip((horizon_days - starts) / PERIOD_DAYS, 0.0, 1.0)
     n = landmarks.shape[0]
     rows = np.empty((n * k, N_WITHDRAWAL_FEATURES), dtype=np.float32)
     rows[:, :-1] = np.repeat(landmarks, k, axis=0)
-    rows[:, -1] = np.tile(starts, n)
+    rows[:, -1] = np.tile(starts.astype(np.float32), n)
     return rows, fraction
 
 
