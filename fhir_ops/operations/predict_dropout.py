@@ -15,11 +15,13 @@ from fhir_ops.mapping.history import MappedHistory, load_history
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.participant import parse_datetime
 from fhir_ops.mapping import risk_drivers
+from fhir_ops.mapping.outreach_policy import outreach_target
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
 from inference.dropout_risk import DEFAULT_THRESHOLD, DropoutRisk, assess_dropout_risk
 from inference.features import FEATURE_NAMES
+from inference.outreach import choose_threshold
 from inference.service import UnknownModel, get_service
 from inference.withdrawal import (DEFAULT_HORIZON_DAYS, MAX_HORIZON_DAYS, WITHDRAWAL_FEATURES,
                                   assess_withdrawal_risk)
@@ -58,8 +60,8 @@ class _Assessed:
            writes=Writes(("RiskAssessment", "Task", "Provenance"), flag="persist", default=True))
 def handle(ctx: OperationContext, params: dict) -> dict:
     """Assess the participant (Patient) or every on-study participant (ResearchStudy)."""
-    threshold = params.get("threshold", DEFAULT_THRESHOLD)
-    if not 0.0 < threshold < 1.0:
+    threshold = params.get("threshold")
+    if threshold is not None and not 0.0 < threshold < 1.0:
         raise InvalidRequest(f"Parameter 'threshold' must lie strictly between 0 and 1; got {threshold}",
                              error_id="threshold-out-of-range", expression=["Parameters.parameter:threshold"])
     outcome_code = params.get("outcome", MISSED_VISIT)
@@ -84,6 +86,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     store = ctx.store
 
     issues: list[dict] = []
+    threshold, threshold_basis = _resolve_threshold(ctx, store, threshold, outcome_code, name, version, issues)
     skipped = 0
     if ctx.resource_type == "Patient":
         patient_ids = [ctx.resource_id]
@@ -154,6 +157,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         "model": f"{name}@{version}",
         "outcome": outcome_code,
         "threshold": threshold,
+        "thresholdBasis": threshold_basis,
         "prediction": outputs_per_participant,
         "evaluated": len(assessed),
         "flagged": sum(a.risk.flagged for a in assessed),
@@ -200,6 +204,73 @@ def _resolve_model(spec: str | None, outcome_code: str = MISSED_VISIT) -> tuple[
                              f"{outcome_code} $predict-dropout needs {family['model']}[@version]",
                              error_id="model-not-applicable", expression=["Parameters.parameter:model"])
     return entry.name, entry.version, entry.metadata.get("sha256")
+
+
+def _resolve_threshold(ctx: OperationContext, store, given: float | None, outcome_code: str, name: str,
+                       version: str, issues: list[dict]) -> tuple[float, str]:
+    """The parameter if given, else the study's outreach policy for the outcome, else the model's default.
+
+    The study is the target (ResearchStudy level) or that of the participant's ResearchSubject; both
+    reads pass the same visibility check as a search (a token that cannot see the study gets the default).
+    """
+    if given is not None:
+        return given, "parameter"
+    entry = get_service().registry.get(name, version)
+    study = _policy_study(ctx, store)
+    target = outreach_target(study, outcome_code) if study else None
+    if target is not None:
+        points = entry.metadata.get("validation", {}).get("operating_points")
+        where = [f"ResearchStudy/{study['id']}"]
+        if not points:
+            raise Unprocessable(f"ResearchStudy/{study['id']} states an outreach policy for {outcome_code}, but model "
+                                f"{name}@{version} records no held-out operating points to derive a threshold from; "
+                                "pass the threshold parameter", error_id="outreach-policy-unsupported",
+                                expression=where)
+        n_on_study = None
+        if target.kind == "weekly-capacity":
+            n_on_study = len(_study_participants(store, study["id"])[0])
+        try:
+            point = choose_threshold(points, target, n_on_study)
+        except ValueError as exc:
+            raise Unprocessable(f"ResearchStudy/{study['id']} outreach policy for {outcome_code}: {exc}",
+                                error_id="outreach-policy-unreachable", expression=where) from None
+        stated = (f"precision >= {target.value:g}" if target.kind == "precision"
+                  else f"{target.value:g} contacts per week among {n_on_study} participants on study")
+        return point["threshold"], (
+            f"ResearchStudy/{study['id']} outreach policy ({stated}): threshold {point['threshold']:g}, where "
+            f"{name}@{version}'s held-out data give precision {_pct(point['precision'])}, recall "
+            f"{_pct(point['recall'])}, {point['flagged_fraction']:.1%} flagged")
+    if outcome_code == MISSED_VISIT:
+        return DEFAULT_THRESHOLD, f"product default {DEFAULT_THRESHOLD:g}"
+    default = entry.metadata["output"]["product_threshold"]
+    point = entry.metadata["validation"]["default_outreach"]
+    return default, (f"model default {default:g} ({name}@{version}: lowest held-out threshold with precision >= "
+                     f"{point['target']['value']:g}; precision {_pct(point['precision'])}, recall "
+                     f"{_pct(point['recall'])})")
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _policy_study(ctx: OperationContext, store) -> dict | None:
+    from fhir_ops.auth import visible
+
+    if ctx.resource_type == "ResearchStudy":
+        study_id = ctx.resource_id
+    else:
+        subjects = [s for s in store.search_all("ResearchSubject", [("individual", f"Patient/{ctx.resource_id}")])
+                    if visible(ctx.access, s)]
+        refs = sorted({s.get("study", {}).get("reference", "") for s in subjects})
+        refs = [r for r in refs if r.startswith("ResearchStudy/")]
+        if len(refs) != 1:  # none, or enrolled in several studies: no single policy applies
+            return None
+        study_id = refs[0].split("/", 1)[1]
+    try:
+        study = store.read("ResearchStudy", study_id)
+    except (NotFound, Gone):
+        return None
+    return study if visible(ctx.access, study) else None
 
 
 def _study_participants(store, study_id: str) -> tuple[list[str], int, dict | None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.behaviour import BehaviourModel, VisitSchedule, simulate_behaviour
+from inference.outreach import OutreachTarget, choose_threshold, operating_points
 from inference.registry import sha256_file
 from inference.training.dropout import (ARM_DOSE_MG, ARMS, TrainingDesign, _code_identity, _covariates,
                                         _exposure, _histories, _libraries, fit_model, validation_metrics)
@@ -34,6 +35,9 @@ DEFAULT_SEED = 20261203
 LANDMARK_EVERY_DAYS = 14
 ONNX_OPSET = 15
 REPRODUCTION_ATOL = 1e-6
+#: Without a study policy, flag where at least a quarter of flagged participants withdraw within the
+#: horizon (about 4.5 times the held-out base rate): a study sets its own target (docs/LEARNED_MODELS.md).
+DEFAULT_TARGET = OutreachTarget("precision", 0.25)
 
 
 def simulate_landmarks(n: int, seed: int, design: TrainingDesign = TrainingDesign()) -> dict:
@@ -171,6 +175,8 @@ def train_withdrawal(output_dir, seed: int = DEFAULT_SEED, design: TrainingDesig
         raise ValueError(f"ONNX export differs from scikit-learn by {max_diff:.3g} (> 1e-5)")
     validation, yv, pv = held_out_validation(onnx_path, lm_valid)
     validation["onnx_max_abs_diff"] = max_diff
+    validation["operating_points"] = operating_points(yv, pv)
+    validation["default_outreach"] = choose_threshold(validation["operating_points"], DEFAULT_TARGET)
     files = {"onnx": onnx_path.name, "report": f"{stem}.report.md", "calibration_plot": f"{stem}.calibration.png",
              "probe": f"{stem}.probe.npz"}
     probe = np.random.default_rng(seed).choice(len(Xv), size=min(512, len(Xv)), replace=False)
@@ -199,7 +205,10 @@ def train_withdrawal(output_dir, seed: int = DEFAULT_SEED, design: TrainingDesig
                    "meaning": f"discrete-time hazard: probability of withdrawing within the {PERIOD_DAYS}-day period "
                               "starting period_start_days after the as-of day, given on study at its start; "
                               "P(withdraw within h) = 1 - prod (1 - q_k) over the periods (inference.withdrawal)",
-                   "period_days": PERIOD_DAYS, "max_horizon_days": MAX_HORIZON_DAYS},
+                   "period_days": PERIOD_DAYS, "max_horizon_days": MAX_HORIZON_DAYS,
+                   "default_horizon_days": DEFAULT_HORIZON_DAYS,
+                   "product_threshold": validation["default_outreach"]["threshold"],
+                   "product_threshold_target": validation["default_outreach"]["target"]},
         "estimator": {"pipeline": "StandardScaler -> LogisticRegression(C=1.0, newton-cholesky, tol=1e-10)",
                       "coefficients": dict(zip((f.name for f in WITHDRAWAL_SCHEMA),
                                                (float(c) for c in logreg.coef_[0]))),
@@ -250,7 +259,16 @@ def _report(meta: dict) -> str:
              f"| calibration slope | {v['calibration_slope']:.3f} |",
              f"| calibration intercept | {v['calibration_intercept']:.3f} |",
              f"| observed / mean predicted | {v['prevalence']:.4f} / {v['mean_predicted']:.4f} |", "",
-             f"![calibration]({meta['files']['calibration_plot']})", ""]
+             f"![calibration]({meta['files']['calibration_plot']})", "",
+             "### Operating points (held-out, same horizon)", "",
+             "| threshold | flagged | precision | recall |", "|---|---|---|---|",
+             *[f"| {q['threshold']:.2f} | {q['flagged_fraction']:.4f} | "
+               + (f"{q['precision']:.3f}" if q["precision"] is not None else "-") + f" | {q['recall']:.3f} |"
+               for q in v["operating_points"] if q["flagged_fraction"] > 0 and round(q["threshold"] * 100) % 5 == 0],
+             "", f"Default outreach threshold {meta['output']['product_threshold']:.2f}: the lowest threshold with "
+                 f"held-out precision >= {v['default_outreach']['target']['value']:g} (precision "
+                 f"{v['default_outreach']['precision']:.3f}, recall {v['default_outreach']['recall']:.3f}, "
+                 f"flags {v['default_outreach']['flagged_fraction']:.2%} of landmarks).", ""]
     real = meta.get("real_data_validation")
     if real:
         lines += ["## Real trial data (Mayo PBC, R survival::pbcseq)", "", real["definition"] + ".", "",

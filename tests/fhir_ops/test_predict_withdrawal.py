@@ -121,3 +121,64 @@ def test_bad_withdrawal_parameters_write_nothing(seeded, params, status, eid):
     assert error_id(resp) == eid
     for kind in ("RiskAssessment", "Task", "Provenance"):
         assert search(seeded, kind) == []
+
+
+# ------------------------------------------------------------------ per-study thresholds from a stated target
+
+def _study_with_policy(fhir, *extensions):
+    from fhir_ops.mapping.outreach_policy import policy_extension  # noqa: F401 (documents the format used)
+
+    study = dict(study_resources()[0], extension=list(extensions))
+    assert fhir.put(f"ResearchStudy/{study['id']}", study).status_code in (200, 201)
+
+
+def _policy(outcome, kind, value):
+    return {"url": "https://trialtwin.org/fhir/StructureDefinition/outreach-policy",
+            "extension": [{"url": "outcome", "valueCode": outcome}, {"url": "target", "valueCode": kind},
+                          {"url": "value", "valueDecimal": value}]}
+
+
+def test_default_threshold_is_the_models_recorded_operating_point(seeded):
+    body = run(seeded, "Patient/pd-high", outcome="withdrawal", asOf=AS_OF, persist=False).json()
+    meta = default_registry().latest("withdrawal").metadata
+    assert value(body, "threshold") == meta["output"]["product_threshold"]
+    assert value(body, "thresholdBasis").startswith("model default")
+    # the missed-visit default is unchanged
+    body = run(seeded, "Patient/pd-high", asOf=AS_OF, persist=False).json()
+    assert (value(body, "threshold"), value(body, "thresholdBasis")) == (0.8, "product default 0.8")
+
+
+@pytest.mark.parametrize("target, value_, n_on_study", [("precision", 0.3, None), ("weekly-capacity", 1, 2)])
+def test_study_policy_sets_the_threshold(seeded, target, value_, n_on_study):
+    from inference.outreach import OutreachTarget, choose_threshold
+
+    _study_with_policy(seeded, _policy("withdrawal", target, value_))
+    meta = default_registry().latest("withdrawal").metadata
+    point = choose_threshold(meta["validation"]["operating_points"], OutreachTarget(target, value_), n_on_study)
+    for where in ("ResearchStudy/pd-study", "Patient/pd-high"):  # a participant's call finds its study's policy
+        body = run(seeded, where, outcome="withdrawal", asOf=AS_OF, persist=False).json()
+        assert value(body, "threshold") == point["threshold"], body
+        assert value(body, "thresholdBasis").startswith("ResearchStudy/pd-study outreach policy")
+        assert f"precision {point['precision']:.3f}" in value(body, "thresholdBasis")
+    # an explicit parameter still wins
+    body = run(seeded, "Patient/pd-high", outcome="withdrawal", asOf=AS_OF, persist=False, threshold=0.5).json()
+    assert (value(body, "threshold"), value(body, "thresholdBasis")) == (0.5, "parameter")
+
+
+@pytest.mark.parametrize("policy, eid", [
+    (_policy("withdrawal", "recall", 0.5), "invalid-outreach-policy"),
+    (_policy("withdrawal", "precision", 1.5), "invalid-outreach-policy"),
+    (_policy("withdrawal", "precision", 0.99), "outreach-policy-unreachable"),
+])
+def test_bad_study_policy_is_422_and_writes_nothing(seeded, policy, eid):
+    _study_with_policy(seeded, policy)
+    resp = run(seeded, "ResearchStudy/pd-study", outcome="withdrawal", asOf=AS_OF)
+    assert (resp.status_code, error_id(resp)) == (422, eid), resp.text
+    for kind in ("RiskAssessment", "Task", "Provenance"):
+        assert search(seeded, kind) == []
+
+
+def test_missed_visit_policy_needs_operating_points(seeded):
+    _study_with_policy(seeded, _policy("missed-visit", "precision", 0.5))
+    resp = run(seeded, "ResearchStudy/pd-study", asOf=AS_OF)
+    assert (resp.status_code, error_id(resp)) == (422, "outreach-policy-unsupported"), resp.text
