@@ -231,12 +231,25 @@ def train_withdrawal(output_dir, seed: int = DEFAULT_SEED, design: TrainingDesig
         "reproduction": {"atol_probability": REPRODUCTION_ATOL,
                          "note": "byte-identical ONNX expected with the same library versions and platform"},
         "libraries": _libraries(), "platform": platform.platform(),
-        "code": {**_code_identity(), "module": "inference.training.withdrawal", "function": "train_withdrawal"},
+        "code": _withdrawal_code_identity(),
         "command": f"python -m inference.training.withdrawal inference/models  (seed {seed})",
     }
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / files["report"]).write_text(_report(meta))
     return meta
+
+
+def _withdrawal_code_identity() -> dict:
+    """The missed-visit model's code identity plus this model's own sources and the shipped real data."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[2]
+    ident = _code_identity()
+    extra = ["inference/training/withdrawal.py", "inference/training/withdrawal_transfer.py", "inference/withdrawal.py",
+             "inference/outreach.py", "inference/data/pbcseq_visits.csv"]
+    ident["source_sha256"].update({name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in extra})
+    ident.update(module="inference.training.withdrawal", function="train_withdrawal")
+    return ident
 
 
 def _fmt_ci(m: dict, key: str, digits: int = 3) -> str:

@@ -182,3 +182,18 @@ def test_missed_visit_policy_needs_operating_points(seeded):
     _study_with_policy(seeded, _policy("missed-visit", "precision", 0.5))
     resp = run(seeded, "ResearchStudy/pd-study", asOf=AS_OF)
     assert (resp.status_code, error_id(resp)) == (422, "outreach-policy-unsupported"), resp.text
+
+
+def test_withdrawal_on_the_demo_study(module_fhir):
+    from fhir_ops.demo import STUDY_ID, build_demo_resources, simulate_demo_records
+
+    resources = build_demo_resources(simulate_demo_records(seed=7, n=24))
+    for start in range(0, len(resources), 500):  # the test server takes bodies up to 1 MiB
+        load(module_fhir, resources[start:start + 500])
+    resp = run(module_fhir, f"ResearchStudy/{STUDY_ID}", outcome="withdrawal", horizonDays=56, persist=False)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    probs = [value(p, "probability") for p in out(body, "prediction")]
+    assert probs and all(0 < p < 1 for p in probs)
+    assert value(body, "evaluated") == len(probs) and value(body, "horizonDays") == 56
+    assert search(module_fhir, "RiskAssessment") == []  # persist=false wrote nothing

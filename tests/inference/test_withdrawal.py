@@ -124,3 +124,14 @@ def test_retraining_reproduces_the_committed_model(tmp_path, committed):
     if _libraries() == committed.metadata["libraries"]:
         assert sha256_file(tmp_path / committed.onnx_path.name) == committed.metadata["sha256"]
     assert json.loads((tmp_path / f"withdrawal-{committed.version}.json").read_text())["sha256"] == meta["sha256"]
+
+
+def test_committed_model_was_trained_from_the_current_sources(committed):
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    stale = [name for name, digest in committed.metadata["code"]["source_sha256"].items()
+             if hashlib.sha256((root / name).read_bytes()).hexdigest() != digest]
+    assert not stale, f"{stale} changed since withdrawal-{committed.version} was trained: retrain it"
+    assert "inference/withdrawal.py" in committed.metadata["code"]["source_sha256"]
