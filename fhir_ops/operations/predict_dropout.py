@@ -101,7 +101,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
             raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
                             error_id="cancelled")
         try:
-            m = load_history(store, pid, as_of)
+            m = _load_history(store, pid, as_of, withdrawal)
         except (Unprocessable, NotFound, Gone) as exc:
             if ctx.resource_type == "Patient":
                 raise
@@ -204,6 +204,18 @@ def _resolve_model(spec: str | None, outcome_code: str = MISSED_VISIT) -> tuple[
                              f"{outcome_code} $predict-dropout needs {family['model']}[@version]",
                              error_id="model-not-applicable", expression=["Parameters.parameter:model"])
     return entry.name, entry.version, entry.metadata.get("sha256")
+
+
+def _load_history(store, pid: str, as_of, withdrawal: bool) -> MappedHistory:
+    try:
+        return load_history(store, pid, as_of)
+    except Unprocessable as exc:
+        if withdrawal and exc.error_id == "no-next-visit":
+            # the withdrawal model covers participants with visits ahead (it was trained inside the schedule)
+            raise Unprocessable(f"Patient/{pid} has no visit scheduled after asOf: the visit schedule is complete, "
+                                "so there is no withdrawal left to predict (the withdrawal model covers participants "
+                                "with visits ahead)", error_id="no-next-visit") from None
+        raise
 
 
 def _resolve_threshold(ctx: OperationContext, store, given: float | None, outcome_code: str, name: str,

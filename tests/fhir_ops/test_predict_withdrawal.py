@@ -197,3 +197,15 @@ def test_withdrawal_on_the_demo_study(module_fhir):
     assert probs and all(0 < p < 1 for p in probs)
     assert value(body, "evaluated") == len(probs) and value(body, "horizonDays") == 56
     assert search(module_fhir, "RiskAssessment") == []  # persist=false wrote nothing
+
+
+def test_completed_schedule_has_no_withdrawal_to_predict(seeded):
+    from tests.fhir_ops.test_predict_dropout import participant
+
+    done, _ = participant("pd-done", visits=[(0, "fulfilled", False), (28, "fulfilled", True), (56, "fulfilled", True)],
+                          taken_days=list(range(60)), travel_km=5.0, age_days=int(50 * 365.25), female=True,
+                          weight_kg=70.0, egfr=90.0)
+    load(seeded, done)
+    resp = run(seeded, "Patient/pd-done", outcome="withdrawal")
+    assert (resp.status_code, error_id(resp)) == (422, "no-next-visit"), resp.text
+    assert "no withdrawal left to predict" in resp.json()["issue"][0]["diagnostics"]
