@@ -70,3 +70,12 @@ def test_shipped_csv_matches_r_survival():
     mine = [len(rows), len(first), sum(int(r["day"]) for r in rows), sum(int(r["futime"]) for r in first.values()),
             sum(r["trt"] == "1" for r in first.values())]
     assert [int(v) for v in r] == mine
+
+
+def test_docs_show_the_committed_calibration_plot():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    entry = default_registry().latest("withdrawal")
+    committed = (entry.onnx_path.parent / entry.metadata["files"]["transfer_plot"]).read_bytes()
+    assert (root / "docs" / "img" / "withdrawal-transfer-calibration.png").read_bytes() == committed
