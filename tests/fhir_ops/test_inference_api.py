@@ -95,8 +95,10 @@ def test_concurrent_http_requests_are_micro_batched(base_url, probe):
 
 def test_models_endpoint(base_url):
     body = requests.get(f"{base_url}/models", timeout=10).json()
-    (model,) = body["models"]
-    assert model["name"] == "dropout" and model["version"] == "1.0.1" and model["n_features"] == N_FEATURES
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == {"dropout", "withdrawal"}
+    model = by_name["dropout"]
+    assert model["version"] == "1.0.1" and model["n_features"] == N_FEATURES
     assert model["sha256"] == default_registry().latest("dropout").metadata["sha256"]
 
 

@@ -19,7 +19,7 @@ def copied(tmp_path):
 
 def test_committed_models_verify():
     entries = default_registry().verify_all()
-    assert [(e.name, e.version) for e in entries] == [("dropout", "1.0.1")]
+    assert [(e.name, e.version) for e in entries] == [("dropout", "1.0.1"), ("withdrawal", "1.0.0")]
     meta = entries[0].metadata
     assert set(REQUIRED_KEYS) <= set(meta)
     assert meta["sha256"] == sha256_file(entries[0].onnx_path)

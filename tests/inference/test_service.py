@@ -107,8 +107,10 @@ def test_unknown_model_and_bad_widths(service):
 def test_models_lists_registry_and_provider(service, probe):
     assert service.models()[0]["provider"] is None  # not loaded yet
     service.predict("dropout", probe["x"][:1])
-    (item,) = service.models()
-    assert item["name"] == "dropout" and item["n_features"] == N_FEATURES
+    by_name = {m["name"]: m for m in service.models()}
+    assert set(by_name) == {"dropout", "withdrawal"} and by_name["withdrawal"]["provider"] is None
+    item = by_name["dropout"]
+    assert item["n_features"] == N_FEATURES
     assert item["provider"] == "CPUExecutionProvider" and item["validation"]["auc"] >= 0.75
 
 

@@ -60,6 +60,8 @@ GENERATED = [
     ("DetectedIssue", SD + "safety-signal-issue", "$safety-signal"),
     ("Task", SD + "safety-review-task", "$safety-signal"),
     ("Provenance", SD + "twin-provenance", "$safety-signal"),
+    ("RiskAssessment", SD + "dropout-risk", "$predict-dropout withdrawal"),
+    ("ResearchStudy", None, "outreach policy"),
 ]
 
 
@@ -219,6 +221,19 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         out[_key(GENERATED[26])] = _get(client, _value(safety.json(), "detectedIssue")["reference"])
         out[_key(GENERATED[27])] = _get(client, _value(safety.json(), "task")["reference"])
         out[_key(GENERATED[28])] = _get(client, _value(safety.json(), "provenance")["reference"])
+
+        from fhir_ops.mapping.outreach_policy import policy_extension
+        from inference.outreach import OutreachTarget
+
+        policy_study = {"resourceType": "ResearchStudy", "id": "pd-study", "status": "active",
+                        "extension": [policy_extension("withdrawal", OutreachTarget("precision", 0.3))]}
+        assert client.put("ResearchStudy/pd-study", policy_study).status_code == 200
+        withdrawal = client.post("Patient/pd-high/$predict-dropout", {"resourceType": "Parameters", "parameter": [
+            {"name": "outcome", "valueCode": "withdrawal"}, {"name": "asOf", "valueDateTime": AS_OF}]})
+        assert withdrawal.status_code == 200, withdrawal.text
+        prediction = next(p for p in withdrawal.json()["parameter"] if p["name"] == "prediction")
+        out[_key(GENERATED[29])] = _get(client, _value(prediction, "riskAssessment")["reference"])
+        out[_key(GENERATED[30])] = _get(client, "ResearchStudy/pd-study")
         client.http.close()
     app.extensions["trialtwin.store"].close()
     return out
@@ -278,3 +293,16 @@ def test_hapi_checks_the_visit_plan_extensions_against_their_definitions(generat
                             headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=180).json()
     errors = [i["diagnostics"] for i in outcome["issue"] if i["severity"] in ("error", "fatal")]
     assert errors and all("visit-scheduling" in e and "Duration" in e for e in errors), errors
+
+
+def test_hapi_checks_the_outreach_policy_against_its_definition(generated, profiles_on_hapi):
+    import copy
+
+    study = copy.deepcopy(generated[_key(GENERATED[30])])
+    value = next(e for e in study["extension"][0]["extension"] if e["url"] == "value")
+    value.pop("valueDecimal")
+    value["valueString"] = "30 %"  # the definition allows a decimal only
+    outcome = requests.post(f"{profiles_on_hapi}/ResearchStudy/$validate", data=json.dumps(study),
+                            headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=180).json()
+    errors = [i["diagnostics"] for i in outcome["issue"] if i["severity"] in ("error", "fatal")]
+    assert errors and all("outreach-policy" in e or "decimal" in e.lower() for e in errors), errors

@@ -243,6 +243,21 @@ def test_operations_on_other_patients_are_refused(combined, p1_read):
     assert asked.status_code != 403, asked.text
 
 
+def test_withdrawal_prediction_is_held_to_the_same_checks(combined, p1_read):
+    # outcome=withdrawal takes the same route: another patient is refused, the own one answers read-only
+    dry_run = {"resourceType": "Parameters", "parameter": [{"name": "outcome", "valueCode": "withdrawal"},
+                                                           {"name": "persist", "valueBoolean": False}]}
+    other = call("POST", f"{combined.fhir}/Patient/{P2}/$predict-dropout", p1_read, json=dry_run)
+    assert other.status_code == 403, other.text
+    study = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$predict-dropout", p1_read, json=dry_run)
+    assert study.status_code == 403
+    own = call("POST", f"{combined.fhir}/Patient/{P1}/$predict-dropout", p1_read, json=dry_run)
+    # allowed through (the demo participant may have finished the schedule: then 422 no-next-visit)
+    assert own.status_code != 403, own.text
+    if own.status_code == 422:
+        assert outcome_id(own) == "no-next-visit" and "withdrawal" in own.text
+
+
 def test_schedule_optimisation_is_held_to_the_compartment_and_write_scopes(combined, p1_read):
     url = f"{combined.fhir}/Patient/{{}}/$optimize-schedule"
     dry_run = {"resourceType": "Parameters", "parameter": [{"name": "persist", "valueBoolean": False},
