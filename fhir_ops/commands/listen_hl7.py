@@ -86,7 +86,8 @@ def _serve(args, allow, announce: bool) -> int:
         _stop_on_sigterm()
     store = open_store(args)
     ingest = Hl7Ingest(store)
-    server = MllpServer((args.host, args.port), ingest.handle, allow=allow, reuse_port=args.workers > 1)
+    server = MllpServer((args.host, args.port), ingest.handle, allow=allow, reuse_port=args.workers > 1,
+                        handler_many=ingest.handle_many)
     if announce:
         print(f"trialtwin listen-hl7: MLLP on {args.host}:{server.server_address[1]} ({args.workers} worker(s)), "
               f"senders from {', '.join(allow)}", flush=True)

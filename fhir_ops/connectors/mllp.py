@@ -68,6 +68,8 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         Port 0 picks a free port (``server_address`` tells which).
     handler : callable
         ``bytes -> str``; must not raise (``Hl7Ingest.handle``).
+    handler_many : callable, optional
+        ``list of bytes -> list of str`` for frames read together (``Hl7Ingest.handle_many``).
     allow : iterable of str
         Networks whose peers may connect (default loopback only).
     reuse_port : bool
@@ -78,8 +80,10 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: Callable[[bytes], str],
-                 allow: Iterable[str] = LOOPBACK, reuse_port: bool = False) -> None:
+                 allow: Iterable[str] = LOOPBACK, reuse_port: bool = False,
+                 handler_many: Callable[[list[bytes]], list[str]] | None = None) -> None:
         self.handle_message = handler
+        self.handle_messages = handler_many
         self.allow_reuse_port = reuse_port  # several worker processes share the port
         self.allowed = parse_networks(allow)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -118,11 +122,16 @@ class _Connection(socketserver.BaseRequestHandler):
             except ValueError as exc:
                 log.warning("MLLP connection from %s closed: %s", self.client_address[0], exc)
                 return
-            for payload in payloads:
-                try:
-                    sock.sendall(frame(self.server.handle_message(payload)))
-                except OSError:
-                    return
+            if not payloads:
+                continue
+            # frames that arrived together (a pipelining sender) are handled as one group, so they
+            # can share a commit; the ACKs go back in order, each only after its own message is stored
+            many = getattr(self.server, "handle_messages", None)
+            acks = many(payloads) if many else [self.server.handle_message(p) for p in payloads]
+            try:
+                sock.sendall(b"".join(frame(a) for a in acks))
+            except OSError:
+                return
 
 
 class MllpClient:
