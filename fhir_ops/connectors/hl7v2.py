@@ -72,9 +72,15 @@ class GroupCommit:
         with self._prep_lock:
             self.preparing += n
 
-    def submit_async(self, bundle: dict) -> Future:
-        """Queue ``bundle``; the Future holds its transaction-response once committed."""
+    def submit_async(self, bundle: dict, prepared: bool = False) -> Future:
+        """Queue ``bundle``; the Future holds its transaction-response once committed.
+
+        ``prepared``: this message was counted in ``preparing`` and leaves it now, before it is
+        queued, so the writer never lingers for a message that is already in its queue.
+        """
         future: Future = Future()
+        if prepared:
+            self.preparing_add(-1)
         self._queue.put((bundle, future))
         return future
 
@@ -246,24 +252,26 @@ class Hl7Ingest:
                 if pending and pending[-1][1] is not None and pending[-1][1].kind == "ADT":
                     # a registration must be stored before the results after it look their participant up
                     pending[-1][2].exception()
-                pending.append(self._prepare(raw))
-                if self.writer is not None:
-                    self.writer.preparing_add(-1)
+                pending.append(self._prepare(raw))  # leaves ``preparing`` itself
         finally:
-            if self.writer is not None:
+            if self.writer is not None and len(pending) < len(raws):  # only on an unexpected error
                 self.writer.preparing_add(-(len(raws) - len(pending)))
         return [self._finish(*p) for p in pending]
 
     def _prepare(self, raw) -> tuple:
-        """Parse, map and harmonize; queue the transaction. ``(msg, mapped, future or ack text)``."""
+        """Parse, map and harmonize; queue the transaction. ``(msg, mapped, future or ack text)``.
+
+        With a writer, the message was counted in ``writer.preparing`` and leaves it here, exactly once.
+        """
         text = decode(raw) if isinstance(raw, bytes) else raw
-        msg = None
+        msg, queued = None, False
         try:
             msg = hl7v2.parse(text)
             mapped = hl7v2.to_bundle(msg, self.naming, self._find_patient)
             bundle = self._harmonize(mapped)
             if self.writer is not None:
-                return msg, mapped, self.writer.submit_async(bundle)
+                queued = True
+                return msg, mapped, self.writer.submit_async(bundle, prepared=True)
             future: Future = Future()
             try:
                 future.set_result(self.store.transaction(bundle))
@@ -275,6 +283,9 @@ class Hl7Ingest:
         except Exception:  # the sender must always get an answer; nothing was stored (one transaction)
             log.exception("HL7 v2 message could not be mapped")
             return msg, None, self._server_error(msg)
+        finally:
+            if self.writer is not None and not queued:
+                self.writer.preparing_add(-1)
 
     def _finish(self, msg, mapped, outcome) -> str:
         if isinstance(outcome, str):  # already answered (a fault while preparing)
