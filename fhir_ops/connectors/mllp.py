@@ -70,6 +70,8 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         ``bytes -> str``; must not raise (``Hl7Ingest.handle``).
     handler_many : callable, optional
         ``list of bytes -> list of str`` for frames read together (``Hl7Ingest.handle_many``).
+    on_connection : callable, optional
+        Called with +1 when a sender connects and -1 when it leaves (``Hl7Ingest.connection``).
     allow : iterable of str
         Networks whose peers may connect (default loopback only).
     reuse_port : bool
@@ -81,9 +83,11 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, address: tuple[str, int], handler: Callable[[bytes], str],
                  allow: Iterable[str] = LOOPBACK, reuse_port: bool = False,
-                 handler_many: Callable[[list[bytes]], list[str]] | None = None) -> None:
+                 handler_many: Callable[[list[bytes]], list[str]] | None = None,
+                 on_connection: Callable[[int], None] | None = None) -> None:
         self.handle_message = handler
         self.handle_messages = handler_many
+        self.on_connection = on_connection
         self.allow_reuse_port = reuse_port  # several worker processes share the port
         self.allowed = parse_networks(allow)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -107,6 +111,16 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
+        hook = self.server.on_connection
+        if hook is not None:
+            hook(1)
+        try:
+            self._serve()
+        finally:
+            if hook is not None:
+                hook(-1)
+
+    def _serve(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = FrameReader()

@@ -41,7 +41,8 @@ def site(tmp_path):
     app = create_app(open_config(DATA_DIR=str(tmp_path)))
     store = app.extensions["trialtwin.store"]
     ingest = Hl7Ingest(store)
-    server = MllpServer(("127.0.0.1", 0), ingest.handle, handler_many=ingest.handle_many)
+    server = MllpServer(("127.0.0.1", 0), ingest.handle, handler_many=ingest.handle_many,
+                        on_connection=ingest.connection)
     server.start()
     try:
         with serve(app) as base:
@@ -166,6 +167,23 @@ def test_pipelined_messages_share_commits_but_each_stands_alone(site):
     [new] = site.search(f"Patient?identifier={SUBJECT_SYSTEM}|TT201-002")
     assert len(site.search(f"Observation?subject=Patient/{new['id']}&_count=100")) == 4  # Q1 once, Q4
     assert len(site.search("Observation?_count=100")) == 6  # and Q2; nothing of Q3
+
+
+def test_the_writer_knows_how_many_senders_are_connected(site):
+    import time
+
+    def settled(n):  # a closed connection's server thread notices the close a moment later
+        deadline = time.monotonic() + 30
+        while site.ingest.writer.connections != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return site.ingest.writer.connections
+
+    registered(site)
+    assert settled(0) == 0
+    with MllpClient("127.0.0.1", site.port) as a, MllpClient("127.0.0.1", site.port) as b:
+        assert "MSA|AA" in a.send(good_oru("K1", "TT201-001")) and "MSA|AA" in b.send(good_oru("K2", "TT201-001"))
+        assert site.ingest.writer.connections == 2  # both answered: both are being served
+    assert settled(0) == 0
 
 
 def test_group_commit_waits_for_messages_being_prepared_and_keeps_each_all_or_nothing(tmp_path):
