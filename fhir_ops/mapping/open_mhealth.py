@@ -8,10 +8,8 @@ duplicate, ordering, lateness and unit rules to both.
 from __future__ import annotations
 
 from fhir_ops.errors import InvalidRequest
+from terminology.catalog import LOINC, MDC, UCUM
 
-MDC = "urn:iso:std:iso:11073:10101"
-LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
 OMH_SCHEMA_SYSTEM = "https://w3id.org/openmhealth/schemas"
 
 #: the OMH unit value sets (closed lists in the schemas) as UCUM codes
