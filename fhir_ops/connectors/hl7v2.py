@@ -55,7 +55,7 @@ class GroupCommit:
     max_group : int
         Most messages per commit (1: a commit per message).
     linger : float
-        Longest wait, in seconds, for messages still being prepared before a group commits.
+        Longest wait, in seconds, for messages being prepared or other senders before a group commits.
     """
 
     def __init__(self, store, max_group: int = 64, linger: float = 0.002) -> None:

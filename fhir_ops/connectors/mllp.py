@@ -140,7 +140,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 continue
             # frames that arrived together (a pipelining sender) are handled as one group, so they
             # can share a commit; the ACKs go back in order, each only after its own message is stored
-            many = getattr(self.server, "handle_messages", None)
+            many = self.server.handle_messages
             acks = many(payloads) if many else [self.server.handle_message(p) for p in payloads]
             try:
                 sock.sendall(b"".join(frame(a) for a in acks))
