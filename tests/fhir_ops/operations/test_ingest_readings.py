@@ -202,3 +202,10 @@ def test_bad_open_mhealth_points_are_rejected_alone_and_bad_calls_refused(fhir):
     resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": []})
     assert resp.status_code == 400
     assert count(fhir, "&subject=Patient/p6") == 1
+
+
+def test_a_bare_bundle_of_readings_is_still_taken_as_the_body(fhir):
+    resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Bundle", "type": "collection",
+                                                      "entry": [{"resource": reading("p7", "hr-7", 0, 64.0)}]})
+    assert resp.status_code == 200, resp.text
+    assert single(resp.json(), "stored") == 1 and count(fhir, "&subject=Patient/p7") == 1
