@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _machine import describe  # noqa: E402
 
 from fhir_ops.connectors.hl7v2 import Hl7Ingest  # noqa: E402
-from fhir_ops.connectors.mllp import MllpClient  # noqa: E402
+from fhir_ops.connectors.mllp import MllpClient, frame  # noqa: E402
 from fhir_ops.mapping import hl7v2  # noqa: E402
 from fhir_ops.store.sqlite import SQLiteStore  # noqa: E402
 from tests.fhir_ops.connectors.hl7_messages import adt, good_oru  # noqa: E402
@@ -75,28 +75,37 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def sustained(rate: float, seconds: float, connections: int, port: int, tag: str) -> dict:
-    """Paced sending over ``connections`` connections; returns achieved rate, ACK latencies, answers."""
+def sustained(rate: float, seconds: float, connections: int, port: int, tag: str, window: int = 1) -> dict:
+    """Paced sending over ``connections`` connections; returns achieved rate, ACK latencies, answers.
+
+    ``window`` > 1: each connection writes ``window`` messages at once and then reads their ACKs
+    (pipelining); a message's latency runs from that write to its own ACK.
+    """
     n = int(rate * seconds)
     texts = messages(n, tag)
     latencies: list[float] = []
     answers: dict[str, int] = {}
     lock = threading.Lock()
+    load_before = os.getloadavg()[0]
     start = time.perf_counter() + 0.2
 
     def sender(k: int) -> None:
         local_lat, local_ans = [], {}
+        mine = list(range(k, n, connections))
         with MllpClient("127.0.0.1", port) as client:
-            for i in range(k, n, connections):
-                due = start + i / rate
+            for b in range(0, len(mine), window):
+                batch = mine[b:b + window]
+                due = start + batch[0] / rate
                 now = time.perf_counter()
                 if due > now:
                     time.sleep(due - now)
                 t = time.perf_counter()
-                ack = client.send(texts[i])
-                local_lat.append(time.perf_counter() - t)
-                code = ack.split("MSA|", 1)[1][:2]
-                local_ans[code] = local_ans.get(code, 0) + 1
+                client.sock.sendall(b"".join(frame(texts[i]) for i in batch))
+                for _ in batch:
+                    ack = client.receive()
+                    local_lat.append(time.perf_counter() - t)
+                    code = ack.split("MSA|", 1)[1][:2]
+                    local_ans[code] = local_ans.get(code, 0) + 1
         with lock:
             latencies.extend(local_lat)
             for c, v in local_ans.items():
@@ -108,8 +117,9 @@ def sustained(rate: float, seconds: float, connections: int, port: int, tag: str
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    return {"target_rate": rate, "messages": n, "connections": connections, "seconds": elapsed,
+    return {"target_rate": rate, "messages": n, "connections": connections, "window": window, "seconds": elapsed,
             "achieved_rate": n / elapsed, "answers": answers,
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "ack_latency_ms": {"p50": 1e3 * percentile(latencies, 0.5), "p99": 1e3 * percentile(latencies, 0.99),
                                "max": 1e3 * max(latencies)}}
 
@@ -122,10 +132,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8161)
     parser.add_argument("--workers", type=int, default=2, help="listener processes (listen-hl7 --workers)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--baseline-messages", type=int, default=3000)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7bench-")
     n = int(args.rate * args.seconds)
-    base = baseline(min(n, 3000), tmp)
+    base = baseline(min(n, args.baseline_messages), tmp)
     print(f"baseline: {base['rate']:.0f} FHIR transactions/s straight into the store ({base['messages']} messages)")
 
     data_dir = os.path.join(tmp, "listener")
@@ -133,29 +144,34 @@ def main() -> None:
     register(store)
     store.close()
     proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "listen-hl7", "--port", str(args.port),
-                             "--data-dir", data_dir, "--workers", str(args.workers)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                             "--data-dir", data_dir, "--workers", str(args.workers)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert "MLLP on" in proc.stdout.readline()
+        while "MLLP on" not in (line := proc.stdout.readline()):
+            assert line, "the listener did not start"
         warm = sustained(200, 1, args.connections, args.port, "W")
         run = sustained(args.rate, args.seconds, args.connections, args.port, "M")
         unpaced = sustained(args.rate * 4, args.seconds / 2, args.connections, args.port, "X")
         # one connection, as many lab feeds use: each message waits for the previous one's ACK
         single = sustained(args.rate * 4, args.seconds / 2, 1, args.port, "S")
+        # one connection pipelining 16 messages at a time (MLLP senders with a window)
+        piped = sustained(args.rate * 4, args.seconds / 2, 1, args.port, "Y", window=16)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        listener_log, _ = proc.communicate(timeout=30)
     store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
     stored = store.search("Observation", [("_summary", "count")]).total
     store.close()
-    sent = warm["messages"] + run["messages"] + unpaced["messages"] + single["messages"]
-    all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, run, unpaced, single))
+    sent = warm["messages"] + run["messages"] + unpaced["messages"] + single["messages"] + piped["messages"]
+    all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, run, unpaced, single, piped))
+    commits = [line.split("group commits: ", 1)[1] for line in listener_log.splitlines() if "group commits: " in line]
     result = {
         "what": "ORU^R01 (2 OBX) over MLLP into the embedded store via trialtwin listen-hl7, one transaction "
                 "and one ACK per message, vs the same content as direct FHIR transactions in-process",
         "machine": describe(("hl7", "orjson"), note="shared development VM (2 cores, ~8 engineers at work); the "
                             "listener and the senders share those cores"),
         "baseline_direct_transactions": base,
-        "sustained": run, "unpaced_4x_target": unpaced, "one_connection": single,
+        "sustained": run, "unpaced_4x_target": unpaced, "one_connection": single, "one_connection_pipelined": piped,
+        "listener_group_commits": commits,
         "messages_sent": sent, "observations_expected": 2 * sent, "observations_stored": stored,
         "nothing_lost": stored == 2 * sent and all_aa,
         "ratio_sustained_to_baseline": run["achieved_rate"] / base["rate"],
@@ -167,6 +183,9 @@ def main() -> None:
     print(f"unpaced (4x target offered): {unpaced['achieved_rate']:.0f} msg/s "
           f"({result['ratio_unpaced_to_baseline']:.2f}x the direct-transaction baseline)")
     print(f"one connection: {single['achieved_rate']:.0f} msg/s, ACK p50 {single['ack_latency_ms']['p50']:.1f} ms")
+    print(f"one connection, 16 pipelined: {piped['achieved_rate']:.0f} msg/s, "
+          f"ACK p50 {piped['ack_latency_ms']['p50']:.1f} ms")
+    print(f"listener commits: {commits}")
     print(f"stored {stored} Observations for {sent} messages x 2 OBX: nothing lost = {result['nothing_lost']}")
     if not args.no_write:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")

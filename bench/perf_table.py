@@ -219,6 +219,25 @@ def _safety(d):
             + ("same counts and slopes" if a["counts_equal"] else "counts differ"))
 
 
+def _hl7(d):
+    r, u, p = d["sustained"], d["unpaced_4x_target"], d.get("one_connection_pipelined")
+    piped = f"; one connection pipelining 16: {p['achieved_rate']:,.0f}/s" if p else ""
+    lost = "nothing lost" if d["nothing_lost"] else "MESSAGES LOST"
+    return (f"{r['achieved_rate']:,.0f} ORU^R01/s offered 1,000/s for 10 s (ACK p50 {r['ack_latency_ms']['p50']:.0f} ms, "
+            f"p99 {r['ack_latency_ms']['p99']:.0f} ms), unpaced {u['achieved_rate']:,.0f}/s{piped}; {lost} "
+            f"({d['observations_stored']:,} Observations)",
+            f"the same content as FHIR transactions straight into the store: {d['baseline_direct_transactions']['rate']:,.0f}/s "
+            f"(sustained {ratio(d['ratio_sustained_to_baseline'])}, unpaced {ratio(d['ratio_unpaced_to_baseline'])})")
+
+
+def _device(d):
+    i = d["ingest"]
+    return (f"{i['readings_per_s']:,.0f} readings/s, exactly the {d['unique']:,} unique of {d['readings_sent']:,} stored; "
+            f"receipt → searchable p99 {i['batch_latency_ms']['p99']:.0f} ms per batch of 1,000",
+            f"the unique readings as plain transaction Bundles: {d['baseline']['readings_per_s']:,.0f}/s "
+            f"({ratio(d['ratio_ingest_to_baseline_throughput'])})")
+
+
 ROWS = [
     ("PK core, 10^4 participants × 365 days, 1-cmt oral once daily, one core", "pk_engine_bench", _pk),
     ("population fit (FOCEI)", "population_bench", _population),
@@ -244,6 +263,9 @@ ROWS = [
     ("enrollment forecast, Poisson–gamma Monte Carlo", "enrollment_bench", _enrollment),
     ("stratification of 10^5 participants, one core", "stratify_bench", _stratify),
     ("safety monitoring, one core", "safety_bench", _safety),
+    ("HL7 v2 over MLLP into `listen-hl7 --workers 2`, 16 connections, loopback", "hl7_bench", _hl7),
+    ("device readings through `$ingest-readings` over HTTP, 1 % duplicates, 5 % out of order", "device_bench",
+     _device),
 ]
 
 

@@ -82,11 +82,13 @@ def _serve(args, allow, announce: bool) -> int:
     from fhir_ops.connectors.hl7v2 import Hl7Ingest
     from fhir_ops.connectors.mllp import MllpServer
 
-    if not announce:
+    if not announce:  # a worker process: its own signal handler and log output
         _stop_on_sigterm()
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = open_store(args)
     ingest = Hl7Ingest(store)
-    server = MllpServer((args.host, args.port), ingest.handle, allow=allow, reuse_port=args.workers > 1)
+    server = MllpServer((args.host, args.port), ingest.handle, allow=allow, reuse_port=args.workers > 1,
+                        handler_many=ingest.handle_many, on_connection=ingest.connection)
     if announce:
         print(f"trialtwin listen-hl7: MLLP on {args.host}:{server.server_address[1]} ({args.workers} worker(s)), "
               f"senders from {', '.join(allow)}", flush=True)
@@ -100,4 +102,6 @@ def _serve(args, allow, announce: bool) -> int:
         ingest.close()
         store.close()
         log.info("HL7 v2 messages: %s", ingest.counts)
+        if ingest.writer is not None:
+            log.info("group commits: %d commits for %d messages", ingest.writer.commits, ingest.writer.messages)
     return 0

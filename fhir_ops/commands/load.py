@@ -592,7 +592,7 @@ def load_omop(target, directory: str) -> FileReport:
         return report
     vocab, unmapped, written = omop.Vocabulary(), omop.UnmappedConcepts(), Counter()
     try:
-        for pid, bundle in omop.person_bundles(tables, vocab, unmapped):
+        for pid, bundle, per_table in omop.person_bundles(tables, vocab, unmapped):
             try:
                 response = target.submit(bundle)
             except (LoadError, FhirError) as exc:
@@ -603,13 +603,13 @@ def load_omop(target, directory: str) -> FileReport:
                 report.error = f"person_id {pid}: {'; '.join(failures[:3])}"
                 return report
             report.loaded += len(bundle["entry"])
-            written.update(e["resource"]["resourceType"] for e in bundle["entry"])
+            written.update(per_table)
     except omop.OmopError as exc:
         report.error = "nothing loaded: " + "; ".join(exc.problems)
         return report
     for table, rows in tables.items():
-        rtype = omop.TABLES[table][0]
-        print(f"{directory}: {table}: {len(rows)} rows -> {written[rtype]} {rtype}")
+        target_kind = "Patient.deceased" if table == "death" else omop.TABLES[table][0]
+        print(f"{directory}: {table}: {len(rows)} rows -> {written[table]} {target_kind}")
     for line in unmapped.lines():
         print(f"{directory}: unmapped concept {line}", file=sys.stderr)
     return report

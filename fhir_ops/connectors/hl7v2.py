@@ -28,6 +28,10 @@ _STRICT = {"unmapped-code": (3, TABLE_VALUE_NOT_FOUND), "unit-not-convertible": 
 
 #: a newly published ConceptMap version reaches the listener within this many seconds
 HARMONIZER_TTL = 1.0
+#: a result's participant is looked up again after this many seconds (a lab sends many results per
+#: participant; the lookup was a tenth of the listener's time). ADT updates always read the store.
+PATIENT_TTL = 1.0
+_PATIENT_CACHE_SIZE = 10_000
 
 
 class GroupCommit:
@@ -38,25 +42,57 @@ class GroupCommit:
     the same conditional create never share a commit (the store resolves conditions before writing,
     so both would create). ``submit`` returns after the commit, so an ACK is only sent for stored data.
 
+    A group closes when the queue is empty and neither is another message being prepared
+    (``preparing``, counted by ``Hl7Ingest``) nor another sender connected (``connections`` > 1, kept
+    by the MLLP server), or after ``linger`` seconds: waiting a moment for a message that is being
+    parsed, or that another connection is about to send, costs less than the commit it would
+    otherwise need of its own. (A commit costs about as much as two messages' writes; the bench saw
+    1.3 messages per commit over 16 connections without this wait.) A lone connection never waits.
+
     Parameters
     ----------
     store : Store
     max_group : int
         Most messages per commit (1: a commit per message).
+    linger : float
+        Longest wait, in seconds, for messages being prepared or other senders before a group commits.
     """
 
-    def __init__(self, store, max_group: int = 64) -> None:
+    def __init__(self, store, max_group: int = 64, linger: float = 0.002) -> None:
         self.store = store
         self.max_group = max_group
+        self.linger = linger
         self.commits = 0
+        self.messages = 0
+        self.preparing = 0  # messages received and not yet submitted (or failed): more may join a group
+        self.connections = 0  # senders connected (MllpServer): with more than one, more may come
+        self._prep_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="hl7-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, bundle: dict) -> dict:
+    def preparing_add(self, n: int) -> None:
+        with self._prep_lock:
+            self.preparing += n
+
+    def connections_add(self, n: int) -> None:
+        with self._prep_lock:
+            self.connections += n
+
+    def submit_async(self, bundle: dict, prepared: bool = False) -> Future:
+        """Queue ``bundle``; the Future holds its transaction-response once committed.
+
+        ``prepared``: this message was counted in ``preparing`` and leaves it now, before it is
+        queued, so the writer never lingers for a message that is already in its queue.
+        """
         future: Future = Future()
+        if prepared:
+            self.preparing_add(-1)
         self._queue.put((bundle, future))
-        return future.result()
+        return future
+
+    def submit(self, bundle: dict) -> dict:
+        return self.submit_async(bundle).result()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -69,11 +105,18 @@ class GroupCommit:
             if item is None:
                 return
             group, conditions = [item], set(_conditions(item[0]))
+            deadline = time.monotonic() + self.linger
             while len(group) < self.max_group:
                 try:
                     nxt = carry.pop(0) if carry else self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    wait = deadline - time.monotonic()
+                    if (self.preparing <= 0 and self.connections <= 1) or wait <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=min(wait, 0.0005))
+                    except queue.Empty:
+                        continue
                 if nxt is None or conditions & set(_conditions(nxt[0])):
                     carry.insert(0, nxt)
                     break
@@ -91,6 +134,7 @@ class GroupCommit:
                 pass
             else:
                 self.commits += 1
+                self.messages += len(group)
                 at = 0
                 for bundle, future in group:
                     n = len(bundle["entry"])
@@ -101,16 +145,21 @@ class GroupCommit:
             try:
                 future.set_result(self.store.transaction(bundle))
                 self.commits += 1
+                self.messages += 1
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting connection thread
                 future.set_exception(exc)
 
 
 def _conditions(bundle: dict) -> list[str]:
+    """What two Bundles in one commit must not share: a conditional create's condition, an updated id.
+    (A plain create of a new resource conflicts with nothing.)"""
     out = []
     for e in bundle["entry"]:
         req = e.get("request") or {}
-        out.append(f"{req.get('url')}?{req['ifNoneExist']}" if req.get("ifNoneExist") else
-                   f"{req.get('method')} {req.get('url')}")
+        if req.get("ifNoneExist"):
+            out.append(f"{req.get('url')}?{req['ifNoneExist']}")
+        elif req.get("method") != "POST":
+            out.append(f"{req.get('method')} {req.get('url')}")
     return out
 
 
@@ -143,18 +192,29 @@ class Hl7Ingest:
         self.on_stored = on_stored
         self.writer = GroupCommit(store, group_commit) if group_commit > 1 else None
         self._harmonizer = (0.0, None)
+        self._patients: dict[str, tuple[float, dict]] = {}  # identifier -> (looked up at, Patient)
         self._ids = itertools.count(1)
         self._id_lock = threading.Lock()
         self.counts = {"AA": 0, "AE": 0, "AR": 0}
 
-    def _find_patient(self, identifier: dict) -> dict | None:
-        found = self.store.search("Patient", [("identifier", f"{identifier['system']}|{identifier['value']}"),
-                                              ("_count", "2")], strict=True)
+    def _find_patient(self, identifier: dict, current: bool = True) -> dict | None:
+        key = f"{identifier['system']}|{identifier['value']}"
+        now = time.monotonic()
+        if not current:
+            hit = self._patients.get(key)
+            if hit is not None and now - hit[0] <= PATIENT_TTL:
+                return hit[1]
+        found = self.store.search("Patient", [("identifier", key), ("_count", "2")], strict=True)
         resources = found.matches
         if len(resources) > 1:
-            raise Hl7Fault(f"identifier {identifier['system']}|{identifier['value']} names more than one Patient",
+            raise Hl7Fault(f"identifier {key} names more than one Patient",
                            segment="PID", field=3, condition=hl7v2.UNKNOWN_KEY)
-        return resources[0] if resources else None
+        if not resources:  # only participants found are remembered: an ADT^A04 may register one any moment
+            return None
+        if len(self._patients) >= _PATIENT_CACHE_SIZE:
+            self._patients.clear()
+        self._patients[key] = (now, resources[0])
+        return resources[0]
 
     def _harmonize(self, mapped: hl7v2.Mapped) -> dict:
         at, harmonizer = self._harmonizer
@@ -171,6 +231,11 @@ class Hl7Ingest:
             entries.append(dict(entry, resource=resource))
         return dict(mapped.bundle, entry=entries)
 
+    def connection(self, delta: int) -> None:
+        """A sender connected (+1) or left (-1); ``MllpServer(on_connection=...)`` calls it."""
+        if self.writer is not None:
+            self.writer.connections_add(delta)
+
     def close(self) -> None:
         """Stop the writer thread (the store stays open: it is the caller's)."""
         if self.writer is not None:
@@ -182,26 +247,72 @@ class Hl7Ingest:
 
     def handle(self, raw: bytes | str) -> str:
         """Store one message; the ACK: AA stored, AE content error (nothing stored), AR rejected."""
+        return self.handle_many([raw])[0]
+
+    def handle_many(self, raws: list) -> list[str]:
+        """Store messages that arrived together (pipelined on one connection); their ACKs, in order.
+
+        Each message is still its own transaction (a bad one fails alone), but all of them are queued
+        for the writer before the first ACK is awaited, so they can share one commit; each ACK is built
+        only once its own message is committed.
+        """
+        if self.writer is not None:
+            self.writer.preparing_add(len(raws))
+        pending = []
+        try:
+            for raw in raws:
+                if pending and pending[-1][1] is not None and pending[-1][1].kind == "ADT":
+                    # a registration must be stored before the results after it look their participant up
+                    pending[-1][2].exception()
+                pending.append(self._prepare(raw))  # leaves ``preparing`` itself
+        finally:
+            if self.writer is not None and len(pending) < len(raws):  # only on an unexpected error
+                self.writer.preparing_add(-(len(raws) - len(pending)))
+        return [self._finish(*p) for p in pending]
+
+    def _prepare(self, raw) -> tuple:
+        """Parse, map and harmonize; queue the transaction. ``(msg, mapped, future or ack text)``.
+
+        With a writer, the message was counted in ``writer.preparing`` and leaves it here, exactly once.
+        """
         text = decode(raw) if isinstance(raw, bytes) else raw
-        msg = None
+        msg, queued = None, False
         try:
             msg = hl7v2.parse(text)
             mapped = hl7v2.to_bundle(msg, self.naming, self._find_patient)
             bundle = self._harmonize(mapped)
+            if self.writer is not None:
+                queued = True
+                return msg, mapped, self.writer.submit_async(bundle, prepared=True)
+            future: Future = Future()
             try:
-                response = self.writer.submit(bundle) if self.writer else self.store.transaction(bundle)
+                future.set_result(self.store.transaction(bundle))
+            except Exception as exc:  # noqa: BLE001 - read in _finish, as the writer's would be
+                future.set_exception(exc)
+            return msg, mapped, future
+        except Hl7Fault as fault:
+            return msg, None, self._negative(msg, fault)
+        except Exception:  # the sender must always get an answer; nothing was stored (one transaction)
+            log.exception("HL7 v2 message could not be mapped")
+            return msg, None, self._server_error(msg)
+        finally:
+            if self.writer is not None and not queued:
+                self.writer.preparing_add(-1)
+
+    def _finish(self, msg, mapped, outcome) -> str:
+        if isinstance(outcome, str):  # already answered (a fault while preparing)
+            return outcome
+        try:
+            try:
+                response = outcome.result()
             except FhirError as exc:
                 seg, seq = mapped.sources[_entry_index(exc.expression)]
                 raise Hl7Fault(exc.message, segment=seg, sequence=seq, condition=DATA_TYPE_ERROR) from None
         except Hl7Fault as fault:
-            self.counts[fault.ack_code] += 1
-            return hl7v2.ack(msg if _msh_readable(msg) else None, fault.ack_code, self._ack_id(), fault)
+            return self._negative(msg, fault)
         except Exception:  # the sender must always get an answer; nothing was stored (one transaction)
             log.exception("HL7 v2 message could not be stored")
-            self.counts["AE"] += 1
-            fault = Hl7Fault("the message could not be stored (server error); send it again later",
-                             condition=INTERNAL_ERROR)
-            return hl7v2.ack(msg if _msh_readable(msg) else None, "AE", self._ack_id(), fault)
+            return self._server_error(msg)
         self.counts["AA"] += 1
         if self.on_stored is not None:
             try:
@@ -209,6 +320,16 @@ class Hl7Ingest:
             except Exception:  # a follow-up must not turn a stored message into a negative ACK
                 log.exception("after-store hook failed")
         return hl7v2.ack(msg, "AA", self._ack_id())
+
+    def _negative(self, msg, fault: Hl7Fault) -> str:
+        self.counts[fault.ack_code] += 1
+        return hl7v2.ack(msg if _msh_readable(msg) else None, fault.ack_code, self._ack_id(), fault)
+
+    def _server_error(self, msg) -> str:
+        self.counts["AE"] += 1
+        fault = Hl7Fault("the message could not be stored (server error); send it again later",
+                         condition=INTERNAL_ERROR)
+        return hl7v2.ack(msg if _msh_readable(msg) else None, "AE", self._ack_id(), fault)
 
 
 def _entry_index(expression: list[str]) -> int:

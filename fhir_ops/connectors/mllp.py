@@ -68,6 +68,10 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         Port 0 picks a free port (``server_address`` tells which).
     handler : callable
         ``bytes -> str``; must not raise (``Hl7Ingest.handle``).
+    handler_many : callable, optional
+        ``list of bytes -> list of str`` for frames read together (``Hl7Ingest.handle_many``).
+    on_connection : callable, optional
+        Called with +1 when a sender connects and -1 when it leaves (``Hl7Ingest.connection``).
     allow : iterable of str
         Networks whose peers may connect (default loopback only).
     reuse_port : bool
@@ -78,8 +82,12 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: Callable[[bytes], str],
-                 allow: Iterable[str] = LOOPBACK, reuse_port: bool = False) -> None:
+                 allow: Iterable[str] = LOOPBACK, reuse_port: bool = False,
+                 handler_many: Callable[[list[bytes]], list[str]] | None = None,
+                 on_connection: Callable[[int], None] | None = None) -> None:
         self.handle_message = handler
+        self.handle_messages = handler_many
+        self.on_connection = on_connection
         self.allow_reuse_port = reuse_port  # several worker processes share the port
         self.allowed = parse_networks(allow)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -103,6 +111,16 @@ class MllpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
+        hook = self.server.on_connection
+        if hook is not None:
+            hook(1)
+        try:
+            self._serve()
+        finally:
+            if hook is not None:
+                hook(-1)
+
+    def _serve(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = FrameReader()
@@ -118,11 +136,16 @@ class _Connection(socketserver.BaseRequestHandler):
             except ValueError as exc:
                 log.warning("MLLP connection from %s closed: %s", self.client_address[0], exc)
                 return
-            for payload in payloads:
-                try:
-                    sock.sendall(frame(self.server.handle_message(payload)))
-                except OSError:
-                    return
+            if not payloads:
+                continue
+            # frames that arrived together (a pipelining sender) are handled as one group, so they
+            # can share a commit; the ACKs go back in order, each only after its own message is stored
+            many = self.server.handle_messages
+            acks = many(payloads) if many else [self.server.handle_message(p) for p in payloads]
+            try:
+                sock.sendall(b"".join(frame(a) for a in acks))
+            except OSError:
+                return
 
 
 class MllpClient:

@@ -12,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable
 from urllib.parse import quote
 
-import hl7
+from hl7.parser import create_parse_plan
 
 from fhir_ops.errors import FhirError
 from terminology.catalog import shipped
@@ -74,53 +74,99 @@ class Naming:
         return self.systems.get(name)
 
 
-# -- reading a parsed message --------------------------------------------------------------------
-_item = list.__getitem__  # python-hl7 containers are lists; their own __getitem__ is ~5x slower
+# -- reading a message ---------------------------------------------------------------------------
+class Segment(list):
+    """One segment's fields as received, in HL7 numbering (``seg[3]`` is PID-3; ``msh[1]`` is MSH-1,
+    the field separator); repetitions, components and subcomponents are split when a field is read."""
+
+    __slots__ = ("separators",)
 
 
-def _get(segment, field: int, component: int = 1, sub: int = 1, repeat: int = 1) -> str:
+class Message:
+    """A parsed HL7 v2 message: its segments, in order (``for segment in msg``), and ``segment(name)``.
+
+    python-hl7 reads the encoding characters (``hl7.parser.create_parse_plan``, MSH-1/MSH-2); the fields are
+    split with ``str.split`` and a field's repetitions and components only when it is read. python-hl7's
+    own ``parse`` builds ~90 container objects per lab result message and was 40 % of the listener's
+    CPU time (bench/results/hl7_profile.txt); the values read are the same (tests/fhir_ops/mapping).
+    """
+
+    __slots__ = ("segments",)
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+
+    def __iter__(self):
+        return iter(self.segments)
+
+    def segment(self, name: str) -> Segment:
+        """The first segment called ``name``; ``KeyError`` if there is none."""
+        for seg in self.segments:
+            if seg[0] == name:
+                return seg
+        raise KeyError(name)
+
+
+def _get(segment: Segment, field: int, component: int = 1, sub: int = 1, repeat: int = 1) -> str:
     """Field ``field`` of ``segment`` (HL7 numbering, MSH-1 is the field separator), or ''."""
     if field >= len(segment):
         return ""
-    value = _item(segment, field)
-    if isinstance(value, str):
+    value = segment[field]
+    if field <= 2 and segment[0] == "MSH":  # MSH-1 / MSH-2 hold the separators themselves
         return value if component == 1 and sub == 1 and repeat == 1 else ""
-    try:  # python-hl7: Field[Repetition[Component[SubComponent]]]
-        first = _item(value, 0)
-        rep = _item(value, repeat - 1) if isinstance(first, list) else value
-        if not isinstance(rep, list):
-            return str(rep) if component == 1 and sub == 1 else ""
-        comp = _item(rep, component - 1)
-        if isinstance(comp, list):
-            return str(_item(comp, sub - 1)) if sub <= len(comp) else ""
-        return str(comp) if sub == 1 else ""
-    except IndexError:
+    rep_sep, comp_sep, sub_sep = segment.separators
+    if rep_sep in value:
+        reps = value.split(rep_sep)
+        if repeat > len(reps):
+            return ""
+        value = reps[repeat - 1]
+    elif repeat > 1:
         return ""
+    if comp_sep in value:
+        comps = value.split(comp_sep)
+        if component > len(comps):
+            return ""
+        value = comps[component - 1]
+    elif component > 1:
+        return ""
+    if sub_sep in value:
+        subs = value.split(sub_sep)
+        return subs[sub - 1] if sub <= len(subs) else ""
+    return value if sub == 1 else ""
 
 
-def _repeats(segment, field: int) -> int:
-    if field >= len(segment):
+def _repeats(segment: Segment, field: int) -> int:
+    if field >= len(segment) or not segment[field]:
         return 0
-    value = _item(segment, field)
-    if isinstance(value, str) or not value:
-        return 1 if str(value) else 0
-    return len(value) if isinstance(_item(value, 0), list) else 1
+    return segment[field].count(segment.separators[0]) + 1
 
 
-def parse(text: str) -> hl7.Message:
+def parse(text: str) -> Message:
     """Parse one message (segments separated by CR; LF tolerated); unparseable → ``Hl7Fault`` AR."""
     text = text.translate(_CONTROL).replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     if not text.startswith("MSH"):
         raise Hl7Fault("a message starts with an MSH segment", ack_code="AR", field=None,
                        condition=REQUIRED_FIELD_MISSING)
     try:
-        return hl7.parse(text)
+        plan = create_parse_plan(text)  # separators as MSH-1 / MSH-2 declare them
     except Exception as exc:  # python-hl7 raises ParseException and plain errors alike
         raise Hl7Fault(f"not a parseable HL7 v2 message ({exc})", ack_code="AR",
                        condition=DATA_TYPE_ERROR) from None
+    # plan.separators: segment, field, repetition, component, subcomponent
+    field_sep, nested = plan.separators[1], (plan.separators[2], plan.separators[3], plan.separators[4])
+    segments = []
+    for line in text.split("\r"):
+        if not line:
+            continue
+        seg = Segment(line.split(field_sep))
+        if seg[0] == "MSH":
+            seg.insert(1, field_sep)
+        seg.separators = nested
+        segments.append(seg)
+    return Message(segments)
 
 
-def message_type(msg: hl7.Message) -> tuple[str, str]:
+def message_type(msg: Message) -> tuple[str, str]:
     """``(MSH-9.1, MSH-9.2)``; unsupported → ``Hl7Fault`` AR naming MSH-9."""
     msh = msg.segment("MSH")
     kind, event = _get(msh, 9, 1), _get(msh, 9, 2)
@@ -267,15 +313,17 @@ def _observation(obx, seq: int, subject: str, obr_time: str, ident: dict, naming
     return obs
 
 
-def to_bundle(msg: hl7.Message, naming: Naming, find_patient: Callable[[dict], dict | None]) -> Mapped:
+def to_bundle(msg: Message, naming: Naming, find_patient: Callable[..., dict | None]) -> Mapped:
     """Map a parsed message to one transaction Bundle.
 
     Parameters
     ----------
-    msg : hl7.Message
+    msg : Message
     naming : Naming
     find_patient : callable
-        ``identifier dict -> Patient or None``: the stored participant with that identifier.
+        ``(identifier dict, current=bool) -> Patient or None``: the stored participant with that
+        identifier; ``current`` asks for the current version (an ADT update), else a recent lookup may
+        answer (a result only uses the id).
 
     Raises
     ------
@@ -292,7 +340,9 @@ def to_bundle(msg: hl7.Message, naming: Naming, find_patient: Callable[[dict], d
         raise Hl7Fault(f"{kind}^{event} needs a PID segment", segment="PID", condition=REQUIRED_FIELD_MISSING,
                        ack_code="AE") from None
     ident = _identifier(pid, naming)
-    existing = find_patient(ident)
+    # an ADT update is merged into the stored Patient, so it must read the current version; a result only
+    # needs to know who the participant is
+    existing = find_patient(ident, current=kind == "ADT")
     if kind == "ADT":
         patient = _patient_from_pid(pid, naming, existing)
         if existing:
@@ -310,7 +360,7 @@ def to_bundle(msg: hl7.Message, naming: Naming, find_patient: Callable[[dict], d
     obr_time, obr_seq = "", 0
     counters: dict[str, itertools.count] = {}
     for segment in msg:
-        name = str(segment[0])
+        name = segment[0]
         seq = next(counters.setdefault(name, itertools.count(1)))
         if name == "OBR":
             obr_seq = seq
@@ -337,7 +387,7 @@ def _escape(text: str) -> str:
     return out
 
 
-def ack(msg: hl7.Message | None, code: str, ack_id: str, fault: Hl7Fault | None = None,
+def ack(msg: Message | None, code: str, ack_id: str, fault: Hl7Fault | None = None,
         text: str | None = None) -> str:
     """The ACK (MSH, MSA and, for AE/AR, ERR) answering ``msg``; segments joined by CR.
 
@@ -364,4 +414,4 @@ def ack(msg: hl7.Message | None, code: str, ack_id: str, fault: Hl7Fault | None 
     return "\r".join(lines)
 
 
-__all__ = ["Hl7Fault", "Mapped", "Naming", "SUPPORTED", "ack", "message_type", "parse", "to_bundle"]
+__all__ = ["Hl7Fault", "Mapped", "Message", "Naming", "SUPPORTED", "ack", "message_type", "parse", "to_bundle"]

@@ -1,10 +1,12 @@
 """OMOP CDM v5.4 tables (CSV) to FHIR R4: person, observation_period, visit_occurrence,
-condition_occurrence, drug_exposure, measurement.
+condition_occurrence, drug_exposure, measurement, observation and death.
 
 Every row becomes one resource with an id derived from its table and primary key, so a load run
 twice writes the same resources. Concept ids become OMOP codings (``https://fhir-terminology.ohdsi.org``)
 plus, where the shipped ConceptMap ``omop-to-standard`` has them, LOINC / SNOMED CT / RxNorm / UCUM codes;
-the concept ids it does not reach are counted in an ``UnmappedConcepts`` report. The map lives in
+the concept ids it does not reach are counted in an ``UnmappedConcepts`` report. A death row is the
+person's ``Patient.deceasedDateTime`` (FHIR has no death resource; its cause, when given, is an
+Observation ``omop-death-<person_id>``). The map lives in
 ``terminology/data/omop/`` (not among the maps ingest harmonization applies: its RxNorm, ActCode and
 UCUM targets are outside the shipped code-system subsets).
 """
@@ -26,6 +28,9 @@ TABLES = {
     "condition_occurrence": ("Condition", "condition_occurrence_id", "omop-condition-"),
     "drug_exposure": ("MedicationStatement", "drug_exposure_id", "omop-drug-"),
     "measurement": ("Observation", "measurement_id", "omop-measurement-"),
+    "observation": ("Observation", "observation_id", "omop-observation-"),
+    # the death table's key is person_id: one row per person, held by that person's Patient
+    "death": ("Patient", "person_id", "omop-person-"),
 }
 _GENDER = {"8507": "male", "8532": "female", "8551": "unknown", "8570": "other"}
 _VISIT_CLASS = {"9201": ("IMP", "inpatient encounter"), "9202": ("AMB", "ambulatory"),
@@ -106,7 +111,7 @@ def read_tables(directory: str) -> dict[str, list[dict]]:
         with open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
             header = {h.lower() for h in reader.fieldnames or []}
-            if key not in header or (table != "person" and "person_id" not in header):
+            if key not in header or "person_id" not in header:
                 raise OmopError([f"{name}: header lacks {key}" + ("" if table == "person" else " or person_id")])
             tables[table] = [{k.lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     return tables
@@ -195,13 +200,17 @@ def to_resource(table: str, row: dict, vocab: Vocabulary, report: UnmappedConcep
         if visit:
             out["context"] = _ref("visit_occurrence", visit)
         return out
-    # measurement
+    if table == "death":
+        raise ValueError("a death row is part of its person's Patient (person_bundles), not a resource")
+    # measurement and observation: both FHIR Observations; the observation table is what is not a lab value
+    stem = table
     out = {**base, "status": "final", "subject": subject,
-           "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                     "code": "laboratory"}]}],
-           "code": vocab.concept(row["measurement_concept_id"], table, "measurement_concept_id", report,
-                                 row.get("measurement_source_value")),
-           "effectiveDateTime": _date(row, "measurement")}
+           "code": vocab.concept(row[f"{stem}_concept_id"], table, f"{stem}_concept_id", report,
+                                 row.get(f"{stem}_source_value")),
+           "effectiveDateTime": _date(row, f"{stem}")}
+    if table == "measurement":
+        out["category"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                        "code": "laboratory"}]}]
     if row.get("value_as_number"):
         qty = {"value": float(row["value_as_number"])}
         unit = vocab.ucum(row.get("unit_concept_id", ""))
@@ -214,9 +223,27 @@ def to_resource(table: str, row: dict, vocab: Vocabulary, report: UnmappedConcep
         out["valueQuantity"] = qty
     elif row.get("value_as_concept_id") not in (None, "", "0"):
         out["valueCodeableConcept"] = vocab.concept(row["value_as_concept_id"], table, "value_as_concept_id", report)
+    elif row.get("value_as_string"):
+        out["valueString"] = row["value_as_string"]
     if visit:
         out["encounter"] = _ref("visit_occurrence", visit)
     return out
+
+
+def _death(patient: dict, row: dict, vocab: Vocabulary, report: UnmappedConcepts) -> list[dict]:
+    """Record ``row`` of the death table on ``patient``; the cause of death, if any, as an Observation."""
+    when = _date(row, "death")
+    patient["deceasedDateTime" if when else "deceasedBoolean"] = when or True
+    cause = row.get("cause_concept_id")
+    if cause in (None, "", "0"):
+        return []
+    return [{"resourceType": "Observation", "id": f"omop-death-{row['person_id']}",
+             "identifier": [{"system": f"{OMOP_SYSTEM}/death", "value": row["person_id"]}],
+             "status": "final", "code": {"text": "cause of death"},
+             "subject": _ref("person", row["person_id"]),
+             **({"effectiveDateTime": when} if when else {}),
+             "valueCodeableConcept": vocab.concept(cause, "death", "cause_concept_id", report,
+                                                   row.get("cause_source_value"))}]
 
 
 def person_bundles(tables: dict[str, list[dict]], vocab: Vocabulary, report: UnmappedConcepts):
@@ -228,13 +255,25 @@ def person_bundles(tables: dict[str, list[dict]], vocab: Vocabulary, report: Unm
     orphans = set(by_person) - {p["person_id"] for p in tables["person"]}
     if orphans:  # checked before anything is stored
         raise OmopError([f"rows refer to person_id {', '.join(sorted(orphans)[:5])} that person.csv lacks"])
+    deaths = Counter(row["person_id"] for row in tables.get("death", []))
+    if any(n > 1 for n in deaths.values()):
+        twice = sorted(p for p, n in deaths.items() if n > 1)
+        raise OmopError([f"death.csv: person_id {', '.join(twice[:5])} died more than once (one row per person)"])
     for person in tables["person"]:
         pid = person["person_id"]
-        entries = []
+        resources, per_table = [], Counter()
+        patient = to_resource("person", person, vocab, report)
         for table, row in by_person[pid]:
-            res = to_resource(table, row, vocab, report)
-            entries.append({"resource": res, "request": {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}})
-        yield pid, {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+            if table == "person":
+                resources.append(patient)
+            elif table == "death":
+                resources.extend(_death(patient, row, vocab, report))
+            else:
+                resources.append(to_resource(table, row, vocab, report))
+            per_table[table] += 1
+        entries = [{"resource": res, "request": {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}}
+                   for res in resources]
+        yield pid, {"resourceType": "Bundle", "type": "transaction", "entry": entries}, per_table
 
 
 __all__ = ["OMOP_SYSTEM", "OmopError", "TABLES", "UnmappedConcepts", "Vocabulary", "person_bundles", "read_tables",

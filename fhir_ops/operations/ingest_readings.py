@@ -1,15 +1,23 @@
 """``Observation/$ingest-readings``: a batch of device readings stored once each, harmonized, counted.
 
+Readings come as PHD-gateway Observations (``readings``) or as Open mHealth data points
+(``openMHealth`` with ``subject`` and ``device``), mapped to the same Observations first
+(``fhir_ops.mapping.open_mhealth``), so every rule below applies to both.
+
 Duplicates (device + code + instant) are dropped in the batch; each reading is written with PUT at an
 id derived from that triple, so a batch sent twice, or two batches racing, store each reading once
 (a race at worst adds a version of the same resource). Readings are written in transactions of ``CHUNK``; the answer comes after the commit.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from datetime import datetime, timedelta, timezone
 
 from fhir_ops.errors import FhirError, InvalidRequest
 from fhir_ops.mapping import device_reading as dr
+from fhir_ops.mapping import open_mhealth as omh
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from terminology.workflow import active_harmonizer
 
@@ -21,20 +29,28 @@ _REJECTING = {"unit-not-convertible", "missing-unit"}
 
 @operation("OperationDefinition-ingest-readings.json", writes=Writes(("Observation",)))
 def handle(ctx: OperationContext, params: dict) -> dict:
-    bundle = params["readings"]
-    if bundle.get("resourceType") != "Bundle":
-        raise InvalidRequest("readings must be a Bundle of Observations", error_id="wrong-type",
-                             expression=["readings"])
+    if "readings" not in params and "openMHealth" not in params:
+        raise InvalidRequest("readings (a Bundle of Observations) or openMHealth (data points) is required",
+                             error_id="missing-parameter", expression=["readings"])
+    readings: list[tuple[str, object]] = []  # (where, the reading or why it is not one)
+    if "readings" in params:
+        bundle = params["readings"]
+        if bundle.get("resourceType") != "Bundle":
+            raise InvalidRequest("readings must be a Bundle of Observations", error_id="wrong-type",
+                                 expression=["readings"])
+        readings += [(f"readings.entry[{i}].resource", entry.get("resource") if isinstance(entry, dict) else None)
+                     for i, entry in enumerate(bundle.get("entry") or [])]
+    if "openMHealth" in params:
+        readings += _open_mhealth(params)
     late_after = timedelta(minutes=int(params.get("lateAfterMinutes", 60)))
     received_at = datetime.now(timezone.utc)
     harmonizer = active_harmonizer(ctx.store)
-    entries = bundle.get("entry") or []
     counts = dict.fromkeys(("outOfOrder", "late", "unitConverted", "duplicates", "stored"), 0)
     issues, keyed, seen, last = [], [], set(), {}
-    for i, entry in enumerate(entries):
-        where = f"readings.entry[{i}].resource"
-        resource = entry.get("resource") if isinstance(entry, dict) else None
+    for where, resource in readings:
         try:
+            if isinstance(resource, FhirError):  # a data point that could not be mapped
+                raise resource
             key = dr.reading_key(resource, where)
         except FhirError as exc:
             issues.append(exc.issue())
@@ -46,8 +62,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
                            "expression": [f"{where}.{e.partition('.')[2]}" for e in bad[0].get("expression", [])],
                            "diagnostics": f"{where}: {bad[0]['diagnostics']}"})
             continue
-        if harmonized.get("valueQuantity") is not resource.get("valueQuantity") or \
-                harmonized.get("component") != resource.get("component"):
+        # the harmonizer hands back the very quantity it did not convert (a component that only gained
+        # its LOINC coding is not a unit conversion)
+        if any(a is not b for a, b in zip(_quantities(harmonized), _quantities(resource))):
             counts["unitConverted"] += 1
         ident = dr.identifier_value(key)
         if ident in seen:
@@ -80,7 +97,49 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         created = sum(1 for e in response["entry"] if e["response"]["status"].startswith("201"))
         counts["stored"] += created
         counts["duplicates"] += len(fresh) - created  # written meanwhile by a racing batch: same resource
-    out = {"received": len(entries), "rejected": len(issues), **counts}
+    out = {"received": len(readings), "rejected": len(issues), **counts}
     if issues:
         out["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
+    return out
+
+
+def _quantities(reading: dict) -> list:
+    return [reading.get("valueQuantity"), *(c.get("valueQuantity") for c in reading.get("component") or [])]
+
+
+def _open_mhealth(params: dict) -> list[tuple[str, object]]:
+    """The data points of ``openMHealth`` as (where, Observation), or (where, the error) for a bad one.
+
+    A body that is not a JSON array (or one data point), or missing subject/device, refuses the call
+    (400); a single bad data point is rejected alone, as a bad Observation is.
+    """
+    attachment = params["openMHealth"]
+    if attachment.get("contentType", "").split(";")[0].strip() not in ("application/json", ""):
+        raise InvalidRequest("openMHealth must be application/json", error_id="wrong-type",
+                             expression=["openMHealth.contentType"])
+    try:
+        points = json.loads(base64.b64decode(attachment.get("data") or "", validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"openMHealth.data is not base64-encoded JSON ({exc})", error_id="invalid-json",
+                             expression=["openMHealth.data"]) from None
+    if isinstance(points, dict):
+        points = [points]
+    if not isinstance(points, list):
+        raise InvalidRequest("openMHealth holds a JSON array of data points (or one data point)",
+                             error_id="wrong-type", expression=["openMHealth.data"])
+    subject, device = params.get("subject"), params.get("device")
+    if not isinstance(subject, dict) or not str(subject.get("reference", "")).startswith("Patient/"):
+        raise InvalidRequest("openMHealth needs subject, a reference to the participant's Patient",
+                             error_id="reading-without-subject", expression=["subject"])
+    if not isinstance(device, dict) or not device.get("reference"):
+        raise InvalidRequest("openMHealth needs device, a reference to the Device that measured the data points",
+                             error_id="reading-without-device", expression=["device"])
+    out: list[tuple[str, object]] = []
+    for i, point in enumerate(points):
+        where = f"openMHealth[{i}]"
+        try:
+            out.append((where, omh.to_observation(point, {"reference": subject["reference"]},
+                                                  {"reference": device["reference"]}, where)))
+        except FhirError as exc:
+            out.append((where, exc))
     return out

@@ -41,7 +41,8 @@ def site(tmp_path):
     app = create_app(open_config(DATA_DIR=str(tmp_path)))
     store = app.extensions["trialtwin.store"]
     ingest = Hl7Ingest(store)
-    server = MllpServer(("127.0.0.1", 0), ingest.handle)
+    server = MllpServer(("127.0.0.1", 0), ingest.handle, handler_many=ingest.handle_many,
+                        on_connection=ingest.connection)
     server.start()
     try:
         with serve(app) as base:
@@ -148,6 +149,72 @@ def test_one_connection_carries_many_messages_in_order(site):
         acks = [hl7.parse(client.receive()) for _ in range(20)]
     assert [msa(a) for a in acks] == [("AA", f"P{i}") for i in range(20)]
     assert len(site.search("Observation?_count=100")) == 40
+
+
+def test_pipelined_messages_share_commits_but_each_stands_alone(site):
+    """A registration, results that need it, a bad result and a resend, all in one write: every message
+    is answered in order as if sent alone (the bad one stores nothing, its neighbours everything)."""
+    registered(site)
+    messages = [adt("NEW-1", "TT201-002"), good_oru("Q1", "TT201-002"), good_oru("Q2", "TT201-001"),
+                oru("Q3", "TT201-001", obx(1, "LAB-HBA1C", "7.1", "%^^UCUM"), obx(2, "LAB-XYZ", "1", "mg/dL^^UCUM")),
+                good_oru("Q4", "TT201-002"), good_oru("Q1", "TT201-002"), good_oru("Q5", "TT201-999")]
+    with MllpClient("127.0.0.1", site.port) as client:
+        client.sock.sendall(b"".join(frame(m) for m in messages))
+        acks = [hl7.parse(client.receive()) for _ in messages]
+    assert [msa(a) for a in acks] == [("AA", "NEW-1"), ("AA", "Q1"), ("AA", "Q2"), ("AE", "Q3"), ("AA", "Q4"),
+                                      ("AA", "Q1"), ("AE", "Q5")]
+    assert err_location(acks[3]) == ("OBX", "2", "3", "103") and err_location(acks[6])[:3] == ("PID", "1", "3")
+    [new] = site.search(f"Patient?identifier={SUBJECT_SYSTEM}|TT201-002")
+    assert len(site.search(f"Observation?subject=Patient/{new['id']}&_count=100")) == 4  # Q1 once, Q4
+    assert len(site.search("Observation?_count=100")) == 6  # and Q2; nothing of Q3
+
+
+def test_the_writer_knows_how_many_senders_are_connected(site):
+    import time
+
+    def settled(n):  # a closed connection's server thread notices the close a moment later
+        deadline = time.monotonic() + 30
+        while site.ingest.writer.connections != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return site.ingest.writer.connections
+
+    registered(site)
+    assert settled(0) == 0
+    with MllpClient("127.0.0.1", site.port) as a, MllpClient("127.0.0.1", site.port) as b:
+        assert "MSA|AA" in a.send(good_oru("K1", "TT201-001")) and "MSA|AA" in b.send(good_oru("K2", "TT201-001"))
+        assert site.ingest.writer.connections == 2  # both answered: both are being served
+    assert settled(0) == 0
+
+
+def test_group_commit_waits_for_messages_being_prepared_and_keeps_each_all_or_nothing(tmp_path):
+    from fhir_ops.connectors.hl7v2 import GroupCommit
+    from fhir_ops.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "t.sqlite"))
+    writer = GroupCommit(store, max_group=64, linger=30.0)
+    try:
+        def bundle(i, valid=True):
+            obs = {"resourceType": "Observation", "status": "final" if valid else "not-a-status",
+                   "code": {"text": f"n{i}"}}
+            return {"resourceType": "Bundle", "type": "transaction",
+                    "entry": [{"resource": obs, "request": {"method": "POST", "url": "Observation"}}]}
+
+        writer.preparing_add(10)  # ten messages on their way: the writer waits for all of them
+        futures = [writer.submit_async(bundle(i, valid=i != 4)) for i in range(10)]
+        writer.preparing_add(-10)
+        outcomes = [f.exception(timeout=30) for f in futures]
+        assert [o is None for o in outcomes] == [i != 4 for i in range(10)]
+        assert store.search("Observation", [("_summary", "count")]).total == 9
+        # one failed group commit of ten, then each alone: nine commits, no more
+        assert writer.commits == 9 and writer.messages == 9
+        writer.preparing_add(3)
+        futures = [writer.submit_async(bundle(i)) for i in range(3)]
+        writer.preparing_add(-3)
+        assert all(f.exception(timeout=30) is None for f in futures)
+        assert writer.commits == 10 and writer.messages == 12  # three messages, one commit
+    finally:
+        writer.close()
+        store.close()
 
 
 def test_a_sender_outside_the_allowed_networks_gets_no_connection(tmp_path):

@@ -11,6 +11,7 @@ from fhir_ops.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.api
 UNMAPPED_CONDITION, UNMAPPED_DRUG, UNMAPPED_MEASUREMENT, UNMAPPED_UNIT = "4329847", "19078461", "3012888", "8876"
+SMOKING, NEVER_SMOKED, CAUSE = "4275495", "45765920", "4306655"  # none in the shipped vocabulary
 
 
 def generate(n: int, seed: int = 3) -> dict[str, list[dict]]:
@@ -65,7 +66,41 @@ def generate(n: int, seed: int = 3) -> dict[str, list[dict]]:
                                          "value_as_number": f"{value:.2f}", "value_as_concept_id": "",
                                          "unit_concept_id": unit, "visit_occurrence_id": vid,
                                          "measurement_source_value": concept, "unit_source_value": "mmHg"})
+        # the observation table: a coded answer, a number with its unit, a free-text note
+        t["observation"].append({"observation_id": nid("observation"), "person_id": pid,
+                                 "observation_concept_id": SMOKING, "observation_date": "2025-02-01",
+                                 "observation_datetime": "", "value_as_number": "", "value_as_string": "",
+                                 "value_as_concept_id": NEVER_SMOKED, "unit_concept_id": "",
+                                 "visit_occurrence_id": visits[0], "observation_source_value": "smoking"})
+        t["observation"].append({"observation_id": nid("observation"), "person_id": pid,
+                                 "observation_concept_id": "3025315", "observation_date": "2025-02-01",
+                                 "observation_datetime": "2025-02-01 08:00:00",
+                                 "value_as_number": f"{rng.uniform(60, 110):.1f}", "value_as_string": "",
+                                 "value_as_concept_id": "", "unit_concept_id": "9529", "visit_occurrence_id": "",
+                                 "observation_source_value": "self-reported weight"})
+        if p % 3 == 0:
+            t["observation"].append({"observation_id": nid("observation"), "person_id": pid,
+                                     "observation_concept_id": "0", "observation_date": "2025-03-01",
+                                     "observation_datetime": "", "value_as_number": "",
+                                     "value_as_string": "walks 30 min daily", "value_as_concept_id": "",
+                                     "unit_concept_id": "", "visit_occurrence_id": "",
+                                     "observation_source_value": "activity"})
+        if p % 6 == 0:  # a few died; every other death with a cause
+            t["death"].append({"person_id": pid, "death_date": "2026-01-15", "death_datetime": "",
+                               "death_type_concept_id": "32817", "cause_concept_id": CAUSE if p % 12 == 0 else "",
+                               "cause_source_value": "I21" if p % 12 == 0 else ""})
     return t
+
+
+def stored_per_table(store) -> dict[str, int]:
+    """Resources in the store per OMOP table they came from (the id prefix says which)."""
+    out = {}
+    for table, (rtype, _, prefix) in omop.TABLES.items():
+        if table == "death":
+            out[table] = sum(1 for p in store.search_all("Patient", []) if "deceasedDateTime" in p)
+        else:
+            out[table] = sum(1 for r in store.search_all(rtype, []) if r["id"].startswith(prefix))
+    return out
 
 
 def load(tmp_path, directory, capsys):
@@ -80,10 +115,27 @@ def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_p
     assert code == 0, out.err
     store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
     try:
+        assert set(tables) == {"person", "observation_period", "visit_occurrence", "condition_occurrence",
+                               "drug_exposure", "measurement", "observation", "death"}
+        assert stored_per_table(store) == {table: len(rows) for table, rows in tables.items()}
+        assert all(tables.values())
         for table, rows in tables.items():
-            rtype = omop.TABLES[table][0]
-            assert store.search(rtype, [("_summary", "count")]).total == len(rows), table
-            assert f"{table}: {len(rows)} rows -> {len(rows)} {rtype}" in out.out
+            kind = "Patient.deceased" if table == "death" else omop.TABLES[table][0]
+            assert f"{table}: {len(rows)} rows -> {len(rows)} {kind}" in out.out
+        # the only extra resources are the causes of death
+        n_obs = len(tables["measurement"]) + len(tables["observation"])
+        assert store.search("Observation", [("_summary", "count")]).total == n_obs + 2
+        cause = store.read("Observation", "omop-death-12")
+        assert cause["valueCodeableConcept"] == {"coding": [{"system": omop.OMOP_SYSTEM, "code": CAUSE}], "text": "I21"}
+        assert store.read("Patient", "omop-person-6")["deceasedDateTime"] == "2026-01-15"
+        assert "deceasedDateTime" not in store.read("Patient", "omop-person-5")
+        weight = store.read("Observation", "omop-observation-2")
+        assert weight["code"]["coding"][0] == {"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}
+        assert weight["valueQuantity"]["code"] == "kg" and "category" not in weight
+        smoking = store.read("Observation", "omop-observation-1")
+        assert smoking["valueCodeableConcept"]["coding"] == [{"system": omop.OMOP_SYSTEM, "code": NEVER_SMOKED}]
+        assert smoking["encounter"]["reference"].startswith("Encounter/omop-visit-")
+        assert store.read("Observation", "omop-observation-7")["valueString"] == "walks 30 min daily"
         # codes mapped as far as the vocabulary reaches
         a1c = store.search("Observation", [("code", "http://loinc.org|4548-4"), ("_count", "1")]).matches[0]
         assert a1c["valueQuantity"]["code"] == "%" and a1c["subject"]["reference"].startswith("Patient/omop-person-")
@@ -98,7 +150,11 @@ def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_p
         for line in (f"condition_occurrence.condition_concept_id = {UNMAPPED_CONDITION}: 5 row(s)",
                      f"drug_exposure.drug_concept_id = {UNMAPPED_DRUG}: 6 row(s)",
                      f"measurement.measurement_concept_id = {UNMAPPED_MEASUREMENT}: 75 row(s)",
-                     f"measurement.unit_concept_id = {UNMAPPED_UNIT}: 75 row(s)"):
+                     f"measurement.unit_concept_id = {UNMAPPED_UNIT}: 75 row(s)",
+                     f"observation.observation_concept_id = {SMOKING}: 25 row(s)",
+                     f"observation.value_as_concept_id = {NEVER_SMOKED}: 25 row(s)",
+                     f"observation.observation_concept_id = 0: 8 row(s)",
+                     f"death.cause_concept_id = {CAUSE}: 2 row(s)"):
             assert line in out.err
         visit = store.read("Encounter", "omop-visit-1")
         assert visit["class"]["system"].endswith("v3-ActCode") and visit["period"]["start"].endswith("T09:00:00Z")
@@ -108,7 +164,7 @@ def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_p
     code, _ = load(tmp_path, tmp_path / "cdm", capsys)
     store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
     try:
-        assert code == 0 and store.search("Observation", [("_summary", "count")]).total == len(tables["measurement"])
+        assert code == 0 and stored_per_table(store) == {table: len(rows) for table, rows in tables.items()}
     finally:
         store.close()
 
@@ -130,3 +186,16 @@ def test_a_directory_without_person_table_is_refused(tmp_path, capsys):
     (tmp_path / "cdm").mkdir()
     code, out = load(tmp_path, tmp_path / "cdm", capsys)
     assert code == 1 and "no person.csv" in out.err
+
+
+def test_two_deaths_of_one_person_load_nothing(tmp_path, capsys):
+    tables = generate(6)
+    tables["death"].append(dict(tables["death"][0], death_date="2026-02-01"))
+    omop.write_tables(str(tmp_path / "cdm"), tables)
+    code, out = load(tmp_path, tmp_path / "cdm", capsys)
+    assert code == 1 and "person_id 6 died more than once" in out.err
+    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
+    try:
+        assert store.search("Patient", [("_summary", "count")]).total == 0
+    finally:
+        store.close()

@@ -97,3 +97,115 @@ def test_a_bundle_that_is_not_readings_is_refused(fhir):
     resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": [
         {"name": "readings", "resource": {"resourceType": "Patient"}}]})
     assert resp.status_code == 400
+
+
+# -- Open mHealth -----------------------------------------------------------------------------------
+def omh_point(schema: str, minute: int, body: dict, *, interval: bool = False, point_id: str | None = None) -> dict:
+    when = (START + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z")
+    frame = ({"time_interval": {"start_date_time": when,
+                                "end_date_time": (START + timedelta(minutes=minute + 60)).isoformat()}}
+             if interval else {"date_time": when})
+    return {"header": {"id": point_id or f"{schema}-{minute}", "creation_date_time": when,
+                       "schema_id": {"namespace": "omh", "name": schema, "version": "1.0"},
+                       "acquisition_provenance": {"source_name": "a wearable", "modality": "sensed"}},
+            "body": {**body, "effective_time_frame": frame}}
+
+
+def ingest_omh(fhir: FhirClient, points, *, subject="Patient/p5", device="Device/watch-5", status=200, **params):
+    import base64
+    import json
+
+    data = base64.b64encode(json.dumps(points).encode()).decode()
+    parameter = [{"name": "openMHealth", "valueAttachment": {"contentType": "application/json", "data": data}}]
+    if subject:
+        parameter.append({"name": "subject", "valueReference": {"reference": subject}})
+    if device:
+        parameter.append({"name": "device", "valueReference": {"reference": device}})
+    parameter += [{"name": k, "valueInteger": v} for k, v in params.items()]
+    resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": parameter})
+    assert resp.status_code == status, resp.text
+    return resp.json()
+
+
+def test_open_mhealth_data_points_follow_the_same_rules_as_gateway_observations(fhir):
+    rng = random.Random(5)
+    hr = [omh_point("heart-rate", m, {"heart_rate": {"value": 55 + rng.randrange(40), "unit": "beats/min"}})
+          for m in range(200)]
+    stream_ = list(hr)
+    for k in (3, 50, 120):  # sent again
+        stream_.insert(k + 7, dict(hr[k]))
+    for _ in range(10):  # out of order
+        i = rng.randrange(0, len(stream_) - 20)
+        stream_.insert(i + rng.randrange(5, 20), stream_.pop(i))
+    bp = [omh_point("blood-pressure", 10, {"systolic_blood_pressure": {"value": 128, "unit": "mmHg"},
+                                            "diastolic_blood_pressure": {"value": 82, "unit": "mmHg"}}),
+          omh_point("blood-pressure", 20, {"systolic_blood_pressure": {"value": 16.0, "unit": "kPa"},  # drift
+                                            "diastolic_blood_pressure": {"value": 10.4, "unit": "kPa"}})]
+    weight = [omh_point("body-weight", 0, {"body_weight": {"value": 180, "unit": "lb"}})]
+    steps = [omh_point("step-count", 0, {"step_count": 4210}, interval=True),
+             omh_point("step-count", 60, {"step_count": {"value": 388, "unit": "steps"}}, interval=True)]
+    body = ingest_omh(fhir, stream_ + bp + weight + steps)
+    assert single(body, "received") == 208 and single(body, "rejected") == 0
+    assert (single(body, "stored"), single(body, "duplicates")) == (205, 3)
+    assert single(body, "outOfOrder") > 0 and single(body, "unitConverted") == 2  # kPa and lb
+    assert count(fhir, "&code=http://loinc.org|8867-4&subject=Patient/p5") == 200
+    # the same points as gateway Observations of the same device: already there
+    again = ingest(fhir, [reading("p5", "watch-5", 7, float(hr[7]["body"]["heart_rate"]["value"]))])
+    assert (single(again, "stored"), single(again, "duplicates")) == (0, 1)
+    # ... and resending the whole Open mHealth batch stores nothing
+    body = ingest_omh(fhir, stream_ + bp + weight + steps)
+    assert (single(body, "stored"), single(body, "duplicates")) == (0, 208)
+    # the MDC compound stays MDC (the shipped map calls the LOINC panel wider); its parts gain LOINC codes
+    pressures = fhir.get(f"Observation?code={MDC}|150020&_sort=date").json()["entry"]
+    assert count(fhir, "&component-code=http://loinc.org|8480-6&subject=Patient/p5") == 2
+    assert [p["resource"]["effectiveDateTime"] for p in pressures] == ["2026-11-01T00:10:00Z", "2026-11-01T00:20:00Z"]
+    assert [c["valueQuantity"] for c in pressures[0]["resource"]["component"]] == [
+        {"value": 128, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"},
+        {"value": 82, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}]
+    comps = [c["valueQuantity"] for c in pressures[1]["resource"]["component"]]
+    assert [c["code"] for c in comps] == ["mm[Hg]", "mm[Hg]"]
+    # UCUM (ucum-essence.xml) defines m[Hg] as 133.3220 kPa, so 1 mm[Hg] = 133.3220 Pa
+    assert comps[0]["value"] == pytest.approx(16.0 * 1000 / 133.3220, rel=1e-12)
+    [w] = fhir.get("Observation?code=http://loinc.org|29463-7&subject=Patient/p5").json()["entry"]
+    assert w["resource"]["valueQuantity"]["value"] == pytest.approx(180 * 0.45359237, rel=1e-12)
+    found = fhir.get("Observation?code=http://loinc.org|55423-8&_sort=date").json()["entry"]
+    assert [e["resource"]["valueQuantity"]["value"] for e in found] == [4210, 388]
+    assert found[0]["resource"]["effectivePeriod"]["start"] == "2026-11-01T00:00:00Z"
+    assert found[0]["resource"]["device"] == {"reference": "Device/watch-5"}
+
+
+def test_bad_open_mhealth_points_are_rejected_alone_and_bad_calls_refused(fhir):
+    good = omh_point("heart-rate", 0, {"heart_rate": {"value": 60, "unit": "beats/min"}})
+    body = ingest_omh(fhir, [good,
+                             omh_point("heart-rate", 1, {"heart_rate": {"value": 60, "unit": "furlongs"}}),
+                             omh_point("sleep-duration", 2, {"sleep_duration": {"value": 7, "unit": "h"}}),
+                             {"header": {"schema_id": {"namespace": "omh", "name": "heart-rate"}},
+                              "body": {"heart_rate": {"value": 61, "unit": "beats/min"}}},
+                             "not a data point"], subject="Patient/p6")
+    assert (single(body, "stored"), single(body, "rejected")) == (1, 4)
+    issues = next(p["resource"] for p in body["parameter"] if p["name"] == "outcome")["issue"]
+    assert [i["expression"][0] for i in issues] == [
+        "openMHealth[1].body.heart_rate.unit", "openMHealth[2].header.schema_id.name",
+        "openMHealth[3].body.effective_time_frame", "openMHealth[4].header.schema_id"]
+    assert count(fhir, "&subject=Patient/p6") == 1
+    # the call itself is wrong: nothing is stored
+    for kwargs, where in (({"subject": None}, "subject"), ({"device": None}, "device"),
+                          ({"subject": "Group/g1"}, "subject")):
+        out = ingest_omh(fhir, [omh_point("heart-rate", 9, {"heart_rate": {"value": 60, "unit": "beats/min"}})],
+                         status=400, **kwargs)
+        assert out["resourceType"] == "OperationOutcome" and out["issue"][0]["expression"] == [where]
+    resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": [
+        {"name": "openMHealth", "valueAttachment": {"contentType": "application/json", "data": "bm90IGpzb24="}},
+        {"name": "subject", "valueReference": {"reference": "Patient/p6"}},
+        {"name": "device", "valueReference": {"reference": "Device/d"}}]})
+    assert resp.status_code == 400 and resp.json()["issue"][0]["expression"] == ["openMHealth.data"]
+    resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": []})
+    assert resp.status_code == 400
+    assert count(fhir, "&subject=Patient/p6") == 1
+
+
+def test_a_bare_bundle_of_readings_is_still_taken_as_the_body(fhir):
+    resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Bundle", "type": "collection",
+                                                      "entry": [{"resource": reading("p7", "hr-7", 0, 64.0)}]})
+    assert resp.status_code == 200, resp.text
+    assert single(resp.json(), "stored") == 1 and count(fhir, "&subject=Patient/p7") == 1

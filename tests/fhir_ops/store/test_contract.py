@@ -106,6 +106,35 @@ def test_if_none_exist_zero_one_many(store):
         store.create(patient(tag), if_none_exist=query)
 
 
+def test_a_transaction_of_many_conditional_creates_matches_each_alone(store):
+    """Several entries' conditions, some already met (a resend), one met twice, the rest new: each
+    entry has the outcome it would have alone (what the HL7 listener's group commits rely on)."""
+    tags = [_tag() for _ in range(9)]
+    old = store.create(patient(tags[1])).resource
+    store.create(patient(tags[4]))
+    store.create(patient(tags[4]))
+
+    def entries(which):
+        return [{"resource": patient(tags[k]), "request": {
+            "method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:contract|{tags[k]}"}} for k in which]
+
+    resp = store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries([6, 7, 8])})
+    assert [e["response"]["status"][:3] for e in resp["entry"]] == ["201", "201", "201"]
+    assert [store.search("Patient", [("identifier", f"urn:contract|{tags[k]}")]).total for k in (6, 7, 8)] == [1, 1, 1]
+    resp = store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries([0, 1, 2, 3, 5])})
+    status = [e["response"]["status"][:3] for e in resp["entry"]]
+    assert status == ["201", "200", "201", "201", "201"]
+    assert resp["entry"][1]["response"]["location"].split("/")[1] == old["id"]
+    for k in (0, 1, 2, 3, 5):
+        assert store.search("Patient", [("identifier", f"urn:contract|{tags[k]}")]).total == 1
+    # all new: one more for each; the one met twice fails the whole transaction, naming its entry
+    resp = store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries([0, 2, 3])})
+    assert [e["response"]["status"][:3] for e in resp["entry"]] == ["200", "200", "200"]
+    with pytest.raises(PreconditionFailed):
+        store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries([0, 4, 5])})
+    assert store.search("Patient", [("identifier", f"urn:contract|{tags[4]}")]).total == 2
+
+
 def test_invalid_resource_is_rejected_and_not_stored(store):
     tag = _tag()
     with pytest.raises(InvalidRequest):
