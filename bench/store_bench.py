@@ -30,9 +30,13 @@ from _machine import cpu_model, library_versions
 ROOT = Path(__file__).resolve().parents[1]
 LOINC = "http://loinc.org"
 CODES = [("4548-4", "%"), ("1558-6", "mg/dL"), ("29463-7", "kg"), ("8867-4", "/min"), ("8480-6", "mm[Hg]")]
+# As `trialtwin serve` runs it: the app, then the server process's GC settings (fhir_ops.gc_tuning; absent
+# from code before it, e.g. an older --compare-ref).
 SERVER = (
     "import sys; from waitress import serve; from fhir_ops.app import create_app; "
-    "serve(create_app({'DATA_DIR': sys.argv[1], 'AUTH_MODE': 'open'}), host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
+    "app = create_app({'DATA_DIR': sys.argv[1], 'AUTH_MODE': 'open'})\n"
+    "try:\n    from fhir_ops.gc_tuning import tune_for_serving\nexcept ImportError:\n    pass\nelse:\n    tune_for_serving()\n"
+    "serve(app, host='127.0.0.1', port=int(sys.argv[2]), threads=4, _quiet=True)"
 )
 TARGET_INGEST = 20000.0  # issue 21: resources/s through transactions, validated, harmonized, indexed
 TARGET_RATIO = 0.35  # issue 21: ingest rate over raw executemany of the same JSON
