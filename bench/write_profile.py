@@ -72,6 +72,16 @@ HOOKS = [
 ]
 
 
+_ORIGINALS: list[tuple] = []
+
+
+def remove_hooks() -> None:
+    """Put the original functions back (the cProfile pass must not time the timers)."""
+    while _ORIGINALS:
+        owner, attr, fn = _ORIGINALS.pop()
+        setattr(owner, attr, fn)
+
+
 def install_hooks() -> list[str]:
     import importlib
 
@@ -82,6 +92,7 @@ def install_hooks() -> list[str]:
         if cls:
             owner = getattr(owner, cls)
         if hasattr(owner, attr):
+            _ORIGINALS.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, _timed(stage, getattr(owner, attr)))
             installed.append(f"{module}.{attr}")
     return installed
@@ -98,12 +109,63 @@ def _commit(code_root: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _tune_gc() -> None:
+    """The server process's GC settings (fhir_ops.gc_tuning), where the profiled code has them."""
+    try:
+        from fhir_ops.gc_tuning import tune_for_serving
+    except ImportError:
+        return
+    tune_for_serving()
+
+
+def _cprofile(create_app, bundles, data_dir: str, n: int, top: int = 40) -> list[dict]:
+    """The same in-process requests under cProfile: the functions with the most own (exclusive) time.
+
+    Timed in CPU seconds of the process (a wall-clock profile charges preemption to whatever function runs).
+    cProfile roughly doubles the cost of Python calls, so these shares overstate call-heavy code against
+    C calls (SQLite, JSON); the stage timers above are the unbiased split, this list says which functions
+    inside a stage to attack.
+    """
+    import cProfile
+    import pstats
+
+    app = create_app({"DATA_DIR": data_dir, "AUTH_MODE": "open"})
+    client = app.test_client()
+    with contextlib.suppress(Exception):
+        client.get("/fhir/Patient?_count=0")
+    prof = cProfile.Profile(time.process_time)  # CPU time: preemption on a shared machine is not charged
+    prof.enable()
+    for body, _ in bundles:
+        r = client.post("/fhir", data=body, headers={"Content-Type": "application/fhir+json"})
+        assert r.status_code == 200, r.get_data(as_text=True)[:500]
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = sum(v[2] for v in stats.values())
+    rows = []
+    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        where = filename
+        for marker in ("/fhir_ops/", "/terminology/", "/smart_app/", "/site-packages/", "/lib/python3"):
+            if marker in filename:
+                where = filename[filename.index(marker) + 1:]
+                break
+        rows.append({"function": f"{where}:{line}({name})", "calls": ncalls,
+                     "own_us_per_resource": round(tottime / n * 1e6, 2), "own_share": round(tottime / total, 4),
+                     "cumulative_us_per_resource": round(cumtime / n * 1e6, 2)})
+    print("cProfile, most own time:")
+    for r in rows[:15]:
+        print(f"  {r['own_us_per_resource']:7.1f} us/resource  {r['function']}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--observations", type=int, default=20_000)
     ap.add_argument("--per-patient", type=int, default=50)
     ap.add_argument("--bundle-patients", type=int, default=20)
     ap.add_argument("--label", default="", help="suffix of the result file, e.g. 'before'")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also run the in-process requests under cProfile (a third pass, fresh store) and record "
+                         "the functions with the most own time")
     ap.add_argument("--code", default=None,
                     help="profile the code in this directory (e.g. a `git archive` of an earlier commit)")
     args = ap.parse_args()
@@ -140,6 +202,7 @@ def main() -> None:
         client = app.test_client()
         with contextlib.suppress(Exception):
             client.get("/fhir/Patient?_count=0")  # store and harmonizer created outside the timing
+        _tune_gc()  # as the server process does
         SPENT.clear()
         CALLS.clear()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -147,8 +210,10 @@ def main() -> None:
             r = client.post("/fhir", data=body, headers={"Content-Type": "application/fhir+json"})
             assert r.status_code == 200, r.get_data(as_text=True)[:500]
         inproc_s, inproc_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        stages = {k: v for k, v in SPENT.items() if not k.startswith("_nested_")}
+        remove_hooks()
+        functions = _cprofile(create_app, bundles, os.path.join(tmp, "cprofile"), n) if args.cprofile else None
 
-    stages = {k: v for k, v in SPENT.items() if not k.startswith("_nested_")}
     accounted = sum(stages.values())
     stages["flask/werkzeug request handling (rest)"] = inproc_cpu_s - accounted
     stages["HTTP server side (socket, waitress)"] = max(0.0, server_cpu_s - inproc_cpu_s)
@@ -174,6 +239,7 @@ def main() -> None:
         "in_process_resources_per_s": round(n / inproc_s, 1),
         "in_process_resources_per_cpu_s": round(n / inproc_cpu_s, 1),
         "stages": rows,
+        **({"cprofile_top_functions": functions} if functions is not None else {}),
         "notes": ("Stage times are CPU seconds of the process (time.process_time: user + system), so other jobs "
                   "on a shared machine do not inflate them; they are exclusive (a stage nested inside another is "
                   "subtracted from its caller). 'store transaction' is what remains of SQLiteStore.transaction "

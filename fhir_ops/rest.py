@@ -308,11 +308,14 @@ def system_bundle():
     from fhir_ops.mapping.model_definition import check_library
     from fhir_ops.subscriptions import check_subscription, endpoint_allow
 
+    allow = None  # the endpoint allow-list, parsed once per Bundle (not per entry) and only when needed
     for i, entry in enumerate(bundle.get("entry") or []):
         if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
             try:
                 check_library(entry["resource"])
-                check_subscription(entry["resource"], endpoint_allow(current_app))
+                if allow is None:
+                    allow = endpoint_allow(current_app)
+                check_subscription(entry["resource"], allow)
             except FhirError as exc:
                 exc.message = f"Bundle.entry[{i}]: {exc.message}"
                 raise

@@ -360,8 +360,11 @@ _WORKER_TARGET = None
 
 
 def _worker_init(data_dir: str | None, url: str | None, token: str | None) -> None:
+    from fhir_ops.gc_tuning import tune_for_serving
+
     global _WORKER_TARGET
     _WORKER_TARGET = HttpTarget(url, token) if url else StoreTarget(data_dir)
+    tune_for_serving()  # a worker process lives for the whole load, like a server
 
 
 def _worker_load(batch: Batch) -> BatchResult:

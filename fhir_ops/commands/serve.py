@@ -267,11 +267,13 @@ def urls(args: argparse.Namespace, wsgi) -> list[tuple[str, str]]:
 def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple[str, str]] = ()) -> int:
     """Compose the WSGI app, print the URLs and serve with waitress until interrupted."""
     from fhir_ops import executor
+    from fhir_ops.gc_tuning import tune_for_serving
     from fhir_ops.wsgi import create_wsgi
 
     try:
         wsgi = create_wsgi(config)
         server = listen(wsgi, args)
+        tune_for_serving()
     except BaseException:
         executor.close(config.get("EXECUTOR"))
         raise

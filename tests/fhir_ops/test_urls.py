@@ -86,3 +86,26 @@ def limits_nest(depth: int):
     for _ in range(depth):
         value = [value]
     return value
+
+
+def test_refused_characters_are_exactly_whitespace_controls_fragment_and_backslash():
+    """The one-regex check refuses exactly what the per-character rule (str.isspace, C0 controls, '#', '\\')
+    refused: the pattern over every Unicode code point, parse_fhir_url over every refused one and the
+    accepted ones below U+3000, inside a URL."""
+    from fhir_ops.urls import _REFUSED_CHAR
+
+    def refused_by_rule(ch: str) -> bool:
+        return ch.isspace() or ord(ch) < 32 or ch in "#\\"
+
+    points = [chr(p) for p in range(0x110000)]
+    assert [c for c in points if (_REFUSED_CHAR.search(c) is not None) != refused_by_rule(c)] == []
+    disagree = []
+    for ch in (c for c in points if refused_by_rule(c) or ord(c) < 0x3000):
+        try:
+            parse_fhir_url(f"Patient/{ch}1")
+            refused = False
+        except UrlError as exc:
+            refused = "whitespace, a control character" in str(exc)
+        if refused != refused_by_rule(ch):
+            disagree.append(hex(ord(ch)))
+    assert disagree == []
