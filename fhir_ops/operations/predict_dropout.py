@@ -95,7 +95,7 @@ def handle(ctx: OperationContext, params: dict) -> dict:
 
     try:
         risks = assess_dropout_risk([m.history for _, m in mapped], [m.as_of_day for _, m in mapped],
-                                    threshold=threshold, version=version)
+                                    threshold=threshold, version=version, service=_service())
     except ValueError as exc:
         raise Unprocessable(f"The dropout model could not assess the participants: {exc}",
                             error_id="invalid-features") from None
@@ -152,7 +152,7 @@ def _resolve_model(spec: str | None) -> tuple[str, str, str]:
     if not name or (("@" in text) and not version):
         raise InvalidRequest(f"Parameter 'model' must be name or name@version; got {spec!r}",
                              error_id="invalid-model", expression=["Parameters.parameter:model"])
-    service = get_service()
+    service = _service()
     try:
         entry = service.registry.get(name, version or None)
     except (KeyError, UnknownModel) as exc:
@@ -165,6 +165,22 @@ def _resolve_model(spec: str | None) -> tuple[str, str, str]:
                              f"$predict-dropout needs {DEFAULT_MODEL}[@version]", error_id="model-not-applicable",
                              expression=["Parameters.parameter:model"])
     return entry.name, entry.version, entry.metadata.get("sha256")
+
+
+def _service():
+    """The inference service of this server's data directory: its active model versions (the learning loop's
+    registry, ``inference.model_loop``); outside an app, the process-wide one."""
+    try:
+        from flask import current_app
+
+        data_dir = current_app.config.get("DATA_DIR")
+    except RuntimeError:
+        data_dir = None
+    if not data_dir:
+        return get_service()
+    from inference.model_loop import loop_service
+
+    return loop_service(data_dir)
 
 
 def _study_participants(store, study_id: str) -> tuple[list[str], int, dict | None]:
