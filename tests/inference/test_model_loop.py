@@ -56,7 +56,10 @@ def test_promotion_rule(cand, active, events, promote):
 def test_a_candidate_is_registered_in_shadow_and_served_only_once_promoted(tmp_path, rows):
     registry = LoopRegistry(tmp_path)
     assert registry.get("dropout").version == COMMITTED and registry.next_version("dropout") == "1.1.0"
-    cand = train_candidate(registry, model_loop.family("dropout"), rows, training={"study": "sim"})
+    said = []
+    cand = train_candidate(registry, model_loop.family("dropout"), rows, training={"study": "sim"},
+                           progress=lambda f, m: said.append((f, m)))
+    assert [f for f, _ in said] == sorted(f for f, _ in said) and "shadow" in said[-1][1]
     entry = cand.entry
     assert entry.version == "1.1.0" and registry.status("dropout", "1.1.0") == "shadow"
     assert registry.get("dropout").version == COMMITTED  # a shadow version is not served

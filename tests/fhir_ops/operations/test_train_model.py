@@ -86,12 +86,12 @@ def _active(fhir: FhirClient) -> str:
 def test_new_data_train_a_candidate_that_is_promoted_by_the_rule_and_then_serves(server):
     fhir, base, data_dir = server
     before = _active(fhir)
-    resp, progress = run_async(fhir, f"ResearchStudy/{STUDY}/$train-model", [{"name": "seed", "valueInteger": 1}])
+    resp, _ = run_async(fhir, f"ResearchStudy/{STUDY}/$train-model", [{"name": "seed", "valueInteger": 1}])
     assert resp.status_code == 200, resp.text
     out = params(resp.json())
     name, _, version = out["model"].partition("@")
     assert name == "dropout" and version != COMMITTED and out["comparedWith"] == before
-    assert any("participants" in p for p in progress) and any("shadow" in p for p in progress)
+    # (what X-Progress said while polling depends on timing; the messages are checked in tests/inference)
     metrics = {m["name"]: m for m in out["metric"]}
     # the study's world has more no-shows than the simulator's: the committed model is miscalibrated on
     # the later period, the candidate trained on the earlier one is not, and discriminates as well
@@ -145,6 +145,8 @@ def test_a_deliberately_worse_candidate_is_not_promoted(server):
     metrics = {m["name"]: m for m in out["metric"]}
     assert out["status"] == "rejected" and out["promoted"] is False, out["decision"]
     assert metrics["auc"]["candidate"] < metrics["auc"]["active"] - 0.01
+    print(f"\nshuffled labels: {out['model']} AUC {metrics['auc']['candidate']:.4f} vs {metrics['auc']['active']:.4f}, "
+          f"Brier {metrics['brier']['candidate']:.4f} vs {metrics['brier']['active']:.4f}: {out['status']}")
     assert "shuffled labels" in out["decision"] and out["activeVersion"] == before
     device = fhir.get(out["device"]["reference"]).json()
     assert {p["type"]["text"]: p for p in device["property"]}["lifecycle status"]["valueCode"] == [{"text": "rejected"}]
