@@ -10,7 +10,7 @@ from collections import deque
 
 import numpy as np
 
-__all__ = ["PSI_WARNING", "PSI_ALARM", "MIN_ROWS", "WINDOW_ROWS", "PROPORTION_FLOOR", "drift_reference",
+__all__ = ["PSI_WARNING", "PSI_ALARM", "MIN_ROWS", "WINDOW_ROWS", "PROPORTION_FLOOR", "MAX_BINNED_ROWS", "drift_reference",
            "bin_counts", "psi", "psi_level", "DriftMonitor"]
 
 #: PSI above this is worth a look (the usual rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift,
@@ -21,10 +21,13 @@ PSI_ALARM = 0.25
 #: a window with fewer rows is not judged: with k bins the PSI of a sample from the reference itself
 #: is about (k - 1) / n, so 10 bins need some hundred rows before 0.1 means anything
 MIN_ROWS = 200
-#: the rows (whole batches, newest first) a batch's PSI is computed over
+#: a batch's PSI is computed over the newest whole batches that hold at least this many rows
 WINDOW_ROWS = 1000
 #: an empty bin counts as this proportion, so ln(a / e) stays finite
 PROPORTION_FLOOR = 1e-4
+#: a larger batch is binned on this many evenly spaced rows: PSI needs hundreds of rows, not millions,
+#: and binning every row of a bulk batch would cost more than the model (bench/drift_bench.py)
+MAX_BINNED_ROWS = 2000
 
 
 def _cuts(values: np.ndarray, n_bins: int) -> list[float]:
@@ -110,24 +113,44 @@ def psi_level(value: float) -> str:
 
 
 class _Track:
-    """One model version's recent batches (per-batch bin counts) and its latest judgement."""
+    """One model version's reference, flattened (every feature's bins, then the score's), its window of
+    recent batches (per-batch bin counts) with their running sum, and its latest judgement."""
 
     def __init__(self, reference: dict) -> None:
         self.reference = reference
         self.names = list(reference["features"])
-        self.batches: deque[tuple[int, list[np.ndarray], np.ndarray]] = deque()
+        columns = [reference["features"][n] for n in self.names] + [reference["score"]]
+        self.cuts = [np.asarray(c["cuts"], dtype=float) for c in columns]
+        sizes = np.array([len(c) + 1 for c in self.cuts])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.expected = np.maximum(np.concatenate([np.asarray(c["proportions"], dtype=float) for c in columns]),
+                                   PROPORTION_FLOOR)
+        self.window_counts = np.zeros(int(sizes.sum()))
+        self.batches: deque[tuple[int, np.ndarray]] = deque()
         self.window_rows = 0
         self.batches_seen = 0
         self.rows_seen = 0
         self.alarms_raised = 0
         self.last: dict | None = None
 
+    def counts(self, X: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        # one contiguous copy, then one searchsorted per column: the same bins as bin_counts
+        columns = np.ascontiguousarray(np.column_stack([X, scores]).T, dtype=float)
+        return np.concatenate([np.bincount(np.searchsorted(c, col, side="left"), minlength=c.size + 1)
+                               for c, col in zip(self.cuts, columns)])
+
+    def psi(self) -> np.ndarray:
+        """PSI of every column over the window (as :func:`psi`, all columns at once)."""
+        actual = np.maximum(self.window_counts / self.window_rows, PROPORTION_FLOOR)
+        return np.add.reduceat((actual - self.expected) * np.log(actual / self.expected), self.offsets)
+
 
 class DriftMonitor:
     """PSI of every prediction batch, per model version, over a window of the latest rows.
 
-    Each batch is binned against the version's reference and added to a window of the newest
-    batches (at most :data:`WINDOW_ROWS` rows, whole batches); the PSI of every feature and of the
+    Each batch is binned against the version's reference (at most :data:`MAX_BINNED_ROWS` evenly
+    spaced rows of it) and added to a window of the newest batches: the fewest whole batches, newest
+    first, that hold at least :data:`WINDOW_ROWS` binned rows; the PSI of every feature and of the
     score is recomputed over that window, so a single batch of a handful of rows neither raises nor
     clears an alarm. Windows below :data:`MIN_ROWS` rows are reported as ``"insufficient"``.
 
@@ -152,23 +175,28 @@ class DriftMonitor:
 
     def observe(self, key: str, reference: dict, X, scores) -> dict:
         """Add one batch (rows and their scores) of model version ``key``; return the window's judgement."""
-        X = np.asarray(X, dtype=float)
-        scores = np.asarray(scores, dtype=float)
-        n = int(X.shape[0])
-        ref_f = reference["features"]
-        names = list(ref_f)
-        counts = [bin_counts(ref_f[name]["cuts"], X[:, j]) for j, name in enumerate(names)]
-        score_counts = bin_counts(reference["score"]["cuts"], scores)
         with self._lock:
             track = self._tracks.get(key)
             if track is None:  # the key names a model version, whose reference never changes
                 track = self._tracks[key] = _Track(reference)
-            track.batches.append((n, counts, score_counts))
+        X = np.asarray(X)
+        scores = np.asarray(scores).reshape(-1)
+        predicted = int(X.shape[0])
+        if predicted > MAX_BINNED_ROWS:  # evenly spaced rows: deterministic, and spread over the whole batch
+            keep = np.linspace(0, X.shape[0] - 1, MAX_BINNED_ROWS).round().astype(int)
+            X, scores = X[keep], scores[keep]
+        n = int(X.shape[0])
+        counts = track.counts(X, scores)
+        with self._lock:
+            track.batches.append((n, counts))
+            track.window_counts += counts
             track.window_rows += n
             track.batches_seen += 1
-            track.rows_seen += n
+            track.rows_seen += predicted
             while len(track.batches) > 1 and track.window_rows - track.batches[0][0] >= self.window_rows:
-                track.window_rows -= track.batches.popleft()[0]
+                old_n, old_counts = track.batches.popleft()
+                track.window_rows -= old_n
+                track.window_counts -= old_counts
             result = self._judge(track)
             if result["status"] == "alarm":
                 track.alarms_raised += 1
@@ -176,17 +204,13 @@ class DriftMonitor:
             return result
 
     def _judge(self, track: _Track) -> dict:
-        ref = track.reference
         rows = track.window_rows
         result = {"windowRows": rows, "windowBatches": len(track.batches)}
         if rows < self.min_rows:
             return result | {"status": "insufficient", "psi": {}, "scorePsi": None, "alarms": [], "warnings": []}
-        values = {}
-        for j, name in enumerate(track.names):
-            actual = np.sum([b[1][j] for b in track.batches], axis=0)
-            values[name] = round(psi(ref["features"][name]["proportions"], actual), 6)
-        score_actual = np.sum([b[2] for b in track.batches], axis=0)
-        score_psi = round(psi(ref["score"]["proportions"], score_actual), 6)
+        all_psi = track.psi()
+        values = {name: round(float(v), 6) for name, v in zip(track.names, all_psi[:-1])}
+        score_psi = round(float(all_psi[-1]), 6)
         alarms = [n for n, v in values.items() if psi_level(v) == "alarm"]
         warnings = [n for n, v in values.items() if psi_level(v) == "warning"]
         levels = [psi_level(v) for v in (*values.values(), score_psi)]

@@ -77,3 +77,31 @@ def test_too_few_rows_are_not_judged():
     ref = drift_reference(*_batch(rng, 5000), NAMES)
     small = DriftMonitor().observe("m", ref, *_batch(rng, MIN_ROWS - 1, shift_b=3.0))
     assert small["status"] == "insufficient" and small["alarms"] == []
+
+
+def test_the_monitor_computes_the_same_psi_as_the_plain_formula():
+    rng = np.random.default_rng(7)
+    X, s = _batch(rng, 4000)
+    ref = drift_reference(X, s, NAMES)
+    mon = DriftMonitor(window_rows=600)
+    batches = [_batch(rng, n, shift_b=0.3) for n in (400, 350, 300)]
+    for b in batches:
+        out = mon.observe("m", ref, *b)
+    window = batches[1:]  # without the oldest batch the window still holds 650 >= 600 rows: it left
+    assert out["windowRows"] == 650 and out["windowBatches"] == 2
+    for j, name in enumerate(NAMES):
+        counts = bin_counts(ref["features"][name]["cuts"], np.concatenate([b[0][:, j] for b in window]))
+        assert out["psi"][name] == pytest.approx(psi(ref["features"][name]["proportions"], counts), abs=1e-6)
+    score_counts = bin_counts(ref["score"]["cuts"], np.concatenate([b[1] for b in window]))
+    assert out["scorePsi"] == pytest.approx(psi(ref["score"]["proportions"], score_counts), abs=1e-6)
+
+
+def test_a_large_batch_is_binned_on_evenly_spaced_rows():
+    rng = np.random.default_rng(8)
+    ref = drift_reference(*_batch(rng, 5000), NAMES)
+    X, s = _batch(rng, 50_000, shift_b=1.0)
+    out = DriftMonitor().observe("m", ref, X, s)
+    assert out["windowRows"] == 2000 and out["alarms"] == ["b"]
+    snap = DriftMonitor()
+    snap.observe("m", ref, X, s)
+    assert snap.snapshot()["models"]["m"]["rows"] == 50_000  # rows predicted; windowRows: rows binned
