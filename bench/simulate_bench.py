@@ -210,7 +210,7 @@ def main() -> None:
         scenario = twin.TwinScenario(dose=twin_fhir.current_dose(pt.record, pt.model), start_h=start_h,
                                      horizon_days=28)
         t1 = time.perf_counter()
-        fc = twin.forecast(pt.model, pt.posterior, scenario, twin_fhir.forecast_times(28, 24), samples=200, seed=1)
+        twin.forecast(pt.model, pt.posterior, scenario, twin_fhir.forecast_times(28, 24), samples=200, seed=1)
         t2 = time.perf_counter()
         assert pt.reused
         in_process.append(1000 * (t2 - t))

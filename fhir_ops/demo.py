@@ -18,6 +18,7 @@ from inference.cohort import Scenario, sample_covariates, simulate_cohort
 from inference.dosing import DoseRecord
 from inference.model_definition import shipped_definition
 from inference.pk import OneCompartment, concentration
+from terminology.catalog import LOINC, MDC, SNOMED, UCUM
 
 # ----------------------------------------------------------------------------- study design
 
@@ -230,10 +231,6 @@ def simulate_demo_records(seed: int = 7, n: int = 200) -> DemoRecords:
 # ------------------------------------------------------------------------------ FHIR building
 
 CS = "https://trialtwin.org/fhir/CodeSystem/"
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-UCUM = "http://unitsofmeasure.org"
-MDC = "urn:iso:std:iso:11073:10101"
 EDC_LAB = CS + "edc-lab"
 SYNTHETIC_TAG = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST",
                  "display": "test health data"}

@@ -152,6 +152,18 @@ def check_url(url: str, allow: AllowList = AllowList()) -> tuple[str, str, int]:
     return parts.scheme, host, port
 
 
+def _pool(url: str, allow: AllowList, timeout: float):
+    """A one-connection pool to ``url``'s checked host whose connections re-check every address they
+    connect to; with the request path and the Host header value."""
+    scheme, host, port = check_url(url, allow)
+    http_cls, https_cls = _connection_classes(allow)
+    pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
+    pool = pool_cls(host, port, timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False, maxsize=1)
+    pool.ConnectionCls = https_cls if scheme == "https" else http_cls
+    parts = urlsplit(url)
+    return pool, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), parts.netloc
+
+
 def fetch_json(url: str, *, allow: AllowList = AllowList(), timeout: float = TIMEOUT_SECONDS,
                max_bytes: int = MAX_JWKS_BYTES):
     """GET ``url`` under the rules above and parse its JSON body.
@@ -163,15 +175,9 @@ def fetch_json(url: str, *, allow: AllowList = AllowList(), timeout: float = TIM
     urllib3.exceptions.HTTPError
         The connection failed or timed out.
     """
-    scheme, host, port = check_url(url, allow)
-    http_cls, https_cls = _connection_classes(allow)
-    pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
-    pool = pool_cls(host, port, timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False, maxsize=1)
-    pool.ConnectionCls = https_cls if scheme == "https" else http_cls
-    parts = urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    pool, path, netloc = _pool(url, allow, timeout)
     try:
-        response = pool.urlopen("GET", path, headers={"Accept": "application/json", "Host": parts.netloc},
+        response = pool.urlopen("GET", path, headers={"Accept": "application/json", "Host": netloc},
                                 redirect=False, preload_content=False, assert_same_host=False)
         try:
             if response.status != 200:
@@ -217,15 +223,9 @@ def post(url: str, body: bytes, headers: dict, *, allow: AllowList = AllowList()
     urllib3.exceptions.HTTPError
         The connection failed or timed out.
     """
-    scheme, host, port = check_url(url, allow)
-    http_cls, https_cls = _connection_classes(allow)
-    pool_cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
-    pool = pool_cls(host, port, timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False, maxsize=1)
-    pool.ConnectionCls = https_cls if scheme == "https" else http_cls
-    parts = urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    pool, path, netloc = _pool(url, allow, timeout)
     try:
-        response = pool.urlopen("POST", path, body=body, headers={"Host": parts.netloc, **headers},
+        response = pool.urlopen("POST", path, body=body, headers={"Host": netloc, **headers},
                                 redirect=False, preload_content=False, assert_same_host=False)
         try:
             return response.status

@@ -17,6 +17,10 @@ LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 MDC = "urn:iso:std:iso:11073:10101"
 UCUM = "http://unitsofmeasure.org"
+#: the base of every TrialTwin canonical URL (profiles, extensions, code systems)
+CANONICAL = "https://trialtwin.org/fhir"
+#: TrialTwin's own code system (profiles/CodeSystem-trialtwin.json)
+TRIALTWIN_CS = f"{CANONICAL}/CodeSystem/trialtwin"
 
 
 def load_file(path: str | Path) -> dict:

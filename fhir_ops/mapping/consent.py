@@ -6,8 +6,8 @@ for the paths that must leave them out (``$fit-population``, secondary-use expor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from terminology.catalog import TRIALTWIN_CS
 
-TRIALTWIN_CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
 SCOPE_CS = "http://terminology.hl7.org/CodeSystem/consentscope"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"

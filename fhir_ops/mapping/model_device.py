@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from fhir_ops.errors import FhirError
 from fhir_ops.store.base import Store
+from terminology.catalog import TRIALTWIN_CS
 
 __all__ = ["ensure_model_device", "model_device_identifier", "MODEL_IDENTIFIER_SYSTEM",
            "MODEL_DEVICE_PROFILE", "SHA256_IDENTIFIER_SYSTEM"]
 
 MODEL_DEVICE_PROFILE = "https://trialtwin.org/fhir/StructureDefinition/twin-model-device"
-TRIALTWIN_CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
 #: identifier system of model Devices; the value is ``<name>@<version>``
 MODEL_IDENTIFIER_SYSTEM = "https://trialtwin.org/fhir/sid/model"
 #: identifier system carrying the sha256 of the model file, when there is one

@@ -23,8 +23,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
 from profiles import CANONICAL_BASE
+from terminology.catalog import UCUM
 
-UCUM = "http://unitsofmeasure.org"
 ID_SYSTEM = f"{CANONICAL_BASE}/sid/nonmem-id"
 _HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1.0 / 60.0}
 STANDARD_COLUMNS = ("ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT", "RATE", "ADDL", "II")

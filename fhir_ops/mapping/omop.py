@@ -15,10 +15,9 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from terminology.catalog import DATA_DIR, load_file
+from terminology.catalog import DATA_DIR, UCUM, load_file
 
 OMOP_SYSTEM = "https://fhir-terminology.ohdsi.org"
-UCUM = "http://unitsofmeasure.org"
 #: table -> (resource type, primary key column, id prefix)
 TABLES = {
     "person": ("Patient", "person_id", "omop-person-"),

@@ -17,10 +17,8 @@ from datetime import datetime
 
 from fhir_ops.errors import NotFound
 from fhir_ops.mapping.participant import parse_datetime, versioned
-from terminology.catalog import SNOMED
+from terminology.catalog import CANONICAL, SNOMED, TRIALTWIN_CS, UCUM
 
-CANONICAL = "https://trialtwin.org/fhir"
-TRIALTWIN_CS = f"{CANONICAL}/CodeSystem/trialtwin"
 REPORT_PROFILE = f"{CANONICAL}/StructureDefinition/safety-signal-report"
 ISSUE_PROFILE = f"{CANONICAL}/StructureDefinition/safety-signal-issue"
 TASK_PROFILE = f"{CANONICAL}/StructureDefinition/safety-review-task"
@@ -28,7 +26,6 @@ MEASURE = f"{CANONICAL}/Measure/safety-signal"
 EXT_ARM = f"{CANONICAL}/StructureDefinition/study-arm"
 EXT_PROBABILITY = f"{CANONICAL}/StructureDefinition/exceedance-probability"
 POPULATION_CS = "http://terminology.hl7.org/CodeSystem/measure-population"
-UCUM = "http://unitsofmeasure.org"
 DAYS_PER_YEAR = 365.25
 
 

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 
 from fhir_ops.errors import InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping.participant import versioned
+from terminology.catalog import CANONICAL, TRIALTWIN_CS, UCUM
 
-CANONICAL = "https://trialtwin.org/fhir"
-TRIALTWIN_CS = f"{CANONICAL}/CodeSystem/trialtwin"
 STRATUM_PROFILE = f"{CANONICAL}/StructureDefinition/stratum"
 EXT_STRATUM_ARM = f"{CANONICAL}/StructureDefinition/study-arm"
 STRATIFICATION_SID = f"{CANONICAL}/sid/stratification"
-UCUM = "http://unitsofmeasure.org"
 
 
 @dataclass(frozen=True)

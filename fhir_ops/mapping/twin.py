@@ -23,11 +23,9 @@ from inference import twin
 from inference.calibration import Posterior
 from inference.population import PopulationModel
 from inference.regimen import DailyRegimen
+from terminology.catalog import CANONICAL, TRIALTWIN_CS, UCUM
 
-CANONICAL = "https://trialtwin.org/fhir"
-TRIALTWIN_CS = f"{CANONICAL}/CodeSystem/trialtwin"
 TWIN_OUTPUT_CS = f"{CANONICAL}/CodeSystem/twin-output"
-UCUM = "http://unitsofmeasure.org"
 TWIN_STATE_PROFILE = f"{CANONICAL}/StructureDefinition/twin-state"
 SIMULATED_FORECAST_PROFILE = f"{CANONICAL}/StructureDefinition/simulated-forecast"
 EXT_MODEL = f"{CANONICAL}/StructureDefinition/twin-model"

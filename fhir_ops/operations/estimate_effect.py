@@ -14,16 +14,16 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Unprocessable, outcome
+from fhir_ops.errors import FhirError, InvalidRequest, Unprocessable, outcome
 from fhir_ops.mapping.evidence import AGE, BASELINE, SEX, AnalysisTable, Endpoint, load_table, parse_token
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.reports.effect_report import render_effect_report
-from fhir_ops.store.bundle import put_entry
+from fhir_ops.store.bundle import latest_version, put_entry
 from inference import evidence
+from terminology.catalog import TRIALTWIN_CS
 
-TRIALTWIN_CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
 PROGNOSTIC_SCORE_PROFILE = "https://trialtwin.org/fhir/StructureDefinition/prognostic-score"
 EFFECT_REPORT_PROFILE = "https://trialtwin.org/fhir/StructureDefinition/effect-report"
 ACTIVITY = "$estimate-effect"
@@ -269,16 +269,6 @@ def _score_id(study_ref: str, patient_id: str, endpoint: Endpoint, hist_ref: str
     return "ps-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _current_version(store, resource_type: str, resource_id: str) -> int:
-    """Latest version number of a resource (0 if never written; a deleted one keeps counting)."""
-    try:
-        return int(store.read(resource_type, resource_id)["meta"]["versionId"])
-    except NotFound:
-        return 0
-    except Gone:
-        latest = store.history(resource_type, resource_id, count=1)
-        return int(latest[0]["meta"]["versionId"]) if latest else 0
-
 
 def _persist(ctx: OperationContext, params: dict, study_ref: str, trial: AnalysisTable, score, model,
              endpoint: Endpoint, effects: list, balance, out: dict, inputs: list[str]) -> dict:
@@ -311,7 +301,7 @@ def _persist(ctx: OperationContext, params: dict, study_ref: str, trial: Analysi
             }
             if trial.unit:
                 obs["valueQuantity"].update(unit=trial.unit, system="http://unitsofmeasure.org", code=trial.unit)
-            version = _current_version(store, "Observation", obs["id"])
+            version = latest_version(store, "Observation", obs["id"])
             entries.append(put_entry(obs, if_match=f'W/"{version}"' if version else None))
             targets.append(f"Observation/{obs['id']}/_history/{version + 1}")
     html = render_effect_report(study_ref, endpoint, params["treatmentArm"], params["controlArm"], trial.unit,

@@ -6,7 +6,7 @@ Reads per-site screening through :mod:`fhir_ops.mapping.enrollment`, fits and fo
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
@@ -18,8 +18,8 @@ from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
 from inference.enrollment import fit_poisson_gamma, forecast_enrollment
+from terminology.catalog import TRIALTWIN_CS
 
-TRIALTWIN_CS = "https://trialtwin.org/fhir/CodeSystem/trialtwin"
 MEASURE = "https://trialtwin.org/fhir/Measure/enrollment-forecast"
 PROFILE = "https://trialtwin.org/fhir/StructureDefinition/enrollment-forecast"
 POPULATION_CS = "http://terminology.hl7.org/CodeSystem/measure-population"

@@ -26,7 +26,7 @@ from fhir_ops.mapping.twin import arm_dose, dose_factor
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.operations import twin_common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
-from fhir_ops.store.bundle import put_entry
+from fhir_ops.store.bundle import latest_version, put_entry
 from inference import safety as engine
 from terminology.catalog import SNOMED, default_catalog
 from terminology.workflow import active_harmonizer
@@ -298,11 +298,11 @@ def _persist(ctx: OperationContext, study_ref: str, data, cut: datetime, s: dict
         iid = issue_ids[(r["arm"], r["term"])]
         issue = fs.build_issue(iid, study_ref, r, control, s["margin"], s["threshold"], cut,
                                f"MeasureReport/{report_id}")
-        version = _latest_version(store, "DetectedIssue", iid)
+        version = latest_version(store, "DetectedIssue", iid)
         entries.append(put_entry(issue, if_match=f'W/"{version}"' if version else None))
         targets.append(f"DetectedIssue/{iid}/_history/{version + 1}")
         task_id = f"review-{iid}"
-        if _latest_version(store, "Task", task_id) == 0:  # one review task per signal; the reviewer owns it after
+        if latest_version(store, "Task", task_id) == 0:  # one review task per signal; the reviewer owns it after
             entries.append(put_entry(fs.build_task(task_id, iid, r, s["reviewer"], now)))
             targets.append(f"Task/{task_id}/_history/1")
     device = ensure_model_device(store, *METHOD_DEVICE,
@@ -319,14 +319,3 @@ def _persist(ctx: OperationContext, study_ref: str, data, cut: datetime, s: dict
     result["provenance"] = {"reference": f"Provenance/{report_id}"}
     return result
 
-
-def _latest_version(store, resource_type: str, resource_id: str) -> int:
-    from fhir_ops.errors import Gone
-
-    try:
-        return int(store.read(resource_type, resource_id)["meta"]["versionId"])
-    except NotFound:
-        return 0
-    except Gone:
-        latest = store.history(resource_type, resource_id, count=1)
-        return int(latest[0]["meta"]["versionId"]) if latest else 0

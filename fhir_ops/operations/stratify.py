@@ -21,7 +21,7 @@ from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.mapping.twin import arm_dose, dose_factor
 from fhir_ops.operations import twin_common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
-from fhir_ops.store.bundle import put_entry
+from fhir_ops.store.bundle import latest_version, put_entry
 from inference import stratify as engine
 from inference.regimen import DailyRegimen
 
@@ -253,7 +253,7 @@ def _persist(ctx: OperationContext, key: str, inputs: list[str], groups: list[di
     entries, targets = [], []
     for g in groups:
         old = existing.pop(g["id"], None)
-        version = _version(store, "Group", g["id"]) if old is None else int(old["meta"]["versionId"])
+        version = latest_version(store, "Group", g["id"]) if old is None else int(old["meta"]["versionId"])
         if fs.same_content(old, g):
             targets.append(f"Group/{g['id']}/_history/{version}")
             continue
@@ -273,15 +273,3 @@ def _persist(ctx: OperationContext, key: str, inputs: list[str], groups: list[di
     store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries + [put_entry(prov)]})
     return {"groups": refs, "provenance": f"Provenance/{prov_id}", "written": len(entries) + 1}
 
-
-def _version(store, resource_type: str, resource_id: str) -> int:
-    """Latest version number (0 if never written; a deleted resource keeps counting)."""
-    from fhir_ops.errors import Gone
-
-    try:
-        return int(store.read(resource_type, resource_id)["meta"]["versionId"])
-    except NotFound:
-        return 0
-    except Gone:
-        latest = store.history(resource_type, resource_id, count=1)
-        return int(latest[0]["meta"]["versionId"]) if latest else 0

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from fhir_ops.errors import InvalidRequest
+from fhir_ops.errors import Gone, InvalidRequest, NotFound
 from fhir_ops.urls import UrlError, parse_condition, parse_fhir_url
 
 #: tag on the stub ``{resourceType, id, meta}`` that stands for a deleted version in ``Store.history()``
@@ -216,3 +216,15 @@ def put_entry(resource: dict, if_match: str | None = None) -> dict:
     if if_match:
         request["ifMatch"] = if_match
     return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": request}
+
+
+def latest_version(store, resource_type: str, resource_id: str) -> int:
+    """The latest version number of a resource in ``store``: 0 if it was never written; a deleted resource
+    keeps counting, so a caller that PUTs it again with If-Match on this number cannot lose a write."""
+    try:
+        return int(store.read(resource_type, resource_id)["meta"]["versionId"])
+    except NotFound:
+        return 0
+    except Gone:
+        latest = store.history(resource_type, resource_id, count=1)
+        return int(latest[0]["meta"]["versionId"]) if latest else 0

@@ -5,7 +5,6 @@ same data directory, talked to over real HTTP.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

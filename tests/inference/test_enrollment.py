@@ -62,7 +62,6 @@ def test_forecast_cdf_equals_the_gamma_waiting_time_for_one_known_rate():
 
 
 def test_new_sites_and_screen_failures_move_the_forecast_the_right_way():
-    rng = np.random.default_rng(9)
     act = np.zeros(20)
     times, _ = simulate_recruitment(ALPHA, BETA, 20, activation=act, until=200, seed=9)
     k, tau = _cut(times, act, 200.0)

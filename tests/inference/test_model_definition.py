@@ -9,9 +9,8 @@ import pytest
 
 from inference import model_definition as md
 from inference.datasets import load_theoph, ssfol
-from inference.dosing import DoseRecord
 from inference.estimation import fit_population
-from inference.pk import OneCompartment, TwoCompartment, concentration
+from inference.pk import TwoCompartment
 from terminology.ucum import conversion
 
 pytestmark = pytest.mark.unit

@@ -193,7 +193,7 @@ BAD_INPUTS = [
     ("POST", "", {"json": {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": "Observation", "request": {"method": "PUT", "url": "Observation/x1", "ifNoneExist": 5}}]}}),
     ("POST", "Observation", {"json": {"resourceType": ["Observation"]}}),
-    ("PUT", f"Observation/x1", {"json": {"resourceType": ["Observation"], "id": "x1"}}),
+    ("PUT", "Observation/x1", {"json": {"resourceType": ["Observation"], "id": "x1"}}),
 ]
 
 

@@ -8,7 +8,6 @@ import json
 import time
 from importlib import resources
 
-import numpy as np
 import pytest
 
 from fhir_ops import jobs
