@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 
 from fhir_ops.errors import Forbidden, InvalidRequest, Unprocessable
 from fhir_ops.mapping import training_data
-from fhir_ops.mapping.model_device import ensure_model_device
+from fhir_ops.mapping.model_device import (LIFECYCLE_PROPERTY, ensure_model_device, find_model_device,
+                                           with_lifecycle_status)
 from fhir_ops.operations import twin_common as common
 from fhir_ops.operations.registry import OperationContext, Writes, operation
 from fhir_ops.store.bundle import put_entry
@@ -97,9 +98,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     targets = [f"Device/{device['id']}/_history/{int(device['meta']['versionId']) + 1}"]
     # the Device of the version it replaces says so too
     if status == "active" and cand.active_version != entry.version:
-        old = _device_of(store, entry.name, cand.active_version)
+        old = find_model_device(store, entry.name, cand.active_version)
         if old is not None:
-            entries.append(put_entry(_with_status(old, "retired"), f'W/"{old["meta"]["versionId"]}"'))
+            entries.append(put_entry(with_lifecycle_status(old, "retired"), f'W/"{old["meta"]["versionId"]}"'))
             targets.append(f"Device/{old['id']}/_history/{int(old['meta']['versionId']) + 1}")
     inputs = [_versioned(study)] + _participant_inputs(data)
     extra = [{"role": "source", "what": {"identifier": {"system": TRAINING_DATA_SHA256, "value": digest},
@@ -145,7 +146,7 @@ def _property(text: str, **value) -> dict:
 def _with_properties(device: dict, status: str, cand, window: dict) -> dict:
     out = {k: v for k, v in device.items() if k != "meta"}
     out["meta"] = {"profile": device.get("meta", {}).get("profile", [])}
-    props = [_property("lifecycle status", valueCode=[{"text": status}]),
+    props = [_property(LIFECYCLE_PROPERTY, valueCode=[{"text": status}]),
              _property("data window start", valueCode=[{"text": window["start"]}]),
              _property("data window end", valueCode=[{"text": window["end"]}]),
              _property("held-out events", valueQuantity=[{"value": cand.held_out_events, "unit": "1"}])]
@@ -154,21 +155,6 @@ def _with_properties(device: dict, status: str, cand, window: dict) -> dict:
     out["property"] = props
     out["note"] = list(device.get("note", [])) + [{"text": cand.reason}]
     return out
-
-
-def _with_status(device: dict, status: str) -> dict:
-    out = {k: v for k, v in device.items() if k != "meta"}
-    out["meta"] = {"profile": device.get("meta", {}).get("profile", [])}
-    props = [p for p in device.get("property", []) if (p.get("type") or {}).get("text") != "lifecycle status"]
-    out["property"] = [_property("lifecycle status", valueCode=[{"text": status}])] + props
-    return out
-
-
-def _device_of(store, name: str, version: str) -> dict | None:
-    from fhir_ops.mapping.model_device import MODEL_IDENTIFIER_SYSTEM
-
-    found = store.search_all("Device", [("identifier", f"{MODEL_IDENTIFIER_SYSTEM}|{name}@{version}")])
-    return found[0] if found else None
 
 
 def _versioned(resource: dict) -> str:

@@ -206,3 +206,48 @@ def test_unknown_study_get_and_a_study_without_data(fhir):
     resp = fhir.post("ResearchStudy/tiny/$train-model", {"resourceType": "Parameters"})
     assert resp.status_code == 422 and error_id(resp) == "too-little-data"
     assert fhir.get("Device").json().get("total", 0) == 0
+
+
+def _promote(fhir: FhirClient, model: str, reason: str | None = None):
+    parameters = [{"name": "model", "valueString": model}] + (
+        [{"name": "reason", "valueString": reason}] if reason else [])
+    return fhir.post(f"ResearchStudy/{STUDY}/$promote-model", {"resourceType": "Parameters", "parameter": parameters})
+
+
+def test_a_shadow_version_is_promoted_by_hand_and_rolled_back(server):
+    fhir, _, _ = server
+    before = _active(fhir)
+    shadow = params(fhir.post(f"ResearchStudy/{STUDY}/$train-model", {"resourceType": "Parameters", "parameter": [
+        {"name": "autoPromote", "valueBoolean": False}, {"name": "seed", "valueInteger": 2}]}).json())
+    assert shadow["status"] == "shadow" and shadow["activeVersion"] == before and _active(fhir) == before
+
+    resp = _promote(fhir, shadow["model"], "reviewed by the study statistician")
+    assert resp.status_code == 200, resp.text
+    out = params(resp.json())
+    assert out["promoted"] is True and out["model"] == shadow["model"] and out["previous"] == before
+    assert _active(fhir) == shadow["model"]
+    device = fhir.get(out["device"]["reference"]).json()
+    assert device["property"][0] == {"type": {"text": "lifecycle status"}, "valueCode": [{"text": "active"}]}
+    provenance = fhir.get(out["provenance"]["reference"]).json()
+    assert any("reviewed by the study statistician" in (e["what"].get("display") or "") for e in provenance["entity"])
+
+    # rollback to the version that was active before, then a no-op
+    back = params(_promote(fhir, before).json())
+    assert back["promoted"] is True and _active(fhir) == before
+    retired = fhir.get(f"Device/{device['id']}").json()
+    assert retired["property"][0]["valueCode"] == [{"text": "retired"}]
+    again = params(_promote(fhir, before).json())
+    assert again["promoted"] is False and "already the active version" in again["information"]["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("model, status, code", [
+    ("dropout", 400, "invalid-model"), ("nope@1.0.0", 400, "unknown-model-family"),
+    ("dropout@9.9.9", 404, "unknown-model"),
+])
+def test_promote_model_refuses_bad_input(server, model, status, code):
+    fhir, _, _ = server
+    before = _active(fhir)
+    resp = _promote(fhir, model)
+    assert resp.status_code == status and error_id(resp) == code, resp.text
+    assert _active(fhir) == before
+    assert fhir.get(f"ResearchStudy/{STUDY}/$promote-model").status_code == 405
