@@ -189,6 +189,10 @@ class LoopRegistry(ModelRegistry):
         super().__init__(directory)
         self.base = base or ModelRegistry(DEFAULT_MODELS_DIR)
         self._lock = threading.Lock()
+        #: held by a caller across a whole change (train + register + record, or a promotion), so that two
+        #: concurrent trainings do not take the same version number (one registry per data directory:
+        #: ``loop_service``)
+        self.update_lock = threading.RLock()
 
     def own_entries(self) -> list[ModelEntry]:
         return super().entries() if self.directory.is_dir() else []

@@ -112,9 +112,10 @@ def with_lifecycle_status(device: dict, status: str) -> dict:
 
     Examples
     --------
-    >>> d = with_lifecycle_status({"resourceType": "Device", "id": "d", "meta": {"versionId": "2"}}, "retired")
-    >>> d["property"][0]["valueCode"], "versionId" in d["meta"]
-    ([{'text': 'retired'}], False)
+    >>> stored = {"resourceType": "Device", "id": "d", "meta": {"versionId": "2", "profile": [MODEL_DEVICE_PROFILE]}}
+    >>> d = with_lifecycle_status(stored, "retired")
+    >>> d["property"][0]["valueCode"], d["meta"] == {"profile": [MODEL_DEVICE_PROFILE]}
+    ([{'text': 'retired'}], True)
     """
     out = {k: v for k, v in device.items() if k != "meta"}  # the store sets versionId and lastUpdated
     profile = (device.get("meta") or {}).get("profile")

@@ -42,6 +42,11 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         known = ", ".join(f"{e.name}@{e.version}" for e in registry.entries() if e.name == name) or "none"
         raise NotFound(f"No registered model {name}@{version} on this server (registered: {known})",
                        error_id="unknown-model", expression=["Parameters.parameter:model"]) from None
+    with registry.update_lock:
+        return _promote(ctx, params, store, study, service, registry, entry, name, version)
+
+
+def _promote(ctx, params, store, study, service, registry, entry, name: str, version: str) -> dict:
     trained_on = (entry.metadata.get("training") or {}).get("study")
     own = {e.version for e in registry.own_entries() if e.name == name}
     if version in own and trained_on != f"ResearchStudy/{ctx.resource_id}":

@@ -76,6 +76,13 @@ def handle(ctx: OperationContext, params: dict) -> dict:
                    "inputs_sha256": digest, "seed": settings["seed"],
                    "description": "the study's own participants: one row per held visit, 1-14 days before it "
                                   "(seeded), label = recorded no-show"}
+    # from choosing the version number to switching the registry, one change at a time (registry.update_lock)
+    with registry.update_lock:
+        return _train_and_record(ctx, settings, fam, study, data, service, registry, digest, window, description)
+
+
+def _train_and_record(ctx, settings, fam, study, data, service, registry, digest, window, description) -> dict:
+    store, rows = ctx.store, data.rows
     try:
         cand = model_loop.train_candidate(
             registry, fam, rows, holdout_fraction=settings["holdout"], training=description,
