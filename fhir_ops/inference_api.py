@@ -5,6 +5,7 @@ A thin Flask wrapper over ``inference.service``; errors go through ``fhir_ops.ap
 from __future__ import annotations
 
 import math
+import os
 
 from flask import Flask, current_app, jsonify, request
 
@@ -22,7 +23,16 @@ MAX_ROWS_PER_REQUEST = 100_000
 
 def service_for(app: Flask) -> InferenceService:
     """The service an app serves from (its own when ``test_config`` built one, else the process-wide one)."""
-    return app.extensions.get("trialtwin_inference") or get_service()
+    own = app.extensions.get("trialtwin_inference")
+    if own is not None:
+        return own
+    # the server's data directory holds the versions the learning loop trained and which one is active
+    data_dir = app.config.get("DATA_DIR") or os.environ.get("TRIALTWIN_DATA_DIR")
+    if data_dir:
+        from inference.model_loop import loop_service
+
+        return loop_service(data_dir)
+    return get_service()
 
 
 def _rows_from_body(body, names: tuple[str, ...]) -> list[list[float]]:

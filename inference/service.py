@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from inference.drift import DriftMonitor
 from inference.features import check_feature_matrix
 from inference.registry import ModelEntry, ModelRegistry, default_registry
 
@@ -209,6 +210,8 @@ class InferenceService:
         self._entries: dict[tuple[str, str | None], ModelEntry] = {}
         self._batchers: dict[tuple[str, str], _Batcher] = {}
         self._metrics = _Metrics()
+        #: PSI of every batch of a model version whose metadata carries a ``drift_reference``
+        self.drift = DriftMonitor()
         self._closed = False
 
     def _entry(self, name: str, version: str | None) -> ModelEntry:
@@ -276,6 +279,9 @@ class InferenceService:
             raise
         self._metrics.record_request(f"{entry.name}-{entry.version}", arr.shape[0],
                                      (time.perf_counter() - start) * 1000.0)
+        reference = entry.metadata.get("drift_reference")
+        if reference is not None and arr.shape[0]:
+            self.drift.observe(f"{entry.name}-{entry.version}", reference, arr, probs)
         return Prediction(probs, entry.name, entry.version, predictor.provider, batch_rows)
 
     def models(self) -> list[dict]:
@@ -297,7 +303,7 @@ class InferenceService:
         return {"micro_batching": self.micro_batching, "max_wait_ms": self.max_wait_s * 1000.0,
                 "max_batch_rows": self.max_batch_rows, "loaded_models": loaded,
                 "providers_in_use": sorted({v["provider"] for v in loaded.values()}),
-                **self._metrics.snapshot()}
+                **self._metrics.snapshot(), "drift": self.drift.snapshot()}
 
     def close(self) -> None:
         """Stop the batching threads (pending requests are answered first)."""

@@ -9,7 +9,8 @@ from fhir_ops.store.base import Store
 from terminology.catalog import TRIALTWIN_CS
 
 __all__ = ["ensure_model_device", "model_device_identifier", "MODEL_IDENTIFIER_SYSTEM",
-           "MODEL_DEVICE_PROFILE", "SHA256_IDENTIFIER_SYSTEM"]
+           "MODEL_DEVICE_PROFILE", "SHA256_IDENTIFIER_SYSTEM", "find_model_device", "with_lifecycle_status",
+           "LIFECYCLE_PROPERTY"]
 
 MODEL_DEVICE_PROFILE = "https://trialtwin.org/fhir/StructureDefinition/twin-model-device"
 #: identifier system of model Devices; the value is ``<name>@<version>``
@@ -92,3 +93,34 @@ def ensure_model_device(store: Store, name: str, version: str, sha256: str | Non
                             f"registry's file has {sha256}: the model changed without a new version",
                             status=500, code="exception", error_id="model-device-mismatch")
     return stored
+
+
+#: Device.property (by type text) holding a learned model version's lifecycle status: shadow, active,
+#: rejected, retired (the learning loop, ``$train-model`` / ``$promote-model``)
+LIFECYCLE_PROPERTY = "lifecycle status"
+
+
+def find_model_device(store: Store, name: str, version: str) -> dict | None:
+    """The stored Device of model ``name`` at ``version``, or None."""
+    ident = model_device_identifier(name, version)
+    found = store.search_all("Device", [("identifier", f"{ident['system']}|{ident['value']}")])
+    return found[0] if found else None
+
+
+def with_lifecycle_status(device: dict, status: str) -> dict:
+    """A copy of ``device`` (for an update) whose lifecycle-status property says ``status``.
+
+    Examples
+    --------
+    >>> stored = {"resourceType": "Device", "id": "d", "meta": {"versionId": "2", "profile": [MODEL_DEVICE_PROFILE]}}
+    >>> d = with_lifecycle_status(stored, "retired")
+    >>> d["property"][0]["valueCode"], d["meta"] == {"profile": [MODEL_DEVICE_PROFILE]}
+    ([{'text': 'retired'}], True)
+    """
+    out = {k: v for k, v in device.items() if k != "meta"}  # the store sets versionId and lastUpdated
+    profile = (device.get("meta") or {}).get("profile")
+    if profile:
+        out["meta"] = {"profile": profile}
+    kept = [p for p in device.get("property", []) if (p.get("type") or {}).get("text") != LIFECYCLE_PROPERTY]
+    out["property"] = [{"type": {"text": LIFECYCLE_PROPERTY}, "valueCode": [{"text": status}]}] + kept
+    return out

@@ -26,6 +26,8 @@ MODULES = [
     "fhir_ops.operations.ingest_readings",  # $ingest-readings: Observation type (device readings, idempotent)
     "fhir_ops.operations.stratify",  # $stratify: ResearchStudy, Group instance (responder strata from twins, stored as Groups)
     "fhir_ops.operations.safety_signal",  # $safety-signal: ResearchStudy instance (Bayesian AE monitoring, exposure-response forecast)
+    "fhir_ops.operations.train_model",  # $train-model: ResearchStudy instance (the learning loop: retrain, shadow, promote)
+    "fhir_ops.operations.promote_model",  # $promote-model: ResearchStudy instance (activate a model version by hand)
 ]
 
 

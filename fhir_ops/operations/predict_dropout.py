@@ -122,10 +122,11 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     try:
         if withdrawal:
             risks = assess_withdrawal_risk([m.history for _, m in mapped], [m.as_of_day for _, m in mapped],
-                                           horizon_days=horizon, threshold=threshold, version=version)
+                                           horizon_days=horizon, threshold=threshold, version=version,
+                                           service=_service())
         else:
             risks = assess_dropout_risk([m.history for _, m in mapped], [m.as_of_day for _, m in mapped],
-                                        threshold=threshold, version=version)
+                                        threshold=threshold, version=version, service=_service())
     except ValueError as exc:
         raise Unprocessable(f"The {name} model could not assess the participants: {exc}",
                             error_id="invalid-features") from None
@@ -191,7 +192,7 @@ def _resolve_model(spec: str | None, outcome_code: str = MISSED_VISIT) -> tuple[
     if not name or (("@" in text) and not version):
         raise InvalidRequest(f"Parameter 'model' must be name or name@version; got {spec!r}",
                              error_id="invalid-model", expression=["Parameters.parameter:model"])
-    service = get_service()
+    service = _service()
     try:
         entry = service.registry.get(name, version or None)
     except (KeyError, UnknownModel) as exc:
@@ -227,7 +228,7 @@ def _resolve_threshold(ctx: OperationContext, store, given: float | None, outcom
     """
     if given is not None:
         return given, "parameter"
-    entry = get_service().registry.get(name, version)
+    entry = _service().registry.get(name, version)
     study = _policy_study(ctx, store)
     target = outreach_target(study, outcome_code) if study else None
     if target is not None:
@@ -283,6 +284,22 @@ def _policy_study(ctx: OperationContext, store) -> dict | None:
     except (NotFound, Gone):
         return None
     return study if visible(ctx.access, study) else None
+
+
+def _service():
+    """The inference service of this server's data directory: its active model versions (the learning loop's
+    registry, ``inference.model_loop``); outside an app, the process-wide one."""
+    try:
+        from flask import current_app
+
+        data_dir = current_app.config.get("DATA_DIR")
+    except RuntimeError:
+        data_dir = None
+    if not data_dir:
+        return get_service()
+    from inference.model_loop import loop_service
+
+    return loop_service(data_dir)
 
 
 def _study_participants(store, study_id: str) -> tuple[list[str], int, dict | None]:

@@ -122,7 +122,7 @@ def test_a_patient_token_gets_nothing_of_another_patient(combined, admin):
     probe("POST", f"Group/{group['id']}/$simulate", json={"resourceType": "Parameters", "parameter": []})
     probe("POST", f"Group/{group['id']}/$stratify", json={"resourceType": "Parameters", "parameter": []})
     for op in ("$simulate", "$predict-dropout", "$estimate-effect", "$forecast-enrollment", "$fit-population",
-               "$optimize-schedule", "$stratify", "$safety-signal"):
+               "$optimize-schedule", "$stratify", "$safety-signal", "$train-model"):
         probe("POST", f"ResearchStudy/tt-201/{op}", json={"resourceType": "Parameters", "parameter": []})
     # a study-wide what-if of virtual participants reads no participant, but is still a cohort operation
     assert probe("POST", "ResearchStudy/tt-201/$simulate", json={"resourceType": "Parameters", "parameter": [

@@ -140,7 +140,7 @@ def test_a_site_user_gets_nothing_of_another_sites_participants_by_any_path(serv
     assert probe("GET", f"Observation/{obs_b}/$validate").status_code == 403
     assert probe("GET", f"Patient/{a}/$validate").status_code == 200
     assert probe("POST", f"Patient/{a}/$simulate", json={"resourceType": "Parameters", "parameter": []}).status_code == 200
-    for op in ("$simulate", "$forecast-enrollment", "$fit-population"):
+    for op in ("$simulate", "$forecast-enrollment", "$fit-population", "$train-model"):
         assert probe("POST", f"ResearchStudy/tt-201/{op}",
                      json={"resourceType": "Parameters", "parameter": []}).status_code == 403
     # a Group of both sites: its B member and its size are cut
