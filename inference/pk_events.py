@@ -17,6 +17,8 @@ import numpy as np
 from scipy import sparse
 from scipy.integrate import solve_ivp
 
+from inference.pk_kernel import kernel_wanted, shared_grid_kernel
+
 __all__ = ["linear_concentration", "michaelis_menten_concentration", "h1", "phi"]
 
 
@@ -123,14 +125,6 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
     max_lag = float(np.max(tlag)) if oral else 0.0
     if gaps.size and max_lag > gaps.min():
         return None
-    # one dose row per step: per-participant amounts are transposed once, in tiles of rows (a
-    # plain transposed copy touches one cache line per element and costs several times more)
-    if amounts.shape[0] == 1:
-        amt_rows = amounts.T
-    else:
-        amt_rows = np.empty((n_doses, n))
-        for lo in range(0, n, 256):
-            amt_rows[:, lo:lo + 256] = amounts[lo:lo + 256].T
     # the depot holds amounts before bioavailability, so a dose is one add (of a scalar when everybody
     # takes the same amount) and f is folded into the depot's coefficients, computed once
     # propagation coefficients per distinct interval
@@ -172,6 +166,17 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
         cols[jstar[col]].append((col, now_table[float(offset[col])], bool(maybe_late[col])))
     keep_prev = [any(late for _, _, late in c) for c in cols]
 
+    if kernel_wanted():
+        return _run_kernel(coef, oral, step, gap_index, amounts, keep_prev, cols, late_table,
+                           offset, prev_gap, m, n).T
+    # one dose row per step: per-participant amounts are transposed once, in tiles of rows (a
+    # plain transposed copy touches one cache line per element and costs several times more)
+    if amounts.shape[0] == 1:
+        amt_rows = amounts.T
+    else:
+        amt_rows = np.empty((n_doses, n))
+        for lo in range(0, n, 256):
+            amt_rows[:, lo:lo + 256] = amounts[lo:lo + 256].T
     out = np.empty((m, n))  # time-major: each output is one contiguous row
     out[jstar < 0] = 0.0
     modes = [np.zeros(n) for _ in range(n_modes)]
@@ -207,6 +212,54 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
                     _read(late, prev[0], prev[1], el, gl, tmp)
                 np.copyto(row, late, where=~arrived)
     return out.T
+
+
+def _run_kernel(coef, oral, step, gap_index, amounts, keep_prev, cols, late_table, offset, prev_gap, m, n):
+    """The same loop as the numpy path, compiled: packs the coefficient tables into arrays."""
+    n_modes = len(coef)
+    e_step = np.array([e for e, _, _ in step]).reshape(len(step), n_modes, n)
+    if oral:
+        g_step = np.array([g for _, g, _ in step]).reshape(len(step), n_modes, n)
+        ea_step = np.array([ea for _, _, ea in step]).reshape(len(step), n)
+    else:
+        g_step, ea_step = np.zeros((1, 1, 1)), np.zeros((1, 1))
+    if not step:  # one dose: no interval
+        e_step = np.zeros((1, n_modes, n))
+    rows, index = [], {}
+
+    def row_of(entry):
+        key = id(entry)
+        if key not in index:
+            index[key] = len(rows)
+            rows.append(entry)
+        return index[key]
+
+    col_ptr = np.zeros(len(cols) + 1, dtype=np.int64)
+    col_out, col_now, col_late = [], [], []
+    for j, group in enumerate(cols):
+        col_ptr[j + 1] = col_ptr[j] + len(group)
+        for col, entry, late_read in group:
+            col_out.append(col)
+            col_now.append(row_of(entry))
+            if not late_read:
+                col_late.append(-2)
+            elif j == 0:
+                col_late.append(-1)
+            else:
+                col_late.append(row_of(late_table[float(offset[col] + prev_gap[col])]))
+    if rows:
+        read_e = np.array([e for e, _, _ in rows]).reshape(len(rows), n_modes, n)
+        read_g = (np.array([g for _, g, _ in rows]).reshape(len(rows), n_modes, n) if oral
+                  else np.zeros((1, 1, 1)))
+        read_arrived = np.array([a for _, _, a in rows], dtype=np.bool_).reshape(len(rows), n)
+    else:
+        read_e, read_g, read_arrived = np.zeros((1, 1, 1)), np.zeros((1, 1, 1)), np.zeros((1, 1), np.bool_)
+    return shared_grid_kernel(
+        oral, np.array(coef).reshape(n_modes, n), e_step, g_step, ea_step,
+        np.ascontiguousarray(gap_index, dtype=np.int64), np.ascontiguousarray(amounts, dtype=float),
+        np.array(keep_prev, dtype=np.bool_), col_ptr, np.array(col_out, dtype=np.int64),
+        np.array(col_now, dtype=np.int64), np.array(col_late, dtype=np.int64),
+        read_e, read_g, read_arrived, m)
 
 
 def _read(row, modes, depot, e, g, tmp):
