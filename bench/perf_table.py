@@ -57,10 +57,13 @@ def _pk(d):
     s = d["scenarios"]
     one, two = s["1-cmt oral once daily"], s["2-cmt oral once daily"]
     bid = next(v for k, v in s.items() if k.startswith("1-cmt oral twice daily"))
-    return (f"{sci(one['core_participant_years_per_s'])} participant-years/s (2-cmt "
+    kernel = d.get("kernel", {}).get("kernel", "numpy")
+    numpy_path = (f"the numpy path {ratio(one['core_vs_numpy_path_speedup'])} slower, "
+                  if "core_vs_numpy_path_speedup" in one else "")
+    return (f"{sci(one['core_participant_years_per_s'])} participant-years/s with the {kernel} kernel (2-cmt "
             f"{sci(two['core_participant_years_per_s'])}, twice daily with missed doses "
             f"{sci(bid['core_participant_years_per_s'])})",
-            f"superposition {ratio(one['core_vs_superposition_speedup'])} slower, R deSolve "
+            f"{numpy_path}superposition {ratio(one['core_vs_superposition_speedup'])} slower, R deSolve "
             f"{ratio(one['core_vs_desolve_speedup'])} slower; same values to "
             f"{one['max_rel_difference_core_vs_superposition']:.0e} / {one['max_rel_difference_core_vs_desolve']:.0e}")
 

@@ -1,4 +1,6 @@
-"""PK engine benchmark: event-driven core vs superposition vs R deSolve, 10^4 participants x 365 days.
+"""PK engine benchmark: event-driven core (Numba kernel and numpy path) vs superposition vs R deSolve.
+
+10^4 participants x 365 days.
 
 Regimens: once-daily oral 1-compartment, once-daily oral 2-compartment, and twice-daily oral
 1-compartment with 20 % of doses missed at random. Throughput is participant-years per second on
@@ -21,6 +23,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+# a fresh Numba cache, so the first call measures a real compilation (a second process then loads it)
+_NUMBA_CACHE = tempfile.mkdtemp(prefix="pk-bench-numba-")
+os.environ["NUMBA_CACHE_DIR"] = _NUMBA_CACHE
+
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import describe  # noqa: E402
 from inference.dosing import regimen, with_missed  # noqa: E402
+from inference import pk_kernel  # noqa: E402
 from inference.pk import OneCompartment, TwoCompartment, _superposition_concentration, concentration  # noqa: E402
 
 DAYS = 365
@@ -182,6 +189,22 @@ def numpy_floor(n: int, days: int, repeats: int) -> float:
     return best_of(loop, repeats)[0]
 
 
+def kernel_compilation() -> dict:
+    """Compile the kernel in this process (fresh cache), then time loading it from the cache in a new one."""
+    if not pk_kernel.kernel_wanted():
+        return {"kernel": "numpy (numba not importable or TRIALTWIN_PK_KERNEL=numpy)"}
+    pk_kernel._compile()
+    info = pk_kernel.kernel_info()
+    import numba
+    load = subprocess.run([sys.executable, "-c", "from inference import pk_kernel; pk_kernel._compile(); "
+                           "print(pk_kernel.kernel_info()['compile_seconds'])"],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+    return {"kernel": "numba", "numba": numba.__version__,
+            "compile_seconds_first_use": info["compile_seconds"],
+            "load_seconds_from_cache_new_process": float(load.stdout.strip()) if load.returncode == 0 else None,
+            "cache": info["cache"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=10_000, help="participants for the new core")
@@ -193,7 +216,7 @@ def main() -> None:
 
     r_version = ensure_r()
     rng = np.random.default_rng(20261202)
-    results = {"machine": describe(("numpy", "scipy"), r=r_version, threads="1 (OMP/OPENBLAS/MKL)",
+    results = {"machine": describe(("numpy", "scipy", "numba"), r=r_version, threads="1 (OMP/OPENBLAS/MKL)",
                                    note="shared 2-core VM with other jobs running: absolute rates are "
                                         "noisy; ratios come from the same run"),
                "participants": args.n, "days": DAYS,
@@ -204,11 +227,19 @@ def main() -> None:
                "desolve_tolerances": {"rtol": DESOLVE_RTOL, "atol": DESOLVE_ATOL, "method": "lsoda",
                                       "doses": "events (method add) at dose time + lag"},
                "scenarios": {}}
+    results["kernel"] = kernel_compilation()
+    print(f"kernel: {results['kernel']}")
     years = DAYS / 365.0
     for name, (p, doses, times) in scenarios(args.n, rng).items():
         model = make_model(p)
         core_s, core = best_of(lambda: concentration(model, doses, times), args.repeats)
         core_rate = args.n * years / core_s
+        os.environ["TRIALTWIN_PK_KERNEL"] = "numpy"
+        try:
+            np_s, np_out = best_of(lambda: concentration(model, doses, times), args.repeats)
+        finally:
+            del os.environ["TRIALTWIN_PK_KERNEL"]
+        np_rate = args.n * years / np_s
 
         k = min(args.superposition_sample, args.n)
         rows = slice(0, k)
@@ -216,7 +247,11 @@ def main() -> None:
                                                                   times), 1)
         sup_rate = k * years / sup_s
         entry = {
+            "core": results["kernel"]["kernel"],
             "core_cpu_seconds": core_s, "core_participant_years_per_s": core_rate,
+            "numpy_path_cpu_seconds": np_s, "numpy_path_participant_years_per_s": np_rate,
+            "core_vs_numpy_path_speedup": core_rate / np_rate,
+            "max_rel_difference_core_vs_numpy_path": max_rel(core, np_out),
             "superposition_sample": k, "superposition_cpu_seconds": sup_s,
             "superposition_participant_years_per_s": sup_rate,
             "core_vs_superposition_speedup": core_rate / sup_rate,
@@ -229,7 +264,9 @@ def main() -> None:
                           "numpy_floor": "the bare loop of 8 in-place numpy passes over the participants per day, "
                                          "timed in the same run (see numpy_floor in the script)"})
             print(f"  numpy floor (8 passes/day, nothing else): {args.n * years / floor_s:,.0f} participant-years/s")
-        print(f"{name}: core {core_rate:,.0f} participant-years/s ({core_s:.3f} s for {args.n}); "
+        print(f"{name}: core {core_rate:,.0f} participant-years/s ({core_s:.3f} s for {args.n}); numpy path "
+              f"{np_rate:,.0f}/s ({core_rate / np_rate:.2f}x, max rel diff "
+              f"{entry['max_rel_difference_core_vs_numpy_path']:.1e}); "
               f"superposition {sup_rate:,.0f}/s ({core_rate / sup_rate:,.0f}x); "
               f"max rel diff {entry['max_rel_difference_core_vs_superposition']:.1e}")
         if r_version:
@@ -250,6 +287,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(_NUMBA_CACHE, ignore_errors=True)
 
 
 if __name__ == "__main__":
