@@ -3,7 +3,6 @@ import pytest
 
 from inference import cli_train
 from inference.registry import DEFAULT_MODELS_DIR
-from inference.training.dropout import DEFAULT_SEED
 
 pytestmark = pytest.mark.unit
 
@@ -15,7 +14,8 @@ def test_registered_in_the_trialtwin_cli():
     args = build_parser().parse_args(["train", "dropout", "--seed", "3", "--out", "/tmp/x"])
     assert (args.model, args.seed, args.out) == ("dropout", 3, "/tmp/x") and args._run is cli_train.run
     defaults = build_parser().parse_args(["train", "dropout"])
-    assert defaults.seed == DEFAULT_SEED and defaults.out == str(DEFAULT_MODELS_DIR)
+    assert defaults.seed is None and defaults.out == str(DEFAULT_MODELS_DIR)  # None: the model's own seed
+    assert build_parser().parse_args(["train", "withdrawal"]).model == "withdrawal"
 
 
 def test_unknown_model_is_refused(capsys):
@@ -24,3 +24,22 @@ def test_unknown_model_is_refused(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "emulator"])
     assert "invalid choice: 'emulator'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_withdrawal_writes_a_model_the_registry_serves(tmp_path, capsys):
+    """``trialtwin train withdrawal`` with the committed seed: the registry in the output folder serves it, and
+    its held-out C-index is the committed model's (the training is deterministic)."""
+    import json
+
+    from fhir_ops.cli import build_parser
+    from inference.registry import ModelRegistry
+
+    args = build_parser().parse_args(["train", "withdrawal", "--out", str(tmp_path)])
+    assert cli_train.run(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    committed = ModelRegistry(DEFAULT_MODELS_DIR).get("withdrawal")
+    trained = ModelRegistry(tmp_path).get("withdrawal")
+    assert summary["model"] == f"withdrawal-{committed.version}" == f"withdrawal-{trained.version}"
+    assert trained.metadata["validation"]["c_index"] == pytest.approx(committed.metadata["validation"]["c_index"],
+                                                                     abs=1e-6)
