@@ -39,6 +39,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _interruptible() -> None:
+    """In the child before exec: Ctrl+C (SIGINT) back to its default. A test run started in the background
+    of a script inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler, so the
+    server would rightly ignore the Ctrl+C this test sends (it hung a fresh-clone CI run that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Serve:
     """``trialtwin serve --auth open`` as its own operating-system process."""
 
@@ -47,7 +54,7 @@ class Serve:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fhir_ops.cli", "serve", "--auth", "open", "--port", str(self.port),
              "--data-dir", str(data_dir), *extra], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=log.open("a"), text=True)
+            stderr=log.open("a"), text=True, preexec_fn=_interruptible)
         self.banner = []
         for line in self.proc.stdout:  # the banner ends once the socket listens
             self.banner.append(line)
