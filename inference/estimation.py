@@ -60,6 +60,13 @@ _BOUNDARY_SD = 1e-3
 _FD_STEP = 1e-4
 _MAX_STEP = 2.0  # largest trusted Newton step on the log scale (a factor e^2 on the parameter)
 _DAMPING0 = 1e-3
+# When every subject's undamped Newton step is below this, the mode search takes that last step
+# without evaluating the model there: the step's own error (~c step^2) is below the mode tolerance,
+# the objective terms move with it to second order and the expected information to first order
+# (from the second derivatives already at hand). Measured against searches converged to 1e-13, the
+# modes and -2 log L are as accurate as with the extra evaluation (Theoph, Indometh: |d eta| < 1e-9,
+# |d -2 log L| < 2e-8), and a search needs ~25 % fewer structural calls (Indometh 70 -> 53 a fit).
+_LAST_STEP = 1e-6
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,10 +306,12 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
             # iterations to reach tol), on the exact form quadratically
             w_extra = weight_mask * (2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
                                      + 0.5 * d2v / v - dv**2 / v**2)
+            # d w / d f, for moving the expected information along a last Newton step
+            dw_df = weight_mask * (-dv / v**2 + (dv / v) * (d2v / v - dv**2 / v**2))
         else:
             dl_df = weight_mask * (-r / v)
             w = weight_mask / v
-            w_extra = None
+            w_extra = dw_df = None
         jj = jac[:, :, None] * jac[:, None, :]
         # rows: the gradient, J'WJ and the residual-curvature term Gauss-Newton drops (without it
         # the mode search crawls for subjects the model fits poorly), summed per subject at once
@@ -314,13 +323,13 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
         expected = sums[:, q : q + q * q].reshape(n, q, q) + precision
         laplace = expected + sums[:, q + q * q : q + 2 * q * q].reshape(n, q, q)
         step_hess = laplace if w_extra is None else laplace + sums[:, q + 2 * q * q :].reshape(n, q, q)
-        return data_term, prior_term, grad, expected, laplace, step_hess
+        return (data_term, prior_term, grad, expected, laplace, step_hess), (jac, curvature, w, dw_df)
 
     if q == 0:
         data_term, prior_term = terms(eta)
         return ModeEstimate(eta, np.zeros((n, 0, 0)), data_term, prior_term, np.ones(n, bool), 0, np.zeros((n, 0, 0)))
 
-    current = evaluate(eta)
+    current, aux = evaluate(eta)
     damping = np.full(n, _DAMPING0)
     converged = np.zeros(n, dtype=bool)
     iteration = 0
@@ -334,7 +343,36 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
             newton = np.linalg.solve(hess, grad[..., None])[..., 0]
         except np.linalg.LinAlgError:
             newton = np.full_like(eta, np.inf)
-        converged = (np.max(np.abs(newton), axis=1) < tol) & (np.linalg.eigvalsh(hess)[:, 0] > 0)
+        positive = np.linalg.eigvalsh(hess)[:, 0] > 0
+        size = np.max(np.abs(newton), axis=1)
+        converged = (size < tol) & positive
+        if not converged.all() and tol <= _LAST_STEP and positive.all() and np.all(size < _LAST_STEP):
+            # every subject one step from its mode: take the exact Newton step (on the Hessian steps
+            # use) without evaluating the model there (see _LAST_STEP), and move the terms with it
+            if step_hess is hess:
+                final = -newton
+            else:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    final = -np.linalg.solve(step_hess, grad[..., None])[..., 0]
+            if np.all(np.abs(final) < _LAST_STEP):
+                eta = eta + final
+                d = eta - m
+                # Q(eta + s) = Q(eta) + 2 g's + s'Ks = Q + g's for the Newton step s = -K^-1 g
+                total = total + np.einsum("ni,ni->n", grad, final)
+                prior_term = np.einsum("ni,nij,nj->n", d, precision, d)
+                # the expected information to first order along the step: J moves by C s (C the
+                # predictions' second derivatives) and, with a prediction-dependent error, W by
+                # (dW/df) J s; without this log det H would be off by ~10 * step (Theoph)
+                jac, curvature, w, dw_df = aux
+                s_rows = final[subject]
+                moved = np.einsum("rak,rk->ra", curvature, s_rows)
+                change = w[:, None, None] * (moved[:, :, None] * jac[:, None, :] + jac[:, :, None] * moved[:, None, :])
+                if dw_df is not None:
+                    change += (dw_df * np.einsum("rk,rk->r", jac, s_rows))[:, None, None] * (
+                        jac[:, :, None] * jac[:, None, :])
+                shift = _subject_sums(subject, change.reshape(-1, q * q), n).reshape(n, q, q)
+                current = (total - prior_term, prior_term, grad, expected + shift, hess + shift, step_hess)
+                converged = positive
         if converged.all():
             break
         diag = np.einsum("nii->ni", expected)
@@ -353,12 +391,20 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
         step *= np.minimum(1.0, 1.0 / np.maximum(overshoot, 1e-300))[:, None]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             # overshooting trial points may overflow; they are rejected below as non-finite
-            candidate = evaluate(eta + step)
+            candidate, cand_aux = evaluate(eta + step)
         cand_total = candidate[0] + candidate[1]
         # tiny increases are rounding: accepting them lets Newton finish the last digits of eta
         better = np.isfinite(cand_total) & (cand_total <= total + 1e-12 * (1 + np.abs(total))) & ~converged
         eta = np.where(better[:, None], eta + step, eta)
-        current = tuple(np.where(better.reshape((n,) + (1,) * (c.ndim - 1)), c, o) for c, o in zip(candidate, current))
+        # converged subjects (step 0) were evaluated where they are: their candidate equals their current
+        if np.all(better | converged):  # the usual case: no per-subject selection needed
+            current, aux = candidate, cand_aux
+        elif better.any():
+            current = tuple(np.where(better.reshape((n,) + (1,) * (c.ndim - 1)), c, o)
+                            for c, o in zip(candidate, current))
+            rows_better = better[subject]
+            aux = tuple(None if c is None else np.where(rows_better.reshape((-1,) + (1,) * (c.ndim - 1)), c, o)
+                        for c, o in zip(cand_aux, aux))
         damping = np.where(better, np.maximum(damping / 10, 1e-12), damping * 10)
         if np.all(converged | (damping > 1e12)):
             break
