@@ -16,6 +16,7 @@ standard errors come from forward differences of that gradient at the optimum.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -144,6 +145,18 @@ class _Stacked:
             self._tiled[copies] = tiled
         return tiled
 
+    def grid(self, phi: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Predictions at ``phi + offsets[k]`` for every row ``k`` of ``offsets``, shape (len(offsets), rows):
+        the finite-difference points built in one broadcast instead of one copy each."""
+        points = phi[None, :, :] + offsets[:, None, :]
+        rows, count = self.data.n_rows, offsets.shape[0]
+        out = np.empty((count, rows))
+        for start in range(0, count, self.per_call):
+            group = points[start : start + self.per_call]
+            out[start : start + group.shape[0]] = predict(
+                self.structural, group.reshape(-1, phi.shape[1]), self._data(group.shape[0])).reshape(-1, rows)
+        return out
+
     def __call__(self, phis: list[np.ndarray]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         rows = self.data.n_rows
@@ -175,33 +188,46 @@ def _predict_with_derivatives(
     q = ridx.size
     phi = typical.copy()
     phi[:, ridx] += eta
-
-    def shifted(*moves: tuple[int, float]) -> np.ndarray:
-        moved = phi.copy()
-        for k, h in moves:
-            moved[:, ridx[k]] += h
-        return moved
-
     h = _FD_STEP
-    points = [phi] + [shifted((k, h)) for k in range(q)] + [shifted((k, -h)) for k in range(q)]
-    pairs = [(a, b) for a in range(q) for b in range(a + 1, q)] if second else []
-    for a, b in pairs:
-        # each cross term needs only the (+a, +b) and (-a, -b) corners
-        points += [shifted((a, h), (b, h)), shifted((a, -h), (b, -h))]
-    values = stacked(points)
+    # the centre, +-h in each random effect and, for the cross terms, only the (+a, +b) and
+    # (-a, -b) corners
+    offsets, pairs = _difference_points(typical.shape[1], tuple(ridx.tolist()), tuple(range(q)) if second else (), h)
+    values = stacked.grid(phi, offsets)
     f, up, down = values[0], values[1 : q + 1], values[q + 1 : 2 * q + 1]
-    jac = np.stack([(u - d) / (2 * h) for u, d in zip(up, down)], axis=1)
+    jac = ((up - down) / (2 * h)).T
     if not second:
         return f, jac, None
     # second differences reuse the first-derivative points
     curvature = np.empty((data.n_rows, q, q))
+    diagonal = (up - 2 * f + down) / h**2
     for a in range(q):
-        curvature[:, a, a] = (up[a] - 2 * f + down[a]) / h**2
-    for i, (a, b) in enumerate(pairs):
-        corners = values[2 * q + 1 + 2 * i] + values[2 * q + 2 + 2 * i]
-        cross = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
-        curvature[:, a, b] = curvature[:, b, a] = cross
+        curvature[:, a, a] = diagonal[a]
+    if pairs:
+        a_, b_ = np.array(pairs).T
+        corners = values[2 * q + 1 :: 2] + values[2 * q + 2 :: 2]
+        cross = (corners - up[a_] - down[a_] - up[b_] - down[b_] + 2 * f) / (2 * h**2)
+        for i, (a, b) in enumerate(pairs):
+            curvature[:, a, b] = curvature[:, b, a] = cross[i]
     return f, jac, curvature
+
+
+@functools.lru_cache(maxsize=256)
+def _difference_points(p: int, columns: tuple[int, ...], paired: tuple[int, ...], h: float
+                       ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Offsets (points, p) of the central-difference points in ``columns`` of ``phi``: the centre,
+    ``+h`` and ``-h`` in each, then the (+a, +b) and (-a, -b) corners of every pair of ``paired``
+    (indices into ``columns``), and those pairs."""
+    k = len(columns)
+    pairs = [(a, b) for i, a in enumerate(paired) for b in paired[i + 1 :]]
+    offsets = np.zeros((1 + 2 * k + 2 * len(pairs), p))
+    for i, c in enumerate(columns):
+        offsets[1 + i, c] = h
+        offsets[1 + k + i, c] = -h
+    for i, (a, b) in enumerate(pairs):
+        offsets[1 + 2 * k + 2 * i, [columns[a], columns[b]]] = h
+        offsets[2 + 2 * k + 2 * i, [columns[a], columns[b]]] = -h
+    offsets.flags.writeable = False
+    return offsets, pairs
 
 
 def find_modes(
@@ -593,29 +619,37 @@ def _phi_derivatives(structural: Structural, data: ObservationData, phi: np.ndar
     Returns ``f`` (rows,), ``F`` (rows, p) and ``S`` (rows, q, p) with ``S[:, a, j]`` the derivative
     in ``phi[:, ridx[a]]`` and ``phi[:, j]``.
     """
-    p, q, h = phi.shape[1], ridx.size, _FD_STEP
-
-    def shifted(*moves: tuple[int, float]) -> np.ndarray:
-        moved = phi.copy()
-        for k, step in moves:
-            moved[:, k] += step
-        return moved
-
-    random = set(ridx.tolist())
-    pairs = [(a, b) for a in range(p) for b in range(a + 1, p) if a in random or b in random]
-    points = [phi] + [shifted((k, h)) for k in range(p)] + [shifted((k, -h)) for k in range(p)]
-    for a, b in pairs:
-        points += [shifted((a, h), (b, h)), shifted((a, -h), (b, -h))]
-    values = stacked(points)
+    p, h = phi.shape[1], _FD_STEP
+    offsets, pairs = _phi_difference_points(p, tuple(ridx.tolist()), h)
+    values = stacked.grid(phi, offsets)
     f, up, down = values[0], values[1 : p + 1], values[p + 1 : 2 * p + 1]
-    first = np.stack([(u - d) / (2 * h) for u, d in zip(up, down)], axis=1)
+    first = ((up - down) / (2 * h)).T
     second = np.empty((f.size, p, p))
+    diagonal = (up - 2 * f + down) / h**2
     for k in range(p):
-        second[:, k, k] = (up[k] - 2 * f + down[k]) / h**2
-    for i, (a, b) in enumerate(pairs):
-        corners = values[2 * p + 1 + 2 * i] + values[2 * p + 2 + 2 * i]
-        second[:, a, b] = second[:, b, a] = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
+        second[:, k, k] = diagonal[k]
+    if pairs:
+        a_, b_ = np.array(pairs).T
+        corners = values[2 * p + 1 :: 2] + values[2 * p + 2 :: 2]
+        cross = (corners - up[a_] - down[a_] - up[b_] - down[b_] + 2 * f) / (2 * h**2)
+        for i, (a, b) in enumerate(pairs):
+            second[:, a, b] = second[:, b, a] = cross[i]
     return f, first, second[:, ridx, :]
+
+
+@functools.lru_cache(maxsize=256)
+def _phi_difference_points(p: int, random: tuple[int, ...], h: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """_difference_points in every column of ``phi``, the cross terms only for pairs with a random effect."""
+    pairs = [(a, b) for a in range(p) for b in range(a + 1, p) if a in random or b in random]
+    offsets = np.zeros((1 + 2 * p + 2 * len(pairs), p))
+    for c in range(p):
+        offsets[1 + c, c] = h
+        offsets[1 + p + c, c] = -h
+    for i, (a, b) in enumerate(pairs):
+        offsets[1 + 2 * p + 2 * i, [a, b]] = h
+        offsets[2 + 2 * p + 2 * i, [a, b]] = -h
+    offsets.flags.writeable = False
+    return offsets, pairs
 
 
 def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: PopulationModel, modes: ModeEstimate,
