@@ -1,6 +1,8 @@
-"""Where a population fit's time goes: cProfile of the Theoph FOCEI fit (fm3Theo, with standard errors).
+"""Where a population fit's time goes: cProfile of the Theoph FOCEI fit (fm3Theo, with standard errors),
+or with ``--data indometh`` of the Indometh biexponential fit (nlme's SSbiexp; the data exported from
+R's datasets package, so R must be installed, as for bench/population_bench.py).
 
-Writes bench/results/population_profile-<label>.json: CPU time (best of a few unprofiled runs), the
+Writes bench/results/population_profile-<label>.json (``-indometh-<label>`` for Indometh): CPU time (best of a few unprofiled runs), the
 number of all-subject mode searches and BFGS iterations, and the profile's internal time grouped
 by what it is spent on (structural model, mode search, outer gradient, optimizer and the rest) plus
 the top functions. Run it on another checkout's ``inference`` with
@@ -9,6 +11,7 @@ the top functions. Run it on another checkout's ``inference`` with
 from __future__ import annotations
 
 import argparse
+import warnings
 import cProfile
 import json
 import pstats
@@ -18,17 +21,41 @@ from pathlib import Path
 import numpy as np
 
 import inference
-from inference.datasets import load_theoph, ssfol
-from inference.estimation import fit_population
+from inference.datasets import load_theoph, ssbiexp, ssfol
+from inference.estimation import BoundaryWarning, fit_population
 from inference.population import PopulationModel, ResidualError
-from population_bench import machine
+from population_bench import ensure_r, machine
 
 START = PopulationModel(("lKe", "lKa", "lCl"), [-2.5, 0.5, -3.0], ("lKa", "lCl"), np.diag([0.5, 0.5]) ** 2,
                         ResidualError("additive", additive=1.0))
 
+INDOMETH_START = PopulationModel(("A1", "lrc1", "A2", "lrc2"), [2.0, 0.5, 0.5, -1.0], ("A1", "lrc1", "A2"),
+                                 np.diag([0.5, 0.3, 0.2]) ** 2, ResidualError("additive", additive=0.1))
+
+
+def load_indometh():
+    """R's datasets::Indometh as ObservationData (exported by Rscript, as bench/population_bench.py does)."""
+    import csv
+    import subprocess
+    import tempfile
+
+    from inference.population import ObservationData
+    if not ensure_r():
+        raise SystemExit("R is needed to export datasets::Indometh")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "indometh.csv"
+        subprocess.run(["Rscript", "-e", "write.csv(data.frame(Subject = as.character(Indometh$Subject), "
+                        f"time = Indometh$time, conc = Indometh$conc), '{out}', row.names = FALSE)"],
+                       check=True, capture_output=True)
+        rows = list(csv.DictReader(out.open()))
+    ids = list(dict.fromkeys(r["Subject"] for r in rows))
+    return ObservationData(np.array([ids.index(r["Subject"]) for r in rows]), np.array([float(r["time"]) for r in rows]),
+                           np.array([float(r["conc"]) for r in rows]), subject_ids=tuple(ids))
+
+
 # which function (by file:name) counts towards which part of a fit
 GROUPS = {
-    "structural model (ssfol, numpy)": ("datasets.py:ssfol",),
+    "structural model (ssfol / ssbiexp, numpy)": ("datasets.py:ssfol", "datasets.py:ssbiexp"),
     "mode search (Newton iterations, finite-difference stacking)": (
         "estimation.py:_find_modes", "estimation.py:gradient_and_hessian", "estimation.py:evaluate",
         "estimation.py:terms", "estimation.py:_predict_with_derivatives", "estimation.py:shifted",
@@ -51,7 +78,8 @@ GROUPS = {
 # inclusive times worth reading on their own: all mode searches, the outer gradient (analytical, or
 # by stacked finite differences before), BFGS's starting information, the structural model
 CUMULATIVE = ("estimation.py:_find_modes", "estimation.py:_objective_gradient",
-              "estimation.py:_batched_objectives", "estimation.py:_linearized_information", "datasets.py:ssfol")
+              "estimation.py:_batched_objectives", "estimation.py:_linearized_information", "datasets.py:ssfol",
+              "datasets.py:ssbiexp")
 
 
 def group_of(filename: str, name: str) -> str:
@@ -65,17 +93,36 @@ def group_of(filename: str, name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--label", default="after")
+    parser.add_argument("--data", choices=("theoph", "indometh"), default="theoph")
     args = parser.parse_args()
-    theoph = load_theoph()
-    fit_population(START, ssfol, theoph)  # warm caches (tiled data) as a fit in a server would find them
+    warnings.simplefilter("ignore", BoundaryWarning)  # Indometh: SD(lrc1) goes to the boundary, as expected
+    if args.data == "theoph":
+        start_model, structural, data = START, ssfol, load_theoph()
+        description = "Theoph fm3Theo (lKe, lKa, lCl; random lKa, lCl diagonal; additive error), ML, with standard errors"
+    else:
+        start_model, structural, data = INDOMETH_START, ssbiexp, load_indometh()
+        description = ("Indometh SSbiexp (A1, lrc1, A2, lrc2; random A1, lrc1, A2 diagonal; additive error), ML, "
+                       "with standard errors")
+    # structural calls with derivatives in the mode searches: one per Newton iteration
+    calls = {"n": 0}
+    counted = inference.estimation._predict_with_derivatives
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return counted(*a, **k)
+
+    inference.estimation._predict_with_derivatives = counting
+    fit_population(start_model, structural, data)  # warm caches (tiled data) as a fit in a server would find them
+    newton_iterations = calls["n"]
+    inference.estimation._predict_with_derivatives = counted
     best = np.inf
     for _ in range(5):
         start = time.process_time()
-        fit = fit_population(START, ssfol, theoph)
+        fit = fit_population(start_model, structural, data)
         best = min(best, time.process_time() - start)
     profile = cProfile.Profile(time.process_time)  # CPU time: other jobs share the cores
     profile.enable()
-    fit_population(START, ssfol, theoph)
+    fit_population(start_model, structural, data)
     profile.disable()
     stats = pstats.Stats(profile).stats
     total = sum(v[2] for v in stats.values())
@@ -95,20 +142,23 @@ def main() -> None:
         "machine": machine(),
         "label": args.label,
         "inference_package": str(Path(inference.__file__).parent),
-        "fit": "Theoph fm3Theo (lKe, lKa, lCl; random lKa, lCl diagonal; additive error), ML, with standard errors",
+        "fit": description,
         "cpu_seconds_best_of_5_unprofiled": best,
         "objective": fit.objective,
         "mode_searches": fit.n_evaluations,
         "bfgs_iterations": fit.n_iterations,
+        "newton_iterations_all_searches": newton_iterations,
         "profiled_seconds": total,
         "share_of_profiled_time": {k: round(v / total, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         # inclusive time (numpy calls counted with the function that makes them)
         "cumulative_share": {name: round(cumulative.get(name, 0.0) / total, 3) for name in CUMULATIVE},
         "top_functions": rows[:15],
     }
-    out = Path(__file__).parent / "results" / f"population_profile-{args.label}.json"
+    name = args.label if args.data == "theoph" else f"indometh-{args.label}"
+    out = Path(__file__).parent / "results" / f"population_profile-{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.label}: {best:.3f} s CPU, {fit.n_evaluations} mode searches, {fit.n_iterations} iterations")
+    print(f"{name}: {best:.3f} s CPU, {fit.n_evaluations} mode searches, {fit.n_iterations} iterations, "
+          f"{newton_iterations} Newton iterations (structural calls with derivatives)")
     for k, v in result["share_of_profiled_time"].items():
         print(f"  {v:6.1%}  {k}")
     for k, v in result["cumulative_share"].items():

@@ -16,6 +16,7 @@ standard errors come from forward differences of that gradient at the optimum.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -60,6 +61,13 @@ _BOUNDARY_SD = 1e-3
 _FD_STEP = 1e-4
 _MAX_STEP = 2.0  # largest trusted Newton step on the log scale (a factor e^2 on the parameter)
 _DAMPING0 = 1e-3
+# When every subject's undamped Newton step is below this, the mode search takes that last step
+# without evaluating the model there: the step's own error (~c step^2) is below the mode tolerance,
+# the objective terms move with it to second order and the expected information to first order
+# (from the second derivatives already at hand). Measured against searches converged to 1e-13, the
+# modes and -2 log L are as accurate as with the extra evaluation (Theoph, Indometh: |d eta| < 1e-9,
+# |d -2 log L| < 2e-8), and a search needs ~25 % fewer structural calls (Indometh 70 -> 53 a fit).
+_LAST_STEP = 1e-6
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,6 +145,18 @@ class _Stacked:
             self._tiled[copies] = tiled
         return tiled
 
+    def grid(self, phi: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Predictions at ``phi + offsets[k]`` for every row ``k`` of ``offsets``, shape (len(offsets), rows):
+        the finite-difference points built in one broadcast instead of one copy each."""
+        points = phi[None, :, :] + offsets[:, None, :]
+        rows, count = self.data.n_rows, offsets.shape[0]
+        out = np.empty((count, rows))
+        for start in range(0, count, self.per_call):
+            group = points[start : start + self.per_call]
+            out[start : start + group.shape[0]] = predict(
+                self.structural, group.reshape(-1, phi.shape[1]), self._data(group.shape[0])).reshape(-1, rows)
+        return out
+
     def __call__(self, phis: list[np.ndarray]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         rows = self.data.n_rows
@@ -168,33 +188,46 @@ def _predict_with_derivatives(
     q = ridx.size
     phi = typical.copy()
     phi[:, ridx] += eta
-
-    def shifted(*moves: tuple[int, float]) -> np.ndarray:
-        moved = phi.copy()
-        for k, h in moves:
-            moved[:, ridx[k]] += h
-        return moved
-
     h = _FD_STEP
-    points = [phi] + [shifted((k, h)) for k in range(q)] + [shifted((k, -h)) for k in range(q)]
-    pairs = [(a, b) for a in range(q) for b in range(a + 1, q)] if second else []
-    for a, b in pairs:
-        # each cross term needs only the (+a, +b) and (-a, -b) corners
-        points += [shifted((a, h), (b, h)), shifted((a, -h), (b, -h))]
-    values = stacked(points)
+    # the centre, +-h in each random effect and, for the cross terms, only the (+a, +b) and
+    # (-a, -b) corners
+    offsets, pairs = _difference_points(typical.shape[1], tuple(ridx.tolist()), tuple(range(q)) if second else (), h)
+    values = stacked.grid(phi, offsets)
     f, up, down = values[0], values[1 : q + 1], values[q + 1 : 2 * q + 1]
-    jac = np.stack([(u - d) / (2 * h) for u, d in zip(up, down)], axis=1)
+    jac = ((up - down) / (2 * h)).T
     if not second:
         return f, jac, None
     # second differences reuse the first-derivative points
     curvature = np.empty((data.n_rows, q, q))
+    diagonal = (up - 2 * f + down) / h**2
     for a in range(q):
-        curvature[:, a, a] = (up[a] - 2 * f + down[a]) / h**2
-    for i, (a, b) in enumerate(pairs):
-        corners = values[2 * q + 1 + 2 * i] + values[2 * q + 2 + 2 * i]
-        cross = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
-        curvature[:, a, b] = curvature[:, b, a] = cross
+        curvature[:, a, a] = diagonal[a]
+    if pairs:
+        a_, b_ = np.array(pairs).T
+        corners = values[2 * q + 1 :: 2] + values[2 * q + 2 :: 2]
+        cross = (corners - up[a_] - down[a_] - up[b_] - down[b_] + 2 * f) / (2 * h**2)
+        for i, (a, b) in enumerate(pairs):
+            curvature[:, a, b] = curvature[:, b, a] = cross[i]
     return f, jac, curvature
+
+
+@functools.lru_cache(maxsize=256)
+def _difference_points(p: int, columns: tuple[int, ...], paired: tuple[int, ...], h: float
+                       ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Offsets (points, p) of the central-difference points in ``columns`` of ``phi``: the centre,
+    ``+h`` and ``-h`` in each, then the (+a, +b) and (-a, -b) corners of every pair of ``paired``
+    (indices into ``columns``), and those pairs."""
+    k = len(columns)
+    pairs = [(a, b) for i, a in enumerate(paired) for b in paired[i + 1 :]]
+    offsets = np.zeros((1 + 2 * k + 2 * len(pairs), p))
+    for i, c in enumerate(columns):
+        offsets[1 + i, c] = h
+        offsets[1 + k + i, c] = -h
+    for i, (a, b) in enumerate(pairs):
+        offsets[1 + 2 * k + 2 * i, [columns[a], columns[b]]] = h
+        offsets[2 + 2 * k + 2 * i, [columns[a], columns[b]]] = -h
+    offsets.flags.writeable = False
+    return offsets, pairs
 
 
 def find_modes(
@@ -299,10 +332,12 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
             # iterations to reach tol), on the exact form quadratically
             w_extra = weight_mask * (2 * r * dv / v**2 - 0.5 * r**2 * d2v / v**2 + r**2 * dv**2 / v**3
                                      + 0.5 * d2v / v - dv**2 / v**2)
+            # d w / d f, for moving the expected information along a last Newton step
+            dw_df = weight_mask * (-dv / v**2 + (dv / v) * (d2v / v - dv**2 / v**2))
         else:
             dl_df = weight_mask * (-r / v)
             w = weight_mask / v
-            w_extra = None
+            w_extra = dw_df = None
         jj = jac[:, :, None] * jac[:, None, :]
         # rows: the gradient, J'WJ and the residual-curvature term Gauss-Newton drops (without it
         # the mode search crawls for subjects the model fits poorly), summed per subject at once
@@ -314,13 +349,13 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
         expected = sums[:, q : q + q * q].reshape(n, q, q) + precision
         laplace = expected + sums[:, q + q * q : q + 2 * q * q].reshape(n, q, q)
         step_hess = laplace if w_extra is None else laplace + sums[:, q + 2 * q * q :].reshape(n, q, q)
-        return data_term, prior_term, grad, expected, laplace, step_hess
+        return (data_term, prior_term, grad, expected, laplace, step_hess), (jac, curvature, w, dw_df)
 
     if q == 0:
         data_term, prior_term = terms(eta)
         return ModeEstimate(eta, np.zeros((n, 0, 0)), data_term, prior_term, np.ones(n, bool), 0, np.zeros((n, 0, 0)))
 
-    current = evaluate(eta)
+    current, aux = evaluate(eta)
     damping = np.full(n, _DAMPING0)
     converged = np.zeros(n, dtype=bool)
     iteration = 0
@@ -334,7 +369,36 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
             newton = np.linalg.solve(hess, grad[..., None])[..., 0]
         except np.linalg.LinAlgError:
             newton = np.full_like(eta, np.inf)
-        converged = (np.max(np.abs(newton), axis=1) < tol) & (np.linalg.eigvalsh(hess)[:, 0] > 0)
+        positive = np.linalg.eigvalsh(hess)[:, 0] > 0
+        size = np.max(np.abs(newton), axis=1)
+        converged = (size < tol) & positive
+        if not converged.all() and tol <= _LAST_STEP and positive.all() and np.all(size < _LAST_STEP):
+            # every subject one step from its mode: take the exact Newton step (on the Hessian steps
+            # use) without evaluating the model there (see _LAST_STEP), and move the terms with it
+            if step_hess is hess:
+                final = -newton
+            else:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    final = -np.linalg.solve(step_hess, grad[..., None])[..., 0]
+            if np.all(np.abs(final) < _LAST_STEP):
+                eta = eta + final
+                d = eta - m
+                # Q(eta + s) = Q(eta) + 2 g's + s'Ks = Q + g's for the Newton step s = -K^-1 g
+                total = total + np.einsum("ni,ni->n", grad, final)
+                prior_term = np.einsum("ni,nij,nj->n", d, precision, d)
+                # the expected information to first order along the step: J moves by C s (C the
+                # predictions' second derivatives) and, with a prediction-dependent error, W by
+                # (dW/df) J s; without this log det H would be off by ~10 * step (Theoph)
+                jac, curvature, w, dw_df = aux
+                s_rows = final[subject]
+                moved = np.einsum("rak,rk->ra", curvature, s_rows)
+                change = w[:, None, None] * (moved[:, :, None] * jac[:, None, :] + jac[:, :, None] * moved[:, None, :])
+                if dw_df is not None:
+                    change += (dw_df * np.einsum("rk,rk->r", jac, s_rows))[:, None, None] * (
+                        jac[:, :, None] * jac[:, None, :])
+                shift = _subject_sums(subject, change.reshape(-1, q * q), n).reshape(n, q, q)
+                current = (total - prior_term, prior_term, grad, expected + shift, hess + shift, step_hess)
+                converged = positive
         if converged.all():
             break
         diag = np.einsum("nii->ni", expected)
@@ -353,12 +417,20 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
         step *= np.minimum(1.0, 1.0 / np.maximum(overshoot, 1e-300))[:, None]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             # overshooting trial points may overflow; they are rejected below as non-finite
-            candidate = evaluate(eta + step)
+            candidate, cand_aux = evaluate(eta + step)
         cand_total = candidate[0] + candidate[1]
         # tiny increases are rounding: accepting them lets Newton finish the last digits of eta
         better = np.isfinite(cand_total) & (cand_total <= total + 1e-12 * (1 + np.abs(total))) & ~converged
         eta = np.where(better[:, None], eta + step, eta)
-        current = tuple(np.where(better.reshape((n,) + (1,) * (c.ndim - 1)), c, o) for c, o in zip(candidate, current))
+        # converged subjects (step 0) were evaluated where they are: their candidate equals their current
+        if np.all(better | converged):  # the usual case: no per-subject selection needed
+            current, aux = candidate, cand_aux
+        elif better.any():
+            current = tuple(np.where(better.reshape((n,) + (1,) * (c.ndim - 1)), c, o)
+                            for c, o in zip(candidate, current))
+            rows_better = better[subject]
+            aux = tuple(None if c is None else np.where(rows_better.reshape((-1,) + (1,) * (c.ndim - 1)), c, o)
+                        for c, o in zip(cand_aux, aux))
         damping = np.where(better, np.maximum(damping / 10, 1e-12), damping * 10)
         if np.all(converged | (damping > 1e12)):
             break
@@ -547,29 +619,37 @@ def _phi_derivatives(structural: Structural, data: ObservationData, phi: np.ndar
     Returns ``f`` (rows,), ``F`` (rows, p) and ``S`` (rows, q, p) with ``S[:, a, j]`` the derivative
     in ``phi[:, ridx[a]]`` and ``phi[:, j]``.
     """
-    p, q, h = phi.shape[1], ridx.size, _FD_STEP
-
-    def shifted(*moves: tuple[int, float]) -> np.ndarray:
-        moved = phi.copy()
-        for k, step in moves:
-            moved[:, k] += step
-        return moved
-
-    random = set(ridx.tolist())
-    pairs = [(a, b) for a in range(p) for b in range(a + 1, p) if a in random or b in random]
-    points = [phi] + [shifted((k, h)) for k in range(p)] + [shifted((k, -h)) for k in range(p)]
-    for a, b in pairs:
-        points += [shifted((a, h), (b, h)), shifted((a, -h), (b, -h))]
-    values = stacked(points)
+    p, h = phi.shape[1], _FD_STEP
+    offsets, pairs = _phi_difference_points(p, tuple(ridx.tolist()), h)
+    values = stacked.grid(phi, offsets)
     f, up, down = values[0], values[1 : p + 1], values[p + 1 : 2 * p + 1]
-    first = np.stack([(u - d) / (2 * h) for u, d in zip(up, down)], axis=1)
+    first = ((up - down) / (2 * h)).T
     second = np.empty((f.size, p, p))
+    diagonal = (up - 2 * f + down) / h**2
     for k in range(p):
-        second[:, k, k] = (up[k] - 2 * f + down[k]) / h**2
-    for i, (a, b) in enumerate(pairs):
-        corners = values[2 * p + 1 + 2 * i] + values[2 * p + 2 + 2 * i]
-        second[:, a, b] = second[:, b, a] = (corners - up[a] - down[a] - up[b] - down[b] + 2 * f) / (2 * h**2)
+        second[:, k, k] = diagonal[k]
+    if pairs:
+        a_, b_ = np.array(pairs).T
+        corners = values[2 * p + 1 :: 2] + values[2 * p + 2 :: 2]
+        cross = (corners - up[a_] - down[a_] - up[b_] - down[b_] + 2 * f) / (2 * h**2)
+        for i, (a, b) in enumerate(pairs):
+            second[:, a, b] = second[:, b, a] = cross[i]
     return f, first, second[:, ridx, :]
+
+
+@functools.lru_cache(maxsize=256)
+def _phi_difference_points(p: int, random: tuple[int, ...], h: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """_difference_points in every column of ``phi``, the cross terms only for pairs with a random effect."""
+    pairs = [(a, b) for a in range(p) for b in range(a + 1, p) if a in random or b in random]
+    offsets = np.zeros((1 + 2 * p + 2 * len(pairs), p))
+    for c in range(p):
+        offsets[1 + c, c] = h
+        offsets[1 + p + c, c] = -h
+    for i, (a, b) in enumerate(pairs):
+        offsets[1 + 2 * p + 2 * i, [a, b]] = h
+        offsets[2 + 2 * p + 2 * i, [a, b]] = -h
+    offsets.flags.writeable = False
+    return offsets, pairs
 
 
 def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: PopulationModel, modes: ModeEstimate,

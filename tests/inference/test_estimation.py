@@ -164,6 +164,22 @@ def test_recovers_a_two_output_population():
     assert abs(fit.model.errors[1].additive - 0.5) < 3 * se["sigma_additive[1]"]
 
 
+def test_callback_sees_every_iteration_and_can_stop_the_fit(theoph, theoph_fit):
+    # what $fit-population turns into X-Progress messages and its cancel check
+    from inference.estimation import FitCancelled
+    start = PopulationModel(("lKe", "lKa", "lCl"), [-2.5, 0.5, -3.0], ("lKa", "lCl"),
+                            np.diag([0.5, 0.5]) ** 2, ResidualError("additive", additive=1.0))
+    seen = []
+    fit = fit_population(start, ssfol, theoph, standard_errors=False, callback=lambda i, f: seen.append((i, f)))
+    iterations = [i for i, _ in seen]
+    # one call per BFGS iteration, then one with the final objective before the standard errors
+    assert iterations == list(range(1, fit.n_iterations + 1)) + [fit.n_iterations]
+    assert seen[-1][1] == pytest.approx(theoph_fit.objective, abs=1e-6)
+    assert all(b <= a + 1e-9 for (_, a), (_, b) in zip(seen, seen[1:]))  # BFGS never goes up
+    with pytest.raises(FitCancelled, match="after 2 iterations"):
+        fit_population(start, ssfol, theoph, callback=lambda i, f: i < 2)
+
+
 def test_variance_at_zero_raises_a_boundary_warning(theoph_fit):
     # truth without variability in lKa: the ML estimate of its SD collapses to ~0, where the
     # likelihood is flat in log SD and a standard error says nothing

@@ -126,3 +126,29 @@ def test_tt201_mode_is_the_optimum_scipy_finds():
     posterior_sd = np.sqrt(np.diag(np.linalg.inv(modes.observed_hessian[0])))
     assert np.all(np.abs(result.x * scale - eta) < 0.01 * posterior_sd), (result.x * scale - eta) / posterior_sd
 
+
+
+@pytest.mark.parametrize("error", [ResidualError("additive", additive=0.7),
+                                   ResidualError("combined", additive=0.5, proportional=0.1)])
+def test_last_newton_step_without_evaluation_keeps_modes_and_objective(monkeypatch, error):
+    # the search takes its last Newton step (all steps < _LAST_STEP) without evaluating the model
+    # there, moving Q and the expected information with the step; the same search with that
+    # shortcut switched off (one more evaluation per search) is the reference
+    from inference import estimation
+    from inference.datasets import load_theoph
+    data = load_theoph()
+    model = PopulationModel(("lKe", "lKa", "lCl"), [-2.45, 0.47, -3.23], ("lKa", "lCl"),
+                            np.diag([0.64, 0.17]) ** 2, error)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        point = model.replace(theta=model.theta + 0.05 * rng.standard_normal(3))
+        start = find_modes(point.replace(theta=point.theta + 0.02), ssfol, data).eta  # a warm start nearby
+        fast = find_modes(point, ssfol, data, eta0=start)
+        with monkeypatch.context() as m:
+            m.setattr(estimation, "_LAST_STEP", 0.0)
+            full = find_modes(point, ssfol, data, eta0=start)
+        assert fast.converged.all() and full.converged.all()
+        assert fast.n_iterations == full.n_iterations - 1  # the shortcut was taken
+        np.testing.assert_allclose(fast.eta, full.eta, atol=1e-8)
+        np.testing.assert_allclose(fast.hessian, full.hessian, rtol=1e-6)
+        assert abs(estimation.objective_function(point, fast) - estimation.objective_function(point, full)) < 1e-7
