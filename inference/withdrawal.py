@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from inference.features import (AE_RECENT_DAYS, RECENT_WINDOW_DAYS, FeatureSpec, ParticipantHistory)
+from inference.features import (AE_RECENT_DAYS, FEATURE_SCHEMA, RECENT_WINDOW_DAYS, FeatureSpec,
+                                ParticipantHistory)
 
 __all__ = ["PERIOD_DAYS", "MAX_HORIZON_DAYS", "DEFAULT_HORIZON_DAYS", "WITHDRAWAL_SCHEMA", "WITHDRAWAL_FEATURES",
            "N_WITHDRAWAL_FEATURES", "landmark_features", "landmark_feature_matrix", "period_rows",
@@ -32,23 +33,13 @@ DEFAULT_HORIZON_DAYS = 28
 
 #: Landmark features: what is known about the participant at the as-of day (no look-ahead), then the
 #: period offset. Site is deliberately absent (it does not transfer to new sites).
+_SHARED = {spec.name: spec for spec in FEATURE_SCHEMA}  # the missed-visit model's definitions, reused as they are
 WITHDRAWAL_SCHEMA: tuple[FeatureSpec, ...] = (
-    FeatureSpec("days_on_study", "d", "as-of study day (time since randomization)"),
-    FeatureSpec("n_past_visits", "1", "scheduled visits on or before the as-of day"),
-    FeatureSpec("missed_visit_rate", "1",
-                "Laplace-smoothed share of past visits missed: (missed + 1) / (past + 2); 0.5 with no history"),
-    FeatureSpec("last_visit_missed", "1", "1 if the most recent past visit was missed, else 0 (0 with none)"),
-    FeatureSpec("consecutive_missed", "1", "number of missed visits in a row up to the as-of day"),
-    FeatureSpec("adherence_30d", "1",
-                "Laplace-smoothed share of doses taken in the last 30 days: (taken + 1) / (due + 2)"),
-    FeatureSpec("ae_severity_30d", "1", "sum of severities (1-3) of adverse events in the last 30 days"),
-    FeatureSpec("ae_last_14d", "1", "1 if an adverse event began in the last 14 days, else 0"),
+    *(_SHARED[name] for name in ("days_on_study", "n_past_visits", "missed_visit_rate", "last_visit_missed",
+                                 "consecutive_missed", "adherence_30d", "ae_severity_30d", "ae_last_14d")),
     FeatureSpec("in_person_visits_30d", "1", "in-person visits scheduled in the 30 days up to the as-of day"),
     FeatureSpec("remote_visits_30d", "1", "remote visits scheduled in the 30 days up to the as-of day"),
-    FeatureSpec("log_travel_km", "1", "ln(1 + travel distance to site in km)"),
-    FeatureSpec("age_years", "a", "age at enrolment"),
-    FeatureSpec("sex_female", "1", "1 female, 0 male"),
-    FeatureSpec("arm_placebo", "1", "1 if assigned to placebo, else 0"),
+    *(_SHARED[name] for name in ("log_travel_km", "age_years", "sex_female", "arm_placebo")),
     FeatureSpec("period_start_days", "d", "start of the 7-day hazard period, in days after the as-of day"),
 )
 WITHDRAWAL_FEATURES: tuple[str, ...] = tuple(s.name for s in WITHDRAWAL_SCHEMA)
