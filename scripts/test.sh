@@ -21,6 +21,14 @@ browser_prerequisites() {
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
   fi
 
+  # The withdrawal model's real-data check compares its shipped CSV with R survival's own pbcseq.
+  if ! command -v Rscript >/dev/null 2>&1 || ! Rscript -e 'library(survival)' >/dev/null 2>&1; then
+    echo "== installing Debian R with survival for the real-data check of the withdrawal model"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq r-base-core r-cran-survival >/dev/null
+  fi
+
   # Browser tier: the reference SMART JavaScript client (npm fhirclient) at the version the lock file pins.
   if [ ! -d tests/smart_app/js/node_modules/fhirclient ]; then
     if ! command -v npm >/dev/null 2>&1; then
