@@ -263,7 +263,7 @@ def steady_state_response(emax, ec50, cl, dose_mg, *, bioavailability: float = 1
     """Emax response at the steady-state average concentration of a regimen (a stated scenario).
 
     ``C_avg = F · dose / (CL · tau)`` (mg/L with CL in L/h and tau in h); the response is
-    ``Emax · C_avg / (EC50 + C_avg)`` in Emax's units (for the TT-201 twin: mg/dL of fasting-glucose
+    ``Emax · C_avg / (EC50 + C_avg)`` in Emax's units (e.g. mg/dL of fasting-glucose
     lowering). Vectorized over participants.
 
     Examples
@@ -278,7 +278,7 @@ def steady_state_response(emax, ec50, cl, dose_mg, *, bioavailability: float = 1
 def planted_population(n: int, *, seed: int, subgroups: bool = True, estimation_sd: float = 0.12):
     """Simulated twin features with (or without) planted responder subgroups, for validation and benches.
 
-    Log Emax and log EC50 follow the TT-201 population (typical Emax 40 mg/dL and EC50 0.5 mg/L;
+    Log Emax and log EC50 follow a glucose-lowering Emax population (typical Emax 40 mg/dL, EC50 0.5 mg/L;
     between-participant SD 0.25 and 0.5 on the log scale). With ``subgroups``, about 25 % are
     *high responders* (Emax ×2.5, EC50 ÷6) and 25 % *poor responders* (Emax ×0.4, EC50 ×6); membership
     is partly explained by eGFR (high responders tend to have low eGFR). ``estimation_sd`` adds the
