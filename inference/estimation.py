@@ -193,22 +193,34 @@ def _predict_with_derivatives(
     # (-a, -b) corners
     offsets, pairs = _difference_points(typical.shape[1], tuple(ridx.tolist()), tuple(range(q)) if second else (), h)
     values = stacked.grid(phi, offsets)
-    f, up, down = values[0], values[1 : q + 1], values[q + 1 : 2 * q + 1]
-    jac = ((up - down) / (2 * h)).T
+    f, jac = _first_differences(values, q, h)
     if not second:
         return f, jac, None
-    # second differences reuse the first-derivative points
-    curvature = np.empty((data.n_rows, q, q))
+    return f, jac, _second_differences(values, q, h, pairs)
+
+
+def _first_differences(values: np.ndarray, k: int, h: float) -> tuple[np.ndarray, np.ndarray]:
+    """The centre and the central first differences from a stencil laid out as ``_difference_points``
+    lays it out: centre, +h in each of ``k`` directions, -h in each; then the (+a, +b), (-a, -b) corners."""
+    up, down = values[1 : k + 1], values[k + 1 : 2 * k + 1]
+    return values[0], ((up - down) / (2 * h)).T
+
+
+def _second_differences(values: np.ndarray, k: int, h: float, pairs) -> np.ndarray:
+    """Second differences (rows, k, k) from the same stencil; they reuse the first-derivative points, and
+    the cross terms exist only for ``pairs`` (the others are left unset)."""
+    f, up, down = values[0], values[1 : k + 1], values[k + 1 : 2 * k + 1]
+    second = np.empty((f.size, k, k))
     diagonal = (up - 2 * f + down) / h**2
-    for a in range(q):
-        curvature[:, a, a] = diagonal[a]
+    for a in range(k):
+        second[:, a, a] = diagonal[a]
     if pairs:
         a_, b_ = np.array(pairs).T
-        corners = values[2 * q + 1 :: 2] + values[2 * q + 2 :: 2]
+        corners = values[2 * k + 1 :: 2] + values[2 * k + 2 :: 2]
         cross = (corners - up[a_] - down[a_] - up[b_] - down[b_] + 2 * f) / (2 * h**2)
         for i, (a, b) in enumerate(pairs):
-            curvature[:, a, b] = curvature[:, b, a] = cross[i]
-    return f, jac, curvature
+            second[:, a, b] = second[:, b, a] = cross[i]
+    return second
 
 
 @functools.lru_cache(maxsize=256)
@@ -622,19 +634,8 @@ def _phi_derivatives(structural: Structural, data: ObservationData, phi: np.ndar
     p, h = phi.shape[1], _FD_STEP
     offsets, pairs = _phi_difference_points(p, tuple(ridx.tolist()), h)
     values = stacked.grid(phi, offsets)
-    f, up, down = values[0], values[1 : p + 1], values[p + 1 : 2 * p + 1]
-    first = ((up - down) / (2 * h)).T
-    second = np.empty((f.size, p, p))
-    diagonal = (up - 2 * f + down) / h**2
-    for k in range(p):
-        second[:, k, k] = diagonal[k]
-    if pairs:
-        a_, b_ = np.array(pairs).T
-        corners = values[2 * p + 1 :: 2] + values[2 * p + 2 :: 2]
-        cross = (corners - up[a_] - down[a_] - up[b_] - down[b_] + 2 * f) / (2 * h**2)
-        for i, (a, b) in enumerate(pairs):
-            second[:, a, b] = second[:, b, a] = cross[i]
-    return f, first, second[:, ridx, :]
+    f, first = _first_differences(values, p, h)
+    return f, first, _second_differences(values, p, h, pairs)[:, ridx, :]
 
 
 @functools.lru_cache(maxsize=256)
