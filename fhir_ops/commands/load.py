@@ -540,17 +540,25 @@ def load_nonmem(target, path: str, mapping: dict) -> FileReport:
         "request": {"method": "PUT", "url": f"ResearchStudy/{mapping['study']['id']}"}}]})]
     bundles += [(f"ID {s.id} (line {s.first_line})", nonmem.subject_bundle(s, mapping)) for s in subjects]
     for part, bundle in bundles:
-        try:
-            response = target.submit(bundle)
-        except (LoadError, FhirError) as exc:
-            report.error = f"{part}: rejected ({getattr(exc, 'message', exc)}); subjects before it are loaded"
+        if not _submit_part(target, bundle, part, "subjects", report):
             return report
-        failures = _failed_entries(response)
-        if failures:
-            report.error = f"{part}: {'; '.join(failures[:3])}"
-            return report
-        report.loaded += len(bundle["entry"])
     return report
+
+
+def _submit_part(target, bundle: dict, part: str, earlier: str, report) -> bool:
+    """Submit one all-or-nothing part of a load; on refusal say which part and that the ``earlier`` ones
+    are loaded, and return False (the load stops there)."""
+    try:
+        response = target.submit(bundle)
+    except (LoadError, FhirError) as exc:
+        report.error = f"{part}: rejected ({getattr(exc, 'message', exc)}); {earlier} before it are loaded"
+        return False
+    failures = _failed_entries(response)
+    if failures:
+        report.error = f"{part}: {'; '.join(failures[:3])}"
+        return False
+    report.loaded += len(bundle["entry"])
+    return True
 
 
 def _mapping_model(target, mapping: dict):
@@ -596,16 +604,8 @@ def load_omop(target, directory: str) -> FileReport:
     vocab, unmapped, written = omop.Vocabulary(), omop.UnmappedConcepts(), Counter()
     try:
         for pid, bundle, per_table in omop.person_bundles(tables, vocab, unmapped):
-            try:
-                response = target.submit(bundle)
-            except (LoadError, FhirError) as exc:
-                report.error = f"person_id {pid}: rejected ({getattr(exc, 'message', exc)}); persons before it are loaded"
+            if not _submit_part(target, bundle, f"person_id {pid}", "persons", report):
                 return report
-            failures = _failed_entries(response)
-            if failures:
-                report.error = f"person_id {pid}: {'; '.join(failures[:3])}"
-                return report
-            report.loaded += len(bundle["entry"])
             written.update(per_table)
     except omop.OmopError as exc:
         report.error = "nothing loaded: " + "; ".join(exc.problems)
