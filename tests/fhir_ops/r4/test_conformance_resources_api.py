@@ -1,22 +1,33 @@
 """Over HTTP: every conformance resource TrialTwin ships is readable and searchable; map versions appear too."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 import profiles
 from fhir_ops.shipped import CONFORMANCE_TYPES, all_shipped
 from fhir_ops.validation import validate_resource
-from terminology.catalog import shipped as shipped_terminology
 from tests.fhir_ops.conftest import error_id
 
 pytestmark = pytest.mark.api
 
 LAB_MAP = "https://trialtwin.org/fhir/ConceptMap/edc-lab-to-loinc"
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _shipped_files() -> list[dict]:
-    files = [r for r in profiles.all_resources() if r["resourceType"] in CONFORMANCE_TYPES]
-    return files + [r for t in ("CodeSystem", "ValueSet", "ConceptMap") for r in shipped_terminology(t)]
+    """Every conformance resource file under profiles/ and terminology/data/ (subfolders included), found on
+    disk rather than through the code that serves them: a file added anywhere there must be served."""
+    files = []
+    for folder in (ROOT / "profiles", ROOT / "terminology" / "data"):
+        for path in sorted(folder.rglob("*.json")):
+            resource = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(resource, dict) and resource.get("resourceType") in CONFORMANCE_TYPES:
+                files.append(resource)
+    assert any(r["id"] == "omop-to-standard" for r in files)  # the OMOP import's map, in its own folder
+    return files
 
 
 def _ids(bundle: dict) -> list[str]:
