@@ -313,7 +313,8 @@ def endpoint_allow(app):
 def init_app(app) -> None:
     """Start the watcher and delivery threads when ``SUBSCRIPTIONS`` is on (``trialtwin serve`` turns it on).
 
-    Config: ``SUBSCRIPTION_ENDPOINT_ALLOW``, ``SUBSCRIPTION_RETRY_DELAYS`` (seconds), ``SUBSCRIPTION_POLL``.
+    Config: ``SUBSCRIPTION_ENDPOINT_ALLOW``, ``SUBSCRIPTION_RETRY_DELAYS`` (seconds), ``SUBSCRIPTION_POLL``,
+    ``SUBSCRIPTION_DELIVERY_TIMEOUT`` (seconds one POST to an endpoint may take; 5).
     The service is ``app.extensions["trialtwin.subscriptions"]``; ``stop()`` it before closing the store.
     """
     if not app.config.get("SUBSCRIPTIONS"):
@@ -321,7 +322,8 @@ def init_app(app) -> None:
     service = SubscriptionService(
         app.extensions["trialtwin.store"], os.path.join(app.config["DATA_DIR"], "trialtwin-subscriptions.sqlite"),
         endpoint_allow(app), retry_delays=app.config.get("SUBSCRIPTION_RETRY_DELAYS") or RETRY_DELAYS,
-        poll_seconds=float(app.config.get("SUBSCRIPTION_POLL") or POLL_SECONDS))
+        poll_seconds=float(app.config.get("SUBSCRIPTION_POLL") or POLL_SECONDS),
+        timeout=float(app.config.get("SUBSCRIPTION_DELIVERY_TIMEOUT") or DELIVERY_TIMEOUT))
     app.extensions["trialtwin.subscriptions"] = service.start()
 
 
