@@ -113,3 +113,27 @@ def test_map_workflow_versions_appear_with_their_status(fhir):
     assert ("1.0.0", "active") in found and ("1.1.0", "draft") in found
     only = fhir.get("ConceptMap", params={"url": LAB_MAP, "version": "1.1.0"}).json()
     assert [e["resource"]["status"] for e in only["entry"] if e["search"]["mode"] == "match"] == ["draft"]
+
+
+#: canonicals in the code that are not FHIR definitions: the Bulk Data manifest's "extension" object is keyed
+#: by a URL but is not a FHIR Extension
+NOT_DEFINITIONS = {"https://trialtwin.org/fhir/StructureDefinition/export-report"}
+
+
+@pytest.mark.unit
+def test_every_definition_the_code_or_files_name_is_served():
+    # A validator that resolves meta.profile, extension urls, bindings and operation definitions against the
+    # server must find each TrialTwin canonical the server writes or its files reference.
+    import re
+
+    pattern = re.compile(r"https://trialtwin\.org/fhir/(?:StructureDefinition|OperationDefinition|SearchParameter|"
+                         r"ValueSet|ConceptMap)/[A-Za-z0-9.\-]+")
+    sources = [p for folder in ("fhir_ops", "smart_app", "terminology", "inference", "profiles")
+               for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".json") and p.is_file()]
+    named: dict[str, str] = {}
+    for path in sources:
+        for match in pattern.finditer(path.read_text(encoding="utf-8", errors="ignore")):
+            named.setdefault(match.group(0).rstrip("."), str(path.relative_to(ROOT)))
+    served = {r["url"] for r in all_shipped()}
+    missing = {url: where for url, where in named.items() if url not in served and url not in NOT_DEFINITIONS}
+    assert len(named) > 50 and not missing, missing
