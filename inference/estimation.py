@@ -524,9 +524,10 @@ def _find_modes_compiled(ridx, typical, error, output, m, precision, eta, struct
     values = np.empty((offsets.shape[0], data.n_rows))
     args = (typical, ridx.astype(np.int64), offsets, pair_a, pair_b, y, mask, subject, rows_of, a_out, b_out,
             proportional, _MIN_VARIANCE, m, precision, _FD_STEP, tol, _LAST_STEP, _MAX_STEP, max_iter)
-    status = estimation_kernel.mode_search_step(values, workspace, eta, *args)
-    stacked.at_points(workspace.points, values)  # the start, evaluated as the numpy path does (no errstate)
-    status = estimation_kernel.mode_search_step(values, workspace, eta, *args)
+    status = estimation_kernel.mode_search_step(values, workspace, eta, *args)  # step limits, the start's grid
+    if status == estimation_kernel.CONTINUE:
+        stacked.at_points(workspace.points, values)  # the start, evaluated as the numpy path does (no errstate)
+        status = estimation_kernel.mode_search_step(values, workspace, eta, *args)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # overshooting trial points may overflow; the kernel rejects them as non-finite
         while status == estimation_kernel.CONTINUE:
