@@ -45,13 +45,24 @@ def kernel_wanted() -> bool:
     choice = os.environ.get("TRIALTWIN_FOCE_KERNEL", "auto").strip().lower()
     if choice == "numpy":
         return False
+    if _numba_imports is None:
+        _check_numba()
+    if not _numba_imports and choice == "numba":
+        import numba  # noqa: F401  (raises the ImportError)
+    return bool(_numba_imports)
+
+
+_numba_imports: bool | None = None  # asked once: a fit asks kernel_wanted() ~50 times
+
+
+def _check_numba() -> None:
+    global _numba_imports
     try:
         import numba  # noqa: F401
     except ImportError:
-        if choice == "numba":
-            raise
-        return False
-    return True
+        _numba_imports = False
+    else:
+        _numba_imports = True
 
 
 def kernel_info() -> dict:
