@@ -273,16 +273,22 @@ def _mode_search_step(values, points, typical, ridx, offsets, pair_a, pair_b, y,
         state[1] = 0
         _write_points(typical, ridx, offsets, eta, points)
         return CONTINUE
+    # the terms at the point just evaluated: the start (phase 1) into the current terms, a candidate
+    # eta + step into the candidate's (one call site, so the kernel compiles one copy of _terms)
     if phase == 1:
-        _terms(values, h, pair_a, pair_b, y, mask, subject, rows_of, a_out, b_out, proportional, min_variance,
-               eta, m, precision, data_term, prior_term, grad, expected, laplace, step_hess, jac, curv,
-               w_rows, dw_rows)
+        at, t_data, t_prior, t_grad, t_expected, t_laplace, t_step = (eta, data_term, prior_term, grad, expected,
+                                                                     laplace, step_hess)
+        t_jac, t_curv, t_w, t_dw = jac, curv, w_rows, dw_rows
+    else:
+        at, t_data, t_prior, t_grad, t_expected, t_laplace, t_step = (trial, c_data, c_prior, c_grad, c_expected,
+                                                                     c_laplace, c_step)
+        t_jac, t_curv, t_w, t_dw = c_jac, c_curv, c_w, c_dw
+    _terms(values, h, pair_a, pair_b, y, mask, subject, rows_of, a_out, b_out, proportional, min_variance,
+           at, m, precision, t_data, t_prior, t_grad, t_expected, t_laplace, t_step, t_jac, t_curv, t_w, t_dw)
+    if phase == 1:
         state[0] = 2
     else:
-        # the candidate eta + step: accept it per subject where it does not increase the objective
-        _terms(values, h, pair_a, pair_b, y, mask, subject, rows_of, a_out, b_out, proportional, min_variance,
-               trial, m, precision, c_data, c_prior, c_grad, c_expected, c_laplace, c_step, c_jac, c_curv,
-               c_w, c_dw)
+        # accept the candidate per subject where it does not increase the objective
         better = np.zeros(n, np.bool_)
         for i in range(n):
             total = data_term[i] + prior_term[i]
