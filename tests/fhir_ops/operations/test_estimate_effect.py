@@ -373,3 +373,41 @@ def test_a_study_with_a_single_arm_is_refused(studies):
     issue = r.json()["issue"][0]
     assert "'active'" in issue["diagnostics"] and issue["expression"] == ["Parameters.parameter:treatmentArm"]
     assert fhir.get("DocumentReference", params={"_summary": "count"}).json()["total"] == before
+
+
+def test_historical_controls_from_a_nonmem_file_give_the_same_procova(studies, tmp_path):
+    """Issue 16 build item 1 (history from a NONMEM/CSV file): the historical controls written as a NONMEM data
+    set, loaded by ``trialtwin load --format nonmem`` over HTTP into a ResearchStudy, give the same prognostic
+    model and PROCOVA fit as the same rows loaded as FHIR (coefficients and HC3 SEs to 1e-8)."""
+    import json
+
+    from fhir_ops.cli import main
+
+    fhir, _, hist, _ = studies
+    lines = ["ID,TIME,DV,AMT,EVID,MDV,CMT,ARM"]
+    for k, (_, _, _, base, y, _) in enumerate(hist, start=1):
+        lines += [f"{k},0,{round(base, 4)},.,0,0,2,placebo", f"{k},{DAY},{round(y, 4)},.,0,0,2,placebo"]
+    (tmp_path / "history.csv").write_text("\n".join(lines) + "\n")
+    mapping = {"study": {"id": "nm-history", "title": "Historical controls (NONMEM)", "armColumn": "ARM"},
+               "timeUnit": "d", "start": "2025-03-03T08:00:00Z",
+               "doses": [{"cmt": 1, "medication": {"system": "https://example.org/med", "code": "none"},
+                          "unit": "mg", "route": "oral"}],
+               "observations": [{"cmt": 2, "code": {"system": LOINC, "code": "4548-4"}, "unit": "%"}]}
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    assert main(["load", str(tmp_path / "history.csv"), "--format", "nonmem", "--mapping", str(tmp_path / "map.json"),
+                 "--url", fhir.base]) == 0
+
+    def procova(reference):
+        r = fhir.post("ResearchStudy/trial/$estimate-effect",
+                      _params(covariate=["baseline"], historicalControl={"reference": reference}, persist=False))
+        assert r.status_code == 200, r.text[:600]
+        pm = _parts(_get(r.json(), "prognosticModel")[0])
+        coefficients = dict(_coefficient(p["part"]) for p in _get_effect(r.json(), "procova"))
+        return pm, coefficients
+
+    pm_nm, from_nonmem = procova("ResearchStudy/nm-history")
+    pm_fhir, from_fhir = procova("ResearchStudy/history")
+    assert pm_nm["nTrain"] + pm_nm["nTest"] == pm_fhir["nTrain"] + pm_fhir["nTest"] == len(hist)
+    assert list(from_nonmem) == list(from_fhir) == ["const", "treated", "prognosticScore"]
+    for term in from_fhir:
+        assert from_nonmem[term] == pytest.approx(from_fhir[term], abs=1e-8), term
