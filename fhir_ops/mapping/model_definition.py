@@ -27,7 +27,8 @@ STUDY_MODEL_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/study-twin-model"
 ESTIMATE_USED_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/population-estimate-used"
 LIBRARY_TYPE = "http://terminology.hl7.org/CodeSystem/library-type"
 JSON_TYPE = "application/json"
-_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0}
+HOURS_PER_UNIT = {"h": 1.0, "d": 24.0, "wk": 168.0}  # hours in one unit of a definition's timeUnit
+_HOURS = HOURS_PER_UNIT
 
 
 def ucum_factor(from_unit: str, to_unit: str) -> float:

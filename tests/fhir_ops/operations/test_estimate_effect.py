@@ -411,3 +411,113 @@ def test_historical_controls_from_a_nonmem_file_give_the_same_procova(studies, t
     assert list(from_nonmem) == list(from_fhir) == ["const", "treated", "prognosticScore"]
     for term in from_fhir:
         assert from_nonmem[term] == pytest.approx(from_fhir[term], abs=1e-8), term
+
+
+TGI_SLD = "https://trialtwin.org/fhir/CodeSystem/assay|SLD"
+
+
+@pytest.fixture(scope="module")
+def twin_study(studies):
+    """A tumour-growth study whose ResearchStudy references the shipped tumour-growth twin model: 80 participants
+    with a baseline SLD and the week-12 SLD drawn from the model's own population (BASE, KL log-normal), the
+    active arm shrinking the week-12 SLD by 25 %; each also has an HbA1c pair the model does not predict."""
+    from fhir_ops.mapping import model_definition as fm
+    from inference.model_definition import shipped_definition
+
+    fhir, *_ = studies
+    model = fm.compile_definition(shipped_definition("tumour-growth"))
+    rng = np.random.default_rng(77)
+    n = 80
+    treated = rng.permutation(np.arange(n) % 2 == 0)
+    base = 70.0 * np.exp(0.4 * rng.normal(size=n))
+    kl = 0.02 * np.exp(0.3 * rng.normal(size=n))
+    noise = lambda f: f + rng.normal(size=f.size) * np.sqrt(2.0 ** 2 + (0.05 * f) ** 2)  # noqa: E731
+    y0, y12 = noise(base), noise(base * np.exp(kl * 12) * np.where(treated, 0.75, 1.0))
+    entries = [_put(fm.definition_library(model)),
+               _put({"resourceType": "ResearchStudy", "id": "tgi", "status": "active",
+                     "arm": [{"name": "active"}, {"name": "control"}],
+                     "extension": [{"url": fm.STUDY_MODEL_EXTENSION, "valueCanonical": model.canonical}]})]
+    for i in range(n):
+        pid, day0 = f"tg-{i:03d}", START + dt.timedelta(days=i % 30)
+        entries += [_put({"resourceType": "Patient", "id": pid, "birthDate": "1960-06-01"}),
+                    _put({"resourceType": "ResearchSubject", "id": f"rs-{pid}", "status": "on-study",
+                          "study": {"reference": "ResearchStudy/tgi"}, "individual": {"reference": f"Patient/{pid}"},
+                          "assignedArm": "active" if treated[i] else "control", "period": {"start": day0.isoformat()}})]
+        for day, value in ((0, y0[i]), (84, y12[i])):
+            sld = _obs(f"sld{day}-{pid}", pid, day0, day, value, unit="mm", code="SLD")
+            sld["code"]["coding"][0]["system"] = "https://trialtwin.org/fhir/CodeSystem/assay"
+            entries += [_put(sld), _put(_obs(f"a1c{day}-{pid}", pid, day0, day, 8.0 + rng.normal()))]
+    # one more control whose first SLD is on day 3: a baseline covariate (within the 14-day window) but nothing
+    # for the twin to start from before treatment (records up to day 1): left out and counted
+    late = START + dt.timedelta(days=5)
+    sld = [_obs(f"sld{day}-tg-late", "tg-late", late, day, 75.0, unit="mm", code="SLD") for day in (3, 84)]
+    for o in sld:
+        o["code"]["coding"][0]["system"] = "https://trialtwin.org/fhir/CodeSystem/assay"
+    entries += [_put({"resourceType": "Patient", "id": "tg-late"}), *map(_put, sld),
+                _put({"resourceType": "ResearchSubject", "id": "rs-tg-late", "status": "on-study",
+                      "study": {"reference": "ResearchStudy/tgi"}, "individual": {"reference": "Patient/tg-late"},
+                      "assignedArm": "control", "period": {"start": late.isoformat()}})]
+    _load(fhir, entries)
+    return fhir, model, {f"tg-{i:03d}": round(float(y0[i]), 4) for i in range(n)}, treated
+
+
+def _twin_params(**kw):
+    body = _params(**kw)
+    for p in body["parameter"]:
+        p.update({"endpoint": {"valueString": TGI_SLD}, "timepointDays": {"valueInteger": 84},
+                  "controlArm": {"valueString": "control"}}.get(p["name"], {}))
+    body["parameter"].append({"name": "prognosticSource", "valueCode": "twin"})
+    return body
+
+
+def test_prognostic_scores_from_the_twin_model(twin_study):
+    """Issue 16 build item 1 (scores from the study's twin): each participant's twin, calibrated on the baseline
+    SLD only, predicts the week-12 SLD without treatment; the stored score equals the engine's
+    control_prediction on the same record; PROCOVA on it is much tighter than the unadjusted estimate; the
+    validation on the control arm is reported."""
+    from inference.model_definition import SubjectRecord, control_prediction
+
+    fhir, model, baselines, treated = twin_study
+    r = fhir.post("ResearchStudy/tgi/$estimate-effect", _twin_params(covariate=["baseline"]))
+    assert r.status_code == 200, r.text[:800]
+    body = r.json()
+    pm = _parts(_get(body, "prognosticModel")[0])
+    assert pm["trainedOn"]["reference"].startswith("Library/") and pm["nTrain"] == 0
+    assert pm["nTest"] == int((~treated).sum())
+    assert _get(body, "excluded")[0]["valueInteger"] == 1
+    assert any("up to day 1" in i["diagnostics"] for i in _get(body, "issues")[0]["resource"]["issue"])
+    eff, rho = _effects(body), _get(body, "rho")[0]["valueDecimal"]
+    print(f"\ntwin scores: rho {rho:.3f}, control-arm R² {pm['r2']:.3f}, calibration {pm['calibrationIntercept']:+.2f}"
+          f" + {pm['calibrationSlope']:.3f} x; SE procova {eff['procova']['standardError']:.3f} vs unadjusted "
+          f"{eff['unadjusted']['standardError']:.3f}")
+    assert rho > 0.9 and pm["r2"] > 0.8
+    assert eff["procova"]["standardError"] < 0.5 * eff["unadjusted"]["standardError"]
+    score = fhir.get("Observation", params={
+        "subject": "Patient/tg-005", "category": "https://trialtwin.org/fhir/CodeSystem/trialtwin|prognostic-score"})
+    stored = score.json()["entry"][0]["resource"]["valueQuantity"]
+    record = SubjectRecord("tg-005", (), ((9.0 / 168.0, "sld", baselines["tg-005"]),), {})
+    assert stored["unit"] == "mm"
+    assert stored["value"] == pytest.approx(control_prediction(model, model.population_model(), record, "sld",
+                                                               12.0), abs=1e-6)
+
+
+@pytest.mark.parametrize("study_id, change, status, eid", [
+    ("trial", {}, 422, "study-without-model"),
+    ("tgi", {"endpoint": HBA1C}, 422, "endpoint-not-in-model"),
+    ("tgi", {"historicalControl": {"reference": "ResearchStudy/history"}}, 400, "prognostic-source-conflict"),
+])
+def test_twin_scores_refuse_what_the_twin_cannot_score(twin_study, study_id, change, status, eid):
+    fhir, *_ = twin_study
+    before = fhir.get("DocumentReference", params={"_summary": "count"}).json()["total"]
+    body = _twin_params() if study_id == "tgi" else _params(prognosticSource="twin")
+    if study_id != "tgi":
+        body["parameter"][-1] = {"name": "prognosticSource", "valueCode": "twin"}
+    for p in body["parameter"]:
+        if p["name"] == "endpoint" and "endpoint" in change:
+            p["valueString"] = change["endpoint"]
+    if "historicalControl" in change:
+        body["parameter"].append({"name": "historicalControl", "valueReference": change["historicalControl"]})
+    r = fhir.post(f"ResearchStudy/{study_id}/$estimate-effect", body)
+    assert r.status_code == status, r.text[:500]
+    assert error_id(r) == eid
+    assert fhir.get("DocumentReference", params={"_summary": "count"}).json()["total"] == before
