@@ -491,6 +491,9 @@ def test_prognostic_scores_from_the_twin_model(twin_study):
           f" + {pm['calibrationSlope']:.3f} x; SE procova {eff['procova']['standardError']:.3f} vs unadjusted "
           f"{eff['unadjusted']['standardError']:.3f}")
     assert rho > 0.9 and pm["r2"] > 0.8
+    doc = fhir.get(_get(body, "report")[0]["valueReference"]["reference"]).json()
+    html = base64.b64decode(doc["content"][0]["attachment"]["data"]).decode()
+    assert "Scores from the twin model Library/" in html and "held-out" not in html
     assert eff["procova"]["standardError"] < 0.5 * eff["unadjusted"]["standardError"]
     score = fhir.get("Observation", params={
         "subject": "Patient/tg-005", "category": "https://trialtwin.org/fhir/CodeSystem/trialtwin|prognostic-score"})
