@@ -10,7 +10,7 @@ import base64
 import hashlib
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
@@ -318,8 +318,11 @@ def _twin_scores(store, study_id: str, trial: AnalysisTable, endpoint: Endpoint)
     scores = np.full(len(trial.patient_ids), np.nan)
     inputs = list(sm.inputs)
     for k, pid in enumerate(trial.patient_ids):
-        zero = zero_of.get(pid)
-        record, _, read = fm.subject_record(store, pid, model, origin=parse_datetime(zero) if zero else None)
+        zero = parse_datetime(zero_of[pid]) if zero_of.get(pid) else None
+        if zero is None:
+            continue  # no time zero: nothing marks what is baseline
+        # only the records up to day 1 are read: the score must not see later data, and a long record is not read
+        record, _, read = fm.subject_record(store, pid, model, origin=zero, until=zero + timedelta(days=1))
         baseline = tuple(o for o in record.observations if o[1] == output["name"] and o[0] <= day and np.isfinite(o[2]))
         if not baseline:
             continue
