@@ -60,11 +60,15 @@ def test_study_strata_are_stored_as_profiled_groups_with_provenance_and_reruns_w
     assert single(body, "created") == k + 1
 
     groups, provs = _strata_count(base), _count(base, "Provenance")
+    refs = [p["valueReference"]["reference"] for s in strata for p in s["part"] if p["name"] == "group"]
+    versions = [requests.get(f"{base}/{ref}", timeout=30).json()["meta"]["versionId"] for ref in refs]
     again = _stratify(base, "ResearchStudy/tt-201")
     assert again.status_code == 200
     assert single(again.json(), "created") == 0
     assert entries(again.json(), "bic") == entries(body, "bic")
     assert _strata_count(base) == groups and _count(base, "Provenance") == provs
+    # ... and no new version of any stratum either
+    assert [requests.get(f"{base}/{ref}", timeout=30).json()["meta"]["versionId"] for ref in refs] == versions
 
 
 def test_group_level_and_response_feature(twin_server):
