@@ -21,11 +21,12 @@ pytestmark = pytest.mark.api
 def served(tmp_path_factory):
     for combined in combined_server(tmp_path_factory):
         loader = Loader(combined)
-        # the combined server's demo has 6 participants; stratification needs at least 10: load 16
+        # the combined server's demo has 6 participants; stratification needs at least 10 whose data inform
+        # their twins (placebo participants' do not): load 24, 16 of them on a dosed arm
         from fhir_ops.demo import build_demo_resources, simulate_demo_records
 
         loader.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                            for r in build_demo_resources(simulate_demo_records(seed=5, n=16))], size=500)
+                            for r in build_demo_resources(simulate_demo_records(seed=5, n=24))], size=500)
         r = loader.post("ResearchStudy/tt-201/$stratify", [{"name": "bootstrap", "valueInteger": 3}])
         assert r.status_code == 200, r.text[:400]
         r2 = loader.post("ResearchStudy/tt-201/$safety-signal", [])
