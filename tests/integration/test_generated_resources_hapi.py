@@ -193,9 +193,10 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         out[_key(GENERATED[21])] = careplan
         out[_key(GENERATED[22])] = _get(client, _value(scheduled.json(), "provenance")["reference"])
 
-        # $stratify on the demo study (its twins: 12, as stratification needs at least 10), $safety-signal with
-        # a planted adverse event so a DetectedIssue and its review Task exist
-        study = build_demo_resources(simulate_demo_records(seed=7, n=12))
+        # $stratify on the demo study (20 participants, 13 on a dosed arm with data: stratification needs at least
+        # 10 whose data inform their twins, which placebo's do not), $safety-signal with a planted adverse event
+        # so a DetectedIssue and its review Task exist
+        study = build_demo_resources(simulate_demo_records(seed=7, n=20))
         for i in range(0, len(study), 500):
             assert client.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
                                        for r in study[i:i + 500]]).status_code == 200
