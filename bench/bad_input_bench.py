@@ -5,7 +5,9 @@ the slowest answer is far below the 5 s bound. This script sends the same cases 
 seed) to that small demo (the baseline, in the same process) and to the default demo of 200 participants
 (about 41,000 resources), each served as ``trialtwin serve --auth smart`` with the 4 s request budget of
 the test, and records per run: status classes, 5xx answers, answers over 5 s with their routes, and
-latency percentiles; the ratio of the default demo's percentiles to the small demo's.
+latency percentiles; the ratio of the default demo's percentiles to the small demo's. The clinician
+app's study page, which the run sends signed out only (signed in, its cost is its per-arm simulation
+and figures, whatever the input), is timed signed in, three times per demo.
 
     .venv/bin/python bench/bad_input_bench.py [--cases 5200] [--out bench/results/bad_input_bench.json]
 """
@@ -16,6 +18,7 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import describe  # noqa: E402
 from fhir_ops.commands.demo import DEFAULT_PARTICIPANTS, DEFAULT_SEED  # noqa: E402
 from tests.smart_app.conftest import DEMO_PARTICIPANTS, combined_server  # noqa: E402
-from tests.smart_app.test_bad_input_fuzz import CASES, MAX_SECONDS, SEED, run_bad_input  # noqa: E402
+from tests.smart_app.test_bad_input_fuzz import CASES, MAX_SECONDS, SEED, _app_session, run_bad_input  # noqa: E402
 
 
 class _TmpDirs:
@@ -46,6 +49,13 @@ def one_run(root: Path, participants: int, seed: int, cases: int) -> dict:
     combined = next(server)
     try:
         run = run_bad_input(combined, cases, SEED)
+        # the one page the run sends signed out only: its cost does not depend on the input, so timed apart
+        session, _ = _app_session(combined)
+        study_page = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert session.get(f"{combined.base}/app/study/tt-201", timeout=300).status_code == 200
+            study_page.append(round(time.perf_counter() - started, 2))
     finally:
         next(server, None)  # past the yield: the server stops and its store closes
     seconds = sorted(t for t, _, _ in run["timings"])
@@ -59,6 +69,7 @@ def one_run(root: Path, participants: int, seed: int, cases: int) -> dict:
             "answers_5xx": len(fives), "answers_over_5s": len(over), "max_s": round(seconds[-1], 3), **pct,
             "slowest": [(round(t, 2), label[:140], status) for t, label, status in run["timings"][:10]],
             "over_5s_or_5xx_by_route": dict(sorted(by_route.items(), key=lambda kv: -kv[1])),
+            "signed_in_study_page_s": study_page,
             "routes_reached": f"{len(run['reached'] & run['routes'])}/{len(run['routes'])}",
             "operations_reached": f"{len(run['operations'] & run['registered'])}/{len(run['registered'])}"}
 
