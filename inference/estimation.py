@@ -910,7 +910,7 @@ def _linearized_information(param: "_Parameterization", model: PopulationModel, 
     Starting from it instead of a scaled identity, BFGS needs about half the iterations; it is only
     a start, so the approximation (no interaction term, linearization) does not bias the estimates.
     """
-    n, q = data.n_subjects, model.n_random_effects
+    n = data.n_subjects
     ridx = model.random_index
     phi = typical_parameters(model, data)
     phi[:, ridx] += modes.eta

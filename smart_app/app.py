@@ -5,7 +5,6 @@ server-rendered HTML with inline SVG plots, so the app works in a plain browser 
 """
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
