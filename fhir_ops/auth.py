@@ -767,8 +767,12 @@ def check_operation(access, level: str, resource_type: str | None, resource_id: 
     if resource_type in COHORT_TYPES:
         # A cohort's result aggregates (and may write for) many participants: every permission it uses
         # must come from user/ or system/ scopes, never from one patient's compartment.
-        needs = [("read", resource_type), ("search", "ResearchSubject"), *needs]
-        narrow = [f"{interaction_code(i)} on {t}" for i, t in needs if not access.scopes.allows(i, t, ("user", "system"))]
+        # and what it aggregates is data a search would need broad scopes for (registry: reads=...)
+        read_types = () if op.study_summary else ("*",) if op.reads is None else op.reads
+        needs = [("read", resource_type), ("search", "ResearchSubject"),
+                 *[("search", t) for t in read_types if t != "ResearchSubject"], *needs]
+        narrow = [f"{interaction_code(i)} on {'every type (*)' if t == '*' else t}" for i, t in needs
+                  if not access.scopes.allows(i, t, ("user", "system"))]
         if narrow:
             raise _forbidden(f"{op.name} on {resource_type} concerns many participants; it needs user/ or system/ "
                              f"scopes for: {', '.join(narrow)}", "cohort-needs-broad-scope")

@@ -54,7 +54,8 @@ def _activation(params: dict, rec, study_start: datetime | None) -> dict[str, da
 
 
 @operation("OperationDefinition-forecast-enrollment.json", async_allowed=True,
-           writes=Writes(("MeasureReport", "Provenance"), flag="persist", default=True))
+           writes=Writes(("MeasureReport", "Provenance"), flag="persist", default=True),
+           study_summary="recruitment counts and rates per site; no participant's recorded values")
 def handle(ctx: OperationContext, params: dict) -> dict:
     """Fit the study's recruitment and forecast the time to its target."""
     target = params["target"]

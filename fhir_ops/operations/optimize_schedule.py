@@ -82,7 +82,8 @@ def _check_params(params: dict) -> None:
 
 @operation("OperationDefinition-optimize-schedule.json", async_allowed=True,
            writes=Writes(("Appointment", "CarePlan", "Provenance"), flag="persist", default=True),
-           cross_patient="weighs the site's daily capacity against other participants' appointments")
+           cross_patient="weighs the site's daily capacity against other participants' appointments",
+           study_summary="proposed visit days and modalities, and expected missed visits and site hours")
 def handle(ctx: OperationContext, params: dict) -> dict:
     """Optimise the upcoming visits of one participant or of every on-study participant of a study."""
     _check_params(params)

@@ -71,6 +71,12 @@ class Operation:
     precheck: Callable[["OperationContext", dict], None] | None = None
     #: at system level, only system/ scopes (SMART Backend Services) authorize the call
     backend_only: bool = False
+    #: the resource types a call on a cohort (Group, ResearchStudy) reads of its participants; the
+    #: token needs broad search on each. None: any type, so a cohort call needs search on every type
+    reads: tuple[str, ...] | None = None
+    #: why a cohort call's answer is a study-management summary that shows no participant's recorded
+    #: values (None: it may); such a call needs only the study-level scopes (see fhir_ops.auth)
+    study_summary: str | None = None
 
     @property
     def name(self) -> str:
@@ -143,7 +149,8 @@ _loaded = False
 
 
 def operation(definition: str | Mapping, *, async_allowed: bool = False, writes: Writes | None = None,
-              cross_patient: str | None = None, precheck: Callable | None = None, backend_only: bool = False):
+              cross_patient: str | None = None, precheck: Callable | None = None, backend_only: bool = False,
+              reads: tuple[str, ...] | None = None, study_summary: str | None = None):
     """Declare an operation: decorate its handler with its OperationDefinition.
 
     Parameters
@@ -168,6 +175,16 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False, writes:
     backend_only : bool
         At system level, require ``system/`` scopes (a SMART Backend Services token); ``user/*``
         scopes are not enough (Bulk Data ``$export``).
+    reads : tuple of str, optional
+        The resource types a call on a Group or ResearchStudy reads of the participants; such a call
+        needs ``user/`` or ``system/`` search on each (as a search of those types would). Undeclared
+        (None) means any type: the call then needs search on every type (``user/*.rs``). Deny by
+        default: an aggregate is never a way around the scopes a search would need.
+    study_summary : str, optional
+        Why a cohort call's answer only summarizes the study for its management (arm-level
+        predictions, recruitment per site, visit proposals) without showing any participant's
+        recorded values; such a call then needs only ``read`` on the target and ``search`` on
+        ResearchSubject (what the EDC study view holds), not the ``reads`` types.
 
     Returns
     -------
@@ -185,7 +202,8 @@ def operation(definition: str | Mapping, *, async_allowed: bool = False, writes:
 
     def register(handler):
         op = Operation(code=resolved["code"], definition=resolved, handler=handler, async_allowed=async_allowed,
-                       writes=writes, cross_patient=cross_patient, precheck=precheck, backend_only=backend_only)
+                       writes=writes, cross_patient=cross_patient, precheck=precheck, backend_only=backend_only,
+                       reads=None if reads is None else tuple(reads), study_summary=study_summary)
         with _LOCK:
             existing = _REGISTRY.get(op.code)
             if existing is not None and existing.handler is not handler:

@@ -27,7 +27,8 @@ MAX_PARTICIPANTS = 100_000
 
 
 @operation("OperationDefinition-simulate.json", async_allowed=True,
-           writes=Writes(("Basic", "Observation", "Provenance"), flag="persist", default=False))
+           writes=Writes(("Basic", "Observation", "Provenance"), flag="persist", default=False),
+           study_summary="a cohort call answers per-arm medians and bands of simulated outcomes")
 def handle(ctx: OperationContext, params: dict) -> dict:
     if ctx.resource_type == "Patient":
         if params.get("memberOutputs"):

@@ -232,6 +232,7 @@ def test_operations_on_other_patients_are_refused(combined, p1_read):
     study = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$predict-dropout", mixed["access_token"], json=EMPTY)
     assert study.status_code == 403 and outcome_id(study) == "cohort-needs-broad-scope"
     assert "c on RiskAssessment" in study.json()["issue"][0]["diagnostics"]
+    # a study-management summary (per-arm simulated bands) needs only the study-level scopes
     read_only = {"resourceType": "Parameters", "parameter": [{"name": "horizonDays", "valueInteger": 7}]}
     allowed = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$simulate", mixed["access_token"], json=read_only)
     assert allowed.status_code == 200, allowed.text
@@ -366,3 +367,19 @@ def test_inference_service_needs_a_token_that_may_read_risk_assessments(combined
     allowed = requests.post(url, json=body, headers={"Authorization": f"Bearer {system_read}"}, timeout=30)
     assert allowed.status_code == 200, allowed.text
     assert len(allowed.json()["probabilities"]) == 2
+
+
+def test_a_cohort_aggregate_needs_the_search_scopes_a_search_of_its_data_would(combined):
+    """Deny by default: per-arm adverse-event counts ($safety-signal), strata and effect estimates are not for
+    a token that may not search the participants' data; only the operations declared study-management
+    summaries (the EDC study view's $simulate, $forecast-enrollment, $optimize-schedule) run with the
+    study-level scopes."""
+    narrow = combined.user_token("user/ResearchStudy.rs user/ResearchSubject.rs")["access_token"]
+    dry_run = {"resourceType": "Parameters", "parameter": [{"name": "persist", "valueBoolean": False}]}
+    assert call("GET", f"{combined.fhir}/AdverseEvent", narrow).status_code == 403
+    for op in ("$safety-signal", "$stratify", "$estimate-effect"):
+        refused = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/{op}", narrow, json=dry_run)
+        assert refused.status_code == 403 and outcome_id(refused) == "cohort-needs-broad-scope", (op, refused.text)
+        assert "s on every type (*)" in refused.json()["issue"][0]["diagnostics"], op
+    summary = call("POST", f"{combined.fhir}/ResearchStudy/tt-201/$forecast-enrollment", narrow, json=dry_run)
+    assert summary.status_code != 403, summary.text
