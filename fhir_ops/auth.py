@@ -170,7 +170,8 @@ def compartment_patients(resource: dict) -> set[str]:
     out: set[str] = set()
     if rtype == "Patient" and isinstance(resource.get("id"), str):
         out.add(resource["id"])
-    for path in _compartment_steps(rtype) if isinstance(rtype, str) else ():
+    # (a resourceType that is no string takes the unremembered way, failing as it always did)
+    for path in _compartment_steps(rtype) if isinstance(rtype, str) else _compartment_steps.__wrapped__(rtype):
         if path[0] not in resource:  # runs for every resource written (its audit record): skip absent elements
             continue
         for ref in _values(resource, path):
