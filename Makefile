@@ -12,6 +12,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/trialtwin compile-kernels
 	touch $@
 
 setup: $(VENV)/.installed

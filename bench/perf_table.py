@@ -76,8 +76,11 @@ def _population(d):
         r = e["nlme_over_trialtwin_time"]
         return f"nlme {e['nlme_cpu_seconds']:.3f} s, " + (f"ours ×{r:.2f} faster" if r >= 1 else f"nlme ×{1 / r:.2f} faster")
 
+    kernel = d.get("kernel", {}).get("kernel") or "numpy"
+    numpy_path = (f"; the numpy path ×{t['numpy_path_over_kernel_time']:.2f} / ×{i['numpy_path_over_kernel_time']:.2f} "
+                  "slower" if "numpy_path_over_kernel_time" in t else "")
     return (f"Theoph {t['trialtwin_cpu_seconds_with_standard_errors']:.3f} s CPU with standard errors "
-            f"(Indometh {i['trialtwin_cpu_seconds_with_standard_errors']:.3f} s)",
+            f"(Indometh {i['trialtwin_cpu_seconds_with_standard_errors']:.3f} s), {kernel} kernels{numpy_path}",
             f"R nlme in the same run: Theoph {versus(t)}; Indometh {versus(i)}; same "
             f"Theoph estimates to {t['max_abs_difference_log_units']:.2f} log units; Indometh: "
             + ("ours has the higher likelihood" if better else "nlme has the higher likelihood"))

@@ -22,7 +22,8 @@ import scipy
 from scipy import optimize, stats
 
 from inference.calibration import calibrate_each
-from inference.datasets import load_theoph, ssbiexp, ssfol
+from inference import estimation_kernel
+from inference.datasets import load_indometh, load_theoph, ssbiexp, ssfol
 from inference.estimation import BoundaryWarning, find_modes, fit_population, objective_function
 from inference.population import (ObservationData, PopulationModel, ResidualError, residual_log_likelihood,
                                   simulate_observations, typical_parameters)
@@ -153,6 +154,13 @@ def compare_with_nlme(name, start, structural, data, nlme_fit, log_scale, repeat
         warnings.simplefilter("ignore", BoundaryWarning)  # recorded below, not printed five times
         ours_s, fit = best_of(lambda: fit_population(start, structural, data), repeats)
         bare_s, _ = best_of(lambda: fit_population(start, structural, data, standard_errors=False), repeats)
+        # the numpy path the compiled kernels replace (TRIALTWIN_FOCE_KERNEL=numpy), same process
+        os.environ["TRIALTWIN_FOCE_KERNEL"] = "numpy"
+        try:
+            numpy_s, numpy_fit = best_of(lambda: fit_population(start, structural, data), repeats)
+        finally:
+            os.environ.pop("TRIALTWIN_FOCE_KERNEL")
+    x_kernel, x_numpy = np.array(list(fit.estimates.values())), np.array(list(numpy_fit.estimates.values()))
     fixed = dict(zip(fit.model.parameters, fit.model.theta))
     nlme_fixed = {k[len("fixed:"):]: v for k, v in nlme_fit.items() if k.startswith("fixed:")}
     nlme_sd = {k[len("sd:"):]: v for k, v in nlme_fit.items() if k.startswith("sd:")}
@@ -184,6 +192,12 @@ def compare_with_nlme(name, start, structural, data, nlme_fit, log_scale, repeat
         "trialtwin_cpu_seconds_without_standard_errors": bare_s,
         "nlme_cpu_seconds": nlme_fit["cpu_seconds"],
         "nlme_over_trialtwin_time": nlme_fit["cpu_seconds"] / ours_s,
+        "trialtwin_numpy_path_cpu_seconds_with_standard_errors": numpy_s,
+        "numpy_path_over_kernel_time": numpy_s / ours_s,
+        "kernel_vs_numpy_path_max_relative_difference_of_estimates": float(
+            np.max(np.abs(x_kernel - x_numpy) / np.maximum(np.abs(x_numpy), 1e-2))),
+        "kernel_vs_numpy_path_relative_difference_of_minus2loglik": abs(fit.objective - numpy_fit.objective)
+        / abs(numpy_fit.objective),
         "trialtwin_fixed": fixed, "nlme_fixed": nlme_fixed,
         "trialtwin_sd": ours_sd, "nlme_sd": nlme_sd,
         "differences_log_units": diffs,
@@ -198,8 +212,8 @@ def compare_with_nlme(name, start, structural, data, nlme_fit, log_scale, repeat
         "bfgs_iterations": fit.n_iterations,
         "bfgs_iterations_until_within_0.01_of_final_minus2loglik": within,
     }
-    print(f"{name}: TrialTwin {ours_s:.3f} s (with SEs; {bare_s:.3f} s without; {fit.n_iterations} iterations, "
-          f"within 0.01 of the optimum after {within}), nlme {nlme_fit['cpu_seconds']:.3f} s; "
+    print(f"{name}: TrialTwin {ours_s:.3f} s (with SEs; {bare_s:.3f} s without; numpy path {numpy_s:.3f} s; "
+          f"{fit.n_iterations} iterations, within 0.01 of the optimum after {within}), nlme {nlme_fit['cpu_seconds']:.3f} s; "
           f"max |difference| {entry['max_abs_difference_log_units']:.3f} log units; our -2LL at ours "
           f"{fit.objective:.3f}, at nlme's {ours_at_nlme:.3f}; nlme logLik {nlme_fit['loglik']:.3f}; "
           f"quadrature -2LL at ours / nlme's {quadrature['15_points_per_effect']['at_trialtwin']:.3f} / "
@@ -235,6 +249,10 @@ def main() -> None:
     if ensure_r():
         nlme, indometh = run_nlme(repeats=REPEATS)
         results["r_versions"] = nlme.pop("version")
+        shipped = load_indometh()  # the copy the tests use, checked against R's own in every run
+        results["indometh_shipped_copy_equals_r"] = bool(
+            shipped.subject_ids == indometh.subject_ids and np.array_equal(shipped.subject, indometh.subject)
+            and np.array_equal(shipped.time, indometh.time) and np.array_equal(shipped.value, indometh.value))
         results["nlme_comparison"] = {
             "note": f"same model, data and starting values; ML; CPU time, best of {REPEATS} (ours includes "
                     "standard errors by forward differences of the analytical gradient, nlme its "
@@ -282,6 +300,9 @@ def main() -> None:
     }
     print(f"calibrate {N_PARTICIPANTS} participants: vectorized {ours_time:.3f} s, scipy loop {base_time:.3f} s, "
           f"ratio {base_time / ours_time:.1f}x; max |MAP difference| {agreement:.1e}")
+    results["kernel"] = {**estimation_kernel.kernel_info(),
+                         "note": "compiled (Numba) mode-search and gradient kernels; compile_seconds is compiling or "
+                                 "loading them from the cache, once per process, outside every timing"}
     out = Path(__file__).parent / "results" / "population_bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Where a population fit's time goes: cProfile of the Theoph FOCEI fit (fm3Theo, with standard errors),
-or with ``--data indometh`` of the Indometh biexponential fit (nlme's SSbiexp; the data exported from
-R's datasets package, so R must be installed, as for bench/population_bench.py).
+or with ``--data indometh`` of the Indometh biexponential fit (nlme's SSbiexp on R's datasets::Indometh,
+as shipped in inference/data). ``TRIALTWIN_FOCE_KERNEL=numpy`` profiles the numpy path instead of
+the compiled kernels (the result records which ran).
 
 Writes bench/results/population_profile-<label>.json (``-indometh-<label>`` for Indometh): CPU time (best of a few unprofiled runs), the
 number of all-subject mode searches and BFGS iterations, and the profile's internal time grouped
@@ -11,8 +12,10 @@ the top functions. Run it on another checkout's ``inference`` with
 from __future__ import annotations
 
 import argparse
-import warnings
 import cProfile
+import os
+import sys
+import warnings
 import json
 import pstats
 import time
@@ -21,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 import inference
+from inference import estimation_kernel
 from inference.datasets import load_theoph, ssbiexp, ssfol
 from inference.estimation import BoundaryWarning, fit_population
 from inference.population import PopulationModel, ResidualError
-from population_bench import ensure_r, machine
+from population_bench import machine
 
 START = PopulationModel(("lKe", "lKa", "lCl"), [-2.5, 0.5, -3.0], ("lKa", "lCl"), np.diag([0.5, 0.5]) ** 2,
                         ResidualError("additive", additive=1.0))
@@ -34,38 +38,27 @@ INDOMETH_START = PopulationModel(("A1", "lrc1", "A2", "lrc2"), [2.0, 0.5, 0.5, -
 
 
 def load_indometh():
-    """R's datasets::Indometh as ObservationData (exported by Rscript, as bench/population_bench.py does)."""
-    import csv
-    import subprocess
-    import tempfile
-
-    from inference.population import ObservationData
-    if not ensure_r():
-        raise SystemExit("R is needed to export datasets::Indometh")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "indometh.csv"
-        subprocess.run(["Rscript", "-e", "write.csv(data.frame(Subject = as.character(Indometh$Subject), "
-                        f"time = Indometh$time, conc = Indometh$conc), '{out}', row.names = FALSE)"],
-                       check=True, capture_output=True)
-        rows = list(csv.DictReader(out.open()))
-    ids = list(dict.fromkeys(r["Subject"] for r in rows))
-    return ObservationData(np.array([ids.index(r["Subject"]) for r in rows]), np.array([float(r["time"]) for r in rows]),
-                           np.array([float(r["conc"]) for r in rows]), subject_ids=tuple(ids))
+    """R's datasets::Indometh as shipped in inference/data (bench/population_bench.py checks that copy
+    against R's own in every run)."""
+    from inference.datasets import load_indometh as shipped
+    return shipped()
 
 
 # which function (by file:name) counts towards which part of a fit
 GROUPS = {
     "structural model (ssfol / ssbiexp, numpy)": ("datasets.py:ssfol", "datasets.py:ssbiexp"),
     "mode search (Newton iterations, finite-difference stacking)": (
-        "estimation.py:_find_modes", "estimation.py:gradient_and_hessian", "estimation.py:evaluate",
+        "estimation.py:_find_modes", "estimation.py:_find_modes_compiled", "estimation.py:at_points",
+        "estimation.py:_row_constants", "estimation.py:_error_arrays", "estimation.py:gradient_and_hessian", "estimation.py:evaluate",
         "estimation.py:terms", "estimation.py:_predict_with_derivatives", "estimation.py:shifted",
         "estimation.py:__call__", "estimation.py:_data", "estimation.py:find_modes", "estimation.py:_per_subject_sum",
         "population.py:predict", "population.py:residual_variance", "population.py:_variance_slope",
         "population.py:_error_coefficients", "population.py:_errors", "population.py:typical_parameters"),
     "outer gradient and information (analytical)": (
-        "estimation.py:_objective_gradient", "estimation.py:_phi_derivatives", "estimation.py:_subject_sums",
+        "estimation.py:_objective_gradient", "estimation.py:_objective_gradient_compiled", "estimation.py:_phi_derivatives", "estimation.py:_subject_sums",
         "estimation.py:_linearized_information", "estimation.py:_padded", "estimation.py:omega_slopes",
         "estimation.py:_error_rows", "estimation.py:_shift_slope"),
+    "compiled kernels (mode-search step, gradient, log det; Numba)": ("estimation_kernel.py",),
     "outer objective by finite differences (stacked searches)": (
         "estimation.py:_batched_objectives", "estimation.py:_central_gradients", "estimation.py:evaluate_many",
         "estimation.py:_tile_subjects", "estimation.py:grad"),
@@ -78,6 +71,7 @@ GROUPS = {
 # inclusive times worth reading on their own: all mode searches, the outer gradient (analytical, or
 # by stacked finite differences before), BFGS's starting information, the structural model
 CUMULATIVE = ("estimation.py:_find_modes", "estimation.py:_objective_gradient",
+              "estimation_kernel.py:mode_search_step", "estimation_kernel.py:objective_gradient_terms",
               "estimation.py:_batched_objectives", "estimation.py:_linearized_information", "datasets.py:ssfol",
               "datasets.py:ssbiexp")
 
@@ -103,18 +97,23 @@ def main() -> None:
         start_model, structural, data = INDOMETH_START, ssbiexp, load_indometh()
         description = ("Indometh SSbiexp (A1, lrc1, A2, lrc2; random A1, lrc1, A2 diagonal; additive error), ML, "
                        "with standard errors")
-    # structural calls with derivatives in the mode searches: one per Newton iteration
+    # structural calls with derivatives in the mode searches: one per Newton iteration (on the numpy
+    # path through _predict_with_derivatives, on the compiled one through _Stacked.at_points)
     calls = {"n": 0}
-    counted = inference.estimation._predict_with_derivatives
+    counted = inference.estimation._Stacked.at_points
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return counted(*a, **k)
+    def counting(self, *a, **k):
+        frame, in_search = sys._getframe(1), False
+        while frame is not None and not in_search:
+            in_search = frame.f_code.co_name in ("_find_modes", "_find_modes_compiled")
+            frame = frame.f_back
+        calls["n"] += in_search
+        return counted(self, *a, **k)
 
-    inference.estimation._predict_with_derivatives = counting
+    inference.estimation._Stacked.at_points = counting
     fit_population(start_model, structural, data)  # warm caches (tiled data) as a fit in a server would find them
     newton_iterations = calls["n"]
-    inference.estimation._predict_with_derivatives = counted
+    inference.estimation._Stacked.at_points = counted
     best = np.inf
     for _ in range(5):
         start = time.process_time()
@@ -142,6 +141,8 @@ def main() -> None:
         "machine": machine(),
         "label": args.label,
         "inference_package": str(Path(inference.__file__).parent),
+        "kernel": "numba" if estimation_kernel.kernel_wanted() else "numpy",
+        "TRIALTWIN_FOCE_KERNEL": os.environ.get("TRIALTWIN_FOCE_KERNEL", "auto"),
         "fit": description,
         "cpu_seconds_best_of_5_unprofiled": best,
         "objective": fit.objective,

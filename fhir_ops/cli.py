@@ -18,6 +18,7 @@ COMMANDS = [
     ("model", "fhir_ops.commands.model"),  # validate / publish a twin model definition (a Library)
     ("export", "fhir_ops.commands.export"),  # write a study out (NONMEM data set)
     ("train", "inference.cli_train"),  # retrain a learned model (dropout) into the model registry
+    ("compile-kernels", "inference.cli_kernels"),  # fill Numba's cache so no request pays compilation
     ("terminology", "terminology.cli"),  # concept-map versions: import, diff, preview, publish, rollback
     ("clients", "smart_app.cli_clients"),  # administrator: register/list/revoke SMART clients, registration tokens
     ("users", "smart_app.cli_users"),  # administrator: users who sign in at /auth (hashed passwords)
@@ -33,6 +34,7 @@ SUMMARIES = {
     "model": "validate a twin model definition, or publish it as a Library (optionally a study's model)",
     "export": "write a study out as a NONMEM-format data set",
     "train": "retrain a learned model (simulated data -> ONNX + metadata)",
+    "compile-kernels": "compile the engine's Numba kernels into the on-disk cache (make setup does)",
     "terminology": "maintain concept maps: import, diff, preview, publish, rollback",
     "clients": "register, list and revoke SMART clients; mint registration tokens (administrator)",
     "users": "add, list and remove users who sign in to the authorization server (administrator)",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from functools import lru_cache

@@ -10,6 +10,7 @@ from functools import lru_cache
 import profiles
 from fhir_ops.errors import Conflict, MethodNotAllowed
 from terminology.catalog import shipped as shipped_terminology
+from terminology.catalog import shipped_omop_maps
 
 CONFORMANCE_TYPES = ("StructureDefinition", "OperationDefinition", "SearchParameter", "CodeSystem", "ValueSet",
                      "ConceptMap")
@@ -27,6 +28,7 @@ def _by_key() -> dict[tuple[str, str], dict]:
     resources = [r for r in profiles.all_resources() if r["resourceType"] in CONFORMANCE_TYPES]
     for rtype in ("CodeSystem", "ValueSet", "ConceptMap"):
         resources += shipped_terminology(rtype)
+    resources += shipped_omop_maps()  # the OMOP import's vocabulary map is shipped too
     for r in resources:
         # one fixed version: the file is the artifact; a changed file is a new artifact version
         served = {**r, "meta": {**r.get("meta", {}), "versionId": VERSION_ID}}

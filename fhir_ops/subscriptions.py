@@ -15,6 +15,8 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import parse_qsl
 
 from fhir_ops import watch
@@ -132,8 +134,18 @@ class SubscriptionService:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # Closed on exit: ``with sqlite3.connect(...)`` only commits, and a connection left to the cyclic
+        # garbage collector keeps its file descriptors until a collection runs, which under the serving
+        # process's GC settings (fhir_ops.gc_tuning) came after thousands of polls: past 1024 descriptors
+        # waitress's select() failed and the server stopped.
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
 
     def start(self) -> "SubscriptionService":
         self._threads = [threading.Thread(target=self._watch, name="subscription-watch", daemon=True)]
@@ -313,7 +325,8 @@ def endpoint_allow(app):
 def init_app(app) -> None:
     """Start the watcher and delivery threads when ``SUBSCRIPTIONS`` is on (``trialtwin serve`` turns it on).
 
-    Config: ``SUBSCRIPTION_ENDPOINT_ALLOW``, ``SUBSCRIPTION_RETRY_DELAYS`` (seconds), ``SUBSCRIPTION_POLL``.
+    Config: ``SUBSCRIPTION_ENDPOINT_ALLOW``, ``SUBSCRIPTION_RETRY_DELAYS`` (seconds), ``SUBSCRIPTION_POLL``,
+    ``SUBSCRIPTION_DELIVERY_TIMEOUT`` (seconds one POST to an endpoint may take; 5).
     The service is ``app.extensions["trialtwin.subscriptions"]``; ``stop()`` it before closing the store.
     """
     if not app.config.get("SUBSCRIPTIONS"):
@@ -321,7 +334,8 @@ def init_app(app) -> None:
     service = SubscriptionService(
         app.extensions["trialtwin.store"], os.path.join(app.config["DATA_DIR"], "trialtwin-subscriptions.sqlite"),
         endpoint_allow(app), retry_delays=app.config.get("SUBSCRIPTION_RETRY_DELAYS") or RETRY_DELAYS,
-        poll_seconds=float(app.config.get("SUBSCRIPTION_POLL") or POLL_SECONDS))
+        poll_seconds=float(app.config.get("SUBSCRIPTION_POLL") or POLL_SECONDS),
+        timeout=float(app.config.get("SUBSCRIPTION_DELIVERY_TIMEOUT") or DELIVERY_TIMEOUT))
     app.extensions["trialtwin.subscriptions"] = service.start()
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from inference.population import ObservationData
 
-__all__ = ["load_theoph", "ssfol"]
+__all__ = ["load_indometh", "load_theoph", "ssbiexp", "ssfol"]
 
 
 def load_theoph() -> ObservationData:
@@ -56,6 +56,39 @@ def load_theoph() -> ObservationData:
         subject_ids=tuple(ids),
         covariates={"weight": weight},
         design={"dose": np.array([float(r["Dose"]) for r in rows])},
+    )
+
+
+def load_indometh() -> ObservationData:
+    """The indomethacin pharmacokinetic data, R ``datasets::Indometh``.
+
+    Six subjects each received one intravenous bolus of indomethacin; plasma concentrations
+    (mcg/mL) were measured at 11 times over 8 hours (66 rows). Source: the public R ``datasets``
+    package (exported from R 4.2.2); originally Kwan et al. (1976); fitted with ``SSbiexp`` in
+    Pinheiro & Bates (2000), ch. 6. ``bench/population_bench.py`` fits it against R nlme.
+
+    Returns
+    -------
+    ObservationData
+        ``time`` in hours, ``value`` = concentration (mcg/mL); subjects keep their numbers as ids,
+        in the file's order (1 .. 6).
+
+    Examples
+    --------
+    >>> indometh = load_indometh()
+    >>> indometh.n_subjects, indometh.n_rows, indometh.subject_ids[:2]
+    (6, 66, ('1', '2'))
+    >>> indometh.time[:2].tolist(), indometh.value[:2].tolist()
+    ([0.25, 0.5], [1.5, 0.94])
+    """
+    text = resources.files("inference").joinpath("data/indometh.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    ids = list(dict.fromkeys(row["Subject"] for row in rows))
+    return ObservationData(
+        subject=np.array([ids.index(row["Subject"]) for row in rows], dtype=np.int64),
+        time=np.array([float(row["time"]) for row in rows]),
+        value=np.array([float(row["conc"]) for row in rows]),
+        subject_ids=tuple(ids),
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from scipy import optimize
 
+from inference import estimation_kernel
 from inference.population import (
     _MIN_VARIANCE,
     CovariateEffect,
@@ -89,6 +90,9 @@ class ModeEstimate:
     observed_hessian : ndarray, shape (n_subjects, q, q)
         Hessian of the negative log posterior at the mode including the residual-curvature
         term (the Laplace precision used for individual posteriors).
+    log_det_hessian : ndarray, shape (n_subjects,), optional
+        ``log det`` of ``hessian`` where the compiled search computed it (nan where ``hessian`` is not
+        positive definite); None otherwise (``slogdet`` is then used).
     """
 
     eta: np.ndarray
@@ -98,6 +102,7 @@ class ModeEstimate:
     converged: np.ndarray
     n_iterations: int
     observed_hessian: np.ndarray
+    log_det_hessian: np.ndarray | None = None
 
 
 def _per_subject_sum(subject: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -148,13 +153,16 @@ class _Stacked:
     def grid(self, phi: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Predictions at ``phi + offsets[k]`` for every row ``k`` of ``offsets``, shape (len(offsets), rows):
         the finite-difference points built in one broadcast instead of one copy each."""
-        points = phi[None, :, :] + offsets[:, None, :]
-        rows, count = self.data.n_rows, offsets.shape[0]
-        out = np.empty((count, rows))
+        return self.at_points(phi[None, :, :] + offsets[:, None, :])
+
+    def at_points(self, points: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Predictions at every ``points[k]`` (shape (count, subjects, p)), shape (count, rows), into ``out``."""
+        rows, count, p = self.data.n_rows, points.shape[0], points.shape[2]
+        out = np.empty((count, rows)) if out is None else out
         for start in range(0, count, self.per_call):
             group = points[start : start + self.per_call]
             out[start : start + group.shape[0]] = predict(
-                self.structural, group.reshape(-1, phi.shape[1]), self._data(group.shape[0])).reshape(-1, rows)
+                self.structural, group.reshape(-1, p), self._data(group.shape[0])).reshape(-1, rows)
         return out
 
     def __call__(self, phis: list[np.ndarray]) -> list[np.ndarray]:
@@ -304,6 +312,9 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
     second call for the derivatives it moves to.
     """
     n, q = data.n_subjects, ridx.size
+    if q and estimation_kernel.kernel_wanted():
+        return _find_modes_compiled(ridx, typical, error, output, m, precision, eta, structural, data,
+                                    max_iter=max_iter, tol=tol, stacked=stacked)
     mask = data.observed
     y = np.where(mask, data.value, 0.0)
     weight_mask = mask.astype(float)
@@ -450,6 +461,94 @@ def _find_modes(ridx, typical, error, output, m, precision, eta, structural, dat
     return ModeEstimate(eta, hessian, data_term, prior_term, converged, iteration, observed)
 
 
+_ROWS: "weakref.WeakKeyDictionary[ObservationData, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _row_constants(data: ObservationData, output: Any) -> tuple[np.ndarray, ...]:
+    """Observed values (0 where missing), the observed mask as floats, the subject of each row and the
+    residual error model of each row, as the compiled kernels take them (cached per data set; a fit
+    asks for them hundreds of times)."""
+    cached = _ROWS.get(data)
+    if cached is None:
+        observed = data.observed
+        cached = (np.where(observed, data.value, 0.0), observed.astype(float), np.array(data.subject, dtype=np.int64),
+                  np.zeros(data.n_rows, dtype=np.int64))
+        _ROWS[data] = cached
+    y, mask, subject, zeros = cached
+    return y, mask, subject, (zeros if output is None else np.asarray(output).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_arrays(q: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of ``_difference_points(..., paired=range(q))`` as two index arrays."""
+    pairs = [(a, b) for a in range(q) for b in range(a + 1, q)]
+    return (np.array([a for a, _ in pairs], dtype=np.int64), np.array([b for _, b in pairs], dtype=np.int64))
+
+
+@functools.lru_cache(maxsize=256)
+def _phi_pair_index(p: int, random: tuple[int, ...]) -> np.ndarray:
+    """(p, p) table: the index of pair (a, b) (either order) in ``_phi_difference_points``, -1 where none."""
+    _, pairs = _phi_difference_points(p, random, _FD_STEP)
+    table = np.full((p, p), -1, dtype=np.int64)
+    for k, (a, b) in enumerate(pairs):
+        table[a, b] = table[b, a] = k
+    return table
+
+
+def _error_arrays(error: Any, rows_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Additive SD and proportional coefficient per residual error model, and whether any row's is
+    prediction-dependent (as ``np.any(b_rows)`` in the numpy path)."""
+    errors = error if isinstance(error, tuple) else (error,)
+    a_out = np.array([e.additive for e in errors], dtype=float)
+    b_out = np.array([e.proportional for e in errors], dtype=float)
+    return a_out, b_out, bool(np.any(b_out[rows_of])) if len(errors) > 1 else bool(b_out[0])
+
+
+def _find_modes_compiled(ridx, typical, error, output, m, precision, eta, structural, data, *, max_iter, tol,
+                         stacked=None) -> ModeEstimate:
+    """``_find_modes`` with each Newton iteration's per-subject algebra in one compiled call
+    (``inference.estimation_kernel.mode_search_step``); the structural model is called exactly as in
+    the numpy path, once per iteration on the stacked finite-difference grid."""
+    n, q = data.n_subjects, ridx.size
+    y, mask, subject, rows_of = _row_constants(data, output)
+    a_out, b_out, proportional = _error_arrays(error, rows_of)
+    stacked = _Stacked(structural, data) if stacked is None else stacked
+    offsets, _ = _difference_points(typical.shape[1], tuple(ridx.tolist()), tuple(range(q)), _FD_STEP)
+    pair_a, pair_b = _pair_arrays(q)
+    workspace = estimation_kernel.ModeWorkspace(n, q, data.n_rows, offsets.shape[0], typical.shape[1])
+    workspace.damping[:] = _DAMPING0
+    eta = np.array(eta, dtype=float, order="C")
+    m = np.ascontiguousarray(m, dtype=float)
+    precision = np.ascontiguousarray(precision, dtype=float)
+    typical = np.ascontiguousarray(typical, dtype=float)
+    values = np.empty((offsets.shape[0], data.n_rows))
+    args = (typical, ridx.astype(np.int64), offsets, pair_a, pair_b, y, mask, subject, rows_of, a_out, b_out,
+            proportional, _MIN_VARIANCE, m, precision, _FD_STEP, tol, _LAST_STEP, _MAX_STEP, max_iter)
+    status = estimation_kernel.mode_search_step(values, workspace, eta, *args)  # step limits, the start's grid
+    if status == estimation_kernel.CONTINUE:
+        stacked.at_points(workspace.points, values)  # the start, evaluated as the numpy path does (no errstate)
+        status = estimation_kernel.mode_search_step(values, workspace, eta, *args)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # overshooting trial points may overflow; the kernel rejects them as non-finite
+        while status == estimation_kernel.CONTINUE:
+            stacked.at_points(workspace.points, values)
+            status = estimation_kernel.mode_search_step(values, workspace, eta, *args)
+    if status == estimation_kernel.SINGULAR:
+        raise np.linalg.LinAlgError("Singular matrix")
+    data_term, prior_term, _, expected, laplace = workspace.current[:5]
+    return ModeEstimate(eta, expected, data_term, prior_term, workspace.converged, int(workspace.state[1]), laplace,
+                        log_det_hessian=estimation_kernel.log_det(expected))
+
+
+def _log_det_hessian(modes: ModeEstimate) -> tuple[np.ndarray, np.ndarray]:
+    """Sign and ``log det`` of every subject's Hessian: the compiled search's Cholesky values where it
+    has them, ``slogdet`` otherwise."""
+    known = modes.log_det_hessian
+    if known is not None and not np.isnan(known).any():
+        return np.ones(known.shape), known
+    return np.linalg.slogdet(modes.hessian)
+
+
 def objective_function(model: PopulationModel, modes: ModeEstimate) -> float:
     """FOCE(I) ``-2 log L`` of the population model from the subjects' modes (Laplace approximation).
 
@@ -468,7 +567,7 @@ def objective_function(model: PopulationModel, modes: ModeEstimate) -> float:
     if q == 0:
         return float(modes.data_term.sum())
     _, logdet_omega = np.linalg.slogdet(model.omega)
-    sign, logdet_h = np.linalg.slogdet(modes.hessian)
+    sign, logdet_h = _log_det_hessian(modes)
     if np.any(sign <= 0):
         return np.inf
     return float(np.sum(modes.data_term + modes.prior_term + logdet_omega + logdet_h))
@@ -509,7 +608,7 @@ def _batched_objectives(models: list[PopulationModel], structural: Structural, d
     eta = eta0.reshape(k * n, q).copy() if eta0.size == k * n * q else np.tile(eta0.reshape(n, q), (k, 1))
     modes = _find_modes(ridx, typical, errors, output, np.zeros((k * n, q)), precision, eta, structural,
                         tiled, max_iter=max_iter, tol=tol)
-    sign, logdet_h = np.linalg.slogdet(modes.hessian)
+    sign, logdet_h = _log_det_hessian(modes)
     per_subject = modes.data_term + modes.prior_term + logdet_h
     values = np.empty(k)
     for b, mdl in enumerate(models):
@@ -596,17 +695,20 @@ class _Parameterization:
             return _unchecked_replace(model, theta=theta, covariate_effects=tuple(effects), omega=omega, error=error)
         return model.replace(theta=theta, covariate_effects=tuple(effects), omega=omega, error=error)
 
-    def omega_slopes(self, model: PopulationModel) -> list[np.ndarray]:
-        """``d Omega / d x_k`` for each Omega entry of the optimizer vector, in its order."""
+    def omega_slopes(self, model: PopulationModel) -> np.ndarray:
+        """``d Omega / d x_k`` for each Omega entry of the optimizer vector, in its order (shape (k, q, q))."""
         q = model.n_random_effects
         if model.omega_structure != "full":
-            return [2.0 * model.omega[k, k] * np.outer(np.eye(q)[k], np.eye(q)[k]) for k in range(q)]
+            out = np.zeros((q, q, q))
+            diagonal = np.arange(q)
+            out[diagonal, diagonal, diagonal] = 2.0 * np.diagonal(model.omega)
+            return out
         chol = np.linalg.cholesky(model.omega)
-        out = []
-        for i, j in zip(*self.tril):
+        out = np.empty((len(self.tril[0]), q, q))
+        for k, (i, j) in enumerate(zip(*self.tril)):
             d_chol = np.zeros((q, q))
             d_chol[i, j] = chol[i, j] if i == j else 1.0  # diagonal entries are stored as logs
-            out.append(d_chol @ chol.T + chol @ d_chol.T)
+            out[k] = d_chol @ chol.T + chol @ d_chol.T
         return out
 
     def natural_standard_errors(self, x: np.ndarray, cov: np.ndarray) -> dict[str, float]:
@@ -672,14 +774,16 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
     """
     n, q = data.n_subjects, model.n_random_effects
     ridx = model.random_index
-    subject = data.subject
-    observed = data.observed
-    mask = observed.astype(float)
-    y = np.where(observed, data.value, 0.0)
     output = output_index(data)
     eta = modes.eta
     phi = typical_parameters(model, data)
     phi[:, ridx] += eta
+    if estimation_kernel.kernel_wanted():
+        return _objective_gradient_compiled(param, x, model, modes, structural, data, stacked, phi, output)
+    subject = data.subject
+    observed = data.observed
+    mask = observed.astype(float)
+    y = np.where(observed, data.value, 0.0)
     f, F, S = _phi_derivatives(structural, data, phi, ridx, stacked)
     J = F[:, ridx]
     a_rows, b_rows = _error_rows(model.error, output, f.size)
@@ -768,6 +872,33 @@ def _objective_gradient(param: "_Parameterization", x: np.ndarray, model: Popula
     return grad, -np.linalg.solve(K, cross)
 
 
+def _objective_gradient_compiled(param: "_Parameterization", x: np.ndarray, model: PopulationModel,
+                                 modes: ModeEstimate, structural: Structural, data: ObservationData, stacked: _Stacked,
+                                 phi: np.ndarray, output: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``_objective_gradient`` with everything after the structural call in one compiled call
+    (``inference.estimation_kernel.objective_gradient_terms``), from the same stacked grid."""
+    ridx = model.random_index
+    random = tuple(ridx.tolist())
+    offsets, _ = _phi_difference_points(phi.shape[1], random, _FD_STEP)
+    values = stacked.grid(phi, offsets)
+    y, mask, subject, rows_of = _row_constants(data, output)
+    a_out, b_out, interaction = _error_arrays(model.error, rows_of)
+    slots = [(o, kind, value) for o, error in enumerate(model.errors)
+             for kind, value in ((0.0, error.additive), (1.0, error.proportional))
+             if error.kind in (("additive", "combined") if kind == 0.0 else ("proportional", "combined"))]
+    effects = [model.covariate_effects[i] for i in param.estimated_effects]
+    columns = np.array([model.parameters.index(e.parameter) for e in effects], dtype=np.int64)
+    slopes = (np.array([_shift_slope(e, data.covariates[e.covariate]) for e in effects], dtype=float) if effects
+              else np.zeros((0, data.n_subjects)))
+    out = estimation_kernel.objective_gradient_terms(
+        values, _FD_STEP, _phi_pair_index(phi.shape[1], random), ridx, y, mask, subject, rows_of, a_out, b_out,
+        interaction, _MIN_VARIANCE, np.array(slots, dtype=float).reshape(-1, 3), np.ascontiguousarray(modes.eta),
+        np.ascontiguousarray(modes.hessian), np.array(model.omega, dtype=float), param.omega_slopes(model), columns, slopes, x.size)
+    if out is None:
+        raise np.linalg.LinAlgError("Singular matrix")
+    return out
+
+
 def _linearized_information(param: "_Parameterization", model: PopulationModel, modes: ModeEstimate,
                             structural: Structural, data: ObservationData, stacked: _Stacked) -> np.ndarray:
     """Expected information of the model linearized at the modes (FOCE's marginal Gaussian), as a
@@ -779,7 +910,7 @@ def _linearized_information(param: "_Parameterization", model: PopulationModel, 
     Starting from it instead of a scaled identity, BFGS needs about half the iterations; it is only
     a start, so the approximation (no interaction term, linearization) does not bias the estimates.
     """
-    n, q = data.n_subjects, model.n_random_effects
+    n = data.n_subjects
     ridx = model.random_index
     phi = typical_parameters(model, data)
     phi[:, ridx] += modes.eta

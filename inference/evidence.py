@@ -15,7 +15,7 @@ __all__ = [
     "Effect", "PrognosticModel", "Balance", "PropensityResult", "BorrowingResult",
     "estimate_effects", "fit_prognostic_model", "propensity_weights", "match_on_propensity",
     "balance_table", "effective_sample_size", "weighted_effect", "borrow_external_controls",
-    "equivalent_sample_size",
+    "equivalent_sample_size", "validate_scores",
 ]
 
 #: Robust (heteroskedasticity-consistent) covariance used for every regression standard error.
@@ -207,15 +207,30 @@ def fit_prognostic_model(y, covariates: dict[str, np.ndarray], *, test_fraction:
     order = np.random.default_rng(seed).permutation(n)
     test, train = order[:n_test], order[n_test:]
     beta_train = sm.OLS(y[train], x[train]).fit().params
-    pred = x[test] @ beta_train
-    resid = y[test] - pred
-    r2 = 1.0 - float(resid @ resid) / float(np.sum((y[test] - y[test].mean()) ** 2))
-    cal = sm.OLS(y[test], sm.add_constant(pred)).fit().params
+    r2, rmse, slope, intercept = validate_scores(y[test], x[test] @ beta_train)
     beta = sm.OLS(y, x).fit().params
     ranges = {name: (float(x[:, j + 1].min()), float(x[:, j + 1].max())) for j, name in enumerate(names)}
     return PrognosticModel(names=names, coefficients=np.asarray(beta), ranges=ranges, n_train=int(train.size),
-                           n_test=int(n_test), r2_test=r2, rmse_test=float(np.sqrt(np.mean(resid ** 2))),
-                           calibration_slope=float(cal[1]), calibration_intercept=float(cal[0]))
+                           n_test=int(n_test), r2_test=r2, rmse_test=rmse,
+                           calibration_slope=slope, calibration_intercept=intercept)
+
+
+def validate_scores(y, predicted) -> tuple[float, float, float, float]:
+    """R², RMSE and the calibration line (observed regressed on predicted: slope, intercept) of predictions.
+
+    Use it on outcomes the predictions never saw (a held-out split, or a trial's control arm for
+    scores made from baseline data only).
+
+    >>> r2, rmse, slope, intercept = validate_scores([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    >>> r2, rmse, round(slope, 6), round(intercept, 6)
+    (1.0, 0.0, 1.0, 0.0)
+    """
+    y = np.asarray(y, dtype=float)
+    pred = np.asarray(predicted, dtype=float)
+    resid = y - pred
+    r2 = 1.0 - float(resid @ resid) / float(np.sum((y - y.mean()) ** 2))
+    cal = sm.OLS(y, sm.add_constant(pred, has_constant="add")).fit().params
+    return r2, float(np.sqrt(np.mean(resid ** 2))), float(cal[1]), float(cal[0])
 
 
 # ----------------------------------------------------------------------------- external controls

@@ -38,7 +38,8 @@ from inference.regimen import DAILY_AVERAGE, DailyRegimen, family_issues, with_d
 __all__ = [
     "FORMAT_VERSION", "DefinitionIssue", "DefinitionError", "ModelDefinition", "Dose", "SubjectRecord",
     "schema", "check_definition", "load_definition", "shipped_definition", "shipped_names", "event_data",
-    "SubjectForecast", "calibrate_subject", "forecast_subject", "simulate_arms", "MarkerNoise", "marker_noise",
+    "SubjectForecast", "calibrate_subject", "forecast_subject", "control_prediction", "simulate_arms",
+    "MarkerNoise", "marker_noise",
 ]
 
 FORMAT_VERSION = "1"
@@ -921,6 +922,48 @@ def forecast_subject(model: ModelDefinition, posterior, record: SubjectRecord, f
         med[name], lo[name], hi[name] = values
     return SubjectForecast(times=out_t, median=med, low=lo, high=hi, level=float(level), samples=int(samples),
                            seed=int(seed))
+
+
+def control_prediction(model: ModelDefinition, population: PopulationModel, record: SubjectRecord, output: str,
+                       time: float) -> float:
+    """Posterior mean of the noise-free ``output`` at ``time`` without treatment: a twin's prognostic score.
+
+    The participant's parameters are calibrated on ``record`` (give it the baseline records only: the
+    score must not see the outcome), then the structural prediction at ``time`` with no doses after
+    time 0 (doses at or before 0 are kept) is averaged over the Laplace posterior by the spherical-radial
+    cubature rule (Arasaratnam & Haykin 2009): ``2q`` points ``mode ± sqrt(q) L e_i`` with equal weights,
+    exact for polynomials of degree 3 in the ``q`` random effects, deterministic, and ``2q`` model runs
+    instead of thousands of draws. This is the predicted control outcome that PROCOVA adjusts for
+    (Schuler et al. 2021).
+
+    Examples
+    --------
+    >>> m = load_definition(shipped_definition("tumour-growth"))
+    >>> rec = SubjectRecord("1", (), ((0.0, "sld", 80.0),), {})
+    >>> score = control_prediction(m, m.population_model(), rec, "sld", 12.0)
+    >>> bool(80.0 < score < 80.0 * np.exp(0.05 * 12))   # grows from about its baseline at KL ~ 0.02/wk
+    True
+    """
+    pre = tuple(d for d in record.doses if d.time <= 0.0)
+    posterior = calibrate_subject(model, population, SubjectRecord(record.id, pre, record.observations,
+                                                                   record.covariates))
+    future = event_data(model, [SubjectRecord(record.id, pre, ((float(time), output, np.nan),), record.covariates)])
+    future = future.replace(covariates={**posterior.data.covariates, **future.covariates})
+    q = posterior.mean.size
+    root = np.linalg.cholesky(posterior.cov + 1e-12 * np.eye(q))
+    offsets = np.sqrt(q) * np.concatenate([root.T, -root.T])  # rows: the 2q cubature points' offsets
+    phi = np.tile(posterior.parameters, (2 * q, 1))
+    phi[:, posterior.model.random_index] = posterior.mean + offsets
+    rows = np.flatnonzero(future.design["evid"] == 0) if "evid" in future.design else np.arange(future.n_rows)
+    f = predict_rows(model, phi, future)
+    return float(f[:, rows[-1]].mean())
+
+
+def predict_rows(model: ModelDefinition, phi: np.ndarray, data: ObservationData) -> np.ndarray:
+    """Noise-free predictions of ``data``'s rows for each parameter vector in ``phi`` (rows: draws)."""
+    from inference.population import predict
+
+    return predict(model.structural, phi, data.tile(phi.shape[0])).reshape(phi.shape[0], data.n_rows)
 
 
 def simulate_arms(model: ModelDefinition, population: PopulationModel, arm_doses: Sequence[Sequence[Dose]],

@@ -5,7 +5,8 @@ twins (posterior means of parameters such as log Emax and log EC50, and optional
 response under a stated scenario); :func:`stratify` chooses the number of strata by the Bayesian
 information criterion of Gaussian mixtures over k = 1..``max_strata`` (k = 1 competes, so data
 with no structure gives one stratum), measures how stable the partition is under bootstrap
-resampling (adjusted Rand index against the full-data partition) and explains each stratum by a
+resampling (adjusted Rand index against the full-data partition; an unstable k > 1 partition is
+reported as one stratum) and explains each stratum by a
 shallow decision tree on baseline covariates (a readable rule and its accuracy).
 """
 from __future__ import annotations
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Stratification", "StratumRule", "stratify", "select_strata", "bootstrap_stability", "stratum_rules",
-           "steady_state_response", "planted_population"]
+__all__ = ["MIN_STABILITY", "Stratification", "StratumRule", "stratify", "select_strata", "bootstrap_stability",
+           "stratum_rules", "steady_state_response", "planted_population"]
+
+#: mean bootstrap ARI below which a partition into k > 1 strata is not reported (see :func:`stratify`)
+MIN_STABILITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class Stratification:
     rule_accuracy: float | None
     rule_cv_accuracy: float | None
     feature_names: tuple
+    #: the k BIC preferred when its partition was too unstable to report (see ``min_stability``), else None
+    unstable_k: int | None = None
+    unstable_stability: float | None = None
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -223,7 +230,8 @@ def stratum_rules(covariates, names, labels, k: int, *, max_depth: int = 2, seed
 
 
 def stratify(features, feature_names, covariates=None, covariate_names=(), *, max_strata: int = 4,
-             bootstrap: int = 20, seed: int = 0, min_fraction: float = 0.05, max_depth: int = 2) -> Stratification:
+             bootstrap: int = 20, seed: int = 0, min_fraction: float = 0.05, max_depth: int = 2,
+             min_stability: float = MIN_STABILITY) -> Stratification:
     """Strata of participants from twin features: BIC model choice, bootstrap stability, readable rules.
 
     Parameters
@@ -240,6 +248,12 @@ def stratify(features, feature_names, covariates=None, covariate_names=(), *, ma
         Bootstrap draws for the stability estimate.
     seed : int
         Seeds every random step: the result depends only on the inputs and ``seed``.
+    min_stability : float
+        A partition into k > 1 strata whose mean bootstrap ARI is below this is not reported: the
+        result is one stratum, with the rejected k and its stability in ``unstable_k`` and
+        ``unstable_stability``. With few participants BIC can prefer strata that a resample does not
+        reproduce; 0.5 follows Hennig's (2007) reading of bootstrap agreement at or below 0.5 as a
+        dissolved cluster. Needs ``bootstrap > 0``.
 
     Examples
     --------
@@ -251,12 +265,17 @@ def stratify(features, feature_names, covariates=None, covariate_names=(), *, ma
     x = np.asarray(features, dtype=float)
     k, labels, bic = select_strata(x, max_strata=max_strata, seed=seed, min_fraction=min_fraction)
     draws = bootstrap_stability(x, k, labels, draws=bootstrap, seed=seed)
+    unstable_k = unstable_stability = None
+    if k > 1 and draws.size and float(draws.mean()) < min_stability:
+        unstable_k, unstable_stability = k, float(draws.mean())
+        k, labels, draws = 1, np.zeros(x.shape[0], dtype=np.int64), np.ones(bootstrap)
     means = np.array([x[labels == j].mean(axis=0) for j in range(k)])
     cov = np.zeros((x.shape[0], 0)) if covariates is None else np.asarray(covariates, dtype=float)
     rules, acc, cv = stratum_rules(cov, covariate_names, labels, k, max_depth=max_depth, seed=seed)
     return Stratification(k=k, labels=labels, bic=bic, stability=float(draws.mean()) if draws.size else float('nan'), stability_draws=draws,
                           means=means, sizes=tuple(int(s) for s in np.bincount(labels, minlength=k)), rules=rules,
-                          rule_accuracy=acc, rule_cv_accuracy=cv, feature_names=tuple(feature_names))
+                          rule_accuracy=acc, rule_cv_accuracy=cv, feature_names=tuple(feature_names),
+                          unstable_k=unstable_k, unstable_stability=unstable_stability)
 
 
 def steady_state_response(emax, ec50, cl, dose_mg, *, bioavailability: float = 1.0, interval_h: float = 24.0):

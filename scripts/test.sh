@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 PYTEST=("$BIN/python" -m pytest -n 2 --dist loadgroup)
 mkdir -p test-artifacts
+# The engine's Numba kernels into the on-disk cache first (make setup did it; ~1 s when cached), so no
+# test's request spends its time budget compiling after a change to a kernel's source.
+"$BIN/trialtwin" compile-kernels
 
 browser_prerequisites() {
   # Browser tier: Debian's Chromium driven by Playwright (no browser download).

@@ -5,7 +5,6 @@ server-rendered HTML with inline SVG plots, so the app works in a plain browser 
 """
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -155,7 +154,7 @@ def callback():
         return render_template("app/error.html", message=f"Authorization ended: {request.args['error']} — "
                                f"{request.args.get('error_description', '')}"), 400
     state = request.args.get("state", "")
-    if not state or not secrets.compare_digest(state, session.get("state", "")):
+    if not state or not secrets.compare_digest(state.encode(), session.get("state", "").encode()):
         return render_template("app/error.html", message="This sign-in was not started in this browser (state "
                                "mismatch); launch the app again."), 400
     pending = launches().take_pending(state)
@@ -256,7 +255,8 @@ def patient_view(patient_id):
 def predict_dropout(patient_id):
     """Run ``$predict-dropout`` for the participant, then show the page again with a fixed notice key."""
     grant = _grant()
-    if not secrets.compare_digest(request.form.get("csrf_token", ""), session.get("csrf", "")):
+    if not secrets.compare_digest(request.form.get("csrf_token", "").encode(),
+                                  session.get("csrf", "").encode()):
         abort(400)
     try:
         _api(grant).operation(f"Patient/{patient_id}/$predict-dropout", [])

@@ -38,7 +38,7 @@ def _csrf_token() -> str:
 
 def _check_csrf() -> None:
     sent = request.form.get("csrf_token", "")
-    if not sent or not secrets.compare_digest(sent, session.get("csrf", "")):
+    if not sent or not secrets.compare_digest(sent.encode(), session.get("csrf", "").encode()):
         abort(400, description="the form has expired or was not sent by this server; reload and try again")
 
 

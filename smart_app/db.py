@@ -77,7 +77,8 @@ class Client(ClientMixin):
         return redirect_uri in (self.metadata.get("redirect_uris") or [])
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return bool(self.client_secret) and secrets.compare_digest(self.client_secret, client_secret)
+        # as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, i.e. a 500)
+        return bool(self.client_secret) and secrets.compare_digest(self.client_secret.encode(), client_secret.encode())
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
         if endpoint in ("token", "revocation"):

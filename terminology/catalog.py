@@ -33,6 +33,12 @@ def shipped(resource_type: str) -> list[dict]:
     return [load_file(p) for p in sorted(DATA_DIR.glob(f"{resource_type}-*.json"))]
 
 
+def shipped_omop_maps() -> list[dict]:
+    """The OMOP import's ConceptMaps (``data/omop``): concept ids to standard codes. They are kept out of
+    ``shipped("ConceptMap")`` because ingest harmonization and ``$translate`` do not use them."""
+    return [load_file(p) for p in sorted((DATA_DIR / "omop").glob("ConceptMap-*.json"))]
+
+
 @dataclass
 class CodeSystemIndex:
     """A CodeSystem resource with its concepts indexed by code (built once per version)."""

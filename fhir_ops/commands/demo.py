@@ -12,12 +12,21 @@ from urllib.parse import urlsplit
 from fhir_ops.commands.serve import (add_server_options, build_config, check_port_free, describe_store, is_loopback,
                                      public_base, serve_forever)
 
+#: the demo ``trialtwin demo`` creates unless told otherwise (tests that must run "on the demo data" use these)
+DEFAULT_PARTICIPANTS = 200
+DEFAULT_SEED = 7
+
+#: a participant on study at the data cut of the default demo (200 participants, seed 7), named in the
+#: console and the README; tests/fhir_ops/test_demo.py checks both against the generated study
+EXAMPLE_PARTICIPANT = "tt201-p062"
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("demo", help="create the demo study TT-201 if absent, then serve it")
     add_server_options(parser)
-    parser.add_argument("--participants", type=int, default=200, help="participants to simulate (default 200)")
-    parser.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
+    parser.add_argument("--participants", type=int, default=DEFAULT_PARTICIPANTS,
+                        help=f"participants to simulate (default {DEFAULT_PARTICIPANTS})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"simulation seed (default {DEFAULT_SEED})")
     parser.add_argument("--no-serve", action="store_true", help="only create the study, do not start the server")
     parser.add_argument("--no-dev-features", action="store_true",
                         help="do not turn on the launch simulator and development users, which the demo otherwise "
@@ -84,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     base = public_base(args)
     if config.get("AUTH_MODE") == "smart" and config.get("DEV_LAUNCH_SIMULATOR"):
         print("Open the launch simulator, sign in as dr.chen / trialtwin, choose 'TrialTwin clinician app' and a "
-              "participant (e.g. tt201-p001) or the study tt-201, and press Launch.")
+              f"participant (e.g. {EXAMPLE_PARTICIPANT}) or the study tt-201, and press Launch.")
     elif config.get("AUTH_MODE") == "smart":
         print("Development features are off: add a user (trialtwin users add) and register clients "
               "(trialtwin clients register); see docs/smart.md, 'Deploying safely'.")
@@ -92,5 +101,5 @@ def run(args: argparse.Namespace) -> int:
     if config.get("AUTH_MODE") == "open":
         extra += [("Participants", f"{base}/fhir/ResearchSubject?study=ResearchStudy/tt-201"),
                   ("One participant's HbA1c",
-                   f"{base}/fhir/Observation?subject=Patient/tt201-p001&code=http://loinc.org|4548-4")]
+                   f"{base}/fhir/Observation?subject=Patient/{EXAMPLE_PARTICIPANT}&code=http://loinc.org|4548-4")]
     return serve_forever(args, config, extra_urls=extra)

@@ -274,6 +274,8 @@ def serve_forever(args: argparse.Namespace, config: dict, extra_urls: list[tuple
         wsgi = create_wsgi(config)
         server = listen(wsgi, args)
         tune_for_serving()
+        from inference.kernels import compile_in_background
+        compile_in_background()  # loads from the cache in ~1 s; compiles when setup did not
     except BaseException:
         executor.close(config.get("EXECUTOR"))
         raise

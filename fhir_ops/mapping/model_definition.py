@@ -27,7 +27,8 @@ STUDY_MODEL_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/study-twin-model"
 ESTIMATE_USED_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/population-estimate-used"
 LIBRARY_TYPE = "http://terminology.hl7.org/CodeSystem/library-type"
 JSON_TYPE = "application/json"
-_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0}
+HOURS_PER_UNIT = {"h": 1.0, "d": 24.0, "wk": 168.0}  # hours in one unit of a definition's timeUnit
+_HOURS = HOURS_PER_UNIT
 
 
 def ucum_factor(from_unit: str, to_unit: str) -> float:
@@ -258,18 +259,21 @@ def _dose_of(ma: dict, model: md.ModelDefinition) -> tuple[datetime, md.Dose] | 
     return None
 
 
-def subject_record(store, patient_id: str, model: md.ModelDefinition, *, origin: datetime | None = None
-                   ) -> tuple[md.SubjectRecord, datetime, list[str]]:
+def subject_record(store, patient_id: str, model: md.ModelDefinition, *, origin: datetime | None = None,
+                   until: datetime | None = None) -> tuple[md.SubjectRecord, datetime, list[str]]:
     """One participant's doses, observations and covariates read through ``model``'s mapping.
 
     Times are in the definition's time unit from ``origin`` (default: the first dose, else the
-    first observation). Returns the record, the origin and the versioned references read (for
-    Provenance).
+    first observation). With ``until``, only what happened up to then is read (the search itself is
+    narrowed, so a long record costs nothing beyond it). Returns the record, the origin and the
+    versioned references read (for Provenance).
     """
     subject = f"Patient/{patient_id}"
     read: list[str] = []
     doses = []
-    for ma in store.search_all("MedicationAdministration", [("subject", subject)]):
+    cut = [] if until is None else [until.isoformat()]
+    for ma in store.search_all("MedicationAdministration", [("subject", subject)]
+                               + [("effective-time", f"le{c}") for c in cut]):
         got = _dose_of(ma, model)
         if got is not None:
             doses.append(got)
@@ -277,7 +281,7 @@ def subject_record(store, patient_id: str, model: md.ModelDefinition, *, origin:
     observations, covariates = [], {}
     outputs = [(o["name"], _codes(o["observation"]), o["observation"]["unit"], o["unit"]) for o in model.outputs]
     cov_maps = [(c, _codes(c["observation"])) for c in model.covariates if "observation" in c]
-    for obs in store.search_all("Observation", [("subject", subject)]):
+    for obs in store.search_all("Observation", [("subject", subject)] + [("date", f"le{c}") for c in cut]):
         if obs.get("status") not in ("final", "amended", "corrected", "preliminary"):
             continue
         if any(t.get("code") == "simulated" for t in (obs.get("meta") or {}).get("tag", [])):

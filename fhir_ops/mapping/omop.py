@@ -17,7 +17,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from terminology.catalog import DATA_DIR, UCUM, load_file
+from terminology.catalog import UCUM, shipped_omop_maps
 
 OMOP_SYSTEM = "https://fhir-terminology.ohdsi.org"
 #: table -> (resource type, primary key column, id prefix)
@@ -64,7 +64,7 @@ class Vocabulary:
         self.codings: dict[str, list[dict]] = defaultdict(list)
         self.display: dict[str, str] = {}
         if maps is None:
-            maps = [load_file(p) for p in sorted((DATA_DIR / "omop").glob("ConceptMap-*.json"))]
+            maps = shipped_omop_maps()
         for cm in maps:
             for group in cm.get("group") or []:
                 if group.get("source") != OMOP_SYSTEM:

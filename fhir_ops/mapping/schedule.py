@@ -81,12 +81,14 @@ def load_plan(store: Store, study_id: str, capacity: float | None = None, min_sp
         min_spacing = int(_number(parts["minSpacing"].get("valueDuration"), "d", "visit-plan-constraints.minSpacing")) \
             if "minSpacing" in parts else 1
     visits, ids = [], []
+    where_of: dict[str, str] = {}  # visit name -> FHIRPath of its action, to name it in errors
     for i, action in enumerate(plan_res.get("action", []) or []):
         sched = _ext(action, SD + "visit-scheduling")
         if not sched:
             continue  # not a visit (an action without scheduling)
         where = f"PlanDefinition.action[{i}]"
         name = action.get("title") or action.get("id") or f"action {i + 1}"
+        where_of[name] = f"PlanDefinition.action.where(title='{name}')" if action.get("title") else where
         sub: dict[str, list] = {}
         for e in sched[0].get("extension", []):
             sub.setdefault(e.get("url"), []).append(e)
@@ -118,7 +120,9 @@ def load_plan(store: Store, study_id: str, capacity: float | None = None, min_sp
     try:
         plan = VisitPlan(tuple(visits[i] for i in order), int(min_spacing), float(capacity))
     except PlanError as exc:
-        raise _plan_error(exc, "PlanDefinition.action") from None
+        # a capacity or spacing the call gave is checked (400) before; one that fails here is the plan's own
+        raise _plan_error(exc, where_of.get(exc.visit, "PlanDefinition.action"),
+                          f"PlanDefinition/{plan_res['id']}") from None
     sites = {}
     for ref in (s.get("reference") or "" for s in study.get("site", []) or []):
         if ref.startswith("Location/"):
@@ -133,12 +137,15 @@ def load_plan(store: Store, study_id: str, capacity: float | None = None, min_sp
                      [versioned(study), versioned(plan_res)])
 
 
-def _plan_error(exc: PlanError, expression: str) -> Unprocessable:
+def _plan_error(exc: PlanError, expression: str, plan_ref: str | None = None) -> Unprocessable:
     error_id = {"window-unsatisfiable": "window-unsatisfiable", "capacity-invalid": "capacity-out-of-range",
                 "spacing-invalid": "spacing-out-of-range"}.get(exc.kind, "invalid-visit-plan")
-    if exc.kind == "capacity-invalid":
-        expression = "Parameters.parameter:capacityHoursPerDay"
-    return Unprocessable(str(exc), error_id=error_id, expression=[expression])
+    message = str(exc)
+    if exc.kind in ("capacity-invalid", "spacing-invalid"):
+        expression = "PlanDefinition.extension"  # visit-plan-constraints.siteCapacity / .minSpacing
+        if plan_ref:
+            message = f"{plan_ref} (extension visit-plan-constraints): {message}"
+    return Unprocessable(message, error_id=error_id, expression=[expression])
 
 
 @dataclass

@@ -10,12 +10,13 @@ import base64
 import hashlib
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
 from fhir_ops.errors import FhirError, InvalidRequest, Unprocessable, outcome
 from fhir_ops.mapping.evidence import AGE, BASELINE, SEX, AnalysisTable, Endpoint, load_table, parse_token
+from fhir_ops.mapping.participant import parse_datetime
 from fhir_ops.mapping.model_device import ensure_model_device
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.operations.registry import OperationContext, Writes, operation
@@ -61,6 +62,13 @@ def _settings(params: dict) -> dict:
     if params["treatmentArm"] == params["controlArm"]:
         raise _param_error("controlArm", "treatmentArm and controlArm name the same arm; an effect needs two arms",
                            "single-arm")
+    source = params.get("prognosticSource", "historical")
+    if source not in ("historical", "twin"):
+        raise _param_error("prognosticSource", f"'prognosticSource' must be historical or twin; got {source!r}",
+                           "unknown-code")
+    if source == "twin" and params.get("historicalControl"):
+        raise _param_error("prognosticSource", "prognosticSource=twin takes the score from the study's twin model; "
+                           "it cannot be combined with historicalControl", "prognostic-source-conflict")
     covariates = list(dict.fromkeys(params.get("covariate") or DEFAULT_COVARIATES))
     for c in covariates:
         if c not in (AGE, SEX, BASELINE):
@@ -68,7 +76,7 @@ def _settings(params: dict) -> dict:
     system, code = parse_token(params["endpoint"], "endpoint")
     return {"endpoint": Endpoint(system, code, float(params["timepointDays"]), float(window)),
             "covariates": covariates, "trim": trim, "caliper": caliper, "weighting": weighting,
-            "borrowing": borrowing, "fraction": fraction}
+            "borrowing": borrowing, "fraction": fraction, "source": source}
 
 
 def _complete(table: AnalysisTable, covariates: list[str]) -> np.ndarray:
@@ -162,6 +170,25 @@ def handle(ctx: OperationContext, params: dict) -> dict:
             "nTest": model.n_test, "r2": model.r2_test, "rmse": model.rmse_test,
             "calibrationSlope": model.calibration_slope, "calibrationIntercept": model.calibration_intercept,
             "outOfRange": [f"{k}: {v} participant(s)" for k, v in outside.items()]}
+    elif s["source"] == "twin":
+        ctx.progress(0.35, "calibrating each participant's twin on their baseline records")
+        score, model, inputs_hist, twin_part, missing = _twin_scores(store, ctx.resource_id, trial, endpoint)
+        if missing.any():
+            issues.append(outcome("warning", "incomplete",
+                                  f"{int(missing.sum())} participant(s) of {study_ref} have no {endpoint.token} record "
+                                  "up to day 1 for their twin to start from and were left out",
+                                  error_id="excluded-participants"))
+            out["excluded"] = excluded + int(missing.sum())
+            keep = ~missing
+            trial, score, treated = trial.rows(keep), score[keep], treated[keep]
+            covs = trial.covariates
+            for arm, n in ((treat_arm, int(treated.sum())), (control_arm, int((~treated).sum()))):
+                if n < 2:
+                    raise Unprocessable(f"Arm {arm!r} of {study_ref} has {n} participant(s) with a twin score; at "
+                                        "least 2 are needed", error_id="arm-too-small")
+        r2, rmse, slope, intercept = evidence.validate_scores(trial.outcome[~treated], score[~treated])
+        out["prognosticModel"] = twin_part | {"nTrain": 0, "nTest": int((~treated).sum()), "r2": r2, "rmse": rmse,
+                                              "calibrationSlope": slope, "calibrationIntercept": intercept}
     else:
         inputs_hist = []
 
@@ -264,6 +291,53 @@ def _external(store, ext_ref: str, ext_arm: str, endpoint: Endpoint, covariates:
     return balance, [effect, hybrid.effect], extra
 
 
+def _twin_scores(store, study_id: str, trial: AnalysisTable, endpoint: Endpoint) -> tuple:
+    """Each trial participant's predicted control outcome from the study's twin model (nan: no baseline record).
+
+    The twin is calibrated on the participant's records of the endpoint up to one day after time zero
+    (randomization) with the study's prior, and predicts the endpoint at the time point with no
+    treatment after time zero (``inference.model_definition.control_prediction``).
+    """
+    from fhir_ops.mapping import model_definition as fm
+    from fhir_ops.operations import twin_common
+    from inference import model_definition as md
+
+    sm = twin_common.study_model_of(store, store.read("ResearchStudy", study_id))
+    model = sm.definition
+    output = next((o for o in model.outputs
+                   if any(c.get("system") == endpoint.system and c.get("code") == endpoint.code
+                          for c in o["observation"]["codes"])), None)
+    if output is None:
+        raise Unprocessable(f"The twin model of ResearchStudy/{study_id}, {model.canonical}, has no output coded "
+                            f"{endpoint.token}: it cannot predict this endpoint", error_id="endpoint-not-in-model",
+                            expression=["Parameters.parameter:endpoint"])
+    factor = fm.ucum_factor(output["unit"], trial.unit) if trial.unit else 1.0
+    day = 24.0 / fm.HOURS_PER_UNIT[model.time_unit]  # one day in the model's time unit
+    zero_of = {pid: (subject.get("period") or {}).get("start")
+               for subject, pid in fm.study_participants(store, study_id)}
+    scores = np.full(len(trial.patient_ids), np.nan)
+    inputs = list(sm.inputs)
+    for k, pid in enumerate(trial.patient_ids):
+        zero = parse_datetime(zero_of[pid]) if zero_of.get(pid) else None
+        if zero is None:
+            continue  # no time zero: nothing marks what is baseline
+        # only the records up to day 1 are read: the score must not see later data, and a long record is not read
+        record, _, read = fm.subject_record(store, pid, model, origin=zero, until=zero + timedelta(days=1))
+        baseline = tuple(o for o in record.observations if o[1] == output["name"] and o[0] <= day and np.isfinite(o[2]))
+        if not baseline:
+            continue
+        record = md.SubjectRecord(record.id, record.doses, baseline, record.covariates)
+        try:
+            scores[k] = factor * md.control_prediction(model, sm.prior, record, output["name"],
+                                                        endpoint.day * day)
+        except (ValueError, np.linalg.LinAlgError):  # no usable posterior: left out and counted like no record
+            continue
+        inputs += read
+    part = {"trainedOn": {"reference": twin_common.versioned_reference(sm.library)},
+            "covariate": [f"{output['name']} (twin {model.canonical}, records up to day 1)"]}
+    return scores, None, inputs, part, ~np.isfinite(scores)
+
+
 def _score_id(study_ref: str, patient_id: str, endpoint: Endpoint, hist_ref: str) -> str:
     key = json.dumps([study_ref, patient_id, endpoint.token, endpoint.day, hist_ref])
     return "ps-" + hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -296,7 +370,9 @@ def _persist(ctx: OperationContext, params: dict, study_ref: str, trial: Analysi
                 "effectiveDateTime": now,
                 "method": {"coding": [{"system": TRIALTWIN_CS, "code": "prognostic-score",
                                        "display": "Prognostic score"}],
-                           "text": f"Linear prognostic model on {', '.join(model.names)} trained on {hist_ref}"},
+                           "text": (f"Linear prognostic model on {', '.join(model.names)} trained on {hist_ref}"
+                                    if model is not None else f"Twin model {hist_ref}: posterior mean without "
+                                    "treatment, calibrated on the records up to day 1")},
                 "valueQuantity": {"value": round(float(value), 6)},
             }
             if trial.unit:

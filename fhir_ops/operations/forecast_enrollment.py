@@ -69,6 +69,11 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     start = (rec.study.get("period") or {}).get("start")
     study_start = _day(start) if start else None
     cut = parse_datetime(params["asOf"]) if params.get("asOf") else rec.last_screening
+    if cut is None and rec.unassigned:
+        raise Unprocessable(f"None of the {rec.unassigned} screened participant(s) of {study_ref} belongs to a study "
+                            "site (their Patient.managingOrganization is no site Location's managingOrganization): "
+                            "the per-site rates cannot be fitted", error_id="no-site-assignment",
+                            expression=["ResearchStudy.site"])
     if cut is None:
         raise Unprocessable(f"No participant of {study_ref} has a screening date (ResearchSubject.period.start)",
                             error_id="no-subjects")

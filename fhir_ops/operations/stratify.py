@@ -4,8 +4,10 @@ Each participant's twin (the stored twin state when it was calibrated on the dat
 otherwise a fresh calibration) under the study's daily-regimen model definition gives the features:
 posterior means of the definition's calibrated parameters, by its names (log scale for log-normal
 ones; default the parameters in the pd roles EMAX and EC50) and, on request, the simulated
-steady-state response under a stated dose (CL, F, EMAX, EC50 read by structural role). A study whose
-model is not a daily-regimen definition is refused (422 ``model-not-daily-regimen``).
+steady-state response under a stated dose (CL, F, EMAX, EC50 read by structural role). Participants
+whose data leave the posterior of those parameters at the prior (placebo: no drug to learn Emax or
+EC50 from) are left out and named. A study whose model is not a daily-regimen definition is refused
+(422 ``model-not-daily-regimen``).
 :mod:`inference.stratify` chooses the number of strata (k = 1 competes), measures stability by
 bootstrap and explains each stratum by a rule on baseline covariates. The strata are stored as
 ``Group`` resources (profile ``stratum``) with one Provenance; a re-run with the same inputs and
@@ -28,6 +30,10 @@ from inference.regimen import DailyRegimen
 ACTIVITY = "$stratify"
 COVARIATES = ("age", "female", "weight", "egfr")
 RESPONSE = "response"
+#: a participant's data must narrow the posterior SD of at least one parameter behind the features below
+#: this share of the prior SD, else the twin's features are the prior's (a placebo participant tells nothing
+#: about Emax or EC50) and a mixture would take that spike of identical rows for a stratum
+INFORMED_SD_RATIO = 0.99
 
 
 def _settings(params: dict) -> dict:
@@ -66,6 +72,9 @@ class _Twin:
         self.defaults = tuple(n for n in (emax, twin_common.role_parameter(model, "pd", "EC50")) if n in self.index)
         self.response_unit = units.get(emax, "1")  # the response is in Emax's unit
         self.dose_factor = dose_factor(model)
+        # the calibrated parameters the simulated response depends on (F is fixed or follows CL's data)
+        self.response_parameters = tuple(n for n in (twin_common.role_parameter(model, "pk", "CL"), *self.defaults)
+                                         if n in self.index)
 
     def features(self, requested: list[str]) -> list[str]:
         features = requested or list(self.defaults)
@@ -93,6 +102,14 @@ class _Twin:
 
     def feature(self, posterior, name: str) -> float:
         return float(np.asarray(posterior.mean, dtype=float)[self.index[name]])
+
+    def informed(self, posterior, features: list[str]) -> bool:
+        """Whether the participant's data narrowed the posterior SD of a parameter behind ``features``
+        (the response's: CL, EMAX, EC50) to below ``INFORMED_SD_RATIO`` of the prior SD."""
+        names = {n for f in features for n in (self.response_parameters if f == RESPONSE else (f,))}
+        post = np.diag(np.asarray(posterior.cov, dtype=float))
+        prior = np.diag(np.asarray(posterior.prior_cov, dtype=float))
+        return any(post[self.index[n]] < INFORMED_SD_RATIO ** 2 * prior[self.index[n]] for n in names)
 
 
 def _study_model(store, ctx: OperationContext, container: dict, members) -> twin_common.StudyModel:
@@ -129,8 +146,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     s["features"] = tw.features(s["features"])
     inputs = [twin_common.versioned_reference(container)]
     issues: list[dict] = []
-    ids, arms, rows, covs, natural = [], [], [], [], []
-    skipped = []
+    ids, rows, covs, natural = [], [], [], []
+    skipped, uninformed = [], []
     models: dict[str, twin_common.StudyModel | None] = {}
     for i, m in enumerate(members):
         if ctx.cancelled():
@@ -156,6 +173,11 @@ def handle(ctx: OperationContext, params: dict) -> dict:
                 skipped.append(m.patient_id)
                 continue
             raise
+        twin_inputs = [pt.stored.ref] if pt.reused and pt.stored else list(pt.inputs)
+        if not tw.informed(pt.posterior, s["features"]):
+            uninformed.append(m.patient_id)
+            inputs += list(m.inputs) + twin_inputs  # read, and deciding: new data may bring them in
+            continue
         values = tw.values(pt.posterior)
         row = []
         for f in s["features"]:
@@ -166,18 +188,24 @@ def handle(ctx: OperationContext, params: dict) -> dict:
                 row.append(tw.feature(pt.posterior, f))
         cov = pt.record.covariates
         ids.append(m.patient_id)
-        arms.append(m.arm)
         rows.append(row)
         covs.append([float(cov.get(c, np.nan)) for c in s["covariates"]])
         natural.append(values)
-        inputs += list(m.inputs) + (([pt.stored.ref] if pt.reused and pt.stored else pt.inputs))
+        inputs += list(m.inputs) + twin_inputs
     if skipped:
         issues.append(outcome("warning", "incomplete", f"{len(skipped)} participant(s) have no data a twin can be "
                               f"calibrated on and were left out: {', '.join(skipped[:10])}"
                               + (" ..." if len(skipped) > 10 else ""), error_id="participants-without-twin"))
+    if uninformed:
+        issues.append(outcome("information", "informational", f"{len(uninformed)} participant(s) whose data do not "
+                              f"inform {', '.join(s['features'])} (posterior SD within "
+                              f"{100 * (1 - INFORMED_SD_RATIO):.0f} % of the prior's, e.g. no drug exposure) were left "
+                              f"out: {', '.join(uninformed[:10])}" + (" ..." if len(uninformed) > 10 else ""),
+                              error_id="participants-uninformative"))
     n = len(ids)
     if n < 10:
-        raise Unprocessable(f"{source} has {n} participant(s) with a twin; stratification needs at least 10",
+        raise Unprocessable(f"{source} has {n} participant(s) whose twin is informed by their data on "
+                            f"{', '.join(s['features'])}; stratification needs at least 10",
                             error_id="too-few-participants")
     x = np.asarray(rows)
     c = np.asarray(covs)
@@ -190,8 +218,14 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     names = [f"log {f}" if (f == RESPONSE or tw.scale[f] == "log") else f for f in s["features"]]
     result = engine.stratify(x, names, c[:, usable], [s["covariates"][j] for j in usable],
                              max_strata=s["maxStrata"], bootstrap=s["bootstrap"], seed=s["seed"])
+    if result.unstable_k is not None:
+        issues.append(outcome("information", "informational", f"BIC preferred {result.unstable_k} strata, but a "
+                              f"bootstrap resample reproduces them poorly (mean adjusted Rand index "
+                              f"{result.unstable_stability:.2f} < {engine.MIN_STABILITY}): reported as one stratum",
+                              error_id="strata-unstable"))
 
-    arm_doses = {a: arm_dose(a) for a in sorted({a for a in arms if a})}
+    # every arm of the cohort, also one whose participants were all left out (placebo: response 0)
+    arm_doses = {a: arm_dose(a) for a in sorted({m.arm for m in members if m.arm})}
     unknown = [a for a, d in arm_doses.items() if d is None]
     if unknown:
         issues.append(outcome("information", "not-supported", f"Arms whose dose the name does not state get no "

@@ -81,10 +81,14 @@ def render_effect_report(study_ref: str, endpoint, treatment_arm: str, control_a
             f"the control arm: expected variance factor 1 − ρ² = {out['expectedVarianceFactor']:.3f}; observed "
             f"variance reduction {out['varianceReduction']:.1%}; an unadjusted analysis would need "
             f"{out['equivalentSampleSize']:.0f} participants for the same precision.</p>"
-            f"<p>Prognostic model on {esc(', '.join(pm['covariate']))}, trained on "
-            f"{esc(pm['trainedOn']['reference'])}: held-out R² {pm['r2']:.3f}, RMSE {pm['rmse']:.3g}, calibration "
-            f"slope {pm['calibrationSlope']:.3f} / intercept {pm['calibrationIntercept']:.3g} "
-            f"(n train {pm['nTrain']}, n test {pm['nTest']}).</p>")
+            + (f"<p>Prognostic model on {esc(', '.join(pm['covariate']))}, trained on "
+               f"{esc(pm['trainedOn']['reference'])}: held-out R² {pm['r2']:.3f}, RMSE {pm['rmse']:.3g}, "
+               f"calibration slope {pm['calibrationSlope']:.3f} / intercept {pm['calibrationIntercept']:.3g} "
+               f"(n train {pm['nTrain']}, n test {pm['nTest']}).</p>" if pm["nTrain"] else
+               f"<p>Scores from the twin model {esc(pm['trainedOn']['reference'])} ({esc(', '.join(pm['covariate']))})"
+               f": on the control arm, whose outcomes the scores never saw, R² {pm['r2']:.3f}, RMSE {pm['rmse']:.3g},"
+               f" calibration slope {pm['calibrationSlope']:.3f} / intercept {pm['calibrationIntercept']:.3g} "
+               f"(n {pm['nTest']}).</p>"))
         if pm.get("outOfRange"):
             parts.append(f"<p><strong>Outside the training range:</strong> {esc('; '.join(pm['outOfRange']))}</p>")
     if balance:

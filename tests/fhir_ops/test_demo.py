@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +193,23 @@ def test_a_demo_loaded_before_the_definition_gets_it(tmp_path):
         assert demo.ensure_demo_study(store, participants=3, seed=1) == 0
     finally:
         store.close()
+
+
+def test_the_examples_named_in_the_readme_and_console_have_the_status_they_are_named_for(resources):
+    # The README and the demo's console name example participants of the default demo; a change to the
+    # generator that moves them (tt201-p003 went off study once and the README went stale) fails here.
+    from fhir_ops.commands.demo import EXAMPLE_PARTICIPANT, add_parser
+
+    import argparse
+
+    defaults = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args([])
+    assert (defaults.participants, defaults.seed) == (200, 7)  # the study this fixture generates
+    status = {r["individual"]["reference"].split("/")[1]: r["status"] for r in by_type(resources, "ResearchSubject")}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    on_study = re.findall(r"e\.g\. `(tt201-p\d{3})`, on study in the demo", readme)
+    off_study = re.findall(r"off study or\s+withdrew \(e\.g\. `(tt201-p\d{3})`\)", readme)
+    assert on_study and off_study, "README no longer names its example participants where this test looks"
+    for pid in on_study + [EXAMPLE_PARTICIPANT]:
+        assert status[pid].startswith("on-study"), (pid, status[pid])
+    for pid in off_study:
+        assert status[pid] in ("off-study", "withdrawn"), (pid, status[pid])

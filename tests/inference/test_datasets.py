@@ -49,3 +49,15 @@ def test_ssfol_closed_form_against_ode():
                     t_eval=t, rtol=1e-10, atol=1e-12)
     data = ObservationData.single(t, np.full(t.size, np.nan), design={"dose": np.full(t.size, 4.0)})
     np.testing.assert_allclose(ssfol(np.array([[lke, lka, lcl]]), data), sol.y[1], rtol=1e-7)
+
+
+def test_indometh_matches_r_summary():
+    # dim(Indometh) == c(66, 3), 6 subjects with 11 samples each; summary(Indometh$conc) in R:
+    # min 0.05, mean 0.5918, max 2.72
+    from inference.datasets import load_indometh
+    indometh = load_indometh()
+    assert (indometh.n_rows, indometh.n_subjects) == (66, 6)
+    assert np.bincount(indometh.subject).tolist() == [11] * 6
+    assert indometh.value.min() == 0.05 and indometh.value.max() == 2.72
+    assert indometh.value.mean() == pytest.approx(0.5918, abs=5e-5)
+    assert sorted(set(indometh.time.tolist())) == [0.25, 0.5, 0.75, 1.0, 1.25, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]

@@ -35,6 +35,8 @@ def test_mle_intervals_and_interim_forecasts_cover_at_their_nominal_levels_over_
         fc = forecast_enrollment(fit, k, tau, more, horizon_days=800, samples=500, seed=r, band=False)
         cov80 += fc.quantile(0.10) <= actual <= fc.quantile(0.90)
         cov95 += fc.quantile(0.025) <= actual <= fc.quantile(0.975)
+    print(f"\n{reps} replicates: 95 % interval coverage alpha {cov_a / reps:.1%}, beta {cov_b / reps:.1%}; "
+          f"time to target covered by the 80 % interval {cov80 / reps:.1%}, by the 95 % interval {cov95 / reps:.1%}")
     assert abs(cov_a / reps - 0.95) <= 0.05 and abs(cov_b / reps - 0.95) <= 0.05
     assert abs(cov80 / reps - 0.80) <= 0.05
     assert abs(cov95 / reps - 0.95) <= 0.05
@@ -48,6 +50,29 @@ def test_closed_form_negative_binomial_predictive_matches_monte_carlo():
     k = np.arange(25)
     mc = np.bincount(draws, minlength=25)[:25] / draws.size
     np.testing.assert_allclose(negative_binomial_predictive(a_post, b_post, horizon, k), mc, atol=3e-3)
+
+
+def test_forecast_is_the_closed_form_negative_binomial_for_one_site_with_known_hyperparameters():
+    # With (alpha, beta) known, one site's count over the next t days is negative binomial with size
+    # alpha + k and success probability (beta + tau) / (beta + tau + t), so P(target reached by t) =
+    # P(NB >= remaining). The forecast gets it by averaging the exact Poisson tail over drawn rates:
+    # the two must agree within the Monte Carlo error of those draws.
+    from inference.enrollment import GammaFit
+    fit = GammaFit(alpha=3.0, beta=60.0, alpha_ci=(0, 0), beta_ci=(0, 0), log_likelihood=0.0, converged=True)
+    k, tau, remaining, samples = 5, 100.0, 6, 40_000
+    fc = forecast_enrollment(fit, [k], [tau], remaining, horizon_days=400, samples=samples, seed=3, band=False)
+    closed = np.array([1.0 - negative_binomial_predictive(3.0 + k, 60.0 + tau, t, np.arange(remaining)).sum()
+                       for t in fc.days])
+    assert closed[-1] > 0.9 and closed[20] < 0.1  # the horizon spans the whole distribution
+    np.testing.assert_allclose(fc.cdf, closed, atol=4 * 0.5 / np.sqrt(samples))
+    # screened and randomized totals thin the stream: with 1,000 screened and 500 randomized, p ~ 0.5 and
+    # the count is NB with success probability (beta + tau) / (beta + tau + p t)
+    thinned = forecast_enrollment(fit, [k], [tau], remaining, horizon_days=400, samples=samples, seed=3,
+                                  band=False, screened=1000, randomized=500)
+    p = thinned.p_randomized
+    closed = np.array([1.0 - negative_binomial_predictive(3.0 + k, 60.0 + tau, p * t, np.arange(remaining)).sum()
+                       for t in thinned.days])
+    np.testing.assert_allclose(thinned.cdf, closed, atol=0.01)
 
 
 def test_forecast_cdf_equals_the_gamma_waiting_time_for_one_known_rate():

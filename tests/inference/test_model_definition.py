@@ -325,3 +325,23 @@ def test_cohort_section_is_checked():
     assert [i.path for i in md.check_definition(t)] == ["$.cohort.duration"]  # infusion longer than the interval
     t["cohort"] = {"stepHours": 500}
     assert [i.path for i in md.check_definition(t)] == ["$.cohort.stepHours"]
+
+
+def test_control_prediction_is_the_posterior_mean_of_the_untreated_prediction():
+    """The twin's prognostic score (issue 16): the cubature mean over the Laplace posterior equals the Monte
+    Carlo mean of 20,000 posterior draws within 3 Monte Carlo standard errors, and ignores later doses."""
+    from inference import calibration
+    from inference.model_definition import (Dose, SubjectRecord, calibrate_subject, control_prediction, event_data,
+                                            load_definition, predict_rows, shipped_definition)
+
+    m = load_definition(shipped_definition("tumour-growth"))
+    population = m.population_model()
+    for baseline in (40.0, 80.0, 150.0):
+        record = SubjectRecord("1", (), ((0.0, "sld", baseline),), {})
+        score = control_prediction(m, population, record, "sld", 12.0)
+        post = calibrate_subject(m, population, record)
+        future = event_data(m, [SubjectRecord("1", (), ((12.0, "sld", np.nan),), {})])
+        draws = predict_rows(m, calibration.sample_posterior(post, 20_000, seed=5), future)[:, -1]
+        assert abs(score - draws.mean()) < 3 * draws.std() / np.sqrt(draws.size), (baseline, score, draws.mean())
+        treated = SubjectRecord("1", (Dose(1.0, 500.0, 0.0, "iv"),), record.observations, {})
+        assert control_prediction(m, population, treated, "sld", 12.0) == score  # doses after time 0 are not used

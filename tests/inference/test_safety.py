@@ -1,6 +1,6 @@
 """Safety monitoring: the Poisson–gamma exceedance probability against a closed form and Monte Carlo,
 the exposure–response fit against statsmodels, and the design's operating characteristics
-(acceptance 2 of issue 17, with fewer replicates than bench/safety_design.py)."""
+(acceptance 2 of issue 17: 200 replicates per scenario here, the issue's minimum; bench/safety_design.py runs 1,000)."""
 from __future__ import annotations
 
 from math import comb, exp, lgamma, log
@@ -90,12 +90,18 @@ def test_steady_state_exposure_matches_superposition():
     assert float(cmax) == pytest.approx(conc.max(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_false_alarm_rate_stays_below_the_design_level_and_a_planted_signal_is_found():
-    # 100 replicates each (bench/safety_design.py runs 1,000): design level 5 % over all interims.
-    null = operating_characteristics(MonitoringDesign(slope=0.0), 100, seed=17)
+    # 200 replicates each, the issue's minimum (bench/safety_design.py runs 1,000): design level 5 % over all
+    # interims. Observed with these seeds: null 0.010, 0.010, 0.025; planted (slope 0.8) 0.61, 0.99, 1.0.
+    replicates = 200
+    null = operating_characteristics(MonitoringDesign(slope=0.0), replicates, seed=17)
+    assert null["signal_by_interim"].shape == (3,) and np.all(np.diff(null["signal_by_interim"]) >= 0)
     assert null["signal_by_interim"][-1] <= 0.05
-    planted = operating_characteristics(MonitoringDesign(slope=0.8), 100, seed=18)
+    planted = operating_characteristics(MonitoringDesign(slope=0.8), replicates, seed=18)
     assert planted["signal_by_interim"][-1] >= 0.9
     assert np.all(np.diff(planted["signal_by_interim"]) >= 0)
+    # detection grows from look to look: the first look has seen too little exposure to be sure
+    assert planted["signal_by_interim"][0] < planted["signal_by_interim"][-1]
     # the exposure-response forecast's 80 % interval covers the next period's events about 80 % of the time
-    assert 0.7 <= planted["forecast_coverage80"] <= 0.9 and planted["forecasts"] >= 100
+    assert 0.7 <= planted["forecast_coverage80"] <= 0.9 and planted["forecasts"] >= 2 * replicates

@@ -89,3 +89,23 @@ def test_steady_state_response_matches_a_superposed_simulation():
                for j in range(400))
     c_avg = np.trapezoid(conc, t) / 24.0
     assert float(steady_state_response(emax, ec50, cl, dose)) == pytest.approx(emax * c_avg / (ec50 + c_avg), rel=1e-6)
+
+
+def test_unstable_strata_of_a_small_structureless_cohort_are_reported_as_one():
+    """With 20 participants BIC alone splits structureless data now and then; the bootstrap guard
+    (mean ARI below 0.5: one stratum) removes those splits and keeps real strata (300 participants)."""
+    with threadpool_limits(1):
+        unguarded, guarded, rejected = 0, 0, []
+        for seed in range(30):
+            x, _, cov = planted_population(20, seed=seed, subgroups=False)
+            unguarded += stratify(x, ["a", "b"], cov, ["age", "egfr"], bootstrap=10, seed=seed, min_stability=0.0).k > 1
+            s = stratify(x, ["a", "b"], cov, ["age", "egfr"], bootstrap=10, seed=seed)
+            guarded += s.k > 1
+            if s.unstable_k is not None:
+                rejected.append(s.unstable_stability)
+                assert s.k == 1 and s.sizes == (20,) and s.stability == 1.0 and s.rules[0].text == "all participants"
+        assert unguarded >= 3 and guarded == 0 and len(rejected) == unguarded and max(rejected) < 0.5
+        for seed in range(10):
+            x, truth, cov = planted_population(300, seed=seed)
+            s = stratify(x, ["a", "b"], cov, ["age", "egfr"], bootstrap=5, seed=seed)
+            assert s.k == 3 and s.unstable_k is None and adjusted_rand_score(truth, s.labels) >= 0.8

@@ -193,9 +193,10 @@ def generated(tmp_path_factory) -> dict[str, dict]:
         out[_key(GENERATED[21])] = careplan
         out[_key(GENERATED[22])] = _get(client, _value(scheduled.json(), "provenance")["reference"])
 
-        # $stratify on the demo study (its twins: 12, as stratification needs at least 10), $safety-signal with
-        # a planted adverse event so a DetectedIssue and its review Task exist
-        study = build_demo_resources(simulate_demo_records(seed=7, n=12))
+        # $stratify on the demo study (20 participants, 13 on a dosed arm with data: stratification needs at least
+        # 10 whose data inform their twins, which placebo's do not), $safety-signal with a planted adverse event
+        # so a DetectedIssue and its review Task exist
+        study = build_demo_resources(simulate_demo_records(seed=7, n=20))
         for i in range(0, len(study), 500):
             assert client.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
                                        for r in study[i:i + 500]]).status_code == 200
@@ -306,3 +307,61 @@ def test_hapi_checks_the_outreach_policy_against_its_definition(generated, profi
                             headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=180).json()
     errors = [i["diagnostics"] for i in outcome["issue"] if i["severity"] in ("error", "fatal")]
     assert errors and all("outreach-policy" in e or "decimal" in e.lower() for e in errors), errors
+
+
+def _extended_resources() -> dict[str, dict]:
+    """One resource per TrialTwin extension that has no profile of its own, carrying it as the code writes it."""
+    from fhir_ops.audit.chain import GENESIS
+    from fhir_ops.closed_loop import CLOSED_LOOP_EXTENSION
+    from fhir_ops.deidentify import AGE_EXTENSION
+    from fhir_ops.mapping.audit_event import chained_resource
+    from terminology.harmonize import ORIGINAL_QUANTITY
+
+    event = chained_resource(1, {"resourceType": "AuditEvent",
+                                 "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+                                          "code": "rest"},
+                                 "action": "R", "recorded": "2026-11-20T10:00:00Z", "outcome": "0",
+                                 "agent": [{"who": {"display": "dr.chen"}, "requestor": True}],
+                                 "source": {"observer": {"display": "TrialTwin"}}}, GENESIS, "ab" * 32)
+    return {
+        "original-quantity": {"resourceType": "Observation", "status": "final",
+                              "code": {"coding": [{"system": "http://loinc.org", "code": "1558-6"}]},
+                              "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2026-11-20",
+                              "valueQuantity": {"value": 126.1, "unit": "mg/dL", "system": "http://unitsofmeasure.org",
+                                                "code": "mg/dL", "extension": [{"url": ORIGINAL_QUANTITY,
+                                                                                "valueQuantity": {"value": 7.0,
+                                                                                                  "unit": "mmol/L"}}]}},
+        "age-90-or-older": {"resourceType": "Patient", "gender": "female",
+                            "extension": [{"url": AGE_EXTENSION, "valueBoolean": True}]},
+        "twin-closed-loop": {"resourceType": "ResearchStudy", "status": "active",
+                             "extension": [{"url": CLOSED_LOOP_EXTENSION, "valueBoolean": False}]},
+        "audit-chain": event,
+    }
+
+
+@pytest.mark.parametrize("name", ["original-quantity", "age-90-or-older", "twin-closed-loop", "audit-chain"])
+def test_hapi_resolves_the_extensions_the_code_writes_and_checks_them(name, profiles_on_hapi):
+    import copy
+
+    resource = _extended_resources()[name]
+
+    def errors(body: dict) -> list[str]:
+        outcome = requests.post(f"{profiles_on_hapi}/{body['resourceType']}/$validate", data=json.dumps(body),
+                                headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}, timeout=180).json()
+        return [f"{i.get('expression')}: {i['diagnostics']}" for i in outcome["issue"]
+                if i["severity"] in ("error", "fatal")]
+
+    assert errors(resource) == []
+    # the same extension with a value of the wrong type: HAPI knows the definition, so it says so
+    broken = copy.deepcopy(resource)
+    holder = broken["valueQuantity"] if name == "original-quantity" else broken
+    ext = next(e for e in holder["extension"] if e["url"].endswith("/" + name))
+    if name == "audit-chain":
+        part = next(p for p in ext["extension"] if p["url"] == "sequence")
+        part.pop("valueInteger")
+        part["valueString"] = "one"
+    else:
+        ext.pop(next(k for k in ext if k.startswith("value")))
+        ext["valueString"] = "not the defined type"
+    found = errors(broken)
+    assert found and any(name in e or "valueString" in e or "string" in e.lower() for e in found), found

@@ -203,6 +203,7 @@ class Combined:
     config: dict
     stack: Stack
     store: object = None  # the server's own store, for fixtures that add data next to the demo
+    wsgi: object = None  # the served WSGI application (fhir_ops.wsgi.create_wsgi): its routes, for coverage checks
 
     @property
     def fhir(self) -> str:
@@ -254,8 +255,9 @@ def combined(tmp_path_factory):
     yield from combined_server(tmp_path_factory)
 
 
-def combined_server(tmp_path_factory, **overrides):
-    """Serve the combined server with the small demo (``overrides`` go into its config); yield a Combined."""
+def combined_server(tmp_path_factory, participants: int = DEMO_PARTICIPANTS, seed: int = 5, **overrides):
+    """Serve the combined server with a demo of ``participants`` simulated with ``seed`` (the small one unless
+    told; ``overrides`` go into its config); yield a Combined."""
     from fhir_ops.commands.demo import create_demo
     from fhir_ops.wsgi import create_wsgi
 
@@ -267,8 +269,8 @@ def combined_server(tmp_path_factory, **overrides):
 
     with serve(app) as base:
         config = {**combined_config(base, data_dir), **overrides}
-        create_demo(config, DEMO_PARTICIPANTS, 5)
+        create_demo(config, participants, seed)
         holder["app"] = wsgi = create_wsgi(config)
         yield Combined(base, config, Stack(base=base, auth=base + "/auth", fhir=base + "/fhir",
-                                           auth_app=wsgi.mounts["/auth"]), wsgi.app.extensions["trialtwin.store"])
+                                           auth_app=wsgi.mounts["/auth"]), wsgi.app.extensions["trialtwin.store"], wsgi)
         wsgi.app.extensions["trialtwin.store"].close()

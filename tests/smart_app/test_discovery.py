@@ -65,3 +65,16 @@ def test_function_form_uses_the_given_issuer():
     doc = smart_configuration({"ISSUER": "https://ehr.example/auth/"})
     assert doc["authorization_endpoint"] == "https://ehr.example/auth/authorize"
     assert doc["jwks_uri"] == "https://ehr.example/auth/.well-known/jwks.json"
+
+
+def test_metadata_oauth_uris_carry_only_what_its_definition_defines(stack):
+    # The oauth-uris extension (fhir-registry.smarthealthit.org) defines authorize, token, register and manage;
+    # an "introspect" part made HAPI's validator reject the CapabilityStatement. Its URLs are the discovery's.
+    security = requests.get(stack.fhir + "/metadata", timeout=30).json()["rest"][0]["security"]
+    [uris] = [e for e in security["extension"] if e["url"].endswith("/StructureDefinition/oauth-uris")]
+    parts = {p["url"]: p["valueUri"] for p in uris["extension"]}
+    assert set(parts) <= {"authorize", "token", "register", "manage"}, parts
+    doc = requests.get(stack.fhir + "/.well-known/smart-configuration", timeout=10).json()
+    assert parts["authorize"] == doc["authorization_endpoint"] and parts["token"] == doc["token_endpoint"]
+    assert parts["register"] == doc["registration_endpoint"]
+    assert doc["revocation_endpoint"] and doc["introspection_endpoint"]  # in discovery instead

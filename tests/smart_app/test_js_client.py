@@ -158,3 +158,33 @@ def test_fhirclient_standalone_launch_from_another_origin(browser, combined, cli
             context.close()
     assert answer == {"patient": PATIENT, "resourceType": "Patient", "observations": "Bundle", "origin": origin,
                       "server": combined.fhir}
+
+
+@pytest.fixture(scope="module")
+def combined_without_cors(tmp_path_factory):
+    """The same combined server with CORS off (``--cors-origin none``)."""
+    from tests.smart_app.conftest import combined_server
+
+    yield from combined_server(tmp_path_factory, CORS_ORIGINS=[])
+
+
+def test_without_cors_the_same_launch_stops_at_discovery(browser, combined_without_cors, client_js):  # noqa: F811
+    # The control for the two launches above: they pass because the server answers cross-origin requests,
+    # not because the browser lets these pages read another origin anyway.
+    combined = combined_without_cors
+    holder: dict = {}
+    with serve(lambda e, s: holder["app"](e, s), host="127.0.0.1") as app_base:
+        origin = f"http://localhost:{app_base.rsplit(':', 1)[1]}"
+        client_id = register_js_app(combined, origin, STANDALONE_SCOPE)
+        holder["app"] = _app_server(client_id, STANDALONE_SCOPE)
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(f"{origin}/launch.html?iss={combined.fhir}")
+            page.wait_for_function(
+                "location.href.startsWith(%s) || ((document.getElementById('status') || {}).textContent || '')"
+                ".startsWith('error')" % json.dumps(combined.base + "/auth/"), timeout=60000)
+            status = page.locator("#status").inner_text() if page.url.startswith(origin) else page.url
+        finally:
+            context.close()
+    assert status.startswith("error"), status

@@ -497,3 +497,36 @@ def test_keys_rotate_keeps_old_tokens_valid_until_retired(tmp_path, capsys):
     assert main(["keys", "retire", "--data-dir", str(tmp_path)]) == 1  # too young: refused
     assert main(["keys", "retire", "--data-dir", str(tmp_path), "--min-age", "0"]) == 0
     assert old.key_for("RS256").kid not in {k["kid"] for k in SigningKeys.load(path).public_jwks()["keys"]}
+
+
+# --- finding 9 at /auth and /app: non-ASCII secrets are a 4xx, never a 500 -------------------------------
+
+def test_non_ascii_csrf_state_and_client_secret_are_refused_not_a_500(combined):
+    """``secrets.compare_digest`` raises TypeError on a str with non-ASCII characters; found by the
+    bad-input run once it reached /app: every comparison of a sent secret is made on bytes."""
+    odd = "žž" * 8
+    auth, app = combined.stack.auth, combined.base + "/app"
+    confidential = combined.stack.register(
+        client_name="confidential", redirect_uris=["https://app.example/callback"],
+        grant_types=["authorization_code"], token_endpoint_auth_method="client_secret_post", scope="patient/*.rs")
+    answers = {
+        "login csrf": UserAgent().session.post(auth + "/login", timeout=10,
+                                               data={"csrf_token": odd, "username": "dr.chen", "password": "x"}),
+        "token client_secret": requests.post(auth + "/token", timeout=10, data={
+            "grant_type": "authorization_code", "code": "x", "redirect_uri": "https://app.example/callback",
+            "client_id": confidential["client_id"], "client_secret": odd}),
+        "introspect client_secret": requests.post(auth + "/introspect", timeout=10, data={
+            "token": "x", "client_id": confidential["client_id"], "client_secret": odd}),
+        "app callback state": requests.get(app + "/callback", params={"state": odd, "code": "x"}, timeout=10),
+    }
+    # the app's own form, with a signed-in session of a p001 launch
+    from tests.smart_app.test_clinician_app import launch
+
+    agent = UserAgent()
+    assert launch(combined, agent, patient=P1).status_code == 200
+    answers["app predict-dropout csrf"] = agent.session.post(f"{app}/patient/{P1}/predict-dropout",
+                                                             data={"csrf_token": odd}, timeout=30,
+                                                             allow_redirects=False)
+    statuses = {name: r.status_code for name, r in answers.items()}
+    assert all(400 <= s < 500 for s in statuses.values()), statuses
+    assert answers["token client_secret"].json()["error"] == "invalid_client"

@@ -21,11 +21,12 @@ pytestmark = pytest.mark.api
 def served(tmp_path_factory):
     for combined in combined_server(tmp_path_factory):
         loader = Loader(combined)
-        # the combined server's demo has 6 participants; stratification needs at least 10: load 16
+        # the combined server's demo has 6 participants; stratification needs at least 10 whose data inform
+        # their twins (placebo participants' do not): load 24, 16 of them on a dosed arm
         from fhir_ops.demo import build_demo_resources, simulate_demo_records
 
         loader.transaction([{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                            for r in build_demo_resources(simulate_demo_records(seed=5, n=16))], size=500)
+                            for r in build_demo_resources(simulate_demo_records(seed=5, n=24))], size=500)
         r = loader.post("ResearchStudy/tt-201/$stratify", [{"name": "bootstrap", "valueInteger": 3}])
         assert r.status_code == 200, r.text[:400]
         r2 = loader.post("ResearchStudy/tt-201/$safety-signal", [])
@@ -93,3 +94,30 @@ def test_the_strata_and_safety_panels_render_at_400_px(browser, served):  # noqa
         page.locator("#safety").screenshot(path=str(ARTIFACTS / "study-safety-400.png"))
     finally:
         context.close()
+
+
+def test_both_operations_hold_real_tokens_to_the_cohort_and_write_scopes(served):
+    """$stratify and $safety-signal read every participant of the study and store results: a participant's
+    own token is refused, a study-wide read-only token may only ask with persist=false, no token gets 401,
+    and none of the refusals stores anything."""
+    from .test_fhir_enforcement import P1, call, outcome_id
+
+    combined, loader, *_ = served
+    written = ("Group", "MeasureReport", "DetectedIssue", "Task", "Provenance")
+    stored = {t: loader.count(t) for t in written}
+    calls = {"$stratify": [{"name": "bootstrap", "valueInteger": 0}], "$safety-signal": []}
+    patient = combined.user_token("patient/*.cruds", patient=P1)["access_token"]
+    reader = combined.user_token("user/*.rs")["access_token"]
+    for op, parameters in calls.items():
+        url = f"{combined.fhir}/ResearchStudy/tt-201/{op}"
+        body = {"resourceType": "Parameters", "parameter": parameters}
+        refused = call("POST", url, patient, json=body)
+        assert refused.status_code == 403 and outcome_id(refused) == "cohort-needs-broad-scope", (op, refused.text)
+        persisting = call("POST", url, reader, json=body)
+        assert persisting.status_code == 403 and outcome_id(persisting) == "insufficient-scope", (op, persisting.text)
+        anonymous = call("POST", url, None, json=body)
+        assert anonymous.status_code == 401, (op, anonymous.status_code)
+        dry_run = {"resourceType": "Parameters", "parameter": [*parameters, {"name": "persist", "valueBoolean": False}]}
+        asked = call("POST", url, reader, json=dry_run)
+        assert asked.status_code == 200, (op, asked.text[:400])
+    assert {t: loader.count(t) for t in written} == stored

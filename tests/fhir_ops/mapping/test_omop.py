@@ -153,7 +153,7 @@ def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_p
                      f"measurement.unit_concept_id = {UNMAPPED_UNIT}: 75 row(s)",
                      f"observation.observation_concept_id = {SMOKING}: 25 row(s)",
                      f"observation.value_as_concept_id = {NEVER_SMOKED}: 25 row(s)",
-                     f"observation.observation_concept_id = 0: 8 row(s)",
+                     "observation.observation_concept_id = 0: 8 row(s)",
                      f"death.cause_concept_id = {CAUSE}: 2 row(s)"):
             assert line in out.err
         visit = store.read("Encounter", "omop-visit-1")

@@ -55,7 +55,24 @@ def study(module_fhir):
         assert r.status_code == 200, r.text[:400]
     entries = [_put({"resourceType": "ResearchStudy", "id": "nosites", "status": "active"}),
                _put({"resourceType": "ResearchStudy", "id": "nosubjects", "status": "active",
-                     "site": [{"reference": "Location/loc-0"}]})]
+                     "site": [{"reference": "Location/loc-0"}]}),
+               # one site: a between-site distribution cannot be fitted from it
+               _put({"resourceType": "ResearchStudy", "id": "onesite", "status": "active",
+                     "period": {"start": START.isoformat()}, "site": [{"reference": "Location/loc-0"}]}),
+               # two sites, but none of the participants belongs to either: no site has recruited
+               _put({"resourceType": "ResearchStudy", "id": "unplaced", "status": "active",
+                     "period": {"start": START.isoformat()},
+                     "site": [{"reference": "Location/loc-0"}, {"reference": "Location/loc-1"}]}),
+               _put({"resourceType": "Patient", "id": "nowhere"})]
+    for i in range(3):
+        entries.append(_put({"resourceType": "ResearchSubject", "id": f"one-{i}", "status": "on-study",
+                             "study": {"reference": "ResearchStudy/onesite"},
+                             "individual": {"reference": "Patient/rp0000"},
+                             "period": {"start": (START + dt.timedelta(days=10 * i + 5)).isoformat()}}))
+        entries.append(_put({"resourceType": "ResearchSubject", "id": f"unplaced-{i}", "status": "on-study",
+                             "study": {"reference": "ResearchStudy/unplaced"},
+                             "individual": {"reference": "Patient/nowhere"},
+                             "period": {"start": (START + dt.timedelta(days=10 * i + 5)).isoformat()}}))
     assert fhir.transaction(entries).status_code == 200
     return fhir, times, ok
 
@@ -130,6 +147,8 @@ def test_adding_sites_brings_the_target_forward(study):
     ("nosites", {"target": 10}, 422, "no-sites"),
     ("nosubjects", {"target": 10}, 422, "no-subjects"),
     ("rec", {"target": 1}, 422, "target-reached"),
+    ("onesite", {"target": 10}, 422, "fit-failed"),
+    ("unplaced", {"target": 10}, 422, "no-site-assignment"),
     ("rec", {"target": 0}, 400, "target-out-of-range"),
     ("rec", {"target": 5000, "horizonDays": 0}, 400, "horizon-out-of-range"),
     ("rec", {"target": 5000, "newSite": {"part": [{"name": "count", "valueInteger": 0},
@@ -145,4 +164,5 @@ def test_bad_input_is_a_4xx_outcome_and_stores_nothing(study, study_id, params, 
     r = fhir.post(f"ResearchStudy/{study_id}/$forecast-enrollment", _params(**params))
     assert r.status_code == status, r.text[:400]
     assert error_id(r) == eid
+    print(f"\n{study_id} {params}: {r.status_code} {eid}: {r.json()['issue'][0]['diagnostics']}")
     assert fhir.get("MeasureReport", params={"_summary": "count"}).json()["total"] == before

@@ -65,7 +65,18 @@ def study(module_fhir):
     tight["extension"] = [{"url": plan["extension"][0]["url"], "extension": [
         plan["extension"][0]["extension"][0], {"url": "minSpacing", "valueDuration": {
             "value": 45, "unit": "d", "system": "http://unitsofmeasure.org", "code": "d"}}]}]
-    extra = [_put({"resourceType": "ResearchStudy", "id": "noplan", "status": "active"}), _put(tight),
+    # the plan itself gives a site capacity of 0 h/d (not the call's parameter)
+    zero = dict(tight, id="zero-capacity-plan", url="https://trialtwin.org/fhir/PlanDefinition/zero-capacity-plan")
+    zero["extension"] = [{"url": plan["extension"][0]["url"], "extension": [
+        {"url": "siteCapacity", "valueQuantity": {"value": 0, "unit": "h/d", "system": "http://unitsofmeasure.org",
+                                                  "code": "h/d"}}]}]
+    extra = [_put({"resourceType": "ResearchStudy", "id": "noplan", "status": "active"}), _put(tight), _put(zero),
+             _put({"resourceType": "ResearchStudy", "id": "zerocap", "status": "active",
+                   "protocol": [{"reference": "PlanDefinition/zero-capacity-plan"}],
+                   "site": [{"reference": "Location/tt201-loc-north"}]}),
+             _put({"resourceType": "ResearchStudy", "id": "nosubjects", "status": "active",
+                   "protocol": [{"reference": "PlanDefinition/tt201-visit-plan"}],
+                   "site": [{"reference": "Location/tt201-loc-north"}]}),
              _put({"resourceType": "ResearchStudy", "id": "tight", "status": "active",
                    "protocol": [{"reference": "PlanDefinition/tight-plan"}],
                    "site": [{"reference": "Location/tt201-loc-north"}]}),
@@ -93,6 +104,11 @@ def proposal(study):
 def test_demo_proposal_lowers_missed_visits_with_an_interval_excluding_zero(proposal):
     gain = _parts(_one(proposal, "expectedGain"))
     default, prop = _parts(_one(proposal, "protocolDefault")), _parts(_one(proposal, "proposal"))
+    print(f"\ndemo: {_one(proposal, 'participants')['valueInteger']} participants, "
+          f"{_one(proposal, 'visits')['valueInteger']} visits: missed {default['expectedMissedVisits']:.1f} (default) "
+          f"vs {prop['expectedMissedVisits']:.1f} (proposal), gain {gain['missedVisits']:.2f} "
+          f"(SE {gain['standardError']:.2f}, 95 % {gain['low95']:.2f} to {gain['high95']:.2f}); "
+          f"site hours {default['siteHours']:.1f} vs {prop['siteHours']:.1f}")
     assert gain["low95"] > 0, gain
     assert gain["missedVisits"] == pytest.approx(default["expectedMissedVisits"] - prop["expectedMissedVisits"])
     assert _parts(_one(proposal, "solver"))["name"].startswith("scipy.optimize.milp")
@@ -106,6 +122,8 @@ def test_reported_gain_agrees_with_an_independent_replay(study, proposal):
     assert r.status_code == 200, r.text[:500]
     assert _visits(r.json()) == [{k: v for k, v in p.items() if k != "appointment"} for p in _visits(proposal)]
     a, b = _parts(_one(proposal, "expectedGain")), _parts(_one(r.json(), "expectedGain"))
+    print(f"\ndemo: reported gain {a['missedVisits']:.2f} (SE {a['standardError']:.2f}) vs replay with another seed "
+          f"{b['missedVisits']:.2f} (SE {b['standardError']:.2f})")
     assert abs(a["missedVisits"] - b["missedVisits"]) < 3.5 * (a["standardError"] ** 2 + b["standardError"] ** 2) ** 0.5
 
 
@@ -171,6 +189,8 @@ def test_patient_level_schedules_that_participant_only(study, proposal):
 @pytest.mark.parametrize("target, params, status, eid, words", [
     ("ResearchStudy/noplan", {}, 422, "no-visit-plan", "no visit plan"),
     ("ResearchStudy/tight", {}, 422, "window-unsatisfiable", "Visit 2 (week 8)"),
+    ("ResearchStudy/zerocap", {}, 422, "capacity-out-of-range", "PlanDefinition/zero-capacity-plan"),
+    ("ResearchStudy/nosubjects", {}, 422, "no-subjects", "no participants"),
     ("ResearchStudy/tt-201", {"capacityHoursPerDay": 0.0}, 400, "capacity-out-of-range", "must be > 0"),
     ("ResearchStudy/tt-201", {"capacityHoursPerDay": -2.0}, 400, "capacity-out-of-range", "must be > 0"),
     ("ResearchStudy/tt-201", {"capacityHoursPerDay": 1.0}, 422, "capacity-infeasible", "capacity"),
@@ -189,6 +209,10 @@ def test_bad_input_is_a_4xx_outcome_and_writes_nothing(study, target, params, st
     if eid:
         assert error_id(r) == eid
         assert words in r.json()["issue"][0]["diagnostics"]
+    if eid == "window-unsatisfiable":  # the answer names the visit, in words and as a FHIRPath to its action
+        assert r.json()["issue"][0]["expression"] == ["PlanDefinition.action.where(title='Visit 2 (week 8)')"]
+    if target == "ResearchStudy/zerocap":  # the plan's own capacity, not a parameter of the call
+        assert r.json()["issue"][0]["expression"] == ["PlanDefinition.extension"]
     assert (_count(study, "Appointment"), _count(study, "CarePlan"), _count(study, "Provenance")) == before
 
 

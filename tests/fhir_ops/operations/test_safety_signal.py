@@ -149,6 +149,14 @@ def test_signal_evolves_with_new_adverse_events_without_duplicates(twin_server):
     prov = requests.get(f"{base}/{single(second, 'provenance')['reference']}", timeout=30).json()
     sources = {e["what"]["reference"] for e in prov["entity"]}
     assert any("-planted-0-" in s for s in sources)
+    # unchanged inputs with a signal standing: no new report, issue version, Task or Provenance
+    stored = {t: _count(base, t) for t in ("MeasureReport", "DetectedIssue", "Task", "Provenance")}
+    repeat = _signal(base, body=body)
+    assert repeat.status_code == 200 and single(repeat.json(), "created") == 0
+    assert single(repeat.json(), "measureReport") == single(second, "measureReport")
+    assert {t: _count(base, t) for t in stored} == stored
+    assert requests.get(f"{base}/{issue_ref}", timeout=30).json()["meta"]["versionId"] == "1"
+    assert requests.get(f"{base}/{single(second, 'task')['reference']}", timeout=30).json()["meta"]["versionId"] == "1"
 
     _planted_events(base, 1, 2)
     third = _signal(base, body=body).json()
@@ -189,6 +197,7 @@ def test_a_study_without_adverse_events_or_with_one_arm_is_refused(twin_server):
                          "request": {"method": "PUT", "url": f"ResearchSubject/quiet-{i}"}})
     assert requests.post(base, json={"resourceType": "Bundle", "type": "transaction", "entry": entries_},
                          headers=HEADERS, timeout=60).status_code == 200
+    stored = {t: _count(base, t) for t in ("MeasureReport", "DetectedIssue", "Task", "Provenance")}
     r = _signal(base, "quiet")
     assert r.status_code == 422 and error_id(r) == "no-adverse-events"
     ae = {"resourceType": "AdverseEvent", "id": "quiet-ae", "actuality": "actual",
@@ -199,6 +208,8 @@ def test_a_study_without_adverse_events_or_with_one_arm_is_refused(twin_server):
         requests.delete(f"{base}/ResearchSubject/quiet-{i}", timeout=30)
     r = _signal(base, "quiet")
     assert r.status_code == 422 and error_id(r) == "single-arm"
+    assert r.headers["Content-Type"].startswith("application/fhir+json")
+    assert {t: _count(base, t) for t in stored} == stored  # nothing written by either refusal
     assert _signal(base, "nope").status_code == 404
     assert requests.get(f"{base}/ResearchStudy/tt-201/$safety-signal", timeout=30).status_code == 405
 

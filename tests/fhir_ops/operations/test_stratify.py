@@ -31,7 +31,18 @@ def test_study_strata_are_stored_as_profiled_groups_with_provenance_and_reruns_w
     assert r.status_code == 200, r.text[:800]
     body = r.json()
     k, n = single(body, "strata"), single(body, "participants")
-    assert n == 30 and 1 <= k <= 4
+    # placebo participants' twins hold the prior's Emax and EC50 (no drug, nothing to learn them from): they
+    # are left out, named in an information issue, instead of forming a spurious stratum of identical rows
+    subjects = requests.get(f"{base}/ResearchSubject", params={"study": "ResearchStudy/tt-201", "_count": 100},
+                            timeout=30).json()["entry"]
+    placebo = {e["resource"]["individual"]["reference"].split("/")[1] for e in subjects
+               if e["resource"]["assignedArm"] == "placebo"}
+    assert len(placebo) == 10 and n == 30 - len(placebo)
+    notes = {i["details"]["coding"][0]["code"]: i["diagnostics"]
+             for p in body["parameter"] if p["name"] == "issues" for i in p["resource"]["issue"]}
+    assert all(pid in notes["participants-uninformative"] for pid in placebo)
+    # the demo population has no planted subgroups: one stratum (BIC's spurious split of 20 is unstable)
+    assert k == 1 and "strata-unstable" in notes, notes
     strata = [p for p in body["parameter"] if p["name"] == "stratum"]
     assert len(strata) == k
     sizes, members = 0, set()
@@ -49,7 +60,7 @@ def test_study_strata_are_stored_as_profiled_groups_with_provenance_and_reruns_w
         assert set(resp) == {"placebo", "50 mg", "100 mg"}
         med = {a: next(x["valueDecimal"] for x in q["part"] if x["name"] == "median") for a, q in resp.items()}
         assert med["placebo"] == 0 and 0 < med["50 mg"] < med["100 mg"]
-    assert sizes == 30 and len(members) == 30
+    assert sizes == n and len(members) == n and not members & {f"Patient/{pid}" for pid in placebo}
     prov = requests.get(f"{base}/{single(body, 'provenance')['reference']}", timeout=30).json()
     assert conformance.check(prov) == []
     assert {t["reference"].split("/_history/")[0] for t in prov["target"]} == \
@@ -60,11 +71,15 @@ def test_study_strata_are_stored_as_profiled_groups_with_provenance_and_reruns_w
     assert single(body, "created") == k + 1
 
     groups, provs = _strata_count(base), _count(base, "Provenance")
+    refs = [p["valueReference"]["reference"] for s in strata for p in s["part"] if p["name"] == "group"]
+    versions = [requests.get(f"{base}/{ref}", timeout=30).json()["meta"]["versionId"] for ref in refs]
     again = _stratify(base, "ResearchStudy/tt-201")
     assert again.status_code == 200
     assert single(again.json(), "created") == 0
     assert entries(again.json(), "bic") == entries(body, "bic")
     assert _strata_count(base) == groups and _count(base, "Provenance") == provs
+    # ... and no new version of any stratum either
+    assert [requests.get(f"{base}/{ref}", timeout=30).json()["meta"]["versionId"] for ref in refs] == versions
 
 
 def test_group_level_and_response_feature(twin_server):
@@ -76,7 +91,7 @@ def test_group_level_and_response_feature(twin_server):
                                                    persist=False))
     assert r.status_code == 200, r.text[:800]
     body = r.json()
-    assert single(body, "participants") == 15 and single(body, "provenance") is None
+    assert single(body, "participants") == 10 and single(body, "provenance") is None  # 5 of 15 on placebo
     first = next(p for p in body["parameter"] if p["name"] == "stratum")
     features = [next(x["valueString"] for x in q["part"] if x["name"] == "feature")
                 for q in first["part"] if q["name"] == "mean"]

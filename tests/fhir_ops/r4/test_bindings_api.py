@@ -6,10 +6,13 @@ expression names the element, nothing is stored, and $validate reports the same 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
 from fhir_ops.r4.validator import compiled
+from profiles import PROFILES_DIR
+from terminology.catalog import TRIALTWIN_CS
 from tests.fhir_ops.conftest import error_id
 from tests.fhir_ops.r4.corpus import bound_codes, demo_bases, hand_written_bases
 
@@ -18,10 +21,30 @@ pytestmark = pytest.mark.api
 BAD = "not-a-code"
 
 
+def _operation_outputs() -> list[dict]:
+    """What the operations store beyond the corpus's bases: $safety-signal's DetectedIssue and MeasureReport
+    (the profiles' examples, the shapes fhir_ops.mapping.safety builds; $forecast-enrollment writes a
+    MeasureReport too), the model Device every learned or twin model run names (fhir_ops.mapping.model_device)
+    and $estimate-effect's DocumentReference report."""
+    examples = [json.loads(path.read_text(encoding="utf-8"))
+                for path in sorted((PROFILES_DIR / "examples").glob("*.json"))
+                if path.name.startswith(("DetectedIssue-", "MeasureReport-"))]
+    device = {"resourceType": "Device", "status": "active",
+              "identifier": [{"system": "https://trialtwin.org/fhir/model", "value": "dropout|1.0.1"}],
+              "deviceName": [{"name": "dropout", "type": "model-name"}],
+              "type": {"coding": [{"system": TRIALTWIN_CS, "code": "twin-model"}], "text": "TrialTwin model"},
+              "version": [{"value": "1.0.1"}]}
+    report = {"resourceType": "DocumentReference", "status": "current",
+              "type": {"coding": [{"system": TRIALTWIN_CS, "code": "effect-report"}]},
+              "date": "2026-11-20T12:00:00Z", "context": {"related": [{"reference": "ResearchStudy/tt-201"}]},
+              "content": [{"attachment": {"contentType": "text/html", "data": "PHA+eDwvcD4="}}]}
+    return examples + [device, report]
+
+
 def _written_bases() -> dict[str, dict]:
     """One valid base per resource type the demo study or an operation writes."""
     bases: dict[str, dict] = {}
-    for base in hand_written_bases() + demo_bases():
+    for base in hand_written_bases() + demo_bases() + _operation_outputs():
         bases.setdefault(base["resourceType"], base)
     bases.pop("Bundle")  # a collection Bundle is not something the server stores for the project
     bases["Basic"] = {"resourceType": "Basic", "code": {"text": "twin state"}}
@@ -61,8 +84,9 @@ CASES = _binding_cases()
 def test_the_cases_cover_every_written_type_with_a_binding():
     labels = {label.split(".")[0] for label, _, _ in CASES}
     assert {"Observation", "Patient", "Appointment", "Encounter", "MedicationAdministration", "ResearchSubject",
-            "ResearchStudy", "RiskAssessment", "Task", "Provenance", "AdverseEvent"} <= labels
-    assert len(CASES) >= 25
+            "ResearchStudy", "RiskAssessment", "Task", "Provenance", "AdverseEvent", "DetectedIssue",
+            "MeasureReport", "Device", "DocumentReference", "Consent", "CarePlan", "Group", "Library"} <= labels
+    assert len(CASES) >= 40
 
 
 def _expressions(outcome: dict) -> set[str]:

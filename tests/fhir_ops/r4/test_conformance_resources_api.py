@@ -1,22 +1,33 @@
 """Over HTTP: every conformance resource TrialTwin ships is readable and searchable; map versions appear too."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 import profiles
 from fhir_ops.shipped import CONFORMANCE_TYPES, all_shipped
 from fhir_ops.validation import validate_resource
-from terminology.catalog import shipped as shipped_terminology
 from tests.fhir_ops.conftest import error_id
 
 pytestmark = pytest.mark.api
 
 LAB_MAP = "https://trialtwin.org/fhir/ConceptMap/edc-lab-to-loinc"
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _shipped_files() -> list[dict]:
-    files = [r for r in profiles.all_resources() if r["resourceType"] in CONFORMANCE_TYPES]
-    return files + [r for t in ("CodeSystem", "ValueSet", "ConceptMap") for r in shipped_terminology(t)]
+    """Every conformance resource file under profiles/ and terminology/data/ (subfolders included), found on
+    disk rather than through the code that serves them: a file added anywhere there must be served."""
+    files = []
+    for folder in (ROOT / "profiles", ROOT / "terminology" / "data"):
+        for path in sorted(folder.rglob("*.json")):
+            resource = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(resource, dict) and resource.get("resourceType") in CONFORMANCE_TYPES:
+                files.append(resource)
+    assert any(r["id"] == "omop-to-standard" for r in files)  # the OMOP import's map, in its own folder
+    return files
 
 
 def _ids(bundle: dict) -> list[str]:
@@ -102,3 +113,27 @@ def test_map_workflow_versions_appear_with_their_status(fhir):
     assert ("1.0.0", "active") in found and ("1.1.0", "draft") in found
     only = fhir.get("ConceptMap", params={"url": LAB_MAP, "version": "1.1.0"}).json()
     assert [e["resource"]["status"] for e in only["entry"] if e["search"]["mode"] == "match"] == ["draft"]
+
+
+#: canonicals in the code that are not FHIR definitions: the Bulk Data manifest's "extension" object is keyed
+#: by a URL but is not a FHIR Extension
+NOT_DEFINITIONS = {"https://trialtwin.org/fhir/StructureDefinition/export-report"}
+
+
+@pytest.mark.unit
+def test_every_definition_the_code_or_files_name_is_served():
+    # A validator that resolves meta.profile, extension urls, bindings and operation definitions against the
+    # server must find each TrialTwin canonical the server writes or its files reference.
+    import re
+
+    pattern = re.compile(r"https://trialtwin\.org/fhir/(?:StructureDefinition|OperationDefinition|SearchParameter|"
+                         r"ValueSet|ConceptMap)/[A-Za-z0-9.\-]+")
+    sources = [p for folder in ("fhir_ops", "smart_app", "terminology", "inference", "profiles")
+               for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".json") and p.is_file()]
+    named: dict[str, str] = {}
+    for path in sources:
+        for match in pattern.finditer(path.read_text(encoding="utf-8", errors="ignore")):
+            named.setdefault(match.group(0).rstrip("."), str(path.relative_to(ROOT)))
+    served = {r["url"] for r in all_shipped()}
+    missing = {url: where for url, where in named.items() if url not in served and url not in NOT_DEFINITIONS}
+    assert len(named) > 50 and not missing, missing
