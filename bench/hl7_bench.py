@@ -9,7 +9,12 @@ Baseline, same run: the same messages' content stored as FHIR transaction Bundle
 harmonized) straight into a SQLiteStore in this process, i.e. the cost of the writes alone, one
 transaction per message, with no parsing, mapping, terminology, socket or ACK.
 
-Run: python bench/hl7_bench.py [--rate 1000 --seconds 10 --connections 4]
+The listener's CPU per message (user + system of all its processes, from /proc) is recorded beside the
+rate: on a shared machine the rate follows the other jobs' load, the CPU per message much less.
+``--compare-ref REF`` runs the sustained test once more against the listener of git ref REF (the code
+before a change) right after ours, so both are measured on the same machine at nearly the same load.
+
+Run: python bench/hl7_bench.py [--rate 1000 --seconds 10 --connections 16] [--compare-ref REF]
      -> prints, writes bench/results/hl7_bench.json
 """
 from __future__ import annotations
@@ -68,6 +73,57 @@ def baseline(n: int, tmp: str) -> dict:
     stored = store.search("Observation", [("_summary", "count")]).total
     store.close()
     return {"messages": n, "seconds": elapsed, "rate": n / elapsed, "observations": stored}
+
+
+def start_listener(code: Path, data_dir: str, port: int, workers: int) -> subprocess.Popen:
+    """``trialtwin listen-hl7`` of the code tree ``code`` on a fresh store with the participants registered."""
+    store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
+    register(store)
+    store.close()
+    proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "listen-hl7", "--port", str(port),
+                             "--data-dir", data_dir, "--workers", str(workers)], cwd=code,
+                            env={**os.environ, "PYTHONPATH": str(code)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while "MLLP on" not in (line := proc.stdout.readline()):
+        assert line, "the listener did not start"
+    return proc
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the listener's worker processes), from /proc."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # children of any of its threads
+        try:
+            pids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def compare(ref: str, args, tmp: str) -> dict:
+    """The sustained run against the listener of git ref ``ref``, right after ours, on the same machine."""
+    from store_bench import checkout
+
+    code = checkout(ref, Path(tmp) / "ref-code")
+    proc = start_listener(code, os.path.join(tmp, "ref-listener"), args.port + 1, args.workers)
+    try:
+        sustained(200, 1, args.connections, args.port + 1, "W")
+        cpu0 = tree_cpu_seconds(proc.pid)
+        run = sustained(args.rate, args.seconds, args.connections, args.port + 1, "M")
+        run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    run["ref"] = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True,
+                                text=True).stdout.strip()
+    return run
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,6 +189,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="listener processes (listen-hl7 --workers)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--baseline-messages", type=int, default=3000)
+    parser.add_argument("--compare-ref", default=None,
+                        help="git ref whose listener runs the same sustained test right after ours (port + 1)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7bench-")
     n = int(args.rate * args.seconds)
@@ -140,16 +198,12 @@ def main() -> None:
     print(f"baseline: {base['rate']:.0f} FHIR transactions/s straight into the store ({base['messages']} messages)")
 
     data_dir = os.path.join(tmp, "listener")
-    store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
-    register(store)
-    store.close()
-    proc = subprocess.Popen([sys.executable, "-m", "fhir_ops.cli", "listen-hl7", "--port", str(args.port),
-                             "--data-dir", data_dir, "--workers", str(args.workers)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_listener(ROOT, data_dir, args.port, args.workers)
     try:
-        while "MLLP on" not in (line := proc.stdout.readline()):
-            assert line, "the listener did not start"
         warm = sustained(200, 1, args.connections, args.port, "W")
+        cpu0 = tree_cpu_seconds(proc.pid)
         run = sustained(args.rate, args.seconds, args.connections, args.port, "M")
+        run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
         unpaced = sustained(args.rate * 4, args.seconds / 2, args.connections, args.port, "X")
         # one connection, as many lab feeds use: each message waits for the previous one's ACK
         single = sustained(args.rate * 4, args.seconds / 2, 1, args.port, "S")
@@ -161,6 +215,7 @@ def main() -> None:
     store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
     stored = store.search("Observation", [("_summary", "count")]).total
     store.close()
+    reference = compare(args.compare_ref, args, tmp) if args.compare_ref else None
     sent = warm["messages"] + run["messages"] + unpaced["messages"] + single["messages"] + piped["messages"]
     all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, run, unpaced, single, piped))
     commits = [line.split("group commits: ", 1)[1] for line in listener_log.splitlines() if "group commits: " in line]
@@ -176,10 +231,15 @@ def main() -> None:
         "nothing_lost": stored == 2 * sent and all_aa,
         "ratio_sustained_to_baseline": run["achieved_rate"] / base["rate"],
         "ratio_unpaced_to_baseline": unpaced["achieved_rate"] / base["rate"],
+        **({"compare_ref_sustained": reference} if reference else {}),
     }
     print(f"sustained: target {args.rate:.0f}/s for {args.seconds:.0f} s -> {run['achieved_rate']:.0f} msg/s, "
           f"ACK p50 {run['ack_latency_ms']['p50']:.1f} ms p99 {run['ack_latency_ms']['p99']:.1f} ms, "
           f"answers {run['answers']}")
+    print(f"listener CPU per message (all its processes, /proc): {run['listener_cpu_us_per_message']:.0f} us")
+    if reference:
+        print(f"{args.compare_ref} ({reference['ref'][:8]}), same test right after: {reference['achieved_rate']:.0f} msg/s, "
+              f"listener CPU {reference['listener_cpu_us_per_message']:.0f} us per message, answers {reference['answers']}")
     print(f"unpaced (4x target offered): {unpaced['achieved_rate']:.0f} msg/s "
           f"({result['ratio_unpaced_to_baseline']:.2f}x the direct-transaction baseline)")
     print(f"one connection: {single['achieved_rate']:.0f} msg/s, ACK p50 {single['ack_latency_ms']['p50']:.1f} ms")

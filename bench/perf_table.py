@@ -238,7 +238,9 @@ def _hl7(d):
             f"p99 {r['ack_latency_ms']['p99']:.0f} ms), unpaced {u['achieved_rate']:,.0f}/s{piped}; {lost} "
             f"({d['observations_stored']:,} Observations)",
             f"the same content as FHIR transactions straight into the store: {d['baseline_direct_transactions']['rate']:,.0f}/s "
-            f"(sustained {ratio(d['ratio_sustained_to_baseline'])}, unpaced {ratio(d['ratio_unpaced_to_baseline'])})")
+            f"(sustained {ratio(d['ratio_sustained_to_baseline'])}, unpaced {ratio(d['ratio_unpaced_to_baseline'])})"
+            + (f"; the listener of {d['compare_ref_sustained']['ref'][:7]}, same test right after: "
+               f"{d['compare_ref_sustained']['achieved_rate']:,.0f}/s" if d.get("compare_ref_sustained") else ""))
 
 
 def _device(d):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
+from functools import lru_cache
 
 from flask import Flask, Response, current_app, g, has_request_context, request
 
@@ -143,6 +144,15 @@ def in_compartment(resource: dict, patient: str) -> bool:
     return False
 
 
+@lru_cache(maxsize=None)
+def _compartment_steps(resource_type) -> tuple[tuple[str, ...], ...]:
+    """The compartment paths of a type (R4 plus ``EXTRA_COMPARTMENT``), split into their steps."""
+    from smart_app.resource_server import compartment_paths
+
+    return tuple(tuple(p.split(".")) for p in (*compartment_paths(resource_type),
+                                               *EXTRA_COMPARTMENT.get(resource_type, ())))
+
+
 def compartment_patients(resource: dict) -> set[str]:
     """The ids of every Patient whose compartment holds ``resource`` (R4 plus ``EXTRA_COMPARTMENT``).
 
@@ -154,14 +164,17 @@ def compartment_patients(resource: dict) -> set[str]:
     >>> compartment_patients({"resourceType": "Patient", "id": "p2"})
     {'p2'}
     """
-    from smart_app.resource_server import _values, compartment_paths
+    from smart_app.resource_server import _values
 
     rtype = resource.get("resourceType")
     out: set[str] = set()
     if rtype == "Patient" and isinstance(resource.get("id"), str):
         out.add(resource["id"])
-    for path in (*compartment_paths(rtype), *EXTRA_COMPARTMENT.get(rtype, ())):
-        for ref in _values(resource, path.split(".")):
+    # (a resourceType that is no string takes the unremembered way, failing as it always did)
+    for path in _compartment_steps(rtype) if isinstance(rtype, str) else _compartment_steps.__wrapped__(rtype):
+        if path[0] not in resource:  # runs for every resource written (its audit record): skip absent elements
+            continue
+        for ref in _values(resource, path):
             if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
                 parts = ref["reference"].split("/")
                 if "_history" in parts:

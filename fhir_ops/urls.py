@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fhir_ops.validation import ID_PATTERN, is_resource_type
@@ -75,6 +76,47 @@ def parse_query(query: str) -> tuple[tuple[str, str], ...]:
     if any(not name for name, _ in pairs):
         raise UrlError(f"malformed query {query!r}: a parameter without a name")
     return tuple(pairs)
+
+
+# urlencode's quote_plus (safe="") for ASCII text, as one str.translate: letters, digits and "_.-~"
+# stay, a space becomes "+", every other character its %XX. Non-ASCII text goes through urlencode.
+_QUOTE_PLUS = {c: f"%{c:02X}" for c in range(128)
+               if not (chr(c).isascii() and (chr(c).isalnum() or chr(c) in "_.-~"))}
+_QUOTE_PLUS[ord(" ")] = "+"
+
+
+def encode_query(pairs) -> str:
+    """``urllib.parse.urlencode(pairs)`` for ``(name, value)`` string pairs, the same text, faster.
+
+    A conditional create's condition is re-encoded for every Bundle entry that carries one; urlencode's
+    per-character quoting was ~40 % of parsing such an entry.
+
+    Examples
+    --------
+    >>> encode_query([("identifier", "https://x.org/id|a b"), ("_tag", "é")]) == urlencode(
+    ...     [("identifier", "https://x.org/id|a b"), ("_tag", "é")])
+    True
+    """
+    out = []
+    for name, value in pairs:
+        if not (name.isascii() and value.isascii()):
+            out.append(urlencode([(name, value)]))
+        else:
+            out.append(f"{name.translate(_QUOTE_PLUS)}={value.translate(_QUOTE_PLUS)}")
+    return "&".join(out)
+
+
+def parse_fhir_url_cached(url: str, base: str | None = None) -> FhirUrl:
+    """:func:`parse_fhir_url`, remembered for short URLs: Bundle entries repeat few URLs (``Observation``,
+    ``Patient``), and a FhirUrl is immutable. A URL that fails raises the same error every time."""
+    if isinstance(url, str) and len(url) <= 200:
+        return _parse_short_url(url, base)
+    return parse_fhir_url(url, base)
+
+
+@lru_cache(maxsize=2048)
+def _parse_short_url(url: str, base: str | None) -> FhirUrl:
+    return parse_fhir_url(url, base)
 
 
 def parse_fhir_url(url, base: str | None = None) -> FhirUrl:

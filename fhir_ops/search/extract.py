@@ -103,6 +103,10 @@ def _dates(v):
 
 _KINDS = ("token", "reference", "date", "string", "quantity", "number", "uri")
 
+# References repeat (every result of a participant names the same Patient; subject and patient index
+# the same element), so their split is remembered; bounded, and only str references are passed in.
+_split_reference = lru_cache(maxsize=8192)(split_reference)
+
 
 def _rows_of(kind: str, key: str, v, targets) -> list[tuple]:
     """The index rows (without row id) of one value found at a parameter's path."""
@@ -165,7 +169,7 @@ def _extract(resource: dict, out: dict[str, list], prefix: tuple) -> None:
                     ref = v.get("reference") if isinstance(v, dict) else v if isinstance(v, str) else None
                     if not isinstance(ref, str) or ref.startswith("#"):
                         continue
-                    rtype, rid = split_reference(ref)
+                    rtype, rid = _split_reference(ref)
                     if targets and rtype not in targets:
                         continue
                     new = ((key, rtype, rid),)
@@ -178,8 +182,8 @@ def _extract(resource: dict, out: dict[str, list], prefix: tuple) -> None:
                     new = _rows_of(kind, key, v, targets)
                 if not new:
                     continue
-                if single and not top_is_list and len(new) == 1:
-                    rows.append(prefix + new[0])  # a single scalar element cannot repeat itself
+                if single and len(new) == 1 and (not top_is_list or len(top) == 1):
+                    rows.append(prefix + new[0])  # one value of a one-path parameter cannot repeat itself
                     continue
                 if seen is None:
                     seen = {}

@@ -410,6 +410,35 @@ def _all_registered_types() -> list[str]:
     return supported_search_types()
 
 
+def pinned_token(resource_type: str, params) -> tuple[str, str, str] | None:
+    """``(index key, system, code)`` when ``params`` are one token search ``name=system|code`` and nothing else.
+
+    Such a search matches exactly the resources with an ``idx_token`` row ``(key, system, code)`` —
+    the condition ``compile_search`` builds for it — so a writer resolving many conditional creates
+    (``identifier=system|value``) can look them up in one query. Anything else (modifiers, several
+    values, escapes, an empty system or code, another parameter) returns None: compile it as usual.
+
+    Examples
+    --------
+    >>> pinned_token("Observation", [("identifier", "urn:lab|42")])
+    ('Observation.identifier', 'urn:lab', '42')
+    >>> pinned_token("Observation", [("identifier", "urn:lab|42,urn:lab|43")]) is None
+    True
+    """
+    if len(params) != 1:
+        return None
+    name, value = params[0]
+    if value.count("|") != 1 or "," in value or "\\" in value:
+        return None
+    pdef = search_parameter(resource_type, name)  # a name with a modifier (``:``) or a chain is no parameter
+    if pdef is None or pdef.type != "token" or name in COLUMN_PARAMS:
+        return None
+    system, code = value.split("|")
+    if not system or not code:
+        return None
+    return f"{resource_type}.{name}", system, code
+
+
 def compile_search(resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> CompiledSearch:
     """Compile FHIR search parameters for ``resource_type`` into a :class:`CompiledSearch`.
 

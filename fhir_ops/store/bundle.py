@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlencode
 
 from fhir_ops.errors import Gone, InvalidRequest, NotFound
-from fhir_ops.urls import UrlError, parse_condition, parse_fhir_url
+from fhir_ops.urls import UrlError, encode_query, parse_condition, parse_fhir_url_cached
 
 #: tag on the stub ``{resourceType, id, meta}`` that stands for a deleted version in ``Store.history()``
 #: results (a history Bundle entry of a DELETE has no resource); any Store implementation uses the same
@@ -86,7 +85,7 @@ def parse_entry(entry, index: int, *, base: str | None = None) -> EntryRequest:
             raise InvalidRequest(f"{where}.request.{key} must be a string", error_id="invalid-bundle",
                                  expression=[f"{where}.request.{key}"])
     try:
-        url = parse_fhir_url(req["url"], base)
+        url = parse_fhir_url_cached(req["url"], base)
     except UrlError as exc:
         raise InvalidRequest(f"{where}.request.url: {exc}", error_id="invalid-entry-url",
                              expression=[f"{where}.request.url"]) from None
@@ -124,7 +123,7 @@ def parse_entry(entry, index: int, *, base: str | None = None) -> EntryRequest:
     condition = None
     if req.get("ifNoneExist") is not None and method == "POST":
         try:
-            condition = urlencode(parse_condition(req["ifNoneExist"], rtype, base))
+            condition = encode_query(parse_condition(req["ifNoneExist"], rtype, base))
         except UrlError as exc:
             raise InvalidRequest(f"{where}.request.ifNoneExist: {exc}", error_id="invalid-condition",
                                  expression=[f"{where}.request.ifNoneExist"]) from None

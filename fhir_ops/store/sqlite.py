@@ -24,7 +24,7 @@ from fhir_ops import limits
 from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, PreconditionFailed
 from fhir_ops.json_codec import dumps as _dumps
 from fhir_ops.search.extract import index_rows_many
-from fhir_ops.search.query import compile_search, match_sql
+from fhir_ops.search.query import compile_search, match_sql, pinned_token
 from fhir_ops.audit.chain import GENESIS, canonical, link
 from fhir_ops.store.base import WRITE_AUDIT, SearchResult, Store, WriteResult
 from fhir_ops.store.bundle import DELETED_TAG, METHOD_ORDER, EntryRequest, parse_entries, response_entry, rewrite_references
@@ -202,6 +202,40 @@ class _Tx:
         self.pending_updates.append((version + 1, self.lu, self.lu_ts, 1, None, rowid))
         self.touched.add((rtype, rid))
         self.written.append((rtype, rid, version + 1, None))
+
+    def resolve_conditions(self, conditions: list[tuple[str, str]]) -> list[list[tuple[str, str]] | None]:
+        """Conditional creates' matches, looked up together where the condition allows it.
+
+        ``conditions``: ``(resource type, query)`` pairs. For each, the matching ``(id, stored JSON)``
+        pairs (at most two, as ``search_ids`` returns), or None where the query is not one pinned token
+        (``identifier=system|value``, see ``search.query.pinned_token``): the caller searches those with
+        ``search_ids``. The pinned ones are answered by one indexed query per (parameter, system)
+        instead of one search per condition: an HL7 message or a device batch carries one condition per
+        result, which as separate searches were a quarter of the writer's time.
+        """
+        self.flush()
+        out: list[list[tuple[str, str]] | None] = [None] * len(conditions)
+        wanted: dict[tuple[str, str], dict[str, list[int]]] = {}  # (key, system) -> code -> positions
+        for i, (rtype, query) in enumerate(conditions):
+            pinned = pinned_token(rtype, parse_qsl(query, keep_blank_values=True))
+            if pinned is not None:
+                key, system, code = pinned
+                wanted.setdefault((key, system), {}).setdefault(code, []).append(i)
+                out[i] = []
+        for (key, system), by_code in wanted.items():
+            codes = list(by_code)
+            found: dict[str, dict[str, str]] = {}  # code -> id -> JSON (one resource once, as the IN search)
+            for at in range(0, len(codes), 500):
+                chunk = codes[at:at + 500]
+                sql = ("SELECT s.code, r.id, r.json FROM idx_token s JOIN resources r ON r.rid = s.rid "
+                       f"WHERE s.param = ? AND s.code IN ({','.join('?' * len(chunk))}) AND s.system = ?")
+                for code, rid, text in self.conn.execute(sql, (key, *chunk, system)):
+                    found.setdefault(code, {})[rid] = text
+            for code, positions in by_code.items():
+                hits = list(found.get(code, {}).items())[:2]
+                for i in positions:
+                    out[i] = hits
+        return out
 
     def search_ids(self, rtype: str, query: str) -> list[str]:
         """Ids of current resources matching a conditional query (inside this transaction)."""
@@ -707,17 +741,25 @@ class SQLiteStore(Store):
                 mapping: dict[str, str] = {}
                 posts = [e for e in order if e.method == "POST"]
                 matched: dict[int, WriteResult] = {}
+                conditional = [e for e in posts if e.if_none_exist]
+                resolved = dict(zip((e.index for e in conditional), tx.resolve_conditions(
+                    [(e.resource_type, e.if_none_exist.lstrip("?")) for e in conditional])))
                 for e in posts:  # resolve conditional creates first: their outcome fixes the target id
                     current = e
                     if e.if_none_exist:
-                        ids = tx.search_ids(e.resource_type, e.if_none_exist.lstrip("?"))
-                        if len(ids) > 1:
+                        hits = resolved[e.index]
+                        if hits is None:  # not a pinned token: an ordinary search
+                            hits = [(x, None) for x in tx.search_ids(e.resource_type, e.if_none_exist.lstrip("?"))]
+                        if len(hits) > 1:
                             raise PreconditionFailed(f"ifNoneExist {e.if_none_exist!r} matches more than one "
                                                      f"{e.resource_type}", error_id="multiple-matches")
-                        if ids:
-                            matched[e.index] = WriteResult(json.loads(tx.current(e.resource_type, ids[0])[3]), False)
+                        if hits:
+                            found_id, text = hits[0]
+                            if text is None:
+                                text = tx.current(e.resource_type, found_id)[3]
+                            matched[e.index] = WriteResult(json.loads(text), False)
                             if e.full_url:
-                                mapping[e.full_url] = f"{e.resource_type}/{ids[0]}"
+                                mapping[e.full_url] = f"{e.resource_type}/{found_id}"
                             continue
                     new_id = str(uuid.uuid4())
                     resources[e.index]["id"] = new_id

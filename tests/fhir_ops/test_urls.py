@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import random
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
 from fhir_ops import limits
 from fhir_ops.errors import InvalidRequest
-from fhir_ops.urls import UrlError, parse_condition, parse_fhir_url
+from fhir_ops.urls import UrlError, encode_query, parse_condition, parse_fhir_url, parse_fhir_url_cached
 
 pytestmark = pytest.mark.unit
 
@@ -109,3 +111,30 @@ def test_refused_characters_are_exactly_whitespace_controls_fragment_and_backsla
         if refused != refused_by_rule(ch):
             disagree.append(hex(ord(ch)))
     assert disagree == []
+
+
+def test_encode_query_writes_what_urlencode_writes():
+    """The fast condition encoder against urllib's, on random names and values (ASCII controls,
+    reserved characters, spaces, percent signs, non-ASCII); both read back to the same pairs."""
+    rng = random.Random(21)
+    alphabet = [chr(c) for c in range(128)] + list("é€中\U0001F600")
+    for _ in range(3000):
+        pairs = [("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12))),
+                  "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 24)))) for _ in range(rng.randrange(1, 4))]
+        assert encode_query(pairs) == urlencode(pairs)
+        assert parse_qsl(encode_query(pairs), keep_blank_values=True) == parse_qsl(urlencode(pairs), keep_blank_values=True)
+
+
+def test_the_remembered_url_parse_answers_and_refuses_as_the_parser_does():
+    for url in ("Observation", "Patient/p1/_history/2", "Observation?code=a%7Cb", "x" * 300 + "/1"):
+        try:
+            expected = parse_fhir_url(url)
+        except UrlError as exc:
+            for _ in range(2):  # the second time from the cache's side as well
+                with pytest.raises(UrlError, match="does not start with a resource type"):
+                    parse_fhir_url_cached(url)
+            assert "resource type" in str(exc)
+            continue
+        assert parse_fhir_url_cached(url) == expected == parse_fhir_url_cached(url)
+    with pytest.raises(UrlError):
+        parse_fhir_url_cached("Observation//1")

@@ -135,6 +135,34 @@ def test_a_transaction_of_many_conditional_creates_matches_each_alone(store):
     assert store.search("Patient", [("identifier", f"urn:contract|{tags[4]}")]).total == 2
 
 
+def test_conditional_creates_looked_up_together_match_as_searches_do(store):
+    """Pinned-token conditions (resolved together) beside other conditions (searched one by one) in
+    one transaction: a resource carrying its identifier twice is one match, not two; another
+    identifier system with the same value is no match; a condition with a second parameter is
+    searched as before; each entry gets the outcome it would have alone."""
+    tags = [_tag() for _ in range(4)]
+    twice = store.create(patient(tags[0], identifier=[{"system": "urn:contract", "value": tags[0]}] * 2)).resource
+    store.create(patient(tags[1], identifier=[{"system": "urn:other", "value": tags[1]}]))
+    female = store.create(patient(tags[2], gender="female")).resource
+
+    def entry(tag, condition):
+        return {"resource": patient(tag), "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition}}
+
+    resp = store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+        entry(tags[0], f"identifier=urn:contract|{tags[0]}"),
+        entry(tags[1], f"identifier=urn:contract|{tags[1]}"),
+        entry(tags[2], f"identifier=urn:contract|{tags[2]}&gender=female"),
+        entry(tags[3], f"identifier=urn:contract|{tags[3]}&gender=male"),
+        entry(tags[0], f"Patient?identifier=urn%3Acontract%7C{tags[0]}"),
+    ]})
+    status = [e["response"]["status"][:3] for e in resp["entry"]]
+    assert status == ["200", "201", "200", "201", "200"]
+    assert resp["entry"][0]["response"]["location"].split("/")[1] == twice["id"]
+    assert resp["entry"][4]["response"]["location"].split("/")[1] == twice["id"]
+    assert resp["entry"][2]["response"]["location"].split("/")[1] == female["id"]
+    assert store.search("Patient", [("identifier", f"urn:contract|{tags[1]}")]).total == 1
+
+
 def test_invalid_resource_is_rejected_and_not_stored(store):
     tag = _tag()
     with pytest.raises(InvalidRequest):
