@@ -11,12 +11,14 @@ shallow decision tree on baseline covariates (a readable rule and its accuracy).
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = ["MIN_STABILITY", "Stratification", "StratumRule", "stratify", "select_strata", "bootstrap_stability",
-           "stratum_rules", "steady_state_response", "planted_population"]
+           "stratum_rules", "steady_state_response", "planted_population", "single_threaded_blas"]
 
 #: mean bootstrap ARI below which a partition into k > 1 strata is not reported (see :func:`stratify`)
 MIN_STABILITY = 0.5
@@ -61,6 +63,42 @@ class Stratification:
     #: the k BIC preferred when its partition was too unstable to report (see ``min_stability``), else None
     unstable_k: int | None = None
     unstable_stability: float | None = None
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = [0, None]  # callers inside single_threaded_blas, and the limiter they share
+
+
+@contextmanager
+def single_threaded_blas():
+    """Run BLAS/OpenMP with one thread while any caller is inside (process-wide, re-entrant, thread-safe).
+
+    A mixture fit here factors d x d matrices (d = 1..3 features) thousands of times; a multi-threaded
+    BLAS pays its thread hand-off on each of them: on a busy 2-core machine the default demo's
+    ``stratify`` took 11 s with the default threads and under 1 s with one (bench/stratify_op_bench.py).
+    BLAS thread counts are process-wide, so concurrent callers share one limit, set by the first to
+    enter and restored by the last to leave (threadpoolctl's own context manager, nested by two
+    threads, can leave the process limited to one thread for good). Results are the same either way
+    (at these sizes BLAS splits no work between threads).
+    """
+    from threadpoolctl import threadpool_limits
+
+    # the limit reaches the thread pools loaded when it is set: load scikit-learn's OpenMP runtime first
+    import sklearn.cluster  # noqa: F401
+    import sklearn.mixture  # noqa: F401
+
+    with _BLAS_LOCK:
+        if _BLAS_USERS[0] == 0:
+            _BLAS_USERS[1] = threadpool_limits(limits=1)
+        _BLAS_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS[0] -= 1
+            if _BLAS_USERS[0] == 0:
+                _BLAS_USERS[1].restore_original_limits()
+                _BLAS_USERS[1] = None
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -263,15 +301,17 @@ def stratify(features, feature_names, covariates=None, covariate_names=(), *, ma
     (1, 'all participants')
     """
     x = np.asarray(features, dtype=float)
-    k, labels, bic = select_strata(x, max_strata=max_strata, seed=seed, min_fraction=min_fraction)
-    draws = bootstrap_stability(x, k, labels, draws=bootstrap, seed=seed)
+    with single_threaded_blas():
+        k, labels, bic = select_strata(x, max_strata=max_strata, seed=seed, min_fraction=min_fraction)
+        draws = bootstrap_stability(x, k, labels, draws=bootstrap, seed=seed)
     unstable_k = unstable_stability = None
     if k > 1 and draws.size and float(draws.mean()) < min_stability:
         unstable_k, unstable_stability = k, float(draws.mean())
         k, labels, draws = 1, np.zeros(x.shape[0], dtype=np.int64), np.ones(bootstrap)
     means = np.array([x[labels == j].mean(axis=0) for j in range(k)])
     cov = np.zeros((x.shape[0], 0)) if covariates is None else np.asarray(covariates, dtype=float)
-    rules, acc, cv = stratum_rules(cov, covariate_names, labels, k, max_depth=max_depth, seed=seed)
+    with single_threaded_blas():
+        rules, acc, cv = stratum_rules(cov, covariate_names, labels, k, max_depth=max_depth, seed=seed)
     return Stratification(k=k, labels=labels, bic=bic, stability=float(draws.mean()) if draws.size else float('nan'), stability_draws=draws,
                           means=means, sizes=tuple(int(s) for s in np.bincount(labels, minlength=k)), rules=rules,
                           rule_accuracy=acc, rule_cv_accuracy=cv, feature_names=tuple(feature_names),

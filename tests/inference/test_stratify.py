@@ -109,3 +109,62 @@ def test_unstable_strata_of_a_small_structureless_cohort_are_reported_as_one():
             x, truth, cov = planted_population(300, seed=seed)
             s = stratify(x, ["a", "b"], cov, ["age", "egfr"], bootstrap=5, seed=seed)
             assert s.k == 3 and s.unstable_k is None and adjusted_rand_score(truth, s.labels) >= 0.8
+
+
+def _blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_single_threaded_blas_is_shared_by_overlapping_callers_and_restored_by_the_last():
+    # two requests of a threaded server overlap: A enters, B enters, A leaves (B still needs one thread),
+    # B leaves (the process's own limit comes back); threadpoolctl's context manager nested like this
+    # would restore A's saved "1" last and leave the process single-threaded for good. Both run in worker
+    # threads, as requests do (OpenBLAS ignores a later limit set in another thread once the main thread
+    # has set and restored one; the server's main thread never stratifies).
+    import threading
+
+    from inference.stratify import single_threaded_blas
+
+    seen: dict[str, set] = {}
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with single_threaded_blas():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        assert a_in.wait(10)
+        with single_threaded_blas():
+            b_in.set()
+            assert a_out.wait(10)
+            seen["B inside after A left"] = _blas_threads()
+        seen["after both"] = _blas_threads()
+
+    before = _blas_threads()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"B inside after A left": {1}, "after both": before}, (seen, before)
+
+
+def test_stratify_gives_the_same_strata_with_one_blas_thread_as_with_two(monkeypatch):
+    import contextlib
+
+    import inference.stratify as engine
+
+    x, _, cov = planted_population(300, seed=4)
+    shipped = stratify(x, ["logEmax", "logEC50"], cov, ["age", "egfr"], bootstrap=5, seed=4)
+    monkeypatch.setattr(engine, "single_threaded_blas", contextlib.nullcontext)
+    with threadpool_limits(2):
+        threaded = stratify(x, ["logEmax", "logEC50"], cov, ["age", "egfr"], bootstrap=5, seed=4)
+    assert shipped.k == threaded.k == 3
+    assert np.array_equal(shipped.labels, threaded.labels)
+    np.testing.assert_allclose([shipped.bic[k] for k in sorted(shipped.bic)],
+                               [threaded.bic[k] for k in sorted(threaded.bic)], rtol=1e-12)
+    np.testing.assert_allclose(shipped.stability_draws, threaded.stability_draws, rtol=1e-12)
