@@ -197,3 +197,61 @@ def test_a_study_whose_model_is_not_a_daily_regimen_is_refused_by_both_operation
     r = requests.post(f"{base}/ResearchStudy/theoph-strat/$safety-signal", json=params(), headers=HEADERS, timeout=60)
     assert r.status_code == 422 and error_id(r) == "model-not-daily-regimen", r.text[:400]
     assert _strata_count(base) == before
+
+
+def _one_by_one(store, patient_ids, sm, progress=None):
+    """The per-participant path cohort_twins replaced: six searches and a twin per participant."""
+    from fhir_ops.errors import FhirError
+    from fhir_ops.operations import twin_common
+
+    out = {}
+    for i, pid in enumerate(dict.fromkeys(patient_ids)):
+        if progress is not None:
+            progress(i, len(patient_ids))
+        try:
+            out[pid] = twin_common.participant_twin(store, pid, sm)
+        except FhirError as exc:
+            out[pid] = exc
+    return out
+
+
+def test_cohort_twins_equal_the_per_participant_twins_and_the_operation_stores_the_same(twin_server, monkeypatch):
+    import numpy as np
+
+    from fhir_ops.errors import FhirError
+    from fhir_ops.operations import twin_common
+    from tests.fhir_ops.operations.conftest import get_store_of
+
+    base, app = twin_server
+    store = get_store_of(app)
+    sm = twin_common.study_model_of(store, store.read("ResearchStudy", "tt-201"))
+    ids = [s["individual"]["reference"].partition("/")[2]
+           for s in store.search_all("ResearchSubject", [("study", "ResearchStudy/tt-201")])]
+    ids += ["no-such-patient"]  # an unknown participant: the same error either way
+    batched, single_ = twin_common.cohort_twins(store, ids, sm), _one_by_one(store, ids, sm)
+    assert list(batched) == list(single_) == ids
+    assert isinstance(batched["no-such-patient"], FhirError) and isinstance(single_["no-such-patient"], FhirError)
+    assert batched["no-such-patient"].status == single_["no-such-patient"].status == 404
+    for pid in ids[:-1]:
+        a, b = batched[pid], single_[pid]
+        assert a.record.sources == b.record.sources and a.inputs == b.inputs and a.reused == b.reused
+        np.testing.assert_allclose(a.posterior.mean, b.posterior.mean, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(a.posterior.cov, b.posterior.cov, rtol=0, atol=1e-8)
+        np.testing.assert_array_equal(a.data.obs_values, b.data.obs_values)
+        np.testing.assert_array_equal(a.data.dose_times_h, b.data.dose_times_h)
+
+    # the operation: settings of its own (a fresh stratification key), stored by the per-participant path
+    # first; the cohort path then finds every stratum and the Provenance of its run already stored
+    body = params(bootstrap=3, seed=11, maxStrata=3)
+    monkeypatch.setattr(twin_common, "cohort_twins", _one_by_one)
+    before = _stratify(base, "ResearchStudy/tt-201", body)
+    monkeypatch.undo()
+    assert before.status_code == 200, before.text[:500]
+    groups, provs = _strata_count(base), _count(base, "Provenance")
+    after = _stratify(base, "ResearchStudy/tt-201", body)
+    assert after.status_code == 200, after.text[:500]
+    assert single(before.json(), "created") >= 2 and single(after.json(), "created") == 0
+    assert {k: v for k, v in after.json().items()} == \
+        {**before.json(), "parameter": [p if p["name"] != "created" else {**p, "valueInteger": 0}
+                                        for p in before.json()["parameter"]]}
+    assert _strata_count(base) == groups and _count(base, "Provenance") == provs
