@@ -186,65 +186,13 @@ def load_participant(store: Store, patient_id: str,
     """
     patient = store.read("Patient", patient_id)
     ref = f"Patient/{patient_id}"
-    found = {rtype: store.search_all(rtype, [(param, ref), *extra]) for rtype, param, extra, _ in _RECORD_SEARCHES}
-    return _record(patient, *found.values(), extra_codes=extra_codes)
-
-
-#: the searches that read a participant's records: type, the search parameter naming the Patient, further
-#: parameters, and the element that holds the reference (to sort a cohort-wide search's results by participant).
-#: The twin's own stored forecasts are never data: the search leaves them out, so a participant with many
-#: persisted forecasts costs no more to load than one without.
-_RECORD_SEARCHES = (
-    ("ResearchSubject", "individual", (), lambda r: [r.get("individual")]),
-    ("Observation", "subject", (("_tag:not", _SIMULATED_TAG_TOKEN),), lambda r: [r.get("subject")]),
-    ("MedicationAdministration", "subject", (), lambda r: [r.get("subject")]),
-    ("Appointment", "actor", (), lambda r: [p.get("actor") for p in r.get("participant", [])]),
-    ("AdverseEvent", "subject", (), lambda r: [r.get("subject")]),
-)
-#: participants per cohort-wide search (a search parameter takes at most fhir_ops.limits.MAX_OR_VALUES values)
-_COHORT_CHUNK = 100
-
-
-def load_participants(store: Store, patient_ids: Sequence[str],
-                      extra_codes: Sequence[tuple[str, str, str, str]] = ()) -> dict[str, ParticipantRecord | Exception]:
-    """:func:`load_participant` for a cohort with a few searches per 100 participants instead of six each.
-
-    Each participant's record is built from exactly the resources (in the order) their own searches return;
-    the value for a participant whose record cannot be built is the error :func:`load_participant` raises for
-    them (``NotFound``, ``Gone``, ``Unprocessable``, ...), for the caller to report or re-raise.
-    """
-    from fhir_ops.errors import FhirError
-
-    out: dict[str, ParticipantRecord | Exception] = {}
-    ids = list(dict.fromkeys(patient_ids))
-    for start in range(0, len(ids), _COHORT_CHUNK):
-        chunk = ids[start:start + _COHORT_CHUNK]
-        refs = {f"Patient/{pid}": pid for pid in chunk}
-        patients = {p["id"]: p for p in store.search_all("Patient", [("_id", ",".join(chunk))])}
-        found: dict[str, dict[str, list]] = {pid: {} for pid in chunk}
-        for rtype, param, extra, holders in _RECORD_SEARCHES:
-            for pid in chunk:
-                found[pid][rtype] = []
-            for resource in store.search_all(rtype, [(param, ",".join(refs)), *extra]):
-                owners = {refs[h["reference"]] for h in holders(resource)
-                          if isinstance(h, dict) and h.get("reference") in refs}
-                for pid in owners:
-                    found[pid][rtype].append(resource)
-        for pid in chunk:
-            try:
-                if pid not in patients:  # unknown or deleted: the single read raises the right error
-                    out[pid] = load_participant(store, pid, extra_codes)
-                    continue
-                out[pid] = _record(patients[pid], *found[pid].values(), extra_codes=extra_codes)
-            except FhirError as exc:
-                out[pid] = exc
-    return out
-
-
-def _record(patient: dict, subjects: list, observations: list, administrations: list, appointments: list,
-            adverse: list, *, extra_codes: Sequence[tuple[str, str, str, str]] = ()) -> ParticipantRecord:
-    """A participant's record from their Patient and the resources the searches of ``_RECORD_SEARCHES`` found."""
-    patient_id = patient["id"]
+    subjects = store.search_all("ResearchSubject", [("individual", ref)])
+    # the twin's own stored forecasts are never data: the search leaves them out, so a participant
+    # with many persisted forecasts costs no more to load than one without
+    observations = store.search_all("Observation", [("subject", ref), ("_tag:not", _SIMULATED_TAG_TOKEN)])
+    administrations = store.search_all("MedicationAdministration", [("subject", ref)])
+    appointments = store.search_all("Appointment", [("actor", ref)])
+    adverse = store.search_all("AdverseEvent", [("subject", ref)])
     read = [patient, *subjects, *observations, *administrations, *appointments, *adverse]
 
     # Placebo participants record doses as counts of tablets ({tbl}); they contribute no drug mass.

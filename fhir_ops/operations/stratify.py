@@ -149,34 +149,22 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     ids, rows, covs, natural = [], [], [], []
     skipped, uninformed = [], []
     models: dict[str, twin_common.StudyModel | None] = {}
-
-    def step(i: int, total: int) -> None:
+    for i, m in enumerate(members):
         if ctx.cancelled():
             raise FhirError("The job was cancelled before anything was stored", status=409, code="conflict",
                             error_id="cancelled")
-        ctx.progress(0.7 * i / total, f"twin of participant {i + 1} of {total}")
-
-    twins = {}
-    if ctx.resource_type == "ResearchStudy":
-        # the study's records in a few searches, not six per participant (bench/stratify_op_bench.py); the
-        # calibrations' small matrices with one BLAS thread, as the engine's mixture fits
-        with engine.single_threaded_blas():
-            twins = twin_common.cohort_twins(store, [m.patient_id for m in members], sm, progress=step)
-    for i, m in enumerate(members):
-        if m.patient_id not in twins:
-            step(i, len(members))
+        ctx.progress(0.7 * i / len(members), f"twin of participant {i + 1} of {len(members)}")
         try:
-            if m.patient_id in twins:
-                pt = twins[m.patient_id]
-                if isinstance(pt, FhirError):
-                    raise pt
+            if ctx.resource_type == "ResearchStudy":
+                msm = sm
             else:  # a Group's member is twinned under their own study's model (the same model, checked above)
                 study = twin_common.study_of_patient(store, m.patient_id)
                 if study is None:
                     raise NotFound(f"Patient/{m.patient_id} is in no study")
                 if study["id"] not in models:
                     models[study["id"]] = twin_common.study_model_of(store, study)
-                pt = twin_common.participant_twin(store, m.patient_id, models[study["id"]])
+                msm = models[study["id"]]
+            pt = twin_common.participant_twin(store, m.patient_id, msm)
         except NotFound:
             skipped.append(m.patient_id)
             continue

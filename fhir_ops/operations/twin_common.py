@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 from datetime import datetime, timezone
 
-from fhir_ops.errors import FhirError, Gone, InvalidRequest, NotFound, Unprocessable
+from fhir_ops.errors import Gone, InvalidRequest, NotFound, Unprocessable
 from fhir_ops.mapping import twin as twin_fhir
 from fhir_ops.mapping.model_device import ensure_model_device
-from fhir_ops.mapping.participant import ParticipantRecord, load_participant, load_participants, versioned
+from fhir_ops.mapping.participant import ParticipantRecord, load_participant, versioned
 from fhir_ops.mapping.provenance import build_provenance, requesting_agent
 from fhir_ops.store.bundle import put_entry
 from inference import twin
@@ -165,15 +165,12 @@ def read_state(store, patient_id: str) -> tuple[dict | None, int]:
         return None, int(latest[0]["meta"]["versionId"]) if latest else 0
 
 
-def participant_twin(store, patient_id: str, sm: StudyModel, *, force: bool = False,
-                     record: ParticipantRecord | None = None) -> ParticipantTwin:
+def participant_twin(store, patient_id: str, sm: StudyModel, *, force: bool = False) -> ParticipantTwin:
     """Load the participant and give their twin under the study's daily-regimen model: the stored
     posterior when it was calibrated on exactly the data, model and prior there are now, otherwise a
-    fresh calibration (not yet stored). ``record``: the participant's record when already read
-    (:func:`cohort_twins`)."""
+    fresh calibration (not yet stored)."""
     model = sm.regimen
-    if record is None:
-        record = load_participant(store, patient_id, twin_fhir.output_codes(model))
+    record = load_participant(store, patient_id, twin_fhir.output_codes(model))
     data = twin_fhir.participant_data(record, model)
     inputs = sm.inputs + twin_fhir.calibration_inputs(record, model)
     device = model_device(store, model)
@@ -192,26 +189,6 @@ def participant_twin(store, patient_id: str, sm: StudyModel, *, force: bool = Fa
     return ParticipantTwin(model=model, study_model=sm, record=record, data=data, inputs=inputs, device=device,
                            existing=existing, latest_version=latest_version, stored=stored, posterior=posterior,
                            reused=reuse)
-
-
-def cohort_twins(store, patient_ids, sm: StudyModel, progress=None) -> dict[str, "ParticipantTwin | FhirError"]:
-    """:func:`participant_twin` of every participant of a cohort under one study model, their records read
-    with a few searches per 100 participants (``load_participants``) instead of six each; the same twins.
-    The value for a participant without one is the error :func:`participant_twin` raises for them.
-    ``progress(i, n)`` is called before the i-th twin (it may raise to stop, e.g. a cancelled job)."""
-    records = load_participants(store, patient_ids, twin_fhir.output_codes(sm.regimen))
-    out: dict[str, ParticipantTwin | FhirError] = {}
-    for i, (pid, record) in enumerate(records.items()):
-        if progress is not None:
-            progress(i, len(records))
-        if isinstance(record, FhirError):
-            out[pid] = record
-            continue
-        try:
-            out[pid] = participant_twin(store, pid, sm, record=record)
-        except FhirError as exc:
-            out[pid] = exc
-    return out
 
 
 _PARTICIPANT_LOCKS: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
