@@ -7,9 +7,10 @@ study is already there) and calls the operation in-process through the Flask tes
 the defaults of the CLI (``persist=false`` so every call does the same work; a persisted call is timed once
 at the end). One warm-up call first (imports, the Numba kernels' cache) is reported apart.
 
-* baseline: the engine's mixture fits with the process's default BLAS/OpenMP threads, as before
-  ``inference.stratify.single_threaded_blas`` (patched to a no-op for these calls);
-* product: the operation as shipped.
+* baseline: the operation as it was: every fit (the participants' calibrations, the engine's mixtures)
+  with the process's default BLAS/OpenMP threads (``inference.stratify.single_threaded_blas`` patched
+  to a no-op for these calls);
+* product: the operation as shipped (one BLAS thread while it calibrates and stratifies).
 Baseline and product alternate, ``--rounds`` times each, in the same process. One cProfile run of each gives
 the breakdown: the participants' twins (store reads, calibration, the rest), the engine (model choice,
 bootstrap, rules) and the remainder, plus the top functions by own time. Writes
@@ -53,7 +54,7 @@ PARTS = {
 
 @contextlib.contextmanager
 def baseline():
-    """The engine as before: its fits run with the process's default BLAS/OpenMP threads."""
+    """The operation as before: every fit (calibrations, mixtures) with the process's default BLAS threads."""
     import inference.stratify as engine
 
     shipped = engine.single_threaded_blas
