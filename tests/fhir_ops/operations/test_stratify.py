@@ -197,3 +197,28 @@ def test_a_study_whose_model_is_not_a_daily_regimen_is_refused_by_both_operation
     r = requests.post(f"{base}/ResearchStudy/theoph-strat/$safety-signal", json=params(), headers=HEADERS, timeout=60)
     assert r.status_code == 422 and error_id(r) == "model-not-daily-regimen", r.text[:400]
     assert _strata_count(base) == before
+
+
+def test_one_blas_thread_gives_the_same_answer_and_stored_strata_as_the_default_threads(twin_server, monkeypatch):
+    # $stratify calibrates and fits with one BLAS thread (inference.stratify.single_threaded_blas); as it ran
+    # before, with the process's threads, it stores exactly the same strata and Provenance: run that way
+    # first with settings of its own, the shipped run then finds everything stored and writes nothing
+    import contextlib
+
+    import inference.stratify as engine
+    from threadpoolctl import threadpool_limits
+
+    base, _ = twin_server
+    body = params(bootstrap=3, seed=11, maxStrata=3)
+    monkeypatch.setattr(engine, "single_threaded_blas", contextlib.nullcontext)
+    with threadpool_limits(2):
+        before = _stratify(base, "ResearchStudy/tt-201", body)
+    monkeypatch.undo()
+    assert before.status_code == 200, before.text[:500]
+    groups, provs = _strata_count(base), _count(base, "Provenance")
+    after = _stratify(base, "ResearchStudy/tt-201", body)
+    assert after.status_code == 200, after.text[:500]
+    assert single(before.json(), "created") >= 2 and single(after.json(), "created") == 0
+    assert after.json() == {**before.json(), "parameter": [p if p["name"] != "created" else {**p, "valueInteger": 0}
+                                                           for p in before.json()["parameter"]]}
+    assert _strata_count(base) == groups and _count(base, "Provenance") == provs
