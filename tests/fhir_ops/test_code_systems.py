@@ -77,7 +77,8 @@ def test_the_walk_finds_each_way_an_error_id_is_given(emitted):
     for code, where in (("version-conflict", "fhir_ops/errors.py"), ("request-budget-exceeded", "fhir_ops/limits.py"),
                         ("outside-compartment", "fhir_ops/auth.py"), ("condition-needs-study-role", "fhir_ops/auth.py"),
                         ("capacity-out-of-range", "fhir_ops/mapping/schedule.py"),
-                        ("unknown-route", "fhir_ops/app.py"), ("hl7v2-unknown-key-identifier", "fhir_ops/mapping/hl7v2.py"),
+                        ("unknown-route", "fhir_ops/app.py"),
+                        ("hl7v2-unknown-key-identifier", "fhir_ops/mapping/hl7v2.py"),
                         ("invalid-json", "fhir_ops/operations/registry.py"), ("malformed-json", "fhir_ops/limits.py")):
         assert any(s.startswith(where) for s in sites.get(code, [])), (code, sites.get(code))
 

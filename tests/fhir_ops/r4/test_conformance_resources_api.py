@@ -145,4 +145,5 @@ def test_every_definition_the_code_or_files_name_is_served():
     assert len(named) > 50 and not missing, missing
     # the code systems TrialTwin codes with, also where a module joins a base and a name
     code_systems = {url for url in named if "/CodeSystem/" in url}
-    assert {f"{profiles.CANONICAL_BASE}/CodeSystem/{name}" for name in ("error", "trial-role", "edc-lab")} <= code_systems
+    assert {f"{profiles.CANONICAL_BASE}/CodeSystem/{name}"
+            for name in ("error", "trial-role", "edc-lab")} <= code_systems
