@@ -174,7 +174,12 @@ def main() -> None:
     for f in funcs:
         c = category(f["module"], f["name"])
         by_cat[c] = by_cat.get(c, 0.0) + f["own_s"]
-    cats = [{"category": c, "us_per_message": round(1e6 * s / n, 1), "share": round(s / total, 3)}
+    members: dict[str, list] = {}
+    for f in sorted(funcs, key=lambda f: -f["own_s"]):
+        members.setdefault(category(f["module"], f["name"]), []).append(
+            f"{f['function'].replace(str(ROOT) + '/', '')}: {1e6 * f['own_s'] / n:.1f} us, {f['calls'] / n:.2f} calls")
+    cats = [{"category": c, "us_per_message": round(1e6 * s / n, 1), "share": round(s / total, 3),
+             "top_functions": members[c][:5]}
             for c, s in sorted(by_cat.items(), key=lambda kv: -kv[1])]
     top = sorted(funcs, key=lambda f: -f["own_s"])[:args.top]
     top_rows = [{"function": f["function"].replace(str(ROOT) + "/", ""), "calls_per_message": round(f["calls"] / n, 2),
