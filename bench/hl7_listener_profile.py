@@ -9,7 +9,10 @@ terminology, MLLP/sockets, threads and queues, logging...). The listener's CPU p
 read from /proc without the profiler (a second run on a fresh store), since a profiler inflates
 cheap, frequent calls.
 
-Run: python bench/hl7_listener_profile.py [--rate 600 --seconds 5] [--out NAME]
+The "before" file was made by this script run in an export of the code before (``git archive d28c85d``,
+this script copied in), right before the "after" run.
+
+Run: python bench/hl7_listener_profile.py [--rate 600 --seconds 5] [--out NAME] [--no-profile]
      -> prints, writes bench/results/hl7_listener_profile[-NAME].json
 """
 from __future__ import annotations
@@ -133,12 +136,27 @@ def user_system(pid: int) -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all of a process's threads (futex waits, GIL hand-offs)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def drive(proc, args, tag: str) -> dict:
     sustained(200, 1, args.connections, args.port, "W" + tag)
-    cpu0, (u0, s0) = tree_cpu_seconds(proc.pid), user_system(proc.pid)
+    cpu0, (u0, s0), cs0 = tree_cpu_seconds(proc.pid), user_system(proc.pid), context_switches(proc.pid)
     run = sustained(args.rate, args.seconds, args.connections, args.port, tag)
     run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
     u1, s1 = user_system(proc.pid)
+    # threads that ended during the run (none: connections stay open) would drop out of the count
+    run["listener_context_switches_per_message"] = round((context_switches(proc.pid) - cs0) / run["messages"], 1)
     run["listener_user_system_us_per_message"] = [round(1e6 * (u1 - u0) / run["messages"], 1),
                                                   round(1e6 * (s1 - s0) / run["messages"], 1)]
     proc.send_signal(signal.SIGTERM)
@@ -158,9 +176,15 @@ def main() -> None:
     parser.add_argument("--out", default="", help="suffix of the result file (e.g. before / after)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-profile", action="store_true", help="only the unprofiled run (CPU, context switches)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7lprof-")
     plain = drive(start(os.path.join(tmp, "plain"), args.port, "", False), args, "P")
+    print(f"unprofiled: {plain['achieved_rate']:.0f} msg/s, listener CPU {plain['listener_cpu_us_per_message']:.0f} us/msg "
+          f"(user, system: {plain['listener_user_system_us_per_message']}), "
+          f"{plain['listener_context_switches_per_message']} context switches/msg", flush=True)
+    if args.no_profile:
+        return
     dump = os.path.join(tmp, "profile.json")
     profiled = drive(start(os.path.join(tmp, "profiled"), args.port, dump, True), args, "Q")
     data = json.loads(Path(dump).read_text())
@@ -198,6 +222,7 @@ def main() -> None:
         "unprofiled": {"achieved_rate": plain["achieved_rate"], "answers": plain["answers"],
                        "listener_cpu_us_per_message": round(plain["listener_cpu_us_per_message"], 1),
                        "listener_user_system_us_per_message": plain["listener_user_system_us_per_message"],
+                       "listener_context_switches_per_message": plain["listener_context_switches_per_message"],
                        "load_average_1min": plain["load_average_1min"]},
         "profiled": {"achieved_rate": profiled["achieved_rate"], "answers": profiled["answers"],
                      "listener_cpu_us_per_message": round(profiled["listener_cpu_us_per_message"], 1),
@@ -207,8 +232,6 @@ def main() -> None:
         "by_category": cats,
         "top_own_time": top_rows,
     }
-    print(f"unprofiled: {plain['achieved_rate']:.0f} msg/s, listener CPU {plain['listener_cpu_us_per_message']:.0f} us/msg "
-          f"(user, system: {plain['listener_user_system_us_per_message']})")
     print(f"profiled: {profiled['achieved_rate']:.0f} msg/s, profiled CPU {1e6 * total / n:.0f} us/msg, "
           f"commits {data['writer']}")
     print("threads:", result["threads_cpu_us_per_message"])
