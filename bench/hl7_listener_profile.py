@@ -38,12 +38,22 @@ from hl7_bench import register, sustained, tree_cpu_seconds  # noqa: E402
 #: (category, path fragment) checked in order: the first fragment found in a function's file names it
 CATEGORIES = [
     ("store: SQLite calls", "sqlite3"),
+    ("store: validation", "fhir_ops/r4/"),
     ("store: validation", "fhir_ops/validation"),
-    ("store: search index extraction", "fhir_ops/store/index"),
-    ("store: other (transaction, conditions, JSON)", "fhir_ops/store"),
+    ("store: search index extraction", "fhir_ops/search/extract"),
+    ("store: search index extraction", "fhir_ops/search/values"),
+    ("store: conditions (resend check) and search compile", "fhir_ops/search/"),
+    ("store: other (transaction, entries, JSON, ids)", "fhir_ops/store"),
+    ("store: other (transaction, entries, JSON, ids)", "fhir_ops/json_codec"),
+    ("store: other (transaction, entries, JSON, ids)", "uuid"),
+    ("store: other (transaction, entries, JSON, ids)", "json/"),
+    ("query and URL parsing (urllib, fhir_ops.urls)", "urllib/parse"),
+    ("query and URL parsing (urllib, fhir_ops.urls)", "fhir_ops/urls"),
     ("JSON encode/decode", "orjson"),
     ("mapping (HL7 v2 -> FHIR)", "fhir_ops/mapping"),
-    ("terminology (harmonize)", "terminology/"),
+    ("mapping (HL7 v2 -> FHIR)", "/hl7/parser"),
+    ("terminology (harmonize, exact unit conversion)", "terminology/"),
+    ("terminology (harmonize, exact unit conversion)", "fractions"),
     ("ingest glue (Hl7Ingest, GroupCommit)", "fhir_ops/connectors/hl7v2"),
     ("MLLP framing", "fhir_ops/connectors/mllp"),
     ("sockets (recv, sendall, accept, select)", "socket"),
@@ -54,6 +64,7 @@ CATEGORIES = [
     ("threads, locks, queues, futures", "concurrent/futures"),
     ("threads, locks, queues, futures", "_thread"),
     ("logging", "logging"),
+    ("files read (terminology refresh each second)", "pathlib"),
 ]
 
 
@@ -164,7 +175,38 @@ def drive(proc, args, tag: str) -> dict:
     return run
 
 
+def summarize(data: dict, n: int, top: int) -> dict:
+    """By category, top functions and threads, per message, from the profiled listener's dump."""
+    funcs = [f for f in data["functions"] if not f["generic"]]
+    for f in funcs:
+        f["own_s"] = f["own_with_builtins_s"]
+    total = sum(f["own_s"] for f in funcs)
+    by_cat: dict[str, float] = {}
+    for f in funcs:
+        c = category(f["module"], f["name"])
+        by_cat[c] = by_cat.get(c, 0.0) + f["own_s"]
+    members: dict[str, list] = {}
+    for f in sorted(funcs, key=lambda f: -f["own_s"]):
+        members.setdefault(category(f["module"], f["name"]), []).append(
+            f"{f['function'].replace(str(ROOT) + '/', '')}: {1e6 * f['own_s'] / n:.1f} us, {f['calls'] / n:.2f} calls")
+    cats = [{"category": c, "us_per_message": round(1e6 * s / n, 1), "share": round(s / total, 3),
+             "top_functions": members[c][:5]}
+            for c, s in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    top_rows = [{"function": f["function"].replace(str(ROOT) + "/", ""), "calls_per_message": round(f["calls"] / n, 2),
+                 "own_us_per_message": round(1e6 * f["own_s"] / n, 1), "share": round(f["own_s"] / total, 3)}
+                for f in sorted(funcs, key=lambda f: -f["own_s"])[:top]]
+    threads: dict[str, float] = {}
+    for t in data["threads"]:
+        kind = "connections (one thread each)" if t["name"].startswith("Thread-") else t["name"]
+        threads[kind] = threads.get(kind, 0.0) + t["cpu_s"]
+    return {"total_s": total, "by_category": cats, "top_own_time": top_rows,
+            "threads_cpu_us_per_message": {k: round(1e6 * v / n, 1) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--resummarize":
+        resummarize(*sys.argv[2:5])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], "--profile" in sys.argv)
         return
@@ -188,31 +230,8 @@ def main() -> None:
     dump = os.path.join(tmp, "profile.json")
     profiled = drive(start(os.path.join(tmp, "profiled"), args.port, dump, True), args, "Q")
     data = json.loads(Path(dump).read_text())
-    funcs = data["functions"]
-    funcs = [f for f in funcs if not f["generic"]]
-    for f in funcs:
-        f["own_s"] = f["own_with_builtins_s"]
-    total = sum(f["own_s"] for f in funcs)
-    n = profiled["messages"] + int(200 * 1)  # the warm-up's messages were profiled too
-    by_cat: dict[str, float] = {}
-    for f in funcs:
-        c = category(f["module"], f["name"])
-        by_cat[c] = by_cat.get(c, 0.0) + f["own_s"]
-    members: dict[str, list] = {}
-    for f in sorted(funcs, key=lambda f: -f["own_s"]):
-        members.setdefault(category(f["module"], f["name"]), []).append(
-            f"{f['function'].replace(str(ROOT) + '/', '')}: {1e6 * f['own_s'] / n:.1f} us, {f['calls'] / n:.2f} calls")
-    cats = [{"category": c, "us_per_message": round(1e6 * s / n, 1), "share": round(s / total, 3),
-             "top_functions": members[c][:5]}
-            for c, s in sorted(by_cat.items(), key=lambda kv: -kv[1])]
-    top = sorted(funcs, key=lambda f: -f["own_s"])[:args.top]
-    top_rows = [{"function": f["function"].replace(str(ROOT) + "/", ""), "calls_per_message": round(f["calls"] / n, 2),
-                 "own_us_per_message": round(1e6 * f["own_s"] / n, 1), "share": round(f["own_s"] / total, 3)}
-                for f in top]
-    threads: dict[str, float] = {}
-    for t in data["threads"]:
-        kind = "connections (one thread each)" if t["name"].startswith("Thread-") else t["name"]
-        threads[kind] = threads.get(kind, 0.0) + t["cpu_s"]
+    n = profiled["messages"] + 200  # the warm-up's messages were profiled too
+    summary = summarize(data, n, args.top)
     result = {
         "what": "CPU of the whole HL7 listener process (all threads, yappi CPU clock, builtins included) under "
                 "hl7_bench's load (ORU^R01 with 2 OBX, paced, loopback), summed by where the code lives; and "
@@ -226,23 +245,38 @@ def main() -> None:
                        "load_average_1min": plain["load_average_1min"]},
         "profiled": {"achieved_rate": profiled["achieved_rate"], "answers": profiled["answers"],
                      "listener_cpu_us_per_message": round(profiled["listener_cpu_us_per_message"], 1),
-                     "profiled_cpu_us_per_message": round(1e6 * total / n, 1),
+                     "profiled_cpu_us_per_message": round(1e6 * summary.pop("total_s") / n, 1),
                      "group_commits": data["writer"]},
-        "threads_cpu_us_per_message": {k: round(1e6 * v / n, 1) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])},
-        "by_category": cats,
-        "top_own_time": top_rows,
+        "profiled_messages": n,
+        **summary,
     }
-    print(f"profiled: {profiled['achieved_rate']:.0f} msg/s, profiled CPU {1e6 * total / n:.0f} us/msg, "
-          f"commits {data['writer']}")
-    print("threads:", result["threads_cpu_us_per_message"])
-    for c in cats:
-        print(f"  {c['us_per_message']:8.1f} us  {100 * c['share']:5.1f} %  {c['category']}")
-    for r in top_rows[:20]:
-        print(f"  {r['own_us_per_message']:8.1f} us  {r['calls_per_message']:7.2f}x  {r['function']}")
+    print(f"profiled: {profiled['achieved_rate']:.0f} msg/s, profiled CPU "
+          f"{result['profiled']['profiled_cpu_us_per_message']:.0f} us/msg, commits {data['writer']}")
+    report(result)
     if not args.no_write:
         path = ROOT / "bench" / "results" / f"hl7_listener_profile{'-' + args.out if args.out else ''}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
+
+
+def report(result: dict) -> None:
+    print("threads:", result["threads_cpu_us_per_message"])
+    for c in result["by_category"]:
+        print(f"  {c['us_per_message']:8.1f} us  {100 * c['share']:5.1f} %  {c['category']}")
+    for r in result["top_own_time"][:20]:
+        print(f"  {r['own_us_per_message']:8.1f} us  {r['calls_per_message']:7.2f}x  {r['function']}")
+
+
+def resummarize(dump: str, path: str, root: str) -> None:
+    """Recompute the categories of a result file from its run's dump (the categories changed, the run did not)."""
+    global ROOT
+    result = json.loads(Path(path).read_text())
+    ROOT = Path(root)
+    summary = summarize(json.loads(Path(dump).read_text()), result["profiled_messages"], len(result["top_own_time"]))
+    summary.pop("total_s")
+    result.update(summary)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    report(result)
 
 
 if __name__ == "__main__":
