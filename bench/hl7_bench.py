@@ -129,7 +129,8 @@ def measured(proc, args, port: int, tag: str) -> dict:
 def median_run(runs: list[dict]) -> dict:
     """The run with the median rate, with every run's rate and CPU per message beside it."""
     pick = dict(sorted(runs, key=lambda r: r["achieved_rate"])[len(runs) // 2])
-    pick["rounds"] = [{"achieved_rate": r["achieved_rate"], "listener_cpu_us_per_message": r["listener_cpu_us_per_message"],
+    pick["rounds"] = [{"achieved_rate": r["achieved_rate"],
+                       "listener_cpu_us_per_message": r["listener_cpu_us_per_message"],
                        "load_average_1min": r["load_average_1min"], "answers": r["answers"]} for r in runs]
     return pick
 
@@ -239,7 +240,8 @@ def main() -> None:
     if reference is not None:
         reference["ref"] = subprocess.run(["git", "rev-parse", args.compare_ref], cwd=ROOT, check=True,
                                           capture_output=True, text=True).stdout.strip()
-    sent = warm["messages"] + sum(r["messages"] for r in ours) + unpaced["messages"] + single["messages"] + piped["messages"]
+    sent = (warm["messages"] + sum(r["messages"] for r in ours) + unpaced["messages"] + single["messages"]
+            + piped["messages"])
     all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, *ours, unpaced, single, piped))
     commits = [line.split("group commits: ", 1)[1] for line in listener_log.splitlines() if "group commits: " in line]
     result = {
@@ -261,11 +263,12 @@ def main() -> None:
           f"answers {run['answers']}")
     print(f"listener CPU per message (all its processes, /proc): {run['listener_cpu_us_per_message']:.0f} us")
     if reference:
-        print(f"{args.compare_ref} ({reference['ref'][:8]}), same test alternately: {reference['achieved_rate']:.0f} msg/s, "
-              f"listener CPU {reference['listener_cpu_us_per_message']:.0f} us per message, answers {reference['answers']}")
+        print(f"{args.compare_ref} ({reference['ref'][:8]}), same test alternately: "
+              f"{reference['achieved_rate']:.0f} msg/s, listener CPU {reference['listener_cpu_us_per_message']:.0f} us "
+              f"per message, answers {reference['answers']}")
         for name, r in (("ours", run), (args.compare_ref, reference)):
-            print(f"  rounds {name}: " + ", ".join(f"{x['achieved_rate']:.0f}/s {x['listener_cpu_us_per_message']:.0f} us"
-                                                   for x in r["rounds"]))
+            print(f"  rounds {name}: " + ", ".join(
+                f"{x['achieved_rate']:.0f}/s {x['listener_cpu_us_per_message']:.0f} us" for x in r["rounds"]))
     print(f"unpaced (4x target offered): {unpaced['achieved_rate']:.0f} msg/s "
           f"({result['ratio_unpaced_to_baseline']:.2f}x the direct-transaction baseline)")
     print(f"one connection: {single['achieved_rate']:.0f} msg/s, ACK p50 {single['ack_latency_ms']['p50']:.1f} ms")

@@ -134,7 +134,8 @@ def start(data_dir: str, port: int, out: str, profile: bool) -> subprocess.Popen
     store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
     register(store)
     store.close()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", data_dir, str(port), out] + (["--profile"] if profile else []),
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", data_dir, str(port), out]
+                            + (["--profile"] if profile else []),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while "MLLP on" not in (line := proc.stdout.readline()):
         assert line, "the listener did not start"
@@ -200,7 +201,8 @@ def summarize(data: dict, n: int, top: int) -> dict:
         kind = "connections (one thread each)" if t["name"].startswith("Thread-") else t["name"]
         threads[kind] = threads.get(kind, 0.0) + t["cpu_s"]
     return {"total_s": total, "by_category": cats, "top_own_time": top_rows,
-            "threads_cpu_us_per_message": {k: round(1e6 * v / n, 1) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}}
+            "threads_cpu_us_per_message": {k: round(1e6 * v / n, 1)
+                                           for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}}
 
 
 def main() -> None:
@@ -211,7 +213,8 @@ def main() -> None:
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], "--profile" in sys.argv)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=600, help="paced messages/s (below what the profiled listener takes)")
+    parser.add_argument("--rate", type=float, default=600,
+                        help="paced messages/s (below what the profiled listener takes)")
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--port", type=int, default=8372)
@@ -222,7 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7lprof-")
     plain = drive(start(os.path.join(tmp, "plain"), args.port, "", False), args, "P")
-    print(f"unprofiled: {plain['achieved_rate']:.0f} msg/s, listener CPU {plain['listener_cpu_us_per_message']:.0f} us/msg "
+    print(f"unprofiled: {plain['achieved_rate']:.0f} msg/s, "
+          f"listener CPU {plain['listener_cpu_us_per_message']:.0f} us/msg "
           f"(user, system: {plain['listener_user_system_us_per_message']}), "
           f"{plain['listener_context_switches_per_message']} context switches/msg", flush=True)
     if args.no_profile:

@@ -152,8 +152,9 @@ def _random_queries(n: int, seed: int = 20):
 def test_parse_qsl_fast_is_urllib_parse_qsl(strict):
     # the same pairs and the same errors as urllib for 5,000 seeded random queries of escapes, separators,
     # malformed escapes, '+' and non-ASCII text, and for the conditions the write path carries
-    queries = _random_queries(5000) + ["identifier=https%3A%2F%2Ftrialtwin.org%2Ffhir%2Fsid%2Fhl7v2-message%2FLAB%7CM1-1-1",
-                                       "", "&", "a", "a=", "=b", "a=1&&b=2", "a=%", "a=%%41"]
+    queries = _random_queries(5000) + [
+        "identifier=https%3A%2F%2Ftrialtwin.org%2Ffhir%2Fsid%2Fhl7v2-message%2FLAB%7CM1-1-1",
+        "", "&", "a", "a=", "=b", "a=1&&b=2", "a=%", "a=%%41"]
     for q in queries:
         for limit in (None, 3):
             try:
