@@ -390,11 +390,14 @@ def to_bundle(msg: Message, naming: Naming, find_patient: Callable[..., dict | N
 
 
 # -- acknowledgements ------------------------------------------------------------------------------
+#: HL7's escapes for the default delimiters; CR/LF (segment ends) become spaces. One str.translate
+#: pass (the ACK escapes ~9 fields per message; a replace per delimiter was 3 % of the listener's CPU)
+_ESCAPES = str.maketrans({"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\",
+                          "\r": " ", "\n": " "})
+
+
 def _escape(text: str) -> str:
-    out = text.replace("\\", "\\E\\")
-    for ch, esc in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"), ("\r", " "), ("\n", " ")):
-        out = out.replace(ch, esc)
-    return out
+    return text.translate(_ESCAPES)
 
 
 def ack(msg: Message | None, code: str, ack_id: str, fault: Hl7Fault | None = None,
