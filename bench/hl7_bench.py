@@ -11,8 +11,9 @@ transaction per message, with no parsing, mapping, terminology, socket or ACK.
 
 The listener's CPU per message (user + system of all its processes, from /proc) is recorded beside the
 rate: on a shared machine the rate follows the other jobs' load, the CPU per message much less.
-``--compare-ref REF`` runs the sustained test once more against the listener of git ref REF (the code
-before a change) right after ours, so both are measured on the same machine at nearly the same load.
+``--compare-ref REF`` runs the sustained test against the listener of git ref REF (the code before a
+change) too, alternately with ours for ``--rounds`` rounds (ABBA order), and reports each one's median
+run with all rounds beside it: on a shared machine one run each moved by ±30 % with the load.
 
 Run: python bench/hl7_bench.py [--rate 1000 --seconds 10 --connections 16] [--compare-ref REF]
      -> prints, writes bench/results/hl7_bench.json
@@ -107,23 +108,31 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def compare(ref: str, args, tmp: str) -> dict:
-    """The sustained run against the listener of git ref ``ref``, right after ours, on the same machine."""
+def start_reference(ref: str, args, tmp: str) -> subprocess.Popen:
+    """The listener of git ref ``ref`` (the code before a change) on port + 1, warmed up."""
     from store_bench import checkout
 
     code = checkout(ref, Path(tmp) / "ref-code")
     proc = start_listener(code, os.path.join(tmp, "ref-listener"), args.port + 1, args.workers)
-    try:
-        sustained(200, 1, args.connections, args.port + 1, "W")
-        cpu0 = tree_cpu_seconds(proc.pid)
-        run = sustained(args.rate, args.seconds, args.connections, args.port + 1, "M")
-        run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-    run["ref"] = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True,
-                                text=True).stdout.strip()
+    sustained(200, 1, args.connections, args.port + 1, "W")
+    return proc
+
+
+def measured(proc, args, port: int, tag: str) -> dict:
+    """One sustained run against the listener ``proc`` with its CPU per message (all its processes)."""
+    cpu0 = tree_cpu_seconds(proc.pid)
+    run = sustained(args.rate, args.seconds, args.connections, port, tag)
+    run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
     return run
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median rate, with every run's rate and CPU per message beside it."""
+    pick = dict(sorted(runs, key=lambda r: r["achieved_rate"])[len(runs) // 2])
+    pick["rounds"] = [{"achieved_rate": r["achieved_rate"],
+                       "listener_cpu_us_per_message": r["listener_cpu_us_per_message"],
+                       "load_average_1min": r["load_average_1min"], "answers": r["answers"]} for r in runs]
+    return pick
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -190,7 +199,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--baseline-messages", type=int, default=3000)
     parser.add_argument("--compare-ref", default=None,
-                        help="git ref whose listener runs the same sustained test right after ours (port + 1)")
+                        help="git ref whose listener runs the same sustained test alternately with ours (port + 1)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --compare-ref: sustained runs of each listener, alternating; the median is reported")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7bench-")
     n = int(args.rate * args.seconds)
@@ -199,11 +210,19 @@ def main() -> None:
 
     data_dir = os.path.join(tmp, "listener")
     proc = start_listener(ROOT, data_dir, args.port, args.workers)
+    ref_proc = start_reference(args.compare_ref, args, tmp) if args.compare_ref else None
     try:
         warm = sustained(200, 1, args.connections, args.port, "W")
-        cpu0 = tree_cpu_seconds(proc.pid)
-        run = sustained(args.rate, args.seconds, args.connections, args.port, "M")
-        run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
+        ours, theirs = [], []
+        for i in range(args.rounds if ref_proc else 1):
+            # alternating which listener goes first (ABBA...), so a load that rises or falls over the
+            # session does not favour one of them
+            order = [(proc, args.port, ours, "M"), (ref_proc, args.port + 1, theirs, "R")][:: 1 if i % 2 == 0 else -1]
+            for p, port, runs, tag in order:
+                if p is not None:
+                    runs.append(measured(p, args, port, f"{tag}{i}-"))
+        run = median_run(ours)
+        reference = median_run(theirs) if ref_proc else None
         unpaced = sustained(args.rate * 4, args.seconds / 2, args.connections, args.port, "X")
         # one connection, as many lab feeds use: each message waits for the previous one's ACK
         single = sustained(args.rate * 4, args.seconds / 2, 1, args.port, "S")
@@ -212,12 +231,18 @@ def main() -> None:
     finally:
         proc.terminate()
         listener_log, _ = proc.communicate(timeout=30)
+        if ref_proc is not None:
+            ref_proc.terminate()
+            ref_proc.communicate(timeout=30)
     store = SQLiteStore(os.path.join(data_dir, "trialtwin.sqlite"))
     stored = store.search("Observation", [("_summary", "count")]).total
     store.close()
-    reference = compare(args.compare_ref, args, tmp) if args.compare_ref else None
-    sent = warm["messages"] + run["messages"] + unpaced["messages"] + single["messages"] + piped["messages"]
-    all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, run, unpaced, single, piped))
+    if reference is not None:
+        reference["ref"] = subprocess.run(["git", "rev-parse", args.compare_ref], cwd=ROOT, check=True,
+                                          capture_output=True, text=True).stdout.strip()
+    sent = (warm["messages"] + sum(r["messages"] for r in ours) + unpaced["messages"] + single["messages"]
+            + piped["messages"])
+    all_aa = all(set(r["answers"]) <= {"AA"} for r in (warm, *ours, unpaced, single, piped))
     commits = [line.split("group commits: ", 1)[1] for line in listener_log.splitlines() if "group commits: " in line]
     result = {
         "what": "ORU^R01 (2 OBX) over MLLP into the embedded store via trialtwin listen-hl7, one transaction "
@@ -238,8 +263,12 @@ def main() -> None:
           f"answers {run['answers']}")
     print(f"listener CPU per message (all its processes, /proc): {run['listener_cpu_us_per_message']:.0f} us")
     if reference:
-        print(f"{args.compare_ref} ({reference['ref'][:8]}), same test right after: {reference['achieved_rate']:.0f} msg/s, "
-              f"listener CPU {reference['listener_cpu_us_per_message']:.0f} us per message, answers {reference['answers']}")
+        print(f"{args.compare_ref} ({reference['ref'][:8]}), same test alternately: "
+              f"{reference['achieved_rate']:.0f} msg/s, listener CPU {reference['listener_cpu_us_per_message']:.0f} us "
+              f"per message, answers {reference['answers']}")
+        for name, r in (("ours", run), (args.compare_ref, reference)):
+            print(f"  rounds {name}: " + ", ".join(
+                f"{x['achieved_rate']:.0f}/s {x['listener_cpu_us_per_message']:.0f} us" for x in r["rounds"]))
     print(f"unpaced (4x target offered): {unpaced['achieved_rate']:.0f} msg/s "
           f"({result['ratio_unpaced_to_baseline']:.2f}x the direct-transaction baseline)")
     print(f"one connection: {single['achieved_rate']:.0f} msg/s, ACK p50 {single['ack_latency_ms']['p50']:.1f} ms")

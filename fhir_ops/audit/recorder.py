@@ -214,7 +214,13 @@ def _access(response: Response, state: dict, written: list[dict]) -> Access:
     args = request.view_args or {}
     rtype, rid = args.get("resource_type"), args.get("resource_id")
     interaction = _INTERACTIONS.get(endpoint) or _BY_METHOD.get(request.method, "read")
-    operation = args.get("name") if interaction == "operation" else None
+    operation = None
+    if interaction == "operation":
+        from fhir_ops.operations import registry
+
+        # coded in CodeSystem/operation only when it is one of ours; an unknown name stays in the path (a 404)
+        known = registry.get(args.get("name") or "")
+        operation = known.name if known else None
     if endpoint == "system_bundle":
         interaction = g.get("trialtwin_bundle_type") or "transaction"
     if endpoint == "search" and rtype is None:

@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 
 from fhir_ops.errors import FhirError
 from fhir_ops.mapping import hl7v2
@@ -32,6 +31,46 @@ HARMONIZER_TTL = 1.0
 #: participant; the lookup was a tenth of the listener's time). ADT updates always read the store.
 PATIENT_TTL = 1.0
 _PATIENT_CACHE_SIZE = 10_000
+
+
+class Outcome:
+    """A message's commit outcome, set once by the writer and read by its connection's thread.
+
+    What ``concurrent.futures.Future`` offers here (``result``, ``exception``), on one plain lock held
+    until the outcome is set: a Future's Condition, waiter list and state machine were most of the
+    per-message cost of handing a message to the writer and back.
+    """
+
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._value = self._error = None
+
+    def set_result(self, value) -> None:
+        self._value = value
+        self._done.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._done.release()
+
+    def _wait(self, timeout: float | None) -> None:
+        # blocks until set; released again so that any later read passes at once
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError("the message was not committed in time")
+        self._done.release()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._error
+
+    def result(self, timeout: float | None = None):
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class GroupCommit:
@@ -79,16 +118,16 @@ class GroupCommit:
         with self._prep_lock:
             self.connections += n
 
-    def submit_async(self, bundle: dict, prepared: bool = False) -> Future:
-        """Queue ``bundle``; the Future holds its transaction-response once committed.
+    def submit_async(self, bundle: dict, prepared: bool = False) -> Outcome:
+        """Queue ``bundle``; the Outcome holds its transaction-response once committed.
 
         ``prepared``: this message was counted in ``preparing`` and leaves it now, before it is
         queued, so the writer never lingers for a message that is already in its queue.
         """
-        future: Future = Future()
+        future = Outcome()
         if prepared:
             self.preparing_add(-1)
-        self._queue.put((bundle, future))
+        self._queue.put((bundle, future, frozenset(_conditions(bundle))))  # read once, by the writer
         return future
 
     def submit(self, bundle: dict) -> dict:
@@ -104,7 +143,7 @@ class GroupCommit:
             item = carry.pop(0) if carry else self._queue.get()
             if item is None:
                 return
-            group, conditions = [item], set(_conditions(item[0]))
+            group, conditions = [item], set(item[2])
             deadline = time.monotonic() + self.linger
             while len(group) < self.max_group:
                 try:
@@ -117,17 +156,17 @@ class GroupCommit:
                         nxt = self._queue.get(timeout=min(wait, 0.0005))
                     except queue.Empty:
                         continue
-                if nxt is None or conditions & set(_conditions(nxt[0])):
+                if nxt is None or not conditions.isdisjoint(nxt[2]):
                     carry.insert(0, nxt)
                     break
                 group.append(nxt)
-                conditions.update(_conditions(nxt[0]))
+                conditions.update(nxt[2])
             self._commit(group)
 
     def _commit(self, group: list) -> None:
         if len(group) > 1:
             merged = {"resourceType": "Bundle", "type": "transaction",
-                      "entry": [e for bundle, _ in group for e in bundle["entry"]]}
+                      "entry": [e for bundle, _, _ in group for e in bundle["entry"]]}
             try:
                 response = self.store.transaction(merged)
             except Exception:  # noqa: BLE001 - one message spoilt the group: each alone says which
@@ -136,12 +175,12 @@ class GroupCommit:
                 self.commits += 1
                 self.messages += len(group)
                 at = 0
-                for bundle, future in group:
+                for bundle, future, _ in group:
                     n = len(bundle["entry"])
                     future.set_result(dict(response, entry=response["entry"][at:at + n]))
                     at += n
                 return
-        for bundle, future in group:
+        for bundle, future, _ in group:
             try:
                 future.set_result(self.store.transaction(bundle))
                 self.commits += 1
@@ -284,7 +323,7 @@ class Hl7Ingest:
             if self.writer is not None:
                 queued = True
                 return msg, mapped, self.writer.submit_async(bundle, prepared=True)
-            future: Future = Future()
+            future = Outcome()
             try:
                 future.set_result(self.store.transaction(bundle))
             except Exception as exc:  # noqa: BLE001 - read in _finish, as the writer's would be

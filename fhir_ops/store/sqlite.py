@@ -13,7 +13,6 @@ import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl
 
 try:
     import fcntl
@@ -28,6 +27,7 @@ from fhir_ops.search.query import compile_search, match_sql, pinned_token
 from fhir_ops.audit.chain import GENESIS, canonical, link
 from fhir_ops.store.base import WRITE_AUDIT, SearchResult, Store, WriteResult
 from fhir_ops.store.bundle import DELETED_TAG, METHOD_ORDER, EntryRequest, parse_entries, response_entry, rewrite_references
+from fhir_ops.urls import parse_qsl_fast
 from fhir_ops.validation import ID_PATTERN, is_resource_type, validate_resource
 
 
@@ -217,7 +217,7 @@ class _Tx:
         out: list[list[tuple[str, str]] | None] = [None] * len(conditions)
         wanted: dict[tuple[str, str], dict[str, list[int]]] = {}  # (key, system) -> code -> positions
         for i, (rtype, query) in enumerate(conditions):
-            pinned = pinned_token(rtype, parse_qsl(query, keep_blank_values=True))
+            pinned = pinned_token(rtype, parse_qsl_fast(query))
             if pinned is not None:
                 key, system, code = pinned
                 wanted.setdefault((key, system), {}).setdefault(code, []).append(i)
@@ -240,7 +240,7 @@ class _Tx:
     def search_ids(self, rtype: str, query: str) -> list[str]:
         """Ids of current resources matching a conditional query (inside this transaction)."""
         self.flush()
-        params = parse_qsl(query, keep_blank_values=True)
+        params = parse_qsl_fast(query)
         if not params:
             raise InvalidRequest("If-None-Exist needs a search query such as identifier=system|value",
                                  error_id="invalid-condition")

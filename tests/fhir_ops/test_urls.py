@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
 from fhir_ops import limits
 from fhir_ops.errors import InvalidRequest
-from fhir_ops.urls import UrlError, encode_query, parse_condition, parse_fhir_url, parse_fhir_url_cached
+from fhir_ops.urls import UrlError, encode_query, parse_condition, parse_fhir_url, parse_fhir_url_cached, parse_qsl_fast
 
 pytestmark = pytest.mark.unit
 
@@ -138,3 +139,28 @@ def test_the_remembered_url_parse_answers_and_refuses_as_the_parser_does():
         assert parse_fhir_url_cached(url) == expected == parse_fhir_url_cached(url)
     with pytest.raises(UrlError):
         parse_fhir_url_cached("Observation//1")
+
+
+def _random_queries(n: int, seed: int = 20):
+    rng = random.Random(seed)
+    pieces = ["a", "identifier", "=", "&", "|", "%", "%2F", "%2f", "%7C", "%3a", "%C3%A9", "%e9", "%zz", "%4", "+",
+              " ", "é", "https://x.org/id", "_count", "2", ";", "?", "=="]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_parse_qsl_fast_is_urllib_parse_qsl(strict):
+    # the same pairs and the same errors as urllib for 5,000 seeded random queries of escapes, separators,
+    # malformed escapes, '+' and non-ASCII text, and for the conditions the write path carries
+    queries = _random_queries(5000) + [
+        "identifier=https%3A%2F%2Ftrialtwin.org%2Ffhir%2Fsid%2Fhl7v2-message%2FLAB%7CM1-1-1",
+        "", "&", "a", "a=", "=b", "a=1&&b=2", "a=%", "a=%%41"]
+    for q in queries:
+        for limit in (None, 3):
+            try:
+                want = parse_qsl(q, keep_blank_values=True, strict_parsing=strict, max_num_fields=limit)
+            except ValueError as exc:
+                with pytest.raises(ValueError, match=re.escape(str(exc))):
+                    parse_qsl_fast(q, strict=strict, max_num_fields=limit)
+            else:
+                assert parse_qsl_fast(q, strict=strict, max_num_fields=limit) == want, q

@@ -264,3 +264,22 @@ def test_the_audit_setting_is_checked_at_start_up(tmp_path):
         create_app(open_config(STORE=NoJournal(), AUDIT="on"))
     app = create_app(open_config(STORE=NoJournal()))  # auto: runs, unaudited, and says so in the log
     assert "trialtwin.audit" not in app.extensions
+
+
+def test_an_operation_is_coded_by_its_registered_name_an_unknown_one_is_not(server, admin, auditor):
+    # AuditEvent.subtype codes an operation in CodeSystem/operation, which lists the registered operations only
+    import profiles
+    from fhir_ops.mapping.audit_event import OPERATION_SYSTEM
+
+    before = call("GET", f"{server.fhir}/metadata").json()["date"]
+    assert call("GET", f"{server.fhir}/Patient/{P1}/$validate", admin,
+                headers={"X-Request-Id": "op-known"}).status_code == 200
+    assert call("GET", f"{server.fhir}/Patient/{P1}/$no-such-operation", admin,
+                headers={"X-Request-Id": "op-unknown"}).status_code == 404
+    events = {request_id_of(e): e for e in trail(server, auditor, date=f"ge{before}")}
+    codes = {rid: [c["code"] for c in events[rid]["subtype"] if c["system"] == OPERATION_SYSTEM]
+             for rid in ("op-known", "op-unknown")}
+    assert codes == {"op-known": ["$validate"], "op-unknown": []}
+    defined = {c["code"] for c in profiles.load("CodeSystem-operation.json")["concept"]}
+    assert "$validate" in defined
+    assert [c["code"] for c in events["op-unknown"]["subtype"]] == ["operation"]

@@ -60,3 +60,18 @@ def test_a_message_without_an_msh_or_with_a_cut_header_is_rejected():
         with pytest.raises(hl7v2.Hl7Fault) as err:
             hl7v2.parse(text)
         assert err.value.ack_code == "AR"
+
+
+@pytest.mark.parametrize("text", ["plain", "", "a|b^c&d~e\\f", "\\F\\ already escaped", "OBX^2^6 | 5.5 mmol/L & more"])
+def test_ack_escapes_delimiters_as_python_hl7_does(text):
+    # the ACK's one-pass escape against python-hl7's escape for the default delimiters
+    msh = hl7.parse("MSH|^~\\&|A|B\r")
+    assert hl7v2._escape(text) == hl7.util.escape(msh, text)
+    fault = hl7v2.Hl7Fault(text or "x", segment="OBX", sequence=2, field=6, condition=hl7v2.DATA_TYPE_ERROR)
+    ack = hl7v2.ack(hl7v2.parse(good_oru("E1", "TT201-001")), "AE", "id-1", fault)
+    err = hl7.parse(ack.replace("\n", "\r")).segment("ERR")
+    assert str(err(2)) == "OBX^2^6" and hl7.util.unescape(hl7.parse(ack), str(err(8))) == (text or "x")
+
+
+def test_ack_turns_segment_ends_into_spaces():
+    assert hl7v2._escape("line one\rline two\n") == "line one line two "

@@ -126,14 +126,24 @@ def test_every_definition_the_code_or_files_name_is_served():
     # server must find each TrialTwin canonical the server writes or its files reference.
     import re
 
-    pattern = re.compile(r"https://trialtwin\.org/fhir/(?:StructureDefinition|OperationDefinition|SearchParameter|"
-                         r"ValueSet|ConceptMap)/[A-Za-z0-9.\-]+")
+    kinds = r"(?:StructureDefinition|OperationDefinition|SearchParameter|CodeSystem|ValueSet|ConceptMap)"
+    pattern = re.compile(rf"https://trialtwin\.org/fhir/{kinds}/[A-Za-z0-9.\-]+")
+    # a module may name a base once (CS = "https://trialtwin.org/fhir/CodeSystem/") and add the name to it
+    base_constant = re.compile(rf"^(\w+)\s*=\s*\"(https://trialtwin\.org/fhir/{kinds}/)\"", re.MULTILINE)
     sources = [p for folder in ("fhir_ops", "smart_app", "terminology", "inference", "profiles")
                for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".json") and p.is_file()]
     named: dict[str, str] = {}
     for path in sources:
-        for match in pattern.finditer(path.read_text(encoding="utf-8", errors="ignore")):
-            named.setdefault(match.group(0).rstrip("."), str(path.relative_to(ROOT)))
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        urls = [m.group(0) for m in pattern.finditer(text)]
+        for constant, base in base_constant.findall(text):
+            urls += [base + name for name in re.findall(rf"\b{constant}\s*\+\s*\"([A-Za-z0-9.\-]+)\"", text)]
+        for url in urls:
+            named.setdefault(url.rstrip("."), str(path.relative_to(ROOT)))
     served = {r["url"] for r in all_shipped()}
     missing = {url: where for url, where in named.items() if url not in served and url not in NOT_DEFINITIONS}
     assert len(named) > 50 and not missing, missing
+    # the code systems TrialTwin codes with, also where a module joins a base and a name
+    code_systems = {url for url in named if "/CodeSystem/" in url}
+    assert {f"{profiles.CANONICAL_BASE}/CodeSystem/{name}"
+            for name in ("error", "trial-role", "edc-lab")} <= code_systems

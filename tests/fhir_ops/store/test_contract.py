@@ -145,14 +145,16 @@ def test_conditional_creates_looked_up_together_match_as_searches_do(store):
     store.create(patient(tags[1], identifier=[{"system": "urn:other", "value": tags[1]}]))
     female = store.create(patient(tags[2], gender="female")).resource
 
-    def entry(tag, condition):
-        return {"resource": patient(tag), "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition}}
+    def entry(tag, condition, **fields):
+        # a created resource must itself match its condition (HAPI checks: HAPI-0539)
+        return {"resource": patient(tag, **fields), "request": {"method": "POST", "url": "Patient",
+                                                                "ifNoneExist": condition}}
 
     resp = store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
         entry(tags[0], f"identifier=urn:contract|{tags[0]}"),
         entry(tags[1], f"identifier=urn:contract|{tags[1]}"),
         entry(tags[2], f"identifier=urn:contract|{tags[2]}&gender=female"),
-        entry(tags[3], f"identifier=urn:contract|{tags[3]}&gender=male"),
+        entry(tags[3], f"identifier=urn:contract|{tags[3]}&gender=male", gender="male"),
         entry(tags[0], f"Patient?identifier=urn%3Acontract%7C{tags[0]}"),
     ]})
     status = [e["response"]["status"][:3] for e in resp["entry"]]
