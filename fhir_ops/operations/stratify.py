@@ -256,8 +256,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
 
 def _twins(ctx: OperationContext, store, members, sm: twin_common.StudyModel, models: dict) -> list:
     """Each member's twin (None for one whose data no twin can be calibrated on), one at a time: on the
-    embedded store a search per participant reads a cohort faster than OR-searches over many
-    (bench/stratify_op_bench.py)."""
+    embedded store a search per participant reads a cohort faster than OR-searches over many (measured in
+    docs/stratification.md)."""
     out = []
     for i, m in enumerate(members):
         if ctx.cancelled():
