@@ -13,11 +13,8 @@ import collections
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 from fhir_ops import watch
 from fhir_ops.errors import FhirError
@@ -68,18 +65,8 @@ class ClosedLoop:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        # Closed on exit: ``with sqlite3.connect(...)`` only commits, and a connection left to the cyclic
-        # garbage collector keeps its file descriptors until a collection runs, which under the serving
-        # process's GC settings (fhir_ops.gc_tuning) came after thousands of polls: past 1024 descriptors
-        # waitress's select() failed and the server stopped.
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _db(self):
+        return watch.state_db(self.path)  # closed after each use (see watch.state_db)
 
     def start(self) -> "ClosedLoop":
         from datetime import datetime, timezone

@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
 from urllib.parse import parse_qsl
 
 from fhir_ops import watch
@@ -134,18 +131,8 @@ class SubscriptionService:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        # Closed on exit: ``with sqlite3.connect(...)`` only commits, and a connection left to the cyclic
-        # garbage collector keeps its file descriptors until a collection runs, which under the serving
-        # process's GC settings (fhir_ops.gc_tuning) came after thousands of polls: past 1024 descriptors
-        # waitress's select() failed and the server stopped.
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _db(self):
+        return watch.state_db(self.path)  # closed after each use (see watch.state_db)
 
     def start(self) -> "SubscriptionService":
         self._threads = [threading.Thread(target=self._watch, name="subscription-watch", daemon=True)]

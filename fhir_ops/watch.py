@@ -6,7 +6,28 @@ many resources sharing one instant is read whole, never stuck at a page boundary
 """
 from __future__ import annotations
 
+import sqlite3
+from contextlib import contextmanager
+from typing import Iterator
+
 PAGE = 500
+
+
+@contextmanager
+def state_db(path: str) -> Iterator[sqlite3.Connection]:
+    """A short-lived connection to a watcher's own state file (cursors, outbox), committed and closed.
+
+    Closed on exit: ``with sqlite3.connect(...)`` only commits, and a connection left to the cyclic
+    garbage collector keeps its file descriptors until a collection runs, which under the serving
+    process's GC settings (fhir_ops.gc_tuning) came after thousands of polls: past 1024 descriptors
+    waitress's select() failed and the server stopped.
+    """
+    db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    try:
+        with db:
+            yield db
+    finally:
+        db.close()
 
 
 def changes(store, resource_type: str, params: list[tuple[str, str]], lu: str, seen: set[str]
