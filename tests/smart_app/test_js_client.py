@@ -7,6 +7,7 @@ makes (discovery, token, FHIR reads with ``Authorization``) is cross-origin and 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,45 +118,42 @@ def _result(page) -> dict:
     return json.loads(text)
 
 
-def test_fhirclient_ehr_launch_from_another_origin(browser, combined, client_js):  # noqa: F811
+@contextmanager
+def _app_on_another_origin(browser, combined, scope: str):  # noqa: F811
+    """The JS app served from another origin (another port, and "localhost" rather than the server's
+    "127.0.0.1": another origin twice over), registered for ``scope``; yields (origin, client_id, page)."""
     holder: dict = {}
     with serve(lambda e, s: holder["app"](e, s), host="127.0.0.1") as app_base:
-        # another port, and "localhost" rather than the server's "127.0.0.1": another origin twice over
         origin = f"http://localhost:{app_base.rsplit(':', 1)[1]}"
-        client_id = register_js_app(combined, origin, EHR_SCOPE)
-        holder["app"] = _app_server(client_id, EHR_SCOPE)
+        client_id = register_js_app(combined, origin, scope)
+        holder["app"] = _app_server(client_id, scope)
         context = browser.new_context()
-        page = context.new_page()
         try:
-            ehr_launch(page, combined, client_id, PATIENT)
-            _at_authorization_server(page, combined)
-            sign_in(page)
-            page.get_by_role("button", name="Approve").click()
-            answer = _result(page)
+            yield origin, client_id, context.new_page()
         finally:
             context.close()
+
+
+def test_fhirclient_ehr_launch_from_another_origin(browser, combined, client_js):  # noqa: F811
+    with _app_on_another_origin(browser, combined, EHR_SCOPE) as (origin, client_id, page):
+        ehr_launch(page, combined, client_id, PATIENT)
+        _at_authorization_server(page, combined)
+        sign_in(page)
+        page.get_by_role("button", name="Approve").click()
+        answer = _result(page)
     assert answer == {"patient": PATIENT, "resourceType": "Patient", "observations": "Bundle", "origin": origin,
                       "server": combined.fhir}
 
 
 def test_fhirclient_standalone_launch_from_another_origin(browser, combined, client_js):  # noqa: F811
-    holder: dict = {}
-    with serve(lambda e, s: holder["app"](e, s), host="127.0.0.1") as app_base:
-        origin = f"http://localhost:{app_base.rsplit(':', 1)[1]}"
-        client_id = register_js_app(combined, origin, STANDALONE_SCOPE)
-        holder["app"] = _app_server(client_id, STANDALONE_SCOPE)
-        context = browser.new_context()
-        page = context.new_page()
-        try:
-            page.goto(f"{origin}/launch.html?iss={combined.fhir}")
-            _at_authorization_server(page, combined)
-            sign_in(page)
-            page.select_option("#selected_patient", PATIENT)
-            page.get_by_role("button", name="Continue").click()
-            page.get_by_role("button", name="Approve").click()
-            answer = _result(page)
-        finally:
-            context.close()
+    with _app_on_another_origin(browser, combined, STANDALONE_SCOPE) as (origin, _, page):
+        page.goto(f"{origin}/launch.html?iss={combined.fhir}")
+        _at_authorization_server(page, combined)
+        sign_in(page)
+        page.select_option("#selected_patient", PATIENT)
+        page.get_by_role("button", name="Continue").click()
+        page.get_by_role("button", name="Approve").click()
+        answer = _result(page)
     assert answer == {"patient": PATIENT, "resourceType": "Patient", "observations": "Bundle", "origin": origin,
                       "server": combined.fhir}
 
@@ -172,19 +170,10 @@ def test_without_cors_the_same_launch_stops_at_discovery(browser, combined_witho
     # The control for the two launches above: they pass because the server answers cross-origin requests,
     # not because the browser lets these pages read another origin anyway.
     combined = combined_without_cors
-    holder: dict = {}
-    with serve(lambda e, s: holder["app"](e, s), host="127.0.0.1") as app_base:
-        origin = f"http://localhost:{app_base.rsplit(':', 1)[1]}"
-        client_id = register_js_app(combined, origin, STANDALONE_SCOPE)
-        holder["app"] = _app_server(client_id, STANDALONE_SCOPE)
-        context = browser.new_context()
-        page = context.new_page()
-        try:
-            page.goto(f"{origin}/launch.html?iss={combined.fhir}")
-            page.wait_for_function(
-                "location.href.startsWith(%s) || ((document.getElementById('status') || {}).textContent || '')"
-                ".startsWith('error')" % json.dumps(combined.base + "/auth/"), timeout=60000)
-            status = page.locator("#status").inner_text() if page.url.startswith(origin) else page.url
-        finally:
-            context.close()
+    with _app_on_another_origin(browser, combined, STANDALONE_SCOPE) as (origin, _, page):
+        page.goto(f"{origin}/launch.html?iss={combined.fhir}")
+        page.wait_for_function(
+            "location.href.startsWith(%s) || ((document.getElementById('status') || {}).textContent || '')"
+            ".startsWith('error')" % json.dumps(combined.base + "/auth/"), timeout=60000)
+        status = page.locator("#status").inner_text() if page.url.startswith(origin) else page.url
     assert status.startswith("error"), status
