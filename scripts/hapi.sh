@@ -45,6 +45,18 @@ running_pid() {
     return 1
 }
 
+# True while the process in the pid file has not exited. Unlike running_pid this does not look at its
+# command line: right after `start` forks, the child still shows this script's command line until it
+# execs java, and a busy machine can hold it there long enough for the first check to see it.
+started_pid_alive() {
+    [[ -f "$PID_FILE" ]] || return 1
+    local pid state
+    pid="$(cat "$PID_FILE")"
+    kill -0 "$pid" 2>/dev/null || return 1
+    state="$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)"
+    [[ "$state" != "Z" ]]
+}
+
 # True when anything at all listens on the port (a JVM still starting answers no HTTP yet).
 port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null
@@ -86,7 +98,7 @@ cmd_wait() {
             echo "HAPI answered at $BASE_URL after $((SECONDS - t0)) s: $(hapi_version)"
             return 0
         fi
-        if [[ -f "$PID_FILE" ]] && ! running_pid >/dev/null; then
+        if [[ -f "$PID_FILE" ]] && ! started_pid_alive; then
             echo "error: HAPI process $(cat "$PID_FILE") exited before answering $BASE_URL/metadata" >&2
             log_tail
             return 1

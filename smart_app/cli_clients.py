@@ -60,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     rev = actions.add_parser("revoke", help="revoke a client and every token it holds")
     data_dir_option(rev)
-    rev.add_argument("client_id")
+    rev.add_argument("client_id", help="the client's id (put `--` before an id that starts with '-')")
 
     tok = actions.add_parser("token", help="mint an initial access token for POST /auth/register; registrations "
                                            "with it get at most --scope")

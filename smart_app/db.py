@@ -199,8 +199,11 @@ class AuthDB:
     # -- clients ------------------------------------------------------------------------------
     def add_client(self, metadata: dict, *, client_id: str | None = None, client_secret: str | None = None,
                    registered_by: str | None = None) -> Client:
-        """Store a client; without ``client_id`` the server generates one (a client never chooses its own)."""
-        client = Client(client_id or secrets.token_urlsafe(16), client_secret, dict(metadata), int(time.time()),
+        """Store a client; without ``client_id`` the server generates one (a client never chooses its own).
+
+        Generated ids are 32 hex digits: they never start with ``-`` (which an administrator's
+        ``trialtwin clients revoke <id>`` would read as an option) and need no escaping anywhere."""
+        client = Client(client_id or secrets.token_hex(16), client_secret, dict(metadata), int(time.time()),
                         registered_by)
         with self._conn() as conn:
             conn.execute("INSERT OR REPLACE INTO client (client_id, client_secret, metadata, issued_at, revoked, "

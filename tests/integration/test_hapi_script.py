@@ -22,6 +22,11 @@ SILENT_JAVA = """#!/usr/bin/env bash
 # stands in for the JVM: keeps the real arguments (so the pid file's check recognises it) and never answers
 exec python3 -c 'import time; time.sleep(600)' "$@"
 """
+# Shows a command line without the jar for its whole life, as the forked child of `start` does for the
+# moment before it execs java: the wait must not take that for an exited server.
+ANONYMOUS_JAVA = """#!/usr/bin/env bash
+exec python3 -c 'import time; time.sleep(600)'
+"""
 
 
 def _free_port() -> int:
@@ -30,11 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(tmp_path: Path, port: int, **extra) -> dict:
+def _env(tmp_path: Path, port: int, java_script: str = SILENT_JAVA, **extra) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     java = bin_dir / "java"
-    java.write_text(SILENT_JAVA)
+    java.write_text(java_script)
     java.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRIALTWIN_HAPI_URL"))}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", HAPI_PORT=str(port), HAPI_DATA_DIR=str(tmp_path / "hapi"),
@@ -58,6 +63,17 @@ def test_a_start_that_does_not_answer_in_time_stops_its_jvm(tmp_path):
     started = int(run.stdout.split("started HAPI (pid ")[1].split(")")[0])
     assert not Path(f"/proc/{started}").exists() or "zombie" in Path(f"/proc/{started}/status").read_text()
     assert not (tmp_path / "hapi" / "hapi.pid").exists()
+
+
+def test_a_live_start_is_waited_for_even_before_its_command_line_shows_java(tmp_path):
+    env = _env(tmp_path, _free_port(), ANONYMOUS_JAVA, HAPI_WAIT_S="3")
+    run = subprocess.run(["bash", "scripts/hapi.sh", "start"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "exited before answering" not in run.stderr, run.stderr
+    assert "did not answer" in run.stderr and "stopping the HAPI that failed to start" in run.stderr
+    started = int(run.stdout.split("started HAPI (pid ")[1].split(")")[0])
+    assert not Path(f"/proc/{started}").exists() or "zombie" in Path(f"/proc/{started}/status").read_text()
 
 
 def test_a_port_held_by_another_process_is_refused_not_reused(tmp_path):

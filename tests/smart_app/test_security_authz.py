@@ -130,6 +130,22 @@ def test_admin_registers_and_revokes_a_client(combined, key, tmp_path, capsys):
     assert backend_token(combined.stack.auth, key, client["client_id"], "system/Patient.rs").status_code == 401
 
 
+
+def test_generated_client_ids_never_read_as_cli_options_and_a_dashed_id_revokes_after_dashdash(tmp_path, capsys):
+    """An id starting with '-' once made `clients revoke <id>` an argparse error (1 run in ~64)."""
+    from smart_app.db import AuthDB
+
+    db = AuthDB(str(tmp_path / "smart-auth.sqlite"))
+    generated = [db.add_client({"client_name": f"c{i}"}).client_id for i in range(300)]
+    assert all(len(c) == 32 and all(ch in "0123456789abcdef" for ch in c) for c in generated)
+    db.add_client({"client_name": "imported"}, client_id="-imported-from-elsewhere")
+    assert main(["clients", "revoke", "--data-dir", str(tmp_path), "--", "-imported-from-elsewhere"]) == 0
+    assert "revoked -imported-from-elsewhere" in capsys.readouterr().out
+    assert main(["clients", "list", "--data-dir", str(tmp_path), "--all", "--json"]) == 0
+    listed = {c["client_id"]: c for c in json.loads(capsys.readouterr().out)}
+    assert listed["-imported-from-elsewhere"]["revoked"] is True
+    assert not any(listed[c]["revoked"] for c in generated)
+
 # --- finding 2: no passwordless sign-in, no anonymous enrolment list, throttled failures ---------------
 
 def test_simulator_and_published_passwords_are_off_by_default(production):
