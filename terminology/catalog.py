@@ -112,13 +112,23 @@ def user_dir() -> Path:
     return Path(os.environ.get("TRIALTWIN_DATA_DIR", "./data")) / "terminology"
 
 
+def trialtwin_own(resource_type: str) -> list[dict]:
+    """TrialTwin's own code systems or value sets (``profiles/``: error ids, operations, twin outputs ...),
+    so ``$lookup`` and ``$validate-code`` answer for the codes TrialTwin itself emits."""
+    from profiles import PROFILES_DIR
+
+    return [load_file(p) for p in sorted(PROFILES_DIR.glob(f"{resource_type}-*.json"))]
+
+
 @lru_cache(maxsize=1)
 def default_catalog() -> Catalog:
-    """The shipped subsets, overridden by any release the user loaded (same canonical url wins).
+    """The shipped subsets and TrialTwin's own code systems, overridden by any release the user loaded
+    (same canonical url wins).
 
     Cached for the process; :func:`reload_catalog` re-reads after ``trialtwin terminology load``.
     """
-    catalog = Catalog(shipped("CodeSystem"), shipped("ValueSet"))
+    catalog = Catalog(shipped("CodeSystem") + trialtwin_own("CodeSystem"),
+                      shipped("ValueSet") + trialtwin_own("ValueSet"))
     folder = user_dir()
     if folder.is_dir():
         for pattern in ("CodeSystem-*.json", "ValueSet-*.json"):
@@ -134,4 +144,4 @@ def reload_catalog() -> Catalog:
 
 
 __all__ = ["Catalog", "CodeSystemIndex", "DATA_DIR", "LOINC", "SNOMED", "MDC", "UCUM",
-           "default_catalog", "load_file", "reload_catalog", "shipped", "user_dir"]
+           "default_catalog", "load_file", "reload_catalog", "shipped", "trialtwin_own", "user_dir"]

@@ -72,6 +72,27 @@ def test_lookup_and_validate_code(fhir_server):
     assert value(inst, "result") is True
 
 
+
+def test_trialtwin_own_codes_answer_lookup_and_validate_code(fhir_server):
+    """The codes TrialTwin emits (OperationOutcome error ids, twin outputs) are looked up like any other."""
+    base, _ = fhir_server
+    errors = "https://trialtwin.org/fhir/CodeSystem/error"
+    got = requests.get(f"{base}/CodeSystem/$lookup", params={"system": errors, "code": "unknown-client"}, timeout=10)
+    assert got.status_code == 200, got.text
+    assert output_problems(got.json(), "OperationDefinition-lookup.json") == []
+    assert value(got.json(), "display")
+    made_up = requests.get(f"{base}/CodeSystem/$lookup", params={"system": errors, "code": "no-such-error"}, timeout=10)
+    assert made_up.status_code == 404 and made_up.json()["resourceType"] == "OperationOutcome"
+    outputs = "https://trialtwin.org/fhir/CodeSystem/twin-output"
+    known = next(c["code"] for c in __import__("profiles").load("CodeSystem-twin-output.json")["concept"])
+    inside = requests.get(f"{base}/ValueSet/$validate-code", params={
+        "url": "https://trialtwin.org/fhir/ValueSet/twin-outputs", "system": outputs, "code": known}, timeout=10).json()
+    assert value(inside, "result") is True
+    outside = requests.get(f"{base}/ValueSet/$validate-code", params={
+        "url": "https://trialtwin.org/fhir/ValueSet/twin-outputs", "system": LOINC, "code": "4548-4"}, timeout=10).json()
+    assert value(outside, "result") is False
+
+
 CSV = ("source_system,source_code,target_system,target_code,equivalence\n"
        f"{EDC_LAB},LAB-HBA1C,{LOINC},4548-4,equivalent\n"
        f"{EDC_LAB},LAB-FPG,{LOINC},1558-6,equivalent\n")
