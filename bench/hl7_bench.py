@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--compare-ref", default=None,
                         help="git ref whose listener runs the same sustained test alternately with ours (port + 1)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="with --compare-ref: sustained runs of each listener, alternating; the median is reported")
+                        help="sustained runs of each listener (alternating with --compare-ref); the median is reported")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="hl7bench-")
     n = int(args.rate * args.seconds)
@@ -214,7 +214,7 @@ def main() -> None:
     try:
         warm = sustained(200, 1, args.connections, args.port, "W")
         ours, theirs = [], []
-        for i in range(args.rounds if ref_proc else 1):
+        for i in range(args.rounds):
             # alternating which listener goes first (ABBA...), so a load that rises or falls over the
             # session does not favour one of them
             order = [(proc, args.port, ours, "M"), (ref_proc, args.port + 1, theirs, "R")][:: 1 if i % 2 == 0 else -1]
