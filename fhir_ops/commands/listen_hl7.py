@@ -26,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes accepting connections on the same port (SO_REUSEPORT); each parses and "
                              "writes on its own, the store serializes commits (default 1)")
+    parser.add_argument("--linger-ms", type=float, default=2.0,
+                        help="longest wait for more messages to share a commit while other senders are connected "
+                             "(default 2 ms; more: fewer commits, longer ACK latency)")
     parser.add_argument("--token", default=os.environ.get("TRIALTWIN_TOKEN"),
                         help="with --url: a SMART access token (system/Observation.c system/Patient.cru)")
     return parser
@@ -56,6 +59,8 @@ def run(args) -> int:
 
     _stop_on_sigterm()
 
+    if not 0 <= args.linger_ms <= 1000:
+        raise SystemExit(f"trialtwin listen-hl7: --linger-ms must be between 0 and 1000; got {args.linger_ms}")
     allow = args.allow or list(LOOPBACK)
     if not is_loopback(args.host) and not args.allow:
         log.warning("listening on %s but only loopback senders may connect until --allow names them", args.host)
@@ -86,7 +91,7 @@ def _serve(args, allow, announce: bool) -> int:
         _stop_on_sigterm()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = open_store(args)
-    ingest = Hl7Ingest(store)
+    ingest = Hl7Ingest(store, linger=args.linger_ms / 1000.0)
     server = MllpServer((args.host, args.port), ingest.handle, allow=allow, reuse_port=args.workers > 1,
                         handler_many=ingest.handle_many, on_connection=ingest.connection)
     if announce:

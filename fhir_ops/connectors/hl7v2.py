@@ -223,13 +223,16 @@ class Hl7Ingest:
     group_commit : int
         Most messages sharing one commit when they arrive together (see ``GroupCommit``); 1 commits
         each message alone, in the calling thread.
+    linger : float
+        Longest wait, in seconds, for more messages to join a group (``GroupCommit``).
     """
 
-    def __init__(self, store, naming: hl7v2.Naming | None = None, on_stored=None, group_commit: int = 64) -> None:
+    def __init__(self, store, naming: hl7v2.Naming | None = None, on_stored=None, group_commit: int = 64,
+                 linger: float = 0.002) -> None:
         self.store = store
         self.naming = naming or hl7v2.Naming.shipped()
         self.on_stored = on_stored
-        self.writer = GroupCommit(store, group_commit) if group_commit > 1 else None
+        self.writer = GroupCommit(store, group_commit, linger) if group_commit > 1 else None
         self._harmonizer = (0.0, None)
         self._patients: dict[str, tuple[float, dict]] = {}  # identifier -> (looked up at, Patient)
         self._ids = itertools.count(1)

@@ -284,3 +284,24 @@ def test_the_listen_hl7_command_serves_until_terminated(tmp_path):
         assert patient["name"][0]["family"] == "Doe"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("linger", ["-1", "1001"])
+def test_listen_hl7_refuses_a_linger_outside_0_to_1000_ms(linger, tmp_path):
+    from fhir_ops.cli import main
+
+    with pytest.raises(SystemExit, match="--linger-ms must be between 0 and 1000"):
+        main(["listen-hl7", "--port", "0", "--data-dir", str(tmp_path), "--linger-ms", linger])
+
+
+def test_the_linger_reaches_the_group_commit(tmp_path):
+    from fhir_ops.connectors.hl7v2 import Hl7Ingest
+    from fhir_ops.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "trialtwin.sqlite"))
+    ingest = Hl7Ingest(store, linger=0.007)
+    try:
+        assert ingest.writer.linger == 0.007
+    finally:
+        ingest.close()
+        store.close()
