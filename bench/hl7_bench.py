@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -120,10 +121,17 @@ def start_reference(ref: str, args, tmp: str) -> subprocess.Popen:
 
 def measured(proc, args, port: int, tag: str) -> dict:
     """One sustained run against the listener ``proc`` with its CPU per message (all its processes)."""
-    cpu0 = tree_cpu_seconds(proc.pid)
+    cpu0, own0 = tree_cpu_seconds(proc.pid), _own_cpu_seconds()
     run = sustained(args.rate, args.seconds, args.connections, port, tag)
     run["listener_cpu_us_per_message"] = 1e6 * (tree_cpu_seconds(proc.pid) - cpu0) / run["messages"]
+    # the senders are this process's threads (nothing else runs here meanwhile): what they take of the cores
+    run["sender_cpu_us_per_message"] = 1e6 * (_own_cpu_seconds() - own0) / run["messages"]
     return run
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -131,6 +139,7 @@ def median_run(runs: list[dict]) -> dict:
     pick = dict(sorted(runs, key=lambda r: r["achieved_rate"])[len(runs) // 2])
     pick["rounds"] = [{"achieved_rate": r["achieved_rate"],
                        "listener_cpu_us_per_message": r["listener_cpu_us_per_message"],
+                       "sender_cpu_us_per_message": r["sender_cpu_us_per_message"],
                        "load_average_1min": r["load_average_1min"], "answers": r["answers"]} for r in runs]
     return pick
 
@@ -149,13 +158,14 @@ def sustained(rate: float, seconds: float, connections: int, port: int, tag: str
     n = int(rate * seconds)
     texts = messages(n, tag)
     latencies: list[float] = []
+    lags: list[float] = []  # how late each send was against the schedule: a listener that keeps pace keeps it ~0
     answers: dict[str, int] = {}
     lock = threading.Lock()
     load_before = os.getloadavg()[0]
     start = time.perf_counter() + 0.2
 
     def sender(k: int) -> None:
-        local_lat, local_ans = [], {}
+        local_lat, local_lag, local_ans = [], [], {}
         mine = list(range(k, n, connections))
         with MllpClient("127.0.0.1", port) as client:
             for b in range(0, len(mine), window):
@@ -165,6 +175,7 @@ def sustained(rate: float, seconds: float, connections: int, port: int, tag: str
                 if due > now:
                     time.sleep(due - now)
                 t = time.perf_counter()
+                local_lag.append(max(0.0, t - due))
                 client.sock.sendall(b"".join(frame(texts[i]) for i in batch))
                 for _ in batch:
                     ack = client.receive()
@@ -173,6 +184,7 @@ def sustained(rate: float, seconds: float, connections: int, port: int, tag: str
                     local_ans[code] = local_ans.get(code, 0) + 1
         with lock:
             latencies.extend(local_lat)
+            lags.extend(local_lag)
             for c, v in local_ans.items():
                 answers[c] = answers.get(c, 0) + v
 
@@ -186,7 +198,9 @@ def sustained(rate: float, seconds: float, connections: int, port: int, tag: str
             "achieved_rate": n / elapsed, "answers": answers,
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "ack_latency_ms": {"p50": 1e3 * percentile(latencies, 0.5), "p99": 1e3 * percentile(latencies, 0.99),
-                               "max": 1e3 * max(latencies)}}
+                               "max": 1e3 * max(latencies)},
+            "send_lag_behind_schedule_ms": {"p50": 1e3 * percentile(lags, 0.5), "p99": 1e3 * percentile(lags, 0.99),
+                                            "max": 1e3 * max(lags)}}
 
 
 def main() -> None:
@@ -261,7 +275,10 @@ def main() -> None:
     print(f"sustained: target {args.rate:.0f}/s for {args.seconds:.0f} s -> {run['achieved_rate']:.0f} msg/s, "
           f"ACK p50 {run['ack_latency_ms']['p50']:.1f} ms p99 {run['ack_latency_ms']['p99']:.1f} ms, "
           f"answers {run['answers']}")
+    lag = run["send_lag_behind_schedule_ms"]
+    print(f"sends behind schedule: p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms, max {lag['max']:.1f} ms")
     print(f"listener CPU per message (all its processes, /proc): {run['listener_cpu_us_per_message']:.0f} us")
+    print(f"senders' CPU per message (this process's threads): {run['sender_cpu_us_per_message']:.0f} us")
     if reference:
         print(f"{args.compare_ref} ({reference['ref'][:8]}), same test alternately: "
               f"{reference['achieved_rate']:.0f} msg/s, listener CPU {reference['listener_cpu_us_per_message']:.0f} us "
