@@ -12,7 +12,10 @@ import collections
 import pytest
 import requests
 
+from fhir_ops.app import create_app
 from fhir_ops.r4.validator import validate
+from tests.app_config import open_config
+from tests.live_server import serve
 from tests.fhir_ops.r4.corpus import cases, demo_bases, hand_written_bases
 
 # Every module that makes HAPI validate or load conformance resources shares one xdist group: HAPI's
@@ -75,3 +78,20 @@ def test_verdicts_agree_with_hapi_validate(hapi):
     assert not unexplained_hapi, unexplained_hapi[:5]
     assert not unexplained_ours, unexplained_ours[:5]
     assert agree >= 0.8 * len(sample), (agree, len(sample), len(ours_only), len(hapi_only))
+
+
+def test_capability_statement_is_r4_by_hapi(hapi, tmp_path):
+    """The server's resource type list is HAPI's R4 list, and HAPI's validator finds no error in the
+    CapabilityStatement (it once reported 13 non-R4 types there, when the list came from R4B)."""
+    app = create_app(open_config(DATA_DIR=str(tmp_path)))
+    try:
+        with serve(app) as base:
+            ours = requests.get(f"{base}/fhir/metadata", headers={"Accept": "application/fhir+json"}, timeout=60).json()
+    finally:
+        app.extensions["trialtwin.store"].close()
+    theirs = requests.get(f"{hapi.base_url}/metadata", headers={"Accept": "application/fhir+json"}, timeout=60).json()
+    our_types = {r["type"] for r in ours["rest"][0]["resource"]}
+    hapi_types = {r["type"] for r in theirs["rest"][0]["resource"]}
+    assert our_types == hapi_types, (sorted(our_types - hapi_types), sorted(hapi_types - our_types))
+    assert ours["fhirVersion"] == theirs["fhirVersion"] == "4.0.1"
+    assert _hapi_errors(hapi.base_url, ours) == []
