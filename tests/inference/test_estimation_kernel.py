@@ -121,8 +121,13 @@ def test_gradient_matches_numpy_path_on_the_same_modes(monkeypatch, theoph, name
 
 @pytest.mark.parametrize("name", ["theoph", "indometh", "two-outputs"])
 def test_fit_matches_numpy_path(monkeypatch, theoph, name):
-    """Whole fits (BFGS on the kernels' values and gradients): the same iterations, estimates equal to
-    1e-8 relative and -2 log L to 1e-10."""
+    """Whole fits (BFGS on the kernels' values and gradients): the same iterations, -2 log L equal to
+    1e-10 and estimates to 1e-6 relative.
+
+    The two paths take exp/log from different libraries (numpy's SIMD loops, chosen per CPU, and LLVM's
+    libm), so their objectives differ by rounding, ~1e-12 relative; an optimum is only determined to
+    about the square root of that along the objective's flat directions. 1e-8 held on the AMD EPYC
+    hosts and failed on an AVX-512 Xeon (up to 1.2e-8 relative, objective still equal to 1e-10)."""
     structural, data, model = case(name, theoph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BoundaryWarning)  # Indometh's SD(lrc1) goes to ~0, on both paths
@@ -133,7 +138,7 @@ def test_fit_matches_numpy_path(monkeypatch, theoph, name):
     assert compiled.boundary == reference.boundary
     assert compiled.objective == pytest.approx(reference.objective, rel=1e-10)
     got, want = np.array(list(compiled.estimates.values())), np.array(list(reference.estimates.values()))
-    assert np.all(np.abs(got - want) <= 1e-8 * np.maximum(np.abs(want), 1e-2)), np.c_[got, want]
+    assert np.all(np.abs(got - want) <= 1e-6 * np.maximum(np.abs(want), 1e-2)), np.c_[got, want]
     if name == "theoph":
         # standard errors are forward differences (step 1e-4) of gradients whose own finite-difference
         # noise is ~1e-7: the two paths' SEs agree to that, not to 1e-10
