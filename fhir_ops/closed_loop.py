@@ -6,6 +6,9 @@ participant is debounced (a burst of results is one recalibration), the work per
 and a study turns it off with the ResearchStudy extension ``CLOSED_LOOP_EXTENSION`` (valueBoolean
 false). Recalibration is ``$calibrate`` itself, so the new twin-state version and its Provenance
 (which names every Observation version it was calibrated on) are exactly what a call would store.
+A changed twin's forecast is then stored by ``$simulate`` (``persist=true``) and the participant's
+dropout risk re-assessed by ``$predict-dropout`` (a new RiskAssessment, the open outreach Task refreshed
+rather than duplicated), so a Subscription on RiskAssessment or on forecasts sees the change.
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ class ClosedLoop:
             done += 1
 
     def _recalibrate(self, pid: str, refs: list[str]) -> None:
-        from fhir_ops.operations import registry, twin_common
+        from fhir_ops.operations import twin_common
 
         entry = {"patient": pid, "trigger": refs, "at": time.time()}
         try:
@@ -150,15 +153,13 @@ class ClosedLoop:
                 elif not study_allows(study):
                     entry["decision"] = f"skipped: ResearchStudy/{study['id']} turns the closed loop off"
                 else:
-                    op = registry.get("calibrate")
-                    ctx = registry.OperationContext(op, "instance", "Patient", pid,
-                                                    self.app.config.get("BASE_URL") or "")
-                    _, body, _ = registry.invoke(op, ctx, {})
-                    out = {p["name"]: next((v for k, v in p.items() if k.startswith("value")), None)
-                           for p in body.get("parameter", []) if "part" not in p}
+                    out = _outputs(self._invoke("calibrate", pid))
                     entry["decision"] = "recalibrated" if out.get("changed") else "unchanged"
                     entry["twinState"] = (out.get("twinState") or {}).get("reference")
                     entry["provenance"] = (out.get("provenance") or {}).get("reference")
+                    if out.get("changed"):
+                        entry["forecast"] = self._store_forecast(pid)
+                    entry["dropout"] = self._reassess_dropout(pid)
         except FhirError as exc:
             entry["decision"] = f"failed: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - one participant's failure must not stop the loop
@@ -168,6 +169,47 @@ class ClosedLoop:
         with self._lock:
             self.log.append(entry)
             del self.log[:-1000]
+
+    def _invoke(self, name: str, pid: str, params: dict | None = None) -> dict:
+        """Run a Patient-level operation as a call with ``params`` (else its defaults) would; its Parameters body."""
+        from fhir_ops.operations import registry
+
+        op = registry.get(name)
+        ctx = registry.OperationContext(op, "instance", "Patient", pid, self.app.config.get("BASE_URL") or "")
+        return registry.invoke(op, ctx, params or {})[1]
+
+    def _store_forecast(self, pid: str) -> dict:
+        """``$simulate`` with ``persist=true`` from the new twin state: forecast Observations (tagged
+        simulated, so they never trigger the loop) and their Provenance; a model whose forecasts cannot
+        be stored yet is recorded, not an error of the loop."""
+        try:
+            body = self._invoke("simulate", pid, {"persist": True})
+        except FhirError as exc:
+            return {"decision": f"not stored: {exc.message}"}
+        out = _outputs(body)
+        return {"decision": "stored", "provenance": (out.get("provenance") or {}).get("reference"),
+                "observations": sum(p["name"] == "forecastObservation" for p in body.get("parameter", []))}
+
+    def _reassess_dropout(self, pid: str) -> dict:
+        """``$predict-dropout`` for the participant after new data (stored RiskAssessment, outreach Task
+        refreshed, not duplicated); a participant it cannot assess is recorded, not an error of the loop."""
+        try:
+            body = self._invoke("predict-dropout", pid)
+        except FhirError as exc:
+            return {"decision": f"not assessed: {exc.message}"}
+        out = _outputs(body)
+        prediction = next((p for p in body.get("parameter", []) if p["name"] == "prediction"), None)
+        if prediction is None:
+            return {"decision": "not assessed: " + ("off study" if out.get("skipped") else "see the operation's issues")}
+        parts = _outputs({"parameter": prediction["part"]})
+        return {"decision": "assessed", "probability": parts.get("probability"), "flagged": parts.get("flagged"),
+                "riskAssessment": (parts.get("riskAssessment") or {}).get("reference")}
+
+
+def _outputs(body: dict) -> dict:
+    """A Parameters body's top-level values by name (parts left out)."""
+    return {p["name"]: next((v for k, v in p.items() if k.startswith("value")), None)
+            for p in body.get("parameter", []) if "part" not in p}
 
 
 def init_app(app) -> None:

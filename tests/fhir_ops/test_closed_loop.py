@@ -69,6 +69,39 @@ def test_a_new_hba1c_gives_a_new_twin_version_whose_provenance_names_it(loop_ser
     prov = fhir.get(entry["provenance"]).json()
     assert prov["target"] == [{"reference": state_ref}]
     assert ref in [e["what"]["reference"] for e in prov["entity"]]
+    # and the changed twin's forecast is stored, its Provenance naming that twin-state version
+    forecast = entry["forecast"]
+    assert forecast["decision"] == "stored" and forecast["observations"] > 0, forecast
+    forecast_prov = fhir.get(forecast["provenance"]).json()
+    assert state_ref in [e["what"]["reference"] for e in forecast_prov["entity"]]
+    assert len(forecast_prov["target"]) == forecast["observations"]
+    first = fhir.get(forecast_prov["target"][0]["reference"]).json()
+    assert first["resourceType"] == "Observation" and first["subject"]["reference"] == f"Patient/{pid}"
+
+
+def risk_assessments(fhir: FhirClient, pid: str) -> list[dict]:
+    bundle = fhir.get("RiskAssessment", params={"subject": f"Patient/{pid}", "_count": "100"}).json()
+    return [e["resource"] for e in bundle.get("entry", [])]
+
+
+def test_new_data_re_assess_the_dropout_risk(loop_server):
+    # each arrival: a new RiskAssessment of the participant (outreach Task refresh: $predict-dropout's own tests)
+    fhir, loop = loop_server
+    pid = "tt201-p023"  # on study, next visit 2026-12-16 in this generated study
+    before = {r["id"] for r in risk_assessments(fhir, pid)}
+    refs = []
+    for value, when in ((8.1, "2026-11-20T08:00:00Z"), (8.0, "2026-11-21T08:00:00Z")):
+        obs = fhir.post("Observation", hba1c(pid, value, when)).json()
+        refs.append(f"Observation/{obs['id']}/_history/{obs['meta']['versionId']}")
+        entry = decision_for(loop, refs[-1])
+        assert entry["decision"] in ("recalibrated", "unchanged"), entry
+        dropout = entry["dropout"]
+        assert dropout["decision"] == "assessed", dropout
+        assert 0.0 <= dropout["probability"] <= 1.0
+        stored = fhir.get(dropout["riskAssessment"]).json()
+        assert stored["resourceType"] == "RiskAssessment" and stored["subject"]["reference"] == f"Patient/{pid}"
+        assert stored["id"] not in before
+        before.add(stored["id"])
 
 
 def test_the_study_switch_turns_the_loop_off_and_on_again(loop_server):
