@@ -72,7 +72,11 @@ def demo_bundles(participants: int, seed: int, tag: str, per_bundle: int) -> tup
     from fhir_ops.demo import build_demo_resources, simulate_demo_records
 
     text = json.dumps(build_demo_resources(simulate_demo_records(seed=seed, n=participants)))
+    # the study's model definition (Library tt201-twin) keeps its id and canonical: the server checks
+    # that a model Library's url matches the definition it carries; every run PUTs the same one
+    text = text.replace("tt201-twin", "\0model\0")
     text = text.replace('"tt201-', f'"{tag}-').replace("/tt201-", f"/{tag}-")
+    text = text.replace("\0model\0", "tt201-twin")
     text = text.replace('"id": "tt-201"', f'"id": "{tag}-study"').replace('"ResearchStudy/tt-201"',
                                                                           f'"ResearchStudy/{tag}-study"')
     resources = json.loads(text)
