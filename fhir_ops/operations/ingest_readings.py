@@ -7,6 +7,9 @@ Readings come as PHD-gateway Observations (``readings``) or as Open mHealth data
 Duplicates (device + code + instant) are dropped in the batch; each reading is written with PUT at an
 id derived from that triple, so a batch sent twice, or two batches racing, store each reading once
 (a race at worst adds a version of the same resource). Readings are written in transactions of ``CHUNK``; the answer comes after the commit.
+
+With ``gapAfterMinutes`` the answer also names the gaps of each stream (device + code) around the batch,
+measured over the stored readings as well, so a late reading that fills a gap makes it disappear.
 """
 from __future__ import annotations
 
@@ -43,10 +46,15 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     if "openMHealth" in params:
         readings += _open_mhealth(params)
     late_after = timedelta(minutes=int(params.get("lateAfterMinutes", 60)))
+    gap_minutes = params.get("gapAfterMinutes")
+    if gap_minutes is not None and gap_minutes < 1:
+        raise InvalidRequest(f"gapAfterMinutes must be at least 1; got {gap_minutes}", error_id="gap-out-of-range",
+                             expression=["gapAfterMinutes"])
     received_at = datetime.now(timezone.utc)
     harmonizer = active_harmonizer(ctx.store)
     counts = dict.fromkeys(("outOfOrder", "late", "unitConverted", "duplicates", "stored"), 0)
     issues, keyed, seen, last = [], [], set(), {}
+    streams: dict[tuple[str, str], list[datetime]] = {}  # only with gapAfterMinutes
     for where, resource in readings:
         try:
             if isinstance(resource, FhirError):  # a data point that could not be mapped
@@ -75,6 +83,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         if stream in last and key[2] < last[stream]:
             counts["outOfOrder"] += 1
         last[stream] = max(key[2], last.get(stream, key[2]))
+        if gap_minutes is not None:
+            streams.setdefault(stream, []).append(key[2])
         if received_at - key[2] > late_after:
             counts["late"] += 1
         keyed.append((dr.with_identifier(harmonized, key), ident))
@@ -98,9 +108,51 @@ def handle(ctx: OperationContext, params: dict) -> dict:
         counts["stored"] += created
         counts["duplicates"] += len(fresh) - created  # written meanwhile by a racing batch: same resource
     out = {"received": len(readings), "rejected": len(issues), **counts}
+    if gap_minutes is not None:
+        gaps = _gaps(ctx.store, streams, timedelta(minutes=gap_minutes))
+        out.update(gaps=len(gaps), gap=gaps)
     if issues:
         out["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
     return out
+
+
+def _gaps(store, streams: dict[tuple[str, str], list[datetime]], after: timedelta) -> list[dict]:
+    """The intervals longer than ``after`` between consecutive readings of each stream that touch the batch.
+
+    Read after the batch is committed: one search finds the stream's readings within ``after`` of the
+    batch; only where none lies before (after) the batch is the nearest earlier (later) reading looked up,
+    as that reading is where the gap starts (ends).
+    """
+    out = []
+    for (device, code), batch in streams.items():
+        first, last = min(batch), max(batch)
+        base = [("device", device), ("code", code)]
+        near = _instants(store.search_all("Observation", base + [
+            ("date", "ge" + _text(first - after)), ("date", "le" + _text(last + after))]))
+        times = set(batch) | near
+        if not any(t < first for t in near):
+            times |= _instants(store.search("Observation", base + [
+                ("date", "lt" + _text(first - after)), ("_sort", "-date"), ("_count", "1")]).matches)
+        if not any(t > last for t in near):
+            times |= _instants(store.search("Observation", base + [
+                ("date", "gt" + _text(last + after)), ("_sort", "date"), ("_count", "1")]).matches)
+        ordered = sorted(times)
+        system, _, value = code.partition("|")
+        coding = {"system": system, "code": value} if system else {"code": value}
+        # the touch test only matters at the edges of the window, which a store may widen by its precision
+        out += [{"device": {"reference": device}, "code": coding, "start": _text(start), "end": _text(end),
+                 "minutes": round((end - start).total_seconds() / 60, 3)}
+                for start, end in zip(ordered, ordered[1:])
+                if end - start > after and end >= first and start <= last]
+    return out
+
+
+def _instants(found: list[dict]) -> set[datetime]:
+    return {when for when in map(dr.instant, found) if when is not None}
+
+
+def _text(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds" if when.microsecond else "seconds").replace("+00:00", "Z")
 
 
 def _quantities(reading: dict) -> list:

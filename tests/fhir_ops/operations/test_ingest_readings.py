@@ -209,3 +209,74 @@ def test_a_bare_bundle_of_readings_is_still_taken_as_the_body(fhir):
                                                       "entry": [{"resource": reading("p7", "hr-7", 0, 64.0)}]})
     assert resp.status_code == 200, resp.text
     assert single(resp.json(), "stored") == 1 and count(fhir, "&subject=Patient/p7") == 1
+
+
+# -- gaps ------------------------------------------------------------------------------------------
+def at(minute: int) -> str:
+    return (START + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z")
+
+
+def gaps(body: dict) -> list[dict]:
+    """The ``gap`` outputs as {part: value}, after checking that ``gaps`` counts them."""
+    found = [{q["name"]: next(v for k, v in q.items() if k.startswith("value")) for q in p["part"]}
+             for p in body["parameter"] if p["name"] == "gap"]
+    assert single(body, "gaps") == len(found)
+    return found
+
+
+def gap(device: str, start: int, end: int) -> dict:
+    return {"device": {"reference": f"Device/{device}"}, "code": {"system": MDC, "code": "147842"},
+            "start": at(start), "end": at(end), "minutes": float(end - start)}
+
+
+def test_a_hole_in_a_stream_is_reported_as_one_gap_and_a_whole_stream_as_none(fhir):
+    holed = [reading("p8", "hr-8", m, 70.0) for m in range(0, 600, 5) if not 120 < m < 300]
+    whole = [reading("p9", "hr-9", m, 70.0) for m in range(0, 600, 5)]
+    batch = holed + whole
+    random.Random(3).shuffle(batch)  # gaps are between instants, not between neighbours in the batch
+    body = ingest(fhir, batch, gapAfterMinutes=30)
+    assert single(body, "stored") == len(batch)
+    assert gaps(body) == [gap("hr-8", 120, 300)]
+
+
+def test_a_late_reading_inside_a_gap_splits_it_in_the_next_answer(fhir):
+    ingest(fhir, [reading("p8", "hr-8", m, 70.0) for m in range(0, 600, 5) if not 120 < m < 300],
+           gapAfterMinutes=30)
+    late = ingest(fhir, [reading("p8", "hr-8", 210, 71.0)], gapAfterMinutes=30)
+    assert (single(late, "stored"), single(late, "duplicates")) == (1, 0)
+    assert gaps(late) == [gap("hr-8", 120, 210), gap("hr-8", 210, 300)]
+    # both halves are shorter than 100 minutes: no gap left (the stored neighbours lie in the window)
+    again = ingest(fhir, [reading("p8", "hr-8", 210, 71.0)], gapAfterMinutes=100)
+    assert (single(again, "stored"), single(again, "duplicates")) == (0, 1)
+    assert gaps(again) == [] and single(again, "gaps") == 0
+
+
+def test_stored_readings_before_the_batch_bound_its_first_gap(fhir):
+    ingest(fhir, [reading("p8", "hr-8", m, 70.0) for m in range(0, 65, 5)])  # ends at minute 60
+    body = ingest(fhir, [reading("p8", "hr-8", m, 70.0) for m in range(180, 245, 5)], gapAfterMinutes=30)
+    assert gaps(body) == [gap("hr-8", 60, 180)]
+    # an earlier batch sent afterwards: its gap ends at the stored readings that follow it
+    body = ingest(fhir, [reading("p8", "hr-8", m, 70.0) for m in range(-120, -85, 5)], gapAfterMinutes=30)
+    assert gaps(body) == [gap("hr-8", -90, 0)]
+    # a batch spanning stored readings: only the stored silence between its readings is a gap
+    body = ingest(fhir, [reading("p8", "hr-8", m, 70.0) for m in (30, 210)], gapAfterMinutes=30)
+    assert single(body, "duplicates") == 2 and gaps(body) == [gap("hr-8", 60, 180)]
+
+
+@pytest.mark.parametrize("minutes", [0, -5])
+def test_a_gap_threshold_below_one_minute_is_refused_and_nothing_stored(fhir, minutes):
+    resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": [
+        {"name": "readings", "resource": {"resourceType": "Bundle", "type": "collection",
+                                          "entry": [{"resource": reading("p8", "hr-8", 0, 70.0)}]}},
+        {"name": "gapAfterMinutes", "valueInteger": minutes}]})
+    assert resp.status_code == 400
+    issue = resp.json()["issue"][0]
+    assert resp.json()["resourceType"] == "OperationOutcome" and issue["expression"] == ["gapAfterMinutes"]
+    assert "gapAfterMinutes" in issue["diagnostics"]
+    assert count(fhir) == 0
+
+
+def test_without_a_gap_threshold_the_answer_has_no_gaps(fhir):
+    body = ingest(fhir, [reading("p8", "hr-8", m, 70.0) for m in (0, 5, 300)], lateAfterMinutes=60)
+    assert single(body, "stored") == 3
+    assert {p["name"] for p in body["parameter"]}.isdisjoint({"gaps", "gap"})
