@@ -17,9 +17,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from fhir_ops.errors import FhirError, NotFound, TooManyRequests
+from terminology.catalog import OPERATION_CS
 
 JOBS_PATH = "_jobs"
 _EXTENSION_KEY = "trialtwin.jobs"
@@ -174,8 +176,8 @@ class JobTable:
             present = {r[0] for r in con.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", ids)}
         return [i for i in ids if i not in present]
 
-    def fail_lost(self, is_lost) -> int:
-        """Mark unfinished jobs whose process is gone as failed, with an OperationOutcome."""
+    def fail_lost(self, is_lost) -> list[str]:
+        """Mark unfinished jobs whose process is gone as failed, with an OperationOutcome; their ids."""
         with self._connect() as con:
             rows = con.execute("SELECT id, operation, process, heartbeat FROM jobs WHERE state IN (?, ?)",
                                _UNFINISHED).fetchall()
@@ -189,7 +191,7 @@ class JobTable:
                 con.execute("UPDATE jobs SET state = 'failed', status = 500, body = ?, headers = '{}', "
                             "finished = ? WHERE id = ? AND state IN (?, ?)",
                             (json.dumps(outcome), time.time(), job_id, *_UNFINISHED))
-        return len(lost)
+        return [job_id for job_id, _ in lost]
 
     def evict(self, before: float) -> list[str]:
         """Delete jobs that finished before ``before``; return their ids."""
@@ -261,7 +263,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # jobs of a process that is gone (this host, pid dead) fail at once; others once silent
-        self.table.fail_lost(self._is_lost)
+        self._fail_lost(self._is_lost)
         self._beater = threading.Thread(target=self._heartbeat, name="trialtwin-job-heartbeat", daemon=True)
         self._beater.start()
 
@@ -319,8 +321,9 @@ class JobManager:
     def _run(self, job: Job, op, level, resource_type, resource_id, params, base_url, headers, access=None) -> None:
         from fhir_ops.operations.registry import OperationContext, invoke
 
+        target = (level, resource_type, resource_id, base_url)
         if job.cancel_requested.is_set():
-            self._finish(job, "cancelled", None, None, {})
+            self._finish(job, "cancelled", None, None, {}, target)
             return
         job.state = "running"
         self.table.update(job.id, state="running")
@@ -330,20 +333,20 @@ class JobManager:
             with self.app.app_context():
                 status, body, extra = invoke(op, ctx, params)
         except FhirError as exc:
-            self._finish(job, "failed", exc.status, exc.to_outcome(), exc.headers)
+            self._finish(job, "failed", exc.status, exc.to_outcome(), exc.headers, target)
             return
         except Exception as exc:  # a defect in a handler: report it without internals
             self.app.logger.exception("job %s (%s) failed", job.id, op.name)
             error = FhirError(f"{op.name} failed with an internal error ({type(exc).__name__})",
                               status=500, code="exception", error_id="internal-error")
-            self._finish(job, "failed", 500, error.to_outcome(), {})
+            self._finish(job, "failed", 500, error.to_outcome(), {}, target)
             return
         if job.cancel_requested.is_set():
-            self._finish(job, "cancelled", None, None, {})
+            self._finish(job, "cancelled", None, None, {}, target)
         else:
-            self._finish(job, "completed", status, body, extra)
+            self._finish(job, "completed", status, body, extra, target)
 
-    def _finish(self, job: Job, state: str, status, body, headers) -> None:
+    def _finish(self, job: Job, state: str, status, body, headers, target: tuple) -> None:
         with job._lock:
             job.status, job.body, job.headers = status, body, dict(headers or {})
             job.finished = time.time()
@@ -355,13 +358,45 @@ class JobManager:
         finally:
             with self._lock:
                 self._live.pop(job.id, None)
+        self._record_task(job, *target)
+
+    def _record_task(self, job: Job, level: str | None, resource_type: str | None, resource_id: str | None,
+                     base_url: str) -> None:
+        """``JOB_TASKS``: store the finished job as a FHIR Task, which a Subscription can watch for.
+
+        Off by default (one more write per job). A failure to store it is logged: the job's own result
+        is already recorded and its poll answers as before.
+        """
+        if not self.app.config.get("JOB_TASKS"):
+            return
+        try:
+            task = job_task(job, level, resource_type, resource_id, base_url)
+            self.app.extensions["trialtwin.store"].update("Task", task["id"], task)
+        except Exception:  # noqa: BLE001 - bookkeeping must not turn a finished job into a failure
+            self.app.logger.exception("recording job %s as a Task failed", job.id)
+
+    def _fail_lost(self, is_lost) -> None:
+        """Fail the unfinished jobs of processes that are gone; each becomes a failed Task too."""
+        lost = self.table.fail_lost(is_lost)
+        if not lost or not self.app.config.get("JOB_TASKS"):
+            return
+        from flask import has_request_context
+
+        from fhir_ops.operations.registry import fhir_base_url
+
+        # found while answering a request (a poll, or the first use of the manager): that request's base
+        base = fhir_base_url() if has_request_context() else self.app.config.get("BASE_URL") or ""
+        for job_id in lost:
+            job = self.table.get(job_id)
+            if job is not None:
+                self._record_task(job, None, None, None, base)
 
     def get(self, job_id: str) -> Job:
         """The job with this id (from any process); ``NotFound`` when unknown, expired or cancelled."""
         self._evict()
         job = self.table.get(job_id)
         if job is not None and not job.done and self._is_lost(job._process, job._heartbeat):
-            self.table.fail_lost(lambda proc, beat: proc == job._process)
+            self._fail_lost(lambda proc, beat: proc == job._process)
             job = self.table.get(job_id)
         if job is None:
             raise NotFound(f"No job {job_id} (finished jobs expire {int(self.retention_s)} s after they "
@@ -393,6 +428,47 @@ class JobManager:
                 job.cancel_requested.set()
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _instant(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_task(job: Job, level: str | None, resource_type: str | None, resource_id: str | None,
+             base_url: str) -> dict:
+    """A finished job as an R4 Task: the operation (``CodeSystem/operation``), the resource it ran on
+    (``focus``; ``for`` when that is a Patient, which puts the Task in the participant's compartment),
+    when it ran, how it ended, and its polling URL, which answers with the result.
+
+    >>> j = Job(id="ab12", operation="$simulate", created=0.0, state="completed", status=200, finished=1.5)
+    >>> t = job_task(j, "instance", "Patient", "p1", "http://x/fhir")
+    >>> t["status"], t["code"]["coding"][0]["code"], t["for"], t["output"][0]["valueUrl"]
+    ('completed', '$simulate', {'reference': 'Patient/p1'}, 'http://x/fhir/_jobs/ab12')
+    """
+    url = job_url(base_url, job.id) if base_url else f"{JOBS_PATH}/{job.id}"
+    finished = job.finished if job.finished is not None else time.time()
+    task = {"resourceType": "Task", "id": f"job-{job.id}",
+            "identifier": [{"system": "urn:ietf:rfc:3986", "value": url}],
+            "status": job.state if job.state in ("completed", "failed", "cancelled") else "failed",
+            "intent": "order",
+            "code": {"coding": [{"system": OPERATION_CS, "code": job.operation}]},
+            "description": f"Asynchronous {job.operation}"
+                           + (f" on {resource_type}/{resource_id}" if resource_type and resource_id
+                              else f" on {resource_type}" if resource_type else ""),
+            "authoredOn": _instant(job.created), "lastModified": _instant(finished),
+            "executionPeriod": {"start": _instant(job.created), "end": _instant(finished)},
+            "output": [{"type": {"text": "result (poll this URL)"}, "valueUrl": url}]}
+    if resource_type and resource_id:
+        task["focus"] = {"reference": f"{resource_type}/{resource_id}"}
+        if resource_type == "Patient":
+            task["for"] = {"reference": f"Patient/{resource_id}"}
+    if job.status:
+        task["businessStatus"] = {"text": f"HTTP {job.status}"}
+    if job.state == "failed" and isinstance(job.body, dict):
+        reasons = [i.get("diagnostics") for i in job.body.get("issue") or [] if i.get("diagnostics")]
+        if reasons:
+            task["statusReason"] = {"text": "; ".join(reasons)[:1000]}
+    return task
 
 
 def manager(app) -> JobManager:

@@ -21,6 +21,8 @@ UCUM = "http://unitsofmeasure.org"
 CANONICAL = "https://trialtwin.org/fhir"
 #: TrialTwin's own code system (profiles/CodeSystem-trialtwin.json)
 TRIALTWIN_CS = f"{CANONICAL}/CodeSystem/trialtwin"
+#: the operations TrialTwin defines, coded as ``$name`` (profiles/CodeSystem-operation.json)
+OPERATION_CS = f"{CANONICAL}/CodeSystem/operation"
 
 
 def load_file(path: str | Path) -> dict:

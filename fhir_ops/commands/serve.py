@@ -43,6 +43,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask-scheduler", default=os.environ.get("TRIALTWIN_DASK_SCHEDULER"), metavar="ADDRESS",
                         help="run cohort and study simulations on an existing Dask cluster, e.g. "
                              "tcp://10.0.0.5:8786 (default $TRIALTWIN_DASK_SCHEDULER; none: in this process)")
+    parser.add_argument("--job-tasks", action="store_true", default=_env_flag("TRIALTWIN_JOB_TASKS"),
+                        help="store each finished asynchronous job as a FHIR Task (its operation, target, "
+                             "outcome and polling URL), so a Subscription on Task can notify of finished jobs "
+                             "(default $TRIALTWIN_JOB_TASKS; off: no extra write per job)")
     security = parser.add_argument_group("SMART authorization server (see docs/smart.md, 'Deploying safely')")
     security.add_argument("--registration-token", default=os.environ.get("TRIALTWIN_REGISTRATION_TOKEN"),
                           help="initial access token (RFC 7591 §3) that opens POST /auth/register (default "
@@ -214,6 +218,8 @@ def build_config(args: argparse.Namespace) -> dict:
               "SUBSCRIPTIONS": True,
               # twins recalibrated in the background as new data arrive (a study may turn it off)
               "CLOSED_LOOP": True,
+              # finished asynchronous jobs as Tasks, for Subscriptions (opt-in: one more write per job)
+              "JOB_TASKS": bool(getattr(args, "job_tasks", False)),
               "SUBSCRIPTION_ENDPOINT_ALLOW": [e for e in (getattr(args, "subscription_allow", None) or "").split(",")
                                               if e.strip()]}
     if getattr(args, "registration_token", None):

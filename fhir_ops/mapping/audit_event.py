@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 
+from terminology.catalog import OPERATION_CS
+
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 RESTFUL_INTERACTION = "http://hl7.org/fhir/restful-interaction"
@@ -17,7 +19,7 @@ PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 BALP_ENTITY_TYPE = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 CLIENT_ID_SYSTEM = "https://trialtwin.org/fhir/sid/oauth-client-id"
-OPERATION_SYSTEM = "https://trialtwin.org/fhir/CodeSystem/operation"
+OPERATION_SYSTEM = OPERATION_CS
 CHAIN_EXTENSION = "https://trialtwin.org/fhir/StructureDefinition/audit-chain"
 #: DICOM "Audit Log Used": the event type of a request that reads the audit trail itself.
 AUDIT_LOG_USED = "110101"

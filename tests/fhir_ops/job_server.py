@@ -1,7 +1,7 @@
 """A real FHIR server process for the durable-job tests: ``python -m tests.fhir_ops.job_server DATA_DIR``.
 
-Serves ``fhir_ops.app.create_app`` (open mode) on a free loopback port, printed as the first line
-of stdout, with one test operation ``$test-wait`` that runs until the file ``DATA_DIR/release``
+Serves ``fhir_ops.app.create_app`` (open mode, finished jobs stored as Tasks) on a free loopback port,
+printed as the first line of stdout, with one test operation ``$test-wait`` that runs until the file ``DATA_DIR/release``
 appears or the job is cancelled (then it writes ``DATA_DIR/stopped``).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(data_dir: str) -> None:
             time.sleep(0.05)
         return {"pid": os.getpid()}
 
-    app = create_app({"AUTH_MODE": "open", "DATA_DIR": data_dir})
+    app = create_app({"AUTH_MODE": "open", "DATA_DIR": data_dir, "JOB_TASKS": True})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     print(server.server_port, flush=True)
     server.serve_forever()

@@ -107,6 +107,13 @@ def test_finished_results_survive_a_restart_and_lost_jobs_fail(servers, tmp_path
     (tmp_path / "release").touch()
     time.sleep(0.5)
     assert again.poll(lost).status_code == 500
+    # both are Tasks (JOB_TASKS): the finished one written by the process that ran it, the lost one by
+    # the process that found it lost
+    finished = requests.get(f"{again.base}/Task/job-{done}", timeout=30).json()
+    assert (finished["status"], finished["businessStatus"]["text"]) == ("completed", "HTTP 200")
+    gone = requests.get(f"{again.base}/Task/job-{lost}", timeout=30).json()
+    assert gone["status"] == "failed" and "did not finish" in gone["statusReason"]["text"], gone
+    assert gone["output"][0]["valueUrl"].endswith(f"/_jobs/{lost}")
 
 
 def test_jobs_database_lives_beside_the_store(servers, tmp_path):

@@ -192,3 +192,60 @@ def test_subscriptions_the_server_would_not_honour_are_refused_and_not_stored(se
     resp = fhir.transaction([{"resource": body, "request": {"method": "POST", "url": "Subscription"}}])
     assert resp.status_code == status
     assert fhir.get("Subscription?_summary=count").json()["total"] == 0
+
+
+@pytest.fixture
+def job_task_server(tmp_path):
+    """As ``server``, with finished asynchronous jobs stored as Tasks (``trialtwin serve --job-tasks``)."""
+    app = create_app(open_config(DATA_DIR=str(tmp_path), SUBSCRIPTIONS=True, SUBSCRIPTION_POLL=0.1, JOB_TASKS=True,
+                                 SUBSCRIPTION_ENDPOINT_ALLOW=["127.0.0.1"], SUBSCRIPTION_RETRY_DELAYS=(0.2, 0.4)))
+    with serve(app) as base:
+        yield FhirClient(base + "/fhir")
+    app.extensions["trialtwin.subscriptions"].stop()
+    app.extensions["trialtwin.store"].close()
+
+
+def run_async(fhir: FhirClient, path: str) -> str:
+    """Start ``GET path`` as an asynchronous job; its polling URL once the job has finished."""
+    started = fhir.get(path, headers={"Prefer": "respond-async"})
+    assert started.status_code == 202, started.text
+    location = started.headers["Content-Location"]
+    deadline = time.monotonic() + 120
+    while fhir.get(location).status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return location
+
+
+def test_a_subscriber_hears_of_finished_jobs_with_their_outcome(job_task_server, subscriber):
+    fhir = job_task_server
+    validate_jobs = "Task?code=https://trialtwin.org/fhir/CodeSystem/operation|$validate"
+    sid = fhir.post("Subscription", subscription(subscriber.url, criteria=validate_jobs)).json()["id"]
+    assert wait_status(fhir, sid, "active")["status"] == "active"
+    pid = fhir.post("Patient", {"resourceType": "Patient", "gender": "female"}).json()["id"]
+    done = run_async(fhir, f"Patient/{pid}/$validate")
+    failed = run_async(fhir, "Patient/no-such-patient/$validate")
+    received = subscriber.wait(2, timeout=60)
+    tasks = {json.loads(body)["output"][0]["valueUrl"]: json.loads(body) for _, _, body in received}
+    assert set(tasks) == {done, failed}, list(tasks)
+    ok, bad = tasks[done], tasks[failed]
+    assert (ok["status"], ok["intent"], ok["businessStatus"]["text"]) == ("completed", "order", "HTTP 200")
+    assert ok["code"]["coding"] == [{"system": "https://trialtwin.org/fhir/CodeSystem/operation", "code": "$validate"}]
+    assert ok["focus"] == ok["for"] == {"reference": f"Patient/{pid}"}
+    assert fhir.get(done).status_code == 200  # the URL in the Task answers with the job's result
+    assert (bad["status"], bad["businessStatus"]["text"]) == ("failed", "HTTP 404")
+    assert "no-such-patient" in bad["statusReason"]["text"]
+    # stored like any resource, valid R4, and found by the same search the Subscription runs
+    found = fhir.get("Task", params={"code": "https://trialtwin.org/fhir/CodeSystem/operation|$validate"}).json()
+    assert found["total"] == 2
+    stored = fhir.get(f"Task/{ok['id']}").json()
+    assert fhir.post("Task/$validate", stored).json()["issue"][0]["severity"] == "information"
+    # each finished job is notified once
+    time.sleep(0.5)
+    assert len(subscriber.received) == 2
+
+
+def test_finished_jobs_are_not_stored_as_tasks_unless_asked(server):
+    fhir, _ = server
+    pid = fhir.post("Patient", {"resourceType": "Patient"}).json()["id"]
+    run_async(fhir, f"Patient/{pid}/$validate")
+    assert fhir.get("Task").json()["total"] == 0
