@@ -17,28 +17,48 @@ import numpy as np
 from scipy import sparse
 from scipy.integrate import solve_ivp
 
-from inference.pk_kernel import kernel_wanted, shared_grid_kernel
+from inference.pk_kernel import array_namespace_wanted, kernel_wanted, shared_grid_kernel
 
 __all__ = ["linear_concentration", "michaelis_menten_concentration", "h1", "phi"]
 
 
+def namespace(*arrays):
+    """The array namespace of ``arrays``: numpy for numpy arrays and Python or numpy scalars, else the
+    array-API namespace (``array_api_compat``) of the first other array, e.g. CuPy's."""
+    for a in arrays:
+        if not isinstance(a, (np.ndarray, np.generic, float, int)):
+            from array_api_compat import array_namespace
+
+            return array_namespace(a)
+    return np
+
+
 def h1(x):
-    """(1 - exp(-x)) / x with its limit 1 at 0, accurate for all x >= 0."""
-    x = np.asarray(x, dtype=float)
-    small = np.abs(x) < 1e-8
-    safe = np.where(small, 1.0, x)
-    return np.where(small, 1.0 - 0.5 * x, -np.expm1(-safe) / safe)
+    """(1 - exp(-x)) / x with its limit 1 at 0, accurate for all x >= 0 (any array namespace)."""
+    xp = namespace(x)
+    if xp is np:
+        x = np.asarray(x, dtype=float)
+    small = xp.abs(x) < 1e-8
+    safe = xp.where(small, 1.0, x)
+    return xp.where(small, 1.0 - 0.5 * x, -xp.expm1(-safe) / safe)
 
 
 def phi(a, b, t):
     """Convolution of exp(-a t) with exp(-b t): (exp(-b t) - exp(-a t)) / (a - b), robust for a ~ b.
 
     The expression is symmetric in (a, b), so factoring out the slower exponential keeps it finite
-    and turns the equal-rate case into the limit t * exp(-a t).
+    and turns the equal-rate case into the limit t * exp(-a t). Any array namespace (``a`` and ``b``
+    arrays of one namespace, or numpy values).
     """
-    lo = np.minimum(a, b)
-    d = np.abs(a - b)
-    return t * np.exp(-lo * t) * h1(d * t)
+    xp = namespace(a, b, t)
+    lo = xp.minimum(a, b)
+    d = xp.abs(a - b)
+    return t * xp.exp(-lo * t) * h1(d * t)
+
+
+def _to_host(x) -> np.ndarray:
+    """An array of any namespace as a numpy array (CuPy copies from the GPU; others by DLPack)."""
+    return x.get() if hasattr(x, "get") else np.from_dlpack(x)
 
 
 def _shared_row(arr) -> np.ndarray | None:
@@ -95,14 +115,21 @@ def linear_concentration(coef, rate, ka, tlag, f, doses, times) -> np.ndarray:
     d_shared = _shared_row(doses.times)
     t_shared = _shared_row(times)
     if d_shared is not None and t_shared is not None and not infusion:
-        out = _shared_grid(coef, rate, ka, tlag, f, oral, d_shared, doses.amounts, t_shared)
-        if out is not None:
-            return out
+        xp = array_namespace_wanted()
+        if xp is not None:  # the participants' arrays on that namespace's device, the grid on the host
+            out = _shared_grid([xp.asarray(c) for c in coef], [xp.asarray(lam) for lam in rate], xp.asarray(ka),
+                               xp.asarray(tlag), xp.asarray(f), oral, d_shared, doses.amounts, t_shared, xp=xp)
+            if out is not None:
+                return _to_host(out)
+        else:
+            out = _shared_grid(coef, rate, ka, tlag, f, oral, d_shared, doses.amounts, t_shared)
+            if out is not None:
+                return out
     return _per_participant(coef, rate, ka, tlag, f, oral, doses.broadcast(n),
                             np.broadcast_to(times, (n, times.shape[1])))
 
 
-def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
+def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t, xp=np):
     """Fast path: one dose grid and one output grid for everybody; None when it does not apply.
 
     The state just after the arrival of dose j (dose time plus the participant's lag) is
@@ -122,7 +149,7 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
         amounts = np.add.reduceat(amounts, first, axis=1)
     n_doses = d.size
     gaps = np.diff(d)
-    max_lag = float(np.max(tlag)) if oral else 0.0
+    max_lag = float(xp.max(tlag)) if oral else 0.0
     if gaps.size and max_lag > gaps.min():
         return None
     # the depot holds amounts before bioavailability, so a dose is one add (of a scalar when everybody
@@ -130,10 +157,10 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
     # propagation coefficients per distinct interval
     gap_values, gap_index = np.unique(gaps, return_inverse=True)
     step = []
-    for g in gap_values:
-        e = [np.exp(-lam * g) for lam in rate]
+    for g in gap_values.tolist():  # Python floats: every array namespace takes them as scalars
+        e = [xp.exp(-lam * g) for lam in rate]
         if oral:
-            step.append((e, [f * c * ka * phi(ka, lam, g) for c, lam in zip(coef, rate)], np.exp(-ka * g)))
+            step.append((e, [f * c * ka * phi(ka, lam, g) for c, lam in zip(coef, rate)], xp.exp(-ka * g)))
         else:
             step.append((e, None, None))
 
@@ -147,14 +174,14 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
     def read_coefficients(offsets):
         """Per distinct offset o: (E_r, G_r) at tau = o - tlag, zero where the dose has not arrived."""
         table = {}
-        for o in np.unique(offsets):
+        for o in np.unique(offsets).tolist():
             tau = o - tlag
             arrived = tau >= 0
-            tau = np.maximum(tau, 0.0)
-            e = [np.where(arrived, np.exp(-lam * tau), 0.0) for lam in rate]
-            g = ([np.where(arrived, f * c * ka * phi(ka, lam, tau), 0.0) for c, lam in zip(coef, rate)]
+            tau = xp.maximum(tau, 0.0)
+            e = [xp.where(arrived, xp.exp(-lam * tau), 0.0) for lam in rate]
+            g = ([xp.where(arrived, f * c * ka * phi(ka, lam, tau), 0.0) for c, lam in zip(coef, rate)]
                  if oral else None)
-            table[float(o)] = (e, g, arrived)
+            table[o] = (e, g, arrived)
         return table
 
     now_table = read_coefficients(offset[jstar >= 0])
@@ -166,6 +193,9 @@ def _shared_grid(coef, rate, ka, tlag, f, oral, d, amounts, t):
         cols[jstar[col]].append((col, now_table[float(offset[col])], bool(maybe_late[col])))
     keep_prev = [any(late for _, _, late in c) for c in cols]
 
+    if xp is not np:
+        return xp.permute_dims(_propagate(xp, coef, oral, step, gap_index, xp.asarray(amounts), keep_prev, cols,
+                                          late_table, offset, prev_gap, m, n), (1, 0))
     if kernel_wanted():
         return _run_kernel(coef, oral, step, gap_index, amounts, keep_prev, cols, late_table,
                            offset, prev_gap, m, n).T
@@ -260,6 +290,54 @@ def _run_kernel(coef, oral, step, gap_index, amounts, keep_prev, cols, late_tabl
         np.array(keep_prev, dtype=np.bool_), col_ptr, np.array(col_out, dtype=np.int64),
         np.array(col_now, dtype=np.int64), np.array(col_late, dtype=np.int64),
         read_e, read_g, read_arrived, m)
+
+
+def _propagate(xp, coef, oral, step, gap_index, amounts, keep_prev, cols, late_table, offset, prev_gap, m, n):
+    """The numpy loop of :func:`_shared_grid` in array-API operations only (no ``out=``, no in-place
+    ufuncs), so any namespace runs it: CuPy on a GPU, or ``array_api_strict`` in the tests. The same
+    operations in the same order as the numpy loop, so the same numbers. Returns ``(m, n)``.
+    """
+    n_modes = len(coef)
+    zeros = xp.zeros((n,), dtype=xp.float64)
+    modes = [zeros] * n_modes
+    depot = zeros
+    prev = None
+    rows = [zeros] * m
+    for j in range(len(cols)):
+        if j:
+            e, g, ea = step[int(gap_index[j - 1])]
+            if keep_prev[j]:
+                prev = (list(modes), depot)  # arrays are replaced below, never written in place
+            modes = [modes[r] * e[r] + g[r] * depot for r in range(n_modes)] if oral else \
+                [modes[r] * e[r] for r in range(n_modes)]
+            if oral:
+                depot = depot * ea
+        a_j = amounts[:, j]
+        if oral:
+            depot = depot + a_j
+        else:
+            modes = [modes[r] + coef[r] * a_j for r in range(n_modes)]
+        for col, (e, g, arrived), late_read in cols[j]:
+            row = _read_xp(modes, depot, e, g)
+            if late_read:
+                late = zeros
+                if j >= 1:
+                    el, gl, _ = late_table[float(offset[col] + prev_gap[col])]
+                    late = _read_xp(prev[0], prev[1], el, gl)
+                row = xp.where(arrived, row, late)
+            rows[col] = row
+    return xp.stack(rows) if rows else xp.zeros((0, n), dtype=xp.float64)
+
+
+def _read_xp(modes, depot, e, g):
+    """:func:`_read` without ``out=``: sum_r E_r * y_r, then + G_r * depot, in that order."""
+    row = e[0] * modes[0]
+    for r in range(1, len(modes)):
+        row = row + e[r] * modes[r]
+    if g is not None:
+        for r in range(len(modes)):
+            row = row + g[r] * depot
+    return row
 
 
 def _read(row, modes, depot, e, g, tmp):

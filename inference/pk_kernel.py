@@ -5,6 +5,8 @@ kernel then runs every dose step and output read for all participants in one fus
 participants kept in cache, every mode and the depot updated together, no temporaries). The numpy
 loop in ``pk_events`` stays the reference; both do the same floating-point operations in the same
 order. ``TRIALTWIN_PK_KERNEL=numpy`` forces the numpy path; without Numba the numpy path is used.
+``TRIALTWIN_PK_KERNEL=cupy`` (or ``array-api:MODULE``) runs the same loop in array-API operations on
+that namespace instead (``pk_events._propagate``): CuPy on a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["kernel_wanted", "kernel_info", "shared_grid_kernel"]
+__all__ = ["array_namespace_wanted", "kernel_wanted", "kernel_info", "shared_grid_kernel"]
 
 _BLOCK = 512  # participants per block: state, coefficients and outputs of a block stay in L1/L2
 _compiled = None
@@ -23,9 +25,10 @@ _info = {"kernel": None, "compile_seconds": None, "cache": None, "calls": 0}
 
 
 def kernel_wanted() -> bool:
-    """True when the compiled kernel should run: Numba imports and the env var does not say numpy."""
+    """True when the compiled kernel should run: Numba imports and the env var does not say numpy or
+    an array-API namespace."""
     choice = os.environ.get("TRIALTWIN_PK_KERNEL", "auto").strip().lower()
-    if choice == "numpy":
+    if choice == "numpy" or array_namespace_wanted() is not None:
         return False
     try:
         import numba  # noqa: F401
@@ -34,6 +37,37 @@ def kernel_wanted() -> bool:
             raise
         return False
     return True
+
+
+#: ``TRIALTWIN_PK_KERNEL`` values that run the shared-grid loop on another array namespace
+_ARRAY_API_PREFIX = "array-api:"
+_ALIASES = {"cupy": "array-api:cupy"}
+
+
+def array_namespace_wanted():
+    """The array-API namespace ``TRIALTWIN_PK_KERNEL`` asks the shared-grid loop to run on, else None.
+
+    ``cupy`` (or ``array-api:cupy``) runs it on a CUDA GPU through CuPy; ``array-api:MODULE`` on any
+    other module with an array-API namespace (``array-api:array_api_strict`` in the tests). A module
+    that cannot be imported, or CuPy without a usable CUDA device, is an error that says so rather
+    than a silent fallback: the setting was explicit.
+    """
+    choice = os.environ.get("TRIALTWIN_PK_KERNEL", "auto").strip()
+    choice = _ALIASES.get(choice.lower(), choice)
+    if not choice.lower().startswith(_ARRAY_API_PREFIX):
+        return None
+    name = choice[len(_ARRAY_API_PREFIX):].strip()
+    import importlib
+
+    try:
+        module = importlib.import_module(name)
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(module.asarray([0.0]))  # CuPy's own module -> its array-API wrapper
+    except Exception as exc:  # noqa: BLE001 - ImportError, CUDA driver errors, no asarray: all say the same
+        raise RuntimeError(f"TRIALTWIN_PK_KERNEL={choice}: cannot use the array namespace {name!r} "
+                           f"({type(exc).__name__}: {exc})") from exc
+    return xp
 
 
 def kernel_info() -> dict:
