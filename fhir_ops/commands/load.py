@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--url", help="base URL of a running FHIR server (e.g. http://127.0.0.1:8080/fhir)")
     parser.add_argument("--format", choices=("fhir", "nonmem", "omop"), default="fhir",
                         help="fhir (default): Bundles, resources, NDJSON; omop: a directory of OMOP CDM v5.4 CSV "
-                             "tables (docs/connectors.md); nonmem: NONMEM-format CSV data sets "
+                             "tables or a SQLite database of them (docs/connectors.md); nonmem: NONMEM-format CSV data sets "
                              "(needs --mapping)")
     parser.add_argument("--mapping", metavar="MAP.json",
                         help="with --format nonmem: what compartments and columns mean (codes, units, study)")
@@ -586,7 +586,8 @@ def _mapping_model(target, mapping: dict):
 
 
 def load_omop(target, directory: str) -> FileReport:
-    """Load an OMOP CDM v5.4 directory: all tables read and checked first, then one transaction per person.
+    """Load an OMOP CDM v5.4 directory of CSV tables or SQLite database: all tables read and checked first,
+    then one transaction per person.
 
     Prints the rows per table and the resources per type, which must agree, and the concept ids the
     shipped vocabulary does not reach.

@@ -1,5 +1,6 @@
-"""OMOP CDM v5.4 tables (CSV) to FHIR R4: person, observation_period, visit_occurrence,
-condition_occurrence, drug_exposure, measurement, observation and death.
+"""OMOP CDM v5.4 tables (a directory of CSV files, or a SQLite database) to FHIR R4: person,
+observation_period, visit_occurrence, condition_occurrence, drug_exposure, measurement, observation and
+death.
 
 Every row becomes one resource with an id derived from its table and primary key, so a load run
 twice writes the same resources. Concept ids become OMOP codings (``https://fhir-terminology.ohdsi.org``)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -96,9 +98,13 @@ class Vocabulary:
 
 
 def read_tables(directory: str) -> dict[str, list[dict]]:
-    """The CDM tables present in ``directory`` (``person.csv`` ..., any case); person is required."""
+    """The CDM tables present in ``directory`` (``person.csv`` ..., any case) or in the SQLite database
+    at that path (tables ``person`` ..., any case); person is required. Values come back as text, as
+    the CSV layout gives them."""
+    if os.path.isfile(directory) and _is_sqlite(directory):
+        return _read_database(directory)
     if not os.path.isdir(directory):
-        raise OmopError([f"{directory}: not a directory of OMOP CDM CSV tables"])
+        raise OmopError([f"{directory}: neither a directory of OMOP CDM CSV tables nor a SQLite database"])
     names = {f.lower(): f for f in os.listdir(directory)}
     if "person.csv" not in names:
         raise OmopError([f"{directory}: no person.csv (the person table is required)"])
@@ -115,6 +121,81 @@ def read_tables(directory: str) -> dict[str, list[dict]]:
                 raise OmopError([f"{name}: header lacks {key}" + ("" if table == "person" else " or person_id")])
             tables[table] = [{k.lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     return tables
+
+
+def _is_sqlite(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(16) == b"SQLite format 3\x00"
+
+
+def _read_database(path: str) -> dict[str, list[dict]]:
+    """The CDM tables of a SQLite database, read-only. SQLite has no date type: dates must be ISO text
+    (the CDM's DATE and DATETIME columns as SQLite conventionally keeps them); a number in a date
+    column is refused rather than guessed at."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        names = {r[0].lower(): r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "person" not in names:
+            raise OmopError([f"{path}: no person table (the person table is required)"])
+        tables = {}
+        for table, (_, key, _) in TABLES.items():
+            name = names.get(table)
+            if name is None:
+                continue
+            quoted = '"' + name.replace('"', '""') + '"'
+            cursor = con.execute(f"SELECT * FROM {quoted}")
+            columns = [d[0].lower() for d in cursor.description]
+            if key not in columns or "person_id" not in columns:
+                raise OmopError([f"{path}: table {name} lacks {key}" + ("" if table == "person" else " or person_id")])
+            dates = [c.endswith(("_date", "_datetime")) for c in columns]
+            tables[table] = [{c: _text(v, f"{name}.{c}", d) for c, v, d in zip(columns, row, dates)}
+                             for row in cursor]
+        return tables
+    except sqlite3.Error as exc:
+        raise OmopError([f"{path}: cannot read the database ({exc})"]) from None
+    finally:
+        con.close()
+
+
+def _text(value, where: str, is_date: bool) -> str:
+    """A database value as the CSV layout would hold it: text, integers without a decimal point."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if is_date:
+        raise OmopError([f"{where}: a date must be ISO text (YYYY-MM-DD or YYYY-MM-DD HH:MM:SS), found {value!r}"])
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace").strip()
+    return str(value)
+
+
+def write_database(path: str, tables: dict[str, list[dict]]) -> None:
+    """Write tables into a SQLite database in the CDM layout (one table each, columns as given)."""
+    con = sqlite3.connect(path)
+    try:
+        with con:
+            for table, rows in tables.items():
+                if not rows:
+                    continue
+                columns = list(rows[0])
+                con.execute(f"CREATE TABLE {table} ({', '.join(columns)})")
+                con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})",
+                                [[_typed(row[c]) for c in columns] for row in rows])
+    finally:
+        con.close()
+
+
+def _typed(value: str):
+    """Ids and concept ids as integers, numbers as numbers, dates and text as text (as a CDM database types them)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            continue
+    return value if value != "" else None
 
 
 def write_tables(directory: str, tables: dict[str, list[dict]]) -> None:
@@ -254,7 +335,7 @@ def person_bundles(tables: dict[str, list[dict]], vocab: Vocabulary, report: Unm
             by_person[row.get("person_id", "")].append((table, row))
     orphans = set(by_person) - {p["person_id"] for p in tables["person"]}
     if orphans:  # checked before anything is stored
-        raise OmopError([f"rows refer to person_id {', '.join(sorted(orphans)[:5])} that person.csv lacks"])
+        raise OmopError([f"rows refer to person_id {', '.join(sorted(orphans)[:5])} that the person table lacks"])
     deaths = Counter(row["person_id"] for row in tables.get("death", []))
     if any(n > 1 for n in deaths.values()):
         twice = sorted(p for p, n in deaths.items() if n > 1)

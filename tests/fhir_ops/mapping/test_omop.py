@@ -108,10 +108,20 @@ def load(tmp_path, directory, capsys):
     return code, capsys.readouterr()
 
 
-def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_path, capsys):
+def write(tmp_path, tables: dict, layout: str):
+    """The tables as CDM CSV files in a directory, or as a SQLite database (integers and numbers typed)."""
+    if layout == "csv":
+        omop.write_tables(str(tmp_path / "cdm"), tables)
+        return tmp_path / "cdm"
+    omop.write_database(str(tmp_path / "cdm.sqlite"), tables)
+    return tmp_path / "cdm.sqlite"
+
+
+@pytest.mark.parametrize("layout", ["csv", "sqlite"])
+def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_path, capsys, layout):
     tables = generate(25)
-    omop.write_tables(str(tmp_path / "cdm"), tables)
-    code, out = load(tmp_path, tmp_path / "cdm", capsys)
+    source = write(tmp_path, tables, layout)
+    code, out = load(tmp_path, source, capsys)
     assert code == 0, out.err
     store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
     try:
@@ -161,7 +171,7 @@ def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_p
     finally:
         store.close()
     # loading again writes the same resources, not new ones
-    code, _ = load(tmp_path, tmp_path / "cdm", capsys)
+    code, _ = load(tmp_path, source, capsys)
     store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
     try:
         assert code == 0 and stored_per_table(store) == {table: len(rows) for table, rows in tables.items()}
@@ -174,7 +184,7 @@ def test_rows_of_an_unknown_person_load_nothing(tmp_path, capsys):
     tables["measurement"][0]["person_id"] = "99"
     omop.write_tables(str(tmp_path / "cdm"), tables)
     code, out = load(tmp_path, tmp_path / "cdm", capsys)
-    assert code == 1 and "person_id 99 that person.csv lacks" in out.err
+    assert code == 1 and "person_id 99 that the person table lacks" in out.err
     store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
     try:
         assert store.search("Patient", [("_summary", "count")]).total == 0
@@ -194,6 +204,48 @@ def test_two_deaths_of_one_person_load_nothing(tmp_path, capsys):
     omop.write_tables(str(tmp_path / "cdm"), tables)
     code, out = load(tmp_path, tmp_path / "cdm", capsys)
     assert code == 1 and "person_id 6 died more than once" in out.err
+    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
+    try:
+        assert store.search("Patient", [("_summary", "count")]).total == 0
+    finally:
+        store.close()
+
+
+def test_a_database_is_read_as_the_csv_layout_is(tmp_path):
+    tables = generate(4)
+    omop.write_database(str(tmp_path / "cdm.sqlite"), tables)
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "cdm.sqlite")
+    assert con.execute("SELECT typeof(person_id), typeof(year_of_birth) FROM person").fetchone() == ("integer", "integer")
+    con.close()
+    omop.write_tables(str(tmp_path / "cdm"), tables)
+
+    def as_values(read: dict) -> dict:  # a typed column keeps 7.6, not the CSV's 7.60
+        def value(v: str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return {table: [{k: value(v) for k, v in row.items()} for row in rows] for table, rows in read.items()}
+
+    from_database = omop.read_tables(str(tmp_path / "cdm.sqlite"))
+    assert as_values(from_database) == as_values(omop.read_tables(str(tmp_path / "cdm")))
+    assert from_database["person"][0]["person_id"] == "1"  # integers as the CSV writes them
+
+
+def test_a_database_without_person_or_with_numeric_dates_loads_nothing(tmp_path, capsys):
+    tables = generate(3)
+    omop.write_database(str(tmp_path / "no-person.sqlite"), {k: v for k, v in tables.items() if k != "person"})
+    code, out = load(tmp_path, tmp_path / "no-person.sqlite", capsys)
+    assert code == 1 and "no person table" in out.err
+    tables["measurement"][0]["measurement_date"] = "20260101"  # typed as a number in the database
+    omop.write_database(str(tmp_path / "numeric-date.sqlite"), tables)
+    code, out = load(tmp_path, tmp_path / "numeric-date.sqlite", capsys)
+    assert code == 1 and "measurement.measurement_date: a date must be ISO text" in out.err
+    (tmp_path / "notes.txt").write_text("not a database")
+    code, out = load(tmp_path, tmp_path / "notes.txt", capsys)
+    assert code == 1 and "neither a directory of OMOP CDM CSV tables nor a SQLite database" in out.err
     store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
     try:
         assert store.search("Patient", [("_summary", "count")]).total == 0
