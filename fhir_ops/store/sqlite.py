@@ -286,8 +286,8 @@ class SQLiteStore(Store):
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
-        self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
         self._writer_lock_path = self.path + "-writer.lock"
         conn = self._connect()
         conn.execute("PRAGMA journal_mode=WAL")
@@ -311,12 +311,12 @@ class SQLiteStore(Store):
         # The request's time budget (fhir_ops.limits): SQLite calls back every ~10k VM steps and a
         # request past its deadline has its read statement interrupted, so no query holds the server.
         conn.set_progress_handler(limits.over_budget, 10_000)
-        with self._lock:
-            self._all.append(conn)
         return conn
 
     @contextmanager
     def _conn(self):
+        if self._closed:
+            raise sqlite3.ProgrammingError(f"the store {self.path} is closed")
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
@@ -331,7 +331,12 @@ class SQLiteStore(Store):
         finally:
             if conn.in_transaction:  # never hand a connection back mid-transaction
                 conn.execute("ROLLBACK")
-            self._pool.put(conn)
+            with self._lock:  # a store closed meanwhile closes the connection here, once nobody uses it
+                if not self._closed:
+                    self._pool.put(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
 
     @contextmanager
     def _write(self, *, audited: bool = True):
@@ -387,9 +392,21 @@ class SQLiteStore(Store):
                 conn.execute("COMMIT")
 
     def close(self) -> None:
+        """Close the idle connections now and each one in use when its thread hands it back.
+
+        Closing a SQLite connection while another thread runs a statement on it can crash the process
+        (a request thread still finishing its response as a test server shut down did), so only idle
+        connections are closed here; afterwards the store refuses new work.
+        """
         with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
+            self._closed = True
+            idle = []
+            while True:
+                try:
+                    idle.append(self._pool.get_nowait())
+                except queue.Empty:
+                    break
+        for conn in idle:
             try:
                 conn.close()
             except sqlite3.Error:
