@@ -179,17 +179,21 @@ def test_a_generated_omop_data_set_round_trips_with_equal_counts_per_table(tmp_p
         store.close()
 
 
+def assert_nothing_loaded(tmp_path) -> None:
+    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
+    try:
+        assert store.search("Patient", [("_summary", "count")]).total == 0
+    finally:
+        store.close()
+
+
 def test_rows_of_an_unknown_person_load_nothing(tmp_path, capsys):
     tables = generate(3)
     tables["measurement"][0]["person_id"] = "99"
     omop.write_tables(str(tmp_path / "cdm"), tables)
     code, out = load(tmp_path, tmp_path / "cdm", capsys)
     assert code == 1 and "person_id 99 that the person table lacks" in out.err
-    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
-    try:
-        assert store.search("Patient", [("_summary", "count")]).total == 0
-    finally:
-        store.close()
+    assert_nothing_loaded(tmp_path)
 
 
 def test_a_directory_without_person_table_is_refused(tmp_path, capsys):
@@ -204,11 +208,7 @@ def test_two_deaths_of_one_person_load_nothing(tmp_path, capsys):
     omop.write_tables(str(tmp_path / "cdm"), tables)
     code, out = load(tmp_path, tmp_path / "cdm", capsys)
     assert code == 1 and "person_id 6 died more than once" in out.err
-    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
-    try:
-        assert store.search("Patient", [("_summary", "count")]).total == 0
-    finally:
-        store.close()
+    assert_nothing_loaded(tmp_path)
 
 
 def test_a_database_is_read_as_the_csv_layout_is(tmp_path):
@@ -246,8 +246,4 @@ def test_a_database_without_person_or_with_numeric_dates_loads_nothing(tmp_path,
     (tmp_path / "notes.txt").write_text("not a database")
     code, out = load(tmp_path, tmp_path / "notes.txt", capsys)
     assert code == 1 and "neither a directory of OMOP CDM CSV tables nor a SQLite database" in out.err
-    store = SQLiteStore(str(tmp_path / "data" / "trialtwin.sqlite"))
-    try:
-        assert store.search("Patient", [("_summary", "count")]).total == 0
-    finally:
-        store.close()
+    assert_nothing_loaded(tmp_path)
