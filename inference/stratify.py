@@ -65,21 +65,24 @@ class Stratification:
     unstable_stability: float | None = None
 
 
-_BLAS_LOCK = threading.Lock()
-_BLAS_USERS = [0, None]  # callers inside single_threaded_blas, and the limiter they share
+_BLAS_LOCK = threading.RLock()  # held by the one thread inside single_threaded_blas (re-entrant)
+_BLAS_DEPTH = threading.local()
 
 
 @contextmanager
 def single_threaded_blas():
-    """Run BLAS/OpenMP with one thread while any caller is inside (process-wide, re-entrant, thread-safe).
+    """Run BLAS/OpenMP with one thread inside (process-wide; one thread at a time; re-entrant).
 
     A mixture fit here factors d x d matrices (d = 1..3 features) thousands of times; a multi-threaded
     BLAS pays its thread hand-off on each of them: on a busy 2-core machine the default demo's
     ``stratify`` took 11 s with the default threads and under 1 s with one (bench/stratify_op_bench.py).
-    BLAS thread counts are process-wide, so concurrent callers share one limit, set by the first to
-    enter and restored by the last to leave (threadpoolctl's own context manager, nested by two
-    threads, can leave the process limited to one thread for good). Results are the same either way
-    (at these sizes BLAS splits no work between threads).
+    BLAS thread counts are process-wide, and OpenBLAS (0.3.30) ignores a change from one thread while
+    another thread that changed it lives on: a limit set by one request's thread and restored by
+    another's (callers overlapping in a threaded server) left the process at one BLAS thread for good.
+    So callers take turns, and each sets and restores its own limit in its own thread: the process
+    always gets its thread count back. (A later caller on another thread may then run with the default
+    threads, slower, not different.) Results are the same either way (at these sizes BLAS splits no
+    work between threads).
     """
     from threadpoolctl import threadpool_limits
 
@@ -88,17 +91,15 @@ def single_threaded_blas():
     import sklearn.mixture  # noqa: F401
 
     with _BLAS_LOCK:
-        if _BLAS_USERS[0] == 0:
-            _BLAS_USERS[1] = threadpool_limits(limits=1)
-        _BLAS_USERS[0] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_USERS[0] -= 1
-            if _BLAS_USERS[0] == 0:
-                _BLAS_USERS[1].restore_original_limits()
-                _BLAS_USERS[1] = None
+        depth = getattr(_BLAS_DEPTH, "n", 0)
+        limiter = threadpool_limits(limits=1) if depth == 0 else None
+        _BLAS_DEPTH.n = depth + 1
+        try:
+            yield
+        finally:
+            _BLAS_DEPTH.n = depth
+            if limiter is not None:
+                limiter.restore_original_limits()
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
