@@ -111,12 +111,6 @@ def test_unstable_strata_of_a_small_structureless_cohort_are_reported_as_one():
             assert s.k == 3 and s.unstable_k is None and adjusted_rand_score(truth, s.labels) >= 0.8
 
 
-def _blas_threads() -> set[int]:
-    from threadpoolctl import threadpool_info
-
-    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
-
-
 _OVERLAP_SCRIPT = """
 import json, threading, time
 from threadpoolctl import threadpool_info
