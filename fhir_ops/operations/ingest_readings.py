@@ -54,7 +54,8 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     harmonizer = active_harmonizer(ctx.store)
     counts = dict.fromkeys(("outOfOrder", "late", "unitConverted", "duplicates", "stored"), 0)
     issues, keyed, seen, last = [], [], set(), {}
-    streams: dict[tuple[str, str], list[datetime]] = {}  # only with gapAfterMinutes
+    # only with gapAfterMinutes: per stream, the batch's instants and the participants it reads for
+    streams: dict[tuple[str, str], tuple[list[datetime], set[str]]] = {}
     for where, resource in readings:
         try:
             if isinstance(resource, FhirError):  # a data point that could not be mapped
@@ -84,7 +85,9 @@ def handle(ctx: OperationContext, params: dict) -> dict:
             counts["outOfOrder"] += 1
         last[stream] = max(key[2], last.get(stream, key[2]))
         if gap_minutes is not None:
-            streams.setdefault(stream, []).append(key[2])
+            instants, subjects = streams.setdefault(stream, ([], set()))
+            instants.append(key[2])
+            subjects.add(resource["subject"]["reference"])
         if received_at - key[2] > late_after:
             counts["late"] += 1
         keyed.append((dr.with_identifier(harmonized, key), ident))
@@ -116,17 +119,19 @@ def handle(ctx: OperationContext, params: dict) -> dict:
     return out
 
 
-def _gaps(store, streams: dict[tuple[str, str], list[datetime]], after: timedelta) -> list[dict]:
+def _gaps(store, streams: dict[tuple[str, str], tuple[list[datetime], set[str]]], after: timedelta) -> list[dict]:
     """The intervals longer than ``after`` between consecutive readings of each stream that touch the batch.
 
     Read after the batch is committed: one search finds the stream's readings within ``after`` of the
     batch; only where none lies before (after) the batch is the nearest earlier (later) reading looked up,
-    as that reading is where the gap starts (ends).
+    as that reading is where the gap starts (ends). Only readings of the participants the batch is for
+    count: a device handed on to another participant is another stream, and the answer reveals nothing
+    of anybody else's readings.
     """
     out = []
-    for (device, code), batch in streams.items():
+    for (device, code), (batch, subjects) in streams.items():
         first, last = min(batch), max(batch)
-        base = [("device", device), ("code", code)]
+        base = [("device", device), ("code", code), ("subject", ",".join(sorted(subjects)))]
         near = _instants(store.search_all("Observation", base + [
             ("date", "ge" + _text(first - after)), ("date", "le" + _text(last + after))]))
         times = set(batch) | near

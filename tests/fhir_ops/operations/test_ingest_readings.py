@@ -263,6 +263,19 @@ def test_stored_readings_before_the_batch_bound_its_first_gap(fhir):
     assert single(body, "duplicates") == 2 and gaps(body) == [gap("hr-8", 60, 180)]
 
 
+def test_another_participants_readings_on_the_same_device_neither_fill_nor_reveal_gaps(fhir):
+    # the device went from p10 to p11: p10's readings, every 5 minutes through p11's silence, are not p11's
+    ingest(fhir, [reading("p10", "hr-10", m, 70.0) for m in range(0, 600, 5)])
+    # (a minute later: a reading is one device, code and instant, whoever it is for)
+    body = ingest(fhir, [reading("p11", "hr-10", m + 1, 70.0) for m in range(0, 600, 5) if not 120 < m < 300],
+                  gapAfterMinutes=30)
+    assert single(body, "stored") == len([m for m in range(0, 600, 5) if not 120 < m < 300])
+    assert gaps(body) == [gap("hr-10", 121, 301)]
+    # nor does p10's stream end at p11's readings: p10's first batch bounds p10's gaps alone
+    later = ingest(fhir, [reading("p10", "hr-10", m, 70.0) for m in range(700, 730, 5)], gapAfterMinutes=30)
+    assert gaps(later) == [gap("hr-10", 595, 700)]
+
+
 @pytest.mark.parametrize("minutes", [0, -5])
 def test_a_gap_threshold_below_one_minute_is_refused_and_nothing_stored(fhir, minutes):
     resp = fhir.post("Observation/$ingest-readings", {"resourceType": "Parameters", "parameter": [
