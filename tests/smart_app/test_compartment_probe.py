@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import requests
 
 from fhir_ops.auth import compartment_patients
 from fhir_ops.operations import registry
+from tests.smart_app.conftest import combined_server
 from tests.smart_app.test_fhir_enforcement import FHIR_JSON, P1, P2, call, observation
 
 pytestmark = pytest.mark.api
@@ -314,3 +316,39 @@ def test_an_async_job_is_polled_only_in_its_own_patient_context(combined, admin)
     assert theirs.status_code == 403 and P1 not in theirs.text.replace(job, "")
     assert call("DELETE", job, tokens[P2]).status_code == 403
     assert call("GET", job, tokens[P1]).status_code in (200, 202)
+
+
+@pytest.fixture(scope="module")
+def job_tasks(tmp_path_factory):
+    """The combined server as ``trialtwin serve --job-tasks`` runs it: finished async jobs become Tasks."""
+    yield from combined_server(tmp_path_factory, JOB_TASKS=True)
+
+
+def test_a_finished_jobs_task_is_in_its_patients_compartment_only(job_tasks):
+    """The Task a finished job leaves (``--job-tasks``) is read like the participant's other data: by that
+    participant's token, and not by another participant's, neither read nor found by search."""
+    from tests.smart_app.helpers import UserAgent
+
+    scope = "launch/patient openid fhirUser patient/*.cruds"
+    client = job_tasks.stack.register_public_app(scope=scope)
+    tokens = {}
+    for patient in (P1, P2):
+        query, verifier = job_tasks.stack.authorize(UserAgent(), client["client_id"], scope, patient=patient)
+        tokens[patient] = job_tasks.stack.exchange(client["client_id"], query["code"], verifier).json()["access_token"]
+    started = call("POST", f"{job_tasks.fhir}/Patient/{P1}/$simulate", tokens[P1],
+                   json={"resourceType": "Parameters", "parameter": []}, headers={"Prefer": "respond-async"})
+    assert started.status_code == 202, started.text
+    job = started.headers["Content-Location"]
+    deadline = time.monotonic() + 300
+    while call("GET", job, tokens[P1]).status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    task_url = f"{job_tasks.fhir}/Task/job-{job.rsplit('/', 1)[1]}"
+    own = call("GET", task_url, tokens[P1])
+    assert own.status_code == 200 and own.json()["for"] == {"reference": f"Patient/{P1}"}, own.text[:300]
+    assert own.json()["status"] == "completed"
+    theirs = call("GET", task_url, tokens[P2])
+    assert theirs.status_code in (403, 404) and P1 not in theirs.text
+    found = call("GET", f"{job_tasks.fhir}/Task", tokens[P2], params={"_id": own.json()["id"]})
+    assert found.status_code == 200 and not found.json().get("entry") and found.json().get("total", 0) == 0
+    aimed = call("GET", f"{job_tasks.fhir}/Task", tokens[P2], params={"patient": f"Patient/{P1}"})
+    assert aimed.status_code == 200 and not aimed.json().get("entry") and aimed.json().get("total", 0) == 0
